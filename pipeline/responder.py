@@ -1,0 +1,177 @@
+"""The one interface between the WebRTC edge (`server/`) and whatever answers a call.
+
+The server never imports torch: it hands a responder 16 kHz mono float32 PCM and text, and reads back
+events carrying text deltas and PCM at the responder's own rate. A responder runs its model code off
+the asyncio loop (an engine thread) and delivers events into the loop thread-safely.
+
+Flow of one turn, as the server drives it:
+
+    session = responder.open_session(call_id, settings)        # once per call
+    session.push_audio(pcm16k)   ...                            # while the user speaks (VAD says speech)
+    session.commit_audio()                                      # VAD: turn ended -> user item is final
+    turn = session.respond()                                    # start the assistant's reply
+    async for event in turn.events(): ...                       # TextDelta / AudioChunk / Timing / TurnDone / TurnError
+    turn.cancel(played_ms=...)                                  # barge-in: stop; keep only what was heard
+    await session.close()                                       # hangup: frees every resource of the call
+
+`add_text()` is a typed user message (GLM-4-Voice takes text turns too); `discard_audio()` drops speech
+the VAD judged too short. Everything here is torch-free on purpose.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+INPUT_SAMPLE_RATE_HZ = 16_000  # VAD and speech tokenizer rate (DESIGN.md frame contract)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Sampling knobs a client may set with `session.update` (official demo defaults)."""
+
+    temperature: float = 0.2  # web_demo.py UI default
+    top_p: float = 0.8  # web_demo.py UI default
+    top_k: int = 50  # transformers' generate default, active in the official HF path
+    max_new_tokens: int = 2000  # web_demo.py UI default
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """Per-call settings that reach the responder (from the call offer or `session.update`)."""
+
+    instructions: str = ""  # persona / emotion / dialect / speed, free text
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+
+
+# ----- events a turn yields (all plain data, safe to move across threads) -----------------------------
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of the assistant's transcript, as generated (valid UTF-8, never a split character)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """Assistant audio that became final: mono float32 in [-1, 1] at `sample_rate_hz`."""
+
+    pcm: np.ndarray  # (samples,) float32
+    sample_rate_hz: int
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A point on the turn's latency timeline, `time.monotonic()` seconds.
+
+    Names used by the GLM-4-Voice engine: tokens_ready, prefill_done, first_text_token,
+    first_speech_token, first_pcm. The server adds speech_stopped and first_frame_sent.
+    """
+
+    stage: str
+    t_monotonic_s: float
+
+
+@dataclass(frozen=True)
+class TurnDone:
+    """The reply ended. `reason`: "stop" (end token), "length", "cancelled"."""
+
+    reason: str
+    text: str = ""  # the whole transcript of the reply as kept in the history
+
+
+@dataclass(frozen=True)
+class TurnError:
+    """This turn failed; the call and every other call go on."""
+
+    message: str
+    code: str = "responder_error"
+
+
+TurnEvent = TextDelta | AudioChunk | Timing | TurnDone | TurnError
+
+
+class Turn(abc.ABC):
+    """One assistant reply. Its event stream always ends with exactly one TurnDone or TurnError."""
+
+    turn_id: str
+
+    @abc.abstractmethod
+    def events(self) -> AsyncIterator[TurnEvent]:
+        """Async iterator over the reply's events, in order."""
+
+    @abc.abstractmethod
+    def cancel(self, played_ms: float | None = None) -> None:
+        """Stop generating and decoding at the next step (never blocks).
+
+        `played_ms`: how much of this reply's audio the user actually heard; the responder keeps only
+        that much of the reply in the conversation history. None means "nothing was played" for a
+        reply with audio, or "keep what was generated" when the caller cannot tell.
+        """
+
+
+class ResponderSession(abc.ABC):
+    """A call's conversation with the responder; owns every per-call resource (caches, streams)."""
+
+    @abc.abstractmethod
+    def update(self, settings: SessionSettings) -> None:
+        """Apply new instructions / sampling settings from the next turn on."""
+
+    @abc.abstractmethod
+    def push_audio(self, pcm16k: np.ndarray) -> None:
+        """User speech for the pending user turn: (samples,) float32 mono 16 kHz. Never blocks."""
+
+    @abc.abstractmethod
+    def commit_audio(self) -> None:
+        """The user's spoken turn ended: the pushed audio becomes a user item."""
+
+    @abc.abstractmethod
+    def discard_audio(self) -> None:
+        """Drop audio pushed since the last commit (a false start)."""
+
+    @abc.abstractmethod
+    def add_text(self, text: str) -> None:
+        """A typed user message becomes a user item."""
+
+    @abc.abstractmethod
+    def respond(self) -> Turn:
+        """Start the assistant's reply to the pending user item(s)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Cancel any turn in progress and free everything the call holds."""
+
+
+@dataclass(frozen=True)
+class ResponderInfo:
+    """What /health reports about the responder."""
+
+    name: str  # "echo", "glm4voice"
+    ready: bool
+    output_sample_rate_hz: int
+    details: dict = field(default_factory=dict)  # weights (demo|real), device, dtype, ...
+
+
+class Responder(abc.ABC):
+    """Shared by every call; created once at server start."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load / warm up (off the loop). Returns when ready to serve."""
+
+    @abc.abstractmethod
+    def open_session(self, call_id: str, settings: SessionSettings) -> ResponderSession:
+        """A new call's session. Must be cheap (no model work on the loop)."""
+
+    @abc.abstractmethod
+    def info(self) -> ResponderInfo:
+        """Readiness and description for /health."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Shut down: stop the engine, free the device."""
