@@ -65,6 +65,10 @@ class SegmentState:
         del self.block_floor[n_blocks:], self.block_min[n_blocks:], self.block_tokens[n_blocks:]
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def block_is_exact(block_floor: float, block_min: float, final_floor: float) -> bool:
     """A block computed with `block_floor` has the same input features under `final_floor` iff no raw value
     of its inputs lies below either floor (or the floors are equal)."""
@@ -168,8 +172,7 @@ class SpeechTokenizer:
         return out
 
     def stream(self) -> TokenizerStream:
-        from pipeline.speech_tokenizer_stream import TokenizerStream
-
+        """Per-turn streaming state (pipeline/speech_tokenizer_stream.py)."""
         return TokenizerStream(self)
 
     # -- shared by both paths --------------------------------------------------------------------------
@@ -180,7 +183,7 @@ class SpeechTokenizer:
 
     def _padded_frames(self, n_samples: int) -> int:
         spt = self.config.samples_per_token
-        return -(-n_samples // spt) * spt // self.config.mel.hop_samples
+        return _ceil_div(n_samples, spt) * spt // self.config.mel.hop_samples
 
     def _chunk_frames(self, c: int, n_frames: int) -> tuple[int, int]:
         M = self.config.block_mel_frames
@@ -229,11 +232,11 @@ class SpeechTokenizer:
             keep += 1
         seg.truncate_blocks(keep, c.block_frames)
         n_enc_frames = n_frames // CONV_STRIDE
-        valid_enc_frames = -(-(-(-seg.n_samples // c.mel.hop_samples)) // CONV_STRIDE)  # frame mask [::2]
+        valid_enc_frames = _ceil_div(_ceil_div(seg.n_samples, c.mel.hop_samples), CONV_STRIDE)  # mask[::2]
         while len(seg.block_tokens) * c.block_frames < n_enc_frames:
             self.encode_next_block(seg, floor, n_frames, valid_enc_frames)
         tokens = [t for block in seg.block_tokens for t in block]
-        return tokens[:-(-seg.n_samples // c.samples_per_token)]
+        return tokens[:_ceil_div(seg.n_samples, c.samples_per_token)]
 
     def advance_segment(self, seg: SegmentState) -> list[int]:
         """Stream step: encode every block whose audio is now complete; returns their tokens."""
@@ -245,3 +248,58 @@ class SpeechTokenizer:
             self._compute_chunk(seg, c.mel.segment_samples, last_frame + 1)
             floor = seg.raw[:, :last_frame + 1].max() - DYNAMIC_RANGE  # the floor known so far
             out += self.encode_next_block(seg, floor, last_frame + 1, c.block_frames * seg.n_chunks)
+
+
+def _calibration_audio(seconds: float, sample_rate_hz: int, rng: np.random.Generator) -> np.ndarray:
+    """Speech-like test signal: voiced harmonics with a wandering pitch, noise bursts and pauses."""
+    t = np.arange(int(seconds * sample_rate_hz)) / sample_rate_hz
+    f0 = 120.0 + 60.0 * np.sin(2 * np.pi * 0.7 * t) + 20.0 * rng.standard_normal() * np.sin(2 * np.pi * 3.1 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sample_rate_hz
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
+    noise = rng.standard_normal(t.size)
+    gate = (np.sin(2 * np.pi * 1.3 * t + rng.uniform(0, 6)) > -0.3).astype(np.float64)
+    mix = np.where(np.sin(2 * np.pi * 0.4 * t) > 0.6, 0.3 * noise, voiced)
+    return (0.2 * gate * mix).astype(np.float32)
+
+
+def write_random_checkpoint(out_dir: str | Path, *, d_model: int, num_layers: int, num_heads: int, ffn_dim: int,
+                            codebook_size: int, block_size_frames: int, seed: int) -> None:
+    """Write a random tokenizer in the official format: config.json, preprocessor_config.json and
+    model.safetensors with every official key (incl. the EMA buffers and embed_positions2).
+
+    Weights follow the parity fixture's recipe; the codebook is drawn around the pooled hidden states of a
+    seeded speech-like signal so that the random model still spreads its tokens over many codes.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    from pipeline.whisper_vq import PREPROCESSOR_CONFIG, _config_json, random_weights
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(
+        _config_json(d_model, num_layers, num_heads, ffn_dim, codebook_size, block_size_frames), indent=2) + "\n")
+    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
+    config = SpeechTokenizerConfig.from_dir(out)
+    generator = torch.Generator().manual_seed(seed)
+    encoder = WhisperVQEncoder(config).eval()
+    random_weights(encoder, generator)
+    tokenizer = SpeechTokenizer(config, encoder, torch.device("cpu"))
+    audio = _calibration_audio(6.0, config.mel.sample_rate_hz, np.random.default_rng(seed))
+    with torch.inference_mode():
+        feats = tokenizer.features(audio)[0][None]  # (1, n_mels, F)
+        x = encoder.embed(feats, True, 0)
+        h, _ = encoder.encode_block(x, None, x.shape[1])  # one attention block: fine for a scale estimate
+        pooled = h[0].view(-1, config.pool_frames, d_model).mean(1)  # (tokens, d)
+    codebook = pooled.mean(0) + pooled.std(0) * torch.randn(codebook_size, d_model, generator=generator)
+    state = {k: v.contiguous() for k, v in encoder.state_dict().items()}
+    state["codebook.weight"] = codebook.contiguous()
+    state["embed_positions2.weight"] = 0.5 * torch.randn(config.max_positions // config.pool_frames, d_model,
+                                                         generator=generator)
+    state["ema_count"] = torch.ones(codebook_size)  # training-only buffers, present in the official file
+    state["ema_weight"] = codebook.clone()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+from pipeline.speech_tokenizer_stream import TokenizerStream  # noqa: E402  (needs SegmentState above)

@@ -78,7 +78,7 @@ class TokenizerStream:
     def _settle(self, exact: list[int], returned: int) -> None:
         """Replace the tokens so far by `exact` (at least as long), noting the first changed one among
         the `returned` tokens the caller has already seen."""
-        changed = next((i for i, (a, b) in enumerate(zip(self._emitted[:returned], exact)) if a != b), None)
+        changed = next((i for i, (a, b) in enumerate(zip(self._emitted[:returned], exact, strict=False)) if a != b), None)
         if changed is not None and (self.first_changed is None or changed < self.first_changed):
             self.first_changed = changed
         self._emitted = list(exact)
