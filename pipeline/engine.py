@@ -1,0 +1,325 @@
+"""The GLM-4-Voice responder: one engine thread owns the three models and serves every call.
+
+Calls talk to the engine through one command queue (`queue.SimpleQueue`, never blocking the asyncio
+loop); the engine answers through each turn's asyncio queue with `loop.call_soon_threadsafe`. The
+engine thread waits on its queue when idle and otherwise loops over steps (pipeline.scheduler):
+
+    commands -> cancellations -> prefill new turns -> ONE batched LM decode step -> decoder blocks
+
+so turns of different calls interleave at token granularity and share one forward pass, a new turn's
+prefill and first decoder block go before older turns' work (time to first audio first), and older
+streams are ordered by how far their audio is ahead of playback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.dialogue import Dialogue, Reply
+from pipeline.engine_config import EngineConfig
+from pipeline.responder import (
+    Responder,
+    ResponderInfo,
+    ResponderSession,
+    SessionSettings,
+    Turn,
+    TurnDone,
+    TurnError,
+    TurnEvent,
+)
+
+log = logging.getLogger(__name__)
+DECODER_SAMPLE_RATE_HZ = 22050  # decoder config.yaml sample_rate; the loaded decoder's value wins
+
+
+# ----- commands from the asyncio side (plain data) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Open:
+    dialogue: Dialogue
+
+
+@dataclass(frozen=True)
+class _Update:
+    dialogue: Dialogue
+    settings: SessionSettings
+
+
+@dataclass(frozen=True)
+class _PushAudio:
+    dialogue: Dialogue
+    pcm16k: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Commit:
+    dialogue: Dialogue
+
+
+@dataclass(frozen=True)
+class _Discard:
+    dialogue: Dialogue
+
+
+@dataclass(frozen=True)
+class _AddText:
+    dialogue: Dialogue
+    text: str
+
+
+@dataclass(frozen=True)
+class _Respond:
+    dialogue: Dialogue
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class _Wake:  # a turn was cancelled: the flag is already set, the engine just needs to look
+    pass
+
+
+@dataclass(frozen=True)
+class _Close:
+    dialogue: Dialogue
+    done: concurrent.futures.Future
+
+
+@dataclass(frozen=True)
+class _Settle:  # resolve `done` once the engine has nothing left to compute (tests, benches, drain)
+    done: concurrent.futures.Future
+
+
+@dataclass(frozen=True)
+class _Stop:
+    pass
+
+
+Command = _Open | _Update | _PushAudio | _Commit | _Discard | _AddText | _Respond | _Wake | _Settle | _Close | _Stop
+
+
+# ----- asyncio-side objects ---------------------------------------------------------------------------
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
+    """A thread-safe `emit` into one turn's asyncio queue (dropped if the loop is gone)."""
+
+    def emit(event: TurnEvent) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # loop closed: the call is gone, nobody reads this turn any more
+            pass
+
+    return emit
+
+
+class EngineTurn(Turn):
+    def __init__(self, reply: Reply, events: asyncio.Queue, wake: callable) -> None:
+        self.turn_id = reply.turn_id
+        self._reply = reply
+        self._events = events
+        self._wake = wake
+
+    async def events(self) -> AsyncIterator[TurnEvent]:
+        while True:
+            event = await self._events.get()
+            yield event
+            if isinstance(event, TurnDone | TurnError):
+                return
+
+    def cancel(self, played_ms: float | None = None) -> None:
+        if self._reply.cancel_event.is_set():
+            return
+        self._reply.played_ms = played_ms  # written before the event is set: the engine reads it after
+        self._reply.cancel_event.set()
+        self._wake(_Wake())
+
+
+class EngineSession(ResponderSession):
+    def __init__(self, engine: EngineThread, dialogue: Dialogue, loop: asyncio.AbstractEventLoop) -> None:
+        self._engine = engine
+        self._dialogue = dialogue
+        self._loop = loop
+        self._settings = dialogue.settings
+        self._turn_count = itertools.count(1)
+        self._current: EngineTurn | None = None
+
+    @property
+    def dialogue(self) -> Dialogue:
+        """The engine-side state (tests and metrics read it; only the engine thread writes it)."""
+        return self._dialogue
+
+    def update(self, settings: SessionSettings) -> None:
+        self._settings = settings
+        self._engine.send(_Update(self._dialogue, settings))
+
+    def push_audio(self, pcm16k: np.ndarray) -> None:
+        self._engine.send(_PushAudio(self._dialogue, np.asarray(pcm16k, dtype=np.float32).copy()))
+
+    def commit_audio(self) -> None:
+        self._engine.send(_Commit(self._dialogue))
+
+    def discard_audio(self) -> None:
+        self._engine.send(_Discard(self._dialogue))
+
+    def add_text(self, text: str) -> None:
+        self._engine.send(_AddText(self._dialogue, text))
+
+    def respond(self) -> Turn:
+        events: asyncio.Queue = asyncio.Queue()
+        sampling = self._settings.sampling
+        cfg = self._engine.config
+        reply = Reply(
+            turn_id=f"{self._dialogue.call_id}-turn{next(self._turn_count)}",
+            emit=_deliver(self._loop, events),
+            sampling=sampling,
+            max_new_tokens=max(1, min(sampling.max_new_tokens, cfg.max_new_tokens)),
+            items=[],
+        )
+        self._current = EngineTurn(reply, events, self._engine.send)
+        self._engine.send(_Respond(self._dialogue, reply))
+        return self._current
+
+    async def close(self) -> None:
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._engine.send(_Close(self._dialogue, done))
+        if self._engine.alive:
+            await asyncio.wrap_future(done)
+
+
+class EngineThread:
+    """The thread that owns the models; `send()` is the only way in."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._ready: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._main, name="glm4voice-engine", daemon=True)
+        self.scheduler = None  # pipeline.scheduler.Scheduler, built in the thread
+        self.load_error: BaseException | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def send(self, command: Command) -> None:
+        self._inbox.put(command)
+
+    def start(self) -> concurrent.futures.Future:
+        self._thread.start()
+        return self._ready
+
+    def join(self, timeout_s: float) -> None:
+        self._thread.join(timeout_s)
+
+    async def settled(self) -> None:
+        """Wait until the engine has no work in progress (every reply done, early prefills made)."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self.send(_Settle(done))
+        await asyncio.wrap_future(done)
+
+    def _main(self) -> None:
+        from pipeline.scheduler import Scheduler, load_models
+
+        try:
+            models = load_models(self.config)
+            self.scheduler = Scheduler(self.config, models, self._inbox)
+            self.scheduler.warm_up()
+        except BaseException as exc:  # reported to start(); the thread ends
+            self.load_error = exc
+            self._ready.set_exception(exc)
+            return
+        self._ready.set_result(self.scheduler.describe())
+        try:
+            self.scheduler.run(self._apply)
+        except BaseException:
+            log.exception("engine thread crashed")
+            raise
+
+    def _apply(self, command: Command) -> bool:
+        """Apply one command in the engine thread; False stops the thread."""
+        sched = self.scheduler
+        match command:
+            case _Open(dialogue):
+                sched.open(dialogue)
+            case _Update(dialogue, settings):
+                dialogue.settings = settings
+            case _PushAudio(dialogue, pcm):
+                sched.guarded(dialogue, sched.push_audio, dialogue, pcm)
+            case _Commit(dialogue):
+                sched.guarded(dialogue, sched.commit_audio, dialogue)
+            case _Discard(dialogue):
+                sched.guarded(dialogue, sched.discard_audio, dialogue)
+            case _AddText(dialogue, text):
+                sched.add_text(dialogue, text)
+            case _Respond(dialogue, reply):
+                sched.respond(dialogue, reply)
+            case _Wake():
+                pass
+            case _Settle(done):
+                sched.settle_waiters.append(done)
+            case _Close(dialogue, done):
+                sched.close(dialogue)
+                done.set_result(None)
+            case _Stop():
+                sched.shutdown()
+                return False
+        return True
+
+
+class GLMVoiceResponder(Responder):
+    """`pipeline.responder.Responder` backed by the engine thread."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._engine = EngineThread(config)
+        self._details: dict = {"weights": "loading"}
+        self._ready = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._calls = 0
+
+    @property
+    def engine(self) -> EngineThread:
+        return self._engine
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._details = await asyncio.wrap_future(self._engine.start())
+        self._ready = True
+        log.info("glm4voice engine ready: %s", self._details)
+
+    def open_session(self, call_id: str, settings: SessionSettings) -> ResponderSession:
+        if not self._ready:
+            raise RuntimeError("the GLM-4-Voice engine is not ready (start() has not finished)")
+        dialogue = Dialogue(call_id=call_id, settings=settings, cache=None, tokenizer_stream=None)
+        self._engine.send(_Open(dialogue))
+        return EngineSession(self._engine, dialogue, asyncio.get_running_loop())
+
+    def info(self) -> ResponderInfo:
+        rate = self._details.get("output_sample_rate_hz", DECODER_SAMPLE_RATE_HZ)
+        details = dict(self._details)
+        if self._engine.load_error is not None:
+            details["error"] = str(self._engine.load_error)
+        if self._engine.scheduler is not None:
+            details.update(self._engine.scheduler.stats())
+        return ResponderInfo(name="glm4voice", ready=self._ready, output_sample_rate_hz=rate, details=details)
+
+    async def stop(self) -> None:
+        self._ready = False
+        if not self._engine.alive:
+            return
+        self._engine.send(_Stop())
+        deadline_s = 10.0
+        await asyncio.get_running_loop().run_in_executor(None, self._engine.join, deadline_s)
+        if self._engine.alive:
+            log.warning("engine thread did not stop within %.0f s", deadline_s)
+
