@@ -73,6 +73,7 @@ class Reply:
     started_t: float = field(default_factory=time.monotonic)
     prompt_ids: list[int] = field(default_factory=list)  # history + this turn's user block
     turns_before: int = 0  # history turns before this reply's user block(s) (to undo a failed reply)
+    kept_ids: int = 0  # generated ids the history kept when the reply ended
     generated_ids: list[int] = field(default_factory=list)  # sampled ids, stop token excluded
     next_id: int | None = None  # sampled, not yet fed to the LM
     speech_buffer: list[int] = field(default_factory=list)  # speech values waiting for the decoder
@@ -126,6 +127,7 @@ class Dialogue:
     early_prefill_wanted: bool = False  # final speech tokens arrived that the cache does not hold yet
     tokens_ready_t: float | None = None
     reply: Reply | None = None
+    last_reply: Reply | None = None  # the newest ended reply (a barge-in may still trim it)
     turns_done: int = 0
     prefilled_tokens: int = 0  # total ids this call has prefilled (turn 2 prefills only its new ones)
     turn_prefilled_tokens: list[int] = field(default_factory=list)  # per reply: ids its start prefilled
@@ -178,10 +180,23 @@ class Dialogue:
         if reply is None or not reply.started:
             return
         self.history.add_reply(reply.generated_ids[:keep_generated])
+        reply.kept_ids = keep_generated
+        self.last_reply = reply
         kept = len(reply.prompt_ids) + keep_generated
         if self.cache is not None and self.cache.length > kept:
             self.cache.truncate(kept)
         self.turns_done += 1
+
+    def trim_last_reply(self, keep_generated: int) -> None:
+        """A barge-in after the reply finished generating (its audio was still playing): cut it back."""
+        reply = self.last_reply
+        if reply is None or keep_generated >= reply.kept_ids:
+            return
+        turn = self.history.turns[-1]
+        del turn[len(turn) - reply.kept_ids + keep_generated :]
+        reply.kept_ids = keep_generated
+        if self.cache is not None:
+            self.cache.truncate(common_prefix_len(list(self.cache.token_ids), self.history.ids()))
 
     def abandon_reply(self) -> None:
         """A failed reply leaves no trace: the history stays as before it, the cache is cut back."""

@@ -19,7 +19,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,8 +84,9 @@ class _Respond:
 
 
 @dataclass(frozen=True)
-class _Wake:  # a turn was cancelled: the flag is already set, the engine just needs to look
-    pass
+class _Cancel:  # the reply's cancel flag is already set; this wakes the engine (and trims a finished reply)
+    dialogue: Dialogue
+    reply: Reply
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class _Stop:
     pass
 
 
-Command = _Open | _Update | _PushAudio | _Commit | _Discard | _AddText | _Respond | _Wake | _Settle | _Close | _Stop
+Command = _Open | _Update | _PushAudio | _Commit | _Discard | _AddText | _Respond | _Cancel | _Settle | _Close | _Stop
 
 
 # ----- asyncio-side objects ---------------------------------------------------------------------------
@@ -123,11 +124,12 @@ def _deliver(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
 
 
 class EngineTurn(Turn):
-    def __init__(self, reply: Reply, events: asyncio.Queue, wake: callable) -> None:
+    def __init__(self, dialogue: Dialogue, reply: Reply, events: asyncio.Queue, send: Callable) -> None:
         self.turn_id = reply.turn_id
+        self._dialogue = dialogue
         self._reply = reply
         self._events = events
-        self._wake = wake
+        self._send = send
 
     async def events(self) -> AsyncIterator[TurnEvent]:
         while True:
@@ -141,7 +143,7 @@ class EngineTurn(Turn):
             return
         self._reply.played_ms = played_ms  # written before the event is set: the engine reads it after
         self._reply.cancel_event.set()
-        self._wake(_Wake())
+        self._send(_Cancel(self._dialogue, self._reply))
 
 
 class EngineSession(ResponderSession):
@@ -185,7 +187,7 @@ class EngineSession(ResponderSession):
             max_new_tokens=max(1, min(sampling.max_new_tokens, cfg.max_new_tokens)),
             items=[],
         )
-        self._current = EngineTurn(reply, events, self._engine.send)
+        self._current = EngineTurn(self._dialogue, reply, events, self._engine.send)
         self._engine.send(_Respond(self._dialogue, reply))
         return self._current
 
@@ -210,6 +212,10 @@ class EngineThread:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
 
     def send(self, command: Command) -> None:
         self._inbox.put(command)
@@ -263,8 +269,8 @@ class EngineThread:
                 sched.add_text(dialogue, text)
             case _Respond(dialogue, reply):
                 sched.respond(dialogue, reply)
-            case _Wake():
-                pass
+            case _Cancel(dialogue, reply):
+                sched.guarded(dialogue, sched.cancel_finished, dialogue, reply)
             case _Settle(done):
                 sched.settle_waiters.append(done)
             case _Close(dialogue, done):
@@ -284,15 +290,16 @@ class GLMVoiceResponder(Responder):
         self._engine = EngineThread(config)
         self._details: dict = {"weights": "loading"}
         self._ready = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._calls = 0
 
     @property
     def engine(self) -> EngineThread:
         return self._engine
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        if self._ready:
+            return
+        if self._engine.started:  # stopped before: a fresh thread loads the models again
+            self._engine = EngineThread(self.config)
         self._details = await asyncio.wrap_future(self._engine.start())
         self._ready = True
         log.info("glm4voice engine ready: %s", self._details)

@@ -184,6 +184,14 @@ class Scheduler:
         reply.sample_rate_hz = self.m.decoder.sample_rate_hz
         d.reply = reply
 
+    def cancel_finished(self, d: Dialogue, reply: Reply) -> None:
+        """A cancel that arrives after the reply ended (its audio outlived generation): trim the history.
+
+        A cancel of the running reply is handled by the next step (it sees the flag)."""
+        if reply is not d.last_reply or d.reply is not None or reply.played_ms is None:
+            return
+        d.trim_last_reply(heard_prefix_len(reply.generated_ids, self.m.text.is_audio, reply.played_ms))
+
     def close(self, d: Dialogue) -> None:
         if d.reply is not None:
             reply = d.reply

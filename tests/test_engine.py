@@ -305,3 +305,22 @@ def test_info_reports_demo_weights(responder):
     assert info.details["weights"] == "demo"
     assert info.details["device"] == "cpu" and info.details["dtype"] == "float32"
     assert info.output_sample_rate_hz == 22050
+
+
+async def test_barge_in_after_generation_ended_trims_the_history(responder, sched, script):
+    """Generation runs ahead of playback: the cancel can come after TurnDone and still cuts the history."""
+    tok = sched.m.text
+    session = responder.open_session("late-cancel", SessionSettings())
+    session.add_text("Say it all.")
+    turn = session.respond()
+    events = await collect(turn)
+    assert events[-1].reason == "stop"
+    turn.cancel(played_ms=1500.0)  # the user talked over the reply 1.5 s into its playback
+    await responder.engine.settled()
+    d = session.dialogue
+    assert d.history.turns[-1] == user_turn_ids(tok, text="Say it all.") + heard_ids(script["reply_ids"], tok, 1500.0)
+    check_cache_matches_history(d)
+    session.add_text("Next.")
+    check_complete_reply(await collect(session.respond()), script, tok)
+    assert d.turn_prefilled_tokens[-1] == len(user_turn_ids(tok, text="Next."))
+    await session.close()
