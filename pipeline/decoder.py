@@ -38,7 +38,7 @@ class _DataLoader(yaml.SafeLoader):
 def _tagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> object:
     if isinstance(node, yaml.MappingNode):
         value = dict(loader.construct_mapping(node, deep=True))
-        value["_class"] = suffix.lstrip(":")
+        value["_class"] = suffix.partition(":")[2]  # `!new:pkg.Class` -> "pkg.Class" (never imported)
         return value
     if isinstance(node, yaml.SequenceNode):
         return loader.construct_sequence(node, deep=True)
