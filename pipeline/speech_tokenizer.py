@@ -51,6 +51,7 @@ class SegmentState:
     block_floor: list[float] = field(default_factory=list)  # log10 floor each cached block was computed with
     block_min: list[float] = field(default_factory=list)  # smallest raw value among the block's input frames
     block_tokens: list[list[int]] = field(default_factory=list)
+    blocks_encoded: int = 0  # encoder block calls made for this state (cache statistics; not reset)
 
     def reset(self) -> None:
         self.n_samples = self.n_chunks = 0
@@ -171,9 +172,9 @@ class SpeechTokenizer:
             out.append(normalize(seg.raw[:, :n_frames], floor))
         return out
 
-    def stream(self) -> TokenizerStream:
-        """Per-turn streaming state (pipeline/speech_tokenizer_stream.py)."""
-        return TokenizerStream(self)
+    def stream(self, refresh: bool = True) -> TokenizerStream:
+        """Per-turn streaming state (pipeline/speech_tokenizer_stream.py); `refresh`: see advance_segment."""
+        return TokenizerStream(self, refresh)
 
     # -- shared by both paths --------------------------------------------------------------------------
     def new_segment(self) -> SegmentState:
@@ -217,6 +218,7 @@ class SpeechTokenizer:
         seg.block_floor.append(floor.item())
         seg.block_min.append(raw.min().item())
         seg.block_tokens.append(tokens)
+        seg.blocks_encoded += 1
         return tokens
 
     def finish_segment(self, seg: SegmentState) -> list[int]:
@@ -226,11 +228,7 @@ class SpeechTokenizer:
         c = self.config
         n_frames = self._padded_frames(seg.n_samples)
         floor = self._fill_chunks(seg, n_frames)
-        keep = 0
-        while keep < len(seg.block_tokens) and block_is_exact(seg.block_floor[keep], seg.block_min[keep],
-                                                              floor.item()):
-            keep += 1
-        seg.truncate_blocks(keep, c.block_frames)
+        seg.truncate_blocks(self._exact_blocks(seg, floor.item()), c.block_frames)
         n_enc_frames = n_frames // CONV_STRIDE
         valid_enc_frames = _ceil_div(_ceil_div(seg.n_samples, c.mel.hop_samples), CONV_STRIDE)  # mask[::2]
         while len(seg.block_tokens) * c.block_frames < n_enc_frames:
@@ -238,8 +236,21 @@ class SpeechTokenizer:
         tokens = [t for block in seg.block_tokens for t in block]
         return tokens[:_ceil_div(seg.n_samples, c.samples_per_token)]
 
-    def advance_segment(self, seg: SegmentState) -> list[int]:
-        """Stream step: encode every block whose audio is now complete; returns their tokens."""
+    @staticmethod
+    def _exact_blocks(seg: SegmentState, floor: float) -> int:
+        """How many leading cached blocks have the same inputs under `floor` (so their cache is reusable)."""
+        keep = 0
+        while keep < len(seg.block_tokens) and block_is_exact(seg.block_floor[keep], seg.block_min[keep], floor):
+            keep += 1
+        return keep
+
+    def advance_segment(self, seg: SegmentState, refresh: bool = True) -> list[int]:
+        """Stream step: encode every block whose audio is now complete; returns their tokens.
+
+        The floor is the max so far - 8. With `refresh`, earlier blocks whose inputs that floor changes are
+        re-encoded first (not returned again), so the new block sees the same context `tokenize()` of the
+        audio so far would, and flush() has less to redo; without it, the new block attends to the stale cache.
+        """
         c, out = self.config, []
         while True:
             last_frame = c.block_mel_frames * (seg.n_chunks + 1) - 2
@@ -247,7 +258,12 @@ class SpeechTokenizer:
                 return out
             self._compute_chunk(seg, c.mel.segment_samples, last_frame + 1)
             floor = seg.raw[:, :last_frame + 1].max() - DYNAMIC_RANGE  # the floor known so far
-            out += self.encode_next_block(seg, floor, last_frame + 1, c.block_frames * seg.n_chunks)
+            all_valid = c.block_frames * seg.n_chunks
+            if refresh:
+                seg.truncate_blocks(self._exact_blocks(seg, floor.item()), c.block_frames)
+                while len(seg.block_tokens) < seg.n_chunks - 1:
+                    self.encode_next_block(seg, floor, last_frame + 1, all_valid)
+            out += self.encode_next_block(seg, floor, last_frame + 1, all_valid)
 
 
 def _calibration_audio(seconds: float, sample_rate_hz: int, rng: np.random.Generator) -> np.ndarray:

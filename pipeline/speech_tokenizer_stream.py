@@ -22,14 +22,17 @@ class TokenizerStream:
     computation changed (None if none). Call reset() to start another turn.
     """
 
-    def __init__(self, tokenizer: SpeechTokenizer) -> None:
+    def __init__(self, tokenizer: SpeechTokenizer, refresh: bool = True) -> None:
         self._tok = tokenizer
+        self.refresh = refresh  # re-encode earlier blocks at push when the floor so far changes them
         self._seg: SegmentState = tokenizer.new_segment()
         self._emitted: list[int] = []  # every token returned so far, in order
         self._closed: list[int] = []  # exact tokens of finished 30 s segments
         self._final: list[int] | None = None
         self._samples_closed = 0  # samples of finished 30 s segments
         self.first_changed: int | None = None
+        self.blocks_encoded_push = 0  # encoder block calls made by push() / flush() (cache statistics)
+        self.blocks_encoded_flush = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -44,6 +47,7 @@ class TokenizerStream:
         self._seg.reset()
         self._emitted, self._closed, self._final, self.first_changed = [], [], None, None
         self._samples_closed = 0
+        self.blocks_encoded_push = self.blocks_encoded_flush = 0
 
     def push(self, wav16k: np.ndarray) -> list[int]:
         """Append audio (float32 mono 16 kHz; int16 accepted); returns the tokens that became final."""
@@ -52,26 +56,28 @@ class TokenizerStream:
         wav = as_mono_float32(wav16k, self._tok.config.mel.sample_rate_hz, self._tok.config.mel.sample_rate_hz,
                               allow_resample=False)
         seg, seg_len, start = self._seg, self._tok.config.mel.segment_samples, len(self._emitted)
-        pos = 0
+        pos, before = 0, seg.blocks_encoded
         while pos < len(wav):
             take = min(len(wav) - pos, seg_len - seg.n_samples)
             seg.audio[seg.n_samples:seg.n_samples + take] = wav[pos:pos + take]
             seg.n_samples += take
             pos += take
-            self._emitted += self._tok.advance_segment(seg)
+            self._emitted += self._tok.advance_segment(seg, self.refresh)
             if seg.n_samples == seg_len:  # the segment's floor is now exact: settle it
                 self._settle(self._closed + self._tok.finish_segment(seg), returned=start)
                 self._closed = list(self._emitted)
                 self._samples_closed += seg_len
                 seg.reset()
+        self.blocks_encoded_push += seg.blocks_encoded - before
         return self._emitted[start:]
 
     def flush(self) -> list[int]:
         """End of turn: exact tokens for the open segment; returns the tokens not returned before."""
         if self._final is not None:
             return []
-        start = len(self._emitted)
+        start, before = len(self._emitted), self._seg.blocks_encoded
         self._settle(self._closed + self._tok.finish_segment(self._seg), returned=start)
+        self.blocks_encoded_flush += self._seg.blocks_encoded - before
         self._final = list(self._emitted)
         return self._emitted[start:]
 
