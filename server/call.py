@@ -1,0 +1,419 @@
+"""One call: inbound audio -> VAD -> turns -> responder -> outbound track, plus its data channel.
+
+Read it as a pipeline of coroutines (moshi's server style): `_recv_loop` turns inbound frames into VAD
+decisions and user audio for the responder; `_run_turn` moves one reply's events to the data channel
+and the outbound track. Every way a call can end goes through `close()`, which frees everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiortc import RTCDataChannel, RTCPeerConnection
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from pipeline.responder import (
+    AudioChunk,
+    Responder,
+    ResponderSession,
+    SamplingSettings,
+    SessionSettings,
+    TextDelta,
+    Timing,
+    Turn,
+    TurnDone,
+    TurnError,
+)
+from server import protocol as P
+from server.config import Config
+from server.media import InboundConverter, OutboundAudioTrack
+from server.metrics import Metrics
+from server.turns import SpeechStarted, SpeechStopped, TurnDetector, TurnSettings
+from server.vad import SileroVad, VadState
+
+log = logging.getLogger("glm4voice.call")
+_ids = itertools.count(1)
+MAX_EVENTS_BEFORE_OPEN = 64  # events queued until the client's data channel opens
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{next(_ids):06d}"
+
+
+@dataclass(frozen=True)
+class CallSettings:
+    """What a client can change during a call (session.update) - all of it, in one value."""
+
+    instructions: str
+    sampling: SamplingSettings
+    turns: TurnSettings
+
+    def responder_settings(self) -> SessionSettings:
+        return SessionSettings(instructions=self.instructions, sampling=self.sampling)
+
+    def apply(self, update: P.SessionUpdate) -> CallSettings:
+        turns = self.turns
+        td = update.turn_detection
+        if td is not None:
+            changes = {k: v for k, v in dataclasses.asdict(td).items() if v is not None}
+            turns = dataclasses.replace(turns, **changes)
+        return CallSettings(
+            instructions=self.instructions if update.instructions is None else update.instructions,
+            sampling=dataclasses.replace(self.sampling, **update.sampling),
+            turns=turns,
+        )
+
+    def turn_detection_json(self) -> dict | None:
+        t = self.turns
+        if not t.enabled:
+            return None
+        return {"type": "server_vad", "threshold": t.threshold, "prefix_padding_ms": t.prefix_padding_ms,
+                "silence_duration_ms": t.silence_duration_ms, "create_response": t.create_response,
+                "interrupt_response": t.interrupt_response,
+                "glm4voice": {"min_speech_ms": t.min_speech_ms, "min_interrupt_ms": t.min_interrupt_ms}}
+
+
+@dataclass
+class ReplyState:
+    """The assistant reply in progress (generation and/or playback)."""
+
+    response_id: str
+    turn: Turn
+    speech_stopped_s: float | None  # VAD end decision that triggered it (None: response.create)
+    timings: dict[str, float]
+    generating: bool = True
+    latency_sent: bool = False
+
+
+class Call:
+    def __init__(self, call_id: str, pc: RTCPeerConnection, responder: Responder, vad: SileroVad,
+                 config: Config, metrics: Metrics, settings: CallSettings,
+                 on_closed: Callable[[Call], None]) -> None:
+        self.call_id = call_id
+        self.pc = pc
+        self.config = config
+        self.metrics = metrics
+        self.settings = settings
+        self.created_s = time.monotonic()
+        self.state = "connecting"  # connecting | listening | user_speaking | thinking | speaking | closed
+        self.closed = asyncio.Event()
+        self.close_reason = ""
+        self._on_closed = on_closed
+        self._responder_name = responder.info().name
+        self._session: ResponderSession = responder.open_session(call_id, settings.responder_settings())
+        self._vad = vad
+        self._vad_state = VadState()
+        self._converter = InboundConverter()
+        self._detector = TurnDetector(settings.turns)
+        self.track = OutboundAudioTrack(on_started=self._on_playback_started, on_stopped=self._on_playback_stopped)
+        self._channel: RTCDataChannel | None = None
+        self._outbox: list[str] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._reply: ReplyState | None = None
+        self._user_item_id: str | None = None
+        self._interrupt_armed = False  # user speech began over the assistant
+        self.log = logging.LoggerAdapter(log, {"call_id": call_id})
+
+    # ----- wiring (called by server/app.py) ---------------------------------------------------------
+
+    def attach_inbound(self, track: MediaStreamTrack) -> None:
+        self._spawn(self._recv_loop(track), "recv")
+
+    def attach_channel(self, channel: RTCDataChannel) -> None:
+        if channel.label != "oai-events":
+            self.log.info("ignoring data channel %r", channel.label)
+            return
+        self._channel = channel
+        channel.on("message", self._on_message)
+        if channel.readyState == "open":
+            self._on_channel_open()
+        else:
+            channel.on("open", self._on_channel_open)
+
+    def connected(self) -> None:
+        if self.state == "connecting":
+            self.state = "listening"
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self.call_id}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("task %s failed", task.get_name(), exc_info=task.exception())
+            self.send(P.error_event("server_error", f"internal error in {task.get_name()}", error_type="server_error"))
+
+    # ----- outbound events -------------------------------------------------------------------------
+
+    def send(self, message: dict) -> None:
+        text = P.dumps(message)
+        channel = self._channel
+        if channel is not None and channel.readyState == "open":
+            channel.send(text)
+        elif len(self._outbox) < MAX_EVENTS_BEFORE_OPEN:
+            self._outbox.append(text)
+
+    def _on_channel_open(self) -> None:
+        self.send(P.event("session.created", session=self._session_json()))
+        outbox, self._outbox = self._outbox, []
+        for text in outbox:
+            assert self._channel is not None
+            self._channel.send(text)
+
+    def _session_json(self) -> dict:
+        s = self.settings
+        return P.session_object(self.call_id, s.instructions, s.turn_detection_json(), s.sampling, self._responder_name)
+
+    # ----- inbound audio -> turns ------------------------------------------------------------------
+
+    async def _recv_loop(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            for chunk in self._converter.push(frame):  # (512,) float32 16 kHz each
+                probability = self._vad.probability(self._vad_state, chunk)
+                events, audio = self._detector.feed(chunk, probability)
+                for item in events:
+                    if isinstance(item, SpeechStarted):
+                        self._on_speech_started(item)
+                for pcm in audio:
+                    self._session.push_audio(pcm)
+                self._check_barge_in()
+                for item in events:
+                    if isinstance(item, SpeechStopped):
+                        self._on_speech_stopped(item)
+
+    def _assistant_active(self) -> bool:
+        return self._reply is not None
+
+    def _on_speech_started(self, started: SpeechStarted) -> None:
+        self._user_item_id = _new_id("item")
+        self.state = "user_speaking"
+        self._interrupt_armed = self._assistant_active() and self.settings.turns.interrupt_response
+        self.send(P.event("input_audio_buffer.speech_started", audio_start_ms=int(started.audio_start_ms),
+                          item_id=self._user_item_id))
+
+    def _check_barge_in(self) -> None:
+        if self._interrupt_armed and self._detector.speech_ms >= self.settings.turns.min_interrupt_ms:
+            self._interrupt_armed = False
+            self.interrupt("turn_detected")
+
+    def _on_speech_stopped(self, stopped: SpeechStopped) -> None:
+        now = time.monotonic()
+        item_id = self._user_item_id or _new_id("item")
+        self._interrupt_armed = False
+        self.send(P.event("input_audio_buffer.speech_stopped", audio_end_ms=int(stopped.audio_end_ms),
+                          item_id=item_id))
+        if stopped.too_short:
+            self._session.discard_audio()
+            self.send(P.event("glm4voice.input_audio_buffer.discarded", item_id=item_id,
+                              reason="shorter than min_speech_ms", speech_ms=round(stopped.speech_ms)))
+            self.state = "speaking" if self._assistant_active() else "listening"
+            return
+        self._session.commit_audio()
+        self.send(P.event("input_audio_buffer.committed", previous_item_id=None, item_id=item_id))
+        if self.settings.turns.create_response:
+            self.start_response(speech_stopped_s=now)
+        else:
+            self.state = "listening"
+
+    # ----- replies ---------------------------------------------------------------------------------
+
+    def start_response(self, speech_stopped_s: float | None) -> None:
+        if self._reply is not None:
+            self.interrupt("new_turn")
+        try:
+            turn = self._session.respond()
+        except Exception as exc:  # a responder refusing a turn must not end the call
+            self.log.exception("respond() failed")
+            self.metrics.turn_errors += 1
+            self.send(P.error_event("responder_error", f"could not start a reply: {exc}", error_type="server_error"))
+            return
+        response_id = _new_id("resp")
+        timings = {"speech_stopped": speech_stopped_s} if speech_stopped_s is not None else {}
+        reply = ReplyState(response_id, turn, speech_stopped_s, timings)
+        self._reply = reply
+        self.track.begin_reply(response_id)
+        self.metrics.turns_total += 1
+        self.state = "thinking"
+        self.send(P.event("response.created", response=P.response_object(response_id, "in_progress")))
+        self._spawn(self._run_turn(reply), f"turn:{response_id}")
+
+    async def _run_turn(self, reply: ReplyState) -> None:
+        transcript: list[str] = []
+        item_id = _new_id("item")
+        status, details = "completed", None
+        try:
+            status, details = await self._pump_turn(reply, item_id, transcript)
+        except Exception as exc:  # a broken responder fails this turn only
+            self.log.exception("turn %s failed", reply.response_id)
+            self.metrics.turn_errors += 1
+            status, details = "failed", {"type": "failed", "error": {"code": "responder_error", "message": str(exc)}}
+            self.send(P.error_event("responder_error", f"the reply failed: {exc}", error_type="server_error"))
+        reply.generating = False
+        text = "".join(transcript)
+        if self._reply is reply:
+            self.track.end_reply()
+            if status == "failed":
+                self.track.clear()
+        if status == "cancelled" and details is None:
+            details = {"type": "cancelled", "reason": "turn_detected"}
+        self.send(P.event("response.output_audio_transcript.done", response_id=reply.response_id, item_id=item_id,
+                          output_index=0, content_index=0, transcript=text))
+        self.send(P.event("response.done", response=P.response_object(reply.response_id, status, details, text)))
+        if not reply.latency_sent:
+            self._send_latency(reply)
+        if self._reply is reply and not self.track.active:
+            self._reply = None
+            self.state = "listening" if self.state != "user_speaking" else self.state
+
+    async def _pump_turn(self, reply: ReplyState, item_id: str, transcript: list[str]) -> tuple[str, dict | None]:
+        """Move one reply's events to the data channel and the outbound track until it ends."""
+        status, details = "completed", None
+        async for item in reply.turn.events():
+            if isinstance(item, TextDelta):
+                transcript.append(item.text)
+                self.send(P.event("response.output_audio_transcript.delta", response_id=reply.response_id,
+                                  item_id=item_id, output_index=0, content_index=0, delta=item.text))
+            elif isinstance(item, AudioChunk):
+                if self._reply is reply:
+                    self.track.push(item.pcm, item.sample_rate_hz)
+            elif isinstance(item, Timing):
+                reply.timings.setdefault(item.stage, item.t_monotonic_s)
+            elif isinstance(item, TurnDone):
+                status = {"stop": "completed", "length": "incomplete", "cancelled": "cancelled"}.get(item.reason,
+                                                                                                     "completed")
+                if item.reason == "length":
+                    details = {"type": "incomplete", "reason": "max_output_tokens"}
+                if item.text:
+                    transcript[:] = [item.text]
+                break
+            elif isinstance(item, TurnError):
+                self.metrics.turn_errors += 1
+                status, details = "failed", {"type": "failed", "error": {"code": item.code, "message": item.message}}
+                self.send(P.error_event(item.code, item.message, error_type="server_error"))
+                break
+        return status, details
+
+    def interrupt(self, reason: str) -> None:
+        """Barge-in, response.cancel, output_audio_buffer.clear or a typed message: stop the reply now."""
+        reply = self._reply
+        if reply is None:
+            return
+        played_ms = self.track.clear()  # the next outbound frame is silence
+        self._reply = None
+        reply.turn.cancel(played_ms=played_ms)
+        self.metrics.turns_interrupted += 1
+        self.send(P.event("output_audio_buffer.cleared", response_id=reply.response_id))
+        self.send(P.event("glm4voice.response.cancelled", response_id=reply.response_id, reason=reason,
+                          played_ms=round(played_ms), still_generating=reply.generating))
+        self.log.info("reply %s interrupted (%s) after %.0f ms played", reply.response_id, reason, played_ms)
+
+    def _on_playback_started(self, response_id: str, t_s: float) -> None:
+        reply = self._reply
+        if reply is None or reply.response_id != response_id:
+            return
+        reply.timings.setdefault("first_frame_sent", t_s)
+        if self.state != "user_speaking":
+            self.state = "speaking"
+        self.send(P.event("output_audio_buffer.started", response_id=response_id))
+        self._send_latency(reply)
+
+    def _on_playback_stopped(self, response_id: str) -> None:
+        self.send(P.event("output_audio_buffer.stopped", response_id=response_id))
+        reply = self._reply
+        if reply is not None and reply.response_id == response_id and not reply.generating:
+            self._reply = None
+            if self.state != "user_speaking":
+                self.state = "listening"
+
+    def _send_latency(self, reply: ReplyState) -> None:
+        reply.latency_sent = True
+        origin = reply.speech_stopped_s if reply.speech_stopped_s is not None else min(reply.timings.values(),
+                                                                                       default=None)
+        if origin is None:
+            return
+        stages_ms = {stage: round((t - origin) * 1000.0, 1) for stage, t in sorted(reply.timings.items(),
+                                                                                  key=lambda kv: kv[1])}
+        first = reply.timings.get("first_frame_sent")
+        if reply.speech_stopped_s is not None and first is not None:
+            self.metrics.turn_latency.observe(first - reply.speech_stopped_s)
+        self.send(P.event("glm4voice.turn.latency", response_id=reply.response_id,
+                          origin="speech_stopped" if reply.speech_stopped_s is not None else "first_stage",
+                          stages_ms=stages_ms,
+                          speech_stopped_to_first_frame_ms=stages_ms.get("first_frame_sent")
+                          if reply.speech_stopped_s is not None else None))
+
+    # ----- client events ---------------------------------------------------------------------------
+
+    def _on_message(self, message: str | bytes) -> None:
+        limits = self.config.limits
+        try:
+            event = P.parse_client_event(message, max_event_bytes=limits.max_event_bytes,
+                                         max_text_chars=limits.max_text_chars,
+                                         max_instructions_chars=limits.max_instructions_chars)
+            self.handle_event(event)
+        except P.ProtocolError as exc:
+            self.send(P.error_event(exc.code, exc.message, event_id=exc.event_id, param=exc.param))
+
+    def handle_event(self, event: P.ClientEvent) -> None:
+        if isinstance(event, P.SessionUpdate):
+            self.settings = self.settings.apply(event)
+            self._detector.update(self.settings.turns)
+            self._session.update(self.settings.responder_settings())
+            self.send(P.event("session.updated", session=self._session_json()))
+        elif isinstance(event, P.ItemCreate):
+            self.interrupt("user_message")
+            self._session.add_text(event.text)
+            self.send(P.event("conversation.item.added", previous_item_id=None,
+                              item={"id": _new_id("item"), "type": "message", "role": "user",
+                                    "content": [{"type": "input_text", "text": event.text}]}))
+        elif isinstance(event, P.ResponseCreate):
+            if self._reply is not None and self._reply.generating:
+                raise P.ProtocolError("conversation_already_has_active_response",
+                                      "a response is in progress: send response.cancel first", event.event_id)
+            self.start_response(speech_stopped_s=None)
+        elif isinstance(event, P.ResponseCancel | P.OutputAudioClear):
+            if self._reply is None:
+                raise P.ProtocolError("response_cancel_not_active", "there is no active response to cancel",
+                                      event.event_id)
+            self.interrupt("client_cancelled")
+
+    # ----- the one way out -------------------------------------------------------------------------
+
+    async def close(self, reason: str) -> None:
+        """Free everything the call holds; safe to call from any path, any number of times."""
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        self.close_reason = reason
+        self.log.info("closing: %s", reason)
+        if self._reply is not None:
+            self._reply.turn.cancel(played_ms=self.track.clear())
+            self._reply = None
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.track.stop()
+        try:
+            await self._session.close()
+        except Exception:
+            self.log.exception("responder session close failed")
+        await self.pc.close()
+        self._converter.reset()
+        self._vad_state.reset()
+        self._on_closed(self)
+        self.closed.set()

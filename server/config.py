@@ -1,0 +1,183 @@
+"""Server settings: one frozen dataclass per `config.toml` section, env overrides on top.
+
+Every key can be overridden by `GLM4VOICE_<SECTION>_<KEY>` (for example
+`GLM4VOICE_WEBRTC_HOST_ADDRESSES=127.0.0.1`). Lists are comma-separated in the environment; booleans
+accept 1/0/true/false/yes/no/on/off. Unknown sections or keys are errors, so a typo never silently
+falls back to a default. The `[model]` section is `pipeline.engine_config.EngineConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+from pipeline.engine_config import EngineConfig
+
+ENV_PREFIX = "GLM4VOICE_"
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = "127.0.0.1"  # listen address; 0.0.0.0 to serve other machines (then use TLS in front)
+    port: int = 8080  # TCP port
+    max_body_bytes: int = 65_536  # largest POST body (an SDP offer is ~3-8 KB)
+    public_url: str = ""  # base URL clients reach us at, for Location headers behind a proxy; "" = relative
+
+
+@dataclass(frozen=True)
+class WebRTCConfig:
+    host_addresses: tuple[str, ...] = ()  # IPs offered as host candidates; () = every non-loopback address
+    stun_urls: tuple[str, ...] = ()  # e.g. "stun:stun.l.google.com:19302"; used by server and page
+    turn_urls: tuple[str, ...] = ()  # e.g. "turn:turn.example.com:3478?transport=udp"
+    turn_username: str = ""
+    turn_credential: str = ""
+    receive_jitter_frames: int = 0  # 20 ms frames held before decoding; aiortc's default is 4 (80 ms)
+    ice_gather_timeout_ms: int = 2_000  # the page waits at most this long for its candidates before offering
+
+
+@dataclass(frozen=True)
+class TurnDetectionConfig:
+    threshold: float = 0.5  # silero speech probability that counts as speech (Realtime default)
+    prefix_padding_ms: int = 300  # audio kept from before speech onset (Realtime default)
+    silence_duration_ms: int = 500  # silence that ends a turn (Realtime default)
+    min_speech_ms: int = 250  # shorter speech is a false start: dropped, no reply
+    min_interrupt_ms: int = 200  # speech over the assistant must last this long to cut it off (coughs)
+    create_response: bool = True  # answer automatically when a spoken turn ends (Realtime default)
+    interrupt_response: bool = True  # user speech interrupts the assistant (Realtime default)
+
+
+@dataclass(frozen=True)
+class ResponderConfig:
+    kind: str = "glm4voice"  # "glm4voice" (the speech model) or "echo" (mic check: plays your turn back)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_calls: int = 32  # concurrent calls; the next one gets 503 + Retry-After
+    retry_after_s: int = 5  # Retry-After sent with a 503
+    max_event_bytes: int = 32_768  # largest data-channel message
+    max_text_chars: int = 4_000  # typed user message
+    max_instructions_chars: int = 4_000  # session instructions
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    loop_lag_interval_ms: int = 50  # how often the event-loop lag probe wakes
+    loop_lag_window: int = 1_200  # probe samples kept for the p99 in /health (1 min at 50 ms)
+
+
+@dataclass(frozen=True)
+class Config:
+    http: HttpConfig = field(default_factory=HttpConfig)
+    webrtc: WebRTCConfig = field(default_factory=WebRTCConfig)
+    turn_detection: TurnDetectionConfig = field(default_factory=TurnDetectionConfig)
+    responder: ResponderConfig = field(default_factory=ResponderConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    model: EngineConfig = field(default_factory=EngineConfig)
+
+
+def _convert(value: object, annotation: object, where: str) -> object:
+    """Coerce a TOML or environment value to the field's type, with an error that names `where`."""
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+            return value.strip().lower() in {"1", "true", "yes", "on"}
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+    elif annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return tuple(value)
+    raise ValueError(f"config {where}: {value!r} is not a valid {getattr(annotation, '__name__', annotation)}")
+
+
+def _build_section(cls: type, values: Mapping[str, object], where: str) -> object:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"config {where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    kwargs = {name: _convert(value, hints[name], f"{where}.{name}") for name, value in values.items()}
+    return cls(**kwargs)
+
+
+def load_config(path: Path | None = None, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Mapping[str, object]] | None = None) -> Config:
+    """Read `path` (TOML; None = defaults), then env overrides, then explicit `overrides` (CLI flags)."""
+    env = os.environ if env is None else env
+    raw: dict[str, dict[str, object]] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ValueError(f"config {path}: unknown section(s) [{'], ['.join(unknown)}]")
+    for name, value in raw.items():
+        if not isinstance(value, dict):
+            raise ValueError(f"config {path}: [{name}] must be a table")
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        rest = key[len(ENV_PREFIX):].lower()
+        section = next((s for s in sorted(sections, key=len, reverse=True) if rest.startswith(s + "_")), None)
+        if section is None:
+            continue  # GLM4VOICE_PARITY_DIR and friends belong to other tools
+        raw.setdefault(section, {})[rest[len(section) + 1:]] = value
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    built = {name: _build_section(hints[name], raw.get(name, {}), f"[{name}]") for name in sections}
+    config = Config(**built)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Range checks that a type alone cannot express."""
+    td = config.turn_detection
+    if not 0.0 < td.threshold < 1.0:
+        raise ValueError(f"config [turn_detection].threshold must be in (0, 1), got {td.threshold}")
+    for name in ("prefix_padding_ms", "silence_duration_ms", "min_speech_ms", "min_interrupt_ms"):
+        if getattr(td, name) < 0:
+            raise ValueError(f"config [turn_detection].{name} must be >= 0")
+    if config.responder.kind not in {"echo", "glm4voice"}:
+        raise ValueError(f"config [responder].kind must be 'echo' or 'glm4voice', got {config.responder.kind!r}")
+    if not 0 <= config.webrtc.receive_jitter_frames <= 8:
+        raise ValueError("config [webrtc].receive_jitter_frames must be in 0..8")
+    if not 0 < config.http.port < 65536 and config.http.port != 0:
+        raise ValueError(f"config [http].port {config.http.port} is out of range")
+    if config.limits.max_calls < 1:
+        raise ValueError("config [limits].max_calls must be >= 1")

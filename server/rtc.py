@@ -1,0 +1,132 @@
+"""aiortc/aioice adjustments and SDP checks: everything here touches library internals, in one place.
+
+1. Host candidates: aioice gathers from `aioice.ice.get_host_addresses`, which skips 127.0.0.1. We
+   wrap that module function so `webrtc.host_addresses` picks exactly which addresses are offered
+   (loopback included when asked for). It is process-wide, as aioice's function is.
+2. Remote candidates on addresses we cannot reach from our host addresses (loopback vs. not) are
+   dropped from the offer before aiortc sees them, so ICE does not spend checks on them.
+3. The receive jitter buffer: aiortc releases an audio frame only when 4 newer packets are in
+   (`JitterBuffer(capacity=16, prefetch=4)`), i.e. it holds 80 ms before the VAD sees anything. An
+   Opus packet is always one whole frame, so with `receive_jitter_frames = 0` we release each packet
+   as soon as it arrives in order; a packet that arrives after a later one was released is dropped
+   (Opus copes with a lost 20 ms frame; reordering is rare on the paths WebRTC picks). N > 0 keeps
+   aiortc's buffer with prefetch N. bench/bench_call_path.py measures both.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+import aioice.ice
+from aiortc import RTCPeerConnection
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+from aiortc.rtp import RtpPacket
+
+_default_get_host_addresses = aioice.ice.get_host_addresses
+_allowed_host_addresses: tuple[str, ...] = ()
+
+
+def _configured_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+    if not _allowed_host_addresses:
+        return _default_get_host_addresses(use_ipv4, use_ipv6)
+    out = []
+    for address in _allowed_host_addresses:
+        version = ipaddress.ip_address(address).version
+        if (version == 4 and use_ipv4) or (version == 6 and use_ipv6):
+            out.append(address)
+    return out
+
+
+def set_host_addresses(addresses: tuple[str, ...]) -> None:
+    """Offer exactly `addresses` as host candidates (() = aioice's default: every non-loopback address)."""
+    global _allowed_host_addresses
+    for address in addresses:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(f"config [webrtc].host_addresses: {address!r} is not an IP address") from None
+    _allowed_host_addresses = tuple(addresses)
+    aioice.ice.get_host_addresses = _configured_host_addresses
+
+
+def _is_loopback(address: str) -> bool | None:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return None  # an mDNS name (xxxx.local) or a hostname
+
+
+_CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) \d+ typ ", re.IGNORECASE)
+
+
+def filter_remote_candidates(sdp: str, host_addresses: tuple[str, ...]) -> tuple[str, int]:
+    """Drop candidates we cannot pair with our host addresses. Returns (sdp, number dropped)."""
+    if not host_addresses:
+        return sdp, 0
+    ours_loopback = {bool(_is_loopback(a)) for a in host_addresses}
+    kept, dropped = [], 0
+    for line in sdp.splitlines():
+        match = _CANDIDATE.match(line)
+        if match:
+            theirs = _is_loopback(match.group(1))
+            if theirs is None:
+                reachable = False in ours_loopback  # mDNS names resolve to LAN addresses
+            else:
+                reachable = theirs in ours_loopback
+            if not reachable:
+                dropped += 1
+                continue
+        kept.append(line)
+    return "\r\n".join(kept) + "\r\n", dropped
+
+
+class SdpError(ValueError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def check_offer(sdp: str) -> None:
+    """Reject what we cannot answer, with a reason, before aiortc gets it."""
+    if not sdp.strip():
+        raise SdpError("invalid_sdp", "the SDP offer is empty")
+    if not sdp.lstrip().startswith("v=0"):
+        raise SdpError("invalid_sdp", "the body is not an SDP offer (it must start with 'v=0')")
+    media = re.findall(r"^m=(\w+) ", sdp, re.MULTILINE)
+    if "audio" not in media:
+        raise SdpError("no_audio", f"the offer has no audio section (media: {', '.join(media) or 'none'})")
+    if not re.search(r"^a=rtpmap:\d+ opus/48000", sdp, re.MULTILINE | re.IGNORECASE):
+        raise SdpError("no_opus", "the offer's audio section does not offer Opus (opus/48000)")
+
+
+class InOrderAudioJitterBuffer(JitterBuffer):
+    """Releases each audio packet as soon as it arrives in order; late packets are dropped."""
+
+    def __init__(self) -> None:
+        super().__init__(capacity=16)
+        self._last_seq: int | None = None
+        self.late_packets = 0
+
+    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        seq = packet.sequence_number
+        if self._last_seq is not None:
+            ahead = (seq - self._last_seq) & 0xFFFF
+            if ahead == 0 or ahead >= 0x8000:  # a duplicate, or older than what we released
+                self.late_packets += 1
+                return False, None
+        self._last_seq = seq
+        return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)  # type: ignore[attr-defined]
+
+
+def set_receive_jitter(pc: RTCPeerConnection, frames: int) -> None:
+    """Swap the audio receivers' jitter buffers; call after setRemoteDescription, before media flows."""
+    for transceiver in pc.getTransceivers():
+        if transceiver.kind != "audio":
+            continue
+        buffer = InOrderAudioJitterBuffer() if frames == 0 else JitterBuffer(capacity=16, prefetch=frames)
+        receiver = transceiver.receiver
+        if not hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
+            raise RuntimeError("this aiortc version has no RTCRtpReceiver.__jitter_buffer; set "
+                               "[webrtc].receive_jitter_frames = 4 to keep aiortc's own buffer")
+        receiver._RTCRtpReceiver__jitter_buffer = buffer  # type: ignore[attr-defined]
