@@ -272,7 +272,8 @@ class Call:
         self.send(P.event("response.output_audio_transcript.done", response_id=reply.response_id, item_id=item_id,
                           output_index=0, content_index=0, transcript=text))
         self.send(P.event("response.done", response=P.response_object(reply.response_id, status, details, text)))
-        if not reply.latency_sent:
+        audio_pending = self._reply is reply and self.track.active
+        if not reply.latency_sent and not audio_pending:  # with audio, it goes out with the first frame
             self._send_latency(reply)
         if self._reply is reply and not self.track.active:
             self._reply = None
