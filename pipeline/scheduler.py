@@ -316,10 +316,17 @@ class Scheduler:
         return len(reply.speech_buffer) >= need or reply.finish_reason is not None
 
     def _decode_audio(self) -> None:
-        ready = [d for d in self._active() if d.reply.started and self._block_ready(d.reply)]
+        """Ready decoder blocks, most urgent first. While a turn still waits for its first audio, a
+        stream that is more than `stream_lead_ms` ahead of its playback waits (time to first audio)."""
+        active = self._active()
+        ready = [d for d in active if d.reply.started and self._block_ready(d.reply)]
         ready.sort(key=self._urgency)
+        waiting_first_audio = any(d.reply.started and d.reply.first_pcm_t is None for d in active)
+        now = time.monotonic()
         for d in ready:
             if d.reply is None or d.reply.cancel_event.is_set():
+                continue
+            if waiting_first_audio and d.reply.lead_ms(now) > self.cfg.stream_lead_ms:
                 continue
             self.guarded(d, self._decode_block, d)
             if not self.inbox.empty():  # a new turn or a cancel waits: let the next step see it

@@ -1,0 +1,238 @@
+"""Engine latency: end of the user's turn -> first audio, per stage, for several concurrent calls.
+
+Modes:
+  webrtc  (default) in-process server on loopback, aiortc clients, demo weights on CPU:
+          speech_stopped -> first audio frame sent (the server's glm4voice.turn.latency event), p50/p95
+          over `--turns` turns per call, for each `--calls` value, with the stage breakdown.
+  engine  the responder alone (no WebRTC): commit -> first PCM, p50/p95, stage breakdown, and whether
+          every call's audio stays ahead of real time (the lowest lead of produced audio over playback).
+          With `--weights DIR` (a folder from `--write-fullsize`) and `--device cuda --dtype bfloat16`
+          this is the GPU benchmark at full size.
+
+  --write-fullsize DIR   write full-size random checkpoints of all three stages (bf16 LM, ~19 GB) shaped
+                         like the demo weights (a scripted 13/26 reply that stops), for `engine` mode.
+
+Examples:
+  .venv/bin/python bench/bench_engine.py                         # webrtc, 1 and 8 calls, 30 turns
+  .venv/bin/python bench/bench_engine.py --mode engine --calls 1 4 16
+  .venv/bin/python bench/bench_engine.py --write-fullsize /data/rand && \\
+  .venv/bin/python bench/bench_engine.py --mode engine --weights /data/rand --device cuda --dtype bfloat16 --calls 1 4 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # rtc_client.py, speech.py
+
+from pipeline.engine import GLMVoiceResponder  # noqa: E402
+from pipeline.engine_config import EngineConfig  # noqa: E402
+from pipeline.responder import AudioChunk, SessionSettings, Timing, TurnDone, TurnError  # noqa: E402
+
+STAGES = ["tokens_ready", "prefill_done", "first_text_token", "first_speech_token", "first_pcm", "first_frame_sent"]
+
+
+def machine() -> str:
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    import os
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}; load avg {load:.1f}; torch {torch.__version__}; commit {commit}"
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def report(title: str, totals: list[float], stages: dict[str, list[float]]) -> None:
+    print(f"\n{title}: n={len(totals)}  p50 {pct(totals, 0.5):.1f} ms  p95 {pct(totals, 0.95):.1f} ms  "
+          f"mean {statistics.fmean(totals):.1f} ms")
+    for stage in STAGES:
+        if stages.get(stage):
+            v = stages[stage]
+            print(f"    {stage:<20} p50 {pct(v, 0.5):8.1f} ms   p95 {pct(v, 0.95):8.1f} ms")
+
+
+def user_speech() -> np.ndarray:
+    """A short spoken turn (espeak-ng when installed, else a voiced synthetic burst) at 16 kHz."""
+    try:
+        from speech import have_speech_tools, synth_speech
+
+        if have_speech_tools():
+            return synth_speech("Hello, what is the weather like today?")
+    except ImportError:
+        pass
+    t = np.arange(int(1.5 * 16000)) / 16000
+    return (0.3 * np.sin(2 * np.pi * 150 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2).astype(np.float32)
+
+
+# ----- engine mode ------------------------------------------------------------------------------------
+
+
+async def engine_call(responder, name: str, speech: np.ndarray, turns: int, out: dict) -> None:
+    session = responder.open_session(name, SessionSettings())
+    for _ in range(turns):
+        for start in range(0, speech.size, 512):
+            session.push_audio(speech[start : start + 512])
+        t_commit = time.monotonic()
+        session.commit_audio()
+        turn = session.respond()
+        times: dict[str, float] = {}
+        produced_ms, min_lead_ms = 0.0, float("inf")
+        async for event in turn.events():
+            now = time.monotonic()
+            if isinstance(event, Timing):
+                times[event.stage] = event.t_monotonic_s
+            elif isinstance(event, AudioChunk):
+                if "first_pcm" in times:  # lead of produced audio over playback started at first PCM
+                    min_lead_ms = min(min_lead_ms, produced_ms - (now - times["first_pcm"]) * 1000)
+                produced_ms += 1000 * event.pcm.size / event.sample_rate_hz
+            elif isinstance(event, TurnError):
+                raise RuntimeError(event.message)
+            elif isinstance(event, TurnDone):
+                break
+        if "first_pcm" in times:
+            out["totals"].append((times["first_pcm"] - t_commit) * 1000)
+            for stage, t in times.items():
+                out["stages"].setdefault(stage, []).append((t - t_commit) * 1000)
+            out["leads"].append(min_lead_ms)
+    await session.close()
+
+
+async def run_engine(args) -> None:
+    cfg = EngineConfig(weights_dir=args.weights or "", demo_weights_dir=args.demo_dir, device=args.device,
+                       dtype=args.dtype)
+    responder = GLMVoiceResponder(cfg)
+    t0 = time.monotonic()
+    await responder.start()
+    print(f"engine ready in {time.monotonic() - t0:.1f} s: {responder.info().details}")
+    speech = user_speech()
+    for calls in args.calls:
+        out: dict = {"totals": [], "stages": {}, "leads": []}
+        turns = max(1, args.turns // calls) if args.split_turns else args.turns
+        await asyncio.gather(*(engine_call(responder, f"c{i}", speech, turns, out) for i in range(calls)))
+        report(f"engine, {calls} concurrent call(s): commit -> first PCM", out["totals"], out["stages"])
+        behind = sum(1 for lead in out["leads"] if lead < 0)
+        print(f"    real time: lowest lead of produced audio over playback {min(out['leads']):.0f} ms; "
+              f"{behind}/{len(out['leads'])} replies fell behind playback at some chunk")
+    await responder.stop()
+
+
+# ----- webrtc mode ------------------------------------------------------------------------------------
+
+
+async def webrtc_call(client, speech: np.ndarray, turns: int, out: dict) -> None:
+    await client.connect()
+    await client.wait_for("session.created", 10)
+    tail = np.zeros(int(0.9 * 16000), np.float32)  # > silence_duration_ms: the turn ends
+    for _ in range(turns):
+        mark = len(client.events)
+        client.mic.play(np.concatenate([speech, tail]), 16000)
+        created = await client.wait_for("response.created", 30, after=mark)
+        rid = created["response"]["id"]
+        latency = await client.wait_for("glm4voice.turn.latency", 30, after=mark)
+        assert latency["response_id"] == rid
+        if latency.get("speech_stopped_to_first_frame_ms") is not None:
+            out["totals"].append(latency["speech_stopped_to_first_frame_ms"])
+            for stage, ms in latency["stages_ms"].items():
+                out["stages"].setdefault(stage, []).append(ms)
+        client.send({"type": "response.cancel"})  # do not wait for the whole 6 s reply to play
+        await client.wait_for("response.done", 30, after=mark)
+    await client.hangup()
+
+
+async def run_webrtc(args) -> None:
+    from rtc_client import RealtimeClient, start_server
+
+    cfg = EngineConfig(demo_weights_dir=args.demo_dir, device="cpu")
+    running = await start_server(responder=GLMVoiceResponder(cfg), kind="glm4voice")
+    speech = user_speech()
+    try:
+        for calls in args.calls:
+            out: dict = {"totals": [], "stages": {}}
+            clients = [RealtimeClient(running.base_url) for _ in range(calls)]
+            await asyncio.gather(*(webrtc_call(c, speech, args.turns, out) for c in clients))
+            report(f"webrtc loopback, {calls} concurrent call(s): speech_stopped -> first audio frame sent",
+                   out["totals"], out["stages"])
+    finally:
+        await running.runner.cleanup()
+
+
+# ----- full-size random weights -----------------------------------------------------------------------
+
+
+def write_fullsize(root: Path) -> None:
+    """Official-size random checkpoints (real configs' sizes), the LM shaped like the demo weights."""
+    import torch
+
+    from pipeline import decoder as decoder_mod
+    from pipeline import demo_weights as demo
+    from pipeline import lm as lm_mod
+    from pipeline import speech_tokenizer as tokenizer_mod
+    from pipeline.text_tokenizer import GLMTokenizer, write_tokenizer_files
+
+    lm_dir = root / "glm-4-voice-9b"
+    write_tokenizer_files(lm_dir, merges_text=demo._merge_corpus(), num_audio_tokens=16384, seed=demo.SEED)
+    text = GLMTokenizer.from_pretrained(lm_dir)
+    script = demo.build_script(text)
+    t0 = time.monotonic()
+    lm_mod.write_random_checkpoint(  # GLM-4-Voice-9B sizes (REFERENCE §3.1)
+        lm_dir, hidden_size=4096, num_layers=40, num_heads=32, kv_groups=2, head_dim=128, ffn_hidden_size=13696,
+        vocab_size=168960, seed=demo.SEED, num_shards=4, state_dict_hook=demo.chain_hook(script),
+        dtype=torch.bfloat16, eos_token_ids=sorted(text.stop_ids))  # fmt: skip
+    print(f"LM written in {time.monotonic() - t0:.0f} s")
+    tokenizer_mod.write_random_checkpoint(  # WhisperVQ encoder sizes (REFERENCE §2.3)
+        root / "glm-4-voice-tokenizer", d_model=1280, num_layers=16, num_heads=20, ffn_dim=5120,
+        codebook_size=16384, block_size_frames=200, seed=demo.SEED + 1)  # fmt: skip
+    decoder_mod.write_random_checkpoint(  # flow + HiFT sizes (REFERENCE §5.1)
+        root / "glm-4-voice-decoder", vocab_size=16384, d_model=512, num_layers=6, num_heads=8, ffn_dim=2048,
+        estimator_channels=256, estimator_blocks=1, mid_blocks=12, estimator_heads=8, head_dim=64,
+        hift_channels=512, harmonics=8, seed=demo.SEED + 2)  # fmt: skip
+    (root / "demo_script.json").write_text(json.dumps(script), encoding="utf-8")
+    print(f"full-size random weights in {root}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["webrtc", "engine"], default="webrtc")
+    p.add_argument("--calls", type=int, nargs="+", default=None, help="concurrent calls (default: 1 8, GPU: 1 4 16)")
+    p.add_argument("--turns", type=int, default=30, help="turns per call")
+    p.add_argument("--split-turns", action="store_true", help="engine mode: --turns in total, split over the calls")
+    p.add_argument("--weights", default="", help="real/full-size weights folder (default: demo weights)")
+    p.add_argument("--demo-dir", default=str(Path(tempfile.gettempdir()) / "glm4voice-bench-demo"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--write-fullsize", metavar="DIR", help="write full-size random weights to DIR and exit")
+    args = p.parse_args()
+    if args.write_fullsize:
+        write_fullsize(Path(args.write_fullsize))
+        return
+    if args.calls is None:
+        args.calls = [1, 4, 16] if args.device.startswith("cuda") else [1, 8]
+    print(f"machine: {machine()}")
+    asyncio.run(run_webrtc(args) if args.mode == "webrtc" else run_engine(args))
+
+
+if __name__ == "__main__":
+    main()
