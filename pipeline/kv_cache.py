@@ -46,6 +46,11 @@ class KVPool:
             self._grow(2 * self.capacity)
         return self._free.pop()
 
+    def reserve(self, slots: int) -> None:
+        """Preallocate `slots` caches up front (no reallocation, hence no graph re-capture, while serving)."""
+        if slots > self.capacity:
+            self._grow(slots)
+
     def release(self, slot: int) -> None:
         if slot in self._free or not 0 <= slot < self.capacity:
             raise ValueError(f"KV slot {slot} is not in use")

@@ -111,6 +111,10 @@ class VoiceLM:
     def new_cache(self) -> LMCache:
         return LMCache(self.pool, self.pool.acquire())
 
+    def reserve_caches(self, n: int) -> None:
+        """Preallocate KV for `n` concurrent calls (each `pool.bytes_per_slot`: 320 MiB bf16 at full size)."""
+        self.pool.reserve(n)
+
     @torch.inference_mode()
     def prefill(self, cache: LMCache, ids: list[int]) -> Tensor:
         """Append `ids` to the cache; logits (V,) float32 of the last position."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,24 +179,33 @@ def _quantized_skeleton(model: GlmForCausalLM) -> None:
 
 
 def load_glm_model(path: Path, cfg: LMConfig, device: torch.device, dtype: torch.dtype, int4: bool) -> GlmForCausalLM:
-    """Build `GlmForCausalLM` with empty (meta) weights and fill it tensor by tensor from the shards."""
+    """`GlmForCausalLM` filled tensor by tensor from the shards of an official checkpoint dir."""
+    return build_glm_model(cfg, iter_checkpoint(path, cfg), device, dtype, int4, source=path)
+
+
+def build_glm_model(
+    cfg: LMConfig, tensors: Iterable[tuple[str, torch.Tensor, Path | str]], device: torch.device,
+    dtype: torch.dtype, int4: bool, source: Path | str,
+) -> GlmForCausalLM:  # fmt: skip
+    """Build `GlmForCausalLM` with empty (meta) weights and assign (GLM name, tensor, file) as they come."""
     with torch.device("meta"):
         model = GlmForCausalLM(cfg.to_glm_config())
     if int4:
         _quantized_skeleton(model)
     params = dict(model.named_parameters())
     seen: set[str] = set()
-    for name, tensor, file in iter_checkpoint(path, cfg):
+    for name, tensor, file in tensors:
         target = params.get(name)
         if target is None:
             raise ValueError(f"{file}: tensor for {name!r} has no place in a {cfg.num_layers}-layer model")
-        if tuple(tensor.shape) != tuple(target.shape) and not int4:
-            what = "vocab mismatch with padded_vocab_size of config.json" if "embed" in name or "lm_head" in name else ""
-            raise ValueError(f"{file}: {name} has shape {tuple(tensor.shape)}, config.json implies "
-                             f"{tuple(target.shape)} {what}".rstrip())  # fmt: skip
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if int4 and attr == "weight" and type(module).__name__ == "Linear4bit":
+        quantize = int4 and attr == "weight" and type(module).__name__ == "Linear4bit"
+        want = (module.out_features, module.in_features) if quantize else tuple(target.shape)
+        if tuple(tensor.shape) != want:
+            what = " (vocab mismatch with padded_vocab_size)" if "embed" in name or "lm_head" in name else ""
+            raise ValueError(f"{file}: {name} has shape {tuple(tensor.shape)}, config.json implies {want}{what}")
+        if quantize:
             import bitsandbytes as bnb
 
             new = bnb.nn.Params4bit(tensor.to(torch.bfloat16), requires_grad=False, quant_type="nf4",
@@ -208,7 +217,7 @@ def load_glm_model(path: Path, cfg: LMConfig, device: torch.device, dtype: torch
         del tensor
     missing = sorted(set(params) - seen)
     if missing:
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, first {missing[0]!r} (a shard missing?)")
+        raise ValueError(f"{source}: checkpoint lacks {len(missing)} tensors, first {missing[0]!r} (a shard missing?)")
     # Non-persistent RoPE buffers were created on meta; rebuild them on the device.
     rope_cls = type(model.model.rotary_emb)
     model.model.rotary_emb = rope_cls(config=model.config).to(device)
