@@ -120,6 +120,8 @@ class VoiceLM:
         """Append `ids` to the cache; logits (V,) float32 of the last position."""
         if not ids:
             raise ValueError("prefill needs at least one token")
+        if cache.slot < 0:
+            raise ValueError("prefill on a released cache")
         if cache.length + len(ids) > self.max_context_tokens:
             raise ContextFullError(f"{cache.length} cached + {len(ids)} new tokens pass the "
                                    f"{self.max_context_tokens}-token context")  # fmt: skip
@@ -141,8 +143,8 @@ class VoiceLM:
         """Feed one token to each cache (one batched forward); next-token logits (B, V) float32."""
         if len(caches) != len(token_ids) or not caches:
             raise ValueError("decode_step needs one token per cache")
-        if len({c.slot for c in caches}) != len(caches):
-            raise ValueError("decode_step got the same cache twice")
+        if len({c.slot for c in caches}) != len(caches) or min(c.slot for c in caches) < 0:
+            raise ValueError("decode_step got the same cache twice, or a released cache")
         lengths = [c.length for c in caches]
         if max(lengths) + 1 > self.max_context_tokens:
             raise ContextFullError(f"a cache holds {max(lengths)} tokens: the {self.max_context_tokens}-token context is full")
@@ -257,6 +259,10 @@ class VoiceLM:
             raise ValueError(f"decode mode {mode!r} needs a CUDA device, the model is on {self.device}")
         self.decode_mode = mode
         self._graphs.clear()
+        # One compiled variant per (batch size, length bucket): 16 x 6 at full size, past dynamo's default 8.
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 128)
+        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 512)
         if mode == "compile":
             self._decode_fn = torch.compile(self._decode_forward, dynamic=False)
         elif mode == "compile+cudagraph":

@@ -205,3 +205,16 @@ def test_vocab_mismatch(tmp_path: Path) -> None:
     write_random_checkpoint(bad, **SIZES, vocab_size=256, seed=1, state_dict_hook=cut_rows)
     with pytest.raises(ValueError, match=r"safetensors.*vocab mismatch"):
         VoiceLM.from_pretrained(bad)
+
+
+def test_chunked_prefill_and_length_buckets(lm: VoiceLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small prefill chunks and attention buckets, so chunk and bucket boundaries are crossed."""
+    import pipeline.lm as lm_module
+
+    monkeypatch.setattr(lm_module, "PREFILL_CHUNK_TOKENS", 7)
+    monkeypatch.setattr(lm_module, "MIN_ATTEND_TOKENS", 4)
+    V = lm.config.vocab_size
+    ids, steps = _ids(40, 12, V), _ids(30, 13, V)
+    cache = lm.new_cache()
+    rows = [lm.prefill(cache, ids)] + [lm.decode_step([cache], [t])[0] for t in steps]
+    assert torch.allclose(torch.stack(rows), lm.logits(ids + steps)[len(ids) - 1 :], atol=TOL)
