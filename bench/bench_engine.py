@@ -207,7 +207,7 @@ def write_fullsize(root: Path) -> None:
         codebook_size=16384, block_size_frames=200, seed=demo.SEED + 1)  # fmt: skip
     decoder_mod.write_random_checkpoint(  # flow + HiFT sizes (REFERENCE §5.1)
         root / "glm-4-voice-decoder", vocab_size=16384, d_model=512, num_layers=6, num_heads=8, ffn_dim=2048,
-        estimator_channels=256, estimator_blocks=1, mid_blocks=12, estimator_heads=8, head_dim=64,
+        estimator_channels=256, estimator_blocks=4, mid_blocks=12, estimator_heads=8, head_dim=64,
         hift_channels=512, harmonics=8, seed=demo.SEED + 2)  # fmt: skip
     (root / "demo_script.json").write_text(json.dumps(script), encoding="utf-8")
     print(f"full-size random weights in {root}")

@@ -250,6 +250,21 @@ class EngineThread:
         except BaseException:
             log.exception("engine thread crashed")
             raise
+        finally:
+            self._answer_leftovers()
+
+    def _answer_leftovers(self) -> None:
+        """After the loop ended: nobody may wait forever on a command the engine will never run."""
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            match command:
+                case _Close(_, done) | _Settle(done):
+                    done.set_result(None)
+                case _Respond(_, reply):
+                    reply.emit(TurnError("the engine has stopped", code="engine_stopped"))
 
     def _apply(self, command: Command) -> bool:
         """Apply one command in the engine thread; False stops the thread."""

@@ -324,3 +324,37 @@ async def test_barge_in_after_generation_ended_trims_the_history(responder, sche
     check_complete_reply(await collect(session.respond()), script, tok)
     assert d.turn_prefilled_tokens[-1] == len(user_turn_ids(tok, text="Next."))
     await session.close()
+
+
+async def test_stop_answers_every_waiter(demo_dir):
+    r = GLMVoiceResponder(EngineConfig(demo_weights_dir=str(demo_dir), device="cpu"))
+    await r.start()
+    session = r.open_session("stopping", SessionSettings())
+    session.add_text("Hello?")
+    turn = session.respond()
+    await r.stop()
+    events = await collect(turn, timeout_s=10)
+    assert isinstance(events[-1], TurnDone | TurnError)
+    await asyncio.wait_for(session.close(), 5)  # returns although the engine is gone
+    assert not r.info().ready
+    with pytest.raises(RuntimeError, match="not ready"):
+        r.open_session("late", SessionSettings())
+
+
+def test_weights_resolution_errors(tmp_path):
+    from pipeline.weights import WeightsError, resolve_weights
+
+    with pytest.raises(WeightsError, match="require_weights"):
+        resolve_weights(EngineConfig(require_weights=True, device="cpu"))
+    (tmp_path / "glm-4-voice-9b").mkdir()
+    (tmp_path / "glm-4-voice-9b" / "config.json").write_text("{}")
+    with pytest.raises(WeightsError, match="glm-4-voice-tokenizer does not exist"):
+        resolve_weights(EngineConfig(weights_dir=str(tmp_path), device="cpu"))
+    for name in ("glm-4-voice-tokenizer", "glm-4-voice-decoder"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(WeightsError, match="tokenizer-?.* is incomplete: missing config.json, preprocessor_config.json"):
+        resolve_weights(EngineConfig(weights_dir=str(tmp_path), device="cpu"))
+    with pytest.raises(WeightsError, match="int4"):
+        resolve_weights(EngineConfig(quantization="int4", device="cpu"))
+    with pytest.raises(WeightsError, match="dtype"):
+        resolve_weights(EngineConfig(dtype="float8", device="cpu"))
