@@ -142,3 +142,34 @@ def random_checkpoint_files(out_dir: Path, *, vocab_size: int, d_model: int, num
             hift.f0_predictor.classifier.bias.fill_(150.0)  # voiced around 150 Hz: a buzz, not hiss
     torch.save(flow.state_dict(), out_dir / "flow.pt")
     torch.save(unfold_weight_norm(hift.state_dict()), out_dir / "hift.pt")
+
+
+REAL_SIZES = dict(vocab_size=16384, d_model=512, num_layers=6, num_heads=8, ffn_dim=2048, estimator_channels=256,
+                  estimator_blocks=4, mid_blocks=12, estimator_heads=8, head_dim=64, hift_channels=512,
+                  harmonics=8)  # config.yaml of glm-4-voice-decoder (REFERENCE.md §5.1)
+
+
+def random_decoder(*, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32, **sizes: int):
+    """A SpeechDecoder with random weights built in memory (no files): for benchmarks at real sizes.
+    `sizes` are write_random_checkpoint's keywords; missing ones take the release's values."""
+    import tempfile
+
+    from pipeline.decoder import DecoderConfig, SpeechDecoder
+    from pipeline.flow import FlowModel
+    from pipeline.hift import HiftGenerator
+
+    full = {**REAL_SIZES, **sizes}
+    text = _CONFIG.format(seed=seed, **full)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.yaml").write_text(text, encoding="utf-8")
+        cfg = DecoderConfig.from_yaml_file(Path(tmp) / "config.yaml")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        flow, hift = FlowModel(cfg.flow), HiftGenerator(cfg.hift)
+        with torch.no_grad():
+            hift.f0_predictor.classifier.weight.mul_(0.1)
+            hift.f0_predictor.classifier.bias.fill_(150.0)
+    flow.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    hift.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    hift.stft_window = hift.stft_window.float()
+    return SpeechDecoder(cfg, flow, hift, torch.device(device), dtype)
