@@ -89,3 +89,30 @@ def test_other_stages_load_and_make_sound(demo_root):
     audio = decoder.synthesize(script["speech_values"][:20])
     assert audio.size > 0 and float(np.sqrt(np.mean(audio**2))) > 1e-3  # not silent
     assert torch.isfinite(torch.from_numpy(audio)).all()
+
+
+def test_cli_writes_demo_weights(demo_root, capsys):
+    assert demo_weights.main([str(demo_root)]) == 0  # already there: not rewritten
+    assert str(demo_root) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["offline-mode", "unreachable-endpoint"])
+def test_download_offline_gives_a_clear_message(tmp_path, env):
+    """No network: huggingface_hub is pointed at nothing (offline mode, or a closed loopback port)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    full_env = {**os.environ, "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2", **env}
+    full_env.pop("HF_TOKEN", None)
+    proc = subprocess.run([sys.executable, "-c", "import sys; from pipeline.download import main; sys.exit(main(sys.argv[1:]))",
+                           "--dir", str(tmp_path / "w")], cwd=root, env=full_env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "could not download THUDM/glm-4-voice-tokenizer" in proc.stderr
+    assert "offline" in proc.stderr and "HF_ENDPOINT" in proc.stderr
+    if "HF_ENDPOINT" in env:
+        assert env["HF_ENDPOINT"] in proc.stderr  # the configured mirror is the one that was tried
