@@ -122,21 +122,32 @@ class OfficialDraws:
     noise from the device generator, phases from the CPU one (on CPU both are one generator, as in the
     official code, which reproduces its draws exactly)."""
 
-    def __init__(self, device: torch.device, mel_bins: int = 80):
-        self.device, self.mel_bins = torch.device(device), mel_bins
+    def __init__(self, device: torch.device, mel_bins: int = 80, sines: int | None = None):
+        self.device, self.mel_bins, self.sines = torch.device(device), mel_bins, sines
         self.cpu = torch.Generator("cpu")
         self.dev = self.cpu if self.device.type == "cpu" else torch.Generator(self.device)
+        self._phase: torch.Tensor | None = None
 
     def begin_block(self) -> None:
         self.cpu.manual_seed(OFFICIAL_SEED)
         self.dev.manual_seed(OFFICIAL_SEED)
+        self._phase = None
+        if self.device.type != "cpu" and self.sines is not None:
+            # The phases are the CPU generator's first draw; copying them now, before the block's GPU
+            # work is queued, keeps the host from waiting on the flow mid-block.
+            self._phase = self._draw_phase(self.sines).pin_memory().to(self.device, non_blocking=True)
 
     def flow_noise(self, frames: int) -> torch.Tensor:
         return torch.randn((1, self.mel_bins, frames), generator=self.dev, device=self.device)
 
-    def source_phase(self, sines: int) -> torch.Tensor:
+    def _draw_phase(self, sines: int) -> torch.Tensor:
         low, high = torch.tensor(-np.pi, dtype=torch.float32), torch.tensor(np.pi, dtype=torch.float32)
-        return (low + torch.rand((1, sines, 1), generator=self.cpu) * (high - low)).to(self.device)
+        return low + torch.rand((1, sines, 1), generator=self.cpu) * (high - low)  # Uniform(-pi, pi).sample
+
+    def source_phase(self, sines: int) -> torch.Tensor:
+        if self._phase is not None and self._phase.shape[1] == sines:
+            return self._phase
+        return self._draw_phase(sines).to(self.device)
 
     def source_noise(self, sines: int, samples: int) -> torch.Tensor:
         return torch.randn((1, sines, samples), generator=self.dev, device=self.device)
@@ -146,7 +157,7 @@ class SeededDraws(OfficialDraws):
     """One generator seeded once per stream: fresh noise at every block (no reseeding)."""
 
     def __init__(self, device: torch.device, seed: int, mel_bins: int = 80):
-        super().__init__(device, mel_bins)
+        super().__init__(device, mel_bins, None)
         self.dev = torch.Generator(self.device).manual_seed(seed)
         self.cpu = self.dev if self.device.type == "cpu" else torch.Generator("cpu").manual_seed(seed)
 
@@ -294,7 +305,8 @@ class SpeechDecoder:
         from pipeline.decoder_stream import DecoderStream, StreamSettings
 
         if draws is None:
-            draws = OfficialDraws(self.device) if seed is None else SeededDraws(self.device, seed)
+            sines, bins = self.cfg.hift.nb_harmonics + 1, self.cfg.flow.mel_bins
+            draws = OfficialDraws(self.device, bins, sines) if seed is None else SeededDraws(self.device, seed, bins)
         settings = StreamSettings.build(schedule, legacy_prompt, cache_encoder, max_prompt_tokens, self.cfg)
         return DecoderStream(self, settings, draws)
 

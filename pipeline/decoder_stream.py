@@ -144,7 +144,7 @@ class DecoderStream:
         all_tokens = st.prompt_tokens + tokens
         frames = cfg.flow.frames_for(len(all_tokens))
         noise = self.draws.flow_noise(frames)  # (1, 80, F), prompt frames included
-        prompt_mel = st.prompt_mel if st.prompt_mel is not None else torch.zeros(1, cfg.flow.mel_bins, 0)
+        prompt_mel = st.prompt_mel if st.prompt_mel is not None else noise[:, :, :0]
         ids = torch.tensor(all_tokens, dtype=torch.long).to(dec.device)
         flow_trace = FlowTrace() if trace else None
         mel = dec.flow.inference(ids, prompt_mel.to(device=dec.device, dtype=dec.dtype), noise.to(dec.device),
