@@ -118,6 +118,7 @@ class SpeechTokenizer:
         self.encoder = encoder
         self.device = device
         self.log_mel = LogMel(config.mel, device)
+        self.code_sq = encoder.codebook_sq()  # (V,) once, not per call
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
@@ -214,7 +215,7 @@ class SpeechTokenizer:
         x = self.encoder.embed(normalize(raw, floor)[None], b == 0, c.block_frames * b)  # (1, T, d)
         n_keys = min(n_valid_frames, c.block_frames * b + x.shape[1])
         h, seg.kv = self.encoder.encode_block(x, seg.kv, n_keys)
-        tokens = self.encoder.quantize(h)[0].tolist()
+        tokens = self.encoder.quantize(h, self.code_sq)[0].tolist()
         seg.block_floor.append(floor.item())
         seg.block_min.append(raw.min().item())
         seg.block_tokens.append(tokens)

@@ -140,6 +140,11 @@ class WhisperVQEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.num_layers))
         self.codebook = nn.Embedding(c.codebook_size, c.d_model)  # kept float32 for the distances
 
+    def codebook_sq(self) -> torch.Tensor:
+        """(V,) float32 squared norms of the codewords."""
+        code = self.codebook.weight.detach().float()
+        return (code * code).sum(1)
+
     def embed(self, feats: torch.Tensor, first_block: bool, first_frame: int) -> torch.Tensor:
         """Normalised mel (B, n_mels, T_in) -> (B, T, d) at encoder frames [first_frame, first_frame + T).
 
@@ -162,14 +167,15 @@ class WhisperVQEncoder(nn.Module):
             new_kv.append(layer_kv)
         return x, new_kv
 
-    def quantize(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, T, d) with T a multiple of pool_frames -> (B, T / pool) token ids (nearest codeword, fp32 L2)."""
+    def quantize(self, h: torch.Tensor, code_sq: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) with T a multiple of pool_frames -> (B, T / pool) token ids (nearest codeword, fp32 L2).
+
+        `code_sq`: (V,) squared codeword norms, computed once per model (`codebook_sq`)."""
         B, T, d = h.shape
         pooled = h.float().view(B, T // self.config.pool_frames, self.config.pool_frames, d).mean(2)
         flat = pooled.reshape(-1, d)  # (B * T / pool, d)
-        code = self.codebook.weight  # (V, d) float32
         # ||c||^2 + ||h||^2 - 2 h.c as one addmm, the official formula
-        dist = torch.addmm((code * code).sum(1)[None] + (flat * flat).sum(1, keepdim=True), flat, code.T,
+        dist = torch.addmm(code_sq[None] + (flat * flat).sum(1, keepdim=True), flat, self.codebook.weight.T,
                            beta=1.0, alpha=-2.0)  # (B * T / pool, V)
         return dist.argmin(dim=1).view(B, -1)
 

@@ -1,0 +1,176 @@
+"""Speech tokenizer cost at the REAL sizes (random weights): offline tokenize() and the end-of-turn flush().
+
+    .venv/bin/python bench/bench_tokenizer.py            # CPU, float32, 2 threads (as BASELINE.md)
+    .venv/bin/python bench/bench_tokenizer.py --quick    # fewer repeats
+    .venv/bin/python bench/bench_tokenizer.py --device cuda --dtype bfloat16
+
+Compute does not depend on weight values, so random weights at glm-4-voice-tokenizer's sizes (d_model 1280,
+16 layers, 20 heads, FFN 5120, codebook 16384; 343.6 M parameters) cost what the real checkpoint costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.log_mel import LogMelSettings  # noqa: E402
+from pipeline.speech_tokenizer import SpeechTokenizer, _calibration_audio  # noqa: E402
+from pipeline.whisper_vq import SpeechTokenizerConfig, WhisperVQEncoder, random_weights  # noqa: E402
+
+# Official extract_speech_token, same sizes, random weights, fp32, 2 threads, 2-core Xeon (AVX-512):
+# ../shared/BASELINE.md, "Speech tokenizer" table (median seconds per call).
+OFFICIAL_SECONDS = {1.0: 0.284, 4.0: 0.703, 10.0: 1.372, 30.0: 4.610, 31.0: 9.987}
+# The official path has no streaming: at the end of a 5 s turn it tokenizes all 5 s. BASELINE.md has no 5 s row;
+# linear interpolation between its 4 s and 10 s rows.
+OFFICIAL_5S_END_OF_TURN = 0.703 + (1.372 - 0.703) * (5.0 - 4.0) / (10.0 - 4.0)
+
+REAL = SpeechTokenizerConfig(d_model=1280, num_heads=20, ffn_dim=5120, num_layers=16, num_mel_bins=128,
+                             max_positions=1500, pool_frames=4, block_frames=200, codebook_size=16384,
+                             mel=LogMelSettings(sample_rate_hz=16000, n_fft=400, hop_samples=160, n_mels=128,
+                                                segment_samples=480000))
+
+
+def machine() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = "?"
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
+            f"{gpu}, commit {commit}")
+
+
+def build(device: torch.device, dtype: torch.dtype) -> SpeechTokenizer:
+    encoder = WhisperVQEncoder(REAL).eval()
+    random_weights(encoder, torch.Generator().manual_seed(0))
+    encoder = encoder.to(device=device, dtype=dtype)
+    encoder.codebook.float()
+    return SpeechTokenizer(REAL, encoder, device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gemm_gflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Achieved GFLOP/s of one FFN-shaped matmul (200 x 1280 @ 1280 x 5120) right now: the floor our encoder
+    (matmul-bound) can reach on this machine at this moment, so a shared machine's figures can be read."""
+    a = torch.randn(200, 1280, device=device, dtype=dtype)
+    w = torch.randn(5120, 1280, device=device, dtype=dtype)
+    seconds = timed(lambda: [a @ w.T for _ in range(8)], device, 5)
+    return 8 * 2 * 200 * 1280 * 5120 / seconds / 1e9
+
+
+def linear_gflop(seconds: float) -> float:
+    """Matmul work of one call (convs, layers' projections + FFN, VQ distances); attention not counted."""
+    c = REAL
+    mel_frames = -(-int(seconds * 16000) // 1280) * 8
+    frames = mel_frames // 2
+    per_frame_layer = 2 * (4 * c.d_model**2 + 2 * c.d_model * c.ffn_dim)
+    convs = 2 * 3 * c.d_model * (c.num_mel_bins * mel_frames + c.d_model * frames)
+    vq = 2 * c.d_model * c.codebook_size * frames // c.pool_frames
+    return (frames * c.num_layers * per_frame_layer + convs + vq) / 1e9
+
+
+def bench_offline(tok: SpeechTokenizer, audio: np.ndarray, repeats: int, compare: bool, gflops: float) -> None:
+    print("\noffline tokenize(): median seconds per call; 'floor' = matmul work / the GEMM rate measured now")
+    print(f"{'audio':>6} {'tokens':>6} {'ours s':>8} {'s/s audio':>9} {'floor s':>8} {'log-mel ms':>10} "
+          f"{'official s':>10} {'speed-up':>8}")
+    for seconds, official in OFFICIAL_SECONDS.items():
+        wav = audio[:int(seconds * 16000)]
+        ours = timed(lambda wav=wav: tok.tokenize(wav), tok.device, repeats)
+        mel = timed(lambda wav=wav: tok.features(wav), tok.device, repeats)
+        ratio = f"{official / ours:7.2f}x" if compare else "    n/a"
+        floor = sum(linear_gflop(min(30.0, seconds - s)) for s in range(0, int(np.ceil(seconds)), 30)) / gflops
+        print(f"{seconds:5.0f}s {len(tok.tokenize(wav)):6d} {ours:8.3f} {ours / seconds:9.3f} {floor:8.3f} "
+              f"{mel * 1e3:10.1f} {official:10.3f} {ratio}")
+
+
+def stream_turn(tok: SpeechTokenizer, wav: np.ndarray, push_samples: int) -> tuple[float, float, int]:
+    """(seconds in push() in total, seconds in flush(), blocks flush() encoded)."""
+    stream = tok.stream()
+    sync(tok.device)
+    t0 = time.perf_counter()
+    for i in range(0, len(wav), push_samples):
+        stream.push(wav[i:i + push_samples])
+    sync(tok.device)
+    t1 = time.perf_counter()
+    stream.flush()
+    sync(tok.device)
+    return t1 - t0, time.perf_counter() - t1, stream.blocks_encoded_flush
+
+
+def bench_flush(tok: SpeechTokenizer, audio: np.ndarray, repeats: int, compare: bool) -> None:
+    print("\nend of a 5 s turn streamed in 20 ms pushes (median)")
+    steady = audio[:80000]  # level steady over the turn: flush encodes only the open 1 s block
+    rising = np.concatenate([0.05 * audio[:64000], audio[64000:80000]])  # louder last second: block 0 redone too
+    for name, wav in (("steady level", steady), ("louder last second", rising)):
+        runs = [stream_turn(tok, wav, 320) for _ in range(repeats + 1)][1:]
+        push = statistics.median(r[0] for r in runs)
+        flush = statistics.median(r[1] for r in runs)
+        ratio = f", {OFFICIAL_5S_END_OF_TURN / flush:.1f}x less than official" if compare else ""
+        print(f"  {name:20s} flush {flush * 1e3:8.1f} ms ({runs[0][2]} blocks){ratio}; "
+              f"all pushes {push:.2f} s for 5 s of audio")
+    if compare:
+        print(f"  official end-of-turn cost for 5 s: {OFFICIAL_5S_END_OF_TURN:.3f} s (interpolated, BASELINE.md)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 repeat instead of 3")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (BASELINE.md used 2)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    compare = device.type == "cpu" and dtype == torch.float32 and args.threads == 2
+    print(f"machine: {machine()}")
+    print(f"device {device}, dtype {args.dtype}; real sizes, random weights; "
+          f"ratios vs the official code {'shown' if compare else 'not shown (the baseline is CPU fp32, 2 threads)'}")
+    tok = build(device, dtype)
+    audio = _calibration_audio(32.0, 16000, np.random.default_rng(0))
+    repeats = 1 if args.quick else 3
+    gflops = gemm_gflops(device, dtype)
+    print(f"GEMM rate now: {gflops:.0f} GFLOP/s (FFN-shaped matmul)")
+    bench_offline(tok, audio, repeats, compare, gflops)
+    bench_flush(tok, audio, repeats, compare)
+    print(f"GEMM rate at the end: {gemm_gflops(device, dtype):.0f} GFLOP/s (a shared machine drifts)")
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()
