@@ -21,7 +21,7 @@ from torch import nn
 class EstimatorConfig:
     in_channels: int  # 320 = x, mu, spks, cond (80 each)
     out_channels: int  # 80 mel bins
-    channels: tuple[int, ...]  # U-Net widths, (256, 256) in the release
+    channels: tuple[int, ...]  # U-Net widths per level, (256, 256) in the release
     attention_head_dim: int  # 64
     n_blocks: int  # transformer blocks per U-Net block (4)
     num_mid_blocks: int  # 12
@@ -33,8 +33,8 @@ class EstimatorConfig:
         if str(est.get("act_fn", "gelu")) != "gelu":
             raise ValueError(f"config.yaml estimator.act_fn {est.get('act_fn')!r}: only 'gelu' is supported")
         channels = tuple(int(c) for c in est["channels"])
-        if len(channels) != 2:
-            raise ValueError(f"config.yaml estimator.channels {channels}: expected two U-Net levels")
+        if not channels or any(c % 8 for c in channels):
+            raise ValueError(f"config.yaml estimator.channels {channels}: need multiples of 8 (GroupNorm(8))")
         return cls(in_channels=int(est["in_channels"]), out_channels=int(est["out_channels"]),
                    channels=channels, attention_head_dim=int(est["attention_head_dim"]),
                    n_blocks=int(est["n_blocks"]), num_mid_blocks=int(est["num_mid_blocks"]),
@@ -141,7 +141,7 @@ class Estimator(nn.Module):
         self.cfg = cfg
         time_dim = cfg.channels[0] * 4
         self.time_mlp = _TimeMLP(cfg.in_channels, time_dim)
-        c0, c1 = cfg.channels
+        ch = cfg.channels
 
         def stage(dim_in: int, dim: int, tail: nn.Module | None) -> nn.ModuleList:
             blocks = nn.ModuleList(_TransformerBlock(dim, cfg.num_heads, cfg.attention_head_dim)
@@ -149,17 +149,19 @@ class Estimator(nn.Module):
             parts = [_Resnet(dim_in, dim, time_dim), blocks]
             return nn.ModuleList(parts + ([tail] if tail is not None else []))
 
-        self.down_blocks = nn.ModuleList([
-            stage(cfg.in_channels, c0, _Resample(nn.Conv1d(c0, c0, 3, 2, 1))),
-            stage(c0, c1, nn.Conv1d(c1, c1, 3, padding=1)),
-        ])
-        self.mid_blocks = nn.ModuleList(stage(c1, c1, None) for _ in range(cfg.num_mid_blocks))
-        self.up_blocks = nn.ModuleList([
-            stage(2 * c1, c0, _Resample(nn.ConvTranspose1d(c0, c0, 4, 2, 1))),
-            stage(2 * c0, c0, nn.Conv1d(c0, c0, 3, padding=1)),
-        ])
-        self.final_block = _Block1D(c0, c0)
-        self.final_proj = nn.Conv1d(c0, cfg.out_channels, 1)
+        # Matcha layout: every level but the last halves time; the up path mirrors it.
+        self.down_blocks = nn.ModuleList(
+            stage(cfg.in_channels if i == 0 else ch[i - 1], c,
+                  _Resample(nn.Conv1d(c, c, 3, 2, 1)) if i < len(ch) - 1 else nn.Conv1d(c, c, 3, padding=1))
+            for i, c in enumerate(ch))
+        self.mid_blocks = nn.ModuleList(stage(ch[-1], ch[-1], None) for _ in range(cfg.num_mid_blocks))
+        rev = ch[::-1] + (ch[0],)
+        self.up_blocks = nn.ModuleList(
+            stage(2 * rev[i], rev[i + 1], _Resample(nn.ConvTranspose1d(rev[i + 1], rev[i + 1], 4, 2, 1))
+                  if i < len(ch) - 1 else nn.Conv1d(rev[i + 1], rev[i + 1], 3, padding=1))
+            for i in range(len(ch)))
+        self.final_block = _Block1D(ch[0], ch[0])
+        self.final_proj = nn.Conv1d(ch[0], cfg.out_channels, 1)
 
     def time_mlp_of(self, t: torch.Tensor) -> torch.Tensor:
         """t (1,) flow time -> (1, time_dim) embedding (the same for both guidance rows)."""
