@@ -95,6 +95,13 @@ class Server:
     # ----- call signalling -------------------------------------------------------------------------
 
     async def create_call(self, request: web.Request) -> web.Response:
+        try:
+            return await self._create_call(request)
+        except ApiError as exc:
+            self.metrics.reject(exc.code)
+            raise
+
+    async def _create_call(self, request: web.Request) -> web.Response:
         body = await self.admission.read_body(request)
         sdp, session, as_json = _parse_offer_body(request.content_type, body)
         self.admission.admit_call(request, len(self.calls), self.ready())

@@ -42,6 +42,14 @@ _ids = itertools.count(1)
 MAX_EVENTS_BEFORE_OPEN = 64  # events queued until the client's data channel opens
 
 
+class CallLog(logging.LoggerAdapter):
+    """Every line a call logs starts with its id (and `extra["call_id"]` is set for structured handlers)."""
+
+    def process(self, msg, kwargs):
+        kwargs.setdefault("extra", {}).update(self.extra)
+        return f"[{self.extra['call_id']}] {msg}", kwargs
+
+
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{next(_ids):06d}"
 
@@ -118,7 +126,7 @@ class Call:
         self._reply: ReplyState | None = None
         self._user_item_id: str | None = None
         self._interrupt_armed = False  # user speech began over the assistant
-        self.log = logging.LoggerAdapter(log, {"call_id": call_id})
+        self.log = CallLog(log, {"call_id": call_id})
 
     # ----- wiring (called by server/app.py) ---------------------------------------------------------
 

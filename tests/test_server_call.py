@@ -96,7 +96,12 @@ async def test_barge_in_stops_playback_and_reports_played_ms(echo_server):
         until = client.event_time(next_started[0]) if next_started else time.monotonic()
         late = [f for f, t in zip(client.heard, client.heard_times, strict=True) if t_cleared + 0.1 < t < until]
         assert late, "no audio frames after the cut were received"
-        assert max(float(np.abs(f).max()) for f in late) < 0.01, "reply audio kept playing after the barge-in"
+        loud = [t for f, t in zip(client.heard, client.heard_times, strict=True)
+                if t_started < t < until and np.abs(f).max() >= 0.01]
+        loudest = max(float(np.abs(f).max()) for f in late)
+        print(f"barge-in: last audible frame arrived {(loud[-1] - t_cleared) * 1000:+.0f} ms after the cleared event")
+        print(f"barge-in: loudest frame received > 100 ms after output_audio_buffer.cleared: {loudest:.4f}")
+        assert loudest < 0.01, "reply audio kept playing after the barge-in"
         # The responder kept only what was heard.
         session = next(iter(echo_server.server.calls.values()))._session
         assistant = [h for h in session.history if h.role == "assistant"]
