@@ -123,6 +123,7 @@ class RealtimeClient:
     call_id: str = ""
     location: str = ""
     offer_to_connected_ms: float = 0.0
+    answer_sdp: str = ""
 
     def __post_init__(self) -> None:
         self._new_event = asyncio.Event()
@@ -163,6 +164,7 @@ class RealtimeClient:
                     answer = await r.text()
                     self.location = r.headers["Location"]
         self.call_id = self.location.rsplit("/", 1)[-1]
+        self.answer_sdp = answer
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
         # Hear frames as they arrive (like a browser's adaptive buffer on a clean link), not 80 ms later,
         # so arrival times measure the server.

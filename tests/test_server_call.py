@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import numpy as np
@@ -42,6 +43,9 @@ async def test_speech_is_detected_and_echoed(echo_server, voice, text):
     try:
         created = await client.wait_for("session.created", 5)
         assert created["session"]["audio"]["input"]["turn_detection"]["type"] == "server_vad"
+        # webrtc.host_addresses = ["127.0.0.1"]: the answer offers loopback host candidates only.
+        candidates = re.findall(r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) \d+ typ (\w+)", client.answer_sdp, re.MULTILINE)
+        assert candidates and all(c == ("127.0.0.1", "host") for c in candidates), candidates
         stopped, heard = await _talk_and_get_echo(client, speech)
         started = client.of_type("input_audio_buffer.speech_started")[0]
         # The turn spans the speech: onset near the start of the clip, end after it.

@@ -188,3 +188,42 @@ async def test_outbound_track_does_not_burst_after_a_stall():
     assert track.stats.clock_resyncs == 1
     assert time.monotonic() - t0 >= 0.07  # paced again right away, not 25 frames at once
     await asyncio.sleep(0)
+
+
+def _packet(seq: int, payload: bytes = b"x"):
+    from aiortc.rtp import RtpPacket
+
+    packet = RtpPacket(payload_type=111, sequence_number=seq, timestamp=seq * 960)
+    packet._data = payload
+    return packet
+
+
+def test_in_order_jitter_buffer_releases_at_once_and_drops_late_packets():
+    from server.rtc import InOrderAudioJitterBuffer
+
+    buffer = InOrderAudioJitterBuffer()
+    released = [buffer.add(_packet(seq))[1] for seq in (65534, 65535, 0, 2)]  # wraps; 1 is lost
+    assert [f.timestamp for f in released] == [65534 * 960, 65535 * 960, 0, 2 * 960]
+    assert buffer.add(_packet(1))[1] is None and buffer.add(_packet(2))[1] is None  # late, duplicate
+    assert buffer.late_packets == 2
+    assert buffer.add(_packet(3))[1].data == b"x"
+
+
+def test_remote_candidate_filter_and_offer_checks():
+    from server.rtc import SdpError, check_offer, filter_remote_candidates
+
+    sdp = ("v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n"
+           "a=candidate:1 1 udp 2113937151 127.0.0.1 5000 typ host\r\n"
+           "a=candidate:2 1 udp 2113937151 192.168.1.7 5001 typ host\r\n"
+           "a=candidate:3 1 udp 2113937151 abcd-1234.local 5002 typ host\r\n")
+    kept, dropped = filter_remote_candidates(sdp, ("127.0.0.1",))
+    assert dropped == 2 and "127.0.0.1 5000" in kept and "192.168.1.7" not in kept and ".local" not in kept
+    kept, dropped = filter_remote_candidates(sdp, ("10.0.0.5",))
+    assert dropped == 1 and "127.0.0.1" not in kept and "192.168.1.7" in kept and ".local" in kept
+    assert filter_remote_candidates(sdp, ()) == (sdp, 0)
+    check_offer(sdp)
+    for bad, code in [("", "invalid_sdp"), ("hello", "invalid_sdp"), ("v=0\r\nm=video 9 RTP/AVP 96\r\n", "no_audio"),
+                      ("v=0\r\nm=audio 9 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n", "no_opus")]:
+        with pytest.raises(SdpError) as info:
+            check_offer(bad)
+        assert info.value.code == code
