@@ -98,6 +98,36 @@ def run_reply(dec: SpeechDecoder, clock: Clock, tokens: list[int], schedule: tup
     return timings, np.concatenate(audio), torch.cat(mels, dim=2)
 
 
+def probe_block(dec: SpeechDecoder, clock: Clock, prompt_tokens: int, new_tokens: int, repeats: int,
+                **settings) -> tuple[float, float]:
+    """Cost of one non-final block of `new_tokens` after a reply of `prompt_tokens` (state filled with
+    random values: cost does not depend on them). Returns median (total, hift) seconds."""
+    rng = np.random.default_rng(prompt_tokens)
+    times, hifts = [], []
+    for _ in range(repeats):
+        stream = dec.stream(**settings)
+        st = stream.state
+        if prompt_tokens:
+            st.prompt_tokens = rng.integers(0, dec.num_tokens, prompt_tokens).tolist()
+            frames = dec.cfg.flow.frames_for(prompt_tokens) - dec.cfg.mel_overlap_frames
+            st.prompt_mel = torch.randn(1, 80, frames, device=dec.device)
+            st.mel_overlap = torch.randn(1, 80, dec.cfg.mel_overlap_frames, device=dec.device)
+            st.cache_mel, st.cache_source = st.prompt_mel[:, :, -1:], torch.zeros(1, 1, 256, device=dec.device)
+            st.blocks_done = 1
+            if stream.settings.cache_encoder:  # the cache a real stream would have built on earlier blocks
+                ids = torch.tensor(st.prompt_tokens, device=dec.device)
+                with torch.inference_mode():
+                    dec.flow.mu(ids, dec.cfg.flow.frames_for(prompt_tokens), st.flow_cache)
+        clock.hift_s = 0.0
+        clock.sync()
+        t0 = time.perf_counter()
+        stream.decode_block(rng.integers(0, dec.num_tokens, new_tokens).tolist(), finalize=False)
+        clock.sync()
+        times.append(time.perf_counter() - t0)
+        hifts.append(clock.hift_s)
+    return float(np.median(times)), float(np.median(hifts))
+
+
 def offline(dec: SpeechDecoder, clock: Clock, n: int, repeats: int) -> tuple[float, float]:
     times, hifts = [], []
     for _ in range(repeats):
@@ -133,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--windows", default="100,50", help="max_prompt_tokens values to try, comma-separated")
     ap.add_argument("--repeats", type=int, default=3, help="offline repeats (median)")
     ap.add_argument("--quick", action="store_true", help="60-token reply, one window, one offline repeat")
+    ap.add_argument("--probe", default="", help="instead of whole replies: cost of one 20-token block after "
+                    "these reply lengths (tokens, comma-separated), e.g. 0,100,200,355 for a 30 s reply")
     args = ap.parse_args(argv)
     if args.quick:
         args.reply_tokens, args.windows, args.repeats = 60, "20", 1
@@ -155,12 +187,20 @@ def main(argv: list[str] | None = None) -> None:
           f"(official {OFFICIAL_OFFLINE_10_TOKENS_S} s), flow {OFFICIAL_OFFLINE_10_FLOW_S / (total - hift):.2f}, "
           f"HiFT {OFFICIAL_OFFLINE_10_HIFT_S / hift:.2f}")
 
-    tokens = np.random.default_rng(0).integers(0, dec.num_tokens, args.reply_tokens).tolist()
     schedule = (10, 20)
     runs = {"official semantics (re-encode)": dict(cache_encoder=False),
             "encoder cache (same output)": dict(cache_encoder=True)}
     for w in (int(x) for x in args.windows.split(",") if x):
         runs[f"window max_prompt_tokens={w}"] = dict(cache_encoder=True, max_prompt_tokens=w)
+    if args.probe:
+        print("\nper-block cost of a 20-token block vs reply length so far (median of --repeats):")
+        print("  variant                              prompt_tok  seconds  flow_s  hift_s")
+        for name, settings in runs.items():
+            for prompt in (int(x) for x in args.probe.split(",")):
+                total, hift = probe_block(dec, clock, prompt, 20, args.repeats, **settings)
+                print(f"  {name:36s} {prompt:10d}  {total:7.3f}  {total - hift:6.3f}  {hift:6.3f}", flush=True)
+        return
+    tokens = np.random.default_rng(0).integers(0, dec.num_tokens, args.reply_tokens).tolist()
     results = {}
     for name, settings in runs.items():
         results[name] = run_reply(dec, clock, tokens, schedule, **settings)
@@ -169,11 +209,15 @@ def main(argv: list[str] | None = None) -> None:
     base_t, base_audio, base_mel = results["official semantics (re-encode)"]
     base_total = sum(t.seconds for t in base_t)
     print("\nsummary (same reply, same draws):")
-    print("  variant                              compute_s  speed-up  last_block_s  mel_maxdiff  audio_maxdiff")
+    print("  variant                              compute_s  speed-up  last_nonfinal_s  mel_maxdiff  mel_rel_rms"
+          "  audio_maxdiff  audio_rel_rms")
     for name, (timings, audio, mel) in results.items():
         total = sum(t.seconds for t in timings)
-        print(f"  {name:36s} {total:9.2f}  x{base_total / total:6.2f}  {timings[-2 if len(timings) > 1 else -1].seconds:12.3f}"
-              f"  {float((mel - base_mel).abs().max()):11.2e}  {float(np.abs(audio - base_audio).max()):13.2e}")
+        mel_rel = float((mel - base_mel).pow(2).mean().sqrt() / base_mel.std())
+        audio_rel = float(np.sqrt(np.mean((audio - base_audio) ** 2)) / base_audio.std())
+        print(f"  {name:36s} {total:9.2f}  x{base_total / total:6.2f}  {timings[-2 if len(timings) > 1 else -1].seconds:15.3f}"
+              f"  {float((mel - base_mel).abs().max()):11.2e}  {mel_rel:11.2e}  {float(np.abs(audio - base_audio).max()):13.2e}"
+              f"  {audio_rel:13.2e}")
     first = base_t[0].seconds
     lo, hi = OFFICIAL_FIRST_CALL_10_S
     print(f"\ntime to first audio (10-token block): {first:.3f} s vs official {lo}-{hi} s: "
@@ -182,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         lo, hi = OFFICIAL_REPLY_200_TOKENS_S
         print(f"whole 200-token reply: {base_total:.1f} s vs official {lo}-{hi} s: "
               f"official/ours {lo / base_total:.2f}-{hi / base_total:.2f}")
-    print("(mel diffs in natural-log mel units; random weights, so diffs show sensitivity, not audible quality)")
+    print("(mel diffs in natural-log mel units, rel_rms = RMS difference / std of the unbounded output;\n"
+          " random weights, so the diffs show sensitivity, not audible quality)")
 
 
 if __name__ == "__main__":
