@@ -26,6 +26,7 @@ FRAME_SAMPLES = 960  # 20 ms at 48 kHz: one outbound frame
 FRAME_S = FRAME_SAMPLES / OUT_RATE_HZ
 MAX_LAG_FRAMES = 10  # after a stall longer than this, restart the clock instead of bursting frames
 _TIME_BASE = fractions.Fraction(1, OUT_RATE_HZ)
+_SILENCE = np.zeros((1, FRAME_SAMPLES), np.int16)  # av copies it into each frame
 # soxr "LQ" is 16-bit precision (what Opus carries) and holds back ~6 ms at 48->16 kHz and <1 ms at
 # 22.05->48 kHz; "HQ" holds 21 ms and 33 ms, latency added to every turn end and every reply start.
 RESAMPLE_QUALITY = "LQ"
@@ -35,6 +36,9 @@ def frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
     """Any av audio frame -> (samples,) float32 mono in [-1, 1] at the frame's own rate."""
     data = frame.to_ndarray()
     channels = len(frame.layout.channels)
+    if data.dtype == np.int16 and channels == 2 and not frame.format.is_planar:  # what aiortc hands us
+        pairs = data.reshape(-1, 2).astype(np.float32)  # (N, 2)
+        return (pairs[:, 0] + pairs[:, 1]) * np.float32(0.5 / 32768.0)
     if frame.format.is_planar:
         samples = data.reshape(channels, -1)  # (C, N)
     else:
@@ -218,7 +222,10 @@ class OutboundAudioTrack(MediaStreamTrack):
             self._reply_id = None
             if self._reply_started and self.on_stopped:
                 self.on_stopped(reply_id)
-        samples = (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16).reshape(1, FRAME_SAMPLES)  # (1, 960)
+        if had_audio:
+            samples = (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16).reshape(1, FRAME_SAMPLES)  # (1, 960)
+        else:
+            samples = _SILENCE
         frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
         frame.sample_rate = OUT_RATE_HZ
         frame.pts = self._frame_index * FRAME_SAMPLES
