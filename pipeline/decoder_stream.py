@@ -126,7 +126,7 @@ class DecoderStream:
         if st.mel_overlap is None:
             return np.zeros(0, dtype=np.float32)
         self.draws.begin_block()
-        audio, _ = self._vocode(torch.cat([st.cache_mel, st.mel_overlap], dim=2), None)
+        audio, _, _ = self._vocode(torch.cat([st.cache_mel, st.mel_overlap], dim=2), None)
         st.mel_overlap = st.cache_mel = st.cache_source = None
         st.finished = True
         return audio[0].float().cpu().numpy()
@@ -134,58 +134,66 @@ class DecoderStream:
     @torch.inference_mode()
     def decode_block(self, tokens: list[int], finalize: bool, trace: bool = False) -> BlockOutput:
         """One official `token2wav` call on `tokens` with the reply so far as prompt."""
-        dec, st, cfg = self.decoder, self.state, self.decoder.cfg
-        tokens = dec.check_tokens(tokens)
+        st = self.state
+        tokens = self.decoder.check_tokens(tokens)
         if not tokens:
             raise ValueError("decoder block is empty: give at least one speech token")
         if st.finished:
             raise RuntimeError("DecoderStream already finished; call reset() for a new reply")
         self.draws.begin_block()
-        all_tokens = st.prompt_tokens + tokens
-        frames = cfg.flow.frames_for(len(all_tokens))
-        noise = self.draws.flow_noise(frames)  # (1, 80, F), prompt frames included
+        flow_trace = FlowTrace() if trace else None
+        mel = self._flow_mel(st.prompt_tokens + tokens, flow_trace)  # (1, 80, new frames) float32
+        flow_mel = mel.clone() if trace else None
+        audio, mel, fresh, vocoder_trace = self._seam_and_vocode(mel, finalize, trace)
+        fed_back = mel if self.settings.legacy_prompt else fresh
+        st.prompt_mel = fed_back if st.prompt_mel is None else torch.cat([st.prompt_mel, fed_back], dim=2)
+        st.prompt_tokens = st.prompt_tokens + tokens
+        st.blocks_done += 1
+        out = BlockOutput(audio[0].float().cpu().numpy(), mel, flow_mel)  # the block's one device->host copy
+        if flow_trace is not None:
+            out.trace = {"encoder_out": flow_trace.encoder_out, "encoder_proj_out": flow_trace.encoder_proj_out,
+                         "mu": flow_trace.mu, **vocoder_trace}
+        return out
+
+    def _flow_mel(self, all_tokens: list[int], trace: FlowTrace | None) -> torch.Tensor:
+        """Flow over prompt + new tokens, conditioned on the fed-back mel -> new frames (1, 80, F - P)."""
+        dec, st = self.decoder, self.state
+        noise = self.draws.flow_noise(dec.cfg.flow.frames_for(len(all_tokens)))  # (1, 80, F) incl. prompt
         prompt_mel = st.prompt_mel if st.prompt_mel is not None else noise[:, :, :0]
         ids = torch.tensor(all_tokens, dtype=torch.long).to(dec.device)
-        flow_trace = FlowTrace() if trace else None
         mel = dec.flow.inference(ids, prompt_mel.to(device=dec.device, dtype=dec.dtype), noise.to(dec.device),
-                                 st.flow_cache if self.settings.cache_encoder else None, flow_trace,
-                                 self.settings.max_prompt_frames).float()  # (1, 80, new frames)
-        flow_mel = mel.clone() if trace else None
+                                 st.flow_cache if self.settings.cache_encoder else None, trace,
+                                 self.settings.max_prompt_frames)
+        return mel.float()
+
+    def _seam_and_vocode(self, mel: torch.Tensor, finalize: bool, trace: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Cross-fade, seam frame, hold-back and vocoder -> (audio (1, S), vocoder mel, fresh mel, trace)."""
+        st, cfg = self.state, self.decoder.cfg
         n = cfg.mel_overlap_frames
         if st.mel_overlap is not None:  # Hamming cross-fade, float64 as the official numpy window
             faded = mel[:, :, :n].double() * self._fade[:n] + st.mel_overlap.double() * self._fade[n:]
             mel[:, :, :n] = faded.float()
-        fresh = mel
+        fresh = mel if finalize else mel[:, :, :-n]  # this block's frames without the seam frame
         if st.cache_mel is not None:
-            mel = torch.cat([st.cache_mel, mel], dim=2)
+            mel = torch.cat([st.cache_mel, mel], dim=2)  # (1, 80, 1 + frames)
+        if not finalize:
+            st.mel_overlap, mel = mel[:, :, -n:], mel[:, :, :-n]
+        audio, source, f0 = self._vocode(mel, st.cache_source)
         if finalize:
-            audio, source = self._vocode(mel, st.cache_source, flow_trace)
             st.mel_overlap = st.cache_mel = st.cache_source = None
             st.finished = True
         else:
-            st.mel_overlap, mel = mel[:, :, -n:], mel[:, :, :-n]
-            fresh = fresh[:, :, :-n]
-            audio, source = self._vocode(mel, st.cache_source, flow_trace)
             st.cache_mel = mel[:, :, -cfg.mel_cache_frames:]
             st.cache_source = source[:, :, -cfg.source_cache_samples:]
-            audio = audio[:, :-cfg.source_cache_samples]
-        fed_back = mel if self.settings.legacy_prompt else fresh
-        st.prompt_mel = fed_back if st.prompt_mel is None else torch.cat([st.prompt_mel, fed_back], dim=2)
-        st.prompt_tokens = all_tokens
-        st.blocks_done += 1
-        out = BlockOutput(audio[0].float().cpu().numpy(), mel, flow_mel)
-        if flow_trace is not None:
-            out.trace = {"encoder_out": flow_trace.encoder_out, "encoder_proj_out": flow_trace.encoder_proj_out,
-                         "mu": flow_trace.mu, **self._last_vocoder_trace}
-        return out
+            audio = audio[:, :-cfg.source_cache_samples]  # re-made by the next block
+        return audio, mel, fresh, ({"f0": f0, "source": source} if trace else {})
 
-    def _vocode(self, mel: torch.Tensor, cache_source: torch.Tensor | None,
-                trace: FlowTrace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """mel (1, 80, T) float32 -> (audio (1, 256T), source (1, 1, 256T)) with this block's draws."""
+    def _vocode(self, mel: torch.Tensor, cache_source: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """mel (1, 80, T) float32 -> (audio (1, 256T), source (1, 1, 256T), f0 (1, T)) with this block's draws."""
         dec = self.decoder
         sines = dec.cfg.hift.nb_harmonics + 1
         phase = self.draws.source_phase(sines)
         noise = self.draws.source_noise(sines, mel.shape[-1] * dec.cfg.hift.samples_per_frame)
-        audio, source, f0 = dec.hift(mel.to(dec.dtype), phase, noise, cache_source)
-        self._last_vocoder_trace = {"f0": f0, "source": source} if trace is not None else {}
-        return audio, source
+        return dec.hift(mel.to(dec.dtype), phase, noise, cache_source)
