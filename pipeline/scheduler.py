@@ -25,6 +25,7 @@ from pipeline.responder import AudioChunk, TextDelta, Timing, TurnDone, TurnErro
 from pipeline.weights import ResolvedWeights, resolve_weights, warn_if_not_realtime
 
 log = logging.getLogger(__name__)
+TINY_LM_PARAMS = 50_000_000  # below this (demo/test models) CPU work runs on one thread
 IDLE_WAIT_S = 30.0  # an idle engine wakes on commands; the deadline only bounds a lost wake-up
 
 
@@ -46,11 +47,6 @@ def load_models(cfg: EngineConfig) -> Models:
     from pipeline.text_tokenizer import GLMTokenizer
 
     weights = resolve_weights(cfg)
-    if weights.device.type == "cpu":
-        # Tiny demo ops are dominated by thread hand-offs (a 30-token decoder block: 0.23 s on 1 thread,
-        # 1.3 s on 2 on a busy 2-core machine); torch's setting is process-wide.
-        threads = cfg.cpu_threads or (1 if weights.kind == "demo" else torch.get_num_threads())
-        torch.set_num_threads(threads)
     t0 = time.monotonic()
     tokenizer = SpeechTokenizer.from_pretrained(weights.tokenizer_dir, device=weights.device, dtype=weights.stage_dtype)
     lm = VoiceLM.from_pretrained(
@@ -59,6 +55,11 @@ def load_models(cfg: EngineConfig) -> Models:
     text = lm.tokenizer if lm.tokenizer is not None else GLMTokenizer.from_pretrained(weights.lm_dir)
     decoder = SpeechDecoder.from_pretrained(weights.decoder_dir, device=weights.device, dtype=weights.stage_dtype)
     num_params = sum(p.numel() for p in lm.model.parameters())
+    if weights.device.type == "cpu":
+        # Tiny models' ops are dominated by thread hand-offs (a 30-token demo decoder block: 0.23 s on 1
+        # thread, 1.3 s on 2 on a busy 2-core machine); torch's setting is process-wide.
+        tiny = num_params < TINY_LM_PARAMS
+        torch.set_num_threads(cfg.cpu_threads or (1 if tiny else torch.get_num_threads()))
     warning = warn_if_not_realtime(num_params, weights)
     log.info("loaded %s weights on %s in %.1f s", weights.kind, weights.device, time.monotonic() - t0)
     return Models(weights, tokenizer, lm, text, decoder, warning)

@@ -23,7 +23,10 @@ def demo_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(demo_root):
-    return VoiceLM.from_pretrained(demo_root / "glm-4-voice-9b")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: thread hand-offs cost more than they save (as the engine does)
+    yield VoiceLM.from_pretrained(demo_root / "glm-4-voice-9b")
+    torch.set_num_threads(threads)
 
 
 def test_official_layout(demo_root):
