@@ -99,6 +99,7 @@ class FlowModel(nn.Module):
         self.encoder_proj = nn.Linear(cfg.encoder.d_model, cfg.mel_bins)
         self.length_regulator = LengthRegulator(cfg.mel_bins, cfg.regulator_convs)
         self.decoder = _Decoder(cfg.estimator)
+        self._steps: dict[tuple[str, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def time_grid(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(t, dt) per Euler step, computed with the official float32 recurrence t += dt."""
@@ -124,19 +125,27 @@ class FlowModel(nn.Module):
             trace.encoder_out, trace.encoder_proj_out, trace.mu = h, proj, mu
         return mu
 
+    def _steps_on(self, device: torch.device, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(time embedding, dt) per Euler step on the device: the same every block, made once."""
+        key = (str(device), dtype)
+        if key not in self._steps:
+            est = self.decoder.estimator
+            self._steps[key] = [(est.time_mlp_of(t.to(device)), dt.to(device=device, dtype=dtype))
+                                for t, dt in self.time_grid()]
+        return self._steps[key]
+
     def sample(self, mu: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Euler ODE from noise (1, 80, F) with guidance; mu, cond (1, 80, F) -> mel (1, 80, F)."""
         est = self.decoder.estimator
         frames = mu.shape[-1]
         spks = self.spk_embed_affine_layer.bias.view(1, -1, 1).expand(1, -1, frames)  # zero x-vector
-        # Guidance row 2 sees zeros for mu, speaker and condition: one batch of two.
-        cond_rows = torch.cat([torch.cat([mu, spks, cond], dim=1), torch.zeros_like(torch.cat([mu, spks, cond], 1))])
+        rows = torch.cat([mu, spks, cond], dim=1)  # (1, 240, F)
+        rows = torch.cat([rows, torch.zeros_like(rows)])  # guidance row 2 sees zeros: one batch of two
         x = noise
         w = self.cfg.cfg_rate
-        for t, dt in self.time_grid():
-            temb = est.time_mlp_of(t.to(mu.device))
-            v = est(torch.cat([x.expand(2, -1, -1), cond_rows], dim=1), temb)  # (2, 80, F)
-            x = x + dt.to(x) * ((1.0 + w) * v[:1] - w * v[1:])
+        for temb, dt in self._steps_on(mu.device, mu.dtype):
+            v = est(torch.cat([x.expand(2, -1, -1), rows], dim=1), temb)  # (2, 80, F)
+            x = x + dt * ((1.0 + w) * v[:1] - w * v[1:])
         return x
 
     def inference(self, tokens: torch.Tensor, prompt_mel: torch.Tensor, noise: torch.Tensor,
