@@ -102,8 +102,11 @@ class Server:
             raise
 
     async def _create_call(self, request: web.Request) -> web.Response:
-        body = await self.admission.read_body(request)
-        sdp, session, as_json = _parse_offer_body(request.content_type, body)
+        if request.content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            sdp, session, as_json = await _parse_offer_form(request)
+        else:
+            body = await self.admission.read_body(request)
+            sdp, session, as_json = _parse_offer_body(request.content_type, body)
         self.admission.admit_call(request, len(self.calls), self.ready())
         try:
             check_offer(sdp)
@@ -229,6 +232,29 @@ class Server:
         text = self.metrics.render(len(self.calls), self.lag)
         return web.Response(text=text, content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
+
+
+async def _parse_offer_form(request: web.Request) -> tuple[str, dict | None, bool]:
+    """The Realtime "unified interface" form: fields `sdp` (the offer) and `session` (JSON). Answers SDP."""
+    try:
+        form = await request.post()  # bounded by client_max_size = http.max_body_bytes
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[SERVER_KEY].config.http.max_body_bytes
+        raise ApiError(413, "body_too_large", f"request body is over the limit of {limit} bytes") from None
+    except ValueError as exc:
+        raise ApiError(400, "invalid_body", f"the multipart form could not be read: {exc}") from None
+    sdp = form.get("sdp")
+    if not isinstance(sdp, str):
+        raise ApiError(400, "missing_required_parameter", "the form needs an 'sdp' field holding the SDP offer")
+    session = None
+    if isinstance(form.get("session"), str):
+        try:
+            session = json.loads(form["session"])
+        except ValueError:
+            raise ApiError(400, "invalid_json", "the form's 'session' field is not valid JSON") from None
+        if not isinstance(session, dict):
+            raise ApiError(400, "invalid_value", "session must be an object")
+    return sdp, session, False
 
 
 def _parse_offer_body(content_type: str, body: bytes) -> tuple[str, dict | None, bool]:

@@ -129,7 +129,7 @@ class RealtimeClient:
         self._new_event = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
-    async def connect(self, as_json: bool = False, session: dict | None = None) -> None:
+    async def connect(self, as_json: bool = False, session: dict | None = None, as_form: bool = False) -> None:
         self.pc.addTrack(self.mic)
         self.channel = self.pc.createDataChannel("oai-events")
         opened = asyncio.Event()
@@ -156,6 +156,14 @@ class RealtimeClient:
                 async with http.post(f"{self.base_url}/v1/realtime/calls", json=body) as r:
                     assert r.status == 201, await r.text()
                     answer = (await r.json())["sdp"]
+                    self.location = r.headers["Location"]
+            elif as_form:  # the Realtime "unified interface": multipart fields sdp + session
+                form = aiohttp.FormData(default_to_multipart=True)
+                form.add_field("sdp", self.pc.localDescription.sdp)
+                form.add_field("session", json.dumps(session or {}))
+                async with http.post(f"{self.base_url}/v1/realtime/calls", data=form) as r:
+                    assert r.status == 201, await r.text()
+                    answer = await r.text()
                     self.location = r.headers["Location"]
             else:
                 async with http.post(f"{self.base_url}/v1/realtime/calls", data=self.pc.localDescription.sdp,

@@ -90,12 +90,17 @@ async def test_signalling_errors_are_clear_and_server_keeps_serving(server):
         async with http.get(base + "/v1/realtime/calls") as r:
             assert r.status == 405
     assert server.server.calls == {}, "a refused offer left a call behind"
-    # ... and a good call still works, in both forms.
-    for as_json in (False, True):
+    form = aiohttp.FormData(default_to_multipart=True)
+    form.add_field("session", "{}")
+    got_status, got, _ = await _post(base, form, None)
+    assert (got_status, got["error"]["code"]) == (400, "missing_required_parameter")
+    # ... and a good call still works, in all three forms.
+    for form in ("sdp", "json", "multipart"):
         client = RealtimeClient(base)
-        await client.connect(as_json=as_json, session={"instructions": "Speak slowly."} if as_json else None)
+        session = {"instructions": "Speak slowly."} if form != "sdp" else None
+        await client.connect(as_json=form == "json", as_form=form == "multipart", session=session)
         created = await client.wait_for("session.created", 5)
-        assert created["session"]["instructions"] == ("Speak slowly." if as_json else "")
+        assert created["session"]["instructions"] == ("Speak slowly." if session else "")
         assert await client.hangup() == 200
     assert server.server.calls == {}
 
