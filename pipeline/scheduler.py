@@ -60,6 +60,10 @@ def load_models(cfg: EngineConfig) -> Models:
         # thread, 1.3 s on 2 on a busy 2-core machine); torch's setting is process-wide.
         tiny = num_params < TINY_LM_PARAMS
         torch.set_num_threads(cfg.cpu_threads or (1 if tiny else torch.get_num_threads()))
+    if weights.device.type == "cuda":
+        lm.reserve_caches(cfg.max_calls_batched)  # growing the KV pool later copies it: a pause mid-call
+    mode = cfg.decode_mode if cfg.decode_mode != "auto" else ("cudagraph" if weights.device.type == "cuda" else "eager")
+    lm.set_decode_mode(mode)
     warning = warn_if_not_realtime(num_params, weights)
     log.info("loaded %s weights on %s in %.1f s", weights.kind, weights.device, time.monotonic() - t0)
     return Models(weights, tokenizer, lm, text, decoder, warning)
@@ -385,7 +389,15 @@ class Scheduler:
         self.m.speech_tokenizer.tokenize(np.zeros(16000, np.float32))
         cache = lm.new_cache()
         logits = lm.prefill(cache, text.prefix_ids + text.encode("<|user|>\nhello<|assistant|>streaming_transcription\n"))
-        lm.decode_step([cache], [int(torch.argmax(logits))])
+        try:
+            lm.decode_step([cache], [int(torch.argmax(logits))])
+        except Exception:  # noqa: BLE001 - a graph/compile mode that fails here must not stop the server
+            if lm.decode_mode == "eager":
+                raise
+            log.exception("decode mode %r failed in warm-up; falling back to eager", lm.decode_mode)
+            lm.set_decode_mode("eager")  # the failed step appended nothing to the cache
+            lm.decode_step([cache], [int(torch.argmax(logits))])
+        cache.release()
         stream = self.m.decoder.stream(schedule=(self.cfg.first_block_tokens, self.cfg.block_tokens))
         stream.push([0] * self.cfg.first_block_tokens)
         stream.finish()
