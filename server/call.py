@@ -378,7 +378,11 @@ class Call:
 
     def handle_event(self, event: P.ClientEvent) -> None:
         if isinstance(event, P.SessionUpdate):
+            was_enabled = self.settings.turns.enabled
             self.settings = self.settings.apply(event)
+            if self.settings.turns.enabled != was_enabled:  # a half-detected or uncommitted turn is dropped
+                self._session.discard_audio()
+                self._detector.abandon()
             self._detector.update(self.settings.turns)
             self._session.update(self.settings.responder_settings())
             self.send(P.event("session.updated", session=self._session_json()))
@@ -393,6 +397,17 @@ class Call:
                 raise P.ProtocolError("conversation_already_has_active_response",
                                       "a response is in progress: send response.cancel first", event.event_id)
             self.start_response(speech_stopped_s=None)
+        elif isinstance(event, P.InputAudioCommit | P.InputAudioClear):
+            if self.settings.turns.enabled:
+                raise P.ProtocolError("turn_detection_enabled", "server VAD commits turns itself; set "
+                                      "turn_detection to null for push-to-talk", event.event_id)
+            item_id = _new_id("item")
+            if isinstance(event, P.InputAudioCommit):
+                self._session.commit_audio()
+                self.send(P.event("input_audio_buffer.committed", previous_item_id=None, item_id=item_id))
+            else:
+                self._session.discard_audio()
+                self.send(P.event("input_audio_buffer.cleared"))
         elif isinstance(event, P.ResponseCancel | P.OutputAudioClear):
             if self._reply is None:
                 raise P.ProtocolError("response_cancel_not_active", "there is no active response to cancel",

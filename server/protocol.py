@@ -76,7 +76,18 @@ class OutputAudioClear:
     event_id: str | None
 
 
-ClientEvent = SessionUpdate | ItemCreate | ResponseCreate | ResponseCancel | OutputAudioClear
+@dataclass(frozen=True)
+class InputAudioCommit:
+    event_id: str | None
+
+
+@dataclass(frozen=True)
+class InputAudioClear:
+    event_id: str | None
+
+
+ClientEvent = (SessionUpdate | ItemCreate | ResponseCreate | ResponseCancel | OutputAudioClear | InputAudioCommit
+               | InputAudioClear)
 
 
 def _number(value: object, name: str, event_id: str | None, low: float, high: float) -> float:
@@ -196,6 +207,10 @@ def parse_client_event(message: str | bytes, *, max_event_bytes: int, max_text_c
         return ResponseCancel(event_id)
     if kind == "output_audio_buffer.clear":
         return OutputAudioClear(event_id)
+    if kind == "input_audio_buffer.commit":
+        return InputAudioCommit(event_id)
+    if kind == "input_audio_buffer.clear":
+        return InputAudioClear(event_id)
     raise ProtocolError("unknown_event", f"unsupported event type {kind!r} (see docs/protocol.md)", event_id, "type")
 
 

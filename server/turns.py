@@ -30,7 +30,7 @@ class TurnSettings:
     min_interrupt_ms: int = 200
     create_response: bool = True
     interrupt_response: bool = True
-    enabled: bool = True  # False: the client set turn_detection to null (push-to-talk clients)
+    enabled: bool = True  # False: turn_detection null; the client commits turns (push-to-talk)
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,11 @@ class TurnDetector:
     def update(self, settings: TurnSettings) -> None:
         self.settings = settings
 
+    def abandon(self) -> None:
+        """Forget a turn in progress (turn detection switched on or off); the audio clock runs on."""
+        self.state.speaking = False
+        self.state.prefix.clear()
+
     @property
     def speech_ms(self) -> float:
         """Voiced time of the turn in progress (0 when nobody speaks): the barge-in criterion."""
@@ -82,7 +87,8 @@ class TurnDetector:
         st.audio_ms += CHUNK_MS
         events: list[object] = []
         audio: list[np.ndarray] = []
-        if not s.enabled:
+        if not s.enabled:  # push-to-talk: everything is turn audio until the client commits or clears
+            audio.append(chunk)
             return events, audio
         if not st.speaking:
             if probability >= s.threshold:

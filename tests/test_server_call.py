@@ -112,3 +112,39 @@ async def test_barge_in_stops_playback_and_reports_played_ms(echo_server):
         assert abs(assistant[0].audio_ms - cancelled["played_ms"]) <= 1.0
     finally:
         await client.hangup()
+
+
+async def test_push_to_talk_with_turn_detection_off(echo_server):
+    speech = synth_speech("Push to talk.", voice="en")
+    client = RealtimeClient(echo_server.base_url)
+    await client.connect()
+    try:
+        client.send({"type": "input_audio_buffer.commit", "event_id": "e1"})
+        error = await client.wait_for("error", 5)
+        assert error["error"]["code"] == "turn_detection_enabled"
+        client.send({"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}})
+        updated = await client.wait_for("session.updated", 5)
+        assert updated["session"]["audio"]["input"]["turn_detection"] is None
+        client.mic.play(np.full(16_000, 0.1, np.float32), 16_000)  # noise the client then clears
+        await asyncio.sleep(1.2)
+        client.send({"type": "input_audio_buffer.clear"})
+        await client.wait_for("input_audio_buffer.cleared", 5)
+        mark = len(client.events)
+        duration_s = client.mic.play(speech, 16_000)
+        await asyncio.sleep(duration_s + 0.3)
+        client.send({"type": "input_audio_buffer.commit"})
+        client.send({"type": "response.create"})
+        await client.wait_for("input_audio_buffer.committed", 5, after=mark)
+        started = await client.wait_for("output_audio_buffer.started", 5, after=mark)
+        await client.wait_for("output_audio_buffer.stopped", 10, after=mark)
+        assert not [e for e in client.events[mark:] if e["type"].startswith("input_audio_buffer.speech")]
+        await asyncio.sleep(0.2)
+        heard = client.heard_pcm(client.event_time(started) - 0.1)
+        peak, _ = xcorr_peak(soxr.resample(speech, 16_000, RATE_48K), heard)
+        assert peak > 0.6, f"push-to-talk echo does not match (xcorr peak {peak:.2f})"
+        # Only what came after the clear was echoed: about speech + 0.3 s, not the cleared noise too.
+        transcript = client.of_type("response.output_audio_transcript.done")[-1]["transcript"]
+        heard_s = float(transcript.split("heard ")[1].split(" s")[0])
+        assert duration_s < heard_s < duration_s + 0.8, transcript
+    finally:
+        await client.hangup()

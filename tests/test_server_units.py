@@ -116,9 +116,9 @@ def test_turn_detector_padding_silence_and_min_speech():
     # A cough: shorter than min_speech_ms.
     events, _ = _run_detector([0.0] * 3 + [0.9] * 4 + [0.0] * 10, settings)
     assert events[1].too_short
-    # turn_detection null: nothing is detected.
+    # turn_detection null (push-to-talk): nothing is detected, everything is turn audio.
     events, pushed = _run_detector(probs, TurnSettings(enabled=False))
-    assert events == [] and pushed == 0
+    assert events == [] and pushed == len(probs)
 
 
 def _frame(pcm48_stereo: np.ndarray) -> av.AudioFrame:
