@@ -115,7 +115,7 @@ def bench_offline(tok: SpeechTokenizer, audio: np.ndarray, repeats: int, compare
         mel = timed(lambda wav=wav: tok.features(wav), tok.device, repeats)
         ratio = f"{official / ours:7.2f}x" if compare else "    n/a"
         floor = sum(linear_gflop(min(30.0, seconds - s)) for s in range(0, int(np.ceil(seconds)), 30)) / gflops
-        print(f"{seconds:5.0f}s {len(tok.tokenize(wav)):6d} {ours:8.3f} {ours / seconds:9.3f} {floor:8.3f} "
+        print(f"{seconds:5.0f}s {-(-len(wav) // REAL.samples_per_token):6d} {ours:8.3f} {ours / seconds:9.3f} {floor:8.3f} "
               f"{mel * 1e3:10.1f} {official:10.3f} {ratio}")
 
 

@@ -257,3 +257,27 @@ def test_bfloat16_path_runs_with_float32_distances(tiny_dir: Path, noise: np.nda
     assert len(got) == len(ref) and all(0 <= t < tok.config.codebook_size for t in got)
     with pytest.raises(ValueError, match="dtype"):
         SpeechTokenizer.from_pretrained(tiny_dir, dtype=torch.int8)
+
+
+@needs_fixture
+@pytest.mark.parametrize("n_samples", [1, 201, 1281, 63879, 63880, 480001])
+def test_edge_lengths_features_tokens_and_stream(tokenizer: SpeechTokenizer, n_samples: int) -> None:
+    """Lengths at the reflect-pad, token, block and segment boundaries: features as transformers' extractor
+    computes them, ceil(N / 1280) tokens per segment, and a randomly chunked stream equal to tokenize()."""
+    transformers = pytest.importorskip("transformers")
+    fe = transformers.WhisperFeatureExtractor.from_pretrained(FIXTURE)
+    rng = np.random.default_rng(n_samples)
+    wav = (rng.uniform(-0.3, 0.3, n_samples) * np.sin(np.arange(n_samples) / 3000.0) ** 2).astype(np.float32)
+    seg_samples = tokenizer.config.mel.segment_samples
+    ref = fe(wav[:seg_samples], sampling_rate=16000, return_tensors="np", padding="longest",
+             pad_to_multiple_of=tokenizer.config.samples_per_token, device="cpu")["input_features"][0]
+    np.testing.assert_allclose(tokenizer.features(wav)[0].numpy(), ref, rtol=0, atol=1e-5)
+    tokens = tokenizer.tokenize(wav)
+    spt = tokenizer.config.samples_per_token
+    assert len(tokens) == sum(-(-len(wav[s:s + seg_samples]) // spt) for s in range(0, n_samples, seg_samples))
+    stream, streamed, pos = tokenizer.stream(), [], 0
+    while pos < n_samples:
+        size = int(rng.integers(1, 20000))
+        streamed += stream.push(wav[pos:pos + size])
+        pos += size
+    assert streamed + stream.flush() == stream.tokens == tokens
