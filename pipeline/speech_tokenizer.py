@@ -15,6 +15,7 @@ by `TokenizerStream.first_changed` so a caller that used them early can roll bac
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,32 +147,28 @@ class SpeechTokenizer:
     def tokenize_batch(self, wavs: list[np.ndarray], sample_rate_hz: int = 16000) -> list[list[int]]:
         """Several utterances. Segments run one at a time, unpadded: the same tokens as one call each, and
         no work spent on the padding the official batch adds (a 31 s input costs 31 s, not 60)."""
-        out = []
-        for wav in wavs:
-            wav = as_mono_float32(wav, sample_rate_hz, self.config.mel.sample_rate_hz)
-            seg, tokens = self.new_segment(), []
-            for start in range(0, len(wav), self.config.mel.segment_samples):
-                piece = wav[start:start + self.config.mel.segment_samples]
-                seg.reset()
-                seg.audio[:len(piece)] = piece
-                seg.n_samples = len(piece)
-                tokens += self.finish_segment(seg)
-            out.append(tokens)
-        return out
+        return [[t for seg in self._segments(wav, sample_rate_hz) for t in self.finish_segment(seg)]
+                for wav in wavs]
 
     def features(self, wav: np.ndarray, sample_rate_hz: int = 16000) -> list[torch.Tensor]:
         """Normalised log-mel (n_mels, frames) of each 30 s segment, as the official encoder receives it."""
-        wav = as_mono_float32(wav, sample_rate_hz, self.config.mel.sample_rate_hz)
         out = []
-        for start in range(0, len(wav), self.config.mel.segment_samples):
-            seg = self.new_segment()
-            piece = wav[start:start + self.config.mel.segment_samples]
-            seg.audio[:len(piece)] = piece
-            seg.n_samples = len(piece)
+        for seg in self._segments(wav, sample_rate_hz):
             n_frames = self._padded_frames(seg.n_samples)
             floor = self._fill_chunks(seg, n_frames)
             out.append(normalize(seg.raw[:, :n_frames], floor))
         return out
+
+    def _segments(self, wav: np.ndarray, sample_rate_hz: int) -> Iterator[SegmentState]:
+        """Validated audio cut into the official independent 30 s segments (one reused state)."""
+        wav = as_mono_float32(wav, sample_rate_hz, self.config.mel.sample_rate_hz)
+        seg, seg_samples = self.new_segment(), self.config.mel.segment_samples
+        for start in range(0, len(wav), seg_samples):
+            piece = wav[start:start + seg_samples]
+            seg.reset()
+            seg.audio[:len(piece)] = piece
+            seg.n_samples = len(piece)
+            yield seg
 
     def stream(self, refresh: bool = True) -> TokenizerStream:
         """Per-turn streaming state (pipeline/speech_tokenizer_stream.py); `refresh`: see advance_segment."""
