@@ -151,6 +151,22 @@ def prefill_s(lm: VoiceLM, n: int, runs: int) -> float:
     return timed(lm, run, runs)
 
 
+def turn_prefill_s(lm: VoiceLM, cached: int, new: int, runs: int) -> float:
+    """A later turn: `new` tokens prefilled on top of `cached` kept ones (the official server re-prefills all)."""
+    cache = lm.new_cache()
+    lm.prefill(cache, torch.randint(0, 150000, (cached,)).tolist())
+    ids = torch.randint(0, 150000, (new,)).tolist()
+
+    def run() -> None:
+        lm.prefill(cache, ids)
+        cache.truncate(cached)
+
+    try:
+        return timed(lm, run, runs)
+    finally:
+        cache.release()
+
+
 def decode_s(lm: VoiceLM, context: int, steps: int, batch: int = 1) -> float:
     """Median seconds of one decode step with `batch` calls at ~`context` tokens (lengths differ by 1)."""
     caches = [lm.new_cache() for _ in range(batch)]
@@ -167,9 +183,11 @@ def decode_s(lm: VoiceLM, context: int, steps: int, batch: int = 1) -> float:
 def cpu_bench(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
+    flags = open("/proc/cpuinfo").read()
+    cpu_bf16 = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "no bf16 units"
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.machine())  # fmt: skip
-    print(f"machine: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch "
+    print(f"machine: {cpu} ({cpu_bf16}; BASELINE.md's machine had no AMX), {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; load average at start {load:.1f} (a loaded shared machine inflates every time)")  # fmt: skip
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
@@ -189,6 +207,10 @@ def cpu_bench(args: argparse.Namespace) -> None:
                 ratio = f" (official {ref:.3f} s, {ref / o:.2f}x)" if ref else ""
                 cells.append(f"{name} {o:.3f} s{ratio}")
             print(f"{dtype_name} {layers} layers: " + "; ".join(cells))
+            turn = turn_prefill_s(lm, 400, 100, args.runs)
+            print(f"{dtype_name} {layers} layers: turn 2 = 100 new tokens on 400 cached: {turn:.3f} s (the official "
+                  f"server re-prefills all 500: {ours[1]:.3f} s here, {official[1] if official else float('nan'):.3f} s "
+                  f"official; {ours[1] / turn:.1f}x / {(official[1] if official else float('nan')) / turn:.1f}x)")  # fmt: skip
             (p_ours, p_hf), (d_ours, d_hf) = against_transformers(lm, 100, args.runs)
             print(f"{dtype_name} {layers} layers, same process, alternated: prefill100 ours {p_ours:.3f} s vs "
                   f"transformers {p_hf:.3f} s ({p_hf / p_ours:.2f}x); decode@100 ours {d_ours:.3f} s vs "
