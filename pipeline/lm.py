@@ -85,7 +85,10 @@ class VoiceLM:
                 import bitsandbytes  # noqa: F401
             except ImportError as err:
                 raise ImportError(f"{path}: quantization='int4' needs bitsandbytes (pip install bitsandbytes)") from err
-        # bf16 is what the official server runs (§3.2); a CPU has slow bf16 matmuls, so float32 there.
+        # bf16 is what the official server runs (§3.2). On a CPU float32: the parity precision, and CPUs
+        # without AMX run bf16 matmuls slower (BASELINE.md). int4 computes in bf16, as the official server.
+        if int4 and dtype not in (None, torch.bfloat16):
+            raise ValueError(f"{path}: quantization='int4' computes in bfloat16, got dtype={dtype}")
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" or int4 else torch.float32)
         tokenizer = None
         if (path / "tokenizer.model").is_file():
@@ -275,6 +278,8 @@ class VoiceLM:
             out = self._decode_fn(ids, slots, pos, attend)
             return out.clone() if self.decode_mode == "compile+cudagraph" else out
         key = (ids.shape[0], attend, self.pool.generation)
+        if any(k[2] != self.pool.generation for k in self._graphs):
+            self._graphs.clear()  # the pool was reallocated: free graphs that hold the old buffers
         if key not in self._graphs:
             self._graphs[key] = self._capture(ids, slots, pos, attend)
         graph, static_in, static_out = self._graphs[key]
