@@ -48,7 +48,7 @@ class GLMTokenizer:
         self._enc = tiktoken.Encoding(
             name=f"glm4-{source.name}", pat_str=GLM4_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={}
         )
-        self.num_ranks = len(ranks)
+        self.num_ranks = max(ranks.values()) + 1  # ids below are BPE ranks (a gap decodes to b"")
         self.special_ids = dict(specials)  # content -> id
         self._special_content = {i: s for s, i in specials.items()}
         cfg_file = source / "tokenizer_config.json"
@@ -93,14 +93,15 @@ class GLMTokenizer:
                 ranks[base64.b64decode(token_b64, validate=True)] = int(rank)
             except ValueError as err:
                 raise ValueError(f"{model_file}:{n}: expected 'base64-token rank', got {line[:60]!r}") from err
-        if sorted(ranks.values()) != list(range(len(ranks))):
-            raise ValueError(f"{model_file}: ranks are not 0..{len(ranks) - 1} without gaps")
+        if len(set(ranks.values())) != len(ranks):
+            raise ValueError(f"{model_file}: two tokens share a rank")
         try:
             decoder = json.loads(cfg_file.read_text(encoding="utf-8"))["added_tokens_decoder"]
         except (KeyError, json.JSONDecodeError) as err:
             raise ValueError(f"{cfg_file}: no readable 'added_tokens_decoder' ({err})") from err
         specials = {entry["content"]: int(token_id) for token_id, entry in decoder.items()}
-        clash = [i for i in specials.values() if i < len(ranks)]
+        rank_ids = set(ranks.values())
+        clash = [i for i in specials.values() if i in rank_ids]
         if clash:
             raise ValueError(f"{cfg_file}: special id {clash[0]} collides with a BPE rank of {model_file}")
         return cls(ranks, specials, path)
@@ -138,7 +139,10 @@ class GLMTokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """Bytes of one id; specials give their content; ids outside the tokenizer (LM padding rows) give b''."""
         if 0 <= token_id < self.num_ranks:
-            return self._enc.decode_single_token_bytes(token_id)
+            try:
+                return self._enc.decode_single_token_bytes(token_id)
+            except KeyError:
+                return b""
         return self._special_content.get(token_id, "").encode("utf-8")
 
     def decode(self, ids: list[int]) -> str:
