@@ -128,6 +128,26 @@ def probe_block(dec: SpeechDecoder, clock: Clock, prompt_tokens: int, new_tokens
     return float(np.median(times)), float(np.median(hifts))
 
 
+def encoder_seconds(dec: SpeechDecoder, prompt_tokens: int, new_tokens: int, cached: bool, repeats: int) -> float:
+    """Embedding + encoder + projection + regulator of one block: the part the encoder cache shortens."""
+    from pipeline.flow import FlowCache
+
+    ids = torch.randint(0, dec.num_tokens, (prompt_tokens + new_tokens,), device=dec.device)
+    frames = dec.cfg.flow.frames_for(prompt_tokens + new_tokens)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            cache = FlowCache()
+            if cached and prompt_tokens:
+                dec.flow.mu(ids[:prompt_tokens], dec.cfg.flow.frames_for(prompt_tokens), cache)
+            t0 = time.perf_counter()
+            dec.flow.mu(ids, frames, cache if cached else None)
+            if dec.device.type == "cuda":
+                torch.cuda.synchronize(dec.device)
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
 def offline(dec: SpeechDecoder, clock: Clock, n: int, repeats: int) -> tuple[float, float]:
     times, hifts = [], []
     for _ in range(repeats):
@@ -193,12 +213,15 @@ def main(argv: list[str] | None = None) -> None:
     for w in (int(x) for x in args.windows.split(",") if x):
         runs[f"window max_prompt_tokens={w}"] = dict(cache_encoder=True, max_prompt_tokens=w)
     if args.probe:
-        print("\nper-block cost of a 20-token block vs reply length so far (median of --repeats):")
-        print("  variant                              prompt_tok  seconds  flow_s  hift_s")
-        for name, settings in runs.items():
-            for prompt in (int(x) for x in args.probe.split(",")):
+        print("\nper-block cost of a 20-token block vs reply length so far (median of --repeats; variants "
+              "interleaved per length so machine drift hits them alike):")
+        print("  variant                              prompt_tok  seconds  flow_s  hift_s  encoder+regulator_s")
+        for prompt in (int(x) for x in args.probe.split(",")):
+            for name, settings in runs.items():
                 total, hift = probe_block(dec, clock, prompt, 20, args.repeats, **settings)
-                print(f"  {name:36s} {prompt:10d}  {total:7.3f}  {total - hift:6.3f}  {hift:6.3f}", flush=True)
+                enc = encoder_seconds(dec, prompt, 20, settings["cache_encoder"], args.repeats)
+                print(f"  {name:36s} {prompt:10d}  {total:7.3f}  {total - hift:6.3f}  {hift:6.3f}  {enc:19.3f}",
+                      flush=True)
         return
     tokens = np.random.default_rng(0).integers(0, dec.num_tokens, args.reply_tokens).tolist()
     results = {}
