@@ -165,7 +165,10 @@ class EngineSession(ResponderSession):
         self._engine.send(_Update(self._dialogue, settings))
 
     def push_audio(self, pcm16k: np.ndarray) -> None:
-        self._engine.send(_PushAudio(self._dialogue, np.asarray(pcm16k, dtype=np.float32).copy()))
+        """Non-finite samples become 0 and the rest is clipped to [-1, 1] (the range the tokenizer saw)."""
+        pcm = np.asarray(pcm16k, dtype=np.float32)
+        pcm = np.clip(np.nan_to_num(pcm, nan=0.0, posinf=0.0, neginf=0.0), -1.0, 1.0)  # a new array
+        self._engine.send(_PushAudio(self._dialogue, pcm))
 
     def commit_audio(self) -> None:
         self._engine.send(_Commit(self._dialogue))
@@ -208,6 +211,7 @@ class EngineThread:
         self._thread = threading.Thread(target=self._main, name="glm4voice-engine", daemon=True)
         self.scheduler = None  # pipeline.scheduler.Scheduler, built in the thread
         self.load_error: BaseException | None = None
+        self.crash: BaseException | None = None  # what ended the work loop, if it did not stop on request
 
     @property
     def alive(self) -> bool:
@@ -219,6 +223,8 @@ class EngineThread:
 
     def send(self, command: Command) -> None:
         self._inbox.put(command)
+        if self.started and not self.alive:  # nobody will run it: answer it now (close, settle, respond)
+            self._answer_leftovers()
 
     def start(self) -> concurrent.futures.Future:
         self._thread.start()
@@ -247,11 +253,20 @@ class EngineThread:
         self._ready.set_result(self.scheduler.describe())
         try:
             self.scheduler.run(self._apply)
-        except BaseException:
+        except BaseException as exc:
+            self.crash = exc
             log.exception("engine thread crashed")
+            self._fail_active_turns()
             raise
         finally:
             self._answer_leftovers()
+
+    def _fail_active_turns(self) -> None:
+        """The loop died: every reply in progress ends with an error instead of waiting forever."""
+        for d in list(self.scheduler.dialogues):
+            reply, d.reply = d.reply, None
+            if reply is not None:
+                reply.emit(TurnError("the engine has stopped", code="engine_stopped"))
 
     def _answer_leftovers(self) -> None:
         """After the loop ended: nobody may wait forever on a command the engine will never run."""
@@ -329,11 +344,17 @@ class GLMVoiceResponder(Responder):
     def info(self) -> ResponderInfo:
         rate = self._details.get("output_sample_rate_hz", DECODER_SAMPLE_RATE_HZ)
         details = dict(self._details)
-        if self._engine.load_error is not None:
-            details["error"] = str(self._engine.load_error)
-        if self._engine.scheduler is not None:
-            details.update(self._engine.scheduler.stats())
-        return ResponderInfo(name="glm4voice", ready=self._ready, output_sample_rate_hz=rate, details=details)
+        engine = self._engine
+        if engine.load_error is not None:
+            details["error"] = str(engine.load_error)
+        alive = engine.alive
+        if self._ready and not alive:
+            crash = engine.crash
+            details["error"] = "the engine thread died" + (f": {type(crash).__name__}: {crash}" if crash else "")
+        if engine.scheduler is not None:
+            details.update(engine.scheduler.stats())
+        return ResponderInfo(name="glm4voice", ready=self._ready and alive, output_sample_rate_hz=rate,
+                             details=details)
 
     async def stop(self) -> None:
         self._ready = False

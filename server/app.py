@@ -1,4 +1,4 @@
-"""HTTP routes: the page, Realtime-style call signalling, /session, /health, /metrics.
+"""HTTP routes: the page, Realtime-style call signalling, client secrets, /session, /health, /metrics.
 
 One `offer` handler in the spirit of aiortc's example server; per-call state lives in `server/call.py`.
 Every refusal goes through `ApiError` (server/limits.py), so errors have one JSON shape.
@@ -18,11 +18,20 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 
 from pipeline.responder import Responder, SamplingSettings
 from server import protocol as P
-from server.call import Call, CallSettings, _new_id
+from server.auth import Auth
+from server.call import Call, CallSettings, new_call_id
 from server.config import Config
-from server.limits import Admission, ApiError
+from server.limits import Admission, ApiError, allowed_origin, check_origin
+from server.logs import current_call_id
 from server.metrics import LoopLagProbe, Metrics
-from server.rtc import SdpError, check_offer, filter_remote_candidates, set_host_addresses, set_receive_jitter
+from server.rtc import (
+    SdpError,
+    check_offer,
+    filter_remote_candidates,
+    set_consent_checks,
+    set_host_addresses,
+    set_receive_jitter,
+)
 from server.turns import TurnSettings
 from server.vad import SileroVad
 
@@ -41,6 +50,9 @@ class Server:
         self.metrics = Metrics()
         self.lag = LoopLagProbe(config.metrics.loop_lag_interval_ms / 1000.0, config.metrics.loop_lag_window)
         self.admission = Admission(config)
+        self.auth = Auth(config.auth, config.http.public_url)
+        self._monitor_task: asyncio.Task | None = None
+        self._was_ready = False  # the responder has been ready once: not-ready now means it failed
         self.calls: dict[str, Call] = {}  # call_id -> Call, so hangup can find its call
         self.started_s = time.monotonic()
         self._start_task: asyncio.Task | None = None
@@ -52,8 +64,11 @@ class Server:
 
     async def startup(self, app: web.Application) -> None:
         set_host_addresses(self.config.webrtc.host_addresses)
+        set_consent_checks(self.config.webrtc.consent_interval_s, self.config.webrtc.consent_failures)
         self.lag.start()
-        self._start_task = asyncio.get_running_loop().create_task(self._start_responder(), name="responder-start")
+        loop = asyncio.get_running_loop()
+        self._start_task = loop.create_task(self._start_responder(), name="responder-start")
+        self._monitor_task = loop.create_task(self._monitor(), name="server-monitor")
 
     async def _start_responder(self) -> None:
         try:
@@ -63,17 +78,58 @@ class Server:
             self.start_error = f"{type(exc).__name__}: {exc}"
             log.exception("responder failed to start")
 
+    async def _monitor(self) -> None:
+        """Once a second: a responder that was ready and is not any more (engine thread died) ends every
+        call with a reason; expired client secrets are dropped."""
+        while True:
+            await asyncio.sleep(1.0)
+            ready = self.ready()
+            if ready:
+                self._was_ready = True
+            elif self._was_ready and self.calls:
+                reason = self.not_ready_reason() or "the engine stopped"
+                log.error("responder no longer ready (%s): ending %d calls", reason, len(self.calls))
+                await asyncio.gather(*(call.end("engine_unavailable", f"the speech engine failed: {reason}")
+                                       for call in list(self.calls.values())), return_exceptions=True)
+            self.auth.prune()
+
+    async def drain(self, grace_s: float) -> None:
+        """Graceful shutdown: refuse new calls, tell every client, let replies in progress finish for up to
+        `grace_s`, then close every call with `glm4voice.call.closing` (reason server_shutdown)."""
+        self.admission.draining = True
+        log.info("shutting down: %d calls, grace %.1f s", len(self.calls), grace_s)
+        for call in list(self.calls.values()):
+            call.send(P.event("glm4voice.server.shutting_down", grace_s=grace_s))
+        deadline = time.monotonic() + grace_s
+        while self.calls:
+            idle = [c for c in self.calls.values() if not c.replying or time.monotonic() >= deadline]
+            await asyncio.gather(*(c.end("server_shutdown", "the server is shutting down") for c in idle),
+                                 return_exceptions=True)
+            if self.calls:
+                await asyncio.sleep(0.1)
+
     async def shutdown(self, app: web.Application) -> None:
+        self.admission.draining = True
         await asyncio.gather(*(call.close("server shutdown") for call in list(self.calls.values())),
                              return_exceptions=True)
-        if self._start_task is not None:
-            self._start_task.cancel()
-            await asyncio.gather(self._start_task, return_exceptions=True)
+        for task in (self._start_task, self._monitor_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.responder.stop()
         await self.lag.stop()
 
     def ready(self) -> bool:
         return self.start_error is None and self.responder.info().ready
+
+    def not_ready_reason(self) -> str | None:
+        """Why the responder cannot serve (None: it is ready, or still loading)."""
+        if self.start_error:
+            return self.start_error
+        info = self.responder.info()
+        if info.ready:
+            return None
+        return info.details.get("error")
 
     def ice_servers(self) -> list[dict]:
         w = self.config.webrtc
@@ -102,27 +158,23 @@ class Server:
             raise
 
     async def _create_call(self, request: web.Request) -> web.Response:
+        check_origin(request, self.config)
+        self.admission.check_rate(request)
+        secret = self.auth.authorize_call(request)
         if request.content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
             sdp, session, as_json = await _parse_offer_form(request)
         else:
             body = await self.admission.read_body(request)
             sdp, session, as_json = _parse_offer_body(request.content_type, body)
-        self.admission.admit_call(request, len(self.calls), self.ready())
+        self.admission.admit_call(request, len(self.calls), self.ready(), self.not_ready_reason())
         try:
             check_offer(sdp)
         except SdpError as exc:
             raise ApiError(400, exc.code, str(exc)) from None
         settings = self.default_settings()
-        if session is not None:
-            try:
-                update = P.parse_client_event(json.dumps({"type": "session.update", "session": session}),
-                                              max_event_bytes=self.config.http.max_body_bytes,
-                                              max_text_chars=self.config.limits.max_text_chars,
-                                              max_instructions_chars=self.config.limits.max_instructions_chars)
-            except P.ProtocolError as exc:
-                raise ApiError(400, exc.code, f"session: {exc.message}") from None
-            assert isinstance(update, P.SessionUpdate)
-            settings = settings.apply(update)
+        for fields in (secret.session if secret is not None else None, session):  # the secret's, then the offer's
+            if fields:
+                settings = settings.apply(self._session_update(fields))
         sdp, dropped = filter_remote_candidates(sdp, self.config.webrtc.host_addresses)
         if dropped:
             log.debug("dropped %d remote candidates unreachable from %s", dropped, self.config.webrtc.host_addresses)
@@ -135,13 +187,51 @@ class Server:
         return web.Response(status=201, text=answer_sdp, content_type="application/sdp",
                             headers={"Location": location})
 
+    def _session_update(self, session: dict) -> P.SessionUpdate:
+        try:
+            update = P.parse_client_event(json.dumps({"type": "session.update", "session": session}),
+                                          max_event_bytes=self.config.http.max_body_bytes,
+                                          max_text_chars=self.config.limits.max_text_chars,
+                                          max_instructions_chars=self.config.limits.max_instructions_chars)
+        except P.ProtocolError as exc:
+            raise ApiError(400, exc.code, f"session: {exc.message}") from None
+        assert isinstance(update, P.SessionUpdate)
+        return update
+
+    async def create_client_secret(self, request: web.Request) -> web.Response:
+        """`POST /v1/realtime/client_secrets` (Realtime API shape): a short-lived key for one browser."""
+        check_origin(request, self.config)
+        self.admission.check_rate(request)
+        self.auth.authorize_mint(request)
+        body = await self.admission.read_body(request)
+        data: dict = {}
+        if body.strip():
+            if request.content_type != "application/json":
+                raise ApiError(415, "unsupported_media_type", "send the request as application/json")
+            try:
+                data = json.loads(body)
+            except ValueError:
+                raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+            if not isinstance(data, dict):
+                raise ApiError(400, "invalid_value", "the body must be a JSON object")
+        settings = self.default_settings()
+        if data.get("session"):  # bad settings are refused now, not when the secret is used
+            settings = settings.apply(self._session_update(data["session"]))
+        secret = self.auth.mint(data)
+        session = P.session_object("", settings.instructions, settings.turn_detection_json(), settings.sampling,
+                                   self.responder.info().name)
+        session.pop("id")
+        return web.json_response({"value": secret.value, "expires_at": int(secret.expires_at), "session": session},
+                                 headers={"Cache-Control": "no-store"})
+
     async def _answer(self, sdp: str, settings: CallSettings) -> tuple[str, Call]:
         w = self.config.webrtc
         ice = [RTCIceServer(urls=list(w.stun_urls))] if w.stun_urls else []
         if w.turn_urls:
             ice.append(RTCIceServer(urls=list(w.turn_urls), username=w.turn_username, credential=w.turn_credential))
+        call_id = new_call_id()
+        current_call_id.set(call_id)  # this request's context: aiortc's tasks for the call inherit it
         pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
-        call_id = _new_id("rtc")
         call = Call(call_id, pc, self.responder, self.vad, self.config, self.metrics, settings, self._forget)
         self.calls[call_id] = call
 
@@ -208,6 +298,8 @@ class Server:
             "demo_weights": info.details.get("weights") == "demo",
             "turn_detection": self.default_settings().turn_detection_json(),
             "calls_endpoint": "/v1/realtime/calls",
+            "auth": {"required": self.auth.enabled, "page_secrets": self.auth.enabled and
+                     self.config.auth.page_secrets, "client_secrets_endpoint": "/v1/realtime/client_secrets"},
         })
 
     async def health(self, request: web.Request) -> web.Response:
@@ -218,15 +310,17 @@ class Server:
             "responder": {"name": info.name, "ready": info.ready, "output_sample_rate_hz": info.output_sample_rate_hz,
                           **info.details},
             "active_calls": len(self.calls),
+            "draining": self.admission.draining,
             "max_calls": self.config.limits.max_calls,
             "uptime_s": round(time.monotonic() - self.started_s, 1),
             "event_loop_lag_ms": {"p50": round(self.lag.quantile_s(0.5) * 1e3, 3),
                                   "p99": round(self.lag.quantile_s(0.99) * 1e3, 3),
                                   "max": round(self.lag.max_s * 1e3, 3)},
         }
-        if self.start_error:
-            body["error"] = self.start_error
-        return web.json_response(body, status=200 if ready else 503)
+        reason = self.not_ready_reason()
+        if reason:
+            body["error"] = reason
+        return web.json_response(body, status=200 if ready and not self.admission.draining else 503)
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         text = self.metrics.render(len(self.calls), self.lag)
@@ -287,6 +381,35 @@ def _parse_offer_body(content_type: str, body: bytes) -> tuple[str, dict | None,
                    "application/json")
 
 
+CORS_HEADERS = {
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type",
+    "Access-Control-Expose-Headers": "Location, Retry-After",
+    "Access-Control-Max-Age": "600",
+    "Vary": "Origin",
+}
+
+
+async def preflight(request: web.Request) -> web.Response:
+    """CORS preflight; cors_middleware adds the headers when the origin is on the allow-list."""
+    origin = request.headers.get("Origin", "")
+    if not allowed_origin(origin, request.app[SERVER_KEY].config.http.cors_origins):
+        raise ApiError(403, "origin_not_allowed", f"pages from {origin or 'no origin'} may not use this server "
+                       "(see [http] cors_origins)")
+    return web.Response(status=204)
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """`Access-Control-Allow-Origin` for origins on `[http] cors_origins` (errors included)."""
+    response = await handler(request)
+    origin = request.headers.get("Origin")
+    if origin and allowed_origin(origin, request.app[SERVER_KEY].config.http.cors_origins):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers.update(CORS_HEADERS)
+    return response
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     try:
@@ -309,7 +432,7 @@ def create_app(config: Config, responder: Responder | None = None) -> web.Applic
 
         responder = make_responder(config.responder.kind, config.model)
     server = Server(config, responder)
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.http.max_body_bytes)
+    app = web.Application(middlewares=[cors_middleware, error_middleware], client_max_size=config.http.max_body_bytes)
     app[SERVER_KEY] = server
     app.on_startup.append(server.startup)
     app.on_shutdown.append(server.shutdown)
@@ -319,5 +442,9 @@ def create_app(config: Config, responder: Responder | None = None) -> web.Applic
     app.router.add_get("/metrics", server.metrics_text)
     app.router.add_post("/v1/realtime/calls", server.create_call)
     app.router.add_post("/v1/realtime/calls/{call_id}/hangup", server.hangup)
+    app.router.add_post("/v1/realtime/client_secrets", server.create_client_secret)
+    for path in ("/v1/realtime/calls", "/v1/realtime/calls/{call_id}/hangup", "/v1/realtime/client_secrets",
+                 "/session"):
+        app.router.add_route("OPTIONS", path, preflight)
     app.router.add_static("/static", ROOT / "static", append_version=True)
     return app

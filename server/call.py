@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,9 @@ from pipeline.responder import (
     TurnError,
 )
 from server import protocol as P
+from server.call_guard import CallGuard
 from server.config import Config
+from server.logs import current_call_id, run_as_call
 from server.media import InboundConverter, OutboundAudioTrack
 from server.metrics import Metrics
 from server.turns import SpeechStarted, SpeechStopped, TurnDetector, TurnSettings
@@ -40,18 +43,25 @@ from server.vad import SileroVad, VadState
 log = logging.getLogger("glm4voice.call")
 _ids = itertools.count(1)
 MAX_EVENTS_BEFORE_OPEN = 64  # events queued until the client's data channel opens
+WATCH_INTERVAL_S = 0.5  # how often the watchdog checks duration, idle time and peer liveness
+CLOSING_FLUSH_S = 0.5  # at most this long to get the closing event out before the connection goes
 
 
 class CallLog(logging.LoggerAdapter):
-    """Every line a call logs starts with its id (and `extra["call_id"]` is set for structured handlers)."""
+    """Sets `extra["call_id"]`; server/logs.py prints it on every line (text or JSON)."""
 
     def process(self, msg, kwargs):
         kwargs.setdefault("extra", {}).update(self.extra)
-        return f"[{self.extra['call_id']}] {msg}", kwargs
+        return msg, kwargs
 
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{next(_ids):06d}"
+
+
+def new_call_id() -> str:
+    """Unguessable: the hangup URL holds it, and it is the only key to someone else's call."""
+    return f"rtc_{secrets.token_hex(12)}"
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,10 @@ class Call:
         self._user_item_id: str | None = None
         self._interrupt_armed = False  # user speech began over the assistant
         self.log = CallLog(log, {"call_id": call_id})
+        self.guard = CallGuard(config.limits, self.created_s)
+        self._turn_samples = 0  # 16 kHz samples pushed to the responder for the pending user turn
+        self._turn_capped = False  # the pending turn hit max_turn_audio_s
+        self._spawn(self._watch(), "watchdog")
 
     # ----- wiring (called by server/app.py) ---------------------------------------------------------
 
@@ -144,12 +158,17 @@ class Call:
         else:
             channel.on("open", self._on_channel_open)
 
+    @property
+    def replying(self) -> bool:
+        return self._reply is not None
+
     def connected(self) -> None:
         if self.state == "connecting":
             self.state = "listening"
 
     def _spawn(self, coro, name: str) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro, name=f"{self.call_id}:{name}")
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self.call_id}:{name}",
+                                                      context=run_as_call(self.call_id))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
@@ -189,6 +208,7 @@ class Call:
                 frame = await track.recv()
             except MediaStreamError:
                 return
+            self.guard.inbound_frame(time.monotonic())
             for chunk in self._converter.push(frame):  # (512,) float32 16 kHz each
                 probability = self._vad.probability(self._vad_state, chunk)
                 events, audio = self._detector.feed(chunk, probability)
@@ -196,17 +216,44 @@ class Call:
                     if isinstance(item, SpeechStarted):
                         self._on_speech_started(item)
                 for pcm in audio:
-                    self._session.push_audio(pcm)
+                    self._push_turn_audio(pcm)
                 self._check_barge_in()
                 for item in events:
                     if isinstance(item, SpeechStopped):
                         self._on_speech_stopped(item)
+                if self._turn_capped and self._detector.state.speaking:
+                    self._cut_long_turn()
+
+    def _push_turn_audio(self, pcm) -> None:
+        """Audio of the pending user turn, up to `max_turn_audio_s`; the excess is dropped with one error."""
+        limit = int(self.config.limits.max_turn_audio_s * 16_000)
+        if limit and self._turn_samples + pcm.size > limit:
+            if not self._turn_capped:
+                self._turn_capped = True
+                self.send(P.error_event("input_audio_too_long", f"a user turn may hold at most "
+                                        f"{self.config.limits.max_turn_audio_s:g} s of audio; the rest is dropped"
+                                        + (" and the turn ends here" if self.settings.turns.enabled else "")))
+            return
+        self._turn_samples += pcm.size
+        self._session.push_audio(pcm)
+
+    def _turn_audio_reset(self) -> None:
+        self._turn_samples = 0
+        self._turn_capped = False
+
+    def _cut_long_turn(self) -> None:
+        """Server VAD, speech over the limit: end the turn as if the speaker had paused."""
+        st = self._detector.state
+        speech_ms = st.last_voiced_ms - st.onset_ms
+        self._detector.abandon()
+        self._on_speech_stopped(SpeechStopped(audio_end_ms=st.audio_ms, speech_ms=speech_ms, too_short=False))
 
     def _assistant_active(self) -> bool:
         return self._reply is not None
 
     def _on_speech_started(self, started: SpeechStarted) -> None:
         self._user_item_id = _new_id("item")
+        self.guard.user_activity(time.monotonic())
         self.state = "user_speaking"
         self._interrupt_armed = self._assistant_active() and self.settings.turns.interrupt_response
         self.send(P.event("input_audio_buffer.speech_started", audio_start_ms=int(started.audio_start_ms),
@@ -223,6 +270,7 @@ class Call:
         self._interrupt_armed = False
         self.send(P.event("input_audio_buffer.speech_stopped", audio_end_ms=int(stopped.audio_end_ms),
                           item_id=item_id))
+        self._turn_audio_reset()
         if stopped.too_short:
             self._session.discard_audio()
             self.send(P.event("glm4voice.input_audio_buffer.discarded", item_id=item_id,
@@ -367,7 +415,21 @@ class Call:
     # ----- client events ---------------------------------------------------------------------------
 
     def _on_message(self, message: str | bytes) -> None:
+        token = current_call_id.set(self.call_id)
+        try:
+            self._on_message_in_call(message)
+        finally:
+            current_call_id.reset(token)
+
+    def _on_message_in_call(self, message: str | bytes) -> None:
         limits = self.config.limits
+        accept, complain = self.guard.event_arrived(time.monotonic())
+        if not accept:
+            self.metrics.events_dropped += 1
+            if complain:
+                self.send(P.error_event("rate_limited", f"more than {limits.max_events_per_s:g} events per second: "
+                                        f"events are being dropped ({self.guard.events_dropped} so far)"))
+            return
         try:
             event = P.parse_client_event(message, max_event_bytes=limits.max_event_bytes,
                                          max_text_chars=limits.max_text_chars,
@@ -381,6 +443,7 @@ class Call:
             was_enabled = self.settings.turns.enabled
             self.settings = self.settings.apply(event)
             if self.settings.turns.enabled != was_enabled:  # a half-detected or uncommitted turn is dropped
+                self._turn_audio_reset()
                 self._session.discard_audio()
                 self._detector.abandon()
             self._detector.update(self.settings.turns)
@@ -388,6 +451,8 @@ class Call:
             self.send(P.event("session.updated", session=self._session_json()))
         elif isinstance(event, P.ItemCreate):
             self.interrupt("user_message")
+            if self.config.logging.log_user_content:
+                self.log.info("user text: %r", event.text)
             self._session.add_text(event.text)
             self.send(P.event("conversation.item.added", previous_item_id=None,
                               item={"id": _new_id("item"), "type": "message", "role": "user",
@@ -402,6 +467,7 @@ class Call:
                 raise P.ProtocolError("turn_detection_enabled", "server VAD commits turns itself; set "
                                       "turn_detection to null for push-to-talk", event.event_id)
             item_id = _new_id("item")
+            self._turn_audio_reset()
             if isinstance(event, P.InputAudioCommit):
                 self._session.commit_audio()
                 self.send(P.event("input_audio_buffer.committed", previous_item_id=None, item_id=item_id))
@@ -413,6 +479,37 @@ class Call:
                 raise P.ProtocolError("response_cancel_not_active", "there is no active response to cancel",
                                       event.event_id)
             self.interrupt("client_cancelled")
+        elif isinstance(event, P.Ping):
+            self.send(P.event("glm4voice.pong", ping_event_id=event.event_id))
+
+    # ----- limits and liveness ---------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while self.state != "closed":
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            ending = self.guard.check(time.monotonic(), replying=self._reply is not None)
+            if ending is not None:
+                self.log.info("ending call: %s (%s)", ending.code, ending.message)
+                if ending.notify:
+                    await self.end(ending.code, ending.message)
+                else:
+                    self.metrics.ended(ending.code)
+                    await self.close(ending.code)
+                return
+
+    async def end(self, code: str, message: str) -> None:
+        """Tell the client why the server ends the call (`glm4voice.call.closing`), then close it."""
+        if self.state == "closed":
+            return
+        self.metrics.ended(code)
+        self.send(P.event("glm4voice.call.closing", reason=code, message=message))
+        channel = self._channel
+        deadline = time.monotonic() + CLOSING_FLUSH_S
+        while channel is not None and channel.readyState == "open" and channel.bufferedAmount > 0 \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)  # the SCTP packet leaves after bufferedAmount drops
+        await self.close(code)
 
     # ----- the one way out -------------------------------------------------------------------------
 

@@ -23,42 +23,64 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16 (config [model].dtype)")
     p.add_argument("--int4", action="store_true", default=None, help="load the LM in 4 bit (bitsandbytes NF4)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", choices=["text", "json"], help="config [logging].format")
 
 
 async def _serve(config) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully: refuse new calls, tell every client, give
+    replies in progress `[http] shutdown_grace_s`, close the calls, stop the engine. A second signal
+    skips the rest of the grace period."""
+    import signal
+
     from aiohttp import web
 
-    from server.app import create_app
+    from server.app import SERVER_KEY, create_app
 
+    log = logging.getLogger("glm4voice")
     app = create_app(config)
-    runner = web.AppRunner(app, handle_signals=True)
+    runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, config.http.host, config.http.port)
     await site.start()
-    logging.getLogger("glm4voice").info("serving on http://%s:%d/ (responder: %s)", config.http.host,
-                                        config.http.port, config.responder.kind)
+    log.info("serving on http://%s:%d/ (responder: %s)", config.http.host, config.http.port, config.responder.kind)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    import signal
+    drain: asyncio.Task | None = None
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set() and drain is not None:
+            log.warning("%s again: closing calls now", sig.name)
+            drain.cancel()
+        else:
+            log.info("%s: shutting down (grace %.1f s)", sig.name, config.http.shutdown_grace_s)
+        stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await stop.wait()
+        drain = loop.create_task(app[SERVER_KEY].drain(config.http.shutdown_grace_s))
+        try:
+            await drain
+        except asyncio.CancelledError:
+            if not drain.cancelled():
+                raise
     finally:
-        await runner.cleanup()
+        await runner.cleanup()  # closes whatever is left, stops the engine
+    log.info("shut down")
 
 
 def serve(args: argparse.Namespace) -> int:
     from server.config import load_config
+    from server.logs import setup_logging
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config_path = args.config
     if config_path is None and (Path.cwd() / "config.toml").is_file():
         config_path = Path.cwd() / "config.toml"
     overrides = {
         "http": {"host": args.host, "port": args.port},
         "responder": {"kind": args.responder},
+        "logging": {"format": args.log_format},
         "model": {"require_weights": args.require_weights, "device": args.device, "dtype": args.dtype,
                   "quantization": "int4" if args.int4 else None},
     }
@@ -67,6 +89,7 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"glm4voice: {exc}", file=sys.stderr)
         return 2
+    setup_logging(args.log_level, config.logging.format)
     try:
         import uvloop
     except ImportError:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tomllib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 from pipeline.engine_config import EngineConfig
 
@@ -28,6 +27,9 @@ class HttpConfig:
     port: int = 8080  # TCP port
     max_body_bytes: int = 65_536  # largest POST body (an SDP offer is ~3-8 KB)
     public_url: str = ""  # base URL clients reach us at, for Location headers behind a proxy; "" = relative
+    cors_origins: tuple[str, ...] = ()  # other origins whose pages may call the API ("*" = any); () = same-origin only
+    trust_forwarded_for: bool = False  # take the client address from X-Forwarded-For (only behind a proxy you run)
+    shutdown_grace_s: float = 10.0  # on SIGTERM/SIGINT: s that replies in progress get before calls are closed
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class WebRTCConfig:
     turn_credential: str = ""
     receive_jitter_frames: int = 0  # 20 ms frames held before decoding; aiortc's default is 4 (80 ms)
     ice_gather_timeout_ms: int = 2_000  # the page waits at most this long for its candidates before offering
+    consent_interval_s: float = 1.0  # s between ICE consent checks (RFC 7675; aioice's default is 5)
+    consent_failures: int = 4  # unanswered consent checks in a row that end the call (aioice's default is 6)
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,28 @@ class LimitsConfig:
     max_event_bytes: int = 32_768  # largest data-channel message
     max_text_chars: int = 4_000  # typed user message
     max_instructions_chars: int = 4_000  # session instructions
+    max_events_per_s: float = 20.0  # data-channel messages per second per call (sustained rate)
+    event_burst: int = 60  # data-channel messages allowed at once above the rate
+    calls_per_minute_per_address: float = 30.0  # call offers + client secrets per client address; 0 = no limit
+    call_burst_per_address: int = 10  # offers allowed at once above that rate
+    max_call_duration_s: float = 3_600.0  # a call is closed after this long; 0 = no limit
+    idle_timeout_s: float = 300.0  # no user speech and no client event for this long closes the call; 0 = never
+    peer_timeout_s: float = 5.0  # no inbound audio packets and no event for this long: the peer is gone; 0 = off
+    max_turn_audio_s: float = 120.0  # one user turn's audio; longer speech is cut here and answered
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    api_key: str = ""  # long-lived key for `Authorization: Bearer`; "" = no auth (set it via GLM4VOICE_AUTH_API_KEY)
+    client_secret_ttl_s: int = 600  # default lifetime of a client secret minted by /v1/realtime/client_secrets
+    max_client_secret_ttl_s: int = 7_200  # the longest lifetime a mint request may ask for
+    page_secrets: bool = False  # the served page may mint its own client secret from a same-origin request
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: str = "text"  # "text" or "json" (one object per line, with call_id)
+    log_user_content: bool = False  # log user text (typed messages, instructions); never on in production
 
 
 @dataclass(frozen=True)
@@ -79,6 +105,8 @@ class Config:
     turn_detection: TurnDetectionConfig = field(default_factory=TurnDetectionConfig)
     responder: ResponderConfig = field(default_factory=ResponderConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     model: EngineConfig = field(default_factory=EngineConfig)
 
@@ -181,3 +209,21 @@ def validate(config: Config) -> None:
         raise ValueError(f"config [http].port {config.http.port} is out of range")
     if config.limits.max_calls < 1:
         raise ValueError("config [limits].max_calls must be >= 1")
+    lim = config.limits
+    for name in ("max_events_per_s", "calls_per_minute_per_address", "max_call_duration_s", "idle_timeout_s",
+                 "peer_timeout_s", "max_turn_audio_s"):
+        if getattr(lim, name) < 0:
+            raise ValueError(f"config [limits].{name} must be >= 0")
+    if lim.max_events_per_s <= 0 or lim.event_burst < 1 or lim.call_burst_per_address < 1:
+        raise ValueError("config [limits].max_events_per_s must be > 0 and the bursts >= 1")
+    if config.webrtc.consent_interval_s <= 0 or config.webrtc.consent_failures < 1:
+        raise ValueError("config [webrtc].consent_interval_s must be > 0 and consent_failures >= 1")
+    auth = config.auth
+    if not 10 <= auth.client_secret_ttl_s <= auth.max_client_secret_ttl_s:
+        raise ValueError("config [auth].client_secret_ttl_s must be in [10, max_client_secret_ttl_s]")
+    if auth.api_key and len(auth.api_key) < 16:
+        raise ValueError("config [auth].api_key must be at least 16 characters")
+    if config.logging.format not in {"text", "json"}:
+        raise ValueError(f"config [logging].format must be 'text' or 'json', got {config.logging.format!r}")
+    if config.http.shutdown_grace_s < 0:
+        raise ValueError("config [http].shutdown_grace_s must be >= 0")

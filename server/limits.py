@@ -1,11 +1,16 @@
 """Admission and request limits: the one place that says whether a request may go on.
 
 Every refusal is an `ApiError`, rendered by `server/app.py` as `{"error": {"type", "code", "message"}}`
-with the right HTTP status. Call admission (the number of concurrent calls) lives here; authentication,
-per-address rate limits and the like belong here too, as further checks in `admit_call()`.
+with the right HTTP status. Checks, in the order `admit_call()` runs them: cross-origin pages not on
+the allow-list (403), per-address rate (429), draining for shutdown / engine not ready (503), the
+concurrent-call limit (503). Authentication is `server/auth.py`; token buckets are `TokenBucket`.
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -29,16 +34,108 @@ class ApiError(Exception):
         return web.json_response(body, status=self.status, headers=self.headers)
 
 
+@dataclass
+class TokenBucket:
+    """`rate_per_s` tokens a second, at most `burst` banked; `take()` spends one if there is one."""
+
+    rate_per_s: float
+    burst: int
+    tokens: float = -1.0
+    t_s: float = 0.0
+
+    def take(self, now_s: float | None = None) -> bool:
+        now_s = time.monotonic() if now_s is None else now_s
+        if self.tokens < 0:
+            self.tokens, self.t_s = float(self.burst), now_s
+        self.tokens = min(float(self.burst), self.tokens + (now_s - self.t_s) * self.rate_per_s)
+        self.t_s = now_s
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def wait_s(self) -> float:
+        """Seconds until the next token."""
+        return max(0.0, (1.0 - self.tokens) / self.rate_per_s)
+
+
+class AddressRateLimiter:
+    """One token bucket per client address (the table is pruned of full, idle buckets)."""
+
+    def __init__(self, per_minute: float, burst: int) -> None:
+        self.rate_per_s = per_minute / 60.0
+        self.burst = burst
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def check(self, address: str) -> None:
+        if self.rate_per_s <= 0:
+            return
+        now = time.monotonic()
+        if len(self._buckets) > 10_000:
+            full_after_s = self.burst / self.rate_per_s
+            self._buckets = {a: b for a, b in self._buckets.items() if now - b.t_s < full_after_s}
+        bucket = self._buckets.setdefault(address, TokenBucket(self.rate_per_s, self.burst))
+        if not bucket.take(now):
+            retry = max(1, int(bucket.wait_s() + 0.999))
+            raise ApiError(429, "rate_limited", f"too many requests from {address}: at most "
+                           f"{self.rate_per_s * 60:g} per minute; retry in {retry} s",
+                           headers={"Retry-After": str(retry)})
+
+
+def client_address(request: web.Request, trust_forwarded_for: bool) -> str:
+    if trust_forwarded_for:
+        forwarded = request.headers.get("X-Forwarded-For", "")
+        first = forwarded.split(",")[0].strip()
+        if first:
+            return first
+    return request.remote or "unknown"
+
+
+def allowed_origin(origin: str, allow: tuple[str, ...]) -> bool:
+    return "*" in allow or origin.rstrip("/") in {a.rstrip("/") for a in allow}
+
+
+def check_origin(request: web.Request, config: Config) -> None:
+    """A browser page of another origin may only use the API when the allow-list names it.
+
+    A cross-origin multipart POST needs no CORS preflight, so without this check a foreign page could
+    create calls through its visitors' browsers even though it could not read the answer."""
+    origin = request.headers.get("Origin")
+    if not origin or request.headers.get("Sec-Fetch-Site") == "same-origin":
+        return
+    ours = {request.host}
+    if config.http.public_url:
+        ours.add(urlsplit(config.http.public_url).netloc)
+    if urlsplit(origin).netloc in ours or allowed_origin(origin, config.http.cors_origins):
+        return
+    raise ApiError(403, "origin_not_allowed", f"pages from {origin} may not use this server (see [http] "
+                   "cors_origins)")
+
+
 class Admission:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.draining = False  # graceful shutdown: no new calls
+        self.rate = AddressRateLimiter(config.limits.calls_per_minute_per_address,
+                                       config.limits.call_burst_per_address)
 
-    def admit_call(self, request: web.Request, active_calls: int, responder_ready: bool) -> None:
-        """Raise ApiError if a new call may not start now."""
+    def check_rate(self, request: web.Request) -> None:
+        self.rate.check(client_address(request, self.config.http.trust_forwarded_for))
+
+    def admit_call(self, request: web.Request, active_calls: int, responder_ready: bool,
+                   not_ready_reason: str | None = None) -> None:
+        """Raise ApiError if a new call may not start now (after auth and the rate check)."""
         limits = self.config.limits
+        retry = {"Retry-After": str(limits.retry_after_s)}
+        if self.draining:
+            raise ApiError(503, "shutting_down", "the server is shutting down; retry on another instance",
+                           headers=retry, error_type="server_error")
         if not responder_ready:
+            if not_ready_reason:
+                raise ApiError(503, "engine_unavailable", f"the speech engine is not available: {not_ready_reason}",
+                               headers=retry, error_type="server_error")
             raise ApiError(503, "not_ready", "the server is still loading the model; retry shortly",
-                           headers={"Retry-After": str(limits.retry_after_s)}, error_type="server_error")
+                           headers=retry, error_type="server_error")
         if active_calls >= limits.max_calls:
             raise ApiError(503, "server_full",
                            f"the server is at its limit of {limits.max_calls} concurrent calls; "

@@ -82,10 +82,15 @@ class Metrics:
     turns_interrupted: int = 0
     turn_errors: int = 0
     outbound_underruns: int = 0
+    calls_ended: dict[str, int] = field(default_factory=dict)  # server-side ending (limits, liveness) -> count
+    events_dropped: int = 0  # data-channel events over the rate limit
     turn_latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS_S))
 
     def reject(self, reason: str) -> None:
         self.calls_rejected[reason] = self.calls_rejected.get(reason, 0) + 1
+
+    def ended(self, reason: str) -> None:
+        self.calls_ended[reason] = self.calls_ended.get(reason, 0) + 1
 
     def render(self, active_calls: int, lag: LoopLagProbe | None) -> str:
         lines = [
@@ -97,7 +102,12 @@ class Metrics:
             "# TYPE glm4voice_calls_rejected_total counter",
         ]
         lines += [f'glm4voice_calls_rejected_total{{reason="{r}"}} {n}' for r, n in sorted(self.calls_rejected.items())]
+        lines += ["# HELP glm4voice_calls_ended_total Calls the server ended (limits, liveness, shutdown), by reason.",
+                  "# TYPE glm4voice_calls_ended_total counter"]
+        lines += [f'glm4voice_calls_ended_total{{reason="{r}"}} {n}' for r, n in sorted(self.calls_ended.items())]
         lines += [
+            "# HELP glm4voice_events_dropped_total Data-channel events dropped over the rate limit.",
+            "# TYPE glm4voice_events_dropped_total counter", f"glm4voice_events_dropped_total {self.events_dropped}",
             "# HELP glm4voice_turns_total Assistant replies started.", "# TYPE glm4voice_turns_total counter",
             f"glm4voice_turns_total {self.turns_total}",
             "# HELP glm4voice_turns_interrupted_total Replies cut off by the user.",

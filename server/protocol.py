@@ -86,8 +86,13 @@ class InputAudioClear:
     event_id: str | None
 
 
+@dataclass(frozen=True)
+class Ping:  # glm4voice.ping: an app-level liveness / round-trip check, answered by glm4voice.pong
+    event_id: str | None
+
+
 ClientEvent = (SessionUpdate | ItemCreate | ResponseCreate | ResponseCancel | OutputAudioClear | InputAudioCommit
-               | InputAudioClear)
+               | InputAudioClear | Ping)
 
 
 def _number(value: object, name: str, event_id: str | None, low: float, high: float) -> float:
@@ -211,6 +216,8 @@ def parse_client_event(message: str | bytes, *, max_event_bytes: int, max_text_c
         return InputAudioCommit(event_id)
     if kind == "input_audio_buffer.clear":
         return InputAudioClear(event_id)
+    if kind == "glm4voice.ping":
+        return Ping(event_id)
     raise ProtocolError("unknown_event", f"unsupported event type {kind!r} (see docs/protocol.md)", event_id, "type")
 
 

@@ -11,6 +11,7 @@
    as soon as it arrives in order; a packet that arrives after a later one was released is dropped
    (Opus copes with a lost 20 ms frame; reordering is rare on the paths WebRTC picks). N > 0 keeps
    aiortc's buffer with prefetch N. bench/bench_call_path.py measures both.
+4. ICE consent checks: tighter than aioice's 5 s x 6 misses, so a vanished peer ends its call in seconds.
 """
 
 from __future__ import annotations
@@ -48,6 +49,14 @@ def set_host_addresses(addresses: tuple[str, ...]) -> None:
             raise ValueError(f"config [webrtc].host_addresses: {address!r} is not an IP address") from None
     _allowed_host_addresses = tuple(addresses)
     aioice.ice.get_host_addresses = _configured_host_addresses
+
+
+def set_consent_checks(interval_s: float, failures: int) -> None:
+    """ICE consent freshness (RFC 7675): aioice checks every ~5 s and gives up after 6 misses (30 s). A
+    vanished peer should be noticed within seconds: check every `interval_s`, give up after `failures`.
+    aioice reads these module constants on each check, so this applies to every connection."""
+    aioice.ice.CONSENT_INTERVAL = interval_s
+    aioice.ice.CONSENT_FAILURES = failures
 
 
 def _is_loopback(address: str) -> bool | None:

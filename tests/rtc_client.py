@@ -49,7 +49,8 @@ class RunningServer:
 async def start_server(responder: Responder | None = None, overrides: dict | None = None,
                        kind: str = "echo") -> RunningServer:
     """Start a server on 127.0.0.1:<free port>, host candidates restricted to loopback."""
-    merged = {"webrtc": {"host_addresses": ["127.0.0.1"]}, "responder": {"kind": kind}, "http": {"port": 0}}
+    merged = {"webrtc": {"host_addresses": ["127.0.0.1"]}, "responder": {"kind": kind}, "http": {"port": 0},
+              "limits": {"calls_per_minute_per_address": 0}}  # tests open many calls from 127.0.0.1
     for section, values in (overrides or {}).items():
         merged.setdefault(section, {}).update(values)
     config = load_config(None, env={}, overrides=merged)
