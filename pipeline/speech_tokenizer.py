@@ -33,7 +33,7 @@ from pipeline.whisper_vq import (
 
 __all__ = ["SpeechTokenizer", "SpeechTokenizerConfig", "TokenizerStream", "write_random_checkpoint"]
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (1, H, S, hd)
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: key, value buffers (1, H, max_positions, hd)
 
 
 @dataclass
@@ -48,22 +48,18 @@ class SegmentState:
     raw: torch.Tensor  # (n_mels, segment_frames) raw log10 mel; chunks [0, n_chunks) are filled
     n_samples: int = 0
     n_chunks: int = 0
-    kv: KV | None = None  # encoder cache of blocks [0, len(block_tokens))
+    kv: KV | None = None  # encoder key/value buffers; frames of blocks [0, len(block_tokens)) are valid
     block_floor: list[float] = field(default_factory=list)  # log10 floor each cached block was computed with
     block_min: list[float] = field(default_factory=list)  # smallest raw value among the block's input frames
     block_tokens: list[list[int]] = field(default_factory=list)
     blocks_encoded: int = 0  # encoder block calls made for this state (cache statistics; not reset)
 
-    def reset(self) -> None:
+    def reset(self) -> None:  # keeps the buffers for the next segment
         self.n_samples = self.n_chunks = 0
-        self.kv = None
         self.block_floor, self.block_min, self.block_tokens = [], [], []
 
-    def truncate_blocks(self, n_blocks: int, block_frames: int) -> None:
-        if n_blocks == 0:
-            self.kv = None
-        elif self.kv is not None:
-            self.kv = [(k[:, :, :n_blocks * block_frames], v[:, :, :n_blocks * block_frames]) for k, v in self.kv]
+    def truncate_blocks(self, n_blocks: int) -> None:
+        """Forget blocks >= n_blocks (their buffer rows are simply overwritten later)."""
         del self.block_floor[n_blocks:], self.block_min[n_blocks:], self.block_tokens[n_blocks:]
 
 
@@ -211,7 +207,9 @@ class SpeechTokenizer:
         raw = seg.raw[:, start:min(c.block_mel_frames * (b + 1) - 1, n_frames)]  # (n_mels, T_in)
         x = self.encoder.embed(normalize(raw, floor)[None], b == 0, c.block_frames * b)  # (1, T, d)
         n_keys = min(n_valid_frames, c.block_frames * b + x.shape[1])
-        h, seg.kv = self.encoder.encode_block(x, seg.kv, n_keys)
+        if seg.kv is None:
+            seg.kv = self.encoder.new_cache()
+        h = self.encoder.encode_block(x, seg.kv, c.block_frames * b, n_keys)
         tokens = self.encoder.quantize(h, self.code_sq)[0].tolist()
         seg.block_floor.append(floor.item())
         seg.block_min.append(raw.min().item())
@@ -226,7 +224,7 @@ class SpeechTokenizer:
         c = self.config
         n_frames = self._padded_frames(seg.n_samples)
         floor = self._fill_chunks(seg, n_frames)
-        seg.truncate_blocks(self._exact_blocks(seg, floor.item()), c.block_frames)
+        seg.truncate_blocks(self._exact_blocks(seg, floor.item()))
         n_enc_frames = n_frames // CONV_STRIDE
         valid_enc_frames = _ceil_div(_ceil_div(seg.n_samples, c.mel.hop_samples), CONV_STRIDE)  # mask[::2]
         while len(seg.block_tokens) * c.block_frames < n_enc_frames:
@@ -258,7 +256,7 @@ class SpeechTokenizer:
             floor = seg.raw[:, :last_frame + 1].max() - DYNAMIC_RANGE  # the floor known so far
             all_valid = c.block_frames * seg.n_chunks
             if refresh:
-                seg.truncate_blocks(self._exact_blocks(seg, floor.item()), c.block_frames)
+                seg.truncate_blocks(self._exact_blocks(seg, floor.item()))
                 while len(seg.block_tokens) < seg.n_chunks - 1:
                     self.encode_next_block(seg, floor, last_frame + 1, all_valid)
             out += self.encode_next_block(seg, floor, last_frame + 1, all_valid)
@@ -304,7 +302,7 @@ def write_random_checkpoint(out_dir: str | Path, *, d_model: int, num_layers: in
     with torch.inference_mode():
         feats = tokenizer.features(audio)[0][None]  # (1, n_mels, F)
         x = encoder.embed(feats, True, 0)
-        h, _ = encoder.encode_block(x, None, x.shape[1])  # one attention block: fine for a scale estimate
+        h = encoder.encode_block(x, encoder.new_cache(), 0, x.shape[1])  # one attention block: enough for a scale
         pooled = h[0].view(-1, config.pool_frames, d_model).mean(1)  # (tokens, d)
     codebook = pooled.mean(0) + pooled.std(0) * torch.randn(codebook_size, d_model, generator=generator)
     state = {k: v.contiguous() for k, v in encoder.state_dict().items()}

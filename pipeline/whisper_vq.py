@@ -106,9 +106,10 @@ class EncoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(c.d_model)
         self.num_heads = c.num_heads
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, n_keys: int
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x (B, T, d) of one block; kv: this layer's keys/values of the earlier blocks (B, H, S, hd).
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], start: int, n_keys: int
+                ) -> torch.Tensor:
+        """x (B, T, d): one block at encoder frames [start, start + T). kv: this layer's preallocated
+        key/value buffers (B, H, max_positions, hd), holding frames [0, start) of the earlier blocks.
 
         Every query of a block may see every earlier key and every key of its own block (block-causal
         mask), except keys at or after `n_keys` (padding frames of the last block).
@@ -117,15 +118,11 @@ class EncoderLayer(nn.Module):
         attn = self.self_attn
         h = self.self_attn_layer_norm(x)
         q = attn.q_proj(h).view(B, T, self.num_heads, -1).transpose(1, 2)  # (B, H, T, hd)
-        k = attn.k_proj(h).view(B, T, self.num_heads, -1).transpose(1, 2)
-        v = attn.v_proj(h).view(B, T, self.num_heads, -1).transpose(1, 2)
-        if kv is not None:
-            k = torch.cat([kv[0], k], dim=2)  # (B, H, S + T, hd)
-            v = torch.cat([kv[1], v], dim=2)
-        a = F.scaled_dot_product_attention(q, k[:, :, :n_keys], v[:, :, :n_keys])  # (B, H, T, hd)
+        kv[0][:, :, start:start + T] = attn.k_proj(h).view(B, T, self.num_heads, -1).transpose(1, 2)
+        kv[1][:, :, start:start + T] = attn.v_proj(h).view(B, T, self.num_heads, -1).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, kv[0][:, :, :n_keys], kv[1][:, :, :n_keys])  # (B, H, T, hd)
         x = x + attn.out_proj(a.transpose(1, 2).reshape(B, T, d))
-        x = x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
-        return x, (k, v)
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
 
 
 class WhisperVQEncoder(nn.Module):
@@ -158,14 +155,21 @@ class WhisperVQEncoder(nn.Module):
         x = x.transpose(1, 2)  # (B, T, d)
         return x + self.embed_positions.weight[first_frame:first_frame + x.shape[1]]
 
-    def encode_block(self, x: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]] | None, n_keys: int
-                     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """(B, T, d) embedded block -> (B, T, d) after the last layer, and the grown per-layer cache."""
-        new_kv = []
-        for i, layer in enumerate(self.layers):
-            x, layer_kv = layer(x, None if kv is None else kv[i], n_keys)
-            new_kv.append(layer_kv)
-        return x, new_kv
+    def new_cache(self, batch: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer key/value buffers for one 30 s segment: (B, H, max_positions, hd) each, written by
+        position (2 x layers x 1500 x d_model x 4 B = 245 MB at the real sizes in float32)."""
+        c, w = self.config, self.conv1.weight
+        shape = (batch, c.num_heads, c.max_positions, c.d_model // c.num_heads)
+        return [(torch.empty(shape, dtype=w.dtype, device=w.device), torch.empty(shape, dtype=w.dtype, device=w.device))
+                for _ in self.layers]
+
+    def encode_block(self, x: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]], start: int, n_keys: int
+                     ) -> torch.Tensor:
+        """(B, T, d) embedded block at frames [start, start + T) -> (B, T, d) after the last layer; writes the
+        block's keys/values into `kv`."""
+        for layer, layer_kv in zip(self.layers, kv, strict=True):
+            x = layer(x, layer_kv, start, n_keys)
+        return x
 
     def quantize(self, h: torch.Tensor, code_sq: torch.Tensor) -> torch.Tensor:
         """(B, T, d) with T a multiple of pool_frames -> (B, T / pool) token ids (nearest codeword, fp32 L2).
