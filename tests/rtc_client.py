@@ -125,6 +125,7 @@ class RealtimeClient:
     location: str = ""
     offer_to_connected_ms: float = 0.0
     answer_sdp: str = ""
+    headers: dict = field(default_factory=dict)  # e.g. Authorization for the call offer
 
     def __post_init__(self) -> None:
         self._new_event = asyncio.Event()
@@ -154,7 +155,7 @@ class RealtimeClient:
                 body = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
                 if session is not None:
                     body["session"] = session
-                async with http.post(f"{self.base_url}/v1/realtime/calls", json=body) as r:
+                async with http.post(f"{self.base_url}/v1/realtime/calls", json=body, headers=self.headers) as r:
                     assert r.status == 201, await r.text()
                     answer = (await r.json())["sdp"]
                     self.location = r.headers["Location"]
@@ -162,13 +163,13 @@ class RealtimeClient:
                 form = aiohttp.FormData(default_to_multipart=True)
                 form.add_field("sdp", self.pc.localDescription.sdp)
                 form.add_field("session", json.dumps(session or {}))
-                async with http.post(f"{self.base_url}/v1/realtime/calls", data=form) as r:
+                async with http.post(f"{self.base_url}/v1/realtime/calls", data=form, headers=self.headers) as r:
                     assert r.status == 201, await r.text()
                     answer = await r.text()
                     self.location = r.headers["Location"]
             else:
                 async with http.post(f"{self.base_url}/v1/realtime/calls", data=self.pc.localDescription.sdp,
-                                     headers={"Content-Type": "application/sdp"}) as r:
+                                     headers={"Content-Type": "application/sdp", **self.headers}) as r:
                     assert r.status == 201, await r.text()
                     answer = await r.text()
                     self.location = r.headers["Location"]
