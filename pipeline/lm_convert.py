@@ -23,7 +23,7 @@ SINGLE_FILE = "model.safetensors"
 _IGNORED_KEYS = ("transformer.rotary_pos_emb.inv_freq",)  # RoPE table buffer; recomputed (§3.3)
 # ChatGLM switches this implementation does not carry; any other value changes the maths.
 _REQUIRED = {
-    "multi_query_attention": True, "rmsnorm": True, "post_layer_norm": True, "add_bias_linear": False,
+    "rmsnorm": True, "post_layer_norm": True, "add_bias_linear": False,
     "apply_residual_connection_post_layernorm": False, "original_rope": True,
 }  # fmt: skip
 
@@ -64,7 +64,9 @@ class LMConfig:
                 hidden_size=int(cfg["hidden_size"]),
                 ffn_hidden_size=int(cfg["ffn_hidden_size"]),
                 num_heads=int(cfg["num_attention_heads"]),
-                kv_groups=int(cfg["multi_query_group_num"]),
+                # Without multi-query attention ChatGLM gives every query head its own K/V head.
+                kv_groups=int(cfg["multi_query_group_num"] if cfg.get("multi_query_attention", True)
+                              else cfg["num_attention_heads"]),  # fmt: skip
                 head_dim=int(cfg.get("kv_channels") or cfg["hidden_size"] // cfg["num_attention_heads"]),
                 vocab_size=int(cfg["padded_vocab_size"]),
                 seq_length=int(cfg["seq_length"]),

@@ -218,3 +218,23 @@ def test_chunked_prefill_and_length_buckets(lm: VoiceLM, monkeypatch: pytest.Mon
     cache = lm.new_cache()
     rows = [lm.prefill(cache, ids)] + [lm.decode_step([cache], [t])[0] for t in steps]
     assert torch.allclose(torch.stack(rows), lm.logits(ids + steps)[len(ids) - 1 :], atol=TOL)
+
+
+def test_without_multi_query_attention(tmp_path: Path) -> None:
+    """multi_query_attention false: ChatGLM gives every query head its own K/V (group count ignored)."""
+    ck = tmp_path / "mha"
+    write_random_checkpoint(ck, **{**SIZES, "kv_groups": SIZES["num_heads"]}, vocab_size=128, seed=2)
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "multi_query_attention": False, "multi_query_group_num": 1}))
+    lm = VoiceLM.from_pretrained(ck)
+    assert lm.config.kv_groups == SIZES["num_heads"]
+    ids = _ids(9, 14, 128)
+    assert torch.allclose(lm.prefill(lm.new_cache(), ids), lm.logits(ids)[-1], atol=TOL)
+
+
+def test_directory_without_weights(tmp_path: Path) -> None:
+    ck = _checkpoint(tmp_path / "ok")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text((ck / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        VoiceLM.from_pretrained(tmp_path / "empty")
