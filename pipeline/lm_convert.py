@@ -68,7 +68,7 @@ class LMConfig:
                 kv_groups=int(cfg["multi_query_group_num"] if cfg.get("multi_query_attention", True)
                               else cfg["num_attention_heads"]),  # fmt: skip
                 head_dim=int(cfg.get("kv_channels") or cfg["hidden_size"] // cfg["num_attention_heads"]),
-                vocab_size=int(cfg["padded_vocab_size"]),
+                vocab_size=int(cfg.get("padded_vocab_size") or cfg["vocab_size"]),
                 seq_length=int(cfg["seq_length"]),
                 rope_theta=10000.0 * float(cfg.get("rope_ratio", 1)),
                 rms_eps=float(cfg["layernorm_epsilon"]),
