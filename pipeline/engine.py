@@ -212,6 +212,7 @@ class EngineThread:
         self.scheduler = None  # pipeline.scheduler.Scheduler, built in the thread
         self.load_error: BaseException | None = None
         self.crash: BaseException | None = None  # what ended the work loop, if it did not stop on request
+        self._finished = False  # set by the thread before it answers its last commands
 
     @property
     def alive(self) -> bool:
@@ -221,9 +222,14 @@ class EngineThread:
     def started(self) -> bool:
         return self._thread.ident is not None
 
+    @property
+    def finished(self) -> bool:
+        """The work loop has ended (stopped or crashed); commands are only answered, never run."""
+        return self._finished
+
     def send(self, command: Command) -> None:
         self._inbox.put(command)
-        if self.started and not self.alive:  # nobody will run it: answer it now (close, settle, respond)
+        if self._finished:  # nobody will run it: answer it now (close, settle, respond)
             self._answer_leftovers()
 
     def start(self) -> concurrent.futures.Future:
@@ -259,6 +265,7 @@ class EngineThread:
             self._fail_active_turns()
             raise
         finally:
+            self._finished = True  # before the drain: a command put after it is answered by send()
             self._answer_leftovers()
 
     def _fail_active_turns(self) -> None:
@@ -347,7 +354,7 @@ class GLMVoiceResponder(Responder):
         engine = self._engine
         if engine.load_error is not None:
             details["error"] = str(engine.load_error)
-        alive = engine.alive
+        alive = engine.alive and not engine.finished
         if self._ready and not alive:
             crash = engine.crash
             details["error"] = "the engine thread died" + (f": {type(crash).__name__}: {crash}" if crash else "")

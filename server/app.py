@@ -73,6 +73,7 @@ class Server:
     async def _start_responder(self) -> None:
         try:
             await self.responder.start()
+            self._was_ready = True
             log.info("responder %s ready", self.responder.info().name)
         except Exception as exc:
             self.start_error = f"{type(exc).__name__}: {exc}"
@@ -275,6 +276,8 @@ class Server:
     async def hangup(self, request: web.Request) -> web.Response:
         call_id = request.match_info["call_id"]
         call = self.calls.get(call_id)
+        if call is not None:
+            current_call_id.set(call_id)  # this request's task only: its log lines name the call
         if call is None:
             raise ApiError(404, "call_not_found", f"no active call {call_id!r}")
         await call.close("hangup")
