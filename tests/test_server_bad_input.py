@@ -43,7 +43,9 @@ async def _post(base: str, data, content_type: str | None, path: str = "/v1/real
 
 @pytest.fixture
 async def server():
-    running = await start_server(overrides={"http": {"max_body_bytes": 20_000}})
+    running = await start_server(overrides={"http": {"max_body_bytes": 20_000},
+                                            "limits": {"max_event_bytes": 20_000, "max_text_chars": 500,
+                                                       "max_instructions_chars": 800}})
     yield running
     await running.runner.cleanup()
 
@@ -129,10 +131,21 @@ async def test_data_channel_errors_and_text_turn(server):
             (json.dumps({"type": "response.cancel"}), "response_cancel_not_active"),
             (json.dumps({"type": "session.update", "session": {"instructions": "x" * (limit + 10)}}),
              "message_too_large"),
+            (json.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "y" * (server.server.config.limits.max_text_chars + 1)}]}}),
+             "string_above_max_length"),
+            (json.dumps({"type": "session.update", "session": {
+                "instructions": "z" * (server.server.config.limits.max_instructions_chars + 1)}}),
+             "string_above_max_length"),
+            (b"\x00\x01binary", "invalid_event"),
+            ("[" * 100_000, "message_too_large"),
         ]
         for message, code in bad:
             mark = len(client.events)
-            client.send(message)
+            if isinstance(message, bytes):
+                client.channel.send(message)
+            else:
+                client.send(message)
             error = await client.wait_for("error", 5, after=mark)
             assert error["error"]["code"] == code, (message[:60], error)
         assert client.of_type("error")[4]["error"]["event_id"] == "evt_1"  # errors name the client's event
