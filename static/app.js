@@ -72,11 +72,16 @@ async function startCall() {
   unlockAudio();
   setState("connecting");
   setInCall(true);
-  let session;
+  let session, authorization;
   try {
     session = await (await fetch("/session")).json();
   } catch (e) {
     return fail("Connection failed: the server did not answer (" + e.message + ").");
+  }
+  try {
+    authorization = await callAuthorization(session.auth || {});
+  } catch (e) {
+    return fail(e.message);
   }
   try {
     app.mic = await navigator.mediaDevices.getUserMedia({
@@ -112,7 +117,8 @@ async function startCall() {
   let response;
   try {
     response = await fetch(session.calls_endpoint || "/v1/realtime/calls", {
-      method: "POST", body: pc.localDescription.sdp, headers: { "Content-Type": "application/sdp" },
+      method: "POST", body: pc.localDescription.sdp,
+      headers: Object.assign({ "Content-Type": "application/sdp" }, authorization),
     });
   } catch (e) {
     return fail("Connection failed: " + e.message);
@@ -120,14 +126,56 @@ async function startCall() {
   if (!response.ok) {
     let message = "HTTP " + response.status;
     try { message = (await response.json()).error.message; } catch (e) { /* not JSON */ }
+    const retry = response.headers.get("Retry-After");
     if (response.status === 503) {
-      const retry = response.headers.get("Retry-After");
       return fail("Server busy" + (retry ? ", retry in " + retry + " s" : "") + ". " + message);
+    }
+    if (response.status === 429) {
+      return fail("Too many calls from this address" + (retry ? ", retry in " + retry + " s" : "") + ".");
+    }
+    if (response.status === 401) {
+      app.clientSecret = null;  // expired or refused: the next call asks for a new one
+      return fail("Not authorized: " + message);
     }
     return fail("The server refused the call: " + message);
   }
   app.callUrl = response.headers.get("Location");
   await pc.setRemoteDescription({ type: "answer", sdp: await response.text() });
+}
+
+// ----- auth: the page never holds the API key ------------------------------------------------
+
+// A client secret (ek_...) reaches the page in the URL fragment, #client_secret=ek_... (an app backend
+// that holds the API key mints it and links here; fragments are not sent to servers or logged), or,
+// when the server allows it ([auth] page_secrets), the page mints one with a same-origin request.
+function secretFromFragment() {
+  const params = new URLSearchParams(window.location.hash.slice(1));
+  const secret = params.get("client_secret");
+  if (secret) history.replaceState(null, "", window.location.pathname + window.location.search);
+  return secret;
+}
+
+async function callAuthorization(auth) {
+  if (!auth.required) return {};
+  app.clientSecret = app.clientSecret || secretFromFragment();
+  const fresh = app.clientSecret && (!app.clientSecretExpiresAt || app.clientSecretExpiresAt > Date.now() / 1000 + 5);
+  if (!fresh && auth.page_secrets) {
+    const response = await fetch(auth.client_secrets_endpoint, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: "{}",
+    });
+    if (!response.ok) {
+      let message = "HTTP " + response.status;
+      try { message = (await response.json()).error.message; } catch (e) { /* not JSON */ }
+      throw new Error("Not authorized: " + message);
+    }
+    const minted = await response.json();
+    app.clientSecret = minted.value;
+    app.clientSecretExpiresAt = minted.expires_at;
+  } else if (!fresh) {
+    throw new Error("This server requires authorization: open this page through the link your app gives "
+      + "(it carries a short-lived client secret).");
+  }
+  return { Authorization: "Bearer " + app.clientSecret };
 }
 
 function iceGathered(pc, timeoutMs) {
@@ -204,6 +252,12 @@ function onServerEvent(event) {
       if (event.speech_stopped_to_first_frame_ms != null) {
         ui.latency.textContent = Math.round(event.speech_stopped_to_first_frame_ms) + " ms";
       }
+      break;
+    case "glm4voice.server.shutting_down":
+      showError("The server is shutting down; this call ends within " + event.grace_s + " s.");
+      break;
+    case "glm4voice.call.closing":
+      fail("The server ended the call: " + event.message + ".");
       break;
     case "error":
       showError("Server: " + event.error.message);

@@ -55,3 +55,19 @@ def test_browser_call_end_to_end():
     assert result["latency"].endswith("ms")
     assert result["calls_after_hangup"] == 0, "Hang up did not free the call on the server"
     assert Path(result["screenshot"]).stat().st_size > 10_000
+
+
+def test_browser_busy_and_auth_messages():
+    pytest.importorskip("playwright")
+    prefix = _isolated_prefix()
+    out = subprocess.run([*prefix, sys.executable, str(ROOT / "tests" / "browser_admission.py")],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"browser admission: {result}")
+    assert result["page_secret_call"]["connected"], result  # auth on, the page minted its own secret
+    assert not result["busy"]["connected"] and result["busy"]["error"].startswith("Server busy, retry in 9 s")
+    assert result["calls_on_busy_server"] == 1
+    assert not result["no_secret"]["connected"] and "requires authorization" in result["no_secret"]["error"]
+    assert result["fragment_secret_call"]["connected"], result  # the app backend's secret, via the fragment
+    assert not result["fragment_left_in_url"] and result["calls_on_app_server"] == 1
