@@ -215,3 +215,15 @@ def test_wrong_or_partial_checkpoint_raises(ckpt_dir: Path, tmp_path: Path) -> N
     (nosection / "config.yaml").write_text("sample_rate: 22050\n")
     with pytest.raises(ValueError, match="no 'flow' section"):
         SpeechDecoder.from_pretrained(nosection)
+
+
+def test_new_style_weight_norm_keys_load_too(ckpt_dir: Path, decoder: SpeechDecoder, tmp_path: Path) -> None:
+    """A hift.pt re-saved with torch.nn.utils.parametrizations.weight_norm names g/v differently."""
+    renamed = _copy_ckpt(ckpt_dir, tmp_path / "renamed")
+    state = torch.load(renamed / "hift.pt", weights_only=True)
+    state = {k.replace(".weight_g", ".parametrizations.weight.original0")
+              .replace(".weight_v", ".parametrizations.weight.original1"): v for k, v in state.items()}
+    torch.save(state, renamed / "hift.pt")
+    again = SpeechDecoder.from_pretrained(renamed)
+    tokens = _tokens(12, seed=9)
+    np.testing.assert_array_equal(again.synthesize(tokens), decoder.synthesize(tokens))
