@@ -11,6 +11,7 @@ Compute does not depend on weight values, so random weights at glm-4-voice-token
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -134,7 +135,9 @@ def official_style_tokenize(tok: SpeechTokenizer, wav: np.ndarray) -> list[int]:
     feats = tok.features(wav)  # per segment (n_mels, F_i)
     n_frames = max(f.shape[1] for f in feats)
     batch = torch.stack([torch.nn.functional.pad(f, (0, n_frames - f.shape[1])) for f in feats])  # (B, n_mels, F)
-    valid = torch.tensor([f.shape[1] // 2 for f in feats])  # encoder frames per segment
+    seg = c.mel.segment_samples
+    lengths = [len(wav[s:s + seg]) for s in range(0, len(wav), seg)]
+    valid = torch.tensor([math.ceil(math.ceil(n / c.mel.hop_samples) / 2) for n in lengths])  # mask[::160][::2]
     x = enc.embed(batch, True, 0)  # (B, T, d)
     B, T, d = x.shape
     pos = torch.arange(T)
@@ -149,7 +152,7 @@ def official_style_tokenize(tok: SpeechTokenizer, wav: np.ndarray) -> list[int]:
         x = x + a.out_proj(o.transpose(1, 2).reshape(B, T, d))
         x = x + layer.fc2(torch.nn.functional.gelu(layer.fc1(layer.final_layer_norm(x))))
     ids = enc.quantize(x, enc.codebook_sq())  # (B, T / pool)
-    return [t for i in range(B) for t in ids[i, :-(-int(valid[i]) // c.pool_frames)].tolist()]
+    return [t for i in range(B) for t in ids[i, :-(-lengths[i] // c.samples_per_token)].tolist()]
 
 
 def bench_offline(tok: SpeechTokenizer, audio: np.ndarray, repeats: int, compare: bool, gflops: float) -> None:
