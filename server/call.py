@@ -487,7 +487,8 @@ class Call:
     async def _watch(self) -> None:
         while self.state != "closed":
             await asyncio.sleep(WATCH_INTERVAL_S)
-            ending = self.guard.check(time.monotonic(), replying=self._reply is not None)
+            ending = self.guard.check(time.monotonic(), replying=self._reply is not None,
+                                      connected=self.state != "connecting")
             if ending is not None:
                 self.log.info("ending call: %s (%s)", ending.code, ending.message)
                 if ending.notify:

@@ -14,6 +14,8 @@ watchdog task (server/call.py) asks `check()` twice a second and ends the call w
 - Idle: no user speech and no client event for `idle_timeout_s` (the assistant talking is not user
   activity, but a reply in progress keeps the call open).
 - Duration: `max_call_duration_s` since the call was created.
+- Connecting: an answered offer whose peer never connects would hold a call slot; after
+  `connect_timeout_s` it is dropped.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ RATE_ERROR_INTERVAL_S = 1.0
 
 @dataclass(frozen=True)
 class Ending:
-    code: str  # max_duration | idle_timeout | peer_gone
+    code: str  # max_duration | idle_timeout | peer_gone | connect_timeout
     message: str
     notify: bool  # whether the peer can still be told (not when it is gone)
 
@@ -62,8 +64,13 @@ class CallGuard:
             return False, True
         return False, False
 
-    def check(self, now_s: float, replying: bool) -> Ending | None:
+    def check(self, now_s: float, replying: bool, connected: bool = True) -> Ending | None:
         lim = self.limits
+        if not connected:
+            if lim.connect_timeout_s and now_s - self.created_s >= lim.connect_timeout_s:
+                return Ending("connect_timeout", f"the peer did not connect within {lim.connect_timeout_s:g} s",
+                              False)
+            return None
         if lim.max_call_duration_s and now_s - self.created_s >= lim.max_call_duration_s:
             return Ending("max_duration", f"the call reached its limit of {lim.max_call_duration_s:g} s", True)
         if lim.peer_timeout_s and self.last_inbound_s is not None:

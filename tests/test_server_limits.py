@@ -7,6 +7,7 @@ import fractions
 import json
 import time
 
+import aiohttp
 import av
 import numpy as np
 import pytest
@@ -45,6 +46,32 @@ def test_call_guard_clocks():
     assert sum(ok for ok, _ in flood) == 5 and sum(complain for _, complain in flood) == 1
     assert guard.event_arrived(200.5) == (True, False)  # 5 tokens back after 0.5 s
     assert guard.events_dropped == 15
+    # An answered offer that never connects is dropped after connect_timeout_s (default 20 s).
+    fresh = CallGuard(limits, now_s=0.0)
+    assert fresh.check(19.0, replying=False, connected=False) is None
+    assert fresh.check(20.0, replying=False, connected=False).code == "connect_timeout"
+
+
+async def test_offer_that_never_connects_frees_its_slot():
+    running = await start_server(overrides={"limits": {"connect_timeout_s": 1.0, "max_calls": 1}})
+    try:
+        pc = RTCPeerConnection()  # offers, never takes the answer
+        pc.addTransceiver("audio")
+        pc.createDataChannel("oai-events")
+        await pc.setLocalDescription(await pc.createOffer())
+        async with aiohttp.ClientSession() as http:
+            async with http.post(running.base_url + "/v1/realtime/calls", data=pc.localDescription.sdp,
+                                 headers={"Content-Type": "application/sdp"}) as r:
+                assert r.status == 201
+        await pc.close()
+        call = next(iter(running.server.calls.values()))
+        await asyncio.wait_for(call.closed.wait(), 5)
+        assert call.close_reason == "connect_timeout" and running.server.calls == {}
+        client = RealtimeClient(running.base_url)  # the slot is free again
+        await client.connect()
+        await client.hangup()
+    finally:
+        await running.runner.cleanup()
 
 
 async def test_event_flood_is_dropped_and_the_call_goes_on():
@@ -192,7 +219,8 @@ class FakeChannel:
 
 async def test_ten_minutes_of_push_to_talk_audio_is_capped():
     """A 10-minute push-to-talk turn through the real inbound path (converter, VAD, call), unpaced."""
-    config = load_config(None, env={}, overrides={"responder": {"kind": "echo"}})
+    config = load_config(None, env={}, overrides={"responder": {"kind": "echo"},
+                                                  "limits": {"connect_timeout_s": 0}})  # no peer ever connects
     server = Server(config, EchoResponder())
     call = Call("rtc_ten_minutes", RTCPeerConnection(), server.responder, server.vad, config, server.metrics,
                 server.default_settings(), on_closed=lambda c: None)
