@@ -158,7 +158,7 @@ def test_bfloat16_runs_close_to_float32(ckpt_dir: Path, decoder: SpeechDecoder) 
     tokens = _tokens(20, seed=8)
     ref, low = decoder.synthesize(tokens), bf16.synthesize(tokens)
     assert low.dtype == np.float32 and low.shape == ref.shape and np.isfinite(low).all()
-    assert np.corrcoef(ref, low)[0, 1] > 0.5
+    assert np.corrcoef(ref, low)[0, 1] > 0.99  # measured 0.9999 on this checkpoint
 
 
 @pytest.mark.parametrize("bad", [[-1], [512], [3, 10**6], [1.5], [True], ["7"]])
