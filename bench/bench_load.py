@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import re
@@ -110,8 +111,10 @@ async def run(args: argparse.Namespace) -> None:
     env = {**os.environ, "GLM4VOICE_WEBRTC_HOST_ADDRESSES": "127.0.0.1",
            "GLM4VOICE_LIMITS_CALLS_PER_MINUTE_PER_ADDRESS": "0", "GLM4VOICE_LIMITS_MAX_CALLS": str(args.calls + 4),
            "GLM4VOICE_MODEL_DEMO_WEIGHTS_DIR": os.environ.get("GLM4VOICE_MODEL_DEMO_WEIGHTS_DIR", str(demo_dir))}
-    server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--log-level",
-                               "WARNING"], cwd=ROOT, env=env)
+    log_path = Path(tempfile.gettempdir()) / f"glm4voice_bench_load_{port}.log"
+    log_file = open(log_path, "w")  # noqa: SIM115 - the server's whole life
+    server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--log-format",
+                               "json"], cwd=ROOT, env=env, stderr=log_file)
     base = f"http://127.0.0.1:{port}"
     set_host_addresses(("127.0.0.1",))
     clients: list[RealtimeClient] = []
@@ -153,6 +156,12 @@ async def run(args: argparse.Namespace) -> None:
             await client.close()
         server.terminate()
         server.wait(30)
+        log_file.close()
+    reasons: dict[str, int] = {}
+    for line in log_path.read_text().splitlines():
+        if line.startswith("{") and '"closing: ' in line:
+            reason = json.loads(line)["msg"].removeprefix("closing: ")
+            reasons[reason] = reasons.get(reason, 0) + 1
     lag = health["event_loop_lag_ms"]
     print(f"machine: {machine()}")
     print(f"responder: {health['responder'].get('name')} weights={health['responder'].get('weights')} "
@@ -169,6 +178,7 @@ async def run(args: argparse.Namespace) -> None:
     print(f"event-loop lag (server, last minute): p50 {lag['p50']:.1f} ms  p99 {lag['p99']:.1f} ms  "
           f"max {lag['max']:.1f} ms;  whole run p99 "
           f"{histogram_quantile(metrics, 'glm4voice_event_loop_lag_seconds', 0.99)}")
+    print(f"calls closed, by reason: {reasons} (server log {log_path})")
     print(f"server process: {cpu:.0f}% CPU average (100% = one core), RSS {rss_mb:.0f} MiB; clients in this process")
 
 

@@ -124,9 +124,10 @@ async def test_idle_timeout_and_max_duration_end_calls_with_a_reason():
 
 @pytest.mark.parametrize("watch", ["media", "consent"])
 async def test_vanished_peer_is_noticed_within_seconds(watch):
-    # Each watch alone, at its default: inbound media silence 5 s ("media"; consent checks made lax), ICE
+    # Each watch alone: inbound media silence at its default 5 s ("media"; consent checks made lax), ICE
     # consent every 1 s with 3 misses ("consent"; media watch off, as for a peer that sends no audio).
-    overrides = {"limits": {"peer_timeout_s": 0.0}} if watch == "consent" else {"webrtc": {"consent_failures": 20}}
+    overrides = ({"limits": {"peer_timeout_s": 0.0}, "webrtc": {"consent_interval_s": 1.0, "consent_failures": 3}}
+                 if watch == "consent" else {"webrtc": {"consent_failures": 20}})
     running = await start_server(overrides=overrides)
     client = RealtimeClient(running.base_url)
     try:
