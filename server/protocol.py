@@ -21,6 +21,14 @@ def new_event_id() -> str:
     return f"event_{next(_event_counter):08d}"
 
 
+_item_counter = itertools.count(1)
+
+
+def new_id(prefix: str) -> str:
+    """Item and response ids (`item_000001`, `resp_000002`)."""
+    return f"{prefix}_{next(_item_counter):06d}"
+
+
 class ProtocolError(Exception):
     """A client event we cannot act on; becomes one `error` event, the call goes on."""
 
