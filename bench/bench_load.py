@@ -40,6 +40,7 @@ from bench_call_path import free_port, machine, pct  # noqa: E402
 from rtc_client import RealtimeClient  # noqa: E402
 from speech import ENGLISH_SENTENCES, synth_speech  # noqa: E402
 
+from server.metrics import LoopLagProbe  # noqa: E402
 from server.rtc import set_host_addresses  # noqa: E402
 
 
@@ -138,10 +139,13 @@ async def run(args: argparse.Namespace) -> None:
             proc = psutil.Process(server.pid)
             proc.cpu_percent()
             tally = Tally()
+            client_lag = LoopLagProbe(0.05, 100_000)  # the clients' own loop: are they keeping up?
+            client_lag.start()
             t0 = time.monotonic()
             end_s = t0 + args.seconds
             await asyncio.gather(*(talker(i, base, clip, end_s, tally, clients) for i in range(args.calls)))
             wall_s = time.monotonic() - t0
+            await client_lag.stop()
             cpu = proc.cpu_percent()
             rss_mb = proc.memory_info().rss / 2**20
             async with http.get(base + "/health") as r:
@@ -178,6 +182,9 @@ async def run(args: argparse.Namespace) -> None:
     print(f"event-loop lag (server, last minute): p50 {lag['p50']:.1f} ms  p99 {lag['p99']:.1f} ms  "
           f"max {lag['max']:.1f} ms;  whole run p99 "
           f"{histogram_quantile(metrics, 'glm4voice_event_loop_lag_seconds', 0.99)}")
+    print(f"client process event-loop lag: p50 {client_lag.quantile_s(0.5) * 1e3:.1f} ms  p99 "
+          f"{client_lag.quantile_s(0.99) * 1e3:.1f} ms  max {client_lag.max_s * 1e3:.0f} ms (the {args.calls} aiortc "
+          "clients share one process and the machine with the server)")
     print(f"calls closed, by reason: {reasons} (server log {log_path})")
     print(f"server process: {cpu:.0f}% CPU average (100% = one core), RSS {rss_mb:.0f} MiB; clients in this process")
 
