@@ -130,7 +130,7 @@ class Scheduler:
         try:
             fn(*args)
         except Exception as exc:  # noqa: BLE001 - isolate the failing call, keep serving the others
-            log.exception("call %s: turn failed", d.call_id)
+            log.exception("call %s: turn failed", d.call_id, extra={"call_id": d.call_id})
             self.counters["turn_errors"] += 1
             reply = d.reply
             d.abandon_reply()
