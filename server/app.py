@@ -252,7 +252,7 @@ class Server:
             if pc.connectionState == "connected":
                 call.connected()
             elif pc.connectionState in ("failed", "closed"):
-                await call.close(f"peer connection {pc.connectionState}")
+                await call.close(f"peer connection {pc.connectionState} (ice {pc.iceConnectionState})")
 
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
