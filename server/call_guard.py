@@ -10,7 +10,7 @@ watchdog task (server/call.py) asks `check()` twice a second and ends the call w
   track sends silence packets). No inbound packet and no data-channel message for `peer_timeout_s`
   once media has flowed means the peer is gone. Peers that send no audio (receive-only) are covered by
   the ICE consent checks (server/rtc.py: every `consent_interval_s`, `consent_failures` misses end the
-  call, ~12 s by default), which also catch a vanished sender.
+  call; ~33 s by default, a backstop), which also catch a vanished sender.
 - Idle: no user speech and no client event for `idle_timeout_s` (the assistant talking is not user
   activity, but a reply in progress keeps the call open).
 - Duration: `max_call_duration_s` since the call was created.

@@ -41,8 +41,8 @@ class WebRTCConfig:
     turn_credential: str = ""
     receive_jitter_frames: int = 0  # 20 ms frames held before decoding; aiortc's default is 4 (80 ms)
     ice_gather_timeout_ms: int = 2_000  # the page waits at most this long for its candidates before offering
-    consent_interval_s: float = 2.0  # s between ICE consent checks (RFC 7675; aioice's default is 5)
-    consent_failures: int = 5  # unanswered checks in a row that end the call: ~(interval + 0.5 s) each; aioice: 6
+    consent_interval_s: float = 5.0  # s between ICE consent checks (RFC 7675); aioice's default
+    consent_failures: int = 6  # unanswered checks in a row that end the call: ~(interval + 0.5 s) each (~33 s)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@
    as soon as it arrives in order; a packet that arrives after a later one was released is dropped
    (Opus copes with a lost 20 ms frame; reordering is rare on the paths WebRTC picks). N > 0 keeps
    aiortc's buffer with prefetch N. bench/bench_call_path.py measures both.
-4. ICE consent checks: tighter than aioice's 5 s x 6 misses, so a vanished peer ends its call in seconds.
+4. ICE consent checks: `webrtc.consent_interval_s` / `consent_failures` set aioice's module constants.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def set_host_addresses(addresses: tuple[str, ...]) -> None:
 
 
 def set_consent_checks(interval_s: float, failures: int) -> None:
-    """ICE consent freshness (RFC 7675): aioice checks every ~5 s and gives up after 6 misses (30 s). A
-    vanished peer should be noticed within seconds: check every `interval_s`, give up after `failures`.
-    aioice reads these module constants on each check, so this applies to every connection."""
+    """ICE consent freshness (RFC 7675): aioice checks every ~5 s and gives up after 6 misses (~33 s):
+    check every `interval_s`, give up after `failures` instead. aioice reads these module constants on
+    each check, so this applies to every connection in the process."""
     aioice.ice.CONSENT_INTERVAL = interval_s
     aioice.ice.CONSENT_FAILURES = failures
 
