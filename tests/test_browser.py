@@ -19,9 +19,11 @@ ARTIFACTS = ROOT / "artifacts"
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="Debian chromium is needed (make test)"),
-    pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is needed (make test)"),
 ]
+
+# make test installs Debian chromium and espeak-ng; their absence is a failure, not a skip.
+assert Path("/usr/bin/chromium").exists(), "Debian chromium is needed (make test installs it)"
+assert shutil.which("espeak-ng"), "espeak-ng is needed (make test installs it)"
 
 
 def _isolated_prefix() -> list[str]:

@@ -22,7 +22,9 @@ PARITY_DIR = Path(os.environ.get("GLM4VOICE_PARITY_DIR",
 DEC_DIR = PARITY_DIR / "decoder"
 TOL = 1e-4  # absolute, on mel (log-magnitude) and waveform
 
-pytestmark = pytest.mark.skipif(not (DEC_DIR / "config.yaml").exists(), reason=f"no decoder fixtures in {DEC_DIR}")
+# Missing fixtures are a failure, never a skip: a wrong GLM4VOICE_PARITY_DIR must not pass silently.
+if not (DEC_DIR / "config.yaml").exists():
+    raise FileNotFoundError(f"no decoder parity fixtures in {DEC_DIR}: set GLM4VOICE_PARITY_DIR")
 
 DRAW_FILES = {"z": "noise_z", "phase": "noise_phase", "sine_randn": "noise_sine_randn"}
 

@@ -20,7 +20,8 @@ from pipeline.engine import GLMVoiceResponder
 from pipeline.engine_config import EngineConfig
 from pipeline.prompt import user_turn_ids
 
-pytestmark = pytest.mark.skipif(not have_speech_tools(), reason="espeak-ng and sox are needed (make test)")
+# make test installs espeak-ng and sox; their absence is a failure, not a skip.
+assert have_speech_tools(), "espeak-ng and sox are needed (make test installs them)"
 SILENCE_TAIL_S = 1.2  # more than silence_duration_ms: the turn ends
 SPEECH_TOKEN_MS = 80.0
 

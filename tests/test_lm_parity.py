@@ -16,7 +16,9 @@ PARITY_DIR = Path(os.environ.get("GLM4VOICE_PARITY_DIR", Path(__file__).resolve(
 LM_DIR = PARITY_DIR / "lm"
 TOLERANCE = 1e-4  # float32; the official eager/sdpa and 1/2-thread spread is ~2e-6 (parity README)
 
-pytestmark = pytest.mark.skipif(not (LM_DIR / "cases.json").is_file(), reason=f"no LM fixture at {LM_DIR}")
+# Missing fixtures are a failure, never a skip: a wrong GLM4VOICE_PARITY_DIR must not pass silently.
+if not (LM_DIR / "cases.json").is_file():
+    raise FileNotFoundError(f"no LM parity fixture at {LM_DIR}: set GLM4VOICE_PARITY_DIR")
 
 
 def _cases() -> list[dict]:

@@ -12,7 +12,8 @@ import soxr
 from rtc_client import RATE_48K, RealtimeClient, xcorr_peak
 from speech import ENGLISH_SENTENCES, MANDARIN_PINYIN, have_speech_tools, synth_speech
 
-pytestmark = pytest.mark.skipif(not have_speech_tools(), reason="espeak-ng and sox are needed (make test)")
+# make test installs espeak-ng and sox; their absence is a failure, not a skip.
+assert have_speech_tools(), "espeak-ng and sox are needed (make test installs them)"
 
 SILENCE_TAIL_S = 1.2  # more than silence_duration_ms so the turn ends
 

@@ -16,7 +16,14 @@ from pipeline.speech_tokenizer import SpeechTokenizer, write_random_checkpoint
 PARITY_DIR = Path(os.environ.get("GLM4VOICE_PARITY_DIR",
                                  Path(__file__).resolve().parents[1].parent / "shared" / "parity"))
 FIXTURE = PARITY_DIR / "speech_tokenizer"
-needs_fixture = pytest.mark.skipif(not (FIXTURE / "cases.json").is_file(), reason=f"no parity fixture at {FIXTURE}")
+# Missing fixtures are a failure, never a skip: a wrong GLM4VOICE_PARITY_DIR must not pass silently.
+needs_fixture = pytest.mark.usefixtures("_parity_fixture")
+
+
+@pytest.fixture
+def _parity_fixture() -> None:
+    if not (FIXTURE / "cases.json").is_file():
+        pytest.fail(f"no speech tokenizer parity fixture at {FIXTURE}: set GLM4VOICE_PARITY_DIR")
 
 
 def _cases() -> list[dict]:
