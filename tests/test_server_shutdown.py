@@ -23,6 +23,8 @@ from server.rtc import set_host_addresses
 
 ROOT = Path(__file__).resolve().parents[1]
 GRACE_S = 6.0
+# make test installs espeak-ng and sox; their absence is a failure, not a skip.
+assert have_speech_tools(), "espeak-ng and sox are needed (make test installs them)"
 
 
 def _free_port() -> int:
@@ -46,7 +48,6 @@ async def _wait_ready(base: str, proc: subprocess.Popen, timeout_s: float = 60.0
     raise TimeoutError("server did not become ready")
 
 
-@pytest.mark.skipif(not have_speech_tools(), reason="espeak-ng and sox are needed (make test)")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_signal_drains_calls_and_exits_zero(sig):
     port = _free_port()
