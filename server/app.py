@@ -132,12 +132,12 @@ class Server:
             return None
         return info.details.get("error")
 
-    def ice_servers(self) -> list[dict]:
+    def ice_servers(self, with_turn: bool = True) -> list[dict]:
         w = self.config.webrtc
         servers: list[dict] = []
         if w.stun_urls:
             servers.append({"urls": list(w.stun_urls)})
-        if w.turn_urls:
+        if w.turn_urls and with_turn:
             servers.append({"urls": list(w.turn_urls), "username": w.turn_username, "credential": w.turn_credential})
         return servers
 
@@ -294,8 +294,17 @@ class Server:
 
     async def session(self, request: web.Request) -> web.Response:
         info = self.responder.info()
+        # With auth on, TURN credentials are relay capacity: only a caller who may create a call gets
+        # them (the page asks again with its Authorization header once it has a client secret).
+        turn_allowed = True
+        if self.auth.enabled:
+            try:
+                self.auth.authorize_call(request)
+            except ApiError:
+                turn_allowed = False
         return web.json_response({
-            "ice_servers": self.ice_servers(),
+            "ice_servers": self.ice_servers(with_turn=turn_allowed),
+            "turn_withheld": bool(self.config.webrtc.turn_urls) and not turn_allowed,
             "ice_gather_timeout_ms": self.config.webrtc.ice_gather_timeout_ms,
             "responder": info.name,
             "demo_weights": info.details.get("weights") == "demo",

@@ -80,6 +80,10 @@ async function startCall() {
   }
   try {
     authorization = await callAuthorization(session.auth || {});
+    if (session.turn_withheld && authorization.Authorization) {
+      // TURN credentials are only given to an authorised caller: ask again with the secret.
+      session = await (await fetch("/session", { headers: authorization })).json();
+    }
   } catch (e) {
     return fail(e.message);
   }

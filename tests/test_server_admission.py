@@ -171,3 +171,27 @@ async def test_rate_limit_per_address_and_draining():
         assert status == 503 and health["draining"] is True
     finally:
         await running.runner.cleanup()
+
+
+async def test_turn_credentials_only_for_authorised_callers():
+    turn = {"turn_urls": ["turn:turn.example.com:3478"], "turn_username": "u", "turn_credential": "relay-secret"}
+    running = await start_server(overrides={"auth": {"api_key": API_KEY}, "webrtc": turn})
+    try:
+        base = running.base_url
+        status, anonymous, _ = await _request(base, "/session", method="GET")
+        assert status == 200 and anonymous["turn_withheld"] is True
+        assert "relay-secret" not in json.dumps(anonymous)
+        status, secret, _ = await _request(base, "/v1/realtime/client_secrets", json_body={}, headers=_bearer(API_KEY))
+        assert status == 200
+        status, authorised, _ = await _request(base, "/session", method="GET", headers=_bearer(secret["value"]))
+        assert status == 200 and authorised["turn_withheld"] is False
+        assert any(s.get("credential") == "relay-secret" for s in authorised["ice_servers"])
+    finally:
+        await running.runner.cleanup()
+    open_server = await start_server(overrides={"webrtc": turn})  # no auth: the page gets TURN as before
+    try:
+        status, body, _ = await _request(open_server.base_url, "/session", method="GET")
+        assert status == 200 and body["turn_withheld"] is False
+        assert any(s.get("credential") == "relay-secret" for s in body["ice_servers"])
+    finally:
+        await open_server.runner.cleanup()
