@@ -197,3 +197,81 @@ class DecoderStream:
         phase = self.draws.source_phase(sines)
         noise = self.draws.source_noise(sines, mel.shape[-1] * dec.cfg.hift.samples_per_frame)
         return dec.hift(mel.to(dec.dtype), phase, noise, cache_source)
+
+
+def _first_block_batchable(streams: list[DecoderStream], token_lists: list[list[int]],
+                           whole_first_block: bool = True) -> bool:
+    """True when every stream is fresh (no prompt, nothing pending) on one decoder with one first-block
+    size (and, with `whole_first_block`, each has at least that many tokens)."""
+    if len(streams) < 2 or len(streams) != len(token_lists):
+        return False
+    first = streams[0]
+    size = first.settings.schedule[0]
+    for stream, tokens in zip(streams, token_lists, strict=True):
+        st = stream.state
+        if (stream.decoder is not first.decoder or stream.settings.schedule[0] != size or st.finished
+                or st.blocks_done or st.pending or st.prompt_tokens or st.prompt_mel is not None
+                or st.mel_overlap is not None or st.cache_mel is not None
+                or (whole_first_block and len(tokens) < size)):
+            return False
+    return len({id(s) for s in streams}) == len(streams)
+
+
+def push_first_blocks(streams: list[DecoderStream], token_lists: list[list[int]]) -> list[np.ndarray]:
+    """`stream.push(tokens)` for each stream, with the streams' first blocks decoded as ONE batch when
+    they all start a reply (`_first_block_batchable`); otherwise (or for the tokens after the first
+    block) each stream is pushed on its own. Audio and stream state equal the one-by-one result up to
+    float rounding: every stream draws its noise and phases from its own generator, in its own order."""
+    token_lists = [streams[i].decoder.check_tokens(t) for i, t in enumerate(token_lists)]
+    if not _first_block_batchable(streams, token_lists):
+        return [s.push(t) for s, t in zip(streams, token_lists, strict=True)]
+    size = streams[0].settings.schedule[0]
+    firsts = decode_first_blocks(streams, [t[:size] for t in token_lists], finalize=False)
+    return [np.concatenate([audio, s.push(t[size:])]) for audio, s, t in zip(firsts, streams, token_lists,
+                                                                               strict=True)]
+
+
+@torch.inference_mode()
+def decode_first_blocks(streams: list[DecoderStream], token_lists: list[list[int]],
+                        finalize: bool) -> list[np.ndarray]:
+    """The first `decode_block` of several fresh streams as one batched forward (encoder per stream,
+    then regulator, CFM estimator as a batch of 2B and HiFT batched). All blocks must have the same
+    length; otherwise (or for streams that are not fresh) each stream decodes its block alone."""
+    dec = streams[0].decoder
+    cfg = dec.cfg
+    n = cfg.mel_overlap_frames
+    frames = cfg.flow.frames_for(len(token_lists[0])) if token_lists and token_lists[0] else 0
+    if (len({len(t) for t in token_lists}) != 1 or not frames or (not finalize and frames <= n)
+            or not _first_block_batchable(streams, token_lists, whole_first_block=False)):
+        return [s.decode_block(t, finalize).audio for s, t in zip(streams, token_lists, strict=True)]
+    vocoded = frames if finalize else frames - n
+    sines = cfg.hift.nb_harmonics + 1
+    noises, phases, sine_noises = [], [], []
+    for stream in streams:  # each stream's draws in the order its own decode_block takes them
+        stream.draws.begin_block()
+        noises.append(stream.draws.flow_noise(frames).to(dec.device))
+        phases.append(stream.draws.source_phase(sines).to(dec.device))
+        sine_noises.append(stream.draws.source_noise(sines, vocoded * cfg.hift.samples_per_frame).to(dec.device))
+    ids = [torch.tensor(dec.check_tokens(t), dtype=torch.long).to(dec.device) for t in token_lists]
+    caches = [s.state.flow_cache if s.settings.cache_encoder else None for s in streams]
+    mel = dec.flow.inference_first_blocks(ids, torch.cat(noises), caches).float()  # (B, 80, F)
+    voc_mel = mel if finalize else mel[:, :, :-n]
+    audio, source, _ = dec.hift(voc_mel.to(dec.dtype), torch.cat(phases), torch.cat(sine_noises), None)
+    audio = audio.float().cpu().numpy()  # the batch's one device->host copy
+    out = []
+    for row, (stream, tokens) in enumerate(zip(streams, token_lists, strict=True)):
+        st = stream.state
+        fresh = voc_mel[row:row + 1].clone()  # no seam frame before a first block: vocoder mel == fresh
+        if finalize:
+            st.mel_overlap = st.cache_mel = st.cache_source = None
+            st.finished = True
+            out.append(audio[row])
+        else:
+            st.mel_overlap = mel[row:row + 1, :, -n:].clone()
+            st.cache_mel = fresh[:, :, -cfg.mel_cache_frames:]
+            st.cache_source = source[row:row + 1, :, -cfg.source_cache_samples:].clone()
+            out.append(audio[row, :-cfg.source_cache_samples])
+        st.prompt_mel = fresh
+        st.prompt_tokens = list(tokens)
+        st.blocks_done += 1
+    return out

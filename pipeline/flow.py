@@ -135,18 +135,33 @@ class FlowModel(nn.Module):
         return self._steps[key]
 
     def sample(self, mu: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Euler ODE from noise (1, 80, F) with guidance; mu, cond (1, 80, F) -> mel (1, 80, F)."""
+        """Euler ODE from noise (B, 80, F) with guidance; mu, cond (B, 80, F) -> mel (B, 80, F).
+
+        B streams of equal length (batched first blocks) run as one estimator batch of 2B: the B
+        conditioned rows, then the B guidance rows that see zeros."""
         est = self.decoder.estimator
-        frames = mu.shape[-1]
-        spks = self.spk_embed_affine_layer.bias.view(1, -1, 1).expand(1, -1, frames)  # zero x-vector
-        rows = torch.cat([mu, spks, cond], dim=1)  # (1, 240, F)
-        rows = torch.cat([rows, torch.zeros_like(rows)])  # guidance row 2 sees zeros: one batch of two
+        batch, frames = mu.shape[0], mu.shape[-1]
+        spks = self.spk_embed_affine_layer.bias.view(1, -1, 1).expand(batch, -1, frames)  # zero x-vector
+        rows = torch.cat([mu, spks, cond], dim=1)  # (B, 240, F)
+        rows = torch.cat([rows, torch.zeros_like(rows)])  # guidance rows see zeros: one batch of 2B
         x = noise
         w = self.cfg.cfg_rate
         for temb, dt in self._steps_on(mu.device, mu.dtype):
-            v = est(torch.cat([x.expand(2, -1, -1), rows], dim=1), temb)  # (2, 80, F)
-            x = x + dt * ((1.0 + w) * v[:1] - w * v[1:])
+            v = est(torch.cat([x.repeat(2, 1, 1), rows], dim=1), temb)  # (2B, 80, F)
+            x = x + dt * ((1.0 + w) * v[:batch] - w * v[batch:])
         return x
+
+    def inference_first_blocks(self, token_rows: list[torch.Tensor], noise: torch.Tensor,
+                               caches: list[FlowCache | None]) -> torch.Tensor:
+        """B replies' first blocks (no prompt), each (T,) tokens of one length; noise (B, 80, F) -> mel
+        (B, 80, F). The encoder runs per row (each on its own cache); regulator and estimator batched."""
+        frames = noise.shape[-1]
+        projected = []
+        for tokens, cache in zip(token_rows, caches, strict=True):
+            emb = self.input_embedding(tokens.clamp(min=0))  # (T, input_size)
+            projected.append(self.encoder_proj(self.encoder(emb, cache.encoder if cache is not None else None)))
+        mu = self.length_regulator(torch.stack(projected), frames)  # (B, 80, F)
+        return self.sample(mu, torch.zeros_like(mu), noise.to(mu.dtype))
 
     def inference(self, tokens: torch.Tensor, prompt_mel: torch.Tensor, noise: torch.Tensor,
                   cache: FlowCache | None = None, trace: FlowTrace | None = None,

@@ -194,6 +194,6 @@ class LengthRegulator(nn.Module):
         self.model = nn.Sequential(*layers)
 
     def forward(self, h: torch.Tensor, frames: int) -> torch.Tensor:
-        """h (1, T, C) projected encodings -> mu (1, C, frames)."""
+        """h (B, T, C) projected encodings -> mu (B, C, frames) (GroupNorm is per row)."""
         x = F.interpolate(h.transpose(1, 2).contiguous(), size=frames, mode="nearest")  # (1, C, frames)
         return self.model(x)

@@ -3,6 +3,7 @@
 One step = cancellations -> prefill of new turns -> one batched LM decode step over every generating
 turn -> decoder blocks that are ready. Priorities (DESIGN.md latency budget): a turn with no audio
 yet goes first (time to first audio), then the stream whose audio is least ahead of its playback.
+With `batch_first_blocks`, first blocks of several replies ready in one step run as one decoder batch.
 All state of a call lives in its `Dialogue`; an exception in one call's work ends that call's turn
 with a TurnError and leaves every other call alone.
 """
@@ -76,9 +77,10 @@ class Scheduler:
         self.inbox = inbox
         self.dialogues: list[Dialogue] = []
         self.counters = {"decode_steps": 0, "decoded_rows": 0, "prefilled_tokens": 0, "decoder_blocks": 0,
-                         "turns_done": 0, "turn_errors": 0}  # fmt: skip
+                         "batched_first_blocks": 0, "turns_done": 0, "turn_errors": 0}  # fmt: skip
         self.ready = False
         self.settle_waiters: list = []  # futures resolved when no work is left
+        self._first_audio: dict[int, np.ndarray] = {}  # id(dialogue) -> its batch-decoded first block
 
     # ----- loop ---------------------------------------------------------------------------------------
 
@@ -328,21 +330,63 @@ class Scheduler:
         ready.sort(key=self._urgency)
         waiting_first_audio = any(d.reply.started and d.reply.first_pcm_t is None for d in active)
         now = time.monotonic()
+        done: set[int] = set()
         for d in ready:
-            if d.reply is None or d.reply.cancel_event.is_set():
+            if id(d) in done or d.reply is None or d.reply.cancel_event.is_set():
                 continue
             if waiting_first_audio and d.reply.lead_ms(now) > self.cfg.stream_lead_ms:
                 continue
-            self.guarded(d, self._decode_block, d)
+            group = [d]
+            if self.cfg.batch_first_blocks and self._first_block_batchable(d):  # every other first block joins
+                group += [e for e in ready if e is not d and id(e) not in done and self._first_block_batchable(e)]
+            if len(group) > 1:
+                self._decode_first_blocks(group)  # their audio waits in _first_audio for _decode_block
+            try:
+                for e in group:
+                    if e is d or (e.reply is not None and not e.reply.cancel_event.is_set()):
+                        self.guarded(e, self._decode_block, e)
+            finally:
+                for e in group:
+                    self._first_audio.pop(id(e), None)
+            done.update(id(e) for e in group)
             if not self.inbox.empty():  # a new turn or a cancel waits: let the next step see it
                 return
 
+    def _first_block_batchable(self, d: Dialogue) -> bool:
+        """A reply's first decoder block, not finalising: the same shape for every call, so batchable."""
+        reply = d.reply
+        return (reply is not None and reply.started and not reply.cancel_event.is_set()
+                and reply.speech_tokens_decoded == 0 and reply.finish_reason is None
+                and len(reply.speech_buffer) >= self.cfg.first_block_tokens
+                and reply.decoder_stream.state.blocks_done == 0)
+
+    def _decode_first_blocks(self, group: list[Dialogue]) -> None:
+        """Several replies' first blocks as one batched decoder forward (decoder_stream.push_first_blocks);
+        each one's audio is kept for its `_decode_block`. If the batch fails, the streams are reset (they
+        were fresh) and each call's `_decode_block` decodes alone."""
+        from pipeline.decoder_stream import push_first_blocks
+
+        streams = [d.reply.decoder_stream for d in group]
+        try:
+            pcms = push_first_blocks(streams, [d.reply.speech_buffer for d in group])
+        except Exception:  # noqa: BLE001 - find the call that broke the batch by running them alone
+            log.exception("batched first decoder blocks failed; decoding each call alone")
+            for stream in streams:
+                stream.reset()
+            return
+        self.counters["batched_first_blocks"] += len(group)
+        for d, pcm in zip(group, pcms, strict=True):
+            self._first_audio[id(d)] = pcm
+
     def _decode_block(self, d: Dialogue) -> None:
+        """Decode the reply's buffered tokens (unless a batch already did: `_first_audio`), emit the
+        audio, and finish the reply when generation ended."""
         reply = d.reply
         tokens, reply.speech_buffer = reply.speech_buffer, []
         chunks = []
         if tokens:
-            chunks.append(reply.decoder_stream.push(tokens))
+            pushed = self._first_audio.pop(id(d), None)
+            chunks.append(reply.decoder_stream.push(tokens) if pushed is None else pushed)
             reply.speech_tokens_decoded += len(tokens)
             self.counters["decoder_blocks"] += 1
         if reply.finish_reason is not None:

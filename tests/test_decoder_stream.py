@@ -227,3 +227,65 @@ def test_new_style_weight_norm_keys_load_too(ckpt_dir: Path, decoder: SpeechDeco
     again = SpeechDecoder.from_pretrained(renamed)
     tokens = _tokens(12, seed=9)
     np.testing.assert_array_equal(again.synthesize(tokens), decoder.synthesize(tokens))
+
+
+def _state_tensors(stream) -> dict[str, object]:
+    st = stream.state
+    enc = st.flow_cache.encoder
+    return {"prompt_mel": st.prompt_mel, "mel_overlap": st.mel_overlap, "cache_mel": st.cache_mel,
+            "cache_source": st.cache_source, "enc_keys": enc.keys, "enc_values": enc.values,
+            "enc_outputs": enc.outputs, "prompt_tokens": st.prompt_tokens, "pending": st.pending,
+            "blocks_done": st.blocks_done, "finished": st.finished, "enc_length": enc.length_tokens}
+
+
+def _assert_same_state(a, b) -> None:
+    for key, x in _state_tensors(a).items():
+        y = _state_tensors(b)[key]
+        if isinstance(x, list) and x and isinstance(x[0], torch.Tensor):
+            assert len(x) == len(y) and all(torch.allclose(p, q, atol=1e-5, rtol=0) for p, q in zip(x, y, strict=True)), key
+        elif isinstance(x, torch.Tensor):
+            assert x.shape == y.shape and torch.allclose(x, y, atol=1e-5, rtol=0), key
+        else:
+            assert x == y, key
+
+
+@pytest.mark.parametrize("seeds", [(None, None, None), (3, 4, 5)])
+def test_batched_first_blocks_equal_one_by_one(decoder: SpeechDecoder, seeds: tuple) -> None:
+    from pipeline.decoder_stream import decode_first_blocks, push_first_blocks
+
+    first, rest = 10, 20
+    replies = [_tokens(first + rest + 7, seed=20 + i) for i in range(3)]
+    alone = [decoder.stream(schedule=(first, rest), seed=s) for s in seeds]
+    together = [decoder.stream(schedule=(first, rest), seed=s) for s in seeds]
+    # Push more than a block: the first blocks go as one batch, the next block of each stream alone.
+    one = [s.push(r[:first + 3]) for s, r in zip(alone, replies, strict=True)]
+    batch = push_first_blocks(together, [r[:first + 3] for r in replies])
+    for a, b, sa, sb in zip(one, batch, alone, together, strict=True):
+        assert a.shape == b.shape and a.size > 0 and np.abs(a - b).max() <= 1e-5
+        _assert_same_state(sa, sb)
+    # Later blocks continue identically (prompt, cross-fade, seam and encoder cache all carried over).
+    for sa, sb, r in zip(alone, together, replies, strict=True):
+        a = np.concatenate([sa.push(r[first + 3:]), sa.finish()])
+        b = np.concatenate([sb.push(r[first + 3:]), sb.finish()])
+        assert a.shape == b.shape and a.size > 0 and np.abs(a - b).max() <= 1e-5
+    # A reply as short as its first block: one finalising batched block.
+    short = [decoder.stream(seed=s) for s in seeds]
+    done = decode_first_blocks(short, [r[:12] for r in replies], finalize=True)
+    for r, b, s in zip(replies, done, seeds, strict=True):
+        a = decoder.stream(seed=s).decode_block(r[:12], finalize=True).audio
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5
+    assert all(s.state.finished for s in short)
+
+
+def test_batched_first_blocks_fall_back_when_shapes_differ(decoder: SpeechDecoder) -> None:
+    from pipeline.decoder_stream import push_first_blocks
+
+    replies = [_tokens(15, seed=30), _tokens(4, seed=31)]  # the second has no full first block yet
+    alone = [decoder.stream(schedule=(10, 20)) for _ in replies]
+    together = [decoder.stream(schedule=(10, 20)) for _ in replies]
+    one = [s.push(r) for s, r in zip(alone, replies, strict=True)]
+    batch = push_first_blocks(together, replies)
+    for a, b, sa, sb in zip(one, batch, alone, together, strict=True):
+        assert a.shape == b.shape and np.array_equal(a, b)
+        _assert_same_state(sa, sb)
+    assert together[1].state.pending == replies[1]

@@ -251,6 +251,35 @@ async def test_exception_in_one_call_reaches_only_that_call(responder, sched, sc
     await bad.close()
 
 
+async def test_batched_first_blocks_give_the_same_audio(responder, sched, script, monkeypatch):
+    """With `batch_first_blocks`, concurrent replies' first decoder blocks may share one forward; every
+    call's audio still equals a lone call's (scripted reply, official per-block seed)."""
+    import dataclasses
+
+    tok = sched.m.text
+    lone = responder.open_session("lone", SessionSettings())
+    lone.add_text("Hi.")
+    lone_events = await collect(lone.respond())
+    expect = np.concatenate([e.pcm for e in lone_events if isinstance(e, AudioChunk)])
+    await lone.close()
+    monkeypatch.setattr(sched, "cfg", dataclasses.replace(sched.cfg, batch_first_blocks=True))
+    before = sched.counters["batched_first_blocks"]
+    for _ in range(3):  # the calls' first blocks usually coincide; a few tries make a batch near-certain
+        sessions = [responder.open_session(f"batch{i}", SessionSettings()) for i in range(4)]
+        for s in sessions:
+            s.add_text("Hi.")
+        results = await asyncio.gather(*(collect(s.respond()) for s in sessions))
+        for events in results:
+            check_complete_reply(events, script, tok)
+            pcm = np.concatenate([e.pcm for e in events if isinstance(e, AudioChunk)])
+            assert pcm.shape == expect.shape and np.abs(pcm - expect).max() <= 1e-5
+        for s in sessions:
+            await s.close()
+        if sched.counters["batched_first_blocks"] > before:
+            break
+    assert sched.counters["batched_first_blocks"] > before
+
+
 async def test_concurrent_calls_batch_their_decode_steps(responder, sched, script):
     tok = sched.m.text
     before = dict(sched.counters)
