@@ -30,6 +30,17 @@ RATE_48K = 48_000
 FRAME = 960  # 20 ms at 48 kHz
 
 
+async def make_offer(video_only: bool = False) -> str:
+    """A real aiortc SDP offer (audio + the oai-events data channel, or video only) for signalling tests."""
+    pc = RTCPeerConnection()
+    pc.addTransceiver("video" if video_only else "audio")
+    pc.createDataChannel("oai-events")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp
+
+
 @dataclass
 class RunningServer:
     base_url: str

@@ -7,13 +7,12 @@ tokenizer when the weights are written) and expected prompt lengths from pipelin
 from __future__ import annotations
 
 import asyncio
-import json
 
 import numpy as np
 import pytest
 from speech import have_speech_tools, synth_speech
 
-from pipeline.demo_weights import MESSAGE, ensure_demo_weights
+from pipeline.demo_weights import MESSAGE
 from pipeline.engine import GLMVoiceResponder
 from pipeline.engine_config import EngineConfig
 from pipeline.prompt import system_block_ids, user_turn_ids
@@ -28,16 +27,6 @@ from pipeline.responder import (
 )
 
 STAGES = ["tokens_ready", "prefill_done", "first_text_token", "first_speech_token", "first_pcm"]
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    return ensure_demo_weights(tmp_path_factory.mktemp("engine") / "demo")
-
-
-@pytest.fixture(scope="module")
-def script(demo_dir):
-    return json.loads((demo_dir / "demo_script.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -7,41 +7,19 @@ what the history must hold is computed from pipeline.prompt and the reported pla
 from __future__ import annotations
 
 import asyncio
-import json
 
 import aiohttp
 import numpy as np
-import pytest
-from rtc_client import RealtimeClient, start_server
+from rtc_client import RealtimeClient
 from speech import have_speech_tools, synth_speech
 
-from pipeline.demo_weights import MESSAGE, ensure_demo_weights
-from pipeline.engine import GLMVoiceResponder
-from pipeline.engine_config import EngineConfig
+from pipeline.demo_weights import MESSAGE
 from pipeline.prompt import user_turn_ids
 
 # make test installs espeak-ng and sox; their absence is a failure, not a skip.
 assert have_speech_tools(), "espeak-ng and sox are needed (make test installs them)"
 SILENCE_TAIL_S = 1.2  # more than silence_duration_ms: the turn ends
 SPEECH_TOKEN_MS = 80.0
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    return ensure_demo_weights(tmp_path_factory.mktemp("glm_call") / "demo")
-
-
-@pytest.fixture(scope="module")
-def script(demo_dir):
-    return json.loads((demo_dir / "demo_script.json").read_text())
-
-
-@pytest.fixture
-async def glm_server(demo_dir):
-    responder = GLMVoiceResponder(EngineConfig(demo_weights_dir=str(demo_dir), device="cpu"))
-    running = await start_server(responder=responder, kind="glm4voice")
-    yield running
-    await running.runner.cleanup()
 
 
 def engine_session(running, client):

@@ -9,20 +9,9 @@ import time
 
 import aiohttp
 import pytest
-from aiortc import RTCPeerConnection
-from rtc_client import RealtimeClient, start_server
+from rtc_client import RealtimeClient, make_offer, start_server
 
 API_KEY = "test-key-0123456789abcdef"
-
-
-async def _offer() -> str:
-    pc = RTCPeerConnection()
-    pc.addTransceiver("audio")
-    pc.createDataChannel("oai-events")
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
 
 
 async def _request(base: str, path: str, *, method: str = "POST", data=None, headers: dict | None = None,
@@ -48,7 +37,7 @@ async def auth_server():
 
 async def test_api_key_and_client_secrets(auth_server):
     base = auth_server.base_url
-    sdp = await _offer()
+    sdp = await make_offer()
     sdp_type = {"Content-Type": "application/sdp"}
     cases = [  # (name, headers) -> 401 code
         ("no key", sdp_type, "missing_api_key"),
@@ -133,7 +122,7 @@ async def test_cors_allow_list(auth_server):
     assert "Access-Control-Allow-Origin" not in headers
     # A foreign page's "simple" multipart POST (no preflight) is refused before anything is created.
     form = aiohttp.FormData(default_to_multipart=True)
-    form.add_field("sdp", await _offer())
+    form.add_field("sdp", await make_offer())
     status, body, _ = await _request(base, "/v1/realtime/calls", data=form,
                                      headers=_bearer(API_KEY, Origin=other))
     assert (status, body["error"]["code"]) == (403, "origin_not_allowed")
@@ -165,7 +154,7 @@ async def test_rate_limit_per_address_and_draining():
         # Draining for shutdown: new calls get 503 shutting_down, /health says not ready.
         running.server.admission.rate.rate_per_s = 0  # (rate limit off for the rest)
         running.server.admission.draining = True
-        status, body, headers = await _request(base, "/v1/realtime/calls", data=await _offer(), headers=garbage)
+        status, body, headers = await _request(base, "/v1/realtime/calls", data=await make_offer(), headers=garbage)
         assert (status, body["error"]["code"], headers["Retry-After"]) == (503, "shutting_down", "3")
         status, health, _ = await _request(base, "/health", method="GET")
         assert status == 503 and health["draining"] is True

@@ -8,21 +8,7 @@ import re
 
 import aiohttp
 import pytest
-from aiortc import RTCPeerConnection
-from rtc_client import RealtimeClient, start_server
-
-
-async def _offer(video_only: bool = False) -> str:
-    pc = RTCPeerConnection()
-    if video_only:
-        pc.addTransceiver("video")
-    else:
-        pc.addTransceiver("audio")
-    pc.createDataChannel("oai-events")
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
+from rtc_client import RealtimeClient, make_offer, start_server
 
 
 def _without_opus(sdp: str) -> str:
@@ -52,7 +38,7 @@ async def server():
 
 async def test_signalling_errors_are_clear_and_server_keeps_serving(server):
     base = server.base_url
-    good = await _offer()
+    good = await make_offer()
     cases = [
         ("garbage", b"hello there", "application/sdp", 400, "invalid_sdp"),
         ("empty", b"", "application/sdp", 400, "invalid_sdp"),
@@ -66,7 +52,7 @@ async def test_signalling_errors_are_clear_and_server_keeps_serving(server):
         ("text-plain", good.encode(), "text/plain", 415, "unsupported_media_type"),
         ("no-content-type", good.encode(), None, 415, "unsupported_media_type"),
         ("not-utf8", b"v=0\r\n\xff\xfe", "application/sdp", 400, "invalid_body"),
-        ("video-only", (await _offer(video_only=True)).encode(), "application/sdp", 400, "no_audio"),
+        ("video-only", (await make_offer(video_only=True)).encode(), "application/sdp", 400, "no_audio"),
         ("no-opus", _without_opus(good).encode(), "application/sdp", 400, "no_opus"),
         ("broken-sdp", b"v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n", "application/sdp",
          400, "invalid_sdp"),
@@ -170,7 +156,7 @@ async def test_admission_limit_answers_503_with_retry_after():
     try:
         first = RealtimeClient(running.base_url)
         await first.connect()
-        status, body, headers = await _post(running.base_url, await _offer(), "application/sdp")
+        status, body, headers = await _post(running.base_url, await make_offer(), "application/sdp")
         assert status == 503 and body["error"]["code"] == "server_full" and headers["Retry-After"] == "7"
         async with aiohttp.ClientSession() as http:
             async with http.get(running.base_url + "/health") as r:

@@ -18,24 +18,10 @@ import psutil
 import pytest
 from rtc_client import RealtimeClient, start_server
 
-from pipeline.demo_weights import ensure_demo_weights
 from pipeline.engine import GLMVoiceResponder
 from pipeline.engine_config import EngineConfig
 from pipeline.responder import SessionSettings, TurnDone
 from server.logs import setup_logging
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    return ensure_demo_weights(tmp_path_factory.mktemp("faults") / "demo")
-
-
-@pytest.fixture
-async def glm_server(demo_dir):
-    responder = GLMVoiceResponder(EngineConfig(demo_weights_dir=str(demo_dir), device="cpu"))
-    running = await start_server(responder=responder, kind="glm4voice")
-    yield running
-    await running.runner.cleanup()
 
 
 async def _run_turn(session) -> list:
