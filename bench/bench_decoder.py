@@ -28,8 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.decoder import SpeechDecoder  # noqa: E402
-from pipeline.decoder_checkpoint import random_decoder  # noqa: E402
+from pipeline.decoder.model import SpeechDecoder  # noqa: E402
+from pipeline.decoder.stream import DecoderStream, synthesize  # noqa: E402
+from pipeline.weights.random_decoder import random_decoder  # noqa: E402
 
 # ../shared/BASELINE.md, "Decoder": official THUDM/GLM-4-Voice @ eb00ce9, same sizes, random weights, fp32,
 # torch.set_num_threads(2), 2-core Xeon (AVX-512, KVM); medians (offline) / single runs (streaming).
@@ -81,7 +82,7 @@ def schedule_blocks(total: int, schedule: tuple[int, ...]) -> list[int]:
 def run_reply(dec: SpeechDecoder, clock: Clock, tokens: list[int], schedule: tuple[int, ...],
               **settings) -> tuple[list[BlockTiming], np.ndarray, torch.Tensor]:
     """Stream a reply block by block (what push() does); returns timings, audio and the reply's mel."""
-    stream = dec.stream(schedule=schedule, **settings)
+    stream = DecoderStream(dec, schedule=schedule, **settings)
     blocks = schedule_blocks(len(tokens), schedule)
     timings, audio, mels, done = [], [], [], 0
     for k, n in enumerate(blocks):
@@ -105,7 +106,7 @@ def probe_block(dec: SpeechDecoder, clock: Clock, prompt_tokens: int, new_tokens
     rng = np.random.default_rng(prompt_tokens)
     times, hifts = [], []
     for _ in range(repeats):
-        stream = dec.stream(**settings)
+        stream = DecoderStream(dec, **settings)
         st = stream.state
         if prompt_tokens:
             st.prompt_tokens = rng.integers(0, dec.num_tokens, prompt_tokens).tolist()
@@ -130,7 +131,7 @@ def probe_block(dec: SpeechDecoder, clock: Clock, prompt_tokens: int, new_tokens
 
 def encoder_seconds(dec: SpeechDecoder, prompt_tokens: int, new_tokens: int, cached: bool, repeats: int) -> float:
     """Embedding + encoder + projection + regulator of one block: the part the encoder cache shortens."""
-    from pipeline.flow import FlowCache
+    from pipeline.decoder.flow import FlowCache
 
     ids = torch.randint(0, dec.num_tokens, (prompt_tokens + new_tokens,), device=dec.device)
     frames = dec.cfg.flow.frames_for(prompt_tokens + new_tokens)
@@ -154,7 +155,7 @@ def offline(dec: SpeechDecoder, clock: Clock, n: int, repeats: int) -> tuple[flo
         clock.hift_s = 0.0
         clock.sync()
         t0 = time.perf_counter()
-        dec.synthesize(list(range(n)))
+        synthesize(dec, list(range(n)))
         clock.sync()
         times.append(time.perf_counter() - t0)
         hifts.append(clock.hift_s)
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"decoder bench: {dev}, {args.threads} threads, {args.dtype}, torch {torch.__version__}")
     print(f"params: flow {sum(p.numel() for p in dec.flow.parameters()) / 1e6:.1f} M, "
           f"HiFT {sum(p.numel() for p in dec.hift.parameters()) / 1e6:.1f} M")
-    dec.synthesize(list(range(10)))  # warm-up
+    synthesize(dec, list(range(10)))  # warm-up
 
     total, hift = offline(dec, clock, 10, args.repeats)
     audio_s = dec.cfg.flow.frames_for(10) * 256 / dec.sample_rate_hz

@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # rtc_client.py, speech.py
 
-from pipeline.engine import GLMVoiceResponder  # noqa: E402
-from pipeline.engine_config import EngineConfig  # noqa: E402
+from pipeline.engine.config import EngineConfig  # noqa: E402
+from pipeline.engine.thread import GLMVoiceResponder  # noqa: E402
 from pipeline.responder import AudioChunk, SessionSettings, Timing, TurnDone, TurnError  # noqa: E402
 
 STAGES = ["tokens_ready", "prefill_done", "first_text_token", "first_speech_token", "first_pcm", "first_frame_sent"]
@@ -186,11 +186,12 @@ def write_fullsize(root: Path) -> None:
     """Official-size random checkpoints (real configs' sizes), the LM shaped like the demo weights."""
     import torch
 
-    from pipeline import decoder as decoder_mod
-    from pipeline import demo_weights as demo
-    from pipeline import lm as lm_mod
-    from pipeline import speech_tokenizer as tokenizer_mod
-    from pipeline.text_tokenizer import GLMTokenizer, write_tokenizer_files
+    import pipeline.weights.demo as demo
+    import pipeline.weights.random_decoder as decoder_mod
+    import pipeline.weights.random_lm as lm_mod
+    import pipeline.weights.random_tokenizer as tokenizer_mod
+    from pipeline.lm.text_tokenizer import GLMTokenizer
+    from pipeline.weights.random_text import write_tokenizer_files
 
     lm_dir = root / "glm-4-voice-9b"
     write_tokenizer_files(lm_dir, merges_text=demo._merge_corpus(), num_audio_tokens=16384, seed=demo.SEED)

@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from pipeline.lm import VoiceLM
-from pipeline.lm_convert import LMConfig, build_glm_model
+from pipeline.lm.convert import LMConfig, build_glm_model
+from pipeline.lm.model import VoiceLM
+from pipeline.lm.sampling import sample_logits
 
 REAL = LMConfig(num_layers=40, hidden_size=4096, ffn_hidden_size=13696, num_heads=32, kv_groups=2, head_dim=128,
                 vocab_size=168960, seq_length=8192, rope_theta=10000.0, rms_eps=3.90625e-08, qkv_bias=True,
@@ -282,7 +283,7 @@ def gpu_bf16(lm: VoiceLM, peak: float | None, args: argparse.Namespace) -> None:
         cache = lm.new_cache()
         logits = lm.prefill(cache, prompt)[None]
         for _ in range(23):  # 13 text + 10 speech tokens (REFERENCE §8)
-            token = int(lm.sample(logits, 0.2, 0.8, 50)[0])
+            token = int(sample_logits(logits, 0.2, 0.8, 50)[0])
             logits = lm.decode_step([cache], [token])
         cache.release()
 

@@ -32,16 +32,15 @@ import numpy as np
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_call_path import free_port, machine, pct  # noqa: E402
-from rtc_client import RealtimeClient  # noqa: E402
-from speech import ENGLISH_SENTENCES, synth_speech  # noqa: E402
 
 from server.metrics import LoopLagProbe  # noqa: E402
 from server.rtc import set_host_addresses  # noqa: E402
+from tests.helpers.rtc_client import RealtimeClient
+from tests.helpers.speech import ENGLISH_SENTENCES, synth_speech
 
 
 @dataclass

@@ -25,9 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.log_mel import LogMelSettings  # noqa: E402
-from pipeline.speech_tokenizer import SpeechTokenizer, _calibration_audio  # noqa: E402
-from pipeline.whisper_vq import SpeechTokenizerConfig, WhisperVQEncoder, random_weights  # noqa: E402
+from pipeline.tokenizer.log_mel import LogMelSettings
+from pipeline.tokenizer.stream import TokenizerStream
+from pipeline.tokenizer.tokenizer import SpeechTokenizer
+from pipeline.tokenizer.whisper_vq import SpeechTokenizerConfig, WhisperVQEncoder
+from pipeline.weights.random_tokenizer import calibration_audio, random_weights
 
 # Official extract_speech_token, same sizes, random weights, fp32, 2 threads, 2-core Xeon (AVX-512):
 # ../shared/BASELINE.md, "Speech tokenizer" table (median seconds per call).
@@ -69,7 +71,7 @@ def build(device: torch.device, dtype: torch.dtype) -> SpeechTokenizer:
     # whose near-equal distances make every argmin a tie; timing is the same either way.
     probe = SpeechTokenizer(REAL, encoder, torch.device("cpu"))
     seg = probe.new_segment()
-    seg.audio[:64000] = _calibration_audio(4.0, 16000, np.random.default_rng(1))
+    seg.audio[:64000] = calibration_audio(4.0, 16000, np.random.default_rng(1))
     seg.n_samples = 64000
     pooled = []
 
@@ -181,7 +183,7 @@ def bench_offline(tok: SpeechTokenizer, audio: np.ndarray, repeats: int, compare
 
 def stream_turn(tok: SpeechTokenizer, wav: np.ndarray, push_samples: int) -> tuple[float, float, int]:
     """(seconds in push() in total, seconds in flush(), blocks flush() encoded)."""
-    stream = tok.stream()
+    stream = TokenizerStream(tok)
     sync(tok.device)
     t0 = time.perf_counter()
     for i in range(0, len(wav), push_samples):
@@ -223,7 +225,7 @@ def main() -> None:
     print(f"device {device}, dtype {args.dtype}; real sizes, random weights; "
           f"ratios vs the official code {'shown' if compare else 'not shown (the baseline is CPU fp32, 2 threads)'}")
     tok = build(device, dtype)
-    audio = _calibration_audio(32.0, 16000, np.random.default_rng(0))
+    audio = calibration_audio(32.0, 16000, np.random.default_rng(0))
     repeats = 1 if args.quick else 3
     gflops = gemm_gflops(device, dtype)
     print(f"GEMM rate now: {gflops:.0f} GFLOP/s (FFN-shaped matmul)")

@@ -440,7 +440,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
 
 def create_app(config: Config, responder: Responder | None = None) -> web.Application:
     if responder is None:
-        from pipeline.factory import make_responder
+        from server.responders import make_responder
 
         responder = make_responder(config.responder.kind, config.model)
     server = Server(config, responder)

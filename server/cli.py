@@ -104,15 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("demo-weights", "download"):
         # The engine's tools take their own flags; import them only when asked (they import torch).
         if argv[0] == "demo-weights":
-            from pipeline.demo_weights import main as tool
+            from pipeline.weights.demo import main as tool
         else:
-            from pipeline.download import main as tool
+            from pipeline.weights.download import main as tool
         return int(tool(argv[1:]) or 0)
     parser = argparse.ArgumentParser(prog="glm4voice", description="Real-time WebRTC voice server for GLM-4-Voice")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
-    sub.add_parser("demo-weights", help="write tiny random demo weights to DIR (pipeline.demo_weights)")
-    sub.add_parser("download", help="download the official checkpoints (pipeline.download)")
+    sub.add_parser("demo-weights", help="write tiny random demo weights to DIR (pipeline.weights.demo)")
+    sub.add_parser("download", help="download the official checkpoints (pipeline.weights.download)")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)

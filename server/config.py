@@ -3,7 +3,7 @@
 Every key can be overridden by `GLM4VOICE_<SECTION>_<KEY>` (for example
 `GLM4VOICE_WEBRTC_HOST_ADDRESSES=127.0.0.1`). Lists are comma-separated in the environment; booleans
 accept 1/0/true/false/yes/no/on/off. Unknown sections or keys are errors, so a typo never silently
-falls back to a default. The `[model]` section is `pipeline.engine_config.EngineConfig`.
+falls back to a default. The `[model]` section is `pipeline.engine.config.EngineConfig`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.engine_config import EngineConfig
+from pipeline.engine.config import EngineConfig
 
 ENV_PREFIX = "GLM4VOICE_"
 

@@ -1,18 +1,22 @@
 """Shared fixtures: in-process echo and GLM-4-Voice servers on a free loopback port (helpers in
-tests/rtc_client.py), and one set of demo weights for the whole session."""
+tests/helpers/rtc_client.py), and one set of demo weights for the whole session."""
 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers: speech.py, rtc_client.py
+from tests.helpers.parity import parity_dir as _parity_dir
+from tests.helpers.rtc_client import RunningServer, start_server
 
-from rtc_client import RunningServer, start_server  # noqa: E402
+
+@pytest.fixture(scope="session")
+def parity_dir() -> Path:
+    """$GLM4VOICE_PARITY_DIR, else the vendored tests/fixtures/parity."""
+    return _parity_dir()
 
 
 @pytest.fixture
@@ -24,7 +28,7 @@ async def echo_server() -> AsyncIterator[RunningServer]:
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
-    from pipeline.demo_weights import ensure_demo_weights
+    from pipeline.weights.demo import ensure_demo_weights
 
     return ensure_demo_weights(tmp_path_factory.mktemp("demo") / "demo")
 
@@ -37,8 +41,8 @@ def script(demo_dir: Path) -> dict:
 
 @pytest.fixture
 async def glm_server(demo_dir: Path) -> AsyncIterator[RunningServer]:
-    from pipeline.engine import GLMVoiceResponder
-    from pipeline.engine_config import EngineConfig
+    from pipeline.engine.config import EngineConfig
+    from pipeline.engine.thread import GLMVoiceResponder
 
     responder = GLMVoiceResponder(EngineConfig(demo_weights_dir=str(demo_dir), device="cpu"))
     running = await start_server(responder=responder, kind="glm4voice")

@@ -1,0 +1,201 @@
+"""HiFT vocoder of the GLM-4-Voice decoder: NSF source + ISTFTNet, mel (86.13 Hz) -> 22.05 kHz audio.
+
+REFERENCE.md §5.4. F0 from a conv predictor; a harmonic sine source (random initial phases, additive
+noise) upsampled to audio rate; its 16-point STFT is fused into a two-stage transposed-conv generator
+whose output is a magnitude/phase spectrogram inverted by an ISTFT (n_fft 16, hop 4). Weight norm is
+folded into plain weights at load (pipeline/decoder/model.py). Random draws come from the caller (`Draws`).
+The STFT, ISTFT and the sine source run in float32 whatever the module dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class HiftConfig:
+    mel_bins: int  # in_channels, 80
+    base_channels: int  # 512 in the release
+    nb_harmonics: int  # overtones above F0 (8); the source has nb_harmonics + 1 sines
+    sample_rate_hz: int  # 22050
+    nsf_alpha: float  # sine amplitude 0.1
+    nsf_sigma: float  # voiced noise std 0.003
+    voiced_threshold_hz: float  # F0 above this is voiced (10 Hz)
+    upsample_rates: tuple[int, ...]  # (8, 8)
+    upsample_kernels: tuple[int, ...]  # (16, 16)
+    n_fft: int  # istft n_fft 16
+    hop: int  # istft hop 4
+    resblock_kernels: tuple[int, ...]  # (3, 7, 11)
+    resblock_dilations: tuple[tuple[int, ...], ...]
+    source_resblock_kernels: tuple[int, ...]  # (7, 11)
+    source_resblock_dilations: tuple[tuple[int, ...], ...]
+    lrelu_slope: float  # 0.1 (the final LeakyReLU uses torch's default 0.01, as the official)
+    audio_limit: float  # output clamp 0.99
+    f0_cond_channels: int  # f0_predictor.cond_channels
+
+    @property
+    def samples_per_frame(self) -> int:
+        """256 = prod(upsample_rates) * hop."""
+        return int(np.prod(self.upsample_rates)) * self.hop
+
+    @classmethod
+    def from_yaml(cls, hift: dict) -> HiftConfig:
+        """`hift`: the `hift` mapping of config.yaml (read as data)."""
+        try:
+            f0 = hift["f0_predictor"]
+            if int(f0.get("num_class", 1)) != 1:
+                raise ValueError("config.yaml hift.f0_predictor.num_class must be 1")
+            return cls(
+                mel_bins=int(hift["in_channels"]), base_channels=int(hift["base_channels"]),
+                nb_harmonics=int(hift["nb_harmonics"]), sample_rate_hz=int(hift["sampling_rate"]),
+                nsf_alpha=float(hift["nsf_alpha"]), nsf_sigma=float(hift["nsf_sigma"]),
+                voiced_threshold_hz=float(hift["nsf_voiced_threshold"]),
+                upsample_rates=tuple(int(u) for u in hift["upsample_rates"]),
+                upsample_kernels=tuple(int(k) for k in hift["upsample_kernel_sizes"]),
+                n_fft=int(hift["istft_params"]["n_fft"]), hop=int(hift["istft_params"]["hop_len"]),
+                resblock_kernels=tuple(int(k) for k in hift["resblock_kernel_sizes"]),
+                resblock_dilations=tuple(tuple(int(d) for d in ds) for ds in hift["resblock_dilation_sizes"]),
+                source_resblock_kernels=tuple(int(k) for k in hift["source_resblock_kernel_sizes"]),
+                source_resblock_dilations=tuple(tuple(int(d) for d in ds)
+                                                for ds in hift["source_resblock_dilation_sizes"]),
+                lrelu_slope=float(hift["lrelu_slope"]), audio_limit=float(hift["audio_limit"]),
+                f0_cond_channels=int(f0["cond_channels"]))
+        except KeyError as err:
+            raise ValueError(f"config.yaml: hift section lacks key {err}") from err
+
+
+class _Snake(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = self.alpha.view(1, -1, 1)
+        return x + (1.0 / (alpha + 1e-9)) * torch.sin(x * alpha).pow(2)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, channels: int, kernel: int, dilations: tuple[int, ...]):
+        super().__init__()
+        self.convs1 = nn.ModuleList(nn.Conv1d(channels, channels, kernel, 1, dilation=d,
+                                              padding=(kernel * d - d) // 2) for d in dilations)
+        self.convs2 = nn.ModuleList(nn.Conv1d(channels, channels, kernel, 1, padding=(kernel - 1) // 2)
+                                    for _ in dilations)
+        self.activations1 = nn.ModuleList(_Snake(channels) for _ in dilations)
+        self.activations2 = nn.ModuleList(_Snake(channels) for _ in dilations)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for c1, c2, a1, a2 in zip(self.convs1, self.convs2, self.activations1, self.activations2, strict=True):
+            x = c2(a2(c1(a1(x)))) + x
+        return x
+
+
+class _F0Predictor(nn.Module):
+    """`ConvRNNF0Predictor`: 5 x (conv k3 + ELU) -> Linear -> |.|, F0 in Hz per mel frame."""
+
+    def __init__(self, mel_bins: int, channels: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(5):
+            layers += [nn.Conv1d(mel_bins if i == 0 else channels, channels, 3, padding=1), nn.ELU()]
+        self.condnet = nn.Sequential(*layers)
+        self.classifier = nn.Linear(channels, 1)
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return torch.abs(self.classifier(self.condnet(mel).transpose(1, 2)).squeeze(-1))  # (1, T)
+
+
+class _Source(nn.Module):
+    """`SourceModuleHnNSF`: only the harmonic merge has weights (`m_source.l_linear`)."""
+
+    def __init__(self, harmonics: int):
+        super().__init__()
+        self.l_linear = nn.Linear(harmonics + 1, 1)
+
+
+class HiftGenerator(nn.Module):
+    def __init__(self, cfg: HiftConfig):
+        super().__init__()
+        self.cfg = cfg
+        base = cfg.base_channels
+        self.m_source = _Source(cfg.nb_harmonics)
+        self.conv_pre = nn.Conv1d(cfg.mel_bins, base, 7, 1, padding=3)
+        self.ups = nn.ModuleList(
+            nn.ConvTranspose1d(base // 2**i, base // 2 ** (i + 1), k, u, padding=(k - u) // 2)
+            for i, (u, k) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernels, strict=True)))
+        down_rates = np.cumprod([1, *cfg.upsample_rates[::-1][:-1]])[::-1]
+        self.source_downs = nn.ModuleList()
+        self.source_resblocks = nn.ModuleList()
+        for i, (u, k, d) in enumerate(zip(down_rates, cfg.source_resblock_kernels, cfg.source_resblock_dilations,
+                                          strict=True)):
+            ch, u = base // 2 ** (i + 1), int(u)
+            self.source_downs.append(nn.Conv1d(cfg.n_fft + 2, ch, 1, 1) if u == 1
+                                     else nn.Conv1d(cfg.n_fft + 2, ch, u * 2, u, padding=u // 2))
+            self.source_resblocks.append(_ResBlock(ch, k, d))
+        self.resblocks = nn.ModuleList(
+            _ResBlock(base // 2 ** (i + 1), k, d) for i in range(len(self.ups))
+            for k, d in zip(cfg.resblock_kernels, cfg.resblock_dilations, strict=True))
+        self.conv_post = nn.Conv1d(base // 2 ** len(self.ups), cfg.n_fft + 2, 7, 1, padding=3)
+        self.f0_predictor = _F0Predictor(cfg.mel_bins, cfg.f0_cond_channels)
+        n = np.arange(cfg.n_fft)
+        window = (0.5 - 0.5 * np.cos(2 * np.pi * n / cfg.n_fft)).astype(np.float32)  # periodic Hann (scipy)
+        self.register_buffer("stft_window", torch.from_numpy(window), persistent=False)
+
+    def source(self, f0: torch.Tensor, phase: torch.Tensor, sine_noise: torch.Tensor) -> torch.Tensor:
+        """f0 (1, T) Hz; phase (1, H+1, 1) raw U(-pi, pi) draws; sine_noise (1, H+1, 256T) N(0, 1) draws
+        -> source (1, 1, 256T), float32."""
+        cfg = self.cfg
+        f0 = f0.float().repeat_interleave(cfg.samples_per_frame, dim=-1).unsqueeze(1)  # (1, 1, L) nearest
+        harmonics = torch.arange(1, cfg.nb_harmonics + 2, device=f0.device, dtype=torch.float32).view(1, -1, 1)
+        f_mat = f0 * harmonics / cfg.sample_rate_hz  # (1, H+1, L) cycles per sample
+        theta = 2 * np.pi * (torch.cumsum(f_mat, dim=-1) % 1)
+        phase = phase.float().clone()
+        phase[:, 0, :] = 0  # the fundamental starts at phase 0
+        sines = cfg.nsf_alpha * torch.sin(theta + phase)
+        uv = (f0 > cfg.voiced_threshold_hz).float()  # (1, 1, L)
+        noise = (uv * cfg.nsf_sigma + (1 - uv) * cfg.nsf_alpha / 3) * sine_noise.float()
+        sines = sines * uv + noise  # (1, H+1, L)
+        w, b = self.m_source.l_linear.weight.float(), self.m_source.l_linear.bias.float()
+        return torch.tanh(F.linear(sines.transpose(1, 2), w, b)).transpose(1, 2)  # (1, 1, L)
+
+    def decode(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """mel (1, 80, T), source (1, 1, 256T) float32 -> audio (1, 256T) float32 in [-0.99, 0.99]."""
+        cfg = self.cfg
+        spec = torch.stft(source.squeeze(1), cfg.n_fft, cfg.hop, cfg.n_fft, window=self.stft_window,
+                          return_complex=True)
+        spec = torch.view_as_real(spec)  # (1, F, frames, 2)
+        s_stft = torch.cat([spec[..., 0], spec[..., 1]], dim=1).to(mel.dtype)  # (1, 2F, frames)
+        x = self.conv_pre(mel)
+        kernels = len(cfg.resblock_kernels)
+        for i, up in enumerate(self.ups):
+            x = up(F.leaky_relu(x, cfg.lrelu_slope))
+            if i == len(self.ups) - 1:
+                x = F.pad(x, (1, 0), mode="reflect")
+            x = x + self.source_resblocks[i](self.source_downs[i](s_stft))
+            xs = self.resblocks[i * kernels](x)
+            for j in range(1, kernels):
+                xs = xs + self.resblocks[i * kernels + j](x)
+            x = xs / kernels
+        x = self.conv_post(F.leaky_relu(x)).float()  # default slope 0.01, as the official
+        half = cfg.n_fft // 2 + 1
+        magnitude = torch.clip(torch.exp(x[:, :half]), max=1e2)
+        phase = torch.sin(x[:, half:])
+        spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+        audio = torch.istft(spec, cfg.n_fft, cfg.hop, cfg.n_fft, window=self.stft_window)
+        return torch.clamp(audio, -cfg.audio_limit, cfg.audio_limit)
+
+    def forward(self, mel: torch.Tensor, phase: torch.Tensor, sine_noise: torch.Tensor,
+                cache_source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """mel (1, 80, T) -> (audio (1, 256T), source (1, 1, 256T), f0 (1, T)).
+
+        `cache_source` (1, 1, n) overwrites the first n source samples (the official seam fix)."""
+        f0 = self.f0_predictor(mel)
+        source = self.source(f0, phase, sine_noise)
+        if cache_source is not None and cache_source.shape[-1] > 0:
+            source[:, :, :cache_source.shape[-1]] = cache_source
+        return self.decode(mel, source), source, f0

@@ -1,0 +1,113 @@
+"""GLM-4-Voice speech decoder: speech tokens -> flow matching mel -> HiFT -> 22.05 kHz audio.
+
+Loads an official `glm-4-voice-decoder` directory (config.yaml read as data by pipeline/decoder/config.py,
+flow.pt and hift.pt with `torch.load(weights_only=True)`, weight norm folded at load) into our plain-torch
+modules, in eval mode. `SpeechDecoder` is shared and stateless; a reply's state lives in its
+`DecoderStream` (pipeline/decoder/stream.py), which also holds the offline `synthesize`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.decoder.config import DecoderConfig
+from pipeline.decoder.flow import FlowModel
+from pipeline.decoder.hift import HiftGenerator
+
+
+# ---------------------------------------------------------------- checkpoint files
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise ValueError(f"{path}: missing (a glm-4-voice-decoder directory holds flow.pt and hift.pt)") from err
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a state dict file"
+        raise ValueError(f"{path}: not a state dict readable with torch.load(weights_only=True): {err}") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a flat state dict of tensors")
+    return state
+
+
+def fold_weight_norm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`weight_g`/`weight_v` (torch.nn.utils.weight_norm, dim 0) or the parametrisation keys -> `weight`."""
+    out: dict[str, torch.Tensor] = {}
+    pairs = {".weight_g": ".weight_v", ".parametrizations.weight.original0": ".parametrizations.weight.original1"}
+    for key, value in state.items():
+        for g_suffix, v_suffix in pairs.items():
+            if key.endswith(v_suffix):
+                break
+            if key.endswith(g_suffix):
+                stem = key[: -len(g_suffix)]
+                v = state.get(stem + v_suffix)
+                if v is None:
+                    raise ValueError(f"weight norm: {key} has no {stem + v_suffix}")
+                out[stem + ".weight"] = torch._weight_norm(v, value, 0)
+                break
+        else:
+            out[key] = value
+    return out
+
+
+def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Strict load with messages naming the file and the keys."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not match config.yaml: {len(missing)} missing keys {missing[:5]}, "
+                         f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, config.yaml gives "
+                             f"{tuple(expected[key].shape)}")
+    module.load_state_dict(state, strict=True)
+
+
+# ---------------------------------------------------------------- the decoder
+class SpeechDecoder:
+    """Shared, stateless after load. One `DecoderStream` per reply."""
+
+    def __init__(self, cfg: DecoderConfig, flow: FlowModel, hift: HiftGenerator, device: torch.device,
+                 dtype: torch.dtype):
+        self.cfg, self.flow, self.hift = cfg, flow, hift
+        self.device, self.dtype = device, dtype
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> SpeechDecoder:
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"{path}: not a directory (expected glm-4-voice-decoder/ with config.yaml, flow.pt, hift.pt)")
+        cfg = DecoderConfig.from_yaml_file(path / "config.yaml")
+        flow, hift = FlowModel(cfg.flow), HiftGenerator(cfg.hift)
+        load_module_state(flow, _read_state(path / "flow.pt"), path / "flow.pt")
+        load_module_state(hift, fold_weight_norm(_read_state(path / "hift.pt")), path / "hift.pt")
+        device = torch.device(device)
+        # Eval mode on purpose: the official AudioDecoder never calls .eval(), so its encoder dropout
+        # (p = 0.1) stays live and its output is random; the parity fixtures were made in eval mode.
+        flow.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        hift.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        hift.stft_window = hift.stft_window.float()
+        return cls(cfg, flow, hift, device, dtype)
+
+    @property
+    def sample_rate_hz(self) -> int:
+        return self.cfg.sample_rate_hz
+
+    @property
+    def num_tokens(self) -> int:
+        """Speech vocabulary size (flow.vocab_size); valid ids are 0 .. num_tokens - 1."""
+        return self.cfg.flow.vocab_size
+
+    def check_tokens(self, tokens: list[int]) -> list[int]:
+        out = []
+        for i, tok in enumerate(tokens):
+            if isinstance(tok, bool) or not isinstance(tok, (int, np.integer)):
+                raise ValueError(f"speech token {i} is {tok!r}, not an int")
+            if not 0 <= int(tok) < self.num_tokens:
+                raise ValueError(f"speech token {i} is {int(tok)}, outside 0..{self.num_tokens - 1}")
+            out.append(int(tok))
+        return out

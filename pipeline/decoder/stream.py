@@ -1,0 +1,218 @@
+"""Streaming decode of one reply: the official `token2wav` state machine (REFERENCE.md §5.5).
+
+Each block is conditioned on every earlier token and mel of the reply (prompt tokens + prompt mel). Its
+new mel's first 34 frames are cross-faded with the previous block's held-back 34 frames (Hamming(68)
+halves, computed in float64 as the official numpy window); the previous seam's last mel frame is
+prepended and its last 256 source samples overwrite the new source start; unless finalising, the last 34
+frames are held back, the rest vocoded, the last 256 samples held back (they are re-made by the next
+block). `legacy_prompt=True` feeds back the vocoder input *with* the prepended seam frame, as the
+official demo does (REFERENCE §5.5; PR #86 unmerged) -- the prompt mel then drifts one frame from the
+tokens; the default feeds back the frames without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline.decoder.config import DecoderConfig
+from pipeline.decoder.draws import Draws, OfficialDraws, SeededDraws
+from pipeline.decoder.flow import FlowCache, FlowTrace
+from pipeline.decoder.model import SpeechDecoder
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    schedule: tuple[int, ...]  # tokens per block; the last entry repeats
+    legacy_prompt: bool  # official demo's prompt mel with duplicated seam frames
+    cache_encoder: bool  # reuse complete 10-token blocks' encodings (output equal up to rounding)
+    max_prompt_frames: int | None  # opt-in bound on the prompt the estimator sees (None = official)
+
+    @classmethod
+    def build(cls, schedule: tuple[int, ...], legacy_prompt: bool, cache_encoder: bool,
+              max_prompt_tokens: int | None, cfg: DecoderConfig) -> StreamSettings:
+        schedule = tuple(int(n) for n in schedule)
+        # A non-final first block must give more mel frames than the 34 it holds back.
+        smallest = next(n for n in range(1, 1000) if cfg.flow.frames_for(n) > cfg.mel_overlap_frames)
+        if not schedule or min(schedule) < smallest:
+            raise ValueError(f"decoder schedule {schedule}: every block needs at least {smallest} tokens")
+        frames = None
+        if max_prompt_tokens is not None:
+            if max_prompt_tokens < 1:
+                raise ValueError(f"max_prompt_tokens {max_prompt_tokens}: must be positive or None")
+            frames = cfg.flow.frames_for(max_prompt_tokens)
+        return cls(schedule, bool(legacy_prompt), bool(cache_encoder), frames)
+
+
+@dataclass
+class StreamState:
+    """Everything one reply carries between blocks."""
+
+    prompt_tokens: list[int] = field(default_factory=list)  # every token already decoded
+    prompt_mel: torch.Tensor | None = None  # (1, 80, P) fed-back mel, float32
+    mel_overlap: torch.Tensor | None = None  # (1, 80, 34) held-back frames, float32
+    cache_mel: torch.Tensor | None = None  # (1, 80, 1) last vocoded frame
+    cache_source: torch.Tensor | None = None  # (1, 1, 256) last source samples
+    pending: list[int] = field(default_factory=list)  # pushed tokens not yet decoded
+    blocks_done: int = 0
+    finished: bool = False
+    flow_cache: FlowCache = field(default_factory=FlowCache)
+
+    def reset(self) -> None:
+        self.prompt_tokens, self.pending = [], []
+        self.prompt_mel = self.mel_overlap = self.cache_mel = self.cache_source = None
+        self.blocks_done, self.finished = 0, False
+        self.flow_cache.reset()
+
+
+@dataclass
+class BlockOutput:
+    audio: np.ndarray  # float32 samples that became final
+    mel: torch.Tensor  # (1, 80, frames) the official `tts_mel` (vocoder input)
+    flow_mel: torch.Tensor | None  # (1, 80, frames) flow output before the cross-fade
+    trace: dict[str, torch.Tensor] = field(default_factory=dict)  # intermediates, when asked
+
+
+class DecoderStream:
+    """A reply's stream. `schedule`: tokens per block, the last repeating (first 10: the paper; the
+    current official demo uses (25, 50, 100, 150, 200)). `legacy_prompt`: feed back the official
+    demo's prompt mel with its duplicated seam frame. `seed`: None = the official seed-42 recipe per
+    block; an int = a stream generator seeded once. `draws` overrides both (tests inject here).
+    `cache_encoder`: reuse the encodings of complete 10-token blocks (same output up to float
+    rounding). `max_prompt_tokens`: opt-in bound on the prompt the estimator sees (changes output)."""
+
+    def __init__(self, decoder: SpeechDecoder, schedule: tuple[int, ...] = (10, 20), legacy_prompt: bool = False,
+                 seed: int | None = None, draws: Draws | None = None, cache_encoder: bool = True,
+                 max_prompt_tokens: int | None = None) -> None:  # fmt: skip
+        if draws is None:
+            sines, bins = decoder.cfg.hift.nb_harmonics + 1, decoder.cfg.flow.mel_bins
+            draws = OfficialDraws(decoder.device, bins, sines) if seed is None else SeededDraws(decoder.device, seed, bins)
+        self.decoder, self.draws = decoder, draws
+        self.settings = StreamSettings.build(schedule, legacy_prompt, cache_encoder, max_prompt_tokens, decoder.cfg)
+        self.state = StreamState()
+        cfg = decoder.cfg
+        window = np.hamming(2 * cfg.mel_overlap_frames)  # float64, as the official numpy window
+        self._fade = torch.from_numpy(window).to(decoder.device)
+
+    @property
+    def tokens_decoded(self) -> int:
+        return len(self.state.prompt_tokens)
+
+    def reset(self) -> None:
+        self.state.reset()
+
+    def _block_size(self) -> int:
+        sched = self.settings.schedule
+        return sched[min(self.state.blocks_done, len(sched) - 1)]
+
+    def push(self, tokens: list[int]) -> np.ndarray:
+        """Add speech tokens; returns the audio that became final (possibly empty). A block is decoded
+        as soon as it is complete (the official loop waits for one more token)."""
+        if self.state.finished:
+            raise RuntimeError("DecoderStream.push after finish(); call reset() for a new reply")
+        self.state.pending += self.decoder.check_tokens(tokens)
+        parts = [np.zeros(0, dtype=np.float32)]
+        while len(self.state.pending) >= self._block_size():
+            size = self._block_size()
+            block, self.state.pending = self.state.pending[:size], self.state.pending[size:]
+            parts.append(self.decode_block(block, finalize=False).audio)
+        return np.concatenate(parts)
+
+    def finish(self) -> np.ndarray:
+        """End of the reply: decode the pending tokens as a finalising block, or, when none are pending,
+        vocode the held-back frames (the official loop would have finalised the last block itself)."""
+        if self.state.finished:
+            return np.zeros(0, dtype=np.float32)
+        if self.state.pending:
+            out = self.decode_block(self.state.pending, finalize=True).audio
+        else:
+            out = self._flush_tail()
+        self.state.pending, self.state.finished = [], True
+        return out
+
+    @torch.inference_mode()
+    def _flush_tail(self) -> np.ndarray:
+        st = self.state
+        if st.mel_overlap is None:
+            return np.zeros(0, dtype=np.float32)
+        self.draws.begin_block()
+        audio, _, _ = self._vocode(torch.cat([st.cache_mel, st.mel_overlap], dim=2), None)
+        st.mel_overlap = st.cache_mel = st.cache_source = None
+        st.finished = True
+        return audio[0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def decode_block(self, tokens: list[int], finalize: bool, trace: bool = False) -> BlockOutput:
+        """One official `token2wav` call on `tokens` with the reply so far as prompt."""
+        st = self.state
+        tokens = self.decoder.check_tokens(tokens)
+        if not tokens:
+            raise ValueError("decoder block is empty: give at least one speech token")
+        if st.finished:
+            raise RuntimeError("DecoderStream already finished; call reset() for a new reply")
+        self.draws.begin_block()
+        flow_trace = FlowTrace() if trace else None
+        mel = self._flow_mel(st.prompt_tokens + tokens, flow_trace)  # (1, 80, new frames) float32
+        flow_mel = mel.clone() if trace else None
+        audio, mel, fresh, vocoder_trace = self._seam_and_vocode(mel, finalize, trace)
+        fed_back = mel if self.settings.legacy_prompt else fresh
+        st.prompt_mel = fed_back if st.prompt_mel is None else torch.cat([st.prompt_mel, fed_back], dim=2)
+        st.prompt_tokens = st.prompt_tokens + tokens
+        st.blocks_done += 1
+        out = BlockOutput(audio[0].float().cpu().numpy(), mel, flow_mel)  # the block's one device->host copy
+        if flow_trace is not None:
+            out.trace = {"encoder_out": flow_trace.encoder_out, "encoder_proj_out": flow_trace.encoder_proj_out,
+                         "mu": flow_trace.mu, **vocoder_trace}
+        return out
+
+    def _flow_mel(self, all_tokens: list[int], trace: FlowTrace | None) -> torch.Tensor:
+        """Flow over prompt + new tokens, conditioned on the fed-back mel -> new frames (1, 80, F - P)."""
+        dec, st = self.decoder, self.state
+        noise = self.draws.flow_noise(dec.cfg.flow.frames_for(len(all_tokens)))  # (1, 80, F) incl. prompt
+        prompt_mel = st.prompt_mel if st.prompt_mel is not None else noise[:, :, :0]
+        ids = torch.tensor(all_tokens, dtype=torch.long).to(dec.device)
+        mel = dec.flow.inference(ids, prompt_mel.to(device=dec.device, dtype=dec.dtype), noise.to(dec.device),
+                                 st.flow_cache if self.settings.cache_encoder else None, trace,
+                                 self.settings.max_prompt_frames)
+        return mel.float()
+
+    def _seam_and_vocode(self, mel: torch.Tensor, finalize: bool, trace: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Cross-fade, seam frame, hold-back and vocoder -> (audio (1, S), vocoder mel, fresh mel, trace)."""
+        st, cfg = self.state, self.decoder.cfg
+        n = cfg.mel_overlap_frames
+        if st.mel_overlap is not None:  # Hamming cross-fade, float64 as the official numpy window
+            faded = mel[:, :, :n].double() * self._fade[:n] + st.mel_overlap.double() * self._fade[n:]
+            mel[:, :, :n] = faded.float()
+        fresh = mel if finalize else mel[:, :, :-n]  # this block's frames without the seam frame
+        if st.cache_mel is not None:
+            mel = torch.cat([st.cache_mel, mel], dim=2)  # (1, 80, 1 + frames)
+        if not finalize:
+            st.mel_overlap, mel = mel[:, :, -n:], mel[:, :, :-n]
+        audio, source, f0 = self._vocode(mel, st.cache_source)
+        if finalize:
+            st.mel_overlap = st.cache_mel = st.cache_source = None
+            st.finished = True
+        else:
+            st.cache_mel = mel[:, :, -cfg.mel_cache_frames:]
+            st.cache_source = source[:, :, -cfg.source_cache_samples:]
+            audio = audio[:, :-cfg.source_cache_samples]  # re-made by the next block
+        return audio, mel, fresh, ({"f0": f0, "source": source} if trace else {})
+
+    def _vocode(self, mel: torch.Tensor, cache_source: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """mel (1, 80, T) float32 -> (audio (1, 256T), source (1, 1, 256T), f0 (1, T)) with this block's draws."""
+        dec = self.decoder
+        sines = dec.cfg.hift.nb_harmonics + 1
+        phase = self.draws.source_phase(sines)
+        noise = self.draws.source_noise(sines, mel.shape[-1] * dec.cfg.hift.samples_per_frame)
+        return dec.hift(mel.to(dec.dtype), phase, noise, cache_source)
+
+
+def synthesize(decoder: SpeechDecoder, tokens: list[int], draws: Draws | None = None,
+               seed: int | None = None) -> np.ndarray:
+    """One finalising call over all tokens (`offline_inference`): float32 audio at 22.05 kHz."""
+    stream = DecoderStream(decoder, draws=draws, seed=seed, cache_encoder=False)
+    return stream.decode_block(tokens, finalize=True).audio

@@ -1,0 +1,29 @@
+"""Settings of the GLM-4-Voice engine (the `[model]` section of config.toml). Torch-free.
+
+The server composes this into its config; env overrides use GLM4VOICE_MODEL_<KEY>.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    weights_dir: str = ""  # holds glm-4-voice-{tokenizer,9b,decoder}/; "" = demo weights
+    tokenizer_dir: str = ""  # overrides weights_dir/glm-4-voice-tokenizer
+    lm_dir: str = ""  # overrides weights_dir/glm-4-voice-9b
+    decoder_dir: str = ""  # overrides weights_dir/glm-4-voice-decoder
+    demo_weights_dir: str = "demo_weights"  # written on first start when no real weights are configured
+    require_weights: bool = False  # refuse to start on demo weights
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
+    dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "float32", "bfloat16", "float16"
+    quantization: str = ""  # "" or "int4" (bitsandbytes NF4, as the official server's --dtype int4)
+    max_calls_batched: int = 16  # decode-step batch slots (calls whose tokens share one forward)
+    first_block_tokens: int = 10  # speech tokens before the first decoder block (paper: 10)
+    block_tokens: int = 20  # later decoder blocks (speech tokens)
+    max_new_tokens: int = 2000  # per reply (official demo UI default)
+    context_tokens: int = 8192  # LM context (config seq_length); oldest whole turns dropped past it
+    stream_lead_ms: int = 1000  # a stream this far ahead of its playback lets a new turn's first audio go first
+    decode_mode: str = "auto"  # LM decode step: auto (cudagraph on CUDA, else eager) | eager | compile | cudagraph
+    cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = auto (1 for a LM under 50 M params, else torch default)

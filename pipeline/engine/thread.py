@@ -1,0 +1,376 @@
+"""The GLM-4-Voice responder: one engine thread owns the three models and serves every call.
+
+Calls talk to the engine through one command queue (`queue.SimpleQueue`, never blocking the asyncio
+loop); the engine answers through each turn's asyncio queue with `loop.call_soon_threadsafe`. The
+engine thread waits on its queue when idle and otherwise loops over steps (pipeline.engine.scheduler):
+
+    commands -> cancellations -> prefill new turns -> ONE batched LM decode step -> decoder blocks
+
+so turns of different calls interleave at token granularity and share one forward pass, a new turn's
+prefill and first decoder block go before older turns' work (time to first audio first), and older
+streams are ordered by how far their audio is ahead of playback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.engine.config import EngineConfig
+from pipeline.engine.dialogue import Dialogue, Reply
+from pipeline.responder import (
+    Responder,
+    ResponderInfo,
+    ResponderSession,
+    SessionSettings,
+    Turn,
+    TurnDone,
+    TurnError,
+    TurnEvent,
+)
+
+log = logging.getLogger(__name__)
+DECODER_SAMPLE_RATE_HZ = 22050  # decoder config.yaml sample_rate; the loaded decoder's value wins
+
+
+# ----- commands from the asyncio side (plain data) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Open:
+    dialogue: Dialogue
+
+
+@dataclass(frozen=True)
+class _Update:
+    dialogue: Dialogue
+    settings: SessionSettings
+
+
+@dataclass(frozen=True)
+class _PushAudio:
+    dialogue: Dialogue
+    pcm16k: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Commit:
+    dialogue: Dialogue
+
+
+@dataclass(frozen=True)
+class _Discard:
+    dialogue: Dialogue
+
+
+@dataclass(frozen=True)
+class _AddText:
+    dialogue: Dialogue
+    text: str
+
+
+@dataclass(frozen=True)
+class _Respond:
+    dialogue: Dialogue
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class _Cancel:  # the reply's cancel flag is already set; this wakes the engine (and trims a finished reply)
+    dialogue: Dialogue
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class _Close:
+    dialogue: Dialogue
+    done: concurrent.futures.Future
+
+
+@dataclass(frozen=True)
+class _Settle:  # resolve `done` once the engine has nothing left to compute (tests, benches, drain)
+    done: concurrent.futures.Future
+
+
+@dataclass(frozen=True)
+class _Stop:
+    pass
+
+
+Command = _Open | _Update | _PushAudio | _Commit | _Discard | _AddText | _Respond | _Cancel | _Settle | _Close | _Stop
+
+
+# ----- asyncio-side objects ---------------------------------------------------------------------------
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
+    """A thread-safe `emit` into one turn's asyncio queue (dropped if the loop is gone)."""
+
+    def emit(event: TurnEvent) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # loop closed: the call is gone, nobody reads this turn any more
+            pass
+
+    return emit
+
+
+class EngineTurn(Turn):
+    def __init__(self, dialogue: Dialogue, reply: Reply, events: asyncio.Queue, send: Callable) -> None:
+        self.turn_id = reply.turn_id
+        self._dialogue = dialogue
+        self._reply = reply
+        self._events = events
+        self._send = send
+
+    async def events(self) -> AsyncIterator[TurnEvent]:
+        while True:
+            event = await self._events.get()
+            yield event
+            if isinstance(event, TurnDone | TurnError):
+                return
+
+    def cancel(self, played_ms: float | None = None) -> None:
+        if self._reply.cancel_event.is_set():
+            return
+        self._reply.played_ms = played_ms  # written before the event is set: the engine reads it after
+        self._reply.cancel_event.set()
+        self._send(_Cancel(self._dialogue, self._reply))
+
+
+class EngineSession(ResponderSession):
+    def __init__(self, engine: EngineThread, dialogue: Dialogue, loop: asyncio.AbstractEventLoop) -> None:
+        self._engine = engine
+        self._dialogue = dialogue
+        self._loop = loop
+        self._settings = dialogue.settings
+        self._turn_count = itertools.count(1)
+        self._current: EngineTurn | None = None
+
+    @property
+    def dialogue(self) -> Dialogue:
+        """The engine-side state (tests and metrics read it; only the engine thread writes it)."""
+        return self._dialogue
+
+    def update(self, settings: SessionSettings) -> None:
+        self._settings = settings
+        self._engine.send(_Update(self._dialogue, settings))
+
+    def push_audio(self, pcm16k: np.ndarray) -> None:
+        """Non-finite samples become 0 and the rest is clipped to [-1, 1] (the range the tokenizer saw)."""
+        pcm = np.asarray(pcm16k, dtype=np.float32)
+        pcm = np.clip(np.nan_to_num(pcm, nan=0.0, posinf=0.0, neginf=0.0), -1.0, 1.0)  # a new array
+        self._engine.send(_PushAudio(self._dialogue, pcm))
+
+    def commit_audio(self) -> None:
+        self._engine.send(_Commit(self._dialogue))
+
+    def discard_audio(self) -> None:
+        self._engine.send(_Discard(self._dialogue))
+
+    def add_text(self, text: str) -> None:
+        self._engine.send(_AddText(self._dialogue, text))
+
+    def respond(self) -> Turn:
+        events: asyncio.Queue = asyncio.Queue()
+        sampling = self._settings.sampling
+        cfg = self._engine.config
+        reply = Reply(
+            turn_id=f"{self._dialogue.call_id}-turn{next(self._turn_count)}",
+            emit=_deliver(self._loop, events),
+            sampling=sampling,
+            max_new_tokens=max(1, min(sampling.max_new_tokens, cfg.max_new_tokens)),
+            items=[],
+        )
+        self._current = EngineTurn(self._dialogue, reply, events, self._engine.send)
+        self._engine.send(_Respond(self._dialogue, reply))
+        return self._current
+
+    async def close(self) -> None:
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._engine.send(_Close(self._dialogue, done))
+        if self._engine.alive:
+            await asyncio.wrap_future(done)
+
+
+class EngineThread:
+    """The thread that owns the models; `send()` is the only way in."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._ready: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._main, name="glm4voice-engine", daemon=True)
+        self.scheduler = None  # pipeline.engine.scheduler.Scheduler, built in the thread
+        self.load_error: BaseException | None = None
+        self.crash: BaseException | None = None  # what ended the work loop, if it did not stop on request
+        self._finished = False  # set by the thread before it answers its last commands
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
+    @property
+    def finished(self) -> bool:
+        """The work loop has ended (stopped or crashed); commands are only answered, never run."""
+        return self._finished
+
+    def send(self, command: Command) -> None:
+        self._inbox.put(command)
+        if self._finished:  # nobody will run it: answer it now (close, settle, respond)
+            self._answer_leftovers()
+
+    def start(self) -> concurrent.futures.Future:
+        self._thread.start()
+        return self._ready
+
+    def join(self, timeout_s: float) -> None:
+        self._thread.join(timeout_s)
+
+    async def settled(self) -> None:
+        """Wait until the engine has no work in progress (every reply done, early prefills made)."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self.send(_Settle(done))
+        await asyncio.wrap_future(done)
+
+    def _main(self) -> None:
+        from pipeline.engine.models import describe, load_models, warm_up
+        from pipeline.engine.scheduler import Scheduler
+
+        try:
+            models = load_models(self.config)
+            warm_up(models, self.config)
+            self.scheduler = Scheduler(self.config, models, self._inbox)
+        except BaseException as exc:  # reported to start(); the thread ends
+            self.load_error = exc
+            self._ready.set_exception(exc)
+            return
+        self._ready.set_result(describe(models))
+        try:
+            self.scheduler.run(self._apply)
+        except BaseException as exc:
+            self.crash = exc
+            log.exception("engine thread crashed")
+            self._fail_active_turns()
+            raise
+        finally:
+            self._finished = True  # before the drain: a command put after it is answered by send()
+            self._answer_leftovers()
+
+    def _fail_active_turns(self) -> None:
+        """The loop died: every reply in progress ends with an error instead of waiting forever."""
+        for d in list(self.scheduler.dialogues):
+            reply, d.reply = d.reply, None
+            if reply is not None:
+                reply.emit(TurnError("the engine has stopped", code="engine_stopped"))
+
+    def _answer_leftovers(self) -> None:
+        """After the loop ended: nobody may wait forever on a command the engine will never run."""
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            match command:
+                case _Close(_, done) | _Settle(done):
+                    done.set_result(None)
+                case _Respond(_, reply):
+                    reply.emit(TurnError("the engine has stopped", code="engine_stopped"))
+
+    def _apply(self, command: Command) -> bool:
+        """Apply one command in the engine thread; False stops the thread."""
+        sched = self.scheduler
+        match command:
+            case _Open(dialogue):
+                sched.open(dialogue)
+            case _Update(dialogue, settings):
+                dialogue.settings = settings
+            case _PushAudio(dialogue, pcm):
+                sched.guarded(dialogue, sched.push_audio, dialogue, pcm)
+            case _Commit(dialogue):
+                sched.guarded(dialogue, sched.commit_audio, dialogue)
+            case _Discard(dialogue):
+                sched.guarded(dialogue, sched.discard_audio, dialogue)
+            case _AddText(dialogue, text):
+                sched.add_text(dialogue, text)
+            case _Respond(dialogue, reply):
+                sched.respond(dialogue, reply)
+            case _Cancel(dialogue, reply):
+                sched.guarded(dialogue, sched.cancel_finished, dialogue, reply)
+            case _Settle(done):
+                sched.settle_waiters.append(done)
+            case _Close(dialogue, done):
+                sched.close(dialogue)
+                done.set_result(None)
+            case _Stop():
+                sched.shutdown()
+                return False
+        return True
+
+
+class GLMVoiceResponder(Responder):
+    """`pipeline.responder.Responder` backed by the engine thread."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._engine = EngineThread(config)
+        self._details: dict = {"weights": "loading"}
+        self._ready = False
+
+    @property
+    def engine(self) -> EngineThread:
+        return self._engine
+
+    async def start(self) -> None:
+        if self._ready:
+            return
+        if self._engine.started:  # stopped before: a fresh thread loads the models again
+            self._engine = EngineThread(self.config)
+        self._details = await asyncio.wrap_future(self._engine.start())
+        self._ready = True
+        log.info("glm4voice engine ready: %s", self._details)
+
+    def open_session(self, call_id: str, settings: SessionSettings) -> ResponderSession:
+        if not self._ready:
+            raise RuntimeError("the GLM-4-Voice engine is not ready (start() has not finished)")
+        dialogue = Dialogue(call_id=call_id, settings=settings, cache=None, tokenizer_stream=None)
+        self._engine.send(_Open(dialogue))
+        return EngineSession(self._engine, dialogue, asyncio.get_running_loop())
+
+    def info(self) -> ResponderInfo:
+        rate = self._details.get("output_sample_rate_hz", DECODER_SAMPLE_RATE_HZ)
+        details = dict(self._details)
+        engine = self._engine
+        if engine.load_error is not None:
+            details["error"] = str(engine.load_error)
+        alive = engine.alive and not engine.finished
+        if self._ready and not alive:
+            crash = engine.crash
+            details["error"] = "the engine thread died" + (f": {type(crash).__name__}: {crash}" if crash else "")
+        if engine.scheduler is not None:
+            details.update(engine.scheduler.stats())
+        return ResponderInfo(name="glm4voice", ready=self._ready and alive, output_sample_rate_hz=rate,
+                             details=details)
+
+    async def stop(self) -> None:
+        self._ready = False
+        if not self._engine.alive:
+            return
+        self._engine.send(_Stop())
+        deadline_s = 10.0
+        await asyncio.get_running_loop().run_in_executor(None, self._engine.join, deadline_s)
+        if self._engine.alive:
+            log.warning("engine thread did not stop within %.0f s", deadline_s)
+

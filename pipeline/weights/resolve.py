@@ -1,0 +1,167 @@
+"""Which weights the engine loads (demo or real), on which device, in which dtype.
+
+Resolution order, from `EngineConfig` (the `[model]` section):
+1. `tokenizer_dir` / `lm_dir` / `decoder_dir` when set, else `weights_dir/glm-4-voice-{tokenizer,9b,decoder}`
+   when `weights_dir` is set: real weights; every folder must hold its checkpoint files.
+2. Nothing configured: `require_weights` -> refuse to start; otherwise the demo weights in
+   `demo_weights_dir` (written on first start by `pipeline.weights.demo`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.engine.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+STAGE_FOLDERS = {"tokenizer": "glm-4-voice-tokenizer", "lm": "glm-4-voice-9b", "decoder": "glm-4-voice-decoder"}
+# Files whose presence marks a complete checkpoint folder (the official layouts).
+REQUIRED_FILES = {
+    "tokenizer": ("config.json", "preprocessor_config.json"),
+    "lm": ("config.json", "tokenizer.model", "tokenizer_config.json"),
+    "decoder": ("config.yaml", "flow.pt", "hift.pt"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Above this many LM parameters a CPU cannot generate 12.5 speech tokens/s (the 9B needs ~19 GB/token read).
+CPU_REALTIME_MAX_LM_PARAMS = 1_000_000_000
+
+
+class WeightsError(ValueError):
+    """The configured weights are missing or incomplete; the message names the folder and file."""
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    kind: str  # "demo" | "real"
+    tokenizer_dir: Path
+    lm_dir: Path
+    decoder_dir: Path
+    device: torch.device
+    lm_dtype: torch.dtype  # the LM runs in this dtype (bf16 on GPU like the official server)
+    stage_dtype: torch.dtype  # tokenizer and decoder: float32 (the official code runs them in fp32)
+    quantization: str  # "" | "int4"
+
+    def describe(self) -> dict:
+        """For /health and ResponderInfo.details."""
+        return {
+            "weights": self.kind,
+            "device": str(self.device),
+            "dtype": str(self.lm_dtype).removeprefix("torch."),
+            "quantization": self.quantization or "none",
+            "tokenizer_dir": str(self.tokenizer_dir),
+            "lm_dir": str(self.lm_dir),
+            "decoder_dir": str(self.decoder_dir),
+        }
+
+
+def select_device(name: str) -> torch.device:
+    """`auto` picks CUDA when available; an explicit CUDA device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WeightsError(f"[model] device = {name!r} but torch sees no CUDA device")
+    return device
+
+
+def select_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on GPU (the checkpoint's torch_dtype), float32 on CPU (bf16 matmuls are slow there)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise WeightsError(f"[model] dtype = {name!r}: expected one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_folder(stage: str, folder: Path) -> None:
+    if not folder.is_dir():
+        raise WeightsError(
+            f"{stage} weights folder {folder} does not exist "
+            "(run `glm4voice download --dir DIR` and set [model] weights_dir = DIR)"
+        )
+    missing = [name for name in REQUIRED_FILES[stage] if not (folder / name).is_file()]
+    if stage == "tokenizer" and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        missing.append("model.safetensors")
+    if stage == "lm" and not any(folder.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if missing:
+        raise WeightsError(f"{stage} weights folder {folder} is incomplete: missing {', '.join(missing)}")
+
+
+def configured_dirs(cfg: EngineConfig) -> dict[str, Path] | None:
+    """The real-weights folders the config names, or None when it names none."""
+    overrides = {"tokenizer": cfg.tokenizer_dir, "lm": cfg.lm_dir, "decoder": cfg.decoder_dir}
+    if not cfg.weights_dir and not any(overrides.values()):
+        return None
+    dirs = {}
+    for stage, override in overrides.items():
+        if override:
+            dirs[stage] = Path(override).expanduser()
+        elif cfg.weights_dir:
+            dirs[stage] = Path(cfg.weights_dir).expanduser() / STAGE_FOLDERS[stage]
+        else:
+            raise WeightsError(
+                f"[model] sets some stage folders but not {stage}_dir, and weights_dir is empty"
+            )
+    return dirs
+
+
+def resolve_weights(cfg: EngineConfig) -> ResolvedWeights:
+    """Pick demo or real weights, device and dtypes; writes the demo weights when they are needed."""
+    device = select_device(cfg.device)
+    lm_dtype = select_dtype(cfg.dtype, device)
+    if cfg.quantization not in ("", "int4"):
+        raise WeightsError(f"[model] quantization = {cfg.quantization!r}: expected '' or 'int4'")
+    if cfg.quantization == "int4" and device.type != "cuda":
+        raise WeightsError("[model] quantization = 'int4' needs a CUDA device (bitsandbytes NF4)")
+    dirs = configured_dirs(cfg)
+    if dirs is None:
+        if cfg.require_weights:
+            raise WeightsError(
+                "require_weights is set but no real weights are configured: run "
+                "`glm4voice download --dir DIR` and set [model] weights_dir = DIR "
+                "(or GLM4VOICE_MODEL_WEIGHTS_DIR=DIR)"
+            )
+        from pipeline.weights.demo import ensure_demo_weights
+
+        root = ensure_demo_weights(Path(cfg.demo_weights_dir))
+        dirs = {stage: root / folder for stage, folder in STAGE_FOLDERS.items()}
+        kind = "demo"
+        log.warning(
+            "DEMO WEIGHTS: no real GLM-4-Voice weights configured; using tiny random models from %s. "
+            "Replies are scripted noise-like babble, the plumbing is real. Run `glm4voice download` "
+            "and set [model] weights_dir for the real model.",
+            root,
+        )
+    else:
+        kind = "real"
+    for stage, folder in dirs.items():
+        check_folder(stage, folder)
+    return ResolvedWeights(
+        kind=kind,
+        tokenizer_dir=dirs["tokenizer"],
+        lm_dir=dirs["lm"],
+        decoder_dir=dirs["decoder"],
+        device=device,
+        lm_dtype=lm_dtype,
+        stage_dtype=torch.float32,
+        quantization=cfg.quantization,
+    )
+
+
+def warn_if_not_realtime(num_lm_params: int, weights: ResolvedWeights) -> str | None:
+    """A warning (also logged) when this LM on this device cannot keep up with real time."""
+    if weights.device.type == "cpu" and num_lm_params > CPU_REALTIME_MAX_LM_PARAMS:
+        message = (
+            f"the LM has {num_lm_params / 1e9:.1f} B parameters and runs on the CPU: it cannot generate "
+            "12.5 speech tokens/s, so replies will stutter (not real time). Use a CUDA GPU "
+            "([model] device = 'cuda'), int4 on a small GPU, or the demo weights for a plumbing check."
+        )
+        log.warning(message)
+        return message
+    return None

@@ -1,0 +1,19 @@
+"""Build the configured responder. Imports the heavy engine lazily so the server stays torch-free."""
+
+from __future__ import annotations
+
+from pipeline.engine.config import EngineConfig
+from pipeline.responder import Responder
+
+
+def make_responder(kind: str, engine: EngineConfig) -> Responder:
+    """`kind`: "echo" (mic check, no models) or "glm4voice" (the speech model engine)."""
+    if kind == "echo":
+        from server.echo import EchoResponder
+
+        return EchoResponder()
+    if kind == "glm4voice":
+        from pipeline.engine.thread import GLMVoiceResponder  # imports torch, in the engine thread's module
+
+        return GLMVoiceResponder(engine)
+    raise ValueError(f"unknown responder kind {kind!r}: expected 'echo' or 'glm4voice'")

@@ -1,0 +1,111 @@
+"""Prompt ids against the official prompt strings, multi-turn history, instructions, the stream parser."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from pipeline.lm.prompt import (
+    SYSTEM_PROMPT_AUDIO,
+    SYSTEM_PROMPT_TEXT,
+    DialogueHistory,
+    SamplingOptions,
+    StreamParser,
+    first_turn_ids,
+)
+from pipeline.lm.text_tokenizer import GLMTokenizer
+from pipeline.weights.random_text import write_tokenizer_files
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory: pytest.TempPathFactory) -> GLMTokenizer:
+    d = tmp_path_factory.mktemp("tok")
+    write_tokenizer_files(d, num_audio_tokens=64, seed=2)
+    return GLMTokenizer.from_pretrained(d)
+
+
+def _official(tok: GLMTokenizer, text: str) -> list[int]:
+    """What the official tokenizer does with a prompt string: [gMASK]<sop> + the string's ids."""
+    return tok.prefix_ids + tok.encode(text)
+
+
+def test_system_prompts_are_the_official_strings() -> None:
+    # REFERENCE §4.2, verbatim (grammar and the audio prompt's trailing space included).
+    assert SYSTEM_PROMPT_AUDIO == (
+        "User will provide you with a speech instruction. Do it step by step. First, think about the "
+        "instruction and respond in a interleaved manner, with 13 text token followed by 26 audio tokens. "
+    )
+    assert SYSTEM_PROMPT_TEXT == SYSTEM_PROMPT_AUDIO.replace("speech", "text").rstrip(" ")
+    assert SamplingOptions() == SamplingOptions(temperature=0.2, top_p=0.8, top_k=50, max_new_tokens=2000)
+
+
+def test_first_turn_equals_official_prompt(tok: GLMTokenizer) -> None:
+    speech = [5, 0, 63, 17]
+    audio = "<|begin_of_audio|>" + "".join(f"<|audio_{k}|>" for k in speech) + "<|end_of_audio|>"
+    want = _official(tok, f"<|system|>\n{SYSTEM_PROMPT_AUDIO}<|user|>\n{audio}<|assistant|>streaming_transcription\n")
+    assert first_turn_ids(tok, speech_tokens=speech) == want
+    text = "What's the weather like? 天气"
+    want = _official(tok, f"<|system|>\n{SYSTEM_PROMPT_TEXT}<|user|>\n{text}<|assistant|>streaming_transcription\n")
+    assert first_turn_ids(tok, text=text) == want
+
+
+def test_second_turn_follows_official_history(tok: GLMTokenizer) -> None:
+    """Official: (previous prompt + decoded completion).strip() + the new user block, re-tokenised."""
+    history = DialogueHistory(tok)
+    prompt1 = history.start_turn(speech_tokens=[1, 2, 3])
+    reply = tok.encode("Sure, here") + [tok.audio_id(k) for k in (9, 8, 7)] + [tok.user_id]
+    history.add_reply(reply)  # the stop id is not kept
+    prompt2 = history.start_turn(speech_tokens=[4])
+    prev = tok.decode(prompt1[2:]) + tok.decode(reply[:-1])
+    new = "<|user|>\n<|begin_of_audio|><|audio_4|><|end_of_audio|><|assistant|>streaming_transcription\n"
+    assert prompt2 == _official(tok, prev.strip() + new)
+    assert prompt2[: len(prompt1)] == prompt1  # the cache of turn 1 stays valid
+
+
+def test_instructions_reach_the_system_block(tok: GLMTokenizer) -> None:
+    plain = first_turn_ids(tok, speech_tokens=[1])
+    styled = first_turn_ids(tok, speech_tokens=[1], instructions="Speak slowly, in a cheerful tone.")
+    text = tok.decode(styled)
+    assert SYSTEM_PROMPT_AUDIO + "Speak slowly, in a cheerful tone.<|user|>" in text
+    # The official system prompt and the user/assistant blocks are unchanged around it.
+    assert styled[-12:] == plain[-12:] and text.startswith("[gMASK]<sop><|system|>\n" + SYSTEM_PROMPT_AUDIO)
+    history = DialogueHistory(tok)
+    history.start_turn(speech_tokens=[1])
+    changed = history.start_turn(speech_tokens=[2], instructions="Use a Sichuan dialect.")
+    assert "Use a Sichuan dialect.<|user|>" in tok.decode(changed)
+
+
+def test_stream_parser_text_speech_stop(tok: GLMTokenizer) -> None:
+    text = "你好, 世界! ok"
+    # Single-byte tokens (their ranks, read from tokenizer.model): multi-byte characters span several ids.
+    ranks = {}
+    for line in (tok.source / "tokenizer.model").read_text().splitlines():
+        b64, rank = line.split()
+        ranks[base64.b64decode(b64)] = int(rank)
+    byte_ids = [ranks[bytes([b])] for b in text.encode()]
+    ids = byte_ids[:4] + [tok.audio_id(3), tok.audio_id(60)] + byte_ids[4:] + [tok.begin_of_audio_id, tok.user_id, 7]
+    parser = StreamParser(tok)
+    events = [parser.push(i) for i in ids]
+    deltas = [e.text for e in events]
+    assert "".join(deltas) == text and "\ufffd" not in "".join(deltas)
+    assert deltas[:3] == ["", "", "你"]  # a 3-byte character appears when its last byte arrives
+    assert [e.speech for e in events if e.speech is not None] == [3, 60]
+    assert [e.stop for e in events] == [False] * (len(ids) - 2) + [True, True]
+    assert parser.text == text and parser.speech == [3, 60] and parser.stopped
+    parser.reset()
+    assert parser.push(byte_ids[0]).text == "" and parser.finish() == "\ufffd"  # broken tail at the very end
+
+
+def test_fit_keeps_system_and_newest_turn(tok: GLMTokenizer) -> None:
+    history = DialogueHistory(tok)
+    for k in range(4):
+        history.start_turn(speech_tokens=[k] * 5)
+        history.add_reply([tok.audio_id(1)] * 3)
+    turn_len = len(history.turns[-1])
+    total = len(history.ids())
+    assert history.fit(total) == 0
+    assert history.fit(total - 1) == 1 and len(history.turns) == 3
+    assert history.fit(len(history.system_ids) + turn_len) == 2 and len(history.turns) == 1
+    with pytest.raises(ValueError, match="do not fit"):
+        history.fit(len(history.system_ids) + turn_len - 1)
