@@ -7,7 +7,7 @@ channels with 12 mid blocks (111.2 M params), HiFT base 512 with 8 harmonics (20
      the reply length so far, time to first audio, RTF -- for the official semantics (re-encode every
      call), with the encoder cache (same output), and with bounded prompt windows (`max_prompt_tokens`,
      changes output: the difference to the unbounded stream is printed next to the speed-up);
-  3. ratios against the official figures in ../shared/BASELINE.md (constants below).
+  3. ratios against the official figures in docs/baseline.md (constants below).
 
     .venv/bin/python bench/bench_decoder.py              # CPU, fp32, 2 threads, 30 s reply
     .venv/bin/python bench/bench_decoder.py --quick      # 60-token reply, one window (checks it runs)
@@ -32,7 +32,7 @@ from pipeline.decoder.model import SpeechDecoder  # noqa: E402
 from pipeline.decoder.stream import DecoderStream, synthesize  # noqa: E402
 from pipeline.weights.random_decoder import random_decoder  # noqa: E402
 
-# ../shared/BASELINE.md, "Decoder": official THUDM/GLM-4-Voice @ eb00ce9, same sizes, random weights, fp32,
+# docs/baseline.md, "Decoder": official THUDM/GLM-4-Voice @ eb00ce9, same sizes, random weights, fp32,
 # torch.set_num_threads(2), 2-core Xeon (AVX-512, KVM); medians (offline) / single runs (streaming).
 OFFICIAL_OFFLINE_10_TOKENS_S = 2.24  # total; of which flow 2.00 s, HiFT 0.29 s
 OFFICIAL_OFFLINE_10_FLOW_S = 2.00

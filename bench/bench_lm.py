@@ -30,7 +30,7 @@ REAL = LMConfig(num_layers=40, hidden_size=4096, ffn_hidden_size=13696, num_head
                 vocab_size=168960, seq_length=8192, rope_theta=10000.0, rms_eps=3.90625e-08, qkv_bias=True,
                 eos_token_ids=(151329, 151336, 151338), checkpoint_dtype="bfloat16")  # fmt: skip
 
-# Official ChatGLM remote code, same machine kind, same sizes: ../shared/BASELINE.md, "LM" table (seconds).
+# Official ChatGLM remote code, same machine kind, same sizes: docs/baseline.md, "LM" table (seconds).
 # (layers, dtype) -> (prefill 100, prefill 500, decode step @100, decode step @500)
 OFFICIAL_CPU_S = {
     (2, "float32"): (0.500, 1.651, 0.156, 0.154),

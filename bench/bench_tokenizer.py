@@ -32,7 +32,7 @@ from pipeline.tokenizer.whisper_vq import SpeechTokenizerConfig, WhisperVQEncode
 from pipeline.weights.random_tokenizer import calibration_audio, random_weights
 
 # Official extract_speech_token, same sizes, random weights, fp32, 2 threads, 2-core Xeon (AVX-512):
-# ../shared/BASELINE.md, "Speech tokenizer" table (median seconds per call).
+# docs/baseline.md, "Speech tokenizer" table (median seconds per call).
 OFFICIAL_SECONDS = {1.0: 0.284, 4.0: 0.703, 10.0: 1.372, 30.0: 4.610, 31.0: 9.987}
 # The official path has no streaming: at the end of a 5 s turn it tokenizes all 5 s. BASELINE.md has no 5 s row;
 # linear interpolation between its 4 s and 10 s rows.

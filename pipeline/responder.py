@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-INPUT_SAMPLE_RATE_HZ = 16_000  # VAD and speech tokenizer rate (DESIGN.md frame contract)
-
 
 @dataclass(frozen=True)
 class SamplingSettings:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.audio_format import MODEL_INPUT_RATE_HZ
 from pipeline.responder import (
-    INPUT_SAMPLE_RATE_HZ,
     AudioChunk,
     Responder,
     ResponderInfo,
@@ -61,7 +61,7 @@ class EchoTurn(Turn):
         audio = [p for p in self._pending if isinstance(p, np.ndarray)]
         texts = [p for p in self._pending if isinstance(p, str)]
         pcm = np.concatenate(audio) if audio else np.zeros(0, np.float32)
-        reply_ms = pcm.size * 1000.0 / INPUT_SAMPLE_RATE_HZ
+        reply_ms = pcm.size * 1000.0 / MODEL_INPUT_RATE_HZ
         if pcm.size:
             text = f"Mic check: I heard {reply_ms / 1000:.1f} s of speech. Playing it back."
         elif texts:
@@ -78,7 +78,7 @@ class EchoTurn(Turn):
                 break
             if start == 0:
                 yield Timing("first_pcm", time.monotonic())
-            yield AudioChunk(pcm[start:start + CHUNK_SAMPLES].copy(), INPUT_SAMPLE_RATE_HZ)
+            yield AudioChunk(pcm[start:start + CHUNK_SAMPLES].copy(), MODEL_INPUT_RATE_HZ)
             await asyncio.sleep(0)  # let a cancel in between chunks land
         if self._cancelled.is_set():
             heard_ms = self._played_ms or 0.0
@@ -110,7 +110,7 @@ class EchoSession(ResponderSession):
         if self._audio:
             pcm = np.concatenate(self._audio)
             self._pending.append(pcm)
-            self.history.append(HistoryEntry("user", "", pcm.size * 1000.0 / INPUT_SAMPLE_RATE_HZ))
+            self.history.append(HistoryEntry("user", "", pcm.size * 1000.0 / MODEL_INPUT_RATE_HZ))
         self._audio = []
 
     def discard_audio(self) -> None:
@@ -142,7 +142,7 @@ class EchoResponder(Responder):
         return EchoSession(call_id, settings)
 
     def info(self) -> ResponderInfo:
-        return ResponderInfo(name="echo", ready=True, output_sample_rate_hz=INPUT_SAMPLE_RATE_HZ,
+        return ResponderInfo(name="echo", ready=True, output_sample_rate_hz=MODEL_INPUT_RATE_HZ,
                              details={"weights": "none", "mode": "mic check"})
 
     async def stop(self) -> None:

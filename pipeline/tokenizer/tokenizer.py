@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.audio_format import MODEL_INPUT_RATE_HZ
 from pipeline.tokenizer.log_mel import DYNAMIC_RANGE, LogMel, normalize
 from pipeline.tokenizer.whisper_vq import (
     CONV_CONTEXT_MEL_FRAMES,
@@ -136,17 +137,17 @@ class SpeechTokenizer:
         return cls(config, encoder, device)
 
     # -- offline ---------------------------------------------------------------------------------------
-    def tokenize(self, wav: np.ndarray, sample_rate_hz: int = 16000) -> list[int]:
+    def tokenize(self, wav: np.ndarray, sample_rate_hz: int = MODEL_INPUT_RATE_HZ) -> list[int]:
         """Token ids of one utterance (empty audio -> [])."""
         return self.tokenize_batch([wav], sample_rate_hz)[0]
 
-    def tokenize_batch(self, wavs: list[np.ndarray], sample_rate_hz: int = 16000) -> list[list[int]]:
+    def tokenize_batch(self, wavs: list[np.ndarray], sample_rate_hz: int = MODEL_INPUT_RATE_HZ) -> list[list[int]]:
         """Several utterances. Segments run one at a time, unpadded: the same tokens as one call each, and
         no work spent on the padding the official batch adds (a 31 s input costs 31 s, not 60)."""
         return [[t for seg in self._segments(wav, sample_rate_hz) for t in self.finish_segment(seg)]
                 for wav in wavs]
 
-    def features(self, wav: np.ndarray, sample_rate_hz: int = 16000) -> list[torch.Tensor]:
+    def features(self, wav: np.ndarray, sample_rate_hz: int = MODEL_INPUT_RATE_HZ) -> list[torch.Tensor]:
         """Normalised log-mel (n_mels, frames) of each 30 s segment, as the official encoder receives it."""
         out = []
         for seg in self._segments(wav, sample_rate_hz):
