@@ -25,5 +25,8 @@ class EngineConfig:
     max_new_tokens: int = 2000  # per reply (official demo UI default)
     context_tokens: int = 8192  # LM context (config seq_length); oldest whole turns dropped past it
     stream_lead_ms: int = 1000  # a stream this far ahead of its playback lets a new turn's first audio go first
+    prefill_chunk_tokens: int = 256  # prompt tokens per call per engine step: other calls' steps run between chunks
+    max_pending_items: int = 64  # user messages waiting for a reply, per call; past it the turn fails (input_too_large)
+    max_pending_tokens: int = 8192  # their prompt tokens, per call; past it the turn fails (input_too_large)
     decode_mode: str = "auto"  # LM decode step: auto (cudagraph on CUDA, else eager) | eager | compile | cudagraph
     cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = auto (1 for a LM under 50 M params, else torch default)
