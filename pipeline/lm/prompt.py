@@ -27,16 +27,6 @@ SYSTEM_PROMPT_TEXT = (
 ASSISTANT_METADATA = "streaming_transcription\n"  # after <|assistant|>: the interleaved-output mode
 
 
-@dataclass(frozen=True)
-class SamplingOptions:
-    """Official web demo defaults (§4.1); top_k 50 is transformers' default that generate applies there."""
-
-    temperature: float = 0.2
-    top_p: float = 0.8
-    top_k: int = 50
-    max_new_tokens: int = 2000  # demo UI default
-
-
 def system_block_ids(tok: GLMTokenizer, *, speech_input: bool, instructions: str | None = None) -> list[int]:
     """`[gMASK]<sop><|system|>\\n{system prompt}` with the user's instructions appended (docs/lm.md says why)."""
     system = SYSTEM_PROMPT_AUDIO if speech_input else SYSTEM_PROMPT_TEXT
@@ -66,58 +56,82 @@ def first_turn_ids(tok: GLMTokenizer, *, speech_tokens: list[int] | None = None,
 
 @dataclass
 class DialogueHistory:
-    """One call's conversation as token ids: the system block, then whole turns (user block + reply)."""
+    """One call's conversation as token ids: the system block, then whole turns (user block + reply).
+
+    `length` is kept as turns change, so appending a turn and fitting the context cost what they add or
+    drop, not the whole history (`ids()` builds the full list once, for a prefill).
+    """
 
     tokenizer: GLMTokenizer
     system_ids: list[int] = field(default_factory=list)
     turns: list[list[int]] = field(default_factory=list)  # each: user_turn_ids(...) + the reply's ids
-    dropped_turns: int = 0  # turns removed so far to fit the context
+
+    def __post_init__(self) -> None:
+        self._length = len(self.system_ids) + sum(len(t) for t in self.turns)
+
+    @property
+    def length(self) -> int:
+        return self._length
 
     def ids(self) -> list[int]:
         return [t for ids in (self.system_ids, *self.turns) for t in ids]
 
+    def set_system(self, system_ids: list[int]) -> None:
+        """Replace the system block (input mode or instructions changed: the cache re-prefills from there)."""
+        if self.system_ids and system_ids != self.system_ids:
+            log.info("system block changed (input mode or instructions): the whole history is prefilled again")
+        self._length += len(system_ids) - len(self.system_ids)
+        self.system_ids = list(system_ids)
+
+    def append_user_block(self, user_ids: list[int]) -> None:
+        """A new turn that starts with the user's block (`user_turn_ids`)."""
+        self.turns.append(list(user_ids))
+        self._length += len(user_ids)
+
     def start_turn(self, *, speech_tokens: list[int] | None = None, text: str | None = None,
                    instructions: str | None = None) -> list[int]:  # fmt: skip
-        """Append a user turn; returns the full prompt ids (history + new turn) to `prefill_to`.
-
-        The system block follows the input mode and the instructions; when they change it is replaced
-        (the cache then re-prefills from the first changed token).
-        """
-        system = system_block_ids(self.tokenizer, speech_input=speech_tokens is not None, instructions=instructions)
-        if self.system_ids and system != self.system_ids:
-            log.info("system block changed (input mode or instructions): the whole history is prefilled again")
-        self.system_ids = system
-        self.turns.append(user_turn_ids(self.tokenizer, speech_tokens=speech_tokens, text=text))
+        """Append a user turn (the system block follows its input mode); returns the full prompt ids."""
+        self.set_system(system_block_ids(self.tokenizer, speech_input=speech_tokens is not None,
+                                         instructions=instructions))  # fmt: skip
+        self.append_user_block(user_turn_ids(self.tokenizer, speech_tokens=speech_tokens, text=text))
         return self.ids()
 
     def add_reply(self, reply_ids: list[int]) -> None:
         """The assistant's ids of the current turn, without the stop token (as the official history)."""
         if not self.turns:
             raise ValueError("add_reply before start_turn")
-        self.turns[-1].extend(t for t in reply_ids if t not in self.tokenizer.stop_ids)
+        kept = [t for t in reply_ids if t not in self.tokenizer.stop_ids]
+        self.turns[-1].extend(kept)
+        self._length += len(kept)
+
+    def cut_last_turn(self, remove_tokens: int) -> None:
+        """Remove the last `remove_tokens` ids of the newest turn (a reply trimmed after a barge-in)."""
+        if remove_tokens > 0:
+            del self.turns[-1][-remove_tokens:]
+            self._length -= remove_tokens
+
+    def keep_turns(self, n_turns: int) -> None:
+        """Keep the first `n_turns` turns (a failed reply's user blocks leave)."""
+        self._length -= sum(len(t) for t in self.turns[n_turns:])
+        del self.turns[n_turns:]
 
     def fit(self, max_tokens: int, reserve_tokens: int = 0) -> int:
         """Drop the oldest whole turns (never the newest) until ids + `reserve_tokens` fit `max_tokens`.
 
-        Returns how many turns were dropped (and logs it); the caller re-prefills (`prefill_to` keeps the
-        system block). Raises ValueError if even the system block and the newest turn do not fit.
+        Returns how many turns were dropped (and logs it); the caller re-prefills from the first changed
+        id. Raises ValueError if even the system block and the newest turn do not fit.
         """
         dropped = 0
-        while len(self.ids()) + reserve_tokens > max_tokens and len(self.turns) > 1:
-            self.turns.pop(0)
+        while self._length + reserve_tokens > max_tokens and dropped < len(self.turns) - 1:
+            self._length -= len(self.turns[dropped])
             dropped += 1
-        if len(self.ids()) + reserve_tokens > max_tokens:
-            raise ValueError(f"the system block and the newest turn ({len(self.ids())} tokens) + {reserve_tokens} "
+        del self.turns[:dropped]
+        if self._length + reserve_tokens > max_tokens:
+            raise ValueError(f"the system block and the newest turn ({self._length} tokens) + {reserve_tokens} "
                              f"reserved do not fit the {max_tokens}-token context")  # fmt: skip
         if dropped:
-            self.dropped_turns += dropped
-            log.warning("context full: dropped the %d oldest turn(s); %d tokens remain", dropped, len(self.ids()))
+            log.warning("context full: dropped the %d oldest turn(s); %d tokens remain", dropped, self._length)
         return dropped
-
-    def reset(self) -> None:
-        self.system_ids.clear()
-        self.turns.clear()
-        self.dropped_turns = 0
 
 
 @dataclass(frozen=True)

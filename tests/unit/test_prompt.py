@@ -10,9 +10,9 @@ from pipeline.lm.prompt import (
     SYSTEM_PROMPT_AUDIO,
     SYSTEM_PROMPT_TEXT,
     DialogueHistory,
-    SamplingOptions,
     StreamParser,
     first_turn_ids,
+    user_turn_ids,
 )
 from pipeline.lm.text_tokenizer import GLMTokenizer
 from pipeline.weights.random_text import write_tokenizer_files
@@ -37,7 +37,6 @@ def test_system_prompts_are_the_official_strings() -> None:
         "instruction and respond in a interleaved manner, with 13 text token followed by 26 audio tokens. "
     )
     assert SYSTEM_PROMPT_TEXT == SYSTEM_PROMPT_AUDIO.replace("speech", "text").rstrip(" ")
-    assert SamplingOptions() == SamplingOptions(temperature=0.2, top_p=0.8, top_k=50, max_new_tokens=2000)
 
 
 def test_first_turn_equals_official_prompt(tok: GLMTokenizer) -> None:
@@ -109,3 +108,32 @@ def test_fit_keeps_system_and_newest_turn(tok: GLMTokenizer) -> None:
     assert history.fit(len(history.system_ids) + turn_len) == 2 and len(history.turns) == 1
     with pytest.raises(ValueError, match="do not fit"):
         history.fit(len(history.system_ids) + turn_len - 1)
+
+
+def test_history_length_follows_every_change(tok: GLMTokenizer) -> None:
+    history = DialogueHistory(tok)
+    history.start_turn(text="first")
+    history.add_reply([*tok.encode("sure"), tok.audio_id(3), tok.user_id])  # the stop id is not kept
+    history.set_system(history.system_ids + tok.encode(" be brief"))
+    history.append_user_block(user_turn_ids(tok, speech_tokens=[1, 2]))
+    history.add_reply([tok.audio_id(4)] * 5)
+    assert history.length == len(history.ids())
+    history.cut_last_turn(3)
+    assert history.length == len(history.ids()) and history.turns[-1][-2:] == [tok.audio_id(4)] * 2
+    history.keep_turns(1)
+    assert history.length == len(history.ids()) and len(history.turns) == 1
+    history.append_user_block(user_turn_ids(tok, text="again"))
+    history.fit(history.length - 1)
+    assert history.length == len(history.ids()) and len(history.turns) == 1
+
+
+def test_fit_drops_many_turns_without_rebuilding_the_history(tok: GLMTokenizer, monkeypatch) -> None:
+    """Issue 13 item 2a: fitting after 400 turns is one pass, not one id-list rebuild per dropped turn."""
+    history = DialogueHistory(tok, system_ids=[tok.system_id])
+    block = user_turn_ids(tok, text="a fairly long typed message " * 20)
+    for _ in range(400):
+        history.append_user_block(block)
+    rebuilt = []
+    monkeypatch.setattr(DialogueHistory, "ids", lambda self: rebuilt.append(1) or [])
+    assert history.fit(1 + 2 * len(block)) == 398
+    assert rebuilt == [] and history.length == 1 + 2 * len(block)
