@@ -1,4 +1,4 @@
-"""The `glm4voice` console script: `serve`, `demo-weights DIR`, `download`."""
+"""The `glm4voice` console script: `serve`, `call URL`, `demo-weights DIR`, `download`."""
 
 from __future__ import annotations
 
@@ -111,11 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="glm4voice", description="Real-time WebRTC voice server for GLM-4-Voice")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    from client.cli import add_arguments as call_arguments  # torch-free, argparse only until run
+
+    call_arguments(sub.add_parser("call", help="call a server from the terminal (client/, docs/client.md)"))
     sub.add_parser("demo-weights", help="write tiny random demo weights to DIR (pipeline.weights.demo)")
     sub.add_parser("download", help="download the official checkpoints (pipeline.weights.download)")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "call":
+        from client.cli import run as call
+
+        return call(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
