@@ -1,13 +1,12 @@
-"""One call's conversation as the engine thread sees it: history as token ids, the KV cache that
-holds it, the pending user input, and the reply in progress.
+"""One call's conversation as the engine thread sees it: the history as token ids, the pending user
+input, the reply in progress, and the token source's per-call context (KV cache, prompt in progress).
 
 Everything here is touched only by the engine thread (the call's session object on the asyncio
 side just sends commands). The history is a `pipeline.lm.prompt.DialogueHistory` (system block + whole
-turns as ids). Invariant between turns: `cache.token_ids` is a prefix of `history.ids()`; a tail that
-is in the history but not in the cache (a token sampled but never fed back) is prefilled with the
-next turn. The next turn's prompt is the history plus the new user block; only what differs from the
-cache is prefilled (the longest common prefix is kept), so turn 2 prefills only its new tokens and an
-early prefill of the user's first 4 s blocks is reused when those tokens stand.
+turns as ids). The token source keeps its context a prefix of the history (pipeline/engine/token_source.py):
+the next turn's prompt is the history plus the new user block(s), and only what differs from the
+context is prefilled, so turn 2 prefills only its new tokens and an early prefill of the user's first
+4 s blocks is reused when those tokens stand.
 
 Barge-in keeps what the user heard: `played_ms / 80 ms` speech tokens (one speech token = 80 ms,
 DESIGN.md frame contract) and the text tokens generated before the last heard one.
@@ -15,24 +14,69 @@ DESIGN.md frame contract) and the text tokens generated before the last heard on
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from pipeline.lm.kv_cache import common_prefix_len
+from pipeline.audio_format import SPEECH_TOKEN_MS
+from pipeline.engine.reply import Reply
 from pipeline.lm.prompt import DialogueHistory
-from pipeline.responder import SamplingSettings, SessionSettings, TurnEvent
+from pipeline.responder import SessionSettings
 
-SPEECH_TOKEN_MS = 80.0  # 12.5 speech tokens/s (tokenizer pooling 4 x 20 ms frames)
+if TYPE_CHECKING:
+    from pipeline.engine.token_source import PromptJob
+    from pipeline.lm.kv_cache import LMCache
+    from pipeline.tokenizer.stream import TokenizerStream
 
 
 @dataclass
 class UserItem:
-    """One pending user message: speech tokens (tokenizer values) or typed text."""
+    """One pending user message, already as its prompt block (`user_turn_ids`)."""
 
-    audio_tokens: list[int] | None = None
-    text: str | None = None
+    block_ids: list[int]
+    speech_input: bool  # speech tokens (else typed text): decides the system prompt
+    text: str | None = None  # the typed text, if any
+
+
+@dataclass
+class PendingInput:
+    """User messages waiting for a reply, bounded: past either limit everything pending is dropped and
+    the next reply fails with `input_too_large` (the work a caller can queue stays bounded)."""
+
+    max_items: int
+    max_tokens: int
+    items: list[UserItem] = field(default_factory=list)
+    tokens: int = 0
+    overflowed: bool = False
+
+    def has_room(self) -> bool:
+        """Another item may come (checked before the item is tokenised); False marks the overflow."""
+        if len(self.items) >= self.max_items:
+            self._overflow()
+        return not self.overflowed
+
+    def add(self, item: UserItem) -> None:
+        if not self.has_room():
+            return
+        if self.tokens + len(item.block_ids) > self.max_tokens:
+            self._overflow()
+            return
+        self.items.append(item)
+        self.tokens += len(item.block_ids)
+
+    def take(self) -> list[UserItem]:
+        items, self.items, self.tokens, self.overflowed = self.items, [], 0, False
+        return items
+
+    def put_back(self, items: list[UserItem]) -> None:
+        """Input of a reply cancelled before it started: it is answered by the next one."""
+        self.items = items + self.items
+        self.tokens = sum(len(i.block_ids) for i in self.items)
+
+    def _overflow(self) -> None:
+        self.overflowed = True
+        self.items.clear()
+        self.tokens = 0
 
 
 def heard_prefix_len(generated_ids: list[int], is_audio: Callable[[int], bool], played_ms: float) -> int:
@@ -54,147 +98,55 @@ def heard_prefix_len(generated_ids: list[int], is_audio: Callable[[int], bool], 
 
 
 @dataclass
-class Reply:
-    """The assistant reply in progress (one `Turn`)."""
-
-    turn_id: str
-    emit: Callable[[TurnEvent], None]  # thread-safe delivery into the call's asyncio queue
-    sampling: SamplingSettings
-    max_new_tokens: int
-    items: list[UserItem]
-    tokens_ready_t: float | None = None  # when the user's speech tokens were final (monotonic s)
-    started_t: float = field(default_factory=time.monotonic)
-    prompt_ids: list[int] = field(default_factory=list)  # history + this turn's user block
-    turns_before: int = 0  # history turns before this reply's user block(s) (to undo a failed reply)
-    kept_ids: int = 0  # generated ids the history kept when the reply ended
-    generated_ids: list[int] = field(default_factory=list)  # sampled ids, stop token excluded
-    next_id: int | None = None  # sampled, not yet fed to the LM
-    speech_buffer: list[int] = field(default_factory=list)  # speech values waiting for the decoder
-    speech_tokens_decoded: int = 0
-    text_parts: list[str] = field(default_factory=list)
-    audio_samples: int = 0  # produced and handed to the server
-    sample_rate_hz: int = 22050
-    first_pcm_t: float | None = None
-    stage_times: dict[str, float] = field(default_factory=dict)
-    finish_reason: str | None = None  # "stop" | "length" once generation ended (audio may be pending)
-    cancel_event: threading.Event = field(default_factory=threading.Event)
-    played_ms: float | None = None
-    decoder_stream: object | None = None  # pipeline.decoder.model.DecoderStream
-    parser: object | None = None  # pipeline.lm.prompt.StreamParser
-    generator: object | None = None  # torch.Generator for this call's sampling
-
-    @property
-    def started(self) -> bool:
-        return bool(self.prompt_ids)
-
-    @property
-    def generating(self) -> bool:
-        return self.started and self.finish_reason is None and self.next_id is not None
-
-    def lead_ms(self, now: float) -> float:
-        """Audio produced minus wall time since the first PCM: how far the stream is ahead of playback."""
-        if self.first_pcm_t is None:
-            return -1e9  # no audio yet: the most urgent kind of turn
-        produced_ms = 1000.0 * self.audio_samples / self.sample_rate_hz
-        return produced_ms - 1000.0 * (now - self.first_pcm_t)
-
-    def mark(self, stage: str) -> float:
-        """Record a timeline point once; returns its time."""
-        if stage not in self.stage_times:
-            self.stage_times[stage] = time.monotonic()
-        return self.stage_times[stage]
-
-
-@dataclass
 class Dialogue:
     """Per-call state, owned by the engine thread."""
 
     call_id: str
     settings: SessionSettings
-    cache: object | None  # pipeline.lm.model.LMCache; None once the call is closed
-    tokenizer_stream: object | None  # pipeline.tokenizer.tokenizer.TokenizerStream
+    pending: PendingInput
     history: DialogueHistory | None = None  # set when the engine opens the call
-    pending_items: list[UserItem] = field(default_factory=list)
+    cache: LMCache | None = None  # the local token source's KV slot; None once the call is closed
+    prompt_job: PromptJob | None = None  # the local token source's prefill in progress
+    tokenizer_stream: TokenizerStream | None = None
     partial_audio_tokens: list[int] = field(default_factory=list)  # final tokens of the open user speech
     audio_pushed: bool = False
-    early_prefill_wanted: bool = False  # final speech tokens arrived that the cache does not hold yet
+    early_prefill_wanted: bool = False  # final speech tokens arrived that the context does not hold yet
     tokens_ready_t: float | None = None
     reply: Reply | None = None
     last_reply: Reply | None = None  # the newest ended reply (a barge-in may still trim it)
-    turns_done: int = 0
-    prefilled_tokens: int = 0  # total ids this call has prefilled (turn 2 prefills only its new ones)
-    turn_prefilled_tokens: list[int] = field(default_factory=list)  # per reply: ids its start prefilled
+    turn_prefilled_tokens: list[int] = field(default_factory=list)  # per reply: ids its prompt prefilled
     turn_prompt_lengths: list[int] = field(default_factory=list)  # per reply: history + user block, ids
     closed: bool = False
 
-    def reset(self) -> None:
-        """Forget the conversation (the cache is emptied, not freed)."""
-        self.history.reset()
-        self.pending_items.clear()
-        self.partial_audio_tokens.clear()
-        self.audio_pushed = False
-        self.reply = None
-        if self.cache is not None:
-            self.cache.reset()
-        if self.tokenizer_stream is not None:
-            self.tokenizer_stream.reset()
-
-    def release(self) -> None:
-        """Hangup: free the KV cache and the streams."""
-        self.closed = True
-        self.reply = None
-        self.pending_items.clear()
-        if self.cache is not None:
-            release = getattr(self.cache, "release", None)
-            if release is not None:
-                release()
-            self.cache = None
-        self.tokenizer_stream = None
-
-    def sync_cache(self, target_ids: list[int], prefill: Callable[[list[int]], object]) -> object | None:
-        """Make the cache hold `target_ids`: keep the common prefix, prefill the rest.
-
-        Returns the last prefill's logits (None if nothing needed prefilling). Counts prefilled ids.
-        """
-        cached = list(self.cache.token_ids)
-        keep = common_prefix_len(cached, target_ids)
-        if keep < len(cached):
-            self.cache.truncate(keep)
-        if keep == len(target_ids):
-            return None
-        new_ids = target_ids[keep:]
-        self.prefilled_tokens += len(new_ids)
-        return prefill(new_ids)
-
     def end_reply(self, keep_generated: int) -> None:
-        """Close the reply: the history takes its prompt and the first `keep_generated` generated ids."""
-        reply = self.reply
-        self.reply = None
+        """Close the reply: the history takes the first `keep_generated` generated ids after its prompt."""
+        reply, self.reply = self.reply, None
         if reply is None or not reply.started:
             return
-        self.history.add_reply(reply.generated_ids[:keep_generated])
-        reply.kept_ids = keep_generated
+        self.history.add_reply(reply.gen.generated_ids[:keep_generated])
+        reply.gen.kept_ids = keep_generated
         self.last_reply = reply
-        kept = len(reply.prompt_ids) + keep_generated
-        if self.cache is not None and self.cache.length > kept:
-            self.cache.truncate(kept)
-        self.turns_done += 1
 
-    def trim_last_reply(self, keep_generated: int) -> None:
-        """A barge-in after the reply finished generating (its audio was still playing): cut it back."""
+    def trim_last_reply(self, keep_generated: int) -> bool:
+        """A barge-in after the reply finished generating (its audio was still playing): cut it back.
+
+        Returns whether the history changed."""
         reply = self.last_reply
-        if reply is None or keep_generated >= reply.kept_ids:
-            return
-        turn = self.history.turns[-1]
-        del turn[len(turn) - reply.kept_ids + keep_generated :]
-        reply.kept_ids = keep_generated
-        if self.cache is not None:
-            self.cache.truncate(common_prefix_len(list(self.cache.token_ids), self.history.ids()))
+        if reply is None or keep_generated >= reply.gen.kept_ids:
+            return False
+        self.history.cut_last_turn(reply.gen.kept_ids - keep_generated)
+        reply.gen.kept_ids = keep_generated
+        return True
 
     def abandon_reply(self) -> None:
-        """A failed reply leaves no trace: the history stays as before it, the cache is cut back."""
+        """A failed reply leaves no trace: the history goes back to before its user block(s)."""
         if self.reply is not None and self.reply.started:
-            del self.history.turns[self.reply.turns_before :]
+            self.history.keep_turns(self.reply.gen.turns_before)
         self.reply = None
-        if self.cache is not None:
-            self.cache.truncate(common_prefix_len(list(self.cache.token_ids), self.history.ids()))
+
+    def release(self) -> None:
+        """Hangup: nothing of the call is kept (the token source frees its context)."""
+        self.closed = True
+        self.reply = None
+        self.pending.take()
+        self.tokenizer_stream = None

@@ -4,11 +4,13 @@ Calls talk to the engine through one command queue (`queue.SimpleQueue`, never b
 loop); the engine answers through each turn's asyncio queue with `loop.call_soon_threadsafe`. The
 engine thread waits on its queue when idle and otherwise loops over steps (pipeline.engine.scheduler):
 
-    commands -> cancellations -> prefill new turns -> ONE batched LM decode step -> decoder blocks
+    commands -> cancellations -> new turns' prompts, one bounded prefill chunk per call
+             -> ONE batched next-id step -> decoder blocks -> early prefill when idle
 
 so turns of different calls interleave at token granularity and share one forward pass, a new turn's
 prefill and first decoder block go before older turns' work (time to first audio first), and older
-streams are ordered by how far their audio is ahead of playback.
+streams are ordered by how far their audio is ahead of playback. Commands (pipeline/engine/commands.py)
+carry their own handlers.
 """
 
 from __future__ import annotations
@@ -20,12 +22,29 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.audio_format import DECODER_RATE_HZ
+from pipeline.engine.commands import (
+    ENGINE_STOPPED,
+    AddText,
+    Cancel,
+    Close,
+    Command,
+    Commit,
+    Discard,
+    Open,
+    PushAudio,
+    Respond,
+    Settle,
+    Stop,
+    Update,
+)
 from pipeline.engine.config import EngineConfig
-from pipeline.engine.dialogue import Dialogue, Reply
+from pipeline.engine.dialogue import Dialogue, PendingInput
+from pipeline.engine.reply import Reply
 from pipeline.responder import (
     Responder,
     ResponderInfo,
@@ -37,75 +56,10 @@ from pipeline.responder import (
     TurnEvent,
 )
 
+if TYPE_CHECKING:
+    from pipeline.engine.scheduler import Scheduler
+
 log = logging.getLogger(__name__)
-DECODER_SAMPLE_RATE_HZ = 22050  # decoder config.yaml sample_rate; the loaded decoder's value wins
-
-
-# ----- commands from the asyncio side (plain data) ----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Open:
-    dialogue: Dialogue
-
-
-@dataclass(frozen=True)
-class _Update:
-    dialogue: Dialogue
-    settings: SessionSettings
-
-
-@dataclass(frozen=True)
-class _PushAudio:
-    dialogue: Dialogue
-    pcm16k: np.ndarray
-
-
-@dataclass(frozen=True)
-class _Commit:
-    dialogue: Dialogue
-
-
-@dataclass(frozen=True)
-class _Discard:
-    dialogue: Dialogue
-
-
-@dataclass(frozen=True)
-class _AddText:
-    dialogue: Dialogue
-    text: str
-
-
-@dataclass(frozen=True)
-class _Respond:
-    dialogue: Dialogue
-    reply: Reply
-
-
-@dataclass(frozen=True)
-class _Cancel:  # the reply's cancel flag is already set; this wakes the engine (and trims a finished reply)
-    dialogue: Dialogue
-    reply: Reply
-
-
-@dataclass(frozen=True)
-class _Close:
-    dialogue: Dialogue
-    done: concurrent.futures.Future
-
-
-@dataclass(frozen=True)
-class _Settle:  # resolve `done` once the engine has nothing left to compute (tests, benches, drain)
-    done: concurrent.futures.Future
-
-
-@dataclass(frozen=True)
-class _Stop:
-    pass
-
-
-Command = _Open | _Update | _PushAudio | _Commit | _Discard | _AddText | _Respond | _Cancel | _Settle | _Close | _Stop
 
 
 # ----- asyncio-side objects ---------------------------------------------------------------------------
@@ -143,7 +97,7 @@ class EngineTurn(Turn):
             return
         self._reply.played_ms = played_ms  # written before the event is set: the engine reads it after
         self._reply.cancel_event.set()
-        self._send(_Cancel(self._dialogue, self._reply))
+        self._send(Cancel(self._dialogue, self._reply))
 
 
 class EngineSession(ResponderSession):
@@ -162,22 +116,22 @@ class EngineSession(ResponderSession):
 
     def update(self, settings: SessionSettings) -> None:
         self._settings = settings
-        self._engine.send(_Update(self._dialogue, settings))
+        self._engine.send(Update(self._dialogue, settings))
 
     def push_audio(self, pcm16k: np.ndarray) -> None:
         """Non-finite samples become 0 and the rest is clipped to [-1, 1] (the range the tokenizer saw)."""
         pcm = np.asarray(pcm16k, dtype=np.float32)
         pcm = np.clip(np.nan_to_num(pcm, nan=0.0, posinf=0.0, neginf=0.0), -1.0, 1.0)  # a new array
-        self._engine.send(_PushAudio(self._dialogue, pcm))
+        self._engine.send(PushAudio(self._dialogue, pcm))
 
     def commit_audio(self) -> None:
-        self._engine.send(_Commit(self._dialogue))
+        self._engine.send(Commit(self._dialogue))
 
     def discard_audio(self) -> None:
-        self._engine.send(_Discard(self._dialogue))
+        self._engine.send(Discard(self._dialogue))
 
     def add_text(self, text: str) -> None:
-        self._engine.send(_AddText(self._dialogue, text))
+        self._engine.send(AddText(self._dialogue, text))
 
     def respond(self) -> Turn:
         events: asyncio.Queue = asyncio.Queue()
@@ -188,15 +142,14 @@ class EngineSession(ResponderSession):
             emit=_deliver(self._loop, events),
             sampling=sampling,
             max_new_tokens=max(1, min(sampling.max_new_tokens, cfg.max_new_tokens)),
-            items=[],
         )
         self._current = EngineTurn(self._dialogue, reply, events, self._engine.send)
-        self._engine.send(_Respond(self._dialogue, reply))
+        self._engine.send(Respond(self._dialogue, reply))
         return self._current
 
     async def close(self) -> None:
         done: concurrent.futures.Future = concurrent.futures.Future()
-        self._engine.send(_Close(self._dialogue, done))
+        self._engine.send(Close(self._dialogue, done))
         if self._engine.alive:
             await asyncio.wrap_future(done)
 
@@ -209,7 +162,7 @@ class EngineThread:
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._ready: concurrent.futures.Future = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._main, name="glm4voice-engine", daemon=True)
-        self.scheduler = None  # pipeline.engine.scheduler.Scheduler, built in the thread
+        self.scheduler: Scheduler | None = None  # built in the thread
         self.load_error: BaseException | None = None
         self.crash: BaseException | None = None  # what ended the work loop, if it did not stop on request
         self._finished = False  # set by the thread before it answers its last commands
@@ -242,7 +195,7 @@ class EngineThread:
     async def settled(self) -> None:
         """Wait until the engine has no work in progress (every reply done, early prefills made)."""
         done: concurrent.futures.Future = concurrent.futures.Future()
-        self.send(_Settle(done))
+        self.send(Settle(done))
         await asyncio.wrap_future(done)
 
     def _main(self) -> None:
@@ -259,7 +212,7 @@ class EngineThread:
             return
         self._ready.set_result(describe(models))
         try:
-            self.scheduler.run(self._apply)
+            self.scheduler.run()
         except BaseException as exc:
             self.crash = exc
             log.exception("engine thread crashed")
@@ -274,7 +227,7 @@ class EngineThread:
         for d in list(self.scheduler.dialogues):
             reply, d.reply = d.reply, None
             if reply is not None:
-                reply.emit(TurnError("the engine has stopped", code="engine_stopped"))
+                reply.emit(ENGINE_STOPPED)
 
     def _answer_leftovers(self) -> None:
         """After the loop ended: nobody may wait forever on a command the engine will never run."""
@@ -283,41 +236,7 @@ class EngineThread:
                 command = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            match command:
-                case _Close(_, done) | _Settle(done):
-                    done.set_result(None)
-                case _Respond(_, reply):
-                    reply.emit(TurnError("the engine has stopped", code="engine_stopped"))
-
-    def _apply(self, command: Command) -> bool:
-        """Apply one command in the engine thread; False stops the thread."""
-        sched = self.scheduler
-        match command:
-            case _Open(dialogue):
-                sched.open(dialogue)
-            case _Update(dialogue, settings):
-                dialogue.settings = settings
-            case _PushAudio(dialogue, pcm):
-                sched.guarded(dialogue, sched.push_audio, dialogue, pcm)
-            case _Commit(dialogue):
-                sched.guarded(dialogue, sched.commit_audio, dialogue)
-            case _Discard(dialogue):
-                sched.guarded(dialogue, sched.discard_audio, dialogue)
-            case _AddText(dialogue, text):
-                sched.add_text(dialogue, text)
-            case _Respond(dialogue, reply):
-                sched.respond(dialogue, reply)
-            case _Cancel(dialogue, reply):
-                sched.guarded(dialogue, sched.cancel_finished, dialogue, reply)
-            case _Settle(done):
-                sched.settle_waiters.append(done)
-            case _Close(dialogue, done):
-                sched.close(dialogue)
-                done.set_result(None)
-            case _Stop():
-                sched.shutdown()
-                return False
-        return True
+            command.unanswered()
 
 
 class GLMVoiceResponder(Responder):
@@ -345,12 +264,13 @@ class GLMVoiceResponder(Responder):
     def open_session(self, call_id: str, settings: SessionSettings) -> ResponderSession:
         if not self._ready:
             raise RuntimeError("the GLM-4-Voice engine is not ready (start() has not finished)")
-        dialogue = Dialogue(call_id=call_id, settings=settings, cache=None, tokenizer_stream=None)
-        self._engine.send(_Open(dialogue))
+        cfg = self.config
+        dialogue = Dialogue(call_id, settings, PendingInput(cfg.max_pending_items, cfg.max_pending_tokens))
+        self._engine.send(Open(dialogue))
         return EngineSession(self._engine, dialogue, asyncio.get_running_loop())
 
     def info(self) -> ResponderInfo:
-        rate = self._details.get("output_sample_rate_hz", DECODER_SAMPLE_RATE_HZ)
+        rate = self._details.get("output_sample_rate_hz", DECODER_RATE_HZ)
         details = dict(self._details)
         engine = self._engine
         if engine.load_error is not None:
@@ -368,7 +288,7 @@ class GLMVoiceResponder(Responder):
         self._ready = False
         if not self._engine.alive:
             return
-        self._engine.send(_Stop())
+        self._engine.send(Stop())
         deadline_s = 10.0
         await asyncio.get_running_loop().run_in_executor(None, self._engine.join, deadline_s)
         if self._engine.alive:

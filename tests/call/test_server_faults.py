@@ -57,7 +57,7 @@ async def test_nan_clipped_and_silent_audio_at_the_session_api(demo_dir):
             results = await asyncio.gather(*(_run_turn(s) for s in (*sessions, typing)))
             for events in results:
                 assert isinstance(events[-1], TurnDone), (name, events[-1])
-            prompts = [s.dialogue.last_reply.prompt_ids for s in sessions]
+            prompts = [s.dialogue.last_reply.gen.prompt_ids for s in sessions]
             assert prompts[0] == prompts[1], f"{name}: the engine did not see the cleaned audio"
             for session in sessions:
                 await session.close()

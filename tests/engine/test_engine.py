@@ -109,13 +109,13 @@ async def test_spoken_turn_with_early_prefill(responder, sched, script):
                           "of the speech tokenizer, so its first tokens are prefilled early.")
     assert speech.size > 4.5 * 16000
     session = responder.open_session("spoken", SessionSettings())
-    prefilled_before = sched.counters["prefilled_tokens"]
+    prefilled_before = sched.stats()["prefilled_tokens"]
     half = 4 * 16000 + 8000  # the first 4 s block is complete, the user is still talking
     for start in range(0, speech.size, 512):  # VAD-sized chunks
         session.push_audio(speech[start : start + 512])
         if start <= half < start + 512:
             await responder.engine.settled()  # the engine caught up with the audio so far
-            assert sched.counters["prefilled_tokens"] > prefilled_before  # early prefill happened
+            assert sched.stats()["prefilled_tokens"] > prefilled_before  # early prefill happened
     session.commit_audio()
     events = await collect(session.respond())
     check_complete_reply(events, script, tok)
@@ -125,7 +125,7 @@ async def test_spoken_turn_with_early_prefill(responder, sched, script):
     assert d.history.ids() == prompt + script["reply_ids"]  # the streamed tokens equal one-shot tokenize()
     # some of the prompt went in while the user was still talking (complete 4 s blocks)
     assert d.turn_prefilled_tokens[0] < len(prompt)
-    assert sched.counters["prefilled_tokens"] - prefilled_before >= len(prompt)
+    assert sched.stats()["prefilled_tokens"] - prefilled_before >= len(prompt)
     check_cache_matches_history(d)
     await session.close()
 
@@ -173,7 +173,7 @@ async def test_cancel_at_every_stage(responder, sched, script, stage):
     assert sum(isinstance(e, TurnDone | TurnError) for e in events) == 1
     d = session.dialogue
     if stage == "before_prefill" and not d.history.turns:
-        assert [i.text for i in d.pending_items] == ["Interrupt me."]  # never answered: stays pending
+        assert [i.text for i in d.pending.items] == ["Interrupt me."]  # never answered: stays pending
     else:
         block = user_turn_ids(tok, text="Interrupt me.")
         kept = heard_ids(script["reply_ids"], tok, played["ms"])
@@ -242,15 +242,15 @@ async def test_exception_in_one_call_reaches_only_that_call(responder, sched, sc
 
 async def test_concurrent_calls_batch_their_decode_steps(responder, sched, script):
     tok = sched.m.text
-    before = dict(sched.counters)
+    before = sched.stats()
     sessions = [responder.open_session(f"conc{i}", SessionSettings()) for i in range(3)]
     for i, s in enumerate(sessions):
         s.add_text(f"Call number {i}.")
     results = await asyncio.gather(*(collect(s.respond()) for s in sessions))
     for events in results:
         check_complete_reply(events, script, tok)
-    steps = sched.counters["decode_steps"] - before["decode_steps"]
-    rows = sched.counters["decoded_rows"] - before["decoded_rows"]
+    steps = sched.stats()["decode_steps"] - before["decode_steps"]
+    rows = sched.stats()["decoded_rows"] - before["decoded_rows"]
     assert rows == 3 * (len(script["reply_ids"]))  # one decode row per generated token that was fed back
     assert steps < rows  # several calls shared forward passes
     for s in sessions:
@@ -260,15 +260,15 @@ async def test_concurrent_calls_batch_their_decode_steps(responder, sched, scrip
 async def test_instructions_and_sampling_reach_the_model(responder, sched, monkeypatch):
     tok = sched.m.text
     seen = []
-    import pipeline.engine.scheduler as scheduler_module
+    import pipeline.engine.token_source as token_source_module
 
-    real_sample = scheduler_module.sample_logits
+    real_sample = token_source_module.sample_rows
 
-    def recording_sample(logits, temperature, top_p, top_k, generator):
-        seen.append((temperature, top_p, top_k))
-        return real_sample(logits, temperature, top_p, top_k, generator)
+    def recording_sample(logits, rows):
+        seen.extend((r.temperature, r.top_p, r.top_k) for r in rows)
+        return real_sample(logits, rows)
 
-    monkeypatch.setattr(scheduler_module, "sample_logits", recording_sample)
+    monkeypatch.setattr(token_source_module, "sample_rows", recording_sample)
     settings = SessionSettings(instructions="Speak like a pirate, slowly.",
                                sampling=SamplingSettings(temperature=0.05, top_p=0.5, top_k=7, max_new_tokens=30))
     session = responder.open_session("settings", SessionSettings())

@@ -1,0 +1,204 @@
+"""Commands from the asyncio side to the engine thread, each with its own handler.
+
+A session method puts one command on the engine's queue and returns; the engine thread runs
+`command.apply(scheduler)` between steps. If the engine has stopped, `unanswered()` makes sure nobody
+waits forever on it. Adding a command is one class here. Torch-free: the asyncio side imports this.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.engine.dialogue import Dialogue, UserItem, heard_prefix_len
+from pipeline.engine.reply import Reply
+from pipeline.lm.prompt import user_turn_ids
+from pipeline.responder import SessionSettings, TurnError
+
+if TYPE_CHECKING:
+    from pipeline.engine.scheduler import Scheduler
+
+ENGINE_STOPPED = TurnError("the engine has stopped", code="engine_stopped")
+
+
+def _resolve(done: concurrent.futures.Future) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
+class Command:
+    def apply(self, s: Scheduler) -> None:
+        raise NotImplementedError
+
+    def unanswered(self) -> None:
+        """The engine stopped before running this command: answer whoever waits on it."""
+
+
+@dataclass(frozen=True)
+class Open(Command):
+    dialogue: Dialogue
+
+    def apply(self, s: Scheduler) -> None:
+        s.open(self.dialogue)
+
+
+@dataclass(frozen=True)
+class Update(Command):
+    dialogue: Dialogue
+    settings: SessionSettings
+
+    def apply(self, s: Scheduler) -> None:
+        self.dialogue.settings = self.settings
+
+
+@dataclass(frozen=True)
+class PushAudio(Command):
+    dialogue: Dialogue
+    pcm16k: np.ndarray
+
+    def apply(self, s: Scheduler) -> None:
+        s.guarded(self.dialogue, self._push)
+
+    def _push(self) -> None:
+        d = self.dialogue
+        if d.closed:
+            return
+        d.audio_pushed = True
+        new_tokens = d.tokenizer_stream.push(self.pcm16k)
+        if new_tokens:
+            d.partial_audio_tokens.extend(new_tokens)
+            d.early_prefill_wanted = True
+
+
+@dataclass(frozen=True)
+class Commit(Command):
+    """The user's speech turn ended: its exact tokens become one pending item."""
+
+    dialogue: Dialogue
+
+    def apply(self, s: Scheduler) -> None:
+        s.guarded(self.dialogue, self._commit, s)
+
+    def _commit(self, s: Scheduler) -> None:
+        d = self.dialogue
+        if d.closed or not d.audio_pushed:
+            return
+        d.tokenizer_stream.flush()
+        tokens = list(d.tokenizer_stream.tokens)
+        Discard(d).apply(s)
+        d.tokens_ready_t = time.monotonic()
+        if tokens and d.pending.has_room():
+            d.pending.add(UserItem(user_turn_ids(s.m.text, speech_tokens=tokens), speech_input=True))
+
+
+@dataclass(frozen=True)
+class Discard(Command):
+    dialogue: Dialogue
+
+    def apply(self, s: Scheduler) -> None:
+        d = self.dialogue
+        if d.closed:
+            return
+        d.tokenizer_stream.reset()
+        d.partial_audio_tokens.clear()
+        d.audio_pushed = False
+        d.early_prefill_wanted = False
+
+
+@dataclass(frozen=True)
+class AddText(Command):
+    dialogue: Dialogue
+    text: str
+
+    def apply(self, s: Scheduler) -> None:
+        d = self.dialogue
+        if d.closed or not self.text.strip() or not d.pending.has_room():  # no room: not even tokenised
+            return
+        d.pending.add(UserItem(user_turn_ids(s.m.text, text=self.text), speech_input=False, text=self.text))
+
+
+@dataclass(frozen=True)
+class Respond(Command):
+    dialogue: Dialogue
+    reply: Reply
+
+    def apply(self, s: Scheduler) -> None:
+        d, reply = self.dialogue, self.reply
+        if d.closed:
+            reply.emit(TurnError("the call is closed", code="call_closed"))
+            return
+        if d.reply is not None:  # a reply still running: the new turn replaces it
+            s.guarded(d, s.cancel, d)
+        pending = d.pending
+        if pending.overflowed:
+            pending.take()
+            reply.emit(TurnError(f"too much user input waiting for a reply (more than {pending.max_items} messages "
+                                 f"or {pending.max_tokens} tokens); it was dropped", code="input_too_large"))  # fmt: skip
+            return
+        if not pending.items:
+            reply.emit(TurnError("no user input to respond to (speak or type first)", code="no_input"))
+            return
+        reply.items = pending.take()
+        reply.time.tokens_ready_t, d.tokens_ready_t = d.tokens_ready_t, None
+        reply.audio.sample_rate_hz = s.m.decoder.sample_rate_hz
+        d.reply = reply
+
+    def unanswered(self) -> None:
+        self.reply.emit(ENGINE_STOPPED)
+
+
+@dataclass(frozen=True)
+class Cancel(Command):
+    """The reply's cancel flag is already set; this wakes the engine. The running reply is stopped by the
+    next step (it sees the flag); a reply that already ended (its audio outlived generation) is trimmed
+    here to what the user heard."""
+
+    dialogue: Dialogue
+    reply: Reply
+
+    def apply(self, s: Scheduler) -> None:
+        s.guarded(self.dialogue, self._trim_finished, s)
+
+    def _trim_finished(self, s: Scheduler) -> None:
+        d, reply = self.dialogue, self.reply
+        if reply is not d.last_reply or d.reply is not None or reply.played_ms is None:
+            return
+        if d.trim_last_reply(heard_prefix_len(reply.gen.generated_ids, s.m.text.is_audio, reply.played_ms)):
+            s.source.rewind(d)
+            d.early_prefill_wanted = bool(d.partial_audio_tokens)  # planned again on the trimmed history
+
+
+@dataclass(frozen=True)
+class Close(Command):
+    dialogue: Dialogue
+    done: concurrent.futures.Future
+
+    def apply(self, s: Scheduler) -> None:
+        s.close(self.dialogue)
+        _resolve(self.done)
+
+    def unanswered(self) -> None:
+        _resolve(self.done)
+
+
+@dataclass(frozen=True)
+class Settle(Command):
+    """Resolve `done` once the engine has nothing left to compute (tests, benches, drain)."""
+
+    done: concurrent.futures.Future
+
+    def apply(self, s: Scheduler) -> None:
+        s.settle_waiters.append(self.done)
+
+    def unanswered(self) -> None:
+        _resolve(self.done)
+
+
+@dataclass(frozen=True)
+class Stop(Command):
+    def apply(self, s: Scheduler) -> None:
+        s.shutdown()
