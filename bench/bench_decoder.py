@@ -2,22 +2,25 @@
 
 Sizes from glm-4-voice-decoder/config.yaml (REFERENCE.md §5.1): flow encoder 512-d x 6, estimator 256
 channels with 12 mid blocks (111.2 M params), HiFT base 512 with 8 harmonics (20.4 M). Prints:
-  1. offline 10 tokens (one finalising call): total, flow, HiFT, real-time factor;
-  2. a streamed reply (default 30 s = 375 tokens, blocks 10, 20, 20, ...): every block's time against
-     the reply length so far, time to first audio, RTF -- for the official semantics (re-encode every
-     call), with the encoder cache (same output), and with bounded prompt windows (`max_prompt_tokens`,
-     changes output: the difference to the unbounded stream is printed next to the speed-up);
-  3. ratios against the official figures in docs/baseline.md (constants below).
+  1. offline 10 tokens (one finalising call): total, flow, HiFT, real-time factor (default mode only);
+  2. `--quick`: a 200-token (16 s) reply streamed with our defaults (blocks 10, 20, 40, 80, 80, ...,
+     prompt window 50 tokens) against the official computation (the current official demo's blocks
+     25, 50, 100, 150, 200, unbounded prompt, re-encoding every call) -- interleaved, --repeats each,
+     medians -- and the difference in output: window (ours vs our schedule unbounded), schedule (our
+     schedule unbounded vs the official one), both (ours vs official);
+  3. `--long`: every block of a 2-minute (1500-token) reply with our defaults: seconds, estimator
+     frames, seconds per token of audio -- the check that per-block cost stays flat (run it once).
 
-    .venv/bin/python bench/bench_decoder.py              # CPU, fp32, 2 threads, 30 s reply
-    .venv/bin/python bench/bench_decoder.py --quick      # 60-token reply, one window (checks it runs)
-    .venv/bin/python bench/bench_decoder.py --device cuda --dtype bfloat16   # GPU (not measured here)
+    .venv/bin/python bench/bench_decoder.py --quick          # ~5-10 min on 2 CPU threads
+    .venv/bin/python bench/bench_decoder.py --long           # ~8 min on 2 CPU threads
+    .venv/bin/python bench/bench_decoder.py --device cuda --dtype bfloat16 --quick --long
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -29,16 +32,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.decoder.model import SpeechDecoder  # noqa: E402
-from pipeline.decoder.stream import DecoderStream, synthesize  # noqa: E402
+from pipeline.decoder.stream import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_SCHEDULE, DecoderStream, synthesize  # noqa: E402
 from pipeline.weights.random_decoder import random_decoder  # noqa: E402
 
-# docs/baseline.md, "Decoder": official THUDM/GLM-4-Voice @ eb00ce9, same sizes, random weights, fp32,
-# torch.set_num_threads(2), 2-core Xeon (AVX-512, KVM); medians (offline) / single runs (streaming).
-OFFICIAL_OFFLINE_10_TOKENS_S = 2.24  # total; of which flow 2.00 s, HiFT 0.29 s
-OFFICIAL_OFFLINE_10_FLOW_S = 2.00
-OFFICIAL_OFFLINE_10_HIFT_S = 0.29
-OFFICIAL_FIRST_CALL_10_S = (1.9, 2.8)  # original demo schedule 10, 20, 20...: first call (time to first audio)
-OFFICIAL_REPLY_200_TOKENS_S = (155.0, 162.0)  # same schedule, whole 200-token (16 s) reply, RTF ~10
+OFFICIAL_DEMO_SCHEDULE = (25, 50, 100, 150, 200)  # THUDM/GLM-4-Voice web_demo.py block sizes
+# The official computation: unbounded prompt, every call re-encodes. legacy_prompt=False (the PR #86 fix)
+# keeps the output aligned with ours for the difference; it feeds back one frame per seam fewer than the
+# demo, so if anything it makes the official side a little cheaper.
+OFFICIAL = dict(schedule=OFFICIAL_DEMO_SCHEDULE, max_prompt_tokens=None, cache_encoder=False, legacy_prompt=False)
+OURS: dict = {}  # the DecoderStream defaults
+OURS_UNBOUNDED = dict(max_prompt_tokens=None)  # our schedule, official prompt: isolates the window's effect
 
 
 @dataclass
@@ -47,132 +50,166 @@ class BlockTiming:
     new_tokens: int
     seconds: float
     hift_seconds: float
+    encoder_seconds: float  # embedding + encoder + projection + length regulator
+    estimator_frames: int  # frames each of the block's estimator passes integrates
     audio_seconds: float
 
 
 class Clock:
-    """Wall time of the vocoder inside a block (forward hooks), synchronising on CUDA."""
+    """Wall time of the vocoder and of the flow's encoder part inside a block (forward hooks,
+    synchronising on CUDA), and the frames the estimator sees."""
 
     def __init__(self, dec: SpeechDecoder):
-        self.dec, self.hift_s, self._t0 = dec, 0.0, 0.0
-        dec.hift.register_forward_pre_hook(lambda *_: self._start())
-        dec.hift.register_forward_hook(lambda *_: self._stop())
+        self.dec = dec
+        self.seconds = {"hift": 0.0, "encoder": 0.0}
+        self.estimator_frames = 0
+        self._t0 = 0.0
+        for name, module in (("hift", dec.hift), ("encoder", dec.flow.encoder),
+                             ("encoder", dec.flow.length_regulator)):
+            module.register_forward_pre_hook(lambda *_: self._start())
+            module.register_forward_hook(lambda *_, name=name: self._stop(name))
+        dec.flow.decoder.estimator.register_forward_pre_hook(lambda _m, args: self._frames(args[0]))
+
+    def reset(self) -> None:
+        self.seconds = {"hift": 0.0, "encoder": 0.0}
+        self.estimator_frames = 0
 
     def sync(self) -> None:
         if self.dec.device.type == "cuda":
             torch.cuda.synchronize(self.dec.device)
 
+    def _frames(self, x: torch.Tensor) -> None:
+        self.estimator_frames = max(self.estimator_frames, x.shape[-1])
+
     def _start(self) -> None:
         self.sync()
         self._t0 = time.perf_counter()
 
-    def _stop(self) -> None:
+    def _stop(self, name: str) -> None:
         self.sync()
-        self.hift_s += time.perf_counter() - self._t0
+        self.seconds[name] += time.perf_counter() - self._t0
+
+
+def machine(dec: SpeechDecoder) -> str:
+    if dec.device.type == "cuda":
+        return torch.cuda.get_device_name(dec.device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return f"CPU {platform.processor() or platform.machine()}"
 
 
 def schedule_blocks(total: int, schedule: tuple[int, ...]) -> list[int]:
-    blocks, i = [], 0
+    blocks: list[int] = []
     while sum(blocks) < total:
-        blocks.append(min(schedule[min(i, len(schedule) - 1)], total - sum(blocks)))
-        i += 1
+        blocks.append(min(schedule[min(len(blocks), len(schedule) - 1)], total - sum(blocks)))
     return blocks
 
 
-def run_reply(dec: SpeechDecoder, clock: Clock, tokens: list[int], schedule: tuple[int, ...],
-              **settings) -> tuple[list[BlockTiming], np.ndarray, torch.Tensor]:
-    """Stream a reply block by block (what push() does); returns timings, audio and the reply's mel."""
-    stream = DecoderStream(dec, schedule=schedule, **settings)
-    blocks = schedule_blocks(len(tokens), schedule)
+def run_reply(dec: SpeechDecoder, clock: Clock, tokens: list[int], settings: dict
+              ) -> tuple[list[BlockTiming], np.ndarray, torch.Tensor]:
+    """Stream a reply block by block (what push() does, the last block finalising); returns timings,
+    audio and the reply's vocoded mel (seam frames removed)."""
+    stream = DecoderStream(dec, **settings)
+    blocks = schedule_blocks(len(tokens), stream.settings.schedule)
     timings, audio, mels, done = [], [], [], 0
     for k, n in enumerate(blocks):
-        clock.hift_s = 0.0
+        clock.reset()
         clock.sync()
         t0 = time.perf_counter()
         out = stream.decode_block(tokens[done:done + n], finalize=k == len(blocks) - 1)
         clock.sync()
-        seconds = time.perf_counter() - t0
-        timings.append(BlockTiming(done, n, seconds, clock.hift_s, len(out.audio) / dec.sample_rate_hz))
+        timings.append(BlockTiming(done, n, time.perf_counter() - t0, clock.seconds["hift"],
+                                   clock.seconds["encoder"], clock.estimator_frames,
+                                   len(out.audio) / dec.sample_rate_hz))
         audio.append(out.audio)
         mels.append(out.mel[:, :, dec.cfg.mel_cache_frames if k else 0:].float().cpu())
         done += n
     return timings, np.concatenate(audio), torch.cat(mels, dim=2)
 
 
-def probe_block(dec: SpeechDecoder, clock: Clock, prompt_tokens: int, new_tokens: int, repeats: int,
-                **settings) -> tuple[float, float]:
-    """Cost of one non-final block of `new_tokens` after a reply of `prompt_tokens` (state filled with
-    random values: cost does not depend on them). Returns median (total, hift) seconds."""
-    rng = np.random.default_rng(prompt_tokens)
+def offline(dec: SpeechDecoder, clock: Clock, n: int, repeats: int) -> None:
     times, hifts = [], []
     for _ in range(repeats):
-        stream = DecoderStream(dec, **settings)
-        st = stream.state
-        if prompt_tokens:
-            st.prompt_tokens = rng.integers(0, dec.num_tokens, prompt_tokens).tolist()
-            frames = dec.cfg.flow.frames_for(prompt_tokens) - dec.cfg.mel_overlap_frames
-            st.prompt_mel = torch.randn(1, 80, frames, device=dec.device)
-            st.mel_overlap = torch.randn(1, 80, dec.cfg.mel_overlap_frames, device=dec.device)
-            st.cache_mel, st.cache_source = st.prompt_mel[:, :, -1:], torch.zeros(1, 1, 256, device=dec.device)
-            st.blocks_done = 1
-            if stream.settings.cache_encoder:  # the cache a real stream would have built on earlier blocks
-                ids = torch.tensor(st.prompt_tokens, device=dec.device)
-                with torch.inference_mode():
-                    dec.flow.mu(ids, dec.cfg.flow.frames_for(prompt_tokens), st.flow_cache)
-        clock.hift_s = 0.0
-        clock.sync()
-        t0 = time.perf_counter()
-        stream.decode_block(rng.integers(0, dec.num_tokens, new_tokens).tolist(), finalize=False)
-        clock.sync()
-        times.append(time.perf_counter() - t0)
-        hifts.append(clock.hift_s)
-    return float(np.median(times)), float(np.median(hifts))
-
-
-def encoder_seconds(dec: SpeechDecoder, prompt_tokens: int, new_tokens: int, cached: bool, repeats: int) -> float:
-    """Embedding + encoder + projection + regulator of one block: the part the encoder cache shortens."""
-    from pipeline.decoder.flow import FlowCache
-
-    ids = torch.randint(0, dec.num_tokens, (prompt_tokens + new_tokens,), device=dec.device)
-    frames = dec.cfg.flow.frames_for(prompt_tokens + new_tokens)
-    times = []
-    with torch.inference_mode():
-        for _ in range(repeats):
-            cache = FlowCache()
-            if cached and prompt_tokens:
-                dec.flow.mu(ids[:prompt_tokens], dec.cfg.flow.frames_for(prompt_tokens), cache)
-            t0 = time.perf_counter()
-            dec.flow.mu(ids, frames, cache if cached else None)
-            if dec.device.type == "cuda":
-                torch.cuda.synchronize(dec.device)
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def offline(dec: SpeechDecoder, clock: Clock, n: int, repeats: int) -> tuple[float, float]:
-    times, hifts = [], []
-    for _ in range(repeats):
-        clock.hift_s = 0.0
+        clock.reset()
         clock.sync()
         t0 = time.perf_counter()
         synthesize(dec, list(range(n)))
         clock.sync()
         times.append(time.perf_counter() - t0)
-        hifts.append(clock.hift_s)
-    return float(np.median(times)), float(np.median(hifts))
+        hifts.append(clock.seconds["hift"])
+    total, hift = statistics.median(times), statistics.median(hifts)
+    audio_s = dec.cfg.flow.frames_for(n) * 256 / dec.sample_rate_hz
+    print(f"\noffline {n} tokens ({audio_s:.2f} s audio), median of {repeats}: {total:.3f} s "
+          f"(flow {total - hift:.3f}, HiFT {hift:.3f}), RTF {total / audio_s:.2f}")
 
 
-def print_reply(name: str, timings: list[BlockTiming]) -> None:
+def print_blocks(name: str, timings: list[BlockTiming]) -> None:
     total = sum(t.seconds for t in timings)
     audio = sum(t.audio_seconds for t in timings)
-    hift = sum(t.hift_seconds for t in timings)
     print(f"\n[{name}] {len(timings)} blocks, {sum(t.new_tokens for t in timings)} tokens, {audio:.2f} s audio: "
-          f"compute {total:.2f} s, RTF {total / audio:.2f}, first block {timings[0].seconds:.3f} s, "
-          f"HiFT share {hift / total:.0%}")
-    print("  block  prompt_tok  new_tok  seconds  flow_s  hift_s  audio_s")
+          f"compute {total:.2f} s, RTF {total / audio:.2f}, first block {timings[0].seconds:.3f} s")
+    print("  block  prompt_tok  new_tok  est_frames  seconds  s_per_token  estimator_s  encoder_s  hift_s")
     for k, t in enumerate(timings):
-        print(f"  {k:5d}  {t.prompt_tokens:10d}  {t.new_tokens:7d}  {t.seconds:7.3f}  "
-              f"{t.seconds - t.hift_seconds:6.3f}  {t.hift_seconds:6.3f}  {t.audio_seconds:7.3f}")
+        est = t.seconds - t.hift_seconds - t.encoder_seconds
+        print(f"  {k:5d}  {t.prompt_tokens:10d}  {t.new_tokens:7d}  {t.estimator_frames:10d}  {t.seconds:7.2f}  "
+              f"{t.seconds / t.new_tokens:11.3f}  {est:11.2f}  {t.encoder_seconds:9.3f}  {t.hift_seconds:6.2f}",
+              flush=True)
+
+
+def rel_rms(a: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor) -> float:
+    a, ref = np.asarray(a, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    return float(np.sqrt(np.mean((a - ref) ** 2)) / np.sqrt(np.mean(ref ** 2)))
+
+
+def compare_200(dec: SpeechDecoder, clock: Clock, repeats: int) -> None:
+    tokens = np.random.default_rng(0).integers(0, dec.num_tokens, 200).tolist()
+    totals: dict[str, list[float]] = {"ours": [], "official": []}
+    firsts: dict[str, list[float]] = {"ours": [], "official": []}
+    outputs = {}
+    for r in range(repeats):  # interleaved so machine drift hits both alike
+        for name, settings in (("ours", OURS), ("official", OFFICIAL)):
+            timings, audio, mel = run_reply(dec, clock, tokens, settings)
+            totals[name].append(sum(t.seconds for t in timings))
+            firsts[name].append(timings[0].seconds)
+            outputs[name] = (audio, mel)
+            print(f"  run {r + 1} {name:8s}: {totals[name][-1]:7.1f} s, first block {firsts[name][-1]:.2f} s "
+                  f"({timings[0].new_tokens} tokens), blocks {[t.new_tokens for t in timings]}", flush=True)
+            if r == 0:
+                print_blocks(name, timings)
+    timings, audio, mel = run_reply(dec, clock, tokens, OURS_UNBOUNDED)
+    outputs["unbounded"] = (audio, mel)
+    print(f"  our schedule, unbounded prompt (output reference, one run): {sum(t.seconds for t in timings):.1f} s")
+    ours, official = statistics.median(totals["ours"]), statistics.median(totals["official"])
+    f_ours, f_official = statistics.median(firsts["ours"]), statistics.median(firsts["official"])
+    print(f"\n200-token reply (16 s of audio), medians of {repeats}:")
+    print(f"  ours {DEFAULT_SCHEDULE} window {DEFAULT_MAX_PROMPT_TOKENS}: {ours:.1f} s   "
+          f"official {OFFICIAL_DEMO_SCHEDULE} unbounded: {official:.1f} s   official/ours = {official / ours:.2f}")
+    print(f"  first audio (first block): ours {f_ours:.2f} s ({DEFAULT_SCHEDULE[0]} tokens), official "
+          f"{f_official:.2f} s ({OFFICIAL_DEMO_SCHEDULE[0]} tokens), official/ours = {f_official / f_ours:.2f}")
+    print("\noutput differences on random weights (RMS of the difference / RMS of the reference):")
+    for label, a, b in (("window 50 (ours vs our schedule unbounded)", "ours", "unbounded"),
+                        ("schedule (our schedule unbounded vs official)", "unbounded", "official"),
+                        ("both (ours vs official)", "ours", "official")):
+        (audio_a, mel_a), (audio_b, mel_b) = outputs[a], outputs[b]
+        print(f"  {label:46s} mel {rel_rms(mel_a, mel_b):.2e} (max abs {float((mel_a - mel_b).abs().max()):.2e})  "
+              f"audio {rel_rms(audio_a, audio_b):.2e} (max abs {float(np.abs(audio_a - audio_b).max()):.2e})")
+
+
+def long_reply(dec: SpeechDecoder, clock: Clock, tokens_n: int) -> None:
+    tokens = np.random.default_rng(1).integers(0, dec.num_tokens, tokens_n).tolist()
+    timings, _, _ = run_reply(dec, clock, tokens, OURS)
+    print_blocks(f"{tokens_n}-token reply, ours", timings)
+    capped = [t for t in timings[:-1] if t.new_tokens == DEFAULT_SCHEDULE[-1]]  # full-size, non-final blocks
+    if capped:
+        secs = [t.seconds for t in capped]
+        print(f"\n{len(capped)} full-size blocks ({DEFAULT_SCHEDULE[-1]} tokens) from prompt "
+              f"{capped[0].prompt_tokens} to {capped[-1].prompt_tokens} tokens: seconds min {min(secs):.2f}, "
+              f"median {statistics.median(secs):.2f}, max {max(secs):.2f}; last/first {secs[-1] / secs[0]:.2f}; "
+              f"estimator frames {min(t.estimator_frames for t in capped)}-{max(t.estimator_frames for t in capped)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,78 +217,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reply-tokens", type=int, default=375, help="streamed reply length (375 = 30 s)")
-    ap.add_argument("--windows", default="100,50", help="max_prompt_tokens values to try, comma-separated")
-    ap.add_argument("--repeats", type=int, default=3, help="offline repeats (median)")
-    ap.add_argument("--quick", action="store_true", help="60-token reply, one window, one offline repeat")
-    ap.add_argument("--probe", default="", help="instead of whole replies: cost of one 20-token block after "
-                    "these reply lengths (tokens, comma-separated), e.g. 0,100,200,355 for a 30 s reply")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each side (median)")
+    ap.add_argument("--quick", action="store_true", help="only the 200-token comparison")
+    ap.add_argument("--long", action="store_true", help="only the 2-minute per-block check")
+    ap.add_argument("--long-tokens", type=int, default=1500, help="reply length for --long (1500 = 2 min)")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.reply_tokens, args.windows, args.repeats = 60, "20", 1
     torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    dec = random_decoder(seed=0, device=args.device, dtype=dtype)
+    dec = random_decoder(seed=0, device=args.device, dtype=getattr(torch, args.dtype))
     clock = Clock(dec)
-    cpu = platform.processor() or platform.machine()
-    dev = torch.cuda.get_device_name(dec.device) if dec.device.type == "cuda" else f"CPU {cpu}"
-    print(f"decoder bench: {dev}, {args.threads} threads, {args.dtype}, torch {torch.__version__}")
+    print(f"decoder bench: {machine(dec)}, {args.threads} threads, {args.dtype}, torch {torch.__version__}")
     print(f"params: flow {sum(p.numel() for p in dec.flow.parameters()) / 1e6:.1f} M, "
           f"HiFT {sum(p.numel() for p in dec.hift.parameters()) / 1e6:.1f} M")
     synthesize(dec, list(range(10)))  # warm-up
-
-    total, hift = offline(dec, clock, 10, args.repeats)
-    audio_s = dec.cfg.flow.frames_for(10) * 256 / dec.sample_rate_hz
-    print(f"\noffline 10 tokens ({audio_s:.2f} s): {total:.3f} s (flow {total - hift:.3f}, HiFT {hift:.3f}), "
-          f"RTF {total / audio_s:.2f}")
-    print(f"  official/ours (>1: we are faster): total {OFFICIAL_OFFLINE_10_TOKENS_S / total:.2f} "
-          f"(official {OFFICIAL_OFFLINE_10_TOKENS_S} s), flow {OFFICIAL_OFFLINE_10_FLOW_S / (total - hift):.2f}, "
-          f"HiFT {OFFICIAL_OFFLINE_10_HIFT_S / hift:.2f}")
-
-    schedule = (10, 20)
-    runs = {"official semantics (re-encode)": dict(cache_encoder=False),
-            "encoder cache (same output)": dict(cache_encoder=True)}
-    for w in (int(x) for x in args.windows.split(",") if x):
-        runs[f"window max_prompt_tokens={w}"] = dict(cache_encoder=True, max_prompt_tokens=w)
-    if args.probe:
-        print("\nper-block cost of a 20-token block vs reply length so far (median of --repeats; variants "
-              "interleaved per length so machine drift hits them alike):")
-        print("  variant                              prompt_tok  seconds  flow_s  hift_s  encoder+regulator_s")
-        for prompt in (int(x) for x in args.probe.split(",")):
-            for name, settings in runs.items():
-                total, hift = probe_block(dec, clock, prompt, 20, args.repeats, **settings)
-                enc = encoder_seconds(dec, prompt, 20, settings["cache_encoder"], args.repeats)
-                print(f"  {name:36s} {prompt:10d}  {total:7.3f}  {total - hift:6.3f}  {hift:6.3f}  {enc:19.3f}",
-                      flush=True)
-        return
-    tokens = np.random.default_rng(0).integers(0, dec.num_tokens, args.reply_tokens).tolist()
-    results = {}
-    for name, settings in runs.items():
-        results[name] = run_reply(dec, clock, tokens, schedule, **settings)
-        print_reply(name, results[name][0])
-
-    base_t, base_audio, base_mel = results["official semantics (re-encode)"]
-    base_total = sum(t.seconds for t in base_t)
-    print("\nsummary (same reply, same draws):")
-    print("  variant                              compute_s  speed-up  last_nonfinal_s  mel_maxdiff  mel_rel_rms"
-          "  audio_maxdiff  audio_rel_rms")
-    for name, (timings, audio, mel) in results.items():
-        total = sum(t.seconds for t in timings)
-        mel_rel = float((mel - base_mel).pow(2).mean().sqrt() / base_mel.std())
-        audio_rel = float(np.sqrt(np.mean((audio - base_audio) ** 2)) / base_audio.std())
-        print(f"  {name:36s} {total:9.2f}  x{base_total / total:6.2f}  {timings[-2 if len(timings) > 1 else -1].seconds:15.3f}"
-              f"  {float((mel - base_mel).abs().max()):11.2e}  {mel_rel:11.2e}  {float(np.abs(audio - base_audio).max()):13.2e}"
-              f"  {audio_rel:13.2e}")
-    first = base_t[0].seconds
-    lo, hi = OFFICIAL_FIRST_CALL_10_S
-    print(f"\ntime to first audio (10-token block): {first:.3f} s vs official {lo}-{hi} s: "
-          f"official/ours {lo / first:.2f}-{hi / first:.2f}")
-    if args.reply_tokens == 200:
-        lo, hi = OFFICIAL_REPLY_200_TOKENS_S
-        print(f"whole 200-token reply: {base_total:.1f} s vs official {lo}-{hi} s: "
-              f"official/ours {lo / base_total:.2f}-{hi / base_total:.2f}")
-    print("(mel diffs in natural-log mel units, rel_rms = RMS difference / std of the unbounded output;\n"
-          " random weights, so the diffs show sensitivity, not audible quality)")
+    if not (args.quick or args.long):
+        offline(dec, clock, 10, args.repeats)
+    if args.quick or not args.long:
+        compare_200(dec, clock, args.repeats)
+    if args.long:
+        long_reply(dec, clock, args.long_tokens)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ frames are held back, the rest vocoded, the last 256 samples held back (they are
 block). `legacy_prompt=True` feeds back the vocoder input *with* the prepended seam frame, as the
 official demo does (REFERENCE §5.5; PR #86 unmerged) -- the prompt mel then drifts one frame from the
 tokens; the default feeds back the frames without it.
+
+Bounded cost per block (issue 15, finding 6): under the official semantics every block re-runs the
+estimator over the whole reply, so a block's cost grows with the reply and a reply's cost quadratically.
+The defaults bound it: blocks grow 10, 20, 40, 80 tokens and stay at 80 (the official demo grows its
+blocks too: 25, 50, 100, 150, 200), and the estimator sees at most the last 50 prompt tokens' frames.
+`schedule=(25, 50, 100, 150, 200), max_prompt_tokens=None` is the official computation (docs/decoder.md).
 """
 
 from __future__ import annotations
@@ -22,13 +28,22 @@ from pipeline.decoder.draws import Draws, OfficialDraws, SeededDraws
 from pipeline.decoder.flow import FlowCache, FlowTrace
 from pipeline.decoder.model import SpeechDecoder
 
+# 10 first: the paper's "as few as 10 audio tokens" (first audio); then doubling while the stream gets
+# ahead of playback, as the official demo grows its blocks; capped at 80 tokens (6.4 s of audio) so one
+# block's work -- and the LM steps it holds up on the engine thread -- stays bounded.
+DEFAULT_SCHEDULE = (10, 20, 40, 80)
+# The estimator sees the last 50 tokens (4 s, 344 frames) of the reply as prompt: with 80-token blocks a
+# block integrates at most 344 + frames(80) + the 34 re-made cross-fade frames = 930 frames, whatever the
+# reply's length (the encoder and length regulator still see the whole reply; they are cheap).
+DEFAULT_MAX_PROMPT_TOKENS = 50
+
 
 @dataclass(frozen=True)
 class StreamSettings:
     schedule: tuple[int, ...]  # tokens per block; the last entry repeats
     legacy_prompt: bool  # official demo's prompt mel with duplicated seam frames
     cache_encoder: bool  # reuse complete 10-token blocks' encodings (output equal up to rounding)
-    max_prompt_frames: int | None  # opt-in bound on the prompt the estimator sees (None = official)
+    max_prompt_frames: int | None  # bound on the prompt frames the estimator sees (None = official)
 
     @classmethod
     def build(cls, schedule: tuple[int, ...], legacy_prompt: bool, cache_encoder: bool,
@@ -76,16 +91,17 @@ class BlockOutput:
 
 
 class DecoderStream:
-    """A reply's stream. `schedule`: tokens per block, the last repeating (first 10: the paper; the
-    current official demo uses (25, 50, 100, 150, 200)). `legacy_prompt`: feed back the official
+    """A reply's stream. `schedule`: tokens per block, the last repeating (the current official demo
+    uses (25, 50, 100, 150, 200), the original (10, 20)). `legacy_prompt`: feed back the official
     demo's prompt mel with its duplicated seam frame. `seed`: None = the official seed-42 recipe per
     block; an int = a stream generator seeded once. `draws` overrides both (tests inject here).
     `cache_encoder`: reuse the encodings of complete 10-token blocks (same output up to float
-    rounding). `max_prompt_tokens`: opt-in bound on the prompt the estimator sees (changes output)."""
+    rounding). `max_prompt_tokens`: bound on the prompt the estimator sees (changes the output;
+    None = the official unbounded prompt)."""
 
-    def __init__(self, decoder: SpeechDecoder, schedule: tuple[int, ...] = (10, 20), legacy_prompt: bool = False,
-                 seed: int | None = None, draws: Draws | None = None, cache_encoder: bool = True,
-                 max_prompt_tokens: int | None = None) -> None:  # fmt: skip
+    def __init__(self, decoder: SpeechDecoder, schedule: tuple[int, ...] = DEFAULT_SCHEDULE,
+                 legacy_prompt: bool = False, seed: int | None = None, draws: Draws | None = None,
+                 cache_encoder: bool = True, max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS) -> None:
         if draws is None:
             sines, bins = decoder.cfg.hift.nb_harmonics + 1, decoder.cfg.flow.mel_bins
             draws = OfficialDraws(decoder.device, bins, sines) if seed is None else SeededDraws(decoder.device, seed, bins)
@@ -99,6 +115,12 @@ class DecoderStream:
     @property
     def tokens_decoded(self) -> int:
         return len(self.state.prompt_tokens)
+
+    @property
+    def tokens_to_next_block(self) -> int:
+        """Speech tokens `push` still needs before it decodes the next block (the schedule's next size
+        minus what is pending): the engine can buffer tokens until it has this many."""
+        return max(0, self._block_size() - len(self.state.pending))
 
     def reset(self) -> None:
         self.state.reset()

@@ -121,7 +121,7 @@ def test_synthesize_with_default_draws_matches_offline(decoder: SpeechDecoder) -
 def test_streaming_calls(decoder: SpeechDecoder, case: str, cache_encoder: bool) -> None:
     spec = json.loads((DEC_DIR / case / "case.json").read_text())
     # The fixtures run the official demo loop: the returned mel (with its seam frame) is fed back.
-    stream = DecoderStream(decoder, schedule=tuple(spec["schedule"]), legacy_prompt=True,
+    stream = DecoderStream(decoder, schedule=tuple(spec["schedule"]), legacy_prompt=True, max_prompt_tokens=None,
                             draws=_call_draws(case, spec["calls"]), cache_encoder=cache_encoder)
     for call in spec["calls"]:
         k = call["call"]
@@ -146,7 +146,7 @@ def test_push_finish_with_default_draws(decoder: SpeechDecoder, case: str) -> No
     last = spec["calls"][-1]
     if len(last["tts_token"]) == sched[min(last["call"], len(sched) - 1)]:
         pytest.skip("reply ends on a block boundary: the official loop finalises that block itself")
-    stream = DecoderStream(decoder, schedule=tuple(sched), legacy_prompt=True)
+    stream = DecoderStream(decoder, schedule=tuple(sched), legacy_prompt=True, max_prompt_tokens=None)
     pieces = [stream.push([t]) for t in spec["tokens"]]
     pieces.append(stream.finish())
     ref = np.concatenate([_load(case, f"call{c['call']}_tts_speech")[0] for c in spec["calls"]])
@@ -159,8 +159,8 @@ def test_corrected_prompt_stays_aligned_with_tokens(decoder: SpeechDecoder, case
     """legacy_prompt=False feeds back mel without the duplicated seam frame: after each non-final block
     the prompt mel covers exactly the token frames minus the held-back cross-fade frames."""
     spec = json.loads((DEC_DIR / case / "case.json").read_text())
-    fixed = DecoderStream(decoder, schedule=tuple(spec["schedule"]), legacy_prompt=False)
-    legacy = DecoderStream(decoder, schedule=tuple(spec["schedule"]), legacy_prompt=True)
+    fixed = DecoderStream(decoder, schedule=tuple(spec["schedule"]), legacy_prompt=False, max_prompt_tokens=None)
+    legacy = DecoderStream(decoder, schedule=tuple(spec["schedule"]), legacy_prompt=True, max_prompt_tokens=None)
     for i, call in enumerate(spec["calls"]):
         if call["finalize"]:
             break

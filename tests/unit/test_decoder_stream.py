@@ -11,7 +11,7 @@ import torch
 
 from pipeline.decoder.config import read_config_yaml
 from pipeline.decoder.model import SpeechDecoder
-from pipeline.decoder.stream import DecoderStream, synthesize
+from pipeline.decoder.stream import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_SCHEDULE, DecoderStream, synthesize
 from pipeline.weights.random_decoder import _WEIGHT_NORMED, write_random_checkpoint
 
 
@@ -86,7 +86,7 @@ def _join_jumps(pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 def test_stream_length_and_no_clicks_at_block_joins(decoder: SpeechDecoder) -> None:
     tokens = _tokens(95, seed=1)
-    stream = DecoderStream(decoder)  # default schedule: 10 tokens, then 20 each
+    stream = DecoderStream(decoder, schedule=(10, 20))
     pieces = _stream_all(stream, tokens)
     assert [len(p) > 0 for p in pieces].count(True) == 6  # 10 + 4 x 20 + final 5
     assert stream.tokens_decoded == len(tokens)
@@ -145,7 +145,7 @@ def test_encoder_cache_matches_recompute_on_unaligned_blocks(decoder: SpeechDeco
 
 def test_bounded_prompt_window(decoder: SpeechDecoder) -> None:
     tokens = _tokens(90, seed=6)
-    full = np.concatenate(_stream_all(DecoderStream(decoder), tokens))
+    full = np.concatenate(_stream_all(DecoderStream(decoder, max_prompt_tokens=None), tokens))
     wide = np.concatenate(_stream_all(DecoderStream(decoder, max_prompt_tokens=200), tokens))
     narrow = np.concatenate(_stream_all(DecoderStream(decoder, max_prompt_tokens=20), tokens))
     np.testing.assert_array_equal(full, wide)  # a window longer than the reply changes nothing
@@ -153,6 +153,57 @@ def test_bounded_prompt_window(decoder: SpeechDecoder) -> None:
     assert np.abs(narrow - full).max() > 0  # it is an approximation, measured in bench/bench_decoder.py
     with pytest.raises(ValueError, match="max_prompt_tokens"):
         DecoderStream(decoder, max_prompt_tokens=0)
+
+
+def _estimator_frames_per_block(decoder: SpeechDecoder, stream: DecoderStream, tokens: list[int]) -> list[int]:
+    """Frames the estimator integrates in each block of a streamed reply (read from its inputs)."""
+    seen: list[int] = []
+    hook = decoder.flow.decoder.estimator.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[-1]))
+    per_block = []
+    try:
+        for i in range(0, len(tokens), 7):
+            before = stream.state.blocks_done
+            stream.push(tokens[i:i + 7])
+            if stream.state.blocks_done > before:
+                assert stream.state.blocks_done == before + 1  # 7-token pushes complete at most one block
+                per_block.append(max(seen))
+                assert min(seen) == max(seen)  # every Euler step of a block sees the same frames
+            seen.clear()
+    finally:
+        hook.remove()
+    return per_block
+
+
+def test_default_stream_bounds_estimator_work_per_block(decoder: SpeechDecoder) -> None:
+    """Issue 15 finding 6: under the official semantics a block's estimator work grows with the reply;
+    the default schedule and prompt window keep it under a bound computed from the settings."""
+    cap, window = DEFAULT_SCHEDULE[-1], DEFAULT_MAX_PROMPT_TOKENS
+    frames = decoder.cfg.flow.frames_for
+    tokens = _tokens(sum(DEFAULT_SCHEDULE) + 2 * cap, seed=11)  # two blocks past the growth (kept short: CPU)
+    stream = DecoderStream(decoder)
+    assert stream.tokens_to_next_block == DEFAULT_SCHEDULE[0] == 10  # first audio after 10 tokens (paper)
+    bounded = _estimator_frames_per_block(decoder, stream, tokens)
+    # Prompt window + the block's own frames + the re-made cross-fade frames (+1: truncation of frames_for).
+    bound = frames(window) + frames(cap) + decoder.cfg.mel_overlap_frames + 1
+    assert len(bounded) == len(DEFAULT_SCHEDULE) + 2
+    assert max(bounded) <= bound, (bounded, bound)
+    capped = bounded[len(DEFAULT_SCHEDULE) - 1:]  # full-size blocks after a full window: flat
+    assert max(capped) - min(capped) <= 1, capped
+    unbounded = DecoderStream(decoder, max_prompt_tokens=None)
+    official = _estimator_frames_per_block(decoder, unbounded, tokens[:sum(DEFAULT_SCHEDULE) + cap])
+    assert official[:2] == bounded[:2]  # blocks whose prompt fits in the window are the official computation
+    assert official[-1] > bound and official == sorted(official)  # unbounded: grows with the reply
+
+
+def test_tokens_to_next_block_follows_the_schedule(decoder: SpeechDecoder) -> None:
+    stream = DecoderStream(decoder, schedule=(10, 20, 40))
+    assert stream.tokens_to_next_block == 10
+    stream.push(_tokens(13, seed=12))  # one 10-token block, 3 pending
+    assert stream.tokens_to_next_block == 17
+    stream.push(_tokens(17, seed=13))
+    assert stream.tokens_to_next_block == 40
+    stream.push(_tokens(40, seed=14))
+    assert stream.tokens_to_next_block == 40 and stream.tokens_decoded == 70  # the last size repeats
 
 
 def test_bfloat16_runs_close_to_float32(ckpt_dir: Path, decoder: SpeechDecoder) -> None:
