@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.engine.config import EngineConfig
+from pipeline.engine.config import EngineConfig, VLLMConfig
 
 ENV_PREFIX = "GLM4VOICE_"
 
@@ -110,6 +110,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     model: EngineConfig = field(default_factory=EngineConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 def _convert(value: object, annotation: object, where: str) -> object:
@@ -228,3 +229,10 @@ def validate(config: Config) -> None:
         raise ValueError(f"config [logging].format must be 'text' or 'json', got {config.logging.format!r}")
     if config.http.shutdown_grace_s < 0:
         raise ValueError("config [http].shutdown_grace_s must be >= 0")
+    if config.model.lm_backend not in {"local", "vllm"}:
+        raise ValueError(f"config [model].lm_backend must be 'local' or 'vllm', got {config.model.lm_backend!r}")
+    vllm = config.vllm
+    if not vllm.url.startswith(("http://", "https://")):
+        raise ValueError(f"config [vllm].url must start with http:// or https://, got {vllm.url!r}")
+    if min(vllm.connect_timeout_s, vllm.read_timeout_s, vllm.probe_interval_s) <= 0:
+        raise ValueError("config [vllm] timeouts and probe_interval_s must be > 0")

@@ -30,3 +30,16 @@ class EngineConfig:
     max_pending_tokens: int = 8192  # their prompt tokens, per call; past it the turn fails (input_too_large)
     decode_mode: str = "auto"  # LM decode step: auto (cudagraph on CUDA, else eager) | eager | compile | cudagraph
     cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = auto (1 for a LM under 50 M params, else torch default)
+    lm_backend: str = "local"  # "local" (the LM on this engine's device) | "vllm" (streamed from [vllm], not loaded here)
+
+
+@dataclass(frozen=True)
+class VLLMConfig:
+    """The `[vllm]` section: the vLLM deployment that serves the LM when `[model] lm_backend = "vllm"`."""
+
+    url: str = "http://127.0.0.1:8000"  # vLLM's OpenAI-compatible server (http or https, path prefix kept)
+    api_key: str = ""  # vLLM's --api-key, sent as a bearer token; prefer GLM4VOICE_VLLM_API_KEY
+    model: str = ""  # its --served-model-name; "" = the only model it serves
+    connect_timeout_s: float = 5.0  # TCP connect and short requests (readiness probe)
+    read_timeout_s: float = 60.0  # longest silence inside a reply's stream (queueing and prefill included)
+    probe_interval_s: float = 2.0  # s between readiness probes while vLLM is not ready (recovery by itself)
