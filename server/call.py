@@ -2,7 +2,8 @@
 
 Read it as a pipeline of coroutines (moshi's server style): `_recv_loop` turns inbound frames into VAD
 decisions and user audio for the responder; `_run_turn` moves one reply's events to the data channel
-and the outbound track. Every way a call can end goes through `close()`, which frees everything.
+and the outbound track (a `ReplyFlow` the call owns). Every way a call can end goes through `close()`,
+which frees everything whatever fails inside it.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from pipeline.responder import (
 )
 from server import protocol as P
 from server.call_guard import CallGuard
-from server.config import Config
+from server.call_state import CallState
+from server.config import Config, TurnDetectionConfig
 from server.logs import current_call_id, run_as_call
 from server.media import InboundConverter, OutboundAudioTrack
 from server.metrics import Metrics
 from server.protocol import new_id as _new_id
-from server.reply_flow import ReplyFlow, ReplyState
+from server.reply_flow import ReplyFlow
 from server.turns import SpeechStarted, SpeechStopped, TurnDetector, TurnSettings
 from server.vad import SileroVad, VadState
 
@@ -39,6 +41,7 @@ log = logging.getLogger("glm4voice.call")
 MAX_EVENTS_BEFORE_OPEN = 64  # events queued until the client's data channel opens
 WATCH_INTERVAL_S = 0.5  # how often the watchdog checks duration, idle time and peer liveness
 CLOSING_FLUSH_S = 0.5  # at most this long to get the closing event out before the connection goes
+PC_CLOSE_TIMEOUT_S = 5.0  # aiortc's close awaits its transports; a stuck one must not hold the call slot
 
 
 class CallLog(logging.LoggerAdapter):
@@ -77,6 +80,15 @@ class CallSettings:
             turns=turns,
         )
 
+    @classmethod
+    def defaults(cls, td: TurnDetectionConfig) -> CallSettings:
+        """A new call's settings: the config's turn detection, no instructions, demo sampling."""
+        turns = TurnSettings(threshold=td.threshold, prefix_padding_ms=td.prefix_padding_ms,
+                             silence_duration_ms=td.silence_duration_ms, min_speech_ms=td.min_speech_ms,
+                             min_interrupt_ms=td.min_interrupt_ms, create_response=td.create_response,
+                             interrupt_response=td.interrupt_response)
+        return cls(instructions="", sampling=SamplingSettings(), turns=turns)
+
     def turn_detection_json(self) -> dict | None:
         t = self.turns
         if not t.enabled:
@@ -87,7 +99,7 @@ class CallSettings:
                 "glm4voice": {"min_speech_ms": t.min_speech_ms, "min_interrupt_ms": t.min_interrupt_ms}}
 
 
-class Call(ReplyFlow):
+class Call:
     def __init__(self, call_id: str, pc: RTCPeerConnection, responder: Responder, vad: SileroVad,
                  config: Config, metrics: Metrics, settings: CallSettings,
                  on_closed: Callable[[Call], None]) -> None:
@@ -97,7 +109,7 @@ class Call(ReplyFlow):
         self.metrics = metrics
         self.settings = settings
         self.created_s = time.monotonic()
-        self.state = "connecting"  # connecting | listening | user_speaking | thinking | speaking | closed
+        self.state = CallState.CONNECTING
         self.closed = asyncio.Event()
         self.close_reason = ""
         self._on_closed = on_closed
@@ -107,14 +119,15 @@ class Call(ReplyFlow):
         self._vad_state = VadState()
         self._converter = InboundConverter()
         self._detector = TurnDetector(settings.turns)
-        self.track = OutboundAudioTrack(on_started=self._on_playback_started, on_stopped=self._on_playback_stopped)
         self._channel: RTCDataChannel | None = None
         self._outbox: list[str] = []
         self._tasks: set[asyncio.Task] = set()
-        self._reply: ReplyState | None = None
+        self._inbound_attached = False
+        self._ending = False  # end() is telling the client; a second reason is not sent
         self._user_item_id: str | None = None
         self._interrupt_armed = False  # user speech began over the assistant
         self.log = CallLog(log, {"call_id": call_id})
+        self.replies = ReplyFlow(self._session, metrics, self.send, self._spawn, self._reply_phase, self.log)
         self.guard = CallGuard(config.limits, self.created_s)
         self._turn_samples = 0  # 16 kHz samples pushed to the responder for the pending user turn
         self._turn_capped = False  # the pending turn hit max_turn_audio_s
@@ -122,7 +135,15 @@ class Call(ReplyFlow):
 
     # ----- wiring (called by server/app.py) ---------------------------------------------------------
 
+    @property
+    def track(self) -> OutboundAudioTrack:
+        """The call's one outbound audio track (signalling adds it to the peer connection)."""
+        return self.replies.track
+
     def attach_inbound(self, track: MediaStreamTrack) -> None:
+        if self._inbound_attached:  # one microphone per call; another audio section is ignored
+            return
+        self._inbound_attached = True
         self._spawn(self._recv_loop(track), "recv")
 
     def attach_channel(self, channel: RTCDataChannel) -> None:
@@ -138,11 +159,19 @@ class Call(ReplyFlow):
 
     @property
     def replying(self) -> bool:
-        return self._reply is not None
+        return self.replies.active
 
     def connected(self) -> None:
-        if self.state == "connecting":
-            self.state = "listening"
+        if self.state is CallState.CONNECTING:
+            self.state = CallState.LISTENING
+
+    def _reply_phase(self, phase: CallState) -> None:
+        """The reply flow's view of the call: a reply started (thinking), plays (speaking) or ended
+        (listening). User speech over the assistant keeps USER_SPEAKING; nothing reopens a closed call."""
+        if self.state is CallState.CLOSED:
+            return
+        if phase is CallState.THINKING or self.state is not CallState.USER_SPEAKING:
+            self.state = phase
 
     def _spawn(self, coro, name: str) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro, name=f"{self.call_id}:{name}",
@@ -226,21 +255,18 @@ class Call(ReplyFlow):
         self._detector.abandon()
         self._on_speech_stopped(SpeechStopped(audio_end_ms=st.audio_ms, speech_ms=speech_ms, too_short=False))
 
-    def _assistant_active(self) -> bool:
-        return self._reply is not None
-
     def _on_speech_started(self, started: SpeechStarted) -> None:
         self._user_item_id = _new_id("item")
         self.guard.user_activity(time.monotonic())
-        self.state = "user_speaking"
-        self._interrupt_armed = self._assistant_active() and self.settings.turns.interrupt_response
+        self.state = CallState.USER_SPEAKING
+        self._interrupt_armed = self.replies.active and self.settings.turns.interrupt_response
         self.send(P.event("input_audio_buffer.speech_started", audio_start_ms=int(started.audio_start_ms),
                           item_id=self._user_item_id))
 
     def _check_barge_in(self) -> None:
         if self._interrupt_armed and self._detector.speech_ms >= self.settings.turns.min_interrupt_ms:
             self._interrupt_armed = False
-            self.interrupt("turn_detected")
+            self.replies.interrupt("turn_detected")
 
     def _on_speech_stopped(self, stopped: SpeechStopped) -> None:
         now = time.monotonic()
@@ -253,14 +279,14 @@ class Call(ReplyFlow):
             self._session.discard_audio()
             self.send(P.event("glm4voice.input_audio_buffer.discarded", item_id=item_id,
                               reason="shorter than min_speech_ms", speech_ms=round(stopped.speech_ms)))
-            self.state = "speaking" if self._assistant_active() else "listening"
+            self.state = CallState.SPEAKING if self.replies.active else CallState.LISTENING
             return
         self._session.commit_audio()
         self.send(P.event("input_audio_buffer.committed", previous_item_id=None, item_id=item_id))
         if self.settings.turns.create_response:
-            self.start_response(speech_stopped_s=now)
+            self.replies.start(speech_stopped_s=now)
         else:
-            self.state = "listening"
+            self.state = CallState.LISTENING
 
     # ----- client events ---------------------------------------------------------------------------
 
@@ -300,7 +326,7 @@ class Call(ReplyFlow):
             self._session.update(self.settings.responder_settings())
             self.send(P.event("session.updated", session=self._session_json()))
         elif isinstance(event, P.ItemCreate):
-            self.interrupt("user_message")
+            self.replies.interrupt("user_message")
             if self.config.logging.log_user_content:
                 self.log.info("user text: %r", event.text)
             self._session.add_text(event.text)
@@ -308,10 +334,10 @@ class Call(ReplyFlow):
                               item={"id": _new_id("item"), "type": "message", "role": "user",
                                     "content": [{"type": "input_text", "text": event.text}]}))
         elif isinstance(event, P.ResponseCreate):
-            if self._reply is not None and self._reply.generating:
+            if self.replies.generating:
                 raise P.ProtocolError("conversation_already_has_active_response",
                                       "a response is in progress: send response.cancel first", event.event_id)
-            self.start_response(speech_stopped_s=None)
+            self.replies.start(speech_stopped_s=None)
         elif isinstance(event, P.InputAudioCommit | P.InputAudioClear):
             if self.settings.turns.enabled:
                 raise P.ProtocolError("turn_detection_enabled", "server VAD commits turns itself; set "
@@ -325,20 +351,20 @@ class Call(ReplyFlow):
                 self._session.discard_audio()
                 self.send(P.event("input_audio_buffer.cleared"))
         elif isinstance(event, P.ResponseCancel | P.OutputAudioClear):
-            if self._reply is None:
+            if not self.replies.active:
                 raise P.ProtocolError("response_cancel_not_active", "there is no active response to cancel",
                                       event.event_id)
-            self.interrupt("client_cancelled")
+            self.replies.interrupt("client_cancelled")
         elif isinstance(event, P.Ping):
             self.send(P.event("glm4voice.pong", ping_event_id=event.event_id))
 
     # ----- limits and liveness ---------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        while self.state != "closed":
+        while self.state is not CallState.CLOSED:
             await asyncio.sleep(WATCH_INTERVAL_S)
-            ending = self.guard.check(time.monotonic(), replying=self._reply is not None,
-                                      connected=self.state != "connecting")
+            ending = self.guard.check(time.monotonic(), replying=self.replies.active,
+                                      connected=self.state is not CallState.CONNECTING)
             if ending is not None:
                 self.log.info("ending call: %s (%s)", ending.code, ending.message)
                 if ending.notify:
@@ -350,42 +376,71 @@ class Call(ReplyFlow):
 
     async def end(self, code: str, message: str) -> None:
         """Tell the client why the server ends the call (`glm4voice.call.closing`), then close it."""
-        if self.state == "closed":
+        if self.state is CallState.CLOSED or self._ending:
             return
+        self._ending = True
         self.metrics.ended(code)
         self.send(P.event("glm4voice.call.closing", reason=code, message=message))
-        channel = self._channel
-        deadline = time.monotonic() + CLOSING_FLUSH_S
-        while channel is not None and channel.readyState == "open" and channel.bufferedAmount > 0 \
-                and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.05)  # the SCTP packet leaves after bufferedAmount drops
+        await self._flushed(CLOSING_FLUSH_S)
         await self.close(code)
+
+    async def _flushed(self, timeout_s: float) -> None:
+        """Wait until the data channel has handed every queued message to the transport (its
+        `bufferedamountlow` event at threshold 0 fires after the SCTP send), at most `timeout_s`."""
+        channel = self._channel
+        if channel is None or channel.readyState != "open" or channel.bufferedAmount <= channel.bufferedAmountLowThreshold:
+            return
+        low = asyncio.get_running_loop().create_future()
+
+        def on_low() -> None:
+            if not low.done():
+                low.set_result(None)
+
+        channel.once("bufferedamountlow", on_low)
+        try:
+            await asyncio.wait_for(low, timeout_s)
+        except TimeoutError:
+            self.log.info("closing event not flushed within %.1f s", timeout_s)
+        finally:
+            channel.remove_listener("bufferedamountlow", on_low)
 
     # ----- the one way out -------------------------------------------------------------------------
 
     async def close(self, reason: str) -> None:
-        """Free everything the call holds; safe to call from any path, any number of times."""
-        if self.state == "closed":
+        """Free everything the call holds; safe to call from any path, any number of times. Each step is
+        guarded and the call leaves the server's registry in any case: a step that fails (aiortc failing
+        to close a half-negotiated connection) must not leave a ghost holding a call slot."""
+        if self.state is CallState.CLOSED:
             return
-        self.state = "closed"
+        self.state = CallState.CLOSED
         self.close_reason = reason
         self.log.info("closing: %s", reason)
-        if self._reply is not None:
-            self._reply.turn.cancel(played_ms=self.track.clear())
-            self._reply = None
-        current = asyncio.current_task()
-        tasks = [t for t in self._tasks if t is not current]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self.track.stop()
         try:
-            await self._session.close()
+            self._step("reply", self.replies.close)
+            current = asyncio.current_task()
+            tasks = [t for t in self._tasks if t is not current]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._step("outbound track", self.track.stop)
+            try:
+                await self._session.close()
+            except Exception:
+                self.log.exception("responder session close failed")
+            try:
+                await asyncio.wait_for(self.pc.close(), PC_CLOSE_TIMEOUT_S)
+            except Exception as exc:  # TimeoutError included
+                self.log.warning("peer connection close failed: %s", repr(exc))
+            self._step("converter", self._converter.reset)
+            self._step("vad state", self._vad_state.reset)
+        finally:
+            try:
+                self._on_closed(self)
+            finally:
+                self.closed.set()
+
+    def _step(self, what: str, step: Callable[[], object]) -> None:
+        try:
+            step()
         except Exception:
-            self.log.exception("responder session close failed")
-        await self.pc.close()
-        self._converter.reset()
-        self._vad_state.reset()
-        self._on_closed(self)
-        self.closed.set()
+            self.log.exception("closing: %s failed", what)

@@ -119,6 +119,11 @@ class OutboundAudioTrack(MediaStreamTrack):
         return self._reply_id is not None
 
     @property
+    def queued_ms(self) -> float:
+        """Audio waiting to go out (what a reader of the track still has to pull)."""
+        return self._queued_samples * 1000.0 / OUT_RATE_HZ
+
+    @property
     def played_ms(self) -> float:
         return self._played_samples * 1000.0 / OUT_RATE_HZ
 
@@ -147,6 +152,8 @@ class OutboundAudioTrack(MediaStreamTrack):
         """No more audio for this reply; `on_stopped` fires once the queue has played out."""
         self._flush_resampler()
         self._reply_ended = True
+        if not self._reply_started and self._queued_samples == 0:
+            self._reply_id = None  # a reply without audio: nothing will play, nothing to wait for
 
     def clear(self) -> float:
         """Barge-in: drop the queue now. Returns ms of the reply that went out."""

@@ -1,15 +1,29 @@
 """The assistant's side of a call: start a reply, move its events to the data channel and the outbound
-track, cut it off (barge-in), report playback and latency. A mixin of `server.call.Call`, which owns
-the state it uses (`_session`, `track`, `_reply`, `state`, `metrics`, `send`, `_spawn`, `log`).
+track, cut it off (barge-in), report playback and latency, and end a reply whose audio nobody reads.
+
+An object the call owns (`Call.replies`): it holds the outbound track and the reply in progress, and
+talks back to the call only through what it is given - `send` (a server event), `spawn` (a task of the
+call), `on_phase` (the call's state: thinking / speaking / listening).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
-from pipeline.responder import AudioChunk, TextDelta, Timing, Turn, TurnDone, TurnError
+from pipeline.responder import AudioChunk, ResponderSession, TextDelta, Timing, Turn, TurnDone, TurnError
 from server import protocol as P
+from server.call_state import CallState
+from server.media import OutboundAudioTrack
+from server.metrics import Metrics
 from server.protocol import new_id as _new_id
+
+# A reply whose audio is all generated ends at the latest this long after its queued audio would have
+# played out: a peer that never reads our track (a sendonly offer, a stalled sender) must not hold the
+# call "replying" - which keeps idle_timeout from ever firing - until max_call_duration.
+PLAYOUT_SLACK_S = 2.0
 
 
 @dataclass
@@ -25,26 +39,59 @@ class ReplyState:
 
 
 class ReplyFlow:
+    def __init__(self, session: ResponderSession, metrics: Metrics, send: Callable[[dict], None],
+                 spawn: Callable[[Coroutine, str], asyncio.Task], on_phase: Callable[[CallState], None],
+                 log: logging.LoggerAdapter) -> None:
+        self._session = session
+        self._metrics = metrics
+        self._send = send
+        self._spawn = spawn
+        self._on_phase = on_phase
+        self._log = log
+        self.track = OutboundAudioTrack(on_started=self._on_playback_started, on_stopped=self._on_playback_stopped)
+        self.current: ReplyState | None = None
+        self.idle = asyncio.Event()  # set while no reply is in progress (drain waits on it)
+        self.idle.set()
+        self._playout_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.current is not None
+
+    @property
+    def generating(self) -> bool:
+        return self.current is not None and self.current.generating
+
+    def _set_current(self, reply: ReplyState | None) -> None:
+        if self._playout_timer is not None:
+            self._playout_timer.cancel()
+            self._playout_timer = None
+        self.current = reply
+        if reply is None:
+            self.idle.set()
+        else:
+            self.idle.clear()
+
     # ----- replies ---------------------------------------------------------------------------------
 
-    def start_response(self, speech_stopped_s: float | None) -> None:
-        if self._reply is not None:
+    def start(self, speech_stopped_s: float | None) -> None:
+        if self.current is not None:
             self.interrupt("new_turn")
         try:
             turn = self._session.respond()
         except Exception as exc:  # a responder refusing a turn must not end the call
-            self.log.exception("respond() failed")
-            self.metrics.turn_errors += 1
-            self.send(P.error_event("responder_error", f"could not start a reply: {exc}", error_type="server_error"))
+            self._log.exception("respond() failed")
+            self._metrics.turn_errors += 1
+            self._send(P.error_event("responder_error", f"could not start a reply: {exc}", error_type="server_error"))
             return
         response_id = _new_id("resp")
         timings = {"speech_stopped": speech_stopped_s} if speech_stopped_s is not None else {}
         reply = ReplyState(response_id, turn, speech_stopped_s, timings)
-        self._reply = reply
+        self._set_current(reply)
         self.track.begin_reply(response_id)
-        self.metrics.turns_total += 1
-        self.state = "thinking"
-        self.send(P.event("response.created", response=P.response_object(response_id, "in_progress")))
+        self._metrics.turns_total += 1
+        self._on_phase(CallState.THINKING)
+        self._send(P.event("response.created", response=P.response_object(response_id, "in_progress")))
         self._spawn(self._run_turn(reply), f"turn:{response_id}")
 
     async def _run_turn(self, reply: ReplyState) -> None:
@@ -54,27 +101,30 @@ class ReplyFlow:
         try:
             status, details = await self._pump_turn(reply, item_id, transcript)
         except Exception as exc:  # a broken responder fails this turn only
-            self.log.exception("turn %s failed", reply.response_id)
-            self.metrics.turn_errors += 1
+            self._log.exception("turn %s failed", reply.response_id)
+            self._metrics.turn_errors += 1
             status, details = "failed", {"type": "failed", "error": {"code": "responder_error", "message": str(exc)}}
-            self.send(P.error_event("responder_error", f"the reply failed: {exc}", error_type="server_error"))
+            self._send(P.error_event("responder_error", f"the reply failed: {exc}", error_type="server_error"))
         reply.generating = False
         text = "".join(transcript)
-        if self._reply is reply:
+        if self.current is reply:
             self.track.end_reply()
             if status == "failed":
                 self.track.clear()
         if status == "cancelled" and details is None:
             details = {"type": "cancelled", "reason": "turn_detected"}
-        self.send(P.event("response.output_audio_transcript.done", response_id=reply.response_id, item_id=item_id,
-                          output_index=0, content_index=0, transcript=text))
-        self.send(P.event("response.done", response=P.response_object(reply.response_id, status, details, text)))
-        audio_pending = self._reply is reply and self.track.active
+        self._send(P.event("response.output_audio_transcript.done", response_id=reply.response_id, item_id=item_id,
+                           output_index=0, content_index=0, transcript=text))
+        self._send(P.event("response.done", response=P.response_object(reply.response_id, status, details, text)))
+        audio_pending = self.current is reply and self.track.active
         if not reply.latency_sent and not audio_pending:  # with audio, it goes out with the first frame
             self._send_latency(reply)
-        if self._reply is reply and not self.track.active:
-            self._reply = None
-            self.state = "listening" if self.state != "user_speaking" else self.state
+        if self.current is reply and not self.track.active:
+            self._set_current(None)
+            self._on_phase(CallState.LISTENING)
+        elif audio_pending:
+            deadline_s = self.track.queued_ms / 1000.0 + PLAYOUT_SLACK_S
+            self._playout_timer = asyncio.get_running_loop().call_later(deadline_s, self._playout_timed_out, reply)
 
     async def _pump_turn(self, reply: ReplyState, item_id: str, transcript: list[str]) -> tuple[str, dict | None]:
         """Move one reply's events to the data channel and the outbound track until it ends."""
@@ -82,10 +132,10 @@ class ReplyFlow:
         async for item in reply.turn.events():
             if isinstance(item, TextDelta):
                 transcript.append(item.text)
-                self.send(P.event("response.output_audio_transcript.delta", response_id=reply.response_id,
-                                  item_id=item_id, output_index=0, content_index=0, delta=item.text))
+                self._send(P.event("response.output_audio_transcript.delta", response_id=reply.response_id,
+                                   item_id=item_id, output_index=0, content_index=0, delta=item.text))
             elif isinstance(item, AudioChunk):
-                if self._reply is reply:
+                if self.current is reply:
                     self.track.push(item.pcm, item.sample_rate_hz)
             elif isinstance(item, Timing):
                 reply.timings.setdefault(item.stage, item.t_monotonic_s)
@@ -98,43 +148,65 @@ class ReplyFlow:
                     transcript[:] = [item.text]
                 break
             elif isinstance(item, TurnError):
-                self.metrics.turn_errors += 1
+                self._metrics.turn_errors += 1
                 status, details = "failed", {"type": "failed", "error": {"code": item.code, "message": item.message}}
-                self.send(P.error_event(item.code, item.message, error_type="server_error"))
+                self._send(P.error_event(item.code, item.message, error_type="server_error"))
                 break
         return status, details
 
     def interrupt(self, reason: str) -> None:
         """Barge-in, response.cancel, output_audio_buffer.clear or a typed message: stop the reply now."""
-        reply = self._reply
+        reply = self.current
         if reply is None:
             return
         played_ms = self.track.clear()  # the next outbound frame is silence
-        self._reply = None
+        self._set_current(None)
         reply.turn.cancel(played_ms=played_ms)
-        self.metrics.turns_interrupted += 1
-        self.send(P.event("output_audio_buffer.cleared", response_id=reply.response_id))
-        self.send(P.event("glm4voice.response.cancelled", response_id=reply.response_id, reason=reason,
-                          played_ms=round(played_ms), still_generating=reply.generating))
-        self.log.info("reply %s interrupted (%s) after %.0f ms played", reply.response_id, reason, played_ms)
+        self._metrics.turns_interrupted += 1
+        self._send(P.event("output_audio_buffer.cleared", response_id=reply.response_id))
+        self._send(P.event("glm4voice.response.cancelled", response_id=reply.response_id, reason=reason,
+                           played_ms=round(played_ms), still_generating=reply.generating))
+        self._log.info("reply %s interrupted (%s) after %.0f ms played", reply.response_id, reason, played_ms)
+
+    def close(self) -> None:
+        """The call is closing: cancel the reply in progress, keep what was heard."""
+        reply = self.current
+        if reply is not None:
+            played_ms = self.track.clear()
+            self._set_current(None)
+            reply.turn.cancel(played_ms=played_ms)
+
+    def _playout_timed_out(self, reply: ReplyState) -> None:
+        """Nobody read the reply's audio in time: end the reply as if it had played."""
+        self._playout_timer = None
+        if self.current is not reply:
+            return
+        unplayed_ms = self.track.queued_ms
+        played_ms = self.track.clear()
+        self._set_current(None)
+        self._log.warning("reply %s: the peer is not reading our audio (%.0f ms unplayed): reply ended",
+                          reply.response_id, unplayed_ms)
+        self._send(P.event("glm4voice.output_audio_buffer.timed_out", response_id=reply.response_id,
+                           played_ms=round(played_ms), unplayed_ms=round(unplayed_ms)))
+        self._on_phase(CallState.LISTENING)
+
+    # ----- playback (the outbound track's callbacks) ------------------------------------------------
 
     def _on_playback_started(self, response_id: str, t_s: float) -> None:
-        reply = self._reply
+        reply = self.current
         if reply is None or reply.response_id != response_id:
             return
         reply.timings.setdefault("first_frame_sent", t_s)
-        if self.state != "user_speaking":
-            self.state = "speaking"
-        self.send(P.event("output_audio_buffer.started", response_id=response_id))
+        self._on_phase(CallState.SPEAKING)
+        self._send(P.event("output_audio_buffer.started", response_id=response_id))
         self._send_latency(reply)
 
     def _on_playback_stopped(self, response_id: str) -> None:
-        self.send(P.event("output_audio_buffer.stopped", response_id=response_id))
-        reply = self._reply
+        self._send(P.event("output_audio_buffer.stopped", response_id=response_id))
+        reply = self.current
         if reply is not None and reply.response_id == response_id and not reply.generating:
-            self._reply = None
-            if self.state != "user_speaking":
-                self.state = "listening"
+            self._set_current(None)
+            self._on_phase(CallState.LISTENING)
 
     def _send_latency(self, reply: ReplyState) -> None:
         reply.latency_sent = True
@@ -146,9 +218,9 @@ class ReplyFlow:
                                                                                   key=lambda kv: kv[1])}
         first = reply.timings.get("first_frame_sent")
         if reply.speech_stopped_s is not None and first is not None:
-            self.metrics.turn_latency.observe(first - reply.speech_stopped_s)
-        self.send(P.event("glm4voice.turn.latency", response_id=reply.response_id,
-                          origin="speech_stopped" if reply.speech_stopped_s is not None else "first_stage",
-                          stages_ms=stages_ms,
-                          speech_stopped_to_first_frame_ms=stages_ms.get("first_frame_sent")
-                          if reply.speech_stopped_s is not None else None))
+            self._metrics.turn_latency.observe(first - reply.speech_stopped_s)
+        self._send(P.event("glm4voice.turn.latency", response_id=reply.response_id,
+                           origin="speech_stopped" if reply.speech_stopped_s is not None else "first_stage",
+                           stages_ms=stages_ms,
+                           speech_stopped_to_first_frame_ms=stages_ms.get("first_frame_sent")
+                           if reply.speech_stopped_s is not None else None))

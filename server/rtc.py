@@ -96,17 +96,57 @@ class SdpError(ValueError):
         self.code = code
 
 
+DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
+
+
+def _sections(sdp: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """-> (session-level lines, [(media kind, its lines)])."""
+    session: list[str] = []
+    media: list[tuple[str, list[str]]] = []
+    for line in sdp.splitlines():
+        line = line.strip()
+        if line.startswith("m="):
+            media.append((line[2:].split(" ", 1)[0], []))
+        elif media:
+            media[-1][1].append(line)
+        else:
+            session.append(line)
+    return session, media
+
+
+def _direction(lines: list[str], default: str) -> str:
+    for line in lines:
+        if line.startswith("a=") and line[2:] in DIRECTIONS:
+            return line[2:]
+    return default
+
+
 def check_offer(sdp: str) -> None:
     """Reject what we cannot answer, with a reason, before aiortc gets it."""
     if not sdp.strip():
         raise SdpError("invalid_sdp", "the SDP offer is empty")
     if not sdp.lstrip().startswith("v=0"):
         raise SdpError("invalid_sdp", "the body is not an SDP offer (it must start with 'v=0')")
-    media = re.findall(r"^m=(\w+) ", sdp, re.MULTILINE)
-    if "audio" not in media:
-        raise SdpError("no_audio", f"the offer has no audio section (media: {', '.join(media) or 'none'})")
+    session, media = _sections(sdp)
+    kinds = [kind for kind, _ in media]
+    if "audio" not in kinds:
+        raise SdpError("no_audio", f"the offer has no audio section (media: {', '.join(kinds) or 'none'})")
     if not re.search(r"^a=rtpmap:\d+ opus/48000", sdp, re.MULTILINE | re.IGNORECASE):
         raise SdpError("no_opus", "the offer's audio section does not offer Opus (opus/48000)")
+    mids = {line[6:] for _, lines in media for line in lines if line.startswith("a=mid:")}
+    for line in session:
+        if line.startswith("a=group:BUNDLE"):
+            missing = [mid for mid in line.split()[1:] if mid not in mids]
+            if missing:
+                raise SdpError("invalid_sdp", f"a=group:BUNDLE names mid(s) {', '.join(missing)} that no media "
+                               "section has")
+    # The client's direction, as the client writes it. It must send us nothing or listen to us:
+    # `sendonly` / `inactive` would never hear a reply (recvonly - listen only, typed turns - is served).
+    audio = next(lines for kind, lines in media if kind == "audio")
+    direction = _direction(audio, _direction(session, "sendrecv"))
+    if direction in ("sendonly", "inactive"):
+        raise SdpError("unsupported_direction", f"the offer's audio section is {direction}: this server answers "
+                       "with speech, so offer sendrecv (talk and listen) or recvonly (listen, typed turns)")
 
 
 class InOrderAudioJitterBuffer(JitterBuffer):

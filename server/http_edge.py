@@ -1,0 +1,68 @@
+"""The HTTP edge every route goes through: CORS (preflight and headers) and one JSON shape for errors.
+
+Every refusal is an `ApiError` (server/limits.py), rendered as `{"error": {"type", "code", "message"}}`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from server.config import HttpConfig
+from server.limits import ApiError, allowed_origin, client_gone
+
+log = logging.getLogger("glm4voice.http")
+
+CORS_HEADERS = {
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type",
+    "Access-Control-Expose-Headers": "Location, Retry-After",
+    "Access-Control-Max-Age": "600",
+    "Vary": "Origin",
+}
+
+
+def make_preflight(http: HttpConfig):
+    async def preflight(request: web.Request) -> web.Response:
+        """CORS preflight; the CORS middleware adds the headers when the origin is on the allow-list."""
+        origin = request.headers.get("Origin", "")
+        if not allowed_origin(origin, http.cors_origins):
+            raise ApiError(403, "origin_not_allowed", f"pages from {origin or 'no origin'} may not use this server "
+                           "(see [http] cors_origins)")
+        return web.Response(status=204)
+
+    return preflight
+
+
+def make_cors_middleware(http: HttpConfig):
+    @web.middleware
+    async def cors_middleware(request: web.Request, handler) -> web.StreamResponse:
+        """`Access-Control-Allow-Origin` for origins on `[http] cors_origins` (errors included)."""
+        response = await handler(request)
+        origin = request.headers.get("Origin")
+        if origin and allowed_origin(origin, http.cors_origins):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers.update(CORS_HEADERS)
+        return response
+
+    return cors_middleware
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return ApiError(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason,
+                        headers={k: v for k, v in exc.headers.items() if k == "Allow"}).response()
+    except ConnectionError:  # the client went away while we read: nobody to answer, nothing to trace
+        log.debug("client disconnected during %s %s", request.method, request.path)
+        return client_gone().response()
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return ApiError(500, "server_error", "internal server error", error_type="server_error").response()

@@ -1,0 +1,184 @@
+"""Call signalling: read an offer (SDP, JSON or the Realtime form), check it, answer it, hang up.
+
+One `offer` handler in the spirit of aiortc's example server: the peer connection's events are wired
+to the call in closures. Every refusal is an `ApiError`; an offer aiortc cannot answer is the client's
+fault (`400 invalid_sdp`), and whatever fails, the half-built call is closed and leaves the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+
+from server import protocol as P
+from server.call import Call, CallSettings, new_call_id
+from server.config import Config
+from server.context import ServerContext
+from server.limits import ApiError, check_origin, read_form
+from server.logs import current_call_id
+from server.rtc import SdpError, check_offer, filter_remote_candidates, set_receive_jitter
+
+log = logging.getLogger("glm4voice.signalling")
+
+
+def parse_session(fields: dict, config: Config) -> P.SessionUpdate:
+    """Session fields from an offer or a client-secret mint, read as a `session.update` would be."""
+    try:
+        update = P.parse_client_event(json.dumps({"type": "session.update", "session": fields}),
+                                      max_event_bytes=config.http.max_body_bytes,
+                                      max_text_chars=config.limits.max_text_chars,
+                                      max_instructions_chars=config.limits.max_instructions_chars)
+    except P.ProtocolError as exc:
+        raise ApiError(400, exc.code, f"session: {exc.message}") from None
+    except (ValueError, RecursionError):  # a string that does not encode, nesting past the parser's depth
+        raise ApiError(400, "invalid_value", "session: the object cannot be read") from None
+    assert isinstance(update, P.SessionUpdate)
+    return update
+
+
+def loads_json(text: str | bytes, what: str, hint: str = "") -> object:
+    """JSON from a client, or 400: nesting deeper than the parser's recursion limit is invalid too."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "invalid_json", f"{what} is not valid JSON{hint}") from None
+
+
+class Signalling:
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+
+    async def create_call(self, request: web.Request) -> web.Response:
+        try:
+            return await self._create_call(request)
+        except ApiError as exc:
+            self.ctx.metrics.reject(exc.code)
+            raise
+
+    async def _create_call(self, request: web.Request) -> web.Response:
+        ctx, config = self.ctx, self.ctx.config
+        check_origin(request, config)
+        ctx.admission.check_rate(request)
+        secret = ctx.auth.authorize_call(request)
+        if request.content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            sdp, session, as_json = await _parse_offer_form(request, config)
+        else:
+            body = await ctx.admission.read_body(request)
+            sdp, session, as_json = _parse_offer_body(request.content_type, body)
+        ctx.admission.admit_call(request, len(ctx.calls), ctx.ready(), ctx.not_ready_reason())
+        try:
+            check_offer(sdp)
+        except SdpError as exc:
+            raise ApiError(400, exc.code, str(exc)) from None
+        settings = ctx.default_settings()
+        for fields in (secret.session if secret is not None else None, session):  # the secret's, then the offer's
+            if fields:
+                settings = settings.apply(parse_session(fields, config))
+        sdp, dropped = filter_remote_candidates(sdp, config.webrtc.host_addresses)
+        if dropped:
+            log.debug("dropped %d remote candidates unreachable from %s", dropped, config.webrtc.host_addresses)
+        answer_sdp, call = await self._answer(sdp, settings)
+        ctx.metrics.calls_total += 1
+        location = f"{config.http.public_url.rstrip('/')}/v1/realtime/calls/{call.call_id}"
+        if as_json:
+            return web.json_response({"type": "answer", "sdp": answer_sdp, "call_id": call.call_id}, status=201,
+                                     headers={"Location": location})
+        return web.Response(status=201, text=answer_sdp, content_type="application/sdp",
+                            headers={"Location": location})
+
+    async def _answer(self, sdp: str, settings: CallSettings) -> tuple[str, Call]:
+        ctx, w = self.ctx, self.ctx.config.webrtc
+        ice = [RTCIceServer(urls=list(w.stun_urls))] if w.stun_urls else []
+        if w.turn_urls:
+            ice.append(RTCIceServer(urls=list(w.turn_urls), username=w.turn_username, credential=w.turn_credential))
+        call_id = new_call_id()
+        current_call_id.set(call_id)  # this request's context: aiortc's tasks for the call inherit it
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
+        call = Call(call_id, pc, ctx.responder, ctx.vad, ctx.config, ctx.metrics, settings, ctx.forget)
+        ctx.calls[call_id] = call
+
+        @pc.on("track")
+        def on_track(track) -> None:
+            if track.kind == "audio":
+                call.attach_inbound(track)
+
+        @pc.on("datachannel")
+        def on_datachannel(channel) -> None:
+            call.attach_channel(channel)
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState == "connected":
+                call.connected()
+            elif pc.connectionState in ("failed", "closed"):
+                await call.close(f"peer connection {pc.connectionState} (ice {pc.iceConnectionState})")
+
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            for transceiver in pc.getTransceivers():
+                if transceiver.kind != "audio":
+                    transceiver.direction = "inactive"  # we answer audio only; no video decoding
+            # Our voice goes on the first audio section whatever the client sends us: a `recvonly`
+            # client (typed turns, spoken replies) gets no "track" event but still hears the replies.
+            pc.addTrack(call.track)
+            set_receive_jitter(pc, w.receive_jitter_frames)
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as exc:  # aiortc refuses an offer with whatever it raises: the offer is at fault
+            log.info("offer rejected: %s", repr(exc))
+            await call.close("offer rejected")
+            raise ApiError(400, "invalid_sdp", f"the SDP offer could not be answered: {exc or type(exc).__name__}"
+                           ) from None
+        return pc.localDescription.sdp, call
+
+    async def hangup(self, request: web.Request) -> web.Response:
+        call_id = request.match_info["call_id"]
+        call = self.ctx.calls.get(call_id)
+        if call is None:
+            raise ApiError(404, "call_not_found", f"no active call {call_id!r}")
+        current_call_id.set(call_id)  # this request's task only: its log lines name the call
+        await call.close("hangup")
+        return web.json_response({"call_id": call_id, "status": "closed"})
+
+
+async def _parse_offer_form(request: web.Request, config: Config) -> tuple[str, dict | None, bool]:
+    """The Realtime "unified interface" form: fields `sdp` (the offer) and `session` (JSON). Answers SDP."""
+    form = await read_form(request, config.http.max_body_bytes, config.http.body_timeout_s)
+    sdp = form.get("sdp")
+    if not isinstance(sdp, str):
+        raise ApiError(400, "missing_required_parameter", "the form needs an 'sdp' field holding the SDP offer")
+    session = None
+    if isinstance(form.get("session"), str):
+        session = loads_json(form["session"], "the form's 'session' field")
+        if not isinstance(session, dict):
+            raise ApiError(400, "invalid_value", "session must be an object")
+    return sdp, session, False
+
+
+def _parse_offer_body(content_type: str, body: bytes) -> tuple[str, dict | None, bool]:
+    """-> (sdp, session or None, answer as JSON). Mix-ups get a message that says what to send."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_body", "the request body is not UTF-8 text") from None
+    if content_type == "application/sdp":
+        if text.lstrip().startswith("{"):
+            raise ApiError(400, "invalid_sdp", "the body looks like JSON but Content-Type is application/sdp: send "
+                           "JSON {\"sdp\", \"type\": \"offer\"} as application/json, or the raw SDP as application/sdp")
+        return text, None, False
+    if content_type == "application/json":
+        hint = " (it looks like SDP: send it as application/sdp)" if text.lstrip().startswith("v=") else ""
+        data = loads_json(text, "the body", hint)
+        if not isinstance(data, dict) or not isinstance(data.get("sdp"), str):
+            raise ApiError(400, "missing_required_parameter", "JSON offers need {\"sdp\": str, \"type\": \"offer\"}")
+        if data.get("type", "offer") != "offer":
+            raise ApiError(400, "invalid_value", f"type must be 'offer', got {data.get('type')!r}")
+        session = data.get("session")
+        if session is not None and not isinstance(session, dict):
+            raise ApiError(400, "invalid_value", "session must be an object")
+        return data["sdp"], session, True
+    raise ApiError(415, "unsupported_media_type", f"Content-Type {content_type or 'none'!r} is not accepted: send the "
+                   "SDP offer as application/sdp, or JSON {\"sdp\", \"type\": \"offer\", \"session\"} as "
+                   "application/json")
