@@ -44,6 +44,11 @@ def bearer_token(request: web.Request) -> str | None:
     return token.strip()
 
 
+def _printable(token: str) -> bool:
+    """Keys and secrets are ASCII; aiohttp hands other header bytes over as surrogate escapes."""
+    return token.isascii() and token.isprintable()
+
+
 def is_same_origin(request: web.Request, public_url: str) -> bool:
     """The browser says the request comes from a page of this server (never true for other sites)."""
     if request.headers.get("Sec-Fetch-Site") == "same-origin":
@@ -69,7 +74,7 @@ class Auth:
         return bool(self.config.api_key)
 
     def _is_api_key(self, token: str) -> bool:
-        return hmac.compare_digest(token.encode(), self.config.api_key.encode())
+        return _printable(token) and hmac.compare_digest(token.encode(), self.config.api_key.encode())
 
     def authorize_call(self, request: web.Request) -> ClientSecret | None:
         """Raise 401 unless the request may create a call. Returns the secret used, if any."""

@@ -32,16 +32,12 @@ async def _serve(config) -> None:
     skips the rest of the grace period."""
     import signal
 
-    from aiohttp import web
-
     from server.app import SERVER_KEY, create_app
+    from server.connections import start_site
 
     log = logging.getLogger("glm4voice")
     app = create_app(config)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, config.http.host, config.http.port)
-    await site.start()
+    runner, _ = await start_site(app, config, config.http.host, config.http.port)
     log.info("serving on http://%s:%d/ (responder: %s)", config.http.host, config.http.port, config.responder.kind)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -29,6 +29,10 @@ class HttpConfig:
     public_url: str = ""  # base URL clients reach us at, for Location headers behind a proxy; "" = relative
     cors_origins: tuple[str, ...] = ()  # other origins whose pages may call the API ("*" = any); () = same-origin only
     trust_forwarded_for: bool = False  # take the client address from X-Forwarded-For (only behind a proxy you run)
+    header_timeout_s: float = 10.0  # a connection must send a whole request head this soon (and idle no longer)
+    body_timeout_s: float = 10.0  # a request body must arrive this soon once its head has
+    max_connections: int = 512  # open HTTP connections in total; the next one gets 503 server_busy
+    max_connections_per_address: int = 32  # open HTTP connections per client address; the next one gets 429
     shutdown_grace_s: float = 10.0  # on SIGTERM/SIGINT: s that replies in progress get before calls are closed
 
 
@@ -209,6 +213,11 @@ def validate(config: Config) -> None:
         raise ValueError("config [webrtc].receive_jitter_frames must be in 0..8")
     if not 0 < config.http.port < 65536 and config.http.port != 0:
         raise ValueError(f"config [http].port {config.http.port} is out of range")
+    h = config.http
+    if h.header_timeout_s <= 0 or h.body_timeout_s <= 0:
+        raise ValueError("config [http].header_timeout_s and body_timeout_s must be > 0")
+    if not 1 <= h.max_connections_per_address <= h.max_connections:
+        raise ValueError("config [http].max_connections_per_address must be in [1, max_connections]")
     if config.limits.max_calls < 1:
         raise ValueError("config [limits].max_calls must be >= 1")
     lim = config.limits

@@ -8,6 +8,7 @@ concurrent-call limit (503). Authentication is `server/auth.py`; token buckets a
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -149,8 +150,43 @@ class Admission:
             raise ApiError(413, "body_too_large", f"request body is {request.content_length} bytes; the limit is "
                            f"{limit} bytes")
         body = bytearray()
-        async for chunk in request.content.iter_chunked(16_384):
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
+
+        async def read() -> None:
+            async for chunk in request.content.iter_chunked(16_384):
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise ApiError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
+
+        try:
+            await asyncio.wait_for(read(), self.config.http.body_timeout_s)
+        except ConnectionError:
+            raise client_gone() from None
+        except TimeoutError:
+            raise body_timeout(self.config.http.body_timeout_s) from None
         return bytes(body)
+
+
+def body_timeout(timeout_s: float) -> ApiError:
+    return ApiError(408, "request_timeout", f"the request body did not arrive within {timeout_s:g} s",
+                    headers={"Connection": "close"})
+
+
+def client_gone() -> ApiError:
+    """The client hung up mid-body: a 4xx like any refusal (nobody reads it), no traceback."""
+    return ApiError(400, "client_disconnected", "the client closed the connection before the body was read")
+
+
+async def read_form(request: web.Request, limit: int, timeout_s: float):
+    """A multipart or urlencoded form (bounded by client_max_size), or a 4xx saying what is wrong."""
+    try:
+        return await asyncio.wait_for(request.post(), timeout_s)
+    except TimeoutError:
+        raise body_timeout(timeout_s) from None
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, "body_too_large", f"request body is over the limit of {limit} bytes") from None
+    except ConnectionError:
+        raise client_gone() from None
+    except LookupError as exc:  # charset=<unknown> on the body or on a part
+        raise ApiError(400, "invalid_body", f"the form names an unknown charset: {exc}") from None
+    except (ValueError, RuntimeError) as exc:  # aiohttp: RuntimeError for an unknown Content-Transfer-Encoding
+        raise ApiError(400, "invalid_body", f"the form could not be read: {exc}") from None

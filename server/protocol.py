@@ -103,8 +103,15 @@ ClientEvent = (SessionUpdate | ItemCreate | ResponseCreate | ResponseCancel | Ou
                | InputAudioClear | Ping)
 
 
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer of more than ~309 digits has no float
+        return False
+
+
 def _number(value: object, name: str, event_id: str | None, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
         raise ProtocolError("invalid_value", f"{name} must be a number", event_id, name)
     if not low <= value <= high:
         raise ProtocolError("invalid_value", f"{name} must be in [{low}, {high}], got {value}", event_id, name)
@@ -146,7 +153,14 @@ def _parse_session_update(event: dict, event_id: str | None, max_instructions_ch
                                 f"instructions are {len(instructions)} characters; the limit is {max_instructions_chars}",
                                 event_id, "session.instructions")
     # GA shape: session.audio.input.turn_detection; beta shape: session.turn_detection.
-    audio_input = ((session.get("audio") or {}).get("input") or {}) if isinstance(session.get("audio"), dict) else {}
+    audio = session.get("audio")
+    if audio is not None and not isinstance(audio, dict):
+        raise ProtocolError("invalid_value", "session.audio must be an object", event_id, "session.audio")
+    audio_input = (audio or {}).get("input")
+    if audio_input is None:
+        audio_input = {}
+    elif not isinstance(audio_input, dict):
+        raise ProtocolError("invalid_value", "session.audio.input must be an object", event_id, "session.audio.input")
     turn_detection = None
     if "turn_detection" in audio_input:
         turn_detection = _parse_turn_detection(audio_input["turn_detection"], event_id)

@@ -22,6 +22,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from pipeline.responder import Responder
 from server.app import SERVER_KEY, Server, create_app
 from server.config import load_config
+from server.connections import start_site
 from server.rtc import set_receive_jitter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,10 +67,7 @@ async def start_server(responder: Responder | None = None, overrides: dict | Non
         merged.setdefault(section, {}).update(values)
     config = load_config(None, env={}, overrides=merged)
     app = create_app(config, responder)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    runner, site = await start_site(app, config, "127.0.0.1", 0)
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     running = RunningServer(f"http://127.0.0.1:{port}", app[SERVER_KEY], runner)
     await running.wait_ready()
@@ -142,8 +140,13 @@ class RealtimeClient:
         self._new_event = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
-    async def connect(self, as_json: bool = False, session: dict | None = None, as_form: bool = False) -> None:
-        self.pc.addTrack(self.mic)
+    async def connect(self, as_json: bool = False, session: dict | None = None, as_form: bool = False,
+                      listen_only: bool = False) -> None:
+        """`listen_only`: a recvonly audio section (no microphone; typed turns, spoken replies)."""
+        if listen_only:
+            self.pc.addTransceiver("audio", direction="recvonly")
+        else:
+            self.pc.addTrack(self.mic)
         self.channel = self.pc.createDataChannel("oai-events")
         opened = asyncio.Event()
         self.channel.on("open", opened.set)
