@@ -4,13 +4,54 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from pipeline.lm.convert import INDEX_FILE, LMConfig
+from pipeline.lm.convert import INDEX_FILE, LMConfig, build_glm_model
+from pipeline.lm.model import VoiceLM
+
+# glm-4-voice-9b's sizes (its config.json): 9.4 B parameters, 18.8 GB in bf16.
+FULL_SIZE = LMConfig(num_layers=40, hidden_size=4096, ffn_hidden_size=13696, num_heads=32, kv_groups=2, head_dim=128,
+                     vocab_size=168960, seq_length=8192, rope_theta=10000.0, rms_eps=3.90625e-08, qkv_bias=True,
+                     eos_token_ids=(151329, 151336, 151338), checkpoint_dtype="bfloat16")  # fmt: skip
+
+
+def random_glm_tensors(cfg: LMConfig, device: torch.device, dtype: torch.dtype,
+                       seed: int = 0) -> Iterator[tuple[str, torch.Tensor, str]]:  # fmt: skip
+    """GLM-named tensors made one at a time on `device` (no checkpoint, host memory untouched on a GPU):
+    compute cost does not depend on the values. Linear N(0, 1/fan_in), embeddings N(0, 1), norms ~1."""
+    h, f, v, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size, cfg.head_dim
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def normal(*shape: int, std: float = 0.02, mean: float = 0.0) -> torch.Tensor:
+        return torch.empty(shape, device=device, dtype=dtype).normal_(mean, std, generator=g)
+
+    yield "model.embed_tokens.weight", normal(v, h, std=1.0), "random"
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", normal(h, mean=1.0), "random"
+        for name, rows in (("q", cfg.num_heads * d), ("k", cfg.kv_groups * d), ("v", cfg.kv_groups * d)):
+            yield f"{p}self_attn.{name}_proj.weight", normal(rows, h, std=h**-0.5), "random"
+            yield f"{p}self_attn.{name}_proj.bias", normal(rows), "random"
+        yield p + "self_attn.o_proj.weight", normal(h, cfg.num_heads * d, std=(cfg.num_heads * d) ** -0.5), "random"
+        yield p + "post_attention_layernorm.weight", normal(h, mean=1.0), "random"
+        yield p + "mlp.gate_up_proj.weight", normal(2 * f, h, std=h**-0.5), "random"
+        yield p + "mlp.down_proj.weight", normal(h, f, std=f**-0.5), "random"
+    yield "model.norm.weight", normal(h, mean=1.0), "random"
+    yield "lm_head.weight", normal(v, h, std=h**-0.5), "random"
+
+
+def random_voice_lm(cfg: LMConfig, device: str | torch.device, dtype: torch.dtype, seed: int = 0,
+                    int4: bool = False) -> VoiceLM:  # fmt: skip
+    """A `VoiceLM` with random weights built directly on `device` (bench, GPU check: no disk, no host copy)."""
+    dev = torch.device(device)
+    tensor_dtype = torch.bfloat16 if int4 else dtype
+    model = build_glm_model(cfg, random_glm_tensors(cfg, dev, tensor_dtype, seed), dev, tensor_dtype, int4,
+                            source="random")  # fmt: skip
+    return VoiceLM(model, cfg, None, dev, tensor_dtype, "int4" if int4 else None)
 
 
 def random_chatglm_state(cfg: LMConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

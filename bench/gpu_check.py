@@ -1,0 +1,615 @@
+"""The one-shot GPU check: parity on the device, full-size LM / tokenizer / decoder figures, the engine end to end.
+
+    PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --out "$OUT"            # on the GPU machine (no venv, no network)
+    .venv/bin/python bench/gpu_check.py --tiny --out /tmp/gpu_check       # every section on the CPU, tiny models
+
+Sections run one after another, each time-boxed and independent (a failure is written with its traceback and
+the next section runs); `gpu_check.json` and `gpu_check.md` are rewritten after every section, so a run cut
+short still reports what it measured. `--budget-s` shrinks the sections (batch 16, the 2000-token prefill and
+16 concurrent calls go first). Only torch, transformers, safetensors, tiktoken, regex, pyyaml and numpy are
+needed: nothing from server/ (no aiortc, av, onnxruntime, soxr). docs/gpu.md says how to run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import gc
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.lm.convert import LMConfig  # noqa: E402
+from pipeline.lm.model import VoiceLM  # noqa: E402
+from pipeline.weights.random_lm import FULL_SIZE, random_voice_lm  # noqa: E402
+
+TINY_LM = dataclasses.replace(FULL_SIZE, num_layers=2, hidden_size=128, ffn_hidden_size=256, num_heads=4,
+                              kv_groups=2, head_dim=32, vocab_size=1024)  # fmt: skip
+PEAK_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # HBM spec sheet bandwidth, GB/s
+PARITY_TOL = 1e-4  # float32, as tests/parity
+# Share of the budget per section (full run, H100: model set-up included).
+SHARES = {"parity": 0.10, "lm": 0.30, "int4": 0.02, "stages": 0.23, "engine": 0.35}
+
+
+class SectionTimeout(Exception):
+    pass
+
+
+class Check:
+    """Run state: device, clock, report (JSON + markdown rewritten after every section)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.tiny = args, args.tiny
+        self.device = torch.device("cpu" if args.tiny else args.device)
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + args.budget_s
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.report: dict = {"machine": machine(self.device), "args": vars(args), "sections": {}}
+        self.section_deadline = self.deadline
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')} +{time.monotonic() - self.t0:6.1f}s] {msg}", flush=True)
+
+    def left_s(self) -> float:
+        """Seconds left to the current section (soft: a section skips its optional parts below a threshold)."""
+        return self.section_deadline - time.monotonic()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def mem_gb(self) -> float | None:
+        return torch.cuda.memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else None
+
+    def free_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def run(self, name: str, fn: Callable[[Check, dict], None]) -> None:
+        share = SHARES[name] * self.args.budget_s
+        now = time.monotonic()
+        self.section_deadline = min(now + share, self.deadline)
+        hard_s = max(5, int(min(2 * share, self.deadline + 60 - now)))
+        figures: dict = {}
+        entry = {"status": "running", "figures": figures}
+        self.report["sections"][name] = entry
+        self.log(f"section {name}: start (soft {share:.0f} s, hard {hard_s} s)")
+
+        def on_alarm(signum, frame):  # noqa: ANN001
+            raise SectionTimeout(f"section {name} passed its hard limit of {hard_s} s")
+
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.alarm(hard_s)
+        try:
+            fn(self, figures)
+            entry["status"] = figures.pop("_status", "ok")
+        except BaseException as exc:  # noqa: BLE001 - reported, the next section runs
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            entry["status"] = "failed"
+            entry["error"] = traceback.format_exc()
+            self.log(f"section {name}: FAILED\n{entry['error']}")
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+            entry["seconds"] = round(time.monotonic() - now, 1)
+            self.free_memory()
+        self.log(f"section {name}: {entry['status']} in {entry['seconds']} s")
+        self.write()
+
+    def write(self) -> None:
+        self.report["elapsed_s"] = round(time.monotonic() - self.t0, 1)
+        (self.out / "gpu_check.json").write_text(json.dumps(self.report, indent=2, default=str), encoding="utf-8")
+        (self.out / "gpu_check.md").write_text(markdown(self.report), encoding="utf-8")
+
+
+def machine(device: torch.device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=ROOT, timeout=10).stdout.strip() or "?"  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        commit = "?"
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": np.__version__, "cpu_count": os.cpu_count(), "commit": commit, "device": str(device)}  # fmt: skip
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        free, total = torch.cuda.mem_get_info(device)
+        info.update(gpu=props.name, gpu_memory_gb=round(total / 1e9, 1), gpu_free_gb=round(free / 1e9, 1),
+                    sms=props.multi_processor_count, cuda=torch.version.cuda)  # fmt: skip
+    return info
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# GPU check ({'tiny, CPU' if report['args'].get('tiny') else m.get('gpu', m['device'])})", "",
+             "machine: " + ", ".join(f"{k} {v}" for k, v in m.items()), f"elapsed: {report.get('elapsed_s')} s", ""]  # fmt: skip
+    for name, entry in report["sections"].items():
+        lines += [f"## {name}: {entry['status']} ({entry.get('seconds', '?')} s)", ""]
+        for key, value in entry["figures"].items():
+            lines.append(f"- {key}: {json.dumps(value, default=str)}")
+        if entry.get("error"):
+            lines += ["", "```", entry["error"].rstrip(), "```"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def timed_ms(check: Check, fn: Callable[[], object], runs: int) -> float:
+    """Median milliseconds of `runs` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(runs):
+        check.sync()
+        t0 = time.perf_counter()
+        fn()
+        check.sync()
+        times.append(time.perf_counter() - t0)
+    return round(1e3 * statistics.median(times), 3)
+
+
+def parity_path(stage: str) -> Path:
+    return Path(os.environ.get("GLM4VOICE_PARITY_DIR") or ROOT / "tests" / "fixtures" / "parity") / stage
+
+
+# ----- (a) parity on the device ------------------------------------------------------------------------------
+
+
+def section_parity(check: Check, fig: dict) -> None:
+    dev = check.device
+    # fp32 parity: no TF32 in cuDNN convolutions (on by default) or matmuls.
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, False
+    failures: list[str] = []
+
+    def expect(name: str, ok: bool) -> None:
+        if not ok:
+            failures.append(name)
+
+    lm_dir = parity_path("lm")
+    lm = VoiceLM.from_pretrained(lm_dir, device=dev, dtype=torch.float32)
+    for case in json.loads((lm_dir / "cases.json").read_text())["cases"]:
+        ref = np.load(lm_dir / f"{case['name']}_logits.npy")
+        diff = float(np.abs(lm.logits(case["input_ids"]).cpu().numpy() - ref).max())
+        expected = case["greedy_new_tokens"]
+        greedy = lm.generate(case["input_ids"], max_new_tokens=len(expected), temperature=0.0)
+        step_ref = np.load(lm_dir / f"{case['name']}_greedy_step_logits.npy")
+        cache = lm.new_cache()
+        steps = [lm.prefill(cache, case["input_ids"])] + [lm.decode_step([cache], [t])[0] for t in expected[:-1]]
+        step_diff = float(np.abs(torch.stack(steps).cpu().numpy() - step_ref).max())
+        cache.release()
+        fig[f"lm_{case['name']}"] = {"logits_max_abs": diff, "greedy_equal": greedy == expected,
+                                     "cached_step_logits_max_abs": step_diff}  # fmt: skip
+        expect(f"lm {case['name']} logits", diff <= PARITY_TOL and step_diff <= PARITY_TOL)
+        expect(f"lm {case['name']} greedy", greedy == expected)
+    if dev.type == "cuda":
+        fig["lm_cudagraph_vs_eager_max_abs"] = graph_vs_eager(lm)
+        expect("cudagraph == eager", fig["lm_cudagraph_vs_eager_max_abs"] <= PARITY_TOL)
+    else:
+        fig["lm_cudagraph_vs_eager_max_abs"] = "not run: CUDA graphs need a CUDA device"
+    del lm
+    check.log("parity: LM done")
+
+    from pipeline.tokenizer.tokenizer import SpeechTokenizer
+
+    tok_dir = parity_path("speech_tokenizer")
+    tok = SpeechTokenizer.from_pretrained(tok_dir, device=dev)
+    cases = json.loads((tok_dir / "cases.json").read_text())["individual_calls"]
+    for case in cases[:1] if check.tiny else cases:  # --tiny: the script is proven, not the fixtures (CPU time)
+        wav = np.load(tok_dir / case["wav"]).astype(np.float32) / 32768.0
+        equal = tok.tokenize(wav) == case["tokens"]
+        fig[f"tokenizer_{case['name']}_tokens_equal"] = equal
+        expect(f"tokenizer {case['name']}", equal)
+    del tok
+    check.log("parity: speech tokenizer done")
+
+    from pipeline.decoder.draws import QueuedDraws
+    from pipeline.decoder.model import SpeechDecoder
+    from pipeline.decoder.stream import DecoderStream
+
+    dec_dir = parity_path("decoder")
+    offline = dec_dir / "case_offline"
+    draws = {"z": "noise_z", "phase": "noise_phase", "sine_randn": "noise_sine_randn"}
+    decoder = SpeechDecoder.from_pretrained(dec_dir, device=dev)
+    stream = DecoderStream(decoder, draws=QueuedDraws([{k: np.load(offline / f"{v}.npy") for k, v in draws.items()}]),
+                           cache_encoder=False)  # fmt: skip
+    case = json.loads((offline / "case.json").read_text())
+    out = stream.decode_block(case["tokens"], finalize=True)
+    mel = float(np.abs(out.mel.float().cpu().numpy().reshape(-1) - np.load(offline / "mel.npy").reshape(-1)).max())
+    audio = float(np.abs(np.asarray(out.audio).reshape(-1) - np.load(offline / "speech.npy").reshape(-1)).max())
+    fig["decoder_offline"] = {"mel_max_abs": mel, "audio_max_abs": audio}
+    expect("decoder offline", mel <= PARITY_TOL and audio <= PARITY_TOL)
+    torch.backends.cudnn.allow_tf32 = True
+    if failures:
+        raise AssertionError(f"parity failed: {', '.join(failures)} (figures above)")
+
+
+def graph_vs_eager(lm: VoiceLM) -> float:
+    """Max |logits| difference of greedy decode steps, CUDA graph replay vs eager, same cache contents."""
+    prompt = list(range(1, 30))
+    worst = 0.0
+    for batch in (1, 3):
+        caches = [lm.new_cache() for _ in range(batch)]
+        for i, c in enumerate(caches):
+            lm.prefill(c, prompt[: 10 + 5 * i])
+        tokens = [1] * batch
+        outs = {}
+        for mode in ("eager", "cudagraph"):
+            lm.set_decode_mode(mode)
+            if hasattr(lm, "capture_graphs") and mode == "cudagraph":
+                lm.capture_graphs(max_batch=4)
+            outs[mode] = lm.decode_step(caches, tokens).clone()
+            for c in caches:
+                c.truncate(c.length - 1)
+        worst = max(worst, float((outs["eager"] - outs["cudagraph"]).abs().max()))
+        for c in caches:
+            c.release()
+    lm.set_decode_mode("eager")
+    return worst
+
+
+# ----- (b) the full-size LM ----------------------------------------------------------------------------------
+
+
+def weight_bytes_per_step(lm: VoiceLM, batch: int) -> int:
+    """Bytes a decode step must read: every weight once, but only `batch` rows of the embedding table."""
+    total = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    embed = lm.model.model.embed_tokens.weight
+    return total - embed.numel() * embed.element_size() + batch * embed.shape[1] * embed.element_size()
+
+
+def kv_bytes_read(lm: VoiceLM, batch: int, context: int) -> int:
+    c = lm.config
+    return 2 * c.num_layers * batch * c.kv_groups * context * c.head_dim * torch.tensor([], dtype=lm.dtype).element_size()
+
+
+def section_lm(check: Check, fig: dict) -> None:
+    dev, tiny = check.device, check.tiny
+    cfg: LMConfig = TINY_LM if tiny else FULL_SIZE
+    dtype = torch.float32 if tiny else torch.bfloat16
+    slots = 4 if tiny else 16
+    t0 = time.monotonic()
+    lm = random_voice_lm(cfg, dev, dtype)
+    check.sync()
+    fig["build_s"] = round(time.monotonic() - t0, 1)
+    fig["params_b"] = round(sum(p.numel() for p in lm.model.parameters()) / 1e9, 3)
+    fig["memory_after_load_gb"] = check.mem_gb()
+    lm.reserve_caches(slots)
+    fig["kv_slots"] = slots
+    fig["memory_after_kv_reserve_gb"] = check.mem_gb()
+    check.log(f"lm: built {fig['params_b']} B params in {fig['build_s']} s, memory {fig['memory_after_kv_reserve_gb']}")
+
+    prefill = {}
+    for n in (100, 500, 2000):
+        if n == 2000 and check.left_s() < 0.6 * SHARES["lm"] * check.args.budget_s:
+            prefill[n] = "skipped: budget"
+            continue
+        ids = torch.randint(0, cfg.vocab_size, (n,)).tolist()
+
+        def run(ids: list[int] = ids) -> None:
+            cache = lm.new_cache()
+            lm.prefill(cache, ids)
+            cache.release()
+
+        prefill[n] = timed_ms(check, run, 1 if tiny else 3)
+    fig["prefill_ms"] = prefill
+    check.log(f"lm: prefill ms {prefill}")
+
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
+    peak = next((v for k, v in PEAK_GBS.items() if k in name), None)
+    context = 1000  # tokens already in each call's cache: a few turns in
+    modes = ["eager", "cudagraph"] if dev.type == "cuda" else ["eager"]
+    decode: dict = {}
+    for batch in (1, 4, 16):
+        if batch > slots:
+            continue
+        if batch == 16 and check.left_s() < 0.3 * SHARES["lm"] * check.args.budget_s:
+            decode[batch] = "skipped: budget"
+            continue
+        caches = [lm.new_cache() for _ in range(batch)]
+        for c in caches:
+            c.token_ids.extend([0] * context)  # KV contents do not change the cost
+        row = {}
+        for mode in modes:
+            lm.set_decode_mode(mode)
+            if mode == "cudagraph" and hasattr(lm, "capture_graphs"):
+                lm.capture_graphs(max_batch=slots)
+
+            def step(caches: list = caches) -> None:
+                lm.decode_step(caches, [1] * len(caches))
+                for c in caches:
+                    c.truncate(context)
+
+            ms = timed_ms(check, step, 10 if not tiny else 3)
+            floor_bytes = weight_bytes_per_step(lm, batch) + kv_bytes_read(lm, batch, context + 1)
+            row[mode] = {"ms_per_step": ms, "ms_per_token_per_call": ms, "achieved_gbs": round(floor_bytes / ms / 1e6, 1),
+                         "floor_ms": round(floor_bytes / peak / 1e6, 3) if peak else None}  # fmt: skip
+        for c in caches:
+            c.release()
+        decode[batch] = row
+        check.log(f"lm: decode batch {batch} at {context} cached tokens: {row}")
+    lm.set_decode_mode("eager")
+    fig["decode"] = decode
+    fig["decode_context_tokens"] = context
+    fig["peak_gbs_spec"] = peak
+
+
+# ----- (c) int4 ----------------------------------------------------------------------------------------------
+
+
+def section_int4(check: Check, fig: dict) -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        fig["_status"] = "skipped"
+        fig["reason"] = f"bitsandbytes does not import ({err}); carry its wheel to measure int4 (docs/gpu.md)"
+        return
+    if check.device.type != "cuda":
+        fig["_status"] = "skipped"
+        fig["reason"] = "int4 (bitsandbytes NF4) needs CUDA"
+        return
+    lm = random_voice_lm(FULL_SIZE, check.device, torch.bfloat16, int4=True)
+    fig["memory_after_load_gb"] = check.mem_gb()
+    cache = lm.new_cache()
+    cache.token_ids.extend([0] * 1000)
+
+    def step() -> None:
+        lm.decode_step([cache], [1])
+        cache.truncate(1000)
+
+    fig["decode_ms_batch1"] = timed_ms(check, step, 10)
+
+
+# ----- (d) full-size speech tokenizer and decoder ------------------------------------------------------------
+
+
+def demo_root() -> Path:
+    from pipeline.weights.demo import ensure_demo_weights
+
+    return ensure_demo_weights(Path(tempfile.gettempdir()) / "glm4voice_gpu_check_demo")
+
+
+def speech_tokenizer(check: Check, dtype: torch.dtype):
+    from pipeline.tokenizer.tokenizer import SpeechTokenizer
+
+    if check.tiny:
+        return SpeechTokenizer.from_pretrained(demo_root() / "glm-4-voice-tokenizer", device=check.device, dtype=dtype)
+    from bench_tokenizer import build
+
+    return build(check.device, dtype)
+
+
+def speech_decoder(check: Check, dtype: torch.dtype):
+    from pipeline.decoder.model import SpeechDecoder
+    from pipeline.weights.random_decoder import random_decoder
+
+    if check.tiny:
+        return SpeechDecoder.from_pretrained(demo_root() / "glm-4-voice-decoder", device=check.device, dtype=dtype)
+    return random_decoder(seed=0, device=str(check.device), dtype=dtype)
+
+
+def section_stages(check: Check, fig: dict) -> None:
+    from pipeline.decoder.stream import DecoderStream
+    from pipeline.tokenizer.stream import TokenizerStream
+    from pipeline.weights.random_tokenizer import calibration_audio
+
+    wav = calibration_audio(5.0, 16000, np.random.default_rng(0))  # a 5 s turn
+    for dtype in (torch.float32,) if check.tiny else (torch.float32, torch.bfloat16):  # bf16 convs crawl on CPUs
+        name = str(dtype).removeprefix("torch.")
+        if dtype == torch.bfloat16 and check.left_s() < 0.4 * SHARES["stages"] * check.args.budget_s:
+            fig[f"{name}"] = "skipped: budget"
+            continue
+        tok = speech_tokenizer(check, dtype)
+        pushes, flushes = [], []
+        for _ in range(2 if check.tiny else 4):
+            stream = TokenizerStream(tok)
+            check.sync()
+            t0 = time.perf_counter()
+            for i in range(0, len(wav), 320):  # 20 ms pushes
+                stream.push(wav[i : i + 320])
+            check.sync()
+            t1 = time.perf_counter()
+            stream.flush()
+            check.sync()
+            pushes.append(t1 - t0)
+            flushes.append(time.perf_counter() - t1)
+        fig[f"tokenizer_{name}"] = {"flush_ms_5s_turn": round(1e3 * statistics.median(flushes[1:]), 2),
+                                    "all_pushes_s_5s_turn": round(statistics.median(pushes[1:]), 3)}  # fmt: skip
+        del tok, stream
+        check.log(f"stages: tokenizer {name}: {fig[f'tokenizer_{name}']}")
+
+        dec = speech_decoder(check, dtype)
+        blocks = 3 if check.tiny else 10
+        block_ms = []
+        for _ in range(1 if check.tiny else 2):  # the first pass warms the kernels up
+            stream = DecoderStream(dec, seed=0)
+            block_ms = []
+            rng = np.random.default_rng(0)
+            for k in range(blocks):
+                n = 10 if k == 0 else 20
+                check.sync()
+                t0 = time.perf_counter()
+                stream.decode_block(rng.integers(0, dec.num_tokens, n).tolist(), finalize=False)
+                check.sync()
+                block_ms.append(round(1e3 * (time.perf_counter() - t0), 2))
+        fig[f"decoder_{name}"] = {"first_block_ms_10_tokens": block_ms[0], f"block_{blocks}_ms_20_tokens": block_ms[-1],
+                                  "block_ms": block_ms, "audio_ms_per_20_token_block": 1600}  # fmt: skip
+        del dec, stream
+        check.free_memory()
+        check.log(f"stages: decoder {name}: {fig[f'decoder_{name}']}")
+
+
+# ----- (e) the engine end to end -----------------------------------------------------------------------------
+
+
+def install_chain(lm: VoiceLM, script: dict, seed: int = 0) -> None:
+    """Make a random LM say the demo script (pipeline/weights/demo.py's bigram chain, on GLM names), so replies
+    end, interleave 13 text / 26 speech tokens and stop, at full size and full cost."""
+    from pipeline.weights.demo import CHAIN_LOGIT_MARGIN, OTHER_LOGIT_STD, RESIDUAL_BRANCH_SCALE
+
+    model, h = lm.model, lm.config.hidden_size
+    nodes = [script["predecessor_id"], *script["reply_ids"]]
+    targets = [*script["reply_ids"], script["stop_id"]]
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(h, h, generator=g, dtype=torch.float64))
+    chain = (basis[: len(nodes)] * h**0.5).to(device=lm.device, dtype=lm.dtype)  # (N, H), rms 1 per row
+    with torch.no_grad():
+        model.model.embed_tokens.weight[torch.tensor(nodes, device=lm.device)] = chain
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(RESIDUAL_BRANCH_SCALE)
+            layer.mlp.down_proj.weight.mul_(RESIDUAL_BRANCH_SCALE)
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight.mul_(OTHER_LOGIT_STD)
+        model.lm_head.weight[torch.tensor(targets, device=lm.device)] = chain * (CHAIN_LOGIT_MARGIN / h)
+
+
+def full_size_models(check: Check):
+    """The engine's `Models` at full size, random weights, built on the device (demo text tokenizer and script)."""
+    from pipeline.engine.models import Models
+    from pipeline.lm.text_tokenizer import GLMTokenizer
+    from pipeline.weights.resolve import ResolvedWeights
+
+    root = demo_root()
+    script = json.loads((root / "demo_script.json").read_text())
+    lm = random_voice_lm(FULL_SIZE, check.device, torch.bfloat16)
+    install_chain(lm, script)
+    text = GLMTokenizer.from_pretrained(root / "glm-4-voice-9b")
+    weights = ResolvedWeights(kind="random-full-size", tokenizer_dir=root / "glm-4-voice-tokenizer",
+                              lm_dir=root / "glm-4-voice-9b", decoder_dir=root / "glm-4-voice-decoder",
+                              device=check.device, lm_dtype=torch.bfloat16, stage_dtype=torch.float32,
+                              quantization="")  # fmt: skip
+    return Models(weights, speech_tokenizer(check, torch.float32), lm, text, speech_decoder(check, torch.float32))
+
+
+async def one_turn(session, text: str) -> dict:
+    from pipeline.responder import AudioChunk, Timing, TurnDone, TurnError
+
+    session.add_text(text)
+    t_commit = time.monotonic()
+    turn = session.respond()
+    audio_s, first_t, worst_lag_s, end = 0.0, None, 0.0, None
+    async for event in turn.events():
+        now = time.monotonic()
+        if isinstance(event, AudioChunk):
+            if first_t is None:
+                first_t = now
+            # Playback starts with the first chunk; a chunk arriving after the audio before it ran out is a gap.
+            worst_lag_s = max(worst_lag_s, (now - first_t) - audio_s)
+            audio_s += event.pcm.size / event.sample_rate_hz
+        elif isinstance(event, Timing) and event.stage == "first_pcm":
+            pass
+        elif isinstance(event, TurnDone | TurnError):
+            end = event
+    if not isinstance(end, TurnDone):
+        raise RuntimeError(f"turn ended with {end}")
+    return {"first_pcm_ms": 1e3 * (first_t - t_commit) if first_t else None, "audio_s": audio_s,
+            "worst_gap_ms": 1e3 * worst_lag_s, "reason": end.reason}  # fmt: skip
+
+
+def percentile(values: list[float], q: float) -> float:
+    return round(float(np.percentile(np.asarray(values), q)), 1)
+
+
+async def drive_engine(check: Check, fig: dict) -> None:
+    from pipeline.engine.config import EngineConfig
+    from pipeline.engine.thread import GLMVoiceResponder
+    from pipeline.responder import SessionSettings
+
+    levels = (1, 2, 4) if check.tiny else (1, 4, 16)
+    cfg = EngineConfig(demo_weights_dir=str(demo_root()), device=str(check.device), max_calls_batched=max(levels))
+    responder = GLMVoiceResponder(cfg)
+    t0 = time.monotonic()
+    await responder.start()
+    fig["start_s"] = round(time.monotonic() - t0, 1)
+    details = responder.info().details
+    fig["engine"] = {k: details[k] for k in ("weights", "device", "dtype") if k in details}
+    check.log(f"engine: ready in {fig['start_s']} s")
+    try:
+        for n in levels:
+            if n == max(levels) and check.left_s() < 0.3 * SHARES["engine"] * check.args.budget_s:
+                fig[f"calls_{n}"] = "skipped: budget"
+                continue
+            rounds = 3 if n == 1 else 1
+            results = []
+            for r in range(rounds):
+                sessions = [responder.open_session(f"check-{n}-{r}-{i}", SessionSettings()) for i in range(n)]
+                results += await asyncio.gather(*(one_turn(s, "Hello, who are you?") for s in sessions))
+                for s in sessions:
+                    await s.close()
+            first = [x["first_pcm_ms"] for x in results if x["first_pcm_ms"] is not None]
+            fig[f"calls_{n}"] = {
+                "turns": len(results),
+                "first_pcm_ms_p50": percentile(first, 50), "first_pcm_ms_p95": percentile(first, 95),
+                "worst_gap_ms": round(max(x["worst_gap_ms"] for x in results), 1),
+                "every_call_ahead_of_playback": all(x["worst_gap_ms"] <= 0.0 for x in results),
+                "audio_s_per_reply": round(statistics.mean(x["audio_s"] for x in results), 2),
+            }  # fmt: skip
+            check.log(f"engine: {n} concurrent calls: {fig[f'calls_{n}']}")
+    finally:
+        await responder.stop()
+
+
+def section_engine(check: Check, fig: dict) -> None:
+    import pipeline.engine.models as models_mod
+
+    original = models_mod.load_models
+    if not check.tiny:  # the engine thread loads through this name: hand it the full-size random models
+        models_mod.load_models = lambda cfg: full_size_models(check)
+    try:
+        asyncio.run(drive_engine(check, fig))
+    finally:
+        models_mod.load_models = original
+
+
+SECTIONS: dict[str, Callable[[Check, dict], None]] = {
+    "parity": section_parity, "lm": section_lm, "int4": section_int4, "stages": section_stages,
+    "engine": section_engine,
+}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md ($OUT)")
+    parser.add_argument("--tiny", action="store_true", help="every section on the CPU with tiny models")
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N (ignored with --tiny)")
+    parser.add_argument("--budget-s", type=float, default=330.0, help="seconds for all sections together")
+    parser.add_argument("--only", default="", help="comma-separated sections (default: all)")
+    args = parser.parse_args(argv)
+    check = Check(args)
+    if check.device.type == "cuda":
+        torch.cuda.set_device(check.device)
+    else:
+        torch.set_num_threads(1)  # tiny models: thread hand-offs dominate (pipeline/engine/models.py)
+    check.log(f"machine: {check.report['machine']}")
+    check.write()
+    for name in args.only.split(",") if args.only else SECTIONS:
+        with torch.inference_mode(name not in ("engine",)):
+            check.run(name, SECTIONS[name])
+    # The GPU machine has none of the server's media stack: engine mode must not import it (soxr is left out:
+    # transformers imports it itself when it is installed).
+    check.report["server_only_modules_imported"] = sorted({"aiortc", "av", "onnxruntime", "silero_vad", "server"} & set(sys.modules))
+    check.write()
+    statuses = {k: v["status"] for k, v in check.report["sections"].items()}
+    check.log(f"done: {statuses}; report in {check.out}")
+    return 0 if all(s in ("ok", "skipped") for s in statuses.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
