@@ -41,7 +41,8 @@ $(VLLM_STAMP): tools/vllm_requirements.py
 
 vllm-venv: $(VLLM_STAMP)
 
-# Debian packages the tests need: speech synthesis for test audio and a real browser.
+# Debian packages the tests need: speech synthesis for test audio, a real browser, and PortAudio for
+# glm4voice call's microphone and speaker (sounddevice).
 $(TEST_STAMP): $(STAMP)
 	@missing=""; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
@@ -49,6 +50,7 @@ $(TEST_STAMP): $(STAMP)
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v unshare >/dev/null || missing="$$missing util-linux"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	/sbin/ldconfig -p 2>/dev/null | grep -q libportaudio.so.2 || missing="$$missing libportaudio2"; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
@@ -62,7 +64,7 @@ test: $(TEST_STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check server pipeline tests bench
+	$(BIN)/ruff check server pipeline client tests bench
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache
