@@ -24,56 +24,62 @@ class ContextFullError(ValueError):
     """The tokens would pass the model's context (config `seq_length`); drop old turns and re-prefill."""
 
 
-class KVPool:
-    """Per layer, K and V buffers of shape (slots, kv_groups, max_tokens, head_dim).
+class PoolFullError(RuntimeError):
+    """Every KV slot is held by a call: the pool is fixed at start (`[model] max_calls`), it never grows."""
 
-    Slots are handed out to calls and grow (by doubling, a copy outside the hot path) when all are taken.
+
+class KVPool:
+    """Per layer, K and V buffers of shape (slots + 1, kv_groups, max_tokens, head_dim), allocated once.
+
+    `slots` caches are handed out to calls; the last slot is scratch, never handed out: padded rows of a
+    decode step (batch padded to a graph bucket) write there. No growth: growing copies every buffer while
+    calls wait and invalidates captured graphs, so the engine reserves one slot per admitted call at start.
     KV written past a cache's length is stale and never read: attention masks by position.
     """
 
     def __init__(self, num_layers: int, kv_groups: int, head_dim: int, max_tokens: int,
                  device: torch.device, dtype: torch.dtype, slots: int = 1) -> None:  # fmt: skip
         self.num_layers, self.kv_groups, self.head_dim = num_layers, kv_groups, head_dim
-        self.max_tokens = max_tokens  # per slot: the model's context length
+        self.max_tokens = max_tokens  # per slot: min(context_tokens, the model's seq_length)
         self.device, self.dtype = device, dtype
-        shape = (slots, kv_groups, max_tokens, head_dim)
+        shape = (slots + 1, kv_groups, max_tokens, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self._free = list(range(slots - 1, -1, -1))
-        self.generation = 0  # bumped when buffers are reallocated (compiled graphs keyed on it)
+        self._free = list(range(slots - 1, -1, -1))  # lowest slot first: busy slots stay packed
 
     @property
     def capacity(self) -> int:
-        return self.k[0].shape[0]
+        """Slots calls can hold (the scratch slot excluded)."""
+        return self.k[0].shape[0] - 1
+
+    @property
+    def scratch_slot(self) -> int:
+        return self.capacity
+
+    @property
+    def in_use(self) -> int:
+        return self.capacity - len(self._free)
 
     @property
     def bytes_per_slot(self) -> int:
-        return 2 * self.num_layers * self.kv_groups * self.max_tokens * self.head_dim * self.k[0].element_size()
+        return slot_bytes(self.num_layers, self.kv_groups, self.head_dim, self.max_tokens, self.k[0].element_size())
 
     def acquire(self) -> int:
         if not self._free:
-            self._grow(2 * self.capacity)
+            raise PoolFullError(f"all {self.capacity} KV slots are held by calls: raise [model] max_calls "
+                                f"(each slot holds {self.bytes_per_slot / 2**20:.0f} MiB) or admit fewer calls")  # fmt: skip
+        self._free.sort(reverse=True)
         return self._free.pop()
-
-    def reserve(self, slots: int) -> None:
-        """Preallocate `slots` caches up front (no reallocation, hence no graph re-capture, while serving)."""
-        if slots > self.capacity:
-            self._grow(slots)
 
     def release(self, slot: int) -> None:
         if slot in self._free or not 0 <= slot < self.capacity:
             raise ValueError(f"KV slot {slot} is not in use")
         self._free.append(slot)
 
-    def _grow(self, slots: int) -> None:
-        old = self.capacity
-        for buffers in (self.k, self.v):
-            for i, buf in enumerate(buffers):
-                new = torch.zeros((slots, *buf.shape[1:]), device=self.device, dtype=self.dtype)
-                new[:old] = buf
-                buffers[i] = new
-        self._free = list(range(slots - 1, old - 1, -1)) + self._free
-        self.generation += 1
+
+def slot_bytes(num_layers: int, kv_groups: int, head_dim: int, tokens: int, element_size: int) -> int:
+    """K and V of one call at `tokens` context: 2 x layers x groups x tokens x head_dim elements."""
+    return 2 * num_layers * kv_groups * tokens * head_dim * element_size
 
 
 @dataclass

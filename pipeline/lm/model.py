@@ -19,18 +19,23 @@ from torch import Tensor
 from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
 
 from pipeline.lm.convert import LMConfig, load_glm_model
-from pipeline.lm.kv_cache import ContextFullError, KVPool, LMCache
+from pipeline.lm.kv_cache import ContextFullError, KVPool, LMCache, PoolFullError
 from pipeline.lm.sampling import sample_logits
 from pipeline.lm.text_tokenizer import GLMTokenizer
 
-__all__ = ["VoiceLM", "LMConfig", "LMCache", "ContextFullError"]
+__all__ = ["VoiceLM", "LMConfig", "LMCache", "ContextFullError", "PoolFullError"]
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK_TOKENS = 512  # bounds the (heads-per-group * chunk, context) mask of one prefill chunk
-MIN_ATTEND_TOKENS = 256  # smallest key-length bucket of a decode step (buckets double up to seq_length)
+MIN_ATTEND_TOKENS = 256  # smallest key-length bucket of a decode step (buckets double up to the slot size)
+DEFAULT_SLOTS = 4  # KV slots before the engine reserves its own (tests, benches, generate())
+# A decode step attends over the whole pool (views, no copy) instead of gathering its rows' KV when
+# gathering would move more bytes: a gather reads and writes B rows then SDPA reads them again (3 B row
+# reads), the whole pool costs one read of every slot.
+GATHER_COST_FACTOR = 3
 DECODE_MODES = ("eager", "compile", "cudagraph", "compile+cudagraph")
 
-KVFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (new k, new v) -> (all k, all v) to attend to
+AttendFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]  # (layer, q, new k, new v) -> attention output
 
 
 class VoiceLM:
@@ -40,10 +45,12 @@ class VoiceLM:
                  device: torch.device, dtype: torch.dtype, quantization: str | None) -> None:  # fmt: skip
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.device, self.dtype, self.quantization = device, dtype, quantization
-        self.pool = KVPool(config.num_layers, config.kv_groups, config.head_dim, config.seq_length, device, dtype)
         self.decode_mode = "eager"
         self._decode_fn: Callable[..., Tensor] = self._decode_forward
-        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, tuple[Tensor, ...], Tensor]] = {}
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # (rows, attend) -> graph
+        self._graphs_failed = False  # a capture failed once: graphs stay off (logged once)
+        self._graph_miss_logged = False
+        self.reserve_caches(DEFAULT_SLOTS)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -76,7 +83,8 @@ class VoiceLM:
 
     @property
     def max_context_tokens(self) -> int:
-        return self.config.seq_length
+        """Tokens one call's cache holds: min(context_tokens given to `reserve_caches`, config seq_length)."""
+        return self.pool.max_tokens
 
     # --- full-sequence path (transformers' own forward) ---------------------------------------------------
     @torch.inference_mode()
@@ -89,9 +97,24 @@ class VoiceLM:
     def new_cache(self) -> LMCache:
         return LMCache(self.pool, self.pool.acquire())
 
-    def reserve_caches(self, n: int) -> None:
-        """Preallocate KV for `n` concurrent calls (each `pool.bytes_per_slot`: 320 MiB bf16 at full size)."""
-        self.pool.reserve(n)
+    def reserve_caches(self, n: int, context_tokens: int | None = None) -> None:
+        """A fixed pool of `n` caches of min(context_tokens, seq_length) tokens each, allocated now, never
+        grown (`pool.bytes_per_slot` each: 320 MiB bf16 at 8192 tokens, full size); drops captured graphs."""
+        if getattr(self, "pool", None) is not None and self.pool.in_use:
+            raise RuntimeError(f"reserve_caches({n}) while {self.pool.in_use} caches are held")
+        tokens = min(context_tokens or self.config.seq_length, self.config.seq_length)
+        self.pool = None
+        self._graphs.clear()
+        c = self.config
+        self.pool = KVPool(c.num_layers, c.kv_groups, c.head_dim, tokens, self.device, self.dtype, slots=n)
+        # Decode inputs (ids, slots, positions) staged in host memory (pinned on CUDA), copied without a
+        # sync into one persistent device buffer: the graphs' static inputs are slices of it.
+        rows = batch_bucket(n)
+        pinned = self.device.type == "cuda"
+        self._stage_host = torch.zeros((3, rows), dtype=torch.long, pin_memory=pinned)
+        self._stage_np = self._stage_host.numpy()
+        self._stage = torch.zeros((3, rows), dtype=torch.long, device=self.device)
+        self._staged: torch.cuda.Event | None = None
 
     @torch.inference_mode()
     def prefill(self, cache: LMCache, ids: list[int]) -> Tensor:
@@ -124,10 +147,17 @@ class VoiceLM:
         while attend < max(lengths) + 1:
             attend *= 2
         attend = min(attend, self.max_context_tokens)
-        ids = torch.tensor(token_ids, device=self.device)
-        slots = torch.tensor([c.slot for c in caches], device=self.device)
-        pos = torch.tensor(lengths, device=self.device)
-        logits = self._run_decode(ids, slots, pos, attend)
+        B, rows = len(caches), batch_bucket(len(caches))
+        if self._staged is not None:
+            self._staged.synchronize()  # the previous step's copy has read the host buffer
+        host = self._stage_np
+        host[0, :B], host[1, :B], host[2, :B] = token_ids, [c.slot for c in caches], lengths
+        host[0, B:rows], host[1, B:rows], host[2, B:rows] = 0, self.pool.scratch_slot, 0  # padding rows
+        self._stage[:, :rows].copy_(self._stage_host[:, :rows], non_blocking=True)
+        if self.device.type == "cuda":
+            self._staged = torch.cuda.Event()
+            self._staged.record(torch.cuda.current_stream(self.device))
+        logits = self._run_decode(rows, attend)[:B]
         for c, t in zip(caches, token_ids, strict=True):
             c.token_ids.append(int(t))
         return logits
@@ -156,11 +186,11 @@ class VoiceLM:
     def _rope(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         return self.model.model.rotary_emb(x, positions)  # cos, sin: (B, T, rotary dims) in x's dtype
 
-    def _layer(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, kv: KVFn, mask: Tensor) -> Tensor:
-        """One decoder layer on x (B, T, H); `kv` stores the new K/V and returns what to attend to.
+    def _layer(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, attend: AttendFn) -> Tensor:
+        """One decoder layer on x (B, T, H); `attend` stores the new K/V and attends.
 
-        mask: (B or 1, 1, T, S) bool, True = attend. GQA without copying K/V: the r = heads/groups query
-        heads of a group are folded into the query-length axis, so each group attends once.
+        GQA without copying K/V: the r = heads/groups query heads of a group are folded into the
+        query-length axis, so each group attends once.
         """
         layer = self.model.model.layers[i]
         attn, cfg = layer.self_attn, self.config
@@ -171,10 +201,8 @@ class VoiceLM:
         k = attn.k_proj(h).view(B, T, -1, D).transpose(1, 2)  # (B, G, T, D)
         v = attn.v_proj(h).view(B, T, -1, D).transpose(1, 2)  # (B, G, T, D)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # half of each head, interleaved pairs
-        k_all, v_all = kv(k, v)  # (B, G, S, D)
         q = q.reshape(B, G, r * T, D)  # query head g*r + j -> group g (REFERENCE §3.2)
-        group_mask = mask.unsqueeze(2).expand(-1, -1, r, -1, -1).reshape(mask.shape[0], 1, r * T, -1)
-        o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=group_mask)  # (B, G, r*T, D)
+        o = attend(i, q, k, v)  # (B, G, r*T, D)
         o = o.reshape(B, G * r, T, D).transpose(1, 2).reshape(B, T, G * r * D)  # (B, T, Hq*D)
         x = x + attn.o_proj(o)
         return x + layer.mlp(layer.post_attention_layernorm(x))
@@ -183,86 +211,142 @@ class VoiceLM:
         """ids (T,) at positions start..start+T-1 of `slot`; returns hidden (T, H) before the final norm."""
         T = ids.shape[0]
         end = start + T
+        r = self.config.num_heads // self.config.kv_groups
         x = self.model.model.embed_tokens(ids)[None]  # (1, T, H)
         positions = torch.arange(start, end, device=self.device)
         cos, sin = self._rope(x, positions[None])
-        mask = (torch.arange(end, device=self.device)[None] <= positions[:, None])[None, None]  # (1, 1, T, end)
-        for i in range(self.config.num_layers):
+        mask = torch.arange(end, device=self.device)[None] <= positions[:, None]  # (T, end)
+        mask = mask[None, None, None].expand(1, 1, r, T, end).reshape(1, 1, r * T, end)  # per folded head
+
+        def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             k_buf, v_buf = self.pool.k[i], self.pool.v[i]
+            k_buf[slot, :, start:end] = k[0]
+            v_buf[slot, :, start:end] = v[0]
+            keys, values = k_buf[slot : slot + 1, :, :end], v_buf[slot : slot + 1, :, :end]  # views, no copy
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
-            def kv(k: Tensor, v: Tensor, k_buf: Tensor = k_buf, v_buf: Tensor = v_buf) -> tuple[Tensor, Tensor]:
-                k_buf[slot, :, start:end] = k[0]
-                v_buf[slot, :, start:end] = v[0]
-                return k_buf[slot : slot + 1, :, :end], v_buf[slot : slot + 1, :, :end]  # views, no copy
-
-            x = self._layer(i, x, cos, sin, kv, mask)
+        for i in range(self.config.num_layers):
+            x = self._layer(i, x, cos, sin, attend)
         return x[0]
 
-    def _decode_forward(self, ids: Tensor, slots: Tensor, pos: Tensor, attend: int) -> Tensor:
+    def whole_pool_attention(self, rows: int) -> bool:
+        """Attend over every slot (views) rather than gather `rows` slots' KV (copies): fewer bytes moved."""
+        return GATHER_COST_FACTOR * rows >= self.pool.capacity + 1
+
+    def _decode_forward(self, ids: Tensor, slots: Tensor, pos: Tensor, attend_tokens: int) -> Tensor:
         """ids, slots, pos: (B,). One token per row at its own position; logits (B, V) float32.
 
-        Fixed shapes for a given (B, attend); only device ops (no .item()), so it can be compiled/graphed.
+        Fixed shapes for a given (B, attend_tokens); only device ops (no .item()), so it can be graphed.
+        Padding rows point at the pool's scratch slot. Two attention layouts, same maths: gather the rows'
+        KV (B, G, S, D) (copies, cheap for a few rows), or scatter the queries into a (slots, G, r, D) grid
+        and attend over the pool's own buffers (views: no KV copy, every slot read once).
         """
+        S = attend_tokens
         x = self.model.model.embed_tokens(ids)[:, None]  # (B, 1, H)
         cos, sin = self._rope(x, pos[:, None])
-        mask = (torch.arange(attend, device=ids.device)[None] <= pos[:, None])[:, None, None]  # (B, 1, 1, S)
-        for i in range(self.config.num_layers):
+        whole_pool = self.whole_pool_attention(ids.shape[0])
+        if whole_pool:
+            P = self.pool.capacity + 1
+            pool_pos = torch.zeros(P, dtype=pos.dtype, device=pos.device).index_put_((slots,), pos)  # others: key 0
+            mask = (torch.arange(S, device=ids.device)[None] <= pool_pos[:, None])[:, None, None]  # (P, 1, 1, S)
+        else:
+            mask = (torch.arange(S, device=ids.device)[None] <= pos[:, None])[:, None, None]  # (B, 1, 1, S)
+
+        def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             k_buf, v_buf = self.pool.k[i], self.pool.v[i]
+            k_buf[slots, :, pos] = k[:, :, 0]  # (B, G, D) written at each row's own position
+            v_buf[slots, :, pos] = v[:, :, 0]
+            if not whole_pool:
+                keys, values = k_buf[slots, :, :S], v_buf[slots, :, :S]  # (B, G, S, D) copies
+                return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            grid = q.new_zeros((k_buf.shape[0], *q.shape[1:])).index_put_((slots,), q)  # (P, G, r, D)
+            out = F.scaled_dot_product_attention(grid, k_buf[:, :, :S], v_buf[:, :, :S], attn_mask=mask)
+            return out[slots]  # (B, G, r, D)
 
-            def kv(k: Tensor, v: Tensor, k_buf: Tensor = k_buf, v_buf: Tensor = v_buf) -> tuple[Tensor, Tensor]:
-                k_buf[slots, :, pos] = k[:, :, 0]  # (B, G, D) written at each row's own position
-                v_buf[slots, :, pos] = v[:, :, 0]
-                return k_buf[slots, :, :attend], v_buf[slots, :, :attend]  # (B, G, S, D)
-
-            x = self._layer(i, x, cos, sin, kv, mask)
+        for i in range(self.config.num_layers):
+            x = self._layer(i, x, cos, sin, attend)
         return self.model.lm_head(self.model.model.norm(x[:, 0])).float()
 
     # --- compiled / graphed decode ---------------------------------------------------------------------------
     def set_decode_mode(self, mode: str) -> None:
-        """'eager'; 'compile' (torch.compile, no graphs); 'cudagraph' (manual CUDA graph per (B, bucket));
-        'compile+cudagraph' (torch.compile mode='reduce-overhead'). The graph modes need CUDA."""
+        """'eager'; 'cudagraph' (graphs from `capture_graphs`, CUDA only); 'compile' / 'compile+cudagraph'
+        (torch.compile, kept out of the default and of bench/gpu_check.py: one recompile per (batch, bucket))."""
         if mode not in DECODE_MODES:
             raise ValueError(f"decode mode {mode!r}: expected one of {DECODE_MODES}")
         if "cudagraph" in mode and self.device.type != "cuda":
             raise ValueError(f"decode mode {mode!r} needs a CUDA device, the model is on {self.device}")
         self.decode_mode = mode
         self._graphs.clear()
-        # One compiled variant per (batch size, length bucket): 16 x 6 at full size, past dynamo's default 8.
-        dynamo = torch._dynamo.config
-        dynamo.recompile_limit = max(dynamo.recompile_limit, 128)
-        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 512)
-        if mode == "compile":
-            self._decode_fn = torch.compile(self._decode_forward, dynamic=False)
-        elif mode == "compile+cudagraph":
-            self._decode_fn = torch.compile(self._decode_forward, mode="reduce-overhead", dynamic=False)
+        if mode.startswith("compile"):
+            dynamo = torch._dynamo.config  # one variant per (batch bucket, key bucket), past dynamo's default 8
+            dynamo.recompile_limit = max(dynamo.recompile_limit, 128)
+            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 512)
+            self._decode_fn = torch.compile(self._decode_forward, dynamic=False,
+                                            mode="reduce-overhead" if "cudagraph" in mode else None)  # fmt: skip
         else:
             self._decode_fn = self._decode_forward
 
-    def _run_decode(self, ids: Tensor, slots: Tensor, pos: Tensor, attend: int) -> Tensor:
+    def attend_buckets(self) -> list[int]:
+        """Key-length buckets of a decode step: 256, 512, ... doubling up to the slot size."""
+        out, n = [], MIN_ATTEND_TOKENS
+        while n < self.max_context_tokens:
+            out.append(n)
+            n *= 2
+        return [*out, self.max_context_tokens]
+
+    @torch.inference_mode()
+    def capture_graphs(self, max_batch: int) -> int:
+        """Capture every (batch bucket <= max_batch, key bucket) decode step now (warm-up, before serving),
+        in one shared memory pool, largest first; returns the number of graphs. A failed capture turns
+        graphs off for good (logged once; eager from then on), never a retry per step."""
+        if self.decode_mode != "cudagraph" or self._graphs_failed:
+            return 0
+        self._graphs.clear()
+        rows_all = [b for b in BATCH_BUCKETS if b <= batch_bucket(min(max_batch, self.pool.capacity))]
+        stage = self._stage
+        stage[0].zero_(), stage[1].fill_(self.pool.scratch_slot), stage[2].zero_()  # graph warm-ups write scratch
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(side):
+                for rows in reversed(rows_all):
+                    for attend in reversed(self.attend_buckets()):
+                        self._decode_forward(*stage[:, :rows], attend)  # kernels chosen, workspaces allocated
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+                            out = self._decode_forward(*stage[:, :rows], attend)
+                        self._graphs[(rows, attend)] = (graph, out)
+        except Exception:  # noqa: BLE001 - serving goes on eager
+            log.exception("CUDA graph capture failed: decode steps run eager from now on")
+            self._graphs.clear()
+            self._graphs_failed = True
+            self.decode_mode = "eager"
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return len(self._graphs)
+
+    def _run_decode(self, rows: int, attend: int) -> Tensor:
+        ids, slots, pos = self._stage[:, :rows]
         if self.decode_mode != "cudagraph":
             out = self._decode_fn(ids, slots, pos, attend)
             return out.clone() if self.decode_mode == "compile+cudagraph" else out
-        key = (ids.shape[0], attend, self.pool.generation)
-        if any(k[2] != self.pool.generation for k in self._graphs):
-            self._graphs.clear()  # the pool was reallocated: free graphs that hold the old buffers
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(ids, slots, pos, attend)
-        graph, static_in, static_out = self._graphs[key]
-        for buf, value in zip(static_in, (ids, slots, pos), strict=True):
-            buf.copy_(value, non_blocking=True)
+        entry = self._graphs.get((rows, attend))
+        if entry is None:  # never captured while serving: a capture stalls every call
+            if not self._graph_miss_logged:
+                log.warning("no CUDA graph for %d rows x %d keys (capture_graphs not run?): eager", rows, attend)
+                self._graph_miss_logged = True
+            return self._decode_forward(ids, slots, pos, attend)
+        graph, out = entry
         graph.replay()
-        return static_out.clone()
+        return out.clone()  # graphs share one memory pool: the next replay may reuse this buffer
 
-    def _capture(self, ids: Tensor, slots: Tensor, pos: Tensor, attend: int) -> tuple:
-        """Record one decode step. Warm-up runs write the same K/V the real step writes (idempotent)."""
-        static_in = (ids.clone(), slots.clone(), pos.clone())
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._decode_forward(*static_in, attend)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self._decode_forward(*static_in, attend)
-        return graph, static_in, static_out
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # decode rows are padded up to one of these
+
+
+def batch_bucket(n: int) -> int:
+    """Rows a decode step of `n` calls runs (padded to a power of two: one graph per bucket)."""
+    for b in BATCH_BUCKETS:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} rows pass the largest decode batch {BATCH_BUCKETS[-1]}")

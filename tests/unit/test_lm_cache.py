@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.lm.kv_cache import ContextFullError, LMCache, common_prefix_len
+from pipeline.lm.kv_cache import ContextFullError, LMCache, PoolFullError, common_prefix_len
 from pipeline.lm.model import VoiceLM
 from pipeline.lm.prompt import DialogueHistory
 from pipeline.lm.sampling import sample_logits
@@ -117,16 +117,70 @@ def test_truncate_rolls_back(lm: VoiceLM) -> None:
         cache.truncate(99)
 
 
-def test_pool_grows_without_disturbing_live_caches(lm: VoiceLM) -> None:
+def test_fixed_pool_refuses_past_capacity_and_keeps_live_caches(ckpt: Path) -> None:
+    lm = VoiceLM.from_pretrained(ckpt)
+    lm.reserve_caches(3, context_tokens=96)
     V = lm.config.vocab_size
     first = lm.new_cache()
     ids = _ids(12, 8, V)
     lm.prefill(first, ids)
-    others = [lm.new_cache() for _ in range(lm.pool.capacity + 1)]  # forces a reallocation
-    assert len({c.slot for c in [first, *others]}) == len(others) + 1
+    others = [lm.new_cache() for _ in range(2)]
+    assert sorted(c.slot for c in [first, *others]) == [0, 1, 2]  # the scratch slot is never handed out
+    with pytest.raises(PoolFullError, match="max_calls"):
+        lm.new_cache()
+    with pytest.raises(RuntimeError, match="held"):
+        lm.reserve_caches(8)  # no reallocation under live caches
     assert torch.allclose(lm.decode_step([first], [5])[0], lm.logits([*ids, 5])[-1], atol=TOL)
-    for c in others:
-        c.release()
+    freed = others[0].slot
+    others[0].release()
+    assert lm.new_cache().slot == freed
+
+
+def test_slots_sized_by_context_not_seq_length(ckpt: Path) -> None:
+    lm = VoiceLM.from_pretrained(ckpt)
+    G, D = lm.config.kv_groups, lm.config.head_dim
+    lm.reserve_caches(2, context_tokens=64)
+    assert lm.max_context_tokens == 64 and tuple(lm.pool.k[0].shape) == (3, G, 64, D)
+    assert lm.pool.bytes_per_slot == 2 * lm.config.num_layers * G * 64 * D * 4
+    cache = lm.new_cache()
+    with pytest.raises(ContextFullError):
+        lm.prefill(cache, _ids(65, 1, lm.config.vocab_size))
+    cache.release()
+    lm.reserve_caches(2, context_tokens=10**6)
+    assert lm.max_context_tokens == lm.config.seq_length
+
+
+@pytest.mark.parametrize("whole_pool", [False, True], ids=["gather", "whole_pool"])
+def test_padded_batch_equals_each_alone(ckpt: Path, whole_pool: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """5 calls run as 8 rows (3 padding rows on the scratch slot), in either attention layout."""
+    import pipeline.lm.model as lm_module
+
+    lm = VoiceLM.from_pretrained(ckpt)
+    lm.reserve_caches(8)
+    monkeypatch.setattr(lm_module, "GATHER_COST_FACTOR", 10**6 if whole_pool else 0)
+    assert lm.whole_pool_attention(8) == whole_pool
+    V = lm.config.vocab_size
+    prompts = [_ids(n, 30 + n, V) for n in (2, 9, 33, 5, 14)]
+    caches = [lm.new_cache() for _ in prompts]
+    for c, p in zip(caches, prompts, strict=True):
+        lm.prefill(c, p)
+    nxt = _ids(5, 77, V)
+    batched = lm.decode_step(caches, nxt)
+    assert batched.shape == (5, V)
+    for b in range(5):
+        assert torch.allclose(batched[b], lm.logits(prompts[b] + [nxt[b]])[-1], atol=TOL)
+
+
+def test_device_reaches_every_allocation(lm: VoiceLM) -> None:
+    """KV pool and staging buffers live on the model's device; no code path names a bare CUDA device or
+    the current device (a `cuda:1` engine would otherwise put streams and graphs on cuda:0)."""
+    tensors = [*lm.pool.k, *lm.pool.v, lm._stage]
+    assert all(t.device == lm.device for t in tensors)
+    assert lm.pool.device == lm.device
+    import re
+
+    src = "".join((Path(__file__).parents[2] / "pipeline" / "lm" / f).read_text() for f in ("model.py", "kv_cache.py"))
+    assert not re.search(r"current_device\(\)|Stream\(\)|current_stream\(\)|[\"']cuda[\"']\)", src)
 
 
 def test_context_full_and_dropping_oldest_turns(tmp_path: Path) -> None:
