@@ -109,10 +109,10 @@ def schedule_blocks(total: int, schedule: tuple[int, ...]) -> list[int]:
     return blocks
 
 
-def run_reply(dec: SpeechDecoder, clock: Clock, tokens: list[int], settings: dict
+def run_reply(dec: SpeechDecoder, clock: Clock, tokens: list[int], settings: dict, verbose: bool = False
               ) -> tuple[list[BlockTiming], np.ndarray, torch.Tensor]:
     """Stream a reply block by block (what push() does, the last block finalising); returns timings,
-    audio and the reply's vocoded mel (seam frames removed)."""
+    audio and the reply's vocoded mel (seam frames removed). `verbose`: print each block when done."""
     stream = DecoderStream(dec, **settings)
     blocks = schedule_blocks(len(tokens), stream.settings.schedule)
     timings, audio, mels, done = [], [], [], 0
@@ -125,6 +125,8 @@ def run_reply(dec: SpeechDecoder, clock: Clock, tokens: list[int], settings: dic
         timings.append(BlockTiming(done, n, time.perf_counter() - t0, clock.seconds["hift"],
                                    clock.seconds["encoder"], clock.estimator_frames,
                                    len(out.audio) / dec.sample_rate_hz))
+        if verbose:
+            print_block(k, timings[-1])
         audio.append(out.audio)
         mels.append(out.mel[:, :, dec.cfg.mel_cache_frames if k else 0:].float().cpu())
         done += n
@@ -147,17 +149,24 @@ def offline(dec: SpeechDecoder, clock: Clock, n: int, repeats: int) -> None:
           f"(flow {total - hift:.3f}, HiFT {hift:.3f}), RTF {total / audio_s:.2f}")
 
 
-def print_blocks(name: str, timings: list[BlockTiming]) -> None:
+BLOCK_HEADER = "  block  prompt_tok  new_tok  est_frames  seconds  s_per_token  estimator_s  encoder_s  hift_s"
+
+
+def print_block(k: int, t: BlockTiming) -> None:
+    est = t.seconds - t.hift_seconds - t.encoder_seconds
+    print(f"  {k:5d}  {t.prompt_tokens:10d}  {t.new_tokens:7d}  {t.estimator_frames:10d}  {t.seconds:7.2f}  "
+          f"{t.seconds / t.new_tokens:11.3f}  {est:11.2f}  {t.encoder_seconds:9.3f}  {t.hift_seconds:6.2f}", flush=True)
+
+
+def print_blocks(name: str, timings: list[BlockTiming], rows: bool = True) -> None:
     total = sum(t.seconds for t in timings)
     audio = sum(t.audio_seconds for t in timings)
     print(f"\n[{name}] {len(timings)} blocks, {sum(t.new_tokens for t in timings)} tokens, {audio:.2f} s audio: "
           f"compute {total:.2f} s, RTF {total / audio:.2f}, first block {timings[0].seconds:.3f} s")
-    print("  block  prompt_tok  new_tok  est_frames  seconds  s_per_token  estimator_s  encoder_s  hift_s")
-    for k, t in enumerate(timings):
-        est = t.seconds - t.hift_seconds - t.encoder_seconds
-        print(f"  {k:5d}  {t.prompt_tokens:10d}  {t.new_tokens:7d}  {t.estimator_frames:10d}  {t.seconds:7.2f}  "
-              f"{t.seconds / t.new_tokens:11.3f}  {est:11.2f}  {t.encoder_seconds:9.3f}  {t.hift_seconds:6.2f}",
-              flush=True)
+    if rows:
+        print(BLOCK_HEADER)
+        for k, t in enumerate(timings):
+            print_block(k, t)
 
 
 def rel_rms(a: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor) -> float:
@@ -201,8 +210,9 @@ def compare_200(dec: SpeechDecoder, clock: Clock, repeats: int) -> None:
 
 def long_reply(dec: SpeechDecoder, clock: Clock, tokens_n: int) -> None:
     tokens = np.random.default_rng(1).integers(0, dec.num_tokens, tokens_n).tolist()
-    timings, _, _ = run_reply(dec, clock, tokens, OURS)
-    print_blocks(f"{tokens_n}-token reply, ours", timings)
+    print(f"\n{tokens_n}-token reply, ours, block by block:\n{BLOCK_HEADER}")
+    timings, _, _ = run_reply(dec, clock, tokens, OURS, verbose=True)
+    print_blocks(f"{tokens_n}-token reply, ours", timings, rows=False)
     capped = [t for t in timings[:-1] if t.new_tokens == DEFAULT_SCHEDULE[-1]]  # full-size, non-final blocks
     if capped:
         secs = [t.seconds for t in capped]
