@@ -136,7 +136,7 @@ def create_app(config: Config, responder: Responder | None = None) -> web.Applic
     if responder is None:
         from server.responders import make_responder
 
-        responder = make_responder(config.responder.kind, config.model)
+        responder = make_responder(config.responder.kind, config.model, config.vllm)
     server = Server(config, responder)
     signalling, secrets, pages = Signalling(server), ClientSecrets(server), Pages(server)
     app = web.Application(middlewares=[make_cors_middleware(config.http), error_middleware],

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pipeline.engine.config import EngineConfig
+from pipeline.engine.config import EngineConfig, VLLMConfig
 from pipeline.responder import Responder
 
 
-def make_responder(kind: str, engine: EngineConfig) -> Responder:
-    """`kind`: "echo" (mic check, no models) or "glm4voice" (the speech model engine)."""
+def make_responder(kind: str, engine: EngineConfig, vllm: VLLMConfig | None = None) -> Responder:
+    """`kind`: "echo" (mic check, no models) or "glm4voice" (the speech model engine; its LM served by
+    `vllm` when `engine.lm_backend` is "vllm")."""
     if kind == "echo":
         from server.echo import EchoResponder
 
@@ -15,5 +16,5 @@ def make_responder(kind: str, engine: EngineConfig) -> Responder:
     if kind == "glm4voice":
         from pipeline.engine.thread import GLMVoiceResponder  # imports torch, in the engine thread's module
 
-        return GLMVoiceResponder(engine)
+        return GLMVoiceResponder(engine, vllm)
     raise ValueError(f"unknown responder kind {kind!r}: expected 'echo' or 'glm4voice'")

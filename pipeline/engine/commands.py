@@ -39,6 +39,14 @@ class Command:
 
 
 @dataclass(frozen=True)
+class Wake(Command):
+    """Ids arrived from a remote token source: the engine's next step hands them out."""
+
+    def apply(self, s: Scheduler) -> None:
+        pass
+
+
+@dataclass(frozen=True)
 class Open(Command):
     dialogue: Dialogue
 

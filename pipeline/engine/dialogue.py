@@ -25,6 +25,7 @@ from pipeline.responder import SessionSettings
 
 if TYPE_CHECKING:
     from pipeline.engine.token_source import PromptJob
+    from pipeline.engine.vllm_source import RemoteJob
     from pipeline.lm.kv_cache import LMCache
     from pipeline.tokenizer.stream import TokenizerStream
 
@@ -106,7 +107,7 @@ class Dialogue:
     pending: PendingInput
     history: DialogueHistory | None = None  # set when the engine opens the call
     cache: LMCache | None = None  # the local token source's KV slot; None once the call is closed
-    prompt_job: PromptJob | None = None  # the local token source's prefill in progress
+    prompt_job: PromptJob | RemoteJob | None = None  # the token source's prompt/request in progress
     tokenizer_stream: TokenizerStream | None = None
     partial_audio_tokens: list[int] = field(default_factory=list)  # final tokens of the open user speech
     audio_pushed: bool = False

@@ -33,11 +33,12 @@ IDLE_WAIT_S = 30.0  # an idle engine wakes on commands; the deadline only bounds
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, models: Models, inbox: queue.SimpleQueue[Command]) -> None:
+    def __init__(self, cfg: EngineConfig, models: Models, inbox: queue.SimpleQueue[Command],
+                 source: TokenSource | None = None) -> None:  # fmt: skip
         self.cfg = cfg
         self.m = models
         self.inbox = inbox
-        self.source: TokenSource = LocalLM(models.lm, cfg.prefill_chunk_tokens)
+        self.source: TokenSource = source or LocalLM(models.lm, cfg.prefill_chunk_tokens)
         self.dialogues: list[Dialogue] = []
         self.counters = {"decoder_blocks": 0, "turns_done": 0, "turn_errors": 0}
         self.settle_waiters: list = []  # futures resolved when no work is left
@@ -67,7 +68,17 @@ class Scheduler:
                 self.settle_waiters.clear()
 
     def busy(self) -> bool:
-        return any(d.reply is not None or d.early_prefill_wanted or self.source.prefilling(d) for d in self.dialogues)
+        return any(self._has_work(d) for d in self.dialogues)
+
+    def _has_work(self, d: Dialogue) -> bool:
+        """Something to compute now; a reply whose next id is still on its way (a remote source) is not."""
+        if d.early_prefill_wanted:
+            return True
+        if d.reply is None:
+            return self.source.prefilling(d) and not self.source.waiting(d)
+        reply = d.reply
+        return (not self.source.waiting(d) or reply.cancel_event.is_set()
+                or (reply.started and decoding.block_ready(reply, self.cfg)))  # fmt: skip
 
     def step(self) -> None:
         for d in self._active():
@@ -175,13 +186,14 @@ class Scheduler:
         return [*system, *turns, *(t for item in d.pending.items for t in item.block_ids), *block]
 
     def _context_tokens(self) -> int:
-        return min(self.cfg.context_tokens, self.m.lm.max_context_tokens)
+        return min(self.cfg.context_tokens, self.source.max_context_tokens)
 
     # ----- generation ---------------------------------------------------------------------------------
 
     def _next_ids(self) -> None:
         """One id for every generating reply, most urgent first, at most `max_calls_batched` rows."""
-        ready = [d for d in self._active() if d.reply.generating and not d.reply.cancel_event.is_set()]
+        ready = [d for d in self._active()
+                 if d.reply.generating and not d.reply.cancel_event.is_set() and not self.source.waiting(d)]  # fmt: skip
         if not ready:
             return
         now = time.monotonic()

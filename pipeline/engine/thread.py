@@ -41,8 +41,9 @@ from pipeline.engine.commands import (
     Settle,
     Stop,
     Update,
+    Wake,
 )
-from pipeline.engine.config import EngineConfig
+from pipeline.engine.config import EngineConfig, VLLMConfig
 from pipeline.engine.dialogue import Dialogue, PendingInput
 from pipeline.engine.reply import Reply
 from pipeline.responder import (
@@ -58,6 +59,7 @@ from pipeline.responder import (
 
 if TYPE_CHECKING:
     from pipeline.engine.scheduler import Scheduler
+    from pipeline.engine.vllm_source import VLLMHealth
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +159,11 @@ class EngineSession(ResponderSession):
 class EngineThread:
     """The thread that owns the models; `send()` is the only way in."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, vllm: VLLMConfig | None = None,
+                 health: VLLMHealth | None = None) -> None:  # fmt: skip
         self.config = config
+        self.vllm, self.health = vllm, health  # set when the LM is served by vLLM (lm_backend = "vllm")
+        self.on_crash: Callable[[str], None] | None = None  # called from this thread if the work loop dies
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._ready: concurrent.futures.Future = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._main, name="glm4voice-engine", daemon=True)
@@ -205,7 +210,13 @@ class EngineThread:
         try:
             models = load_models(self.config)
             warm_up(models, self.config)
-            self.scheduler = Scheduler(self.config, models, self._inbox)
+            source = None
+            if self.health is not None:
+                from pipeline.engine.vllm_source import VLLMSource
+
+                source = VLLMSource(self.config, self.vllm, self.health, sorted(models.text.stop_ids),
+                                    wake=lambda: self._inbox.put(Wake()))  # fmt: skip
+            self.scheduler = Scheduler(self.config, models, self._inbox, source)
         except BaseException as exc:  # reported to start(); the thread ends
             self.load_error = exc
             self._ready.set_exception(exc)
@@ -217,6 +228,8 @@ class EngineThread:
             self.crash = exc
             log.exception("engine thread crashed")
             self._fail_active_turns()
+            if self.on_crash is not None:
+                self.on_crash(f"the engine thread died: {type(exc).__name__}: {exc}")
             raise
         finally:
             self._finished = True  # before the drain: a command put after it is answered by send()
@@ -242,11 +255,29 @@ class EngineThread:
 class GLMVoiceResponder(Responder):
     """`pipeline.responder.Responder` backed by the engine thread."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, vllm: VLLMConfig | None = None) -> None:
         self.config = config
+        self.vllm = vllm or VLLMConfig()
+        self.health: VLLMHealth | None = None  # the vLLM deployment's readiness (lm_backend = "vllm")
         self._engine = EngineThread(config)
         self._details: dict = {"weights": "loading"}
         self._ready = False
+        self._on_failure: Callable[[str], None] | None = None
+
+    def on_failure(self, callback: Callable[[str], None]) -> None:
+        """The server's hook: `callback(reason)` on the loop when the engine thread dies. Only a dead
+        engine ends the calls; vLLM going away fails the replies that needed it and flips `info().ready`."""
+        loop = asyncio.get_running_loop()
+        self._on_failure = callback
+
+        def push(reason: str) -> None:
+            try:
+                loop.call_soon_threadsafe(callback, reason)
+            except RuntimeError:  # the loop is gone
+                pass
+
+        self._push_failure = push
+        self._engine.on_crash = push
 
     @property
     def engine(self) -> EngineThread:
@@ -255,8 +286,19 @@ class GLMVoiceResponder(Responder):
     async def start(self) -> None:
         if self._ready:
             return
-        if self._engine.started:  # stopped before: a fresh thread loads the models again
-            self._engine = EngineThread(self.config)
+        if self.config.lm_backend == "vllm" and self.health is None:
+            from pipeline.engine.vllm_source import VLLMHealth
+            from pipeline.lm.vllm_client import VLLMClient
+
+            v = self.vllm
+            client = VLLMClient(v.url, model=v.model, api_key=v.api_key, connect_timeout_s=v.connect_timeout_s,
+                                read_timeout_s=v.read_timeout_s)  # fmt: skip
+            self.health = VLLMHealth(client, self.config.context_tokens, v.probe_interval_s)
+            self.health.start()  # probes while the local stages load
+        if self._engine.started or self.health is not None:  # a fresh thread (re)loads the models
+            self._engine = EngineThread(self.config, self.vllm, self.health)
+            if self._on_failure is not None:
+                self._engine.on_crash = self._push_failure
         self._details = await asyncio.wrap_future(self._engine.start())
         self._ready = True
         log.info("glm4voice engine ready: %s", self._details)
@@ -281,11 +323,20 @@ class GLMVoiceResponder(Responder):
             details["error"] = "the engine thread died" + (f": {type(crash).__name__}: {crash}" if crash else "")
         if engine.scheduler is not None:
             details.update(engine.scheduler.stats())
-        return ResponderInfo(name="glm4voice", ready=self._ready and alive, output_sample_rate_hz=rate,
+        lm_ready = True
+        if self.health is not None:
+            details["lm_backend"] = f"vllm at {self.vllm.url}"
+            lm_ready = self.health.ready
+            if not lm_ready and "error" not in details:
+                details["error"] = f"the LM server is not ready: {self.health.reason}"
+        return ResponderInfo(name="glm4voice", ready=self._ready and alive and lm_ready, output_sample_rate_hz=rate,
                              details=details)
 
     async def stop(self) -> None:
         self._ready = False
+        if self.health is not None:
+            self.health.stop()
+            self.health = None
         if not self._engine.alive:
             return
         self._engine.send(Stop())

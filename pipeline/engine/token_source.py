@@ -40,8 +40,16 @@ class TokenSource(Protocol):
         """The call's context is to hold `ids` (the history + new user block(s)). `for_reply`: generation
         follows; else it is an early prefill of speech still being spoken. The work is done by `advance`."""
 
+    @property
+    def max_context_tokens(self) -> int:
+        """Prompt + reply tokens the LM can hold."""
+
     def prefilling(self, d: Dialogue) -> bool:
         """Prompt work of the call is left (`advance` has something to do)."""
+
+    def waiting(self, d: Dialogue) -> bool:
+        """The call's next piece (its first id, its next id) is computed elsewhere and not here yet: the
+        engine may sleep; the source wakes it when it arrives. Always False for a local LM."""
 
     def advance(self, d: Dialogue) -> bool:
         """A bounded piece of the call's prompt work; True once the prompt is in (ids can come)."""
@@ -73,6 +81,10 @@ class LocalLM:
         self.chunk_tokens = prefill_chunk_tokens
         self.counters = {"prefilled_tokens": 0, "prefill_chunks": 0, "decode_steps": 0, "decoded_rows": 0}
 
+    @property
+    def max_context_tokens(self) -> int:
+        return self.lm.max_context_tokens
+
     def open(self, d: Dialogue) -> None:
         d.cache = self.lm.new_cache()
 
@@ -96,6 +108,9 @@ class LocalLM:
     def prefilling(self, d: Dialogue) -> bool:
         job = d.prompt_job
         return job is not None and (d.cache.length < len(job.ids) or (job.for_reply and job.logits is None))
+
+    def waiting(self, d: Dialogue) -> bool:
+        return False
 
     def advance(self, d: Dialogue) -> bool:
         job, cache = d.prompt_job, d.cache
