@@ -62,13 +62,17 @@ class Scheduler:
             if not self.running:
                 return
             self.step()
-            if self.settle_waiters and not self.busy():
+            if self.settle_waiters and self.idle():
                 for done in self.settle_waiters:
                     done.set_result(None)
                 self.settle_waiters.clear()
 
     def busy(self) -> bool:
         return any(self._has_work(d) for d in self.dialogues)
+
+    def idle(self) -> bool:
+        """No reply in progress and no prompt work left (a reply waiting on a remote source is not idle)."""
+        return not any(d.reply is not None or d.early_prefill_wanted or self.source.prefilling(d) for d in self.dialogues)
 
     def _has_work(self, d: Dialogue) -> bool:
         """Something to compute now; a reply whose next id is still on its way (a remote source) is not."""
