@@ -194,6 +194,8 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None,
     for section, values in (overrides or {}).items():
         raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
     built = {name: _build_section(hints[name], raw.get(name, {}), f"[{name}]") for name in sections}
+    # One LM KV slot per admitted call, reserved at start (pipeline/engine/models.py memory plan).
+    built["model"] = dataclasses.replace(built["model"], max_calls=built["limits"].max_calls)
     config = Config(**built)
     validate(config)
     return config

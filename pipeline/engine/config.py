@@ -20,6 +20,7 @@ class EngineConfig:
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "float32", "bfloat16", "float16"
     quantization: str = ""  # "" or "int4" (bitsandbytes NF4, as the official server's --dtype int4)
     max_calls_batched: int = 16  # decode-step batch slots (calls whose tokens share one forward)
+    max_calls: int = 16  # LM KV slots reserved at start, one per open call (the server passes [limits].max_calls)
     first_block_tokens: int = 10  # speech tokens before the first decoder block (paper: 10)
     block_tokens: int = 20  # later decoder blocks (speech tokens)
     max_new_tokens: int = 2000  # per reply (official demo UI default)

@@ -15,6 +15,7 @@ import torch
 from pipeline.decoder.model import SpeechDecoder
 from pipeline.decoder.stream import DecoderStream
 from pipeline.engine.config import EngineConfig
+from pipeline.lm.kv_cache import slot_bytes
 from pipeline.lm.model import VoiceLM
 from pipeline.lm.text_tokenizer import GLMTokenizer
 from pipeline.tokenizer.tokenizer import SpeechTokenizer
@@ -37,6 +38,8 @@ class Models:
 def load_models(cfg: EngineConfig) -> Models:
     """Resolve and load the three stages (in the engine thread: it owns the device)."""
     weights = resolve_weights(cfg)
+    if weights.device.type == "cuda":
+        torch.cuda.set_device(weights.device)  # this thread's streams, graphs and "current device" are ours
     t0 = time.monotonic()
     tokenizer = SpeechTokenizer.from_pretrained(weights.tokenizer_dir, device=weights.device, dtype=weights.stage_dtype)
     lm = None
@@ -52,11 +55,6 @@ def load_models(cfg: EngineConfig) -> Models:
         # thread, 1.3 s on 2 on a busy 2-core machine); torch's setting is process-wide.
         tiny = num_params < TINY_LM_PARAMS
         torch.set_num_threads(cfg.cpu_threads or (1 if tiny else torch.get_num_threads()))
-    if lm is not None:
-        if weights.device.type == "cuda":
-            lm.reserve_caches(cfg.max_calls_batched)  # growing the KV pool later copies it: a pause mid-call
-        mode = cfg.decode_mode if cfg.decode_mode != "auto" else ("cudagraph" if weights.device.type == "cuda" else "eager")
-        lm.set_decode_mode(mode)
     warning = warn_if_not_realtime(num_params, weights)
     log.info("loaded %s weights on %s in %.1f s", weights.kind, weights.device, time.monotonic() - t0)
     return Models(weights, tokenizer, lm, text, decoder, warning)
@@ -68,7 +66,19 @@ def warm_up(m: Models, cfg: EngineConfig) -> None:
     lm, text = m.lm, m.text
     m.speech_tokenizer.tokenize(np.zeros(16000, np.float32))
     if lm is not None:
+        plan = memory_plan(m, cfg)
+        log.info("%s", plan.describe())
+        plan.check()
+        lm.reserve_caches(cfg.max_calls, cfg.context_tokens)  # fixed: one slot per admitted call, never grown
+        device = m.weights.device
+        mode = cfg.decode_mode if cfg.decode_mode != "auto" else ("cudagraph" if device.type == "cuda" else "eager")
+        lm.set_decode_mode(mode)
         _warm_up_lm(lm, text)
+        if lm.decode_mode == "cudagraph":
+            t1 = time.monotonic()
+            n = lm.capture_graphs(min(cfg.max_calls_batched, cfg.max_calls))
+            log.info("captured %d CUDA graphs of the decode step in %.1f s (mode now %s)", n, time.monotonic() - t1,
+                     lm.decode_mode)  # fmt: skip
     stream = DecoderStream(m.decoder, schedule=(cfg.first_block_tokens, cfg.block_tokens))
     stream.push([0] * cfg.first_block_tokens)
     stream.finish()
@@ -87,6 +97,63 @@ def _warm_up_lm(lm: VoiceLM, text: GLMTokenizer) -> None:
         lm.set_decode_mode("eager")  # the failed step appended nothing to the cache
         lm.decode_step([cache], [int(torch.argmax(logits))])
     cache.release()
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Device memory the engine needs at `max_calls` calls, checked against what is free before the KV reserve."""
+
+    device: torch.device
+    max_calls: int
+    context_tokens: int
+    weights_bytes: int  # LM + speech tokenizer + decoder parameters, as loaded
+    kv_pool_bytes: int  # (max_calls + 1 scratch) LM KV slots of context_tokens each
+    tokenizer_bytes: int  # speech tokenizer KV per open segment (one per call) at its 30 s window
+    activation_bytes: int  # estimate: a prefill chunk's MLP/attention temporaries + logits + decoder block
+    free_bytes: int | None  # device memory free now (CUDA), None on the CPU
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_pool_bytes + self.tokenizer_bytes + self.activation_bytes
+
+    def describe(self) -> str:
+        gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
+        free = f"; free now {gb(self.free_bytes)}" if self.free_bytes is not None else ""
+        return (f"memory plan on {self.device} for {self.max_calls} calls at {self.context_tokens} tokens: weights "
+                f"{gb(self.weights_bytes)} (loaded) + LM KV pool {gb(self.kv_pool_bytes)} + speech tokenizer KV "
+                f"{gb(self.tokenizer_bytes)} + activations ~{gb(self.activation_bytes)} = {gb(self.total_bytes)}{free}")  # fmt: skip
+
+    def check(self) -> None:
+        """Refuse to start when what is still to allocate does not fit in free device memory."""
+        if self.free_bytes is None:
+            return
+        need = self.kv_pool_bytes + self.tokenizer_bytes + self.activation_bytes
+        if need > self.free_bytes:
+            raise MemoryError(f"{self.describe()}: the KV pool, tokenizer buffers and activations need {need / 1e9:.1f} GB "
+                              f"but {self.free_bytes / 1e9:.1f} GB are free. Lower [model] max_calls or context_tokens, "
+                              "or use quantization = 'int4'")  # fmt: skip
+
+
+def memory_plan(m: Models, cfg: EngineConfig) -> MemoryPlan:
+    lm = m.lm
+    c = lm.config
+    elem = torch.tensor([], dtype=lm.dtype).element_size()
+    tokens = min(cfg.context_tokens, c.seq_length)
+    kv_pool = (cfg.max_calls + 1) * slot_bytes(c.num_layers, c.kv_groups, c.head_dim, tokens, elem)
+    tc = m.speech_tokenizer.config
+    tok_elem = next(m.speech_tokenizer.encoder.parameters()).element_size()
+    tokenizer = cfg.max_calls * 2 * tc.num_layers * tc.max_positions * tc.d_model * tok_elem
+    weights = sum(p.numel() * p.element_size() for mod in (lm.model, m.speech_tokenizer.encoder, m.decoder.flow,
+                                                           m.decoder.hift) for p in mod.parameters())  # fmt: skip
+    rows = min(cfg.max_calls_batched, cfg.max_calls)
+    # A 512-token prefill chunk's gate/up output (2 x ffn) and its activation, two layers' worth live at once;
+    # logits of the largest decode batch (float32, x3: sampling's sort and softmax); decoder block: ~256 MB.
+    chunk = 512 * 2 * c.ffn_hidden_size * elem * 4 + 512 * (c.num_heads // c.kv_groups) * tokens * 4
+    activations = chunk + 3 * rows * c.vocab_size * 4 + 256 * 2**20
+    free = None
+    if m.weights.device.type == "cuda":  # the provisional pool is freed by the reserve: count it as free
+        free = torch.cuda.mem_get_info(m.weights.device)[0] + (lm.pool.capacity + 1) * lm.pool.bytes_per_slot
+    return MemoryPlan(m.weights.device, cfg.max_calls, tokens, weights, kv_pool, tokenizer, activations, free)
 
 
 def describe(m: Models) -> dict:
