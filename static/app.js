@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const ui = {
-  call: $("call"), mute: $("mute"), state: $("state"), error: $("error"), transcript: $("transcript"),
+  call: $("call"), mute: $("mute"), state: $("state"), error: $("error"),
   text: $("text"), send: $("send"), form: $("text-form"), instructions: $("instructions"),
   apply: $("apply-instructions"), latency: $("latency"), micLevel: $("mic-level"), outLevel: $("out-level"),
   audio: $("remote-audio"),
@@ -219,10 +219,9 @@ function send(event) {
 
 // ----- server events -------------------------------------------------------------------------
 
-let currentReply = null;
-
 function onServerEvent(event) {
   app.events.push(event);
+  window.glm4voiceHistory.onEvent(event);  // static/history.js: the conversation, kept across reloads
   switch (event.type) {
     case "input_audio_buffer.speech_started":
       app.stats.speechStarted += 1;
@@ -236,11 +235,6 @@ function onServerEvent(event) {
       break;
     case "response.created":
       app.stats.responses += 1;
-      currentReply = document.createElement("p");
-      ui.transcript.prepend(currentReply);
-      break;
-    case "response.output_audio_transcript.delta":
-      if (currentReply) currentReply.textContent += event.delta;
       break;
     case "output_audio_buffer.started":
       setState("speaking");
@@ -284,10 +278,7 @@ ui.form.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = ui.text.value.trim();
   if (!text) return;
-  const mine = document.createElement("p");
-  mine.className = "user";
-  mine.textContent = text;
-  ui.transcript.prepend(mine);
+  window.glm4voiceHistory.typed(text);
   send({ type: "conversation.item.create", item: { type: "message", role: "user",
     content: [{ type: "input_text", text }] } });
   send({ type: "response.create" });

@@ -73,3 +73,36 @@ def test_browser_busy_and_auth_messages():
     assert not result["no_secret"]["connected"] and "requires authorization" in result["no_secret"]["error"]
     assert result["fragment_secret_call"]["connected"], result  # the app backend's secret, via the fragment
     assert not result["fragment_left_in_url"] and result["calls_on_app_server"] == 1
+
+
+def test_browser_conversation_history():
+    """The page keeps the whole call as a conversation (static/history.js), across a reload."""
+    pytest.importorskip("playwright")
+    from pipeline.weights.demo import MESSAGE
+
+    prefix = _isolated_prefix()
+    out = subprocess.run([*prefix, sys.executable, str(ROOT / "tests" / "helpers" / "browser_call.py"), str(ARTIFACTS),
+                          "conversation"], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"browser history: {r['dom']['text']!r} screenshot={r['screenshot']}")
+    users = [t for t in r["turns"] if t["role"] == "user"]
+    replies = [t for t in r["turns"] if t["role"] == "assistant"]
+    assert [u["kind"] for u in users] == ["spoken", "spoken", "typed"] and users[2]["text"] == r["typed"]
+    for user, spoken_s in zip(users[:2], r["spoken_s"], strict=True):
+        assert abs(user["durationS"] - spoken_s) < 0.6, (user, spoken_s)
+    assert r["dom"]["users"][:2] == [f"spoken, {u['durationS']:.1f} s" for u in users[:2]]
+    assert len(replies) == 3 and [t["role"] for t in r["turns"]] == ["user", "assistant"] * 3
+    assert [x["cutOff"] for x in replies] == [False, True, False]
+    assert "".join(replies[0]["deltas"]) == MESSAGE == "".join(replies[2]["deltas"])
+    cut = replies[1]
+    assert 0 < cut["playedMs"] < 6000
+    (shown,) = r["dom"]["cut"]
+    assert shown["heard"] and shown["unheard"] and shown["heard"] + shown["unheard"] == "".join(cut["deltas"])
+    assert MESSAGE.startswith(shown["heard"]) and float(shown["unheardOpacity"]) < 1  # the unheard rest dimmed
+    assert len(r["dom"]["latencies"]) == 3 and all(x.endswith(" ms") for x in r["dom"]["latencies"])
+    assert r["clipboard"] == r["as_text"] and "[cut off; unheard: " in r["clipboard"]
+    assert r["after_reload"] == r["turns"]  # the history survives a reload
+    assert r["after_new_call"][:-1] == r["turns"] and r["after_new_call"][-1]["role"] == "note"
+    assert "starts fresh" in r["after_new_call"][-1]["text"]
+    assert Path(r["screenshot"]).stat().st_size > 10_000
