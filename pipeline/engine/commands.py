@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.engine.dialogue import Dialogue, UserItem, heard_prefix_len
-from pipeline.engine.reply import Reply
+from pipeline.engine.dialogue import Dialogue, heard_prefix_len
+from pipeline.engine.reply import Reply, UserItem
 from pipeline.lm.prompt import user_turn_ids
 from pipeline.responder import SessionSettings, TurnError
 

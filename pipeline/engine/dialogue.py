@@ -16,27 +16,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from pipeline.audio_format import SPEECH_TOKEN_MS
-from pipeline.engine.reply import Reply
+from pipeline.engine.reply import Reply, UserItem
 from pipeline.lm.prompt import DialogueHistory
 from pipeline.responder import SessionSettings
 
 if TYPE_CHECKING:
-    from pipeline.engine.token_source import PromptJob
-    from pipeline.engine.vllm_source import RemoteJob
+    from torch import Tensor
+
     from pipeline.lm.kv_cache import LMCache
     from pipeline.tokenizer.stream import TokenizerStream
-
-
-@dataclass
-class UserItem:
-    """One pending user message, already as its prompt block (`user_turn_ids`)."""
-
-    block_ids: list[int]
-    speech_input: bool  # speech tokens (else typed text): decides the system prompt
-    text: str | None = None  # the typed text, if any
 
 
 @dataclass
@@ -80,6 +71,23 @@ class PendingInput:
         self.tokens = 0
 
 
+class SourceJob(Protocol):
+    """A token source's prompt work for one call (`PromptJob` here, `vllm_source.RemoteJob`): typed by
+    shape so this module imports no token source (they import it)."""
+
+    ids: list[int]  # the prompt the call's context is to hold
+
+
+@dataclass
+class PromptJob:
+    """The local token source's prefill in progress: the cache holds a prefix of `ids`, one chunk more per step."""
+
+    ids: list[int]
+    for_reply: bool  # a reply waits for the logits of the last position
+    prefilled: int = 0  # ids this job computed (what the cache held already was kept)
+    logits: Tensor | None = None  # (V,) float32 of the last position, once done (for_reply)
+
+
 def heard_prefix_len(generated_ids: list[int], is_audio: Callable[[int], bool], played_ms: float) -> int:
     """How many generated ids the user heard: up to and including the last heard speech token.
 
@@ -107,7 +115,7 @@ class Dialogue:
     pending: PendingInput
     history: DialogueHistory | None = None  # set when the engine opens the call
     cache: LMCache | None = None  # the local token source's KV slot; None once the call is closed
-    prompt_job: PromptJob | RemoteJob | None = None  # the token source's prompt/request in progress
+    prompt_job: SourceJob | None = None  # the token source's prompt/request in progress
     tokenizer_stream: TokenizerStream | None = None
     partial_audio_tokens: list[int] = field(default_factory=list)  # final tokens of the open user speech
     audio_pushed: bool = False

@@ -18,8 +18,16 @@ if TYPE_CHECKING:  # keep the asyncio side's imports free of torch
     import torch
 
     from pipeline.decoder.stream import DecoderStream
-    from pipeline.engine.dialogue import UserItem
     from pipeline.lm.prompt import StreamParser
+
+
+@dataclass
+class UserItem:
+    """One pending user message, already as its prompt block (`user_turn_ids`)."""
+
+    block_ids: list[int]
+    speech_input: bool  # speech tokens (else typed text): decides the system prompt
+    text: str | None = None  # the typed text, if any
 
 
 @dataclass

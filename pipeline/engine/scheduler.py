@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 from pipeline.decoder.stream import DecoderStream
 from pipeline.engine import decoding
-from pipeline.engine.commands import Command
 from pipeline.engine.config import EngineConfig
 from pipeline.engine.dialogue import Dialogue, heard_prefix_len
 from pipeline.engine.models import Models
@@ -33,7 +32,7 @@ IDLE_WAIT_S = 30.0  # an idle engine wakes on commands; the deadline only bounds
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, models: Models, inbox: queue.SimpleQueue[Command],
+    def __init__(self, cfg: EngineConfig, models: Models, inbox: queue.SimpleQueue,
                  source: TokenSource | None = None) -> None:  # fmt: skip
         self.cfg = cfg
         self.m = models

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from torch import Tensor
 
-from pipeline.engine.dialogue import Dialogue
+from pipeline.engine.dialogue import Dialogue, PromptJob
 from pipeline.lm.kv_cache import common_prefix_len
 from pipeline.lm.model import VoiceLM
 from pipeline.lm.sampling import RowSampling, sample_rows
@@ -59,16 +57,6 @@ class TokenSource(Protocol):
 
     def rewind(self, d: Dialogue) -> None:
         """The history changed behind the context: keep only their common prefix; prompt work is dropped."""
-
-
-@dataclass
-class PromptJob:
-    """A prefill in progress: the cache holds a prefix of `ids` and grows by one chunk per step."""
-
-    ids: list[int]
-    for_reply: bool  # a reply waits for the logits of the last position
-    prefilled: int = 0  # ids this job computed (what the cache held already was kept)
-    logits: Tensor | None = None  # (V,) float32 of the last position, once done (for_reply)
 
 
 class LocalLM:
