@@ -109,8 +109,14 @@ class Turn(abc.ABC):
 
         `played_ms`: how much of this reply's audio the user actually heard; the responder keeps only
         that much of the reply in the conversation history. None means "nothing was played" for a
-        reply with audio, or "keep what was generated" when the caller cannot tell.
+        reply with audio, or "keep what was generated" when the caller cannot tell. A later call with a
+        smaller `played_ms` (the client reports playback: `conversation.item.truncate`) cuts further.
         """
+
+    def heard_transcript(self, played_ms: float) -> str | None:
+        """The reply's transcript as the history keeps it after a cut at `played_ms` (the barge-in
+        heard-prefix rule). Asked once the turn's TurnDone has arrived. None: this responder cannot tell."""
+        return None
 
 
 class ResponderSession(abc.ABC):

@@ -29,6 +29,7 @@ from server import protocol as P
 from server.call_guard import CallGuard
 from server.call_state import CallState
 from server.config import Config, TurnDetectionConfig
+from server.conversation import Conversation
 from server.logs import current_call_id, run_as_call
 from server.media import InboundConverter, OutboundAudioTrack
 from server.metrics import Metrics
@@ -64,6 +65,11 @@ class CallSettings:
     instructions: str
     sampling: SamplingSettings
     turns: TurnSettings
+    vad_kind: str = "server_vad"  # or "semantic_vad": the same silero VAD, silence from `eagerness`
+    eagerness: str | None = None
+    input_format: str = "audio/pcm"  # WebSocket audio (protocol.AUDIO_FORMATS); WebRTC carries Opus
+    output_format: str = "audio/pcm"
+    ignored: tuple[str, ...] = ()  # fields of the last update we accepted but cannot honour
 
     def responder_settings(self) -> SessionSettings:
         return SessionSettings(instructions=self.instructions, sampling=self.sampling)
@@ -71,13 +77,21 @@ class CallSettings:
     def apply(self, update: P.SessionUpdate) -> CallSettings:
         turns = self.turns
         td = update.turn_detection
+        vad_kind, eagerness = self.vad_kind, self.eagerness
         if td is not None:
-            changes = {k: v for k, v in dataclasses.asdict(td).items() if v is not None}
+            changes = {k: v for k, v in dataclasses.asdict(td).items()
+                       if v is not None and k not in ("kind", "eagerness")}
             turns = dataclasses.replace(turns, **changes)
+            vad_kind, eagerness = td.kind or vad_kind, td.eagerness if td.kind else eagerness
         return CallSettings(
             instructions=self.instructions if update.instructions is None else update.instructions,
             sampling=dataclasses.replace(self.sampling, **update.sampling),
             turns=turns,
+            vad_kind=vad_kind,
+            eagerness=eagerness,
+            input_format=update.input_format or self.input_format,
+            output_format=update.output_format or self.output_format,
+            ignored=update.ignored,
         )
 
     @classmethod
@@ -93,6 +107,10 @@ class CallSettings:
         t = self.turns
         if not t.enabled:
             return None
+        if self.vad_kind == "semantic_vad":
+            return {"type": "semantic_vad", "eagerness": self.eagerness, "create_response": t.create_response,
+                    "interrupt_response": t.interrupt_response,
+                    "glm4voice": {"silence_duration_ms": t.silence_duration_ms, "threshold": t.threshold}}
         return {"type": "server_vad", "threshold": t.threshold, "prefix_padding_ms": t.prefix_padding_ms,
                 "silence_duration_ms": t.silence_duration_ms, "create_response": t.create_response,
                 "interrupt_response": t.interrupt_response,
@@ -100,9 +118,10 @@ class CallSettings:
 
 
 class Call:
-    def __init__(self, call_id: str, pc: RTCPeerConnection, responder: Responder, vad: SileroVad,
+    def __init__(self, call_id: str, pc: RTCPeerConnection | None, responder: Responder, vad: SileroVad,
                  config: Config, metrics: Metrics, settings: CallSettings,
-                 on_closed: Callable[[Call], None]) -> None:
+                 on_closed: Callable[[Call], None], track: OutboundAudioTrack | None = None) -> None:
+        """`pc` None and `track` a delta sender: a WebSocket call (server/websocket.py)."""
         self.call_id = call_id
         self.pc = pc
         self.config = config
@@ -120,6 +139,10 @@ class Call:
         self._converter = InboundConverter()
         self._detector = TurnDetector(settings.turns)
         self._channel: RTCDataChannel | None = None
+        self._sink: Callable[[str], None] | None = None  # the WebSocket's send, instead of a data channel
+        self.audio_in: Callable[[bytes], None] | None = None  # the WebSocket's input_audio_buffer.append
+        self.observers: list[Callable[[str], None]] = []  # control connections: a copy of every event
+        self.conversation = Conversation()
         self._outbox: list[str] = []
         self._tasks: set[asyncio.Task] = set()
         self._inbound_attached = False
@@ -127,7 +150,8 @@ class Call:
         self._user_item_id: str | None = None
         self._interrupt_armed = False  # user speech began over the assistant
         self.log = CallLog(log, {"call_id": call_id})
-        self.replies = ReplyFlow(self._session, metrics, self.send, self._spawn, self._reply_phase, self.log)
+        self.replies = ReplyFlow(self._session, metrics, self.send, self._spawn, self._reply_phase, self.log,
+                                 self.conversation, track)
         self.guard = CallGuard(config.limits, self.created_s)
         self._turn_samples = 0  # 16 kHz samples pushed to the responder for the pending user turn
         self._turn_capped = False  # the pending turn hit max_turn_audio_s
@@ -156,6 +180,11 @@ class Call:
             self._on_channel_open()
         else:
             channel.on("open", self._on_channel_open)
+
+    def attach_sink(self, sink: Callable[[str], None]) -> None:
+        """A WebSocket call: events go to `sink` (text frames); the session starts now."""
+        self._sink = sink
+        self._on_channel_open()
 
     @property
     def replying(self) -> bool:
@@ -190,6 +219,11 @@ class Call:
 
     def send(self, message: dict) -> None:
         text = P.dumps(message)
+        for observer in self.observers:
+            observer(text)
+        if self._sink is not None:
+            self._sink(text)
+            return
         channel = self._channel
         if channel is not None and channel.readyState == "open":
             channel.send(text)
@@ -200,12 +234,16 @@ class Call:
         self.send(P.event("session.created", session=self._session_json()))
         outbox, self._outbox = self._outbox, []
         for text in outbox:
-            assert self._channel is not None
-            self._channel.send(text)
+            if self._sink is not None:
+                self._sink(text)
+            else:
+                assert self._channel is not None
+                self._channel.send(text)
 
     def _session_json(self) -> dict:
         s = self.settings
-        return P.session_object(self.call_id, s.instructions, s.turn_detection_json(), s.sampling, self._responder_name)
+        return P.session_object(self.call_id, s.instructions, s.turn_detection_json(), s.sampling, self._responder_name,
+                                s.input_format, s.output_format, s.ignored)
 
     # ----- inbound audio -> turns ------------------------------------------------------------------
 
@@ -217,19 +255,23 @@ class Call:
                 return
             self.guard.inbound_frame(time.monotonic())
             for chunk in self._converter.push(frame):  # (512,) float32 16 kHz each
-                probability = self._vad.probability(self._vad_state, chunk)
-                events, audio = self._detector.feed(chunk, probability)
-                for item in events:
-                    if isinstance(item, SpeechStarted):
-                        self._on_speech_started(item)
-                for pcm in audio:
-                    self._push_turn_audio(pcm)
-                self._check_barge_in()
-                for item in events:
-                    if isinstance(item, SpeechStopped):
-                        self._on_speech_stopped(item)
-                if self._turn_capped and self._detector.state.speaking:
-                    self._cut_long_turn()
+                self.feed_chunk(chunk)
+
+    def feed_chunk(self, chunk) -> None:
+        """One (512,) float32 16 kHz chunk of user audio (either transport) -> VAD -> turns."""
+        probability = self._vad.probability(self._vad_state, chunk)
+        events, audio = self._detector.feed(chunk, probability)
+        for item in events:
+            if isinstance(item, SpeechStarted):
+                self._on_speech_started(item)
+        for pcm in audio:
+            self._push_turn_audio(pcm)
+        self._check_barge_in()
+        for item in events:
+            if isinstance(item, SpeechStopped):
+                self._on_speech_stopped(item)
+        if self._turn_capped and self._detector.state.speaking:
+            self._cut_long_turn()
 
     def _push_turn_audio(self, pcm) -> None:
         """Audio of the pending user turn, up to `max_turn_audio_s`; the excess is dropped with one error."""
@@ -262,6 +304,11 @@ class Call:
         self._interrupt_armed = self.replies.active and self.settings.turns.interrupt_response
         self.send(P.event("input_audio_buffer.speech_started", audio_start_ms=int(started.audio_start_ms),
                           item_id=self._user_item_id))
+        if self._interrupt_armed and not self.replies.buffer_events:
+            # WebSocket: the server cannot hear what the client plays, so it cancels at speech start and
+            # the client reports what it played with conversation.item.truncate (as the Realtime API does).
+            self._interrupt_armed = False
+            self.replies.interrupt("turn_detected")
 
     def _check_barge_in(self) -> None:
         if self._interrupt_armed and self._detector.speech_ms >= self.settings.turns.min_interrupt_ms:
@@ -282,7 +329,7 @@ class Call:
             self.state = CallState.SPEAKING if self.replies.active else CallState.LISTENING
             return
         self._session.commit_audio()
-        self.send(P.event("input_audio_buffer.committed", previous_item_id=None, item_id=item_id))
+        self._user_item_committed(item_id, None)
         if self.settings.turns.create_response:
             self.replies.start(speech_stopped_s=now)
         else:
@@ -330,9 +377,7 @@ class Call:
             if self.config.logging.log_user_content:
                 self.log.info("user text: %r", event.text)
             self._session.add_text(event.text)
-            self.send(P.event("conversation.item.added", previous_item_id=None,
-                              item={"id": _new_id("item"), "type": "message", "role": "user",
-                                    "content": [{"type": "input_text", "text": event.text}]}))
+            self._user_item_committed(None, event.text)
         elif isinstance(event, P.ResponseCreate):
             if self.replies.generating:
                 raise P.ProtocolError("conversation_already_has_active_response",
@@ -346,17 +391,55 @@ class Call:
             self._turn_audio_reset()
             if isinstance(event, P.InputAudioCommit):
                 self._session.commit_audio()
-                self.send(P.event("input_audio_buffer.committed", previous_item_id=None, item_id=item_id))
+                self._user_item_committed(item_id, None)
             else:
                 self._session.discard_audio()
                 self.send(P.event("input_audio_buffer.cleared"))
-        elif isinstance(event, P.ResponseCancel | P.OutputAudioClear):
+        elif isinstance(event, P.ResponseCancel):
             if not self.replies.active:
                 raise P.ProtocolError("response_cancel_not_active", "there is no active response to cancel",
                                       event.event_id)
             self.replies.interrupt("client_cancelled")
+        elif isinstance(event, P.OutputAudioClear):  # idempotent: clients send it after every cancel
+            self.replies.interrupt("client_cancelled")
+        elif isinstance(event, P.InputAudioAppend):
+            if self.audio_in is None:
+                raise P.ProtocolError("unknown_event", "input_audio_buffer.append is for the WebSocket transport; "
+                                      "over WebRTC the audio comes on the track", event.event_id, "type")
+            self.audio_in(event.audio)
+        elif isinstance(event, P.ItemRetrieve | P.ItemDelete | P.ItemTruncate):
+            self._item_event(event)
         elif isinstance(event, P.Ping):
             self.send(P.event("glm4voice.pong", ping_event_id=event.event_id))
+
+    def _user_item_committed(self, item_id: str | None, text: str | None) -> None:
+        """A user item is final: spoken (committed, transcript null) or typed. GA lifecycle events."""
+        item = P.user_item(item_id or _new_id("item"), text)
+        previous = self.conversation.add(item)
+        if text is None:
+            self.send(P.event("input_audio_buffer.committed", previous_item_id=previous, item_id=item["id"]))
+        self.send(P.event("conversation.item.added", previous_item_id=previous, item=item))
+        self.send(P.event("conversation.item.done", previous_item_id=previous, item=item))
+
+    def _item_event(self, event: P.ItemRetrieve | P.ItemDelete | P.ItemTruncate) -> None:
+        item = self.conversation.get(event.item_id)
+        if item is None:
+            raise P.ProtocolError("item_not_found", f"no item {event.item_id!r} in this conversation",
+                                  event.event_id, "item_id")
+        if isinstance(event, P.ItemRetrieve):
+            self.send(P.event("conversation.item.retrieved", item=item))
+            return
+        last = self.replies.last
+        if isinstance(event, P.ItemTruncate):
+            if last is None or last[0] != event.item_id:
+                raise P.ProtocolError("invalid_value", "only the latest assistant item can be truncated (the "
+                                      "model's history is cut at what was heard)", event.event_id, "item_id")
+            self.replies.truncate(event.item_id, event.audio_end_ms)
+            self.send(P.event("conversation.item.truncated", item_id=event.item_id, content_index=0,
+                              audio_end_ms=event.audio_end_ms))
+            return
+        raise P.ProtocolError("unsupported_value", "conversation.item.delete is not supported yet: the model's "
+                              "history cannot drop an item", event.event_id, "item_id")
 
     # ----- limits and liveness ---------------------------------------------------------------------
 
@@ -428,7 +511,8 @@ class Call:
             except Exception:
                 self.log.exception("responder session close failed")
             try:
-                await asyncio.wait_for(self.pc.close(), PC_CLOSE_TIMEOUT_S)
+                if self.pc is not None:
+                    await asyncio.wait_for(self.pc.close(), PC_CLOSE_TIMEOUT_S)
             except Exception as exc:  # TimeoutError included
                 self.log.warning("peer connection close failed: %s", repr(exc))
             self._step("converter", self._converter.reset)

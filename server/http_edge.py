@@ -6,6 +6,7 @@ Every refusal is an `ApiError` (server/limits.py), rendered as `{"error": {"type
 from __future__ import annotations
 
 import logging
+import re
 
 from aiohttp import web
 
@@ -21,6 +22,21 @@ CORS_HEADERS = {
     "Access-Control-Max-Age": "600",
     "Vary": "Origin",
 }
+# Realtime client libraries send their own headers with the offer (X-OpenAI-Agents-SDK, OpenAI-Beta,
+# OpenAI-Organization, OpenAI-Project, ...): an allowed origin's preflight gets the names it asks for.
+_HEADER_LIST = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*$")
+MAX_REQUESTED_HEADERS_CHARS = 1_000
+
+
+def allowed_headers(request: web.Request) -> str:
+    """`Access-Control-Allow-Headers`: ours, plus the well-formed header names a preflight requests."""
+    requested = request.headers.get("Access-Control-Request-Headers", "").strip()
+    if request.method != "OPTIONS" or not requested or len(requested) > MAX_REQUESTED_HEADERS_CHARS \
+            or not _HEADER_LIST.match(requested):
+        return CORS_HEADERS["Access-Control-Allow-Headers"]
+    names = ["Authorization", "Content-Type"]
+    names += [n.strip() for n in requested.split(",") if n.strip().lower() not in ("authorization", "content-type")]
+    return ", ".join(names)
 
 
 def make_preflight(http: HttpConfig):
@@ -44,6 +60,9 @@ def make_cors_middleware(http: HttpConfig):
         if origin and allowed_origin(origin, http.cors_origins):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers.update(CORS_HEADERS)
+            response.headers["Access-Control-Allow-Headers"] = allowed_headers(request)
+            if request.method == "OPTIONS":
+                response.headers["Vary"] = "Origin, Access-Control-Request-Headers"
         return response
 
     return cors_middleware

@@ -7,6 +7,8 @@ every name and shape lives in one file. Our own events carry the `glm4voice.` pr
 
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
 import json
 import math
@@ -43,6 +45,10 @@ class ProtocolError(Exception):
 # ----- client -> server ----------------------------------------------------------------------------
 
 
+class NotUtf8Text(bytes):
+    """A data-channel text message whose bytes are not UTF-8 (server/rtc.py hands it over as this)."""
+
+
 @dataclass(frozen=True)
 class TurnDetectionUpdate:
     """Only the knobs the client sent; None keeps the current value."""
@@ -53,6 +59,25 @@ class TurnDetectionUpdate:
     silence_duration_ms: int | None = None
     create_response: bool | None = None
     interrupt_response: bool | None = None
+    kind: str | None = None  # "server_vad" | "semantic_vad"
+    eagerness: str | None = None  # semantic_vad only: low | medium | high | auto
+
+
+# semantic_vad runs on the same silero VAD: `eagerness` picks how long a pause ends the turn (ms).
+# Realtime's own semantic model waits up to 8 s / 4 s / 2 s for low / medium / high; a pause-based
+# detector cannot wait that long without feeling dead, so these are our documented equivalents.
+SEMANTIC_VAD_SILENCE_MS = {"low": 1500, "medium": 800, "auto": 800, "high": 400}
+
+# Audio formats of the WebSocket transport (GA `audio.input.format` / `audio.output.format` types;
+# the beta `input_audio_format` strings map onto them). PCM is 16-bit LE mono at 24 kHz only.
+AUDIO_FORMATS = ("audio/pcm", "audio/pcmu", "audio/pcma")
+PCM_RATE_HZ = 24_000
+_BETA_FORMATS = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma"}
+# session fields (dotted) we read; every other field is accepted, ignored and listed in session.updated
+_USED_FIELDS = {"type", "instructions", "audio", "audio.input", "audio.output", "audio.input.format",
+                "audio.input.turn_detection", "audio.output.format", "turn_detection", "input_audio_format",
+                "output_audio_format", "temperature", "top_p", "top_k", "max_output_tokens",
+                "max_response_output_tokens"}
 
 
 @dataclass(frozen=True)
@@ -61,12 +86,40 @@ class SessionUpdate:
     instructions: str | None
     turn_detection: TurnDetectionUpdate | None
     sampling: dict  # SamplingSettings field -> value, only those sent
+    input_format: str | None = None  # one of AUDIO_FORMATS (used by the WebSocket transport)
+    output_format: str | None = None
+    ignored: tuple[str, ...] = ()  # fields accepted but not honoured (docs/protocol.md, Compatibility)
 
 
 @dataclass(frozen=True)
 class ItemCreate:
     event_id: str | None
     text: str
+
+
+@dataclass(frozen=True)
+class ItemDelete:
+    event_id: str | None
+    item_id: str
+
+
+@dataclass(frozen=True)
+class ItemRetrieve:
+    event_id: str | None
+    item_id: str
+
+
+@dataclass(frozen=True)
+class ItemTruncate:
+    event_id: str | None
+    item_id: str
+    audio_end_ms: int
+
+
+@dataclass(frozen=True)
+class InputAudioAppend:  # WebSocket transport only: `audio` is the decoded bytes, in the session's input format
+    event_id: str | None
+    audio: bytes
 
 
 @dataclass(frozen=True)
@@ -100,7 +153,7 @@ class Ping:  # glm4voice.ping: an app-level liveness / round-trip check, answere
 
 
 ClientEvent = (SessionUpdate | ItemCreate | ResponseCreate | ResponseCancel | OutputAudioClear | InputAudioCommit
-               | InputAudioClear | Ping)
+               | InputAudioClear | Ping | ItemDelete | ItemRetrieve | ItemTruncate | InputAudioAppend)
 
 
 def _finite(value: int | float) -> bool:
@@ -108,6 +161,29 @@ def _finite(value: int | float) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an integer of more than ~309 digits has no float
         return False
+
+
+def _encodes(text: str) -> bool:
+    """JSON's \\ud800 escapes decode to lone surrogates, which no UTF-8 channel can send back."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text(value: object, name: str, event_id: str | None) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError("invalid_value", f"{name} must be a string", event_id, name)
+    if not _encodes(value):
+        raise ProtocolError("invalid_value", f"{name} is not valid Unicode (a lone surrogate)", event_id, name)
+    return value
+
+
+def _flag(value: object, name: str, event_id: str | None) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError("invalid_value", f"{name} must be true or false", event_id, name)
+    return value
 
 
 def _number(value: object, name: str, event_id: str | None, low: float, high: float) -> float:
@@ -124,10 +200,21 @@ def _parse_turn_detection(td: object, event_id: str | None) -> TurnDetectionUpda
     if not isinstance(td, dict):
         raise ProtocolError("invalid_value", "turn_detection must be an object or null", event_id, "turn_detection")
     kind = td.get("type", "server_vad")
-    if kind != "server_vad":
-        raise ProtocolError("unsupported_value", f"turn_detection.type {kind!r} is not supported: use 'server_vad'",
-                            event_id, "turn_detection.type")
     get = td.get
+    create = None if get("create_response") is None else _flag(get("create_response"), "create_response", event_id)
+    interrupt = None if get("interrupt_response") is None \
+        else _flag(get("interrupt_response"), "interrupt_response", event_id)
+    if kind == "semantic_vad":
+        eagerness = get("eagerness", "auto")
+        if eagerness not in SEMANTIC_VAD_SILENCE_MS:
+            raise ProtocolError("invalid_value", "eagerness must be one of low, medium, high, auto", event_id,
+                                "turn_detection.eagerness")
+        return TurnDetectionUpdate(enabled=True, silence_duration_ms=SEMANTIC_VAD_SILENCE_MS[eagerness],
+                                   create_response=create, interrupt_response=interrupt, kind=kind,
+                                   eagerness=eagerness)
+    if kind != "server_vad":
+        raise ProtocolError("unsupported_value", f"turn_detection.type {kind!r} is not supported: use 'server_vad' "
+                            "or 'semantic_vad'", event_id, "turn_detection.type")
     return TurnDetectionUpdate(
         enabled=True,
         threshold=None if get("threshold") is None else _number(get("threshold"), "threshold", event_id, 0.01, 0.99),
@@ -135,9 +222,32 @@ def _parse_turn_detection(td: object, event_id: str | None) -> TurnDetectionUpda
         else int(_number(get("prefix_padding_ms"), "prefix_padding_ms", event_id, 0, 5_000)),
         silence_duration_ms=None if get("silence_duration_ms") is None
         else int(_number(get("silence_duration_ms"), "silence_duration_ms", event_id, 50, 10_000)),
-        create_response=None if get("create_response") is None else bool(get("create_response")),
-        interrupt_response=None if get("interrupt_response") is None else bool(get("interrupt_response")),
+        create_response=create,
+        interrupt_response=interrupt,
+        kind=kind,
     )
+
+
+def _parse_format(value: object, name: str, event_id: str | None) -> str:
+    """A GA format object ({type, rate}) or a beta format string -> one of AUDIO_FORMATS."""
+    if isinstance(value, str) and value in _BETA_FORMATS:
+        return _BETA_FORMATS[value]
+    if not isinstance(value, dict) or value.get("type") not in AUDIO_FORMATS:
+        raise ProtocolError("invalid_value", f"{name} must be {{type: 'audio/pcm' (rate 24000) | 'audio/pcmu' | "
+                            "'audio/pcma'}", event_id, name)
+    if value["type"] == "audio/pcm" and value.get("rate", PCM_RATE_HZ) != PCM_RATE_HZ:
+        raise ProtocolError("invalid_value", f"{name}: audio/pcm is 24000 Hz only", event_id, f"{name}.rate")
+    return value["type"]
+
+
+def _ignored_fields(session: dict) -> tuple[str, ...]:
+    ignored = [key for key in session if key not in _USED_FIELDS]
+    audio = session.get("audio") if isinstance(session.get("audio"), dict) else {}
+    for side in ("input", "output"):
+        if isinstance(audio.get(side), dict):
+            ignored += [f"audio.{side}.{k}" for k in audio[side] if f"audio.{side}.{k}" not in _USED_FIELDS]
+    ignored += [f"audio.{k}" for k in audio if f"audio.{k}" not in _USED_FIELDS]
+    return tuple(ignored)
 
 
 def _parse_session_update(event: dict, event_id: str | None, max_instructions_chars: int) -> SessionUpdate:
@@ -146,8 +256,7 @@ def _parse_session_update(event: dict, event_id: str | None, max_instructions_ch
         raise ProtocolError("missing_required_parameter", "session.update needs a 'session' object", event_id, "session")
     instructions = session.get("instructions")
     if instructions is not None:
-        if not isinstance(instructions, str):
-            raise ProtocolError("invalid_value", "instructions must be a string", event_id, "session.instructions")
+        instructions = _text(instructions, "session.instructions", event_id)
         if len(instructions) > max_instructions_chars:
             raise ProtocolError("string_above_max_length",
                                 f"instructions are {len(instructions)} characters; the limit is {max_instructions_chars}",
@@ -161,6 +270,20 @@ def _parse_session_update(event: dict, event_id: str | None, max_instructions_ch
         audio_input = {}
     elif not isinstance(audio_input, dict):
         raise ProtocolError("invalid_value", "session.audio.input must be an object", event_id, "session.audio.input")
+    audio_output = (audio or {}).get("output")
+    if audio_output is None:
+        audio_output = {}
+    elif not isinstance(audio_output, dict):
+        raise ProtocolError("invalid_value", "session.audio.output must be an object", event_id, "session.audio.output")
+    input_format = output_format = None
+    if audio_input.get("format") is not None:
+        input_format = _parse_format(audio_input["format"], "session.audio.input.format", event_id)
+    elif session.get("input_audio_format") is not None:
+        input_format = _parse_format(session["input_audio_format"], "session.input_audio_format", event_id)
+    if audio_output.get("format") is not None:
+        output_format = _parse_format(audio_output["format"], "session.audio.output.format", event_id)
+    elif session.get("output_audio_format") is not None:
+        output_format = _parse_format(session["output_audio_format"], "session.output_audio_format", event_id)
     turn_detection = None
     if "turn_detection" in audio_input:
         turn_detection = _parse_turn_detection(audio_input["turn_detection"], event_id)
@@ -176,7 +299,8 @@ def _parse_session_update(event: dict, event_id: str | None, max_instructions_ch
     for key in ("max_output_tokens", "max_response_output_tokens"):
         if key in session and session[key] != "inf":
             sampling["max_new_tokens"] = int(_number(session[key], key, event_id, 1, SamplingSettings.max_new_tokens))
-    return SessionUpdate(event_id, instructions, turn_detection, sampling)
+    return SessionUpdate(event_id, instructions, turn_detection, sampling, input_format, output_format,
+                         _ignored_fields(session))
 
 
 def _parse_item_create(event: dict, event_id: str | None, max_text_chars: int) -> ItemCreate:
@@ -193,11 +317,11 @@ def _parse_item_create(event: dict, event_id: str | None, max_text_chars: int) -
                             "item.content")
     texts = []
     for part in content:
-        if not isinstance(part, dict) or part.get("type") not in {"input_text", "text"} \
-                or not isinstance(part.get("text"), str):
+        if not isinstance(part, dict) or part.get("type") not in ("input_text", "text") \
+                or not isinstance(part.get("text"), str):  # a tuple: an unhashable type ([] or {}) is just unequal
             raise ProtocolError("unsupported_value", "item.content parts must be {type: 'input_text', text: str}",
                                 event_id, "item.content")
-        texts.append(part["text"])
+        texts.append(_text(part["text"], "item.content.text", event_id))
     text = "".join(texts).strip()
     if not text:
         raise ProtocolError("invalid_value", "the message text is empty", event_id, "item.content")
@@ -207,23 +331,71 @@ def _parse_item_create(event: dict, event_id: str | None, max_text_chars: int) -
     return ItemCreate(event_id, text)
 
 
+def _item_id(event: dict, event_id: str | None) -> str:
+    item_id = event.get("item_id")
+    if not isinstance(item_id, str) or not item_id:
+        raise ProtocolError("missing_required_parameter", f"{event.get('type')} needs an 'item_id'", event_id,
+                            "item_id")
+    return _text(item_id, "item_id", event_id)
+
+
+def _parse_append(event: dict, event_id: str | None) -> InputAudioAppend:
+    audio = event.get("audio")
+    if not isinstance(audio, str):
+        raise ProtocolError("missing_required_parameter", "input_audio_buffer.append needs 'audio' (base64)",
+                            event_id, "audio")
+    try:
+        return InputAudioAppend(event_id, base64.b64decode(audio, validate=True))
+    except (binascii.Error, ValueError):
+        raise ProtocolError("invalid_value", "audio is not valid base64", event_id, "audio") from None
+
+
+def _parse_item_event(kind: str, event: dict, event_id: str | None) -> ClientEvent:
+    item_id = _item_id(event, event_id)
+    if kind == "conversation.item.delete":
+        return ItemDelete(event_id, item_id)
+    if kind == "conversation.item.retrieve":
+        return ItemRetrieve(event_id, item_id)
+    if event.get("content_index", 0) != 0:
+        raise ProtocolError("invalid_value", "content_index must be 0 (an assistant item has one audio part)",
+                            event_id, "content_index")
+    end_ms = int(_number(event.get("audio_end_ms"), "audio_end_ms", event_id, 0, 24 * 3600 * 1000))
+    return ItemTruncate(event_id, item_id, end_ms)
+
+
 def parse_client_event(message: str | bytes, *, max_event_bytes: int, max_text_chars: int,
-                       max_instructions_chars: int) -> ClientEvent:
-    """One data-channel message -> a client event, or ProtocolError."""
+                       max_instructions_chars: int, max_audio_event_bytes: int = 0) -> ClientEvent:
+    """One data-channel or WebSocket message -> a client event, or ProtocolError.
+
+    `max_audio_event_bytes`: the WebSocket transport's larger bound for `input_audio_buffer.append`
+    (0: appends are bound by `max_event_bytes` like every other event)."""
+    if isinstance(message, NotUtf8Text):
+        raise ProtocolError("invalid_event", "a text message that is not valid UTF-8")
     if isinstance(message, bytes):
         raise ProtocolError("invalid_event", "events are JSON text messages, not binary")
-    if len(message.encode("utf-8", "surrogatepass")) > max_event_bytes:
-        raise ProtocolError("message_too_large", f"event is larger than {max_event_bytes} bytes")
+    size = len(message.encode("utf-8", "surrogatepass"))
+    if size > max(max_event_bytes, max_audio_event_bytes):
+        raise ProtocolError("message_too_large", f"event is larger than {max(max_event_bytes, max_audio_event_bytes)}"
+                            " bytes")
     try:
         event = json.loads(message)
     except (ValueError, RecursionError):
         raise ProtocolError("invalid_json", "event is not valid JSON") from None
     if not isinstance(event, dict):
         raise ProtocolError("invalid_event", "event must be a JSON object")
-    event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
+    event_id = event.get("event_id")
+    if event_id is not None:  # it comes back in our error events: it must be a string we can send
+        event_id = _text(event_id, "event_id", None)
     kind = event.get("type")
     if not isinstance(kind, str):
         raise ProtocolError("missing_required_parameter", "event has no 'type'", event_id, "type")
+    kind = _text(kind, "type", event_id)
+    if kind == "input_audio_buffer.append":
+        return _parse_append(event, event_id)
+    if size > max_event_bytes:
+        raise ProtocolError("message_too_large", f"event is larger than {max_event_bytes} bytes", event_id)
+    if kind in ("conversation.item.delete", "conversation.item.retrieve", "conversation.item.truncate"):
+        return _parse_item_event(kind, event, event_id)
     if kind == "session.update":
         return _parse_session_update(event, event_id, max_instructions_chars)
     if kind == "conversation.item.create":
@@ -256,9 +428,15 @@ def error_event(code: str, message: str, *, event_id: str | None = None, param: 
                                  "event_id": event_id})
 
 
-def session_object(call_id: str, instructions: str, td: dict | None, sampling: SamplingSettings,
-                   responder: str) -> dict:
-    """The `session` object of session.created / session.updated (Realtime GA shape + our extras)."""
+def format_object(kind: str) -> dict:
+    return {"type": kind, "rate": PCM_RATE_HZ} if kind == "audio/pcm" else {"type": kind}
+
+
+def session_object(call_id: str, instructions: str, td: dict | None, sampling: SamplingSettings, responder: str,
+                   input_format: str = "audio/pcm", output_format: str = "audio/pcm",
+                   ignored: tuple[str, ...] = ()) -> dict:
+    """The `session` object of session.created / session.updated (Realtime GA shape + our extras): the
+    effective session, plus `glm4voice.ignored_fields` (what the last update sent that we cannot honour)."""
     return {
         "type": "realtime",
         "object": "realtime.session",
@@ -267,24 +445,36 @@ def session_object(call_id: str, instructions: str, td: dict | None, sampling: S
         "output_modalities": ["audio"],
         "instructions": instructions,
         "audio": {
-            "input": {"format": {"type": "audio/pcm", "rate": 16000}, "turn_detection": td},
-            "output": {"format": {"type": "audio/pcm", "rate": 48000}},
+            "input": {"format": format_object(input_format), "turn_detection": td},
+            "output": {"format": format_object(output_format)},
         },
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
         "top_k": sampling.top_k,
         "max_output_tokens": sampling.max_new_tokens,
+        "glm4voice": {"ignored_fields": list(ignored)},
     }
 
 
+def user_item(item_id: str, text: str | None) -> dict:
+    """A completed user message: typed (`input_text`) or spoken (`input_audio`, transcript null: we do
+    not transcribe the user)."""
+    part = {"type": "input_text", "text": text} if text is not None else {"type": "input_audio", "transcript": None}
+    return {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
+            "content": [part]}
+
+
+def assistant_item(item_id: str, status: str, transcript: str | None) -> dict:
+    """`status`: in_progress | completed | incomplete. No content part until the reply has one."""
+    content = [] if transcript is None else [{"type": "output_audio", "transcript": transcript}]
+    return {"id": item_id, "object": "realtime.item", "type": "message", "role": "assistant", "status": status,
+            "content": content}
+
+
 def response_object(response_id: str, status: str, status_details: dict | None = None,
-                    transcript: str | None = None) -> dict:
-    output = []
-    if transcript is not None:
-        output = [{"type": "message", "role": "assistant", "status": "completed" if status == "completed" else status,
-                   "content": [{"type": "output_audio", "transcript": transcript}]}]
+                    output: list[dict] | None = None) -> dict:
     return {"object": "realtime.response", "id": response_id, "status": status, "status_details": status_details,
-            "output": output}
+            "output": output or []}
 
 
 def dumps(message: dict) -> str:

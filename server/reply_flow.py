@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pipeline.responder import AudioChunk, ResponderSession, TextDelta, Timing, Turn, TurnDone, TurnError
 from server import protocol as P
 from server.call_state import CallState
+from server.conversation import Conversation
 from server.media import OutboundAudioTrack
 from server.metrics import Metrics
 from server.protocol import new_id as _new_id
@@ -24,6 +25,10 @@ from server.protocol import new_id as _new_id
 # played out: a peer that never reads our track (a sendonly offer, a stalled sender) must not hold the
 # call "replying" - which keeps idle_timeout from ever firing - until max_call_duration.
 PLAYOUT_SLACK_S = 2.0
+# Why a reply was cut off -> Realtime's `status_details.reason` (a typed message is the client's doing,
+# a new spoken turn the user's).
+CANCEL_REASONS = {"client_cancelled": "client_cancelled", "user_message": "client_cancelled",
+                  "turn_detected": "turn_detected", "new_turn": "turn_detected"}
 
 
 @dataclass
@@ -34,21 +39,34 @@ class ReplyState:
     turn: Turn
     speech_stopped_s: float | None  # VAD end decision that triggered it (None: response.create)
     timings: dict[str, float]
+    item_id: str
     generating: bool = True
     latency_sent: bool = False
+    cancel_reason: str | None = None  # set when the reply is cut off (interrupt)
+    played_ms: float | None = None  # what was heard at the cut
 
 
 class ReplyFlow:
     def __init__(self, session: ResponderSession, metrics: Metrics, send: Callable[[dict], None],
                  spawn: Callable[[Coroutine, str], asyncio.Task], on_phase: Callable[[CallState], None],
-                 log: logging.LoggerAdapter) -> None:
+                 log: logging.LoggerAdapter, conversation: Conversation,
+                 track: OutboundAudioTrack | None = None) -> None:
+        """`track`: where reply audio goes - the WebRTC track (default) or the WebSocket's delta sender,
+        which has the same interface but no playout (server/websocket.py); only a track that plays
+        out sends the `output_audio_buffer.*` events."""
         self._session = session
         self._metrics = metrics
         self._send = send
         self._spawn = spawn
         self._on_phase = on_phase
         self._log = log
-        self.track = OutboundAudioTrack(on_started=self._on_playback_started, on_stopped=self._on_playback_stopped)
+        self.conversation = conversation
+        if track is None:
+            track = OutboundAudioTrack()
+        track.on_started, track.on_stopped = self._on_playback_started, self._on_playback_stopped
+        self.track = track
+        self.buffer_events = isinstance(track, OutboundAudioTrack)
+        self.last: tuple[str, Turn] | None = None  # the latest assistant item and its turn (truncate)
         self.current: ReplyState | None = None
         self.idle = asyncio.Event()  # set while no reply is in progress (drain waits on it)
         self.idle.set()
@@ -86,20 +104,26 @@ class ReplyFlow:
             return
         response_id = _new_id("resp")
         timings = {"speech_stopped": speech_stopped_s} if speech_stopped_s is not None else {}
-        reply = ReplyState(response_id, turn, speech_stopped_s, timings)
+        reply = ReplyState(response_id, turn, speech_stopped_s, timings, _new_id("item"))
         self._set_current(reply)
+        self.last = (reply.item_id, turn)
         self.track.begin_reply(response_id)
         self._metrics.turns_total += 1
         self._on_phase(CallState.THINKING)
+        ids = {"response_id": response_id, "item_id": reply.item_id, "output_index": 0, "content_index": 0}
+        item = P.assistant_item(reply.item_id, "in_progress", None)
         self._send(P.event("response.created", response=P.response_object(response_id, "in_progress")))
+        self._send(P.event("response.output_item.added", response_id=response_id, output_index=0, item=item))
+        previous = self.conversation.add(item)
+        self._send(P.event("conversation.item.added", previous_item_id=previous, item=item))
+        self._send(P.event("response.content_part.added", **ids, part={"type": "audio", "transcript": ""}))
         self._spawn(self._run_turn(reply), f"turn:{response_id}")
 
     async def _run_turn(self, reply: ReplyState) -> None:
         transcript: list[str] = []
-        item_id = _new_id("item")
         status, details = "completed", None
         try:
-            status, details = await self._pump_turn(reply, item_id, transcript)
+            status, details = await self._pump_turn(reply, transcript)
         except Exception as exc:  # a broken responder fails this turn only
             self._log.exception("turn %s failed", reply.response_id)
             self._metrics.turn_errors += 1
@@ -111,11 +135,15 @@ class ReplyFlow:
             self.track.end_reply()
             if status == "failed":
                 self.track.clear()
-        if status == "cancelled" and details is None:
-            details = {"type": "cancelled", "reason": "turn_detected"}
-        self._send(P.event("response.output_audio_transcript.done", response_id=reply.response_id, item_id=item_id,
-                           output_index=0, content_index=0, transcript=text))
-        self._send(P.event("response.done", response=P.response_object(reply.response_id, status, details, text)))
+        if reply.cancel_reason is not None and status != "failed":
+            # Cut off, even when the responder finished before it saw the cancel: the client gets what
+            # was heard, never the text of audio it did not hear.
+            if status != "cancelled":
+                heard = reply.turn.heard_transcript(reply.played_ms or 0.0)
+                text = text if heard is None else heard
+            status = "cancelled"
+            details = {"type": "cancelled", "reason": CANCEL_REASONS.get(reply.cancel_reason, "turn_detected")}
+        self._finish_item(reply, status, details, text)
         audio_pending = self.current is reply and self.track.active
         if not reply.latency_sent and not audio_pending:  # with audio, it goes out with the first frame
             self._send_latency(reply)
@@ -126,14 +154,41 @@ class ReplyFlow:
             deadline_s = self.track.queued_ms / 1000.0 + PLAYOUT_SLACK_S
             self._playout_timer = asyncio.get_running_loop().call_later(deadline_s, self._playout_timed_out, reply)
 
-    async def _pump_turn(self, reply: ReplyState, item_id: str, transcript: list[str]) -> tuple[str, dict | None]:
+    def _finish_item(self, reply: ReplyState, status: str, details: dict | None, text: str) -> None:
+        """The GA closing sequence of a reply's item, then `response.done` with the item in `output`."""
+        ids = {"response_id": reply.response_id, "item_id": reply.item_id, "output_index": 0, "content_index": 0}
+        item = P.assistant_item(reply.item_id, "completed" if status == "completed" else "incomplete", text)
+        self._send(P.event("response.output_audio.done", **ids))
+        self._send(P.event("response.output_audio_transcript.done", **ids, transcript=text))
+        self._send(P.event("response.content_part.done", **ids, part={"type": "audio", "transcript": text}))
+        self._send(P.event("response.output_item.done", response_id=reply.response_id, output_index=0, item=item))
+        self.conversation.replace(item)
+        self._send(P.event("conversation.item.done", item=item))
+        self._send(P.event("response.done", response=P.response_object(reply.response_id, status, details, [item])))
+
+    def truncate(self, item_id: str, audio_end_ms: int) -> str | None:
+        """The client heard only `audio_end_ms` of the latest assistant item: cut the history there (the
+        barge-in rule) and the item's transcript with it. Returns the kept transcript (None: unknown)."""
+        assert self.last is not None and self.last[0] == item_id
+        turn = self.last[1]
+        if self.current is not None and self.current.turn is turn:
+            self.interrupt("client_cancelled", played_ms=audio_end_ms)
+        else:
+            turn.cancel(played_ms=audio_end_ms)
+        heard = turn.heard_transcript(audio_end_ms)
+        item = self.conversation.get(item_id)
+        if item is not None and heard is not None and self.current is None:
+            self.conversation.replace(P.assistant_item(item_id, "incomplete", heard))
+        return heard
+
+    async def _pump_turn(self, reply: ReplyState, transcript: list[str]) -> tuple[str, dict | None]:
         """Move one reply's events to the data channel and the outbound track until it ends."""
         status, details = "completed", None
         async for item in reply.turn.events():
             if isinstance(item, TextDelta):
                 transcript.append(item.text)
                 self._send(P.event("response.output_audio_transcript.delta", response_id=reply.response_id,
-                                   item_id=item_id, output_index=0, content_index=0, delta=item.text))
+                                   item_id=reply.item_id, output_index=0, content_index=0, delta=item.text))
             elif isinstance(item, AudioChunk):
                 if self.current is reply:
                     self.track.push(item.pcm, item.sample_rate_hz)
@@ -144,7 +199,7 @@ class ReplyFlow:
                                                                                                      "completed")
                 if item.reason == "length":
                     details = {"type": "incomplete", "reason": "max_output_tokens"}
-                if item.text:
+                if item.text or item.reason == "cancelled":  # a cut reply: what the history kept
                     transcript[:] = [item.text]
                 break
             elif isinstance(item, TurnError):
@@ -154,16 +209,20 @@ class ReplyFlow:
                 break
         return status, details
 
-    def interrupt(self, reason: str) -> None:
-        """Barge-in, response.cancel, output_audio_buffer.clear or a typed message: stop the reply now."""
+    def interrupt(self, reason: str, played_ms: float | None = None) -> None:
+        """Barge-in, response.cancel, output_audio_buffer.clear or a typed message: stop the reply now.
+        `played_ms`: what the client says it heard (truncate); else what the track sent."""
         reply = self.current
         if reply is None:
             return
-        played_ms = self.track.clear()  # the next outbound frame is silence
+        sent_ms = self.track.clear()  # the next outbound frame is silence
+        played_ms = sent_ms if played_ms is None else min(played_ms, sent_ms)
         self._set_current(None)
+        reply.cancel_reason, reply.played_ms = reason, played_ms
         reply.turn.cancel(played_ms=played_ms)
         self._metrics.turns_interrupted += 1
-        self._send(P.event("output_audio_buffer.cleared", response_id=reply.response_id))
+        if self.buffer_events:
+            self._send(P.event("output_audio_buffer.cleared", response_id=reply.response_id))
         self._send(P.event("glm4voice.response.cancelled", response_id=reply.response_id, reason=reason,
                            played_ms=round(played_ms), still_generating=reply.generating))
         self._log.info("reply %s interrupted (%s) after %.0f ms played", reply.response_id, reason, played_ms)
@@ -198,11 +257,13 @@ class ReplyFlow:
             return
         reply.timings.setdefault("first_frame_sent", t_s)
         self._on_phase(CallState.SPEAKING)
-        self._send(P.event("output_audio_buffer.started", response_id=response_id))
+        if self.buffer_events:
+            self._send(P.event("output_audio_buffer.started", response_id=response_id))
         self._send_latency(reply)
 
     def _on_playback_stopped(self, response_id: str) -> None:
-        self._send(P.event("output_audio_buffer.stopped", response_id=response_id))
+        if self.buffer_events:
+            self._send(P.event("output_audio_buffer.stopped", response_id=response_id))
         reply = self.current
         if reply is not None and reply.response_id == response_id and not reply.generating:
             self._set_current(None)

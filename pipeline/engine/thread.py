@@ -44,7 +44,7 @@ from pipeline.engine.commands import (
     Wake,
 )
 from pipeline.engine.config import EngineConfig, VLLMConfig
-from pipeline.engine.dialogue import Dialogue, PendingInput
+from pipeline.engine.dialogue import Dialogue, PendingInput, heard_prefix_len
 from pipeline.engine.reply import Reply
 from pipeline.responder import (
     Responder,
@@ -80,12 +80,14 @@ def _deliver(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
 
 
 class EngineTurn(Turn):
-    def __init__(self, dialogue: Dialogue, reply: Reply, events: asyncio.Queue, send: Callable) -> None:
+    def __init__(self, dialogue: Dialogue, reply: Reply, events: asyncio.Queue, send: Callable,
+                 text: Callable[[], object]) -> None:
         self.turn_id = reply.turn_id
         self._dialogue = dialogue
         self._reply = reply
         self._events = events
         self._send = send
+        self._text = text  # -> the engine's text tokenizer (is_audio, decode), loaded in the thread
 
     async def events(self) -> AsyncIterator[TurnEvent]:
         while True:
@@ -95,11 +97,20 @@ class EngineTurn(Turn):
                 return
 
     def cancel(self, played_ms: float | None = None) -> None:
-        if self._reply.cancel_event.is_set():
-            return
-        self._reply.played_ms = played_ms  # written before the event is set: the engine reads it after
-        self._reply.cancel_event.set()
-        self._send(Cancel(self._dialogue, self._reply))
+        reply = self._reply
+        if reply.cancel_event.is_set():  # only a shorter report of what was heard cuts again (truncate)
+            if played_ms is None or (reply.played_ms is not None and played_ms >= reply.played_ms):
+                return
+        reply.played_ms = played_ms  # written before the event is set: the engine reads it after
+        reply.cancel_event.set()
+        self._send(Cancel(self._dialogue, reply))
+
+    def heard_transcript(self, played_ms: float) -> str | None:
+        """Read once TurnDone has arrived: the engine no longer appends to `generated_ids`."""
+        text = self._text()
+        ids = list(self._reply.gen.generated_ids)
+        keep = heard_prefix_len(ids, text.is_audio, played_ms)
+        return text.decode([i for i in ids[:keep] if not text.is_audio(i)])
 
 
 class EngineSession(ResponderSession):
@@ -145,7 +156,8 @@ class EngineSession(ResponderSession):
             sampling=sampling,
             max_new_tokens=max(1, min(sampling.max_new_tokens, cfg.max_new_tokens)),
         )
-        self._current = EngineTurn(self._dialogue, reply, events, self._engine.send)
+        self._current = EngineTurn(self._dialogue, reply, events, self._engine.send,
+                                   lambda: self._engine.scheduler.m.text)
         self._engine.send(Respond(self._dialogue, reply))
         return self._current
 
