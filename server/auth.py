@@ -27,6 +27,7 @@ from server.limits import ApiError
 
 SECRET_PREFIX = "ek_"
 MAX_LIVE_SECRETS = 100_000  # a bound on memory: minting past it first drops expired ones, then refuses
+EXPIRED_REMEMBERED_S = 600.0  # an expired secret is still recognised this long, to answer expired_client_secret
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,6 @@ class Auth:
                 raise _unauthorized("invalid_client_secret", "the client secret is not known (or the server "
                                     "restarted): mint a new one")
             if secret.expires_at <= time.time():
-                self._secrets.pop(token, None)
                 raise _unauthorized("expired_client_secret", "the client secret has expired: mint a new one")
             return secret
         if not self._is_api_key(token):
@@ -135,8 +135,10 @@ class Auth:
         return secret
 
     def prune(self) -> None:
-        now = time.time()
-        for key in [k for k, s in self._secrets.items() if s.expires_at <= now]:
+        """Forget secrets that expired more than EXPIRED_REMEMBERED_S ago (until then a late use is told
+        the secret expired, not that it is unknown)."""
+        forget_before = time.time() - EXPIRED_REMEMBERED_S
+        for key in [k for k, s in self._secrets.items() if s.expires_at <= forget_before]:
             del self._secrets[key]
 
 

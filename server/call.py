@@ -30,7 +30,7 @@ from server.call_guard import CallGuard
 from server.call_state import CallState
 from server.config import Config, TurnDetectionConfig
 from server.conversation import Conversation
-from server.logs import current_call_id, run_as_call
+from server.logs import LogLimiter, call_tag, current_call_id, run_as_call
 from server.media import InboundConverter, OutboundAudioTrack
 from server.metrics import Metrics
 from server.protocol import new_id as _new_id
@@ -46,7 +46,7 @@ PC_CLOSE_TIMEOUT_S = 5.0  # aiortc's close awaits its transports; a stuck one mu
 
 
 class CallLog(logging.LoggerAdapter):
-    """Sets `extra["call_id"]`; server/logs.py prints it on every line (text or JSON)."""
+    """Sets `extra["call_id"]`; server/logs.py prints its tag (a short hash) on every line (text or JSON)."""
 
     def process(self, msg, kwargs):
         kwargs.setdefault("extra", {}).update(self.extra)
@@ -153,6 +153,8 @@ class Call:
         self.replies = ReplyFlow(self._session, metrics, self.send, self._spawn, self._reply_phase, self.log,
                                  self.conversation, track)
         self.guard = CallGuard(config.limits, self.created_s)
+        self._event_failures = LogLimiter()  # a client repeating an event that fails: one line per interval
+        self._inbound_drops = LogLimiter()  # a sender over real time: one line (and one error) per interval
         self._turn_samples = 0  # 16 kHz samples pushed to the responder for the pending user turn
         self._turn_capped = False  # the pending turn hit max_turn_audio_s
         self._spawn(self._watch(), "watchdog")
@@ -203,7 +205,7 @@ class Call:
             self.state = phase
 
     def _spawn(self, coro, name: str) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro, name=f"{self.call_id}:{name}",
+        task = asyncio.get_running_loop().create_task(coro, name=f"call {call_tag(self.call_id)}:{name}",
                                                       context=run_as_call(self.call_id))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -253,7 +255,9 @@ class Call:
                 frame = await track.recv()
             except MediaStreamError:
                 return
-            self.guard.inbound_frame(time.monotonic())
+            if not self.guard.inbound_frame(time.monotonic(), frame.samples / frame.sample_rate):
+                self._inbound_dropped()
+                continue
             for chunk in self._converter.push(frame):  # (512,) float32 16 kHz each
                 self.feed_chunk(chunk)
 
@@ -272,6 +276,20 @@ class Call:
                 self._on_speech_stopped(item)
         if self._turn_capped and self._detector.state.speaking:
             self._cut_long_turn()
+
+    def _inbound_dropped(self) -> None:
+        """A frame over real time was dropped (a sender faster than its clock: a flood, or a broken client)."""
+        self.metrics.inbound_frames_dropped += 1
+        allow, suppressed = self._inbound_drops.allow()
+        if allow:
+            g = self.guard
+            self.log.warning("inbound audio faster than real time: %d frames (%.1f s of audio) dropped so far%s",
+                             g.inbound_frames_dropped, g.inbound_dropped_s,
+                             f" ({suppressed} drops since the last line)" if suppressed else "")
+            self.send(P.error_event("input_audio_too_fast", "inbound audio arrives faster than real time: the "
+                                    "excess is dropped" + (f", and the call ends if it goes on for "
+                                    f"{self.config.limits.inbound_flood_s:g} s" if self.config.limits.inbound_flood_s
+                                    else "")))
 
     def _push_turn_audio(self, pcm) -> None:
         """Audio of the pending user turn, up to `max_turn_audio_s`; the excess is dropped with one error."""
@@ -338,9 +356,22 @@ class Call:
     # ----- client events ---------------------------------------------------------------------------
 
     def _on_message(self, message: str | bytes) -> None:
+        """aiortc's receive loop calls this (through pyee): whatever goes wrong, nothing may escape into it,
+        or the loop - and with it the call - ends. A failure is one `error` event and a rate-limited log line."""
         token = current_call_id.set(self.call_id)
         try:
             self._on_message_in_call(message)
+        except Exception:
+            self.metrics.events_failed += 1
+            allow, suppressed = self._event_failures.allow()
+            if allow:
+                self.log.exception("client event failed%s", f" ({suppressed} more since the last line)"
+                                   if suppressed else "")
+            try:
+                self.send(P.error_event("server_error", "the event could not be handled; the call goes on",
+                                        error_type="server_error"))
+            except Exception:  # the channel itself is failing; the close path will notice
+                pass
         finally:
             current_call_id.reset(token)
 
@@ -357,9 +388,20 @@ class Call:
             event = P.parse_client_event(message, max_event_bytes=limits.max_event_bytes,
                                          max_text_chars=limits.max_text_chars,
                                          max_instructions_chars=limits.max_instructions_chars)
+            if self._makes_engine_work(event) and not self.guard.expensive_event(time.monotonic()):
+                raise P.ProtocolError("rate_limited", f"response.create and instructions changes are limited to "
+                                      f"{limits.max_expensive_events_per_s:g} per second: this one was dropped",
+                                      event.event_id)
             self.handle_event(event)
         except P.ProtocolError as exc:
             self.send(P.error_event(exc.code, exc.message, event_id=exc.event_id, param=exc.param))
+
+    def _makes_engine_work(self, event: P.ClientEvent) -> bool:
+        """Events that make the engine prefill (a reply; new instructions re-prefill the system prompt):
+        charged against their own, lower rate, so one caller cannot keep the shared engine busy."""
+        if isinstance(event, P.ResponseCreate):
+            return True
+        return isinstance(event, P.SessionUpdate) and event.instructions not in (None, self.settings.instructions)
 
     def handle_event(self, event: P.ClientEvent) -> None:
         if isinstance(event, P.SessionUpdate):

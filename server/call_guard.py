@@ -5,7 +5,11 @@ watchdog task (server/call.py) asks `check()` twice a second and ends the call w
 
 - Event rate: a token bucket of `max_events_per_s`, `event_burst` deep. An event over the rate is
   dropped with an `error` (`rate_limited`), at most one such error a second (a flood must not make
-  us flood back).
+  us flood back). Events that make the shared engine work (`response.create`, new instructions) also
+  take from a second bucket, `max_expensive_events_per_s`, `expensive_event_burst` deep.
+- Inbound media: audio may arrive ahead of real time by at most `INBOUND_BURST_S` (a network stall
+  catching up); frames past that are dropped before the resampler and the VAD, and a sender still
+  over real time after `inbound_flood_s` of drops has its call ended (`inbound_flood`).
 - Peer liveness: a browser sends an audio packet every 20 ms for as long as it is there (a muted
   track sends silence packets). No inbound packet and no data-channel message for `peer_timeout_s`
   once media has flowed means the peer is gone. Peers that send no audio (receive-only) are covered by
@@ -26,11 +30,14 @@ from server.config import LimitsConfig
 from server.limits import TokenBucket
 
 RATE_ERROR_INTERVAL_S = 1.0
+INBOUND_RATE = 1.02  # inbound audio s per wall-clock s: real time, and 2 % for the peers' clocks drifting apart
+INBOUND_BURST_S = 1.0  # audio a sender may get ahead by: a 1 s network stall delivered at once
+FLOOD_QUIET_S = 1.0  # no drop for this long ends a flood (the next drop starts a new one)
 
 
 @dataclass(frozen=True)
 class Ending:
-    code: str  # max_duration | idle_timeout | peer_gone | connect_timeout
+    code: str  # max_duration | idle_timeout | peer_gone | connect_timeout | inbound_flood
     message: str
     notify: bool  # whether the peer can still be told (not when it is gone)
 
@@ -44,10 +51,29 @@ class CallGuard:
         self.last_event_s = now_s  # last data-channel message, any
         self.events = TokenBucket(limits.max_events_per_s, limits.event_burst)
         self.events_dropped = 0
+        self.expensive = TokenBucket(limits.max_expensive_events_per_s, limits.expensive_event_burst)
         self._last_rate_error_s = -RATE_ERROR_INTERVAL_S
+        self.inbound = TokenBucket(INBOUND_RATE, INBOUND_BURST_S)
+        self.inbound_frames_dropped = 0
+        self.inbound_dropped_s = 0.0  # audio dropped, s
+        self.flood_since_s: float | None = None  # first drop of the current run of drops
+        self.last_drop_s = float("-inf")
 
-    def inbound_frame(self, now_s: float) -> None:
+    def inbound_frame(self, now_s: float, duration_s: float) -> bool:
+        """An inbound audio frame of `duration_s` arrived: -> keep it (False: over real time, drop it)."""
         self.last_inbound_s = now_s
+        if self.inbound.take(now_s, duration_s):
+            return True
+        self.inbound_frames_dropped += 1
+        self.inbound_dropped_s += duration_s
+        if now_s - self.last_drop_s >= FLOOD_QUIET_S:
+            self.flood_since_s = now_s
+        self.last_drop_s = now_s
+        return False
+
+    def expensive_event(self, now_s: float) -> bool:
+        """-> whether an event that makes the engine work may go on now."""
+        return self.expensive.take(now_s)
 
     def user_activity(self, now_s: float) -> None:
         self.last_activity_s = now_s
@@ -77,6 +103,10 @@ class CallGuard:
             heard_s = max(self.last_inbound_s, self.last_event_s)
             if now_s - heard_s >= lim.peer_timeout_s:
                 return Ending("peer_gone", f"nothing received from the peer for {now_s - heard_s:.1f} s", False)
+        if lim.inbound_flood_s and self.flood_since_s is not None and now_s - self.last_drop_s < FLOOD_QUIET_S \
+                and self.last_drop_s - self.flood_since_s >= lim.inbound_flood_s:
+            return Ending("inbound_flood", f"inbound audio faster than real time for "
+                          f"{self.last_drop_s - self.flood_since_s:.0f} s", True)
         if lim.idle_timeout_s and not replying and now_s - self.last_activity_s >= lim.idle_timeout_s:
             return Ending("idle_timeout", f"no speech and no events for {lim.idle_timeout_s:g} s", True)
         return None

@@ -29,6 +29,7 @@ class HttpConfig:
     public_url: str = ""  # base URL clients reach us at, for Location headers behind a proxy; "" = relative
     cors_origins: tuple[str, ...] = ()  # other origins whose pages may call the API ("*" = any); () = same-origin only
     trust_forwarded_for: bool = False  # take the client address from X-Forwarded-For (only behind a proxy you run)
+    trusted_proxy_hops: int = 1  # proxies you run in front of us: the address is the entry this many from the right
     header_timeout_s: float = 10.0  # a connection must send a whole request head this soon (and idle no longer)
     body_timeout_s: float = 10.0  # a request body must arrive this soon once its head has
     max_connections: int = 512  # open HTTP connections in total; the next one gets 503 server_busy
@@ -47,6 +48,7 @@ class WebRTCConfig:
     ice_gather_timeout_ms: int = 2_000  # the page waits at most this long for its candidates before offering
     consent_interval_s: float = 5.0  # s between ICE consent checks (RFC 7675); aioice's default
     consent_failures: int = 6  # unanswered checks in a row that end the call: ~(interval + 0.5 s) each (~33 s)
+    max_remote_candidates: int = 16  # ICE candidates read from an offer (a browser sends 2-10); the rest are ignored
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,9 @@ class LimitsConfig:
     max_instructions_chars: int = 4_000  # session instructions
     max_events_per_s: float = 20.0  # data-channel messages per second per call (sustained rate)
     event_burst: int = 60  # data-channel messages allowed at once above the rate
+    max_expensive_events_per_s: float = 1.0  # response.create + instructions changes per s per call (engine prefill)
+    expensive_event_burst: int = 5  # of those, allowed at once above the rate
+    inbound_flood_s: float = 10.0  # inbound audio over real time (excess dropped) this long ends the call; 0 = never
     calls_per_minute_per_address: float = 30.0  # call offers + client secrets per client address; 0 = no limit
     call_burst_per_address: int = 10  # offers allowed at once above that rate
     max_call_duration_s: float = 3_600.0  # a call is closed after this long; 0 = no limit
@@ -224,11 +229,17 @@ def validate(config: Config) -> None:
         raise ValueError("config [limits].max_calls must be >= 1")
     lim = config.limits
     for name in ("max_events_per_s", "calls_per_minute_per_address", "max_call_duration_s", "idle_timeout_s",
-                 "peer_timeout_s", "max_turn_audio_s", "connect_timeout_s"):
+                 "peer_timeout_s", "max_turn_audio_s", "connect_timeout_s", "inbound_flood_s"):
         if getattr(lim, name) < 0:
             raise ValueError(f"config [limits].{name} must be >= 0")
     if lim.max_events_per_s <= 0 or lim.event_burst < 1 or lim.call_burst_per_address < 1:
         raise ValueError("config [limits].max_events_per_s must be > 0 and the bursts >= 1")
+    if lim.max_expensive_events_per_s <= 0 or lim.expensive_event_burst < 1:
+        raise ValueError("config [limits].max_expensive_events_per_s must be > 0 and expensive_event_burst >= 1")
+    if config.http.trusted_proxy_hops < 1:
+        raise ValueError("config [http].trusted_proxy_hops must be >= 1")
+    if config.webrtc.max_remote_candidates < 1:
+        raise ValueError("config [webrtc].max_remote_candidates must be >= 1")
     if config.webrtc.consent_interval_s <= 0 or config.webrtc.consent_failures < 1:
         raise ValueError("config [webrtc].consent_interval_s must be > 0 and consent_failures >= 1")
     auth = config.auth

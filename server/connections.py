@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from server.config import Config
+from server.logs import quiet_library_logs
 
 log = logging.getLogger("glm4voice.connections")
 FDS_PER_CALL = 6  # aiortc: one UDP socket per host candidate and family, the STUN/TURN ones, slack
@@ -121,6 +122,7 @@ def check_fd_limit(config: Config) -> tuple[int, int]:
 
 async def start_site(app: web.Application, config: Config, host: str, port: int) -> tuple[web.AppRunner, web.TCPSite]:
     """Run `app` on host:port with the connection caps installed. -> (runner, site)."""
+    quiet_library_logs()
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     assert runner.server is not None

@@ -37,21 +37,22 @@ class ApiError(Exception):
 
 @dataclass
 class TokenBucket:
-    """`rate_per_s` tokens a second, at most `burst` banked; `take()` spends one if there is one."""
+    """`rate_per_s` tokens a second, at most `burst` banked; `take()` spends `cost` (one) if there is that
+    much. Tokens may be events, or seconds of audio."""
 
     rate_per_s: float
-    burst: int
+    burst: float
     tokens: float = -1.0
     t_s: float = 0.0
 
-    def take(self, now_s: float | None = None) -> bool:
+    def take(self, now_s: float | None = None, cost: float = 1.0) -> bool:
         now_s = time.monotonic() if now_s is None else now_s
         if self.tokens < 0:
             self.tokens, self.t_s = float(self.burst), now_s
         self.tokens = min(float(self.burst), self.tokens + (now_s - self.t_s) * self.rate_per_s)
         self.t_s = now_s
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= cost:
+            self.tokens -= cost
             return True
         return False
 
@@ -83,12 +84,16 @@ class AddressRateLimiter:
                            headers={"Retry-After": str(retry)})
 
 
-def client_address(request: web.Request, trust_forwarded_for: bool) -> str:
+def client_address(request: web.Request, trust_forwarded_for: bool, trusted_hops: int = 1) -> str:
+    """The address limits count against. Behind `trusted_hops` proxies we run, each appends the address
+    it was reached from to X-Forwarded-For, so the client is the entry `trusted_hops` from the right:
+    what lies left of it is whatever the client sent (rotating it must not evade the per-address rate,
+    nor may naming a victim's address lock the victim out)."""
     if trust_forwarded_for:
-        forwarded = request.headers.get("X-Forwarded-For", "")
-        first = forwarded.split(",")[0].strip()
-        if first:
-            return first
+        entries = [e.strip() for header in request.headers.getall("X-Forwarded-For", []) for e in header.split(",")]
+        entries = [e for e in entries if e]
+        if entries:
+            return entries[-min(trusted_hops, len(entries))]
     return request.remote or "unknown"
 
 
@@ -121,7 +126,8 @@ class Admission:
                                        config.limits.call_burst_per_address)
 
     def check_rate(self, request: web.Request) -> None:
-        self.rate.check(client_address(request, self.config.http.trust_forwarded_for))
+        http = self.config.http
+        self.rate.check(client_address(request, http.trust_forwarded_for, http.trusted_proxy_hops))
 
     def admit_call(self, request: web.Request, active_calls: int, responder_ready: bool,
                    not_ready_reason: str | None = None) -> None:

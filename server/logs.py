@@ -6,12 +6,22 @@ the tasks aiortc and aioice start for that call (ICE, DTLS, consent checks) inhe
 (`record.call_id`, "-" outside a call); a record may also bring its own through `extra={"call_id": ...}`
 (the engine thread does, it has no asyncio context).
 
+A call id is the capability to hang the call up (`POST /v1/realtime/calls/{id}/hangup` needs nothing
+else), so it is never written to the log: `CallIdFilter` prints `call_tag(id)`, a short one-way hash of
+it, wherever it comes from. Whoever holds an id can compute its tag (the first 12 hex digits of its
+sha256); the log cannot give the id back.
+
 User content (typed text, instructions, audio) is never logged unless `[logging] log_user_content`.
+
+Floods (a client repeating an event that fails, a sender over real time, malformed HTTP) are logged
+through a `LogLimiter`: the first line at once, then at most one a `interval_s` saying how many were
+not written.
 """
 
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import json
 import logging
 import time
@@ -21,11 +31,70 @@ current_call_id: contextvars.ContextVar[str] = contextvars.ContextVar("call_id",
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s call=%(call_id)s %(message)s"
 
 
+def call_tag(call_id: str) -> str:
+    """What the log shows for a call: 12 hex digits of sha256(call id); "-" stays "-"."""
+    if call_id in ("", "-"):
+        return "-"
+    return hashlib.sha256(call_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
 class CallIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if not getattr(record, "call_id", None):
-            record.call_id = current_call_id.get()
+        if not getattr(record, "call_tagged", False):  # a record seen by two handlers is tagged once
+            record.call_id = call_tag(getattr(record, "call_id", None) or current_call_id.get())
+            record.call_tagged = True
         return True
+
+
+class LogLimiter:
+    """At most one line per `interval_s` for one kind of flood; `allow()` says whether to write this one
+    and how many were left out since the last one written."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self._last_s = float("-inf")
+        self._suppressed = 0
+
+    def allow(self, now_s: float | None = None) -> tuple[bool, int]:
+        now_s = time.monotonic() if now_s is None else now_s
+        if now_s - self._last_s < self.interval_s:
+            self._suppressed += 1
+            return False, 0
+        self._last_s, suppressed, self._suppressed = now_s, self._suppressed, 0
+        return True, suppressed
+
+
+class QuietBadRequests(logging.Filter):
+    """aiohttp logs a malformed request (a 4xx it answers itself: bad request line, header too long,
+    bad chunking) at ERROR with a traceback. It is the client's fault: one WARNING line, no traceback,
+    rate-limited. Other errors aiohttp logs stay as they are."""
+
+    def __init__(self, limiter: LogLimiter | None = None) -> None:
+        super().__init__()
+        self.limiter = limiter or LogLimiter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError) or not 400 <= (exc.code or 0) < 500:
+            return True
+        allow, suppressed = self.limiter.allow()
+        if not allow:
+            return False
+        record.msg = "%s: %s %s" + (f" ({suppressed} more not logged)" if suppressed else "")
+        record.args = (record.getMessage(), type(exc).__name__, (exc.message or "").splitlines()[0][:200])
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_library_logs() -> None:
+    """Library loggers that flood or shout about client mistakes (idempotent)."""
+    logging.getLogger("aioice").setLevel(max(logging.getLogger().level, logging.WARNING))  # per-packet chatter
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, QuietBadRequests) for f in server_log.filters):
+        server_log.addFilter(QuietBadRequests())
 
 
 class JsonFormatter(logging.Formatter):
@@ -54,7 +123,7 @@ def setup_logging(level: str, fmt: str, stream=None) -> logging.Handler:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    logging.getLogger("aioice").setLevel(max(root.level, logging.WARNING))  # per-packet chatter at INFO
+    quiet_library_logs()
     return handler
 
 

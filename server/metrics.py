@@ -84,6 +84,8 @@ class Metrics:
     outbound_underruns: int = 0
     calls_ended: dict[str, int] = field(default_factory=dict)  # server-side ending (limits, liveness) -> count
     events_dropped: int = 0  # data-channel events over the rate limit
+    events_failed: int = 0  # data-channel events whose handling raised (answered with server_error)
+    inbound_frames_dropped: int = 0  # inbound audio frames over real time
     turn_latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS_S))
 
     def reject(self, reason: str) -> None:
@@ -108,6 +110,11 @@ class Metrics:
         lines += [
             "# HELP glm4voice_events_dropped_total Data-channel events dropped over the rate limit.",
             "# TYPE glm4voice_events_dropped_total counter", f"glm4voice_events_dropped_total {self.events_dropped}",
+            "# HELP glm4voice_events_failed_total Data-channel events whose handling failed (server_error sent).",
+            "# TYPE glm4voice_events_failed_total counter", f"glm4voice_events_failed_total {self.events_failed}",
+            "# HELP glm4voice_inbound_frames_dropped_total Inbound audio frames dropped for arriving over real time.",
+            "# TYPE glm4voice_inbound_frames_dropped_total counter",
+            f"glm4voice_inbound_frames_dropped_total {self.inbound_frames_dropped}",
             "# HELP glm4voice_turns_total Assistant replies started.", "# TYPE glm4voice_turns_total counter",
             f"glm4voice_turns_total {self.turns_total}",
             "# HELP glm4voice_turns_interrupted_total Replies cut off by the user.",

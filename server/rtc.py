@@ -4,7 +4,10 @@
    wrap that module function so `webrtc.host_addresses` picks exactly which addresses are offered
    (loopback included when asked for). It is process-wide, as aioice's function is.
 2. Remote candidates on addresses we cannot reach from our host addresses (loopback vs. not) are
-   dropped from the offer before aiortc sees them, so ICE does not spend checks on them.
+   dropped from the offer before aiortc sees them, so ICE does not spend checks on them; so are
+   candidates past `webrtc.max_remote_candidates` per offer and `MAX_CANDIDATES_PER_ADDRESS` per IP:
+   each remote candidate is a target our ICE agent sends STUN checks to, and an unauthenticated offer
+   must not point us at a thousand ports of someone else's host.
 3. The receive jitter buffer: aiortc releases an audio frame only when 4 newer packets are in
    (`JitterBuffer(capacity=16, prefetch=4)`), i.e. it holds 80 ms before the VAD sees anything. An
    Opus packet is always one whole frame, so with `receive_jitter_frames = 0` we release each packet
@@ -12,6 +15,10 @@
    (Opus copes with a lost 20 ms frame; reordering is rare on the paths WebRTC picks). N > 0 keeps
    aiortc's buffer with prefetch N. bench/bench_call_path.py measures both.
 4. ICE consent checks: `webrtc.consent_interval_s` / `consent_failures` set aioice's module constants.
+5. Data-channel text that is not UTF-8: aiortc decodes it inside its SCTP receive path, where the
+   `UnicodeDecodeError` would end the association (the call). We hand such a message to the channel's
+   listeners as `protocol.NotUtf8Text` (bytes) instead, so the call answers it with an `error` event.
+   Installed on import, process-wide.
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ import re
 import aioice.ice
 from aiortc import RTCPeerConnection
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+from aiortc.rtcsctptransport import WEBRTC_STRING, RTCSctpTransport
 from aiortc.rtp import RtpPacket
+
+from server.protocol import NotUtf8Text
 
 _default_get_host_addresses = aioice.ice.get_host_addresses
 _allowed_host_addresses: tuple[str, ...] = ()
@@ -69,25 +79,57 @@ def _is_loopback(address: str) -> bool | None:
 _CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) \d+ typ ", re.IGNORECASE)
 
 
-def filter_remote_candidates(sdp: str, host_addresses: tuple[str, ...]) -> tuple[str, int]:
-    """Drop candidates we cannot pair with our host addresses. Returns (sdp, number dropped)."""
-    if not host_addresses:
+MAX_CANDIDATES_PER_ADDRESS = 4  # host, srflx or relay on one IP: UDP and TCP, RTP and RTCP at most
+
+
+def filter_remote_candidates(sdp: str, host_addresses: tuple[str, ...], max_candidates: int = 0,
+                             max_per_address: int = 0) -> tuple[str, int]:
+    """Drop candidates we cannot pair with our host addresses, and those past the caps (0: no cap), in
+    offer order. Returns (sdp, number dropped)."""
+    if not host_addresses and not max_candidates and not max_per_address:
         return sdp, 0
     ours_loopback = {bool(_is_loopback(a)) for a in host_addresses}
-    kept, dropped = [], 0
+    kept, dropped, total = [], 0, 0
+    per_address: dict[str, int] = {}
     for line in sdp.splitlines():
         match = _CANDIDATE.match(line)
         if match:
-            theirs = _is_loopback(match.group(1))
-            if theirs is None:
+            address = match.group(1).lower()
+            theirs = _is_loopback(address)
+            if not host_addresses:
+                reachable = True
+            elif theirs is None:
                 reachable = False in ours_loopback  # mDNS names resolve to LAN addresses
             else:
                 reachable = theirs in ours_loopback
-            if not reachable:
+            over = (max_candidates and total >= max_candidates) or \
+                (max_per_address and per_address.get(address, 0) >= max_per_address)
+            if not reachable or over:
                 dropped += 1
                 continue
+            total += 1
+            per_address[address] = per_address.get(address, 0) + 1
         kept.append(line)
     return "\r\n".join(kept) + "\r\n", dropped
+
+
+_sctp_data_channel_receive = RTCSctpTransport._data_channel_receive
+
+
+async def _data_channel_receive(self: RTCSctpTransport, stream_id: int, pp_id: int, data: bytes) -> None:
+    channel = self._data_channels.get(stream_id) if pp_id == WEBRTC_STRING else None
+    if channel is not None:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            channel.emit("message", NotUtf8Text(data))
+            return
+        channel.emit("message", text)
+        return
+    await _sctp_data_channel_receive(self, stream_id, pp_id, data)
+
+
+RTCSctpTransport._data_channel_receive = _data_channel_receive  # type: ignore[method-assign]
 
 
 class SdpError(ValueError):
@@ -140,6 +182,12 @@ def check_offer(sdp: str) -> None:
             if missing:
                 raise SdpError("invalid_sdp", f"a=group:BUNDLE names mid(s) {', '.join(missing)} that no media "
                                "section has")
+    # aiortc asserts on these later, in a task nobody awaits (after we answered 201): the call would
+    # hang until connect_timeout and the log get "Task exception was never retrieved".
+    for attribute in ("a=fingerprint:", "a=ice-ufrag:", "a=ice-pwd:"):
+        if not any(line.startswith(attribute) for line in session) and \
+                not all(any(line.startswith(attribute) for line in lines) for _, lines in media):
+            raise SdpError("invalid_sdp", f"the offer has no {attribute[2:-1]} (DTLS-SRTP and ICE need it)")
     # The client's direction, as the client writes it. It must send us nothing or listen to us:
     # `sendonly` / `inactive` would never hear a reply (recvonly - listen only, typed turns - is served).
     audio = next(lines for kind, lines in media if kind == "audio")

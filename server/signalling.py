@@ -19,7 +19,13 @@ from server.config import Config
 from server.context import ServerContext
 from server.limits import ApiError, check_origin, read_form
 from server.logs import current_call_id
-from server.rtc import SdpError, check_offer, filter_remote_candidates, set_receive_jitter
+from server.rtc import (
+    MAX_CANDIDATES_PER_ADDRESS,
+    SdpError,
+    check_offer,
+    filter_remote_candidates,
+    set_receive_jitter,
+)
 
 log = logging.getLogger("glm4voice.signalling")
 
@@ -77,9 +83,12 @@ class Signalling:
         for fields in (secret.session if secret is not None else None, session):  # the secret's, then the offer's
             if fields:
                 settings = settings.apply(parse_session(fields, config))
-        sdp, dropped = filter_remote_candidates(sdp, config.webrtc.host_addresses)
+        sdp, dropped = filter_remote_candidates(sdp, config.webrtc.host_addresses, config.webrtc.max_remote_candidates,
+                                                MAX_CANDIDATES_PER_ADDRESS)
         if dropped:
-            log.debug("dropped %d remote candidates unreachable from %s", dropped, config.webrtc.host_addresses)
+            log.debug("dropped %d remote candidates (unreachable from %s, or over the caps of %d per offer and %d per "
+                      "address)", dropped, config.webrtc.host_addresses, config.webrtc.max_remote_candidates,
+                      MAX_CANDIDATES_PER_ADDRESS)
         answer_sdp, call = await self._answer(sdp, settings)
         ctx.metrics.calls_total += 1
         location = f"{config.http.public_url.rstrip('/')}/v1/realtime/calls/{call.call_id}"

@@ -212,6 +212,7 @@ def test_remote_candidate_filter_and_offer_checks():
     from server.rtc import SdpError, check_offer, filter_remote_candidates
 
     sdp = ("v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n"
+           "a=ice-ufrag:u\r\na=ice-pwd:p\r\na=fingerprint:sha-256 00:01\r\n"
            "a=candidate:1 1 udp 2113937151 127.0.0.1 5000 typ host\r\n"
            "a=candidate:2 1 udp 2113937151 192.168.1.7 5001 typ host\r\n"
            "a=candidate:3 1 udp 2113937151 abcd-1234.local 5002 typ host\r\n")
@@ -222,7 +223,8 @@ def test_remote_candidate_filter_and_offer_checks():
     assert filter_remote_candidates(sdp, ()) == (sdp, 0)
     check_offer(sdp)
     for bad, code in [("", "invalid_sdp"), ("hello", "invalid_sdp"), ("v=0\r\nm=video 9 RTP/AVP 96\r\n", "no_audio"),
-                      ("v=0\r\nm=audio 9 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n", "no_opus")]:
+                      ("v=0\r\nm=audio 9 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n", "no_opus"),
+                      (sdp.replace("a=fingerprint:sha-256 00:01\r\n", ""), "invalid_sdp")]:
         with pytest.raises(SdpError) as info:
             check_offer(bad)
         assert info.value.code == code
