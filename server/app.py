@@ -24,6 +24,7 @@ from server.http_edge import error_middleware, make_cors_middleware, make_prefli
 from server.pages import Pages
 from server.rtc import set_consent_checks, set_host_addresses
 from server.signalling import Signalling
+from server.websocket import RealtimeSocket
 
 log = logging.getLogger("glm4voice.app")
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +151,7 @@ def create_app(config: Config, responder: Responder | None = None) -> web.Applic
     app.router.add_get("/session", pages.session)
     app.router.add_get("/health", pages.health)
     app.router.add_get("/metrics", pages.metrics)
+    app.router.add_get("/v1/realtime", RealtimeSocket(server).handle)  # the WebSocket transport
     app.router.add_post("/v1/realtime/calls", signalling.create_call)
     app.router.add_post("/v1/realtime/calls/{call_id}/hangup", signalling.hangup)
     app.router.add_post("/v1/realtime/client_secrets", secrets.mint)
