@@ -57,6 +57,8 @@ class Check:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.tiny = args, args.tiny
         self.device = torch.device("cpu" if args.tiny else args.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", 0)  # torch.cuda.set_device needs an index
         self.t0 = time.monotonic()
         self.deadline = self.t0 + args.budget_s
         self.out = Path(args.out)
@@ -228,8 +230,8 @@ def section_parity(check: Check, fig: dict) -> None:
     offline = dec_dir / "case_offline"
     draws = {"z": "noise_z", "phase": "noise_phase", "sine_randn": "noise_sine_randn"}
     decoder = SpeechDecoder.from_pretrained(dec_dir, device=dev)
-    stream = DecoderStream(decoder, draws=QueuedDraws([{k: np.load(offline / f"{v}.npy") for k, v in draws.items()}]),
-                           cache_encoder=False)  # fmt: skip
+    injected = QueuedDraws([{k: np.load(offline / f"{v}.npy") for k, v in draws.items()}], device=dev)
+    stream = DecoderStream(decoder, draws=injected, cache_encoder=False)
     case = json.loads((offline / "case.json").read_text())
     out = stream.decode_block(case["tokens"], finalize=True)
     mel = float(np.abs(out.mel.float().cpu().numpy().reshape(-1) - np.load(offline / "mel.npy").reshape(-1)).max())

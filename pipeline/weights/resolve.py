@@ -61,11 +61,11 @@ class ResolvedWeights:
 
 def select_device(name: str) -> torch.device:
     """`auto` picks CUDA when available; an explicit CUDA device must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise WeightsError(f"[model] device = {name!r} but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", 0)  # an explicit index: torch.cuda.set_device in the engine thread needs one
     return device
 
 
