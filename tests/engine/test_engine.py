@@ -317,6 +317,29 @@ async def test_barge_in_after_generation_ended_trims_the_history(responder, sche
     await session.close()
 
 
+async def test_truncate_after_a_cut_cuts_further_and_reports_the_heard_transcript(responder, sched, script):
+    """conversation.item.truncate: a second, shorter played_ms (what the client says it played) cuts the
+    history again; heard_transcript gives the text the history keeps at a cut."""
+    tok = sched.m.text
+    session = responder.open_session("truncate", SessionSettings())
+    session.add_text("Say it all.")
+    turn = session.respond()
+    events = await collect(turn)
+    assert events[-1].reason == "stop"
+    turn.cancel(played_ms=2000.0)  # the server's cut at speech start
+    turn.cancel(played_ms=2500.0)  # a longer report cannot un-cut
+    turn.cancel(played_ms=900.0)  # the client played only 0.9 s
+    await responder.engine.settled()
+    d = session.dialogue
+    kept = heard_ids(script["reply_ids"], tok, 900.0)
+    assert d.history.turns[-1] == user_turn_ids(tok, text="Say it all.") + kept
+    check_cache_matches_history(d)
+    assert turn.heard_transcript(900.0) == tok.decode([i for i in kept if not tok.is_audio(i)])
+    full = [i for i in script["reply_ids"] if not tok.is_audio(i)]
+    assert turn.heard_transcript(1e9) == tok.decode(full)
+    await session.close()
+
+
 async def test_stop_answers_every_waiter(demo_dir):
     r = GLMVoiceResponder(EngineConfig(demo_weights_dir=str(demo_dir), device="cpu"))
     await r.start()
