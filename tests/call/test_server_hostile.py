@@ -18,6 +18,7 @@ import pytest
 from pipeline.responder import AudioChunk, ResponderSession, TurnDone
 from server import reply_flow
 from server.call_state import CallState
+from server.conversation import Conversation
 from server.metrics import Metrics
 from tests.helpers.rtc_client import RealtimeClient, make_offer, start_server
 
@@ -163,7 +164,7 @@ async def test_reply_whose_audio_is_never_read_ends(monkeypatch):
     tasks: list[asyncio.Task] = []
     flow = reply_flow.ReplyFlow(_OneTurnSession(), Metrics(), sent.append,
                                 lambda coro, name: tasks.append(asyncio.ensure_future(coro)) or tasks[-1],
-                                phases.append, logging.LoggerAdapter(logging.getLogger("test"), {}))
+                                phases.append, logging.LoggerAdapter(logging.getLogger("test"), {}), Conversation())
     flow.start(speech_stopped_s=None)
     await asyncio.gather(*tasks)
     assert [e["type"] for e in sent if e["type"] == "response.done"] and flow.active  # audio still queued
