@@ -24,6 +24,7 @@ import contextvars
 import hashlib
 import json
 import logging
+import re
 import time
 
 current_call_id: contextvars.ContextVar[str] = contextvars.ContextVar("call_id", default="-")
@@ -38,11 +39,18 @@ def call_tag(call_id: str) -> str:
     return hashlib.sha256(call_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
+CALL_ID_IN_TEXT = re.compile(r"rtc_[0-9a-f]{24}")  # server/call.py new_call_id (the access log's hangup URLs)
+
+
 class CallIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if not getattr(record, "call_tagged", False):  # a record seen by two handlers is tagged once
-            record.call_id = call_tag(getattr(record, "call_id", None) or current_call_id.get())
-            record.call_tagged = True
+        if getattr(record, "call_tagged", False):  # a record seen by two handlers is tagged once
+            return True
+        record.call_id = call_tag(getattr(record, "call_id", None) or current_call_id.get())
+        record.call_tagged = True
+        message = record.getMessage()
+        if "rtc_" in message:
+            record.msg, record.args = CALL_ID_IN_TEXT.sub(lambda m: call_tag(m.group()), message), ()
         return True
 
 
@@ -82,8 +90,10 @@ class QuietBadRequests(logging.Filter):
         allow, suppressed = self.limiter.allow()
         if not allow:
             return False
+        detail = (str(exc.message or "").splitlines() or [""])[0][:200]
+        what = record.getMessage()
         record.msg = "%s: %s %s" + (f" ({suppressed} more not logged)" if suppressed else "")
-        record.args = (record.getMessage(), type(exc).__name__, (exc.message or "").splitlines()[0][:200])
+        record.args = (what, type(exc).__name__, detail)
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.exc_info, record.exc_text = None, None
         return True
