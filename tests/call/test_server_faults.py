@@ -20,7 +20,7 @@ import pytest
 from pipeline.engine.config import EngineConfig
 from pipeline.engine.thread import GLMVoiceResponder
 from pipeline.responder import SessionSettings, TurnDone
-from server.logs import setup_logging
+from server.logs import call_tag, setup_logging
 from tests.helpers.rtc_client import RealtimeClient, start_server
 
 
@@ -197,9 +197,11 @@ async def test_logs_carry_the_call_id_and_no_user_text():
             await running.runner.cleanup()
             lines = [json.loads(line) for line in stream.getvalue().splitlines()]
             ours = [e for e in lines if e["logger"].startswith("glm4voice.call")]
-            assert ours and all(e["call_id"] == client.call_id for e in ours)
-            about_call = [e for e in lines if client.call_id in e["msg"]]
-            assert all(e["call_id"] == client.call_id for e in about_call)
+            tag = call_tag(client.call_id)  # the id itself is a hangup capability: never logged
+            assert ours and all(e["call_id"] == tag for e in ours)
+            assert client.call_id not in stream.getvalue()
+            about_call = [e for e in lines if tag in e["msg"]]  # the access log's hangup line
+            assert about_call and all(e["call_id"] in (tag, "-") for e in about_call)
             assert (secret_text in stream.getvalue()) == log_user_content
     finally:
         root.handlers[:], root.level = saved
