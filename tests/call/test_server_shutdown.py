@@ -17,6 +17,7 @@ import aiohttp
 import numpy as np
 import pytest
 
+from server.logs import call_tag
 from server.rtc import set_host_addresses
 from tests.helpers.rtc_client import RealtimeClient
 from tests.helpers.speech import ENGLISH_SENTENCES, have_speech_tools, synth_speech
@@ -93,7 +94,7 @@ async def test_signal_drains_calls_and_exits_zero(sig):
         lines = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
         assert any("shutting down" in e["msg"] for e in lines) and any(e["msg"] == "shut down" for e in lines)
         closes = [e for e in lines if e["msg"].startswith("closing:")]
-        assert {e["call_id"] for e in closes} == {idle.call_id, talking.call_id}
+        assert {e["call_id"] for e in closes} == {call_tag(idle.call_id), call_tag(talking.call_id)}  # ids never logged
     finally:
         await idle.close()
         await talking.close()
