@@ -25,17 +25,15 @@ import numpy as np
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
 
-from rtc_client import RealtimeClient  # noqa: E402
-from speech import synth_speech  # noqa: E402
+sys.path.insert(0, str(ROOT))
 
 from server.rtc import set_host_addresses  # noqa: E402
 from server.vad import CHUNK_SAMPLES, SileroVad, VadState  # noqa: E402
+from tests.helpers.rtc_client import RealtimeClient
+from tests.helpers.speech import synth_speech
 
 LAG_WINDOW = 200  # probes (x 50 ms = 10 s) behind /health's p99: one phase of this bench
-
 
 def machine() -> str:
     model = "unknown CPU"
@@ -48,17 +46,14 @@ def machine() -> str:
         pass
     return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
-
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
 
 class ServerProcess:
     def __init__(self, jitter_frames: int) -> None:
@@ -93,7 +88,6 @@ class ServerProcess:
         self.proc.terminate()
         self.proc.wait(10)
 
-
 async def talk(client: RealtimeClient, clip: np.ndarray, turns: int) -> list[dict]:
     """Say `clip` `turns` times, each after the previous echo ended; return the latency events."""
     out = []
@@ -104,7 +98,6 @@ async def talk(client: RealtimeClient, clip: np.ndarray, turns: int) -> list[dic
         await client.wait_for("output_audio_buffer.stopped", 30, after=mark)
         out.append(latency)
     return out
-
 
 async def phase(server: ServerProcess, clip: np.ndarray, n_calls: int, turns: int) -> dict:
     rss_before = server.ps.memory_info().rss
@@ -131,7 +124,6 @@ async def phase(server: ServerProcess, clip: np.ndarray, n_calls: int, turns: in
         "rss_mb": rss_talking / 2**20,
     }
 
-
 async def jitter_cost(clip: np.ndarray, turns: int) -> dict[int, float]:
     """Speech end (last mic sample sent) -> speech_stopped received, for each jitter-buffer setting."""
     out = {}
@@ -156,7 +148,6 @@ async def jitter_cost(clip: np.ndarray, turns: int) -> dict[int, float]:
             server.stop()
     return out
 
-
 def vad_cost_ms() -> tuple[float, float]:
     """(wall ms, CPU ms) per chunk; CPU time is what the loop pays when the machine is shared."""
     vad, state = SileroVad(), VadState()
@@ -167,7 +158,6 @@ def vad_cost_ms() -> tuple[float, float]:
     for _ in range(500):
         vad.probability(state, x)
     return (time.perf_counter() - t0) / 500 * 1000, (time.thread_time() - c0) / 500 * 1000
-
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
@@ -205,7 +195,6 @@ async def main() -> None:
     for frames, ms in costs.items():
         print(f"  receive_jitter_frames={frames}: median {ms:.1f} ms")
     print(f"  releasing at once saves {costs[4] - costs[0]:.1f} ms per turn end (expected ~60: 3 frames x 20 ms)")
-
 
 if __name__ == "__main__":
     asyncio.run(main())
