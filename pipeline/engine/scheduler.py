@@ -108,7 +108,7 @@ class Scheduler:
         try:
             fn(*args)
         except Exception as exc:  # noqa: BLE001 - isolate the failing call, keep serving the others
-            log.exception("call %s: turn failed", d.call_id, extra={"call_id": d.call_id})
+            log.exception("turn failed", extra={"call_id": d.call_id})  # the log shows a hash of the id, never the id
             self.counters["turn_errors"] += 1
             reply = d.reply
             d.abandon_reply()
@@ -174,8 +174,12 @@ class Scheduler:
         """Prefill the user's already-final speech tokens while they still talk (one chunk per idle step)."""
         if d.early_prefill_wanted:
             d.early_prefill_wanted = False
-            if d.partial_audio_tokens:
-                self.source.begin(d, self._partial_prompt(d), for_reply=False)
+            prompt = self._partial_prompt(d) if d.partial_audio_tokens else []
+            context = self._context_tokens()
+            # Only a prompt that the reply's start will keep as it is: one that would need `fit()` to drop old
+            # turns (or pass the context) changes from the first dropped turn on, so its prefill now is wasted.
+            if prompt and len(prompt) + min(self.cfg.max_new_tokens, context // 4) <= context:
+                self.source.begin(d, prompt, for_reply=False)
         if self.source.prefilling(d):
             self.source.advance(d)
 

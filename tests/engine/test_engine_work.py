@@ -109,3 +109,34 @@ async def test_pending_input_is_bounded(responder, script, monkeypatch):
     events = await collect(session.respond())
     assert isinstance(events[-1], TurnDone) and events[-1].reason == "stop"
     await session.close()
+
+
+async def test_early_prefill_never_passes_the_context(demo_dir, script):
+    """Issue 13 item 10: while the user talks, the early prefill of a prompt that the reply's start will have to
+    fit (drop old turns) is skipped, instead of failing with ContextFullError on every pushed block."""
+    from tests.helpers.speech import synth_speech
+
+    context = 420
+    responder = GLMVoiceResponder(EngineConfig(demo_weights_dir=str(demo_dir), device="cpu", context_tokens=context))
+    await responder.start()
+    try:
+        sched = responder.engine.scheduler
+        session = responder.open_session("long", SessionSettings())
+        for text in ("Hi.", "Hello again.", "And once more."):  # scripted replies fill the history
+            session.add_text(text)
+            check_complete_reply(await collect(session.respond()), script, sched.m.text)
+        assert len(session.dialogue.history.ids()) + context // 4 > context  # a new turn needs fit()
+        errors, prefilled = sched.stats()["turn_errors"], sched.stats()["prefilled_tokens"]
+        speech = synth_speech("Good morning. This sentence is long enough to fill more than one four second "
+                              "block of the speech tokenizer while the user is still talking.")
+        for start in range(0, speech.size, 512):
+            session.push_audio(speech[start : start + 512])
+        await responder.engine.settled()
+        assert sched.stats()["turn_errors"] == errors
+        assert sched.stats()["prefilled_tokens"] == prefilled  # nothing prefilled that fit() would discard
+        session.commit_audio()
+        check_complete_reply(await collect(session.respond()), script, sched.m.text)  # fit dropped old turns
+        assert len(session.dialogue.history.ids()) <= context
+        await session.close()
+    finally:
+        await responder.stop()
