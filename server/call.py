@@ -1,9 +1,9 @@
 """One call: inbound audio -> VAD -> turns -> responder -> outbound track, plus its data channel.
 
-Read it as a pipeline of coroutines (moshi's server style): `_recv_loop` turns inbound frames into VAD
-decisions and user audio for the responder; `_run_turn` moves one reply's events to the data channel
-and the outbound track (a `ReplyFlow` the call owns). Every way a call can end goes through `close()`,
-which frees everything whatever fails inside it.
+Read it as a pipeline (moshi's server style): the call's `Listening` turns inbound frames into VAD
+decisions and user audio for the responder; its `ReplyFlow` moves each reply's events to the data
+channel and the outbound track. The call itself holds the settings, the client events and the limits.
+Every way a call can end goes through `close()`, which frees everything whatever fails inside it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiortc import RTCDataChannel, RTCPeerConnection
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.mediastreams import MediaStreamTrack
 
 from pipeline.responder import (
     Responder,
@@ -30,13 +30,14 @@ from server.call_guard import CallGuard
 from server.call_state import CallState
 from server.config import Config, TurnDetectionConfig
 from server.conversation import Conversation
+from server.listening import Listening
 from server.logs import LogLimiter, call_tag, current_call_id, run_as_call
-from server.media import InboundConverter, OutboundAudioTrack
+from server.media import OutboundAudioTrack
 from server.metrics import Metrics
 from server.protocol import new_id as _new_id
 from server.reply_flow import ReplyFlow
-from server.turns import SpeechStarted, SpeechStopped, TurnDetector, TurnSettings
-from server.vad import SileroVad, VadState
+from server.turns import TurnSettings
+from server.vad import SileroVad
 
 log = logging.getLogger("glm4voice.call")
 MAX_EVENTS_BEFORE_OPEN = 64  # events queued until the client's data channel opens
@@ -133,11 +134,7 @@ class Call:
         self.close_reason = ""
         self._on_closed = on_closed
         self._responder_name = responder.info().name
-        self._session: ResponderSession = responder.open_session(call_id, settings.responder_settings())
-        self._vad = vad
-        self._vad_state = VadState()
-        self._converter = InboundConverter()
-        self._detector = TurnDetector(settings.turns)
+        self.session: ResponderSession = responder.open_session(call_id, settings.responder_settings())
         self._channel: RTCDataChannel | None = None
         self._sink: Callable[[str], None] | None = None  # the WebSocket's send, instead of a data channel
         self.audio_in: Callable[[bytes], None] | None = None  # the WebSocket's input_audio_buffer.append
@@ -147,16 +144,12 @@ class Call:
         self._tasks: set[asyncio.Task] = set()
         self._inbound_attached = False
         self._ending = False  # end() is telling the client; a second reason is not sent
-        self._user_item_id: str | None = None
-        self._interrupt_armed = False  # user speech began over the assistant
         self.log = CallLog(log, {"call_id": call_id})
-        self.replies = ReplyFlow(self._session, metrics, self.send, self._spawn, self._reply_phase, self.log,
+        self.replies = ReplyFlow(self.session, metrics, self.send, self._spawn, self._reply_phase, self.log,
                                  self.conversation, track)
         self.guard = CallGuard(config.limits, self.created_s)
         self._event_failures = LogLimiter()  # a client repeating an event that fails: one line per interval
-        self._inbound_drops = LogLimiter()  # a sender over real time: one line (and one error) per interval
-        self._turn_samples = 0  # 16 kHz samples pushed to the responder for the pending user turn
-        self._turn_capped = False  # the pending turn hit max_turn_audio_s
+        self.listening = Listening(self, vad)
         self._spawn(self._watch(), "watchdog")
 
     # ----- wiring (called by server/app.py) ---------------------------------------------------------
@@ -170,7 +163,7 @@ class Call:
         if self._inbound_attached:  # one microphone per call; another audio section is ignored
             return
         self._inbound_attached = True
-        self._spawn(self._recv_loop(track), "recv")
+        self._spawn(self.listening.run(track), "recv")
 
     def attach_channel(self, channel: RTCDataChannel) -> None:
         if channel.label != "oai-events":
@@ -247,112 +240,6 @@ class Call:
         return P.session_object(self.call_id, s.instructions, s.turn_detection_json(), s.sampling, self._responder_name,
                                 s.input_format, s.output_format, s.ignored)
 
-    # ----- inbound audio -> turns ------------------------------------------------------------------
-
-    async def _recv_loop(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            if not self.guard.inbound_frame(time.monotonic(), frame.samples / frame.sample_rate):
-                self._inbound_dropped()
-                continue
-            for chunk in self._converter.push(frame):  # (512,) float32 16 kHz each
-                self.feed_chunk(chunk)
-
-    def feed_chunk(self, chunk) -> None:
-        """One (512,) float32 16 kHz chunk of user audio (either transport) -> VAD -> turns."""
-        probability = self._vad.probability(self._vad_state, chunk)
-        events, audio = self._detector.feed(chunk, probability)
-        for item in events:
-            if isinstance(item, SpeechStarted):
-                self._on_speech_started(item)
-        for pcm in audio:
-            self._push_turn_audio(pcm)
-        self._check_barge_in()
-        for item in events:
-            if isinstance(item, SpeechStopped):
-                self._on_speech_stopped(item)
-        if self._turn_capped and self._detector.state.speaking:
-            self._cut_long_turn()
-
-    def _inbound_dropped(self) -> None:
-        """A frame over real time was dropped (a sender faster than its clock: a flood, or a broken client)."""
-        self.metrics.inbound_frames_dropped += 1
-        allow, suppressed = self._inbound_drops.allow()
-        if allow:
-            g = self.guard
-            self.log.warning("inbound audio faster than real time: %d frames (%.1f s of audio) dropped so far%s",
-                             g.inbound_frames_dropped, g.inbound_dropped_s,
-                             f" ({suppressed} drops since the last line)" if suppressed else "")
-            self.send(P.error_event("input_audio_too_fast", "inbound audio arrives faster than real time: the "
-                                    "excess is dropped" + (f", and the call ends if it goes on for "
-                                    f"{self.config.limits.inbound_flood_s:g} s" if self.config.limits.inbound_flood_s
-                                    else "")))
-
-    def _push_turn_audio(self, pcm) -> None:
-        """Audio of the pending user turn, up to `max_turn_audio_s`; the excess is dropped with one error."""
-        limit = int(self.config.limits.max_turn_audio_s * 16_000)
-        if limit and self._turn_samples + pcm.size > limit:
-            if not self._turn_capped:
-                self._turn_capped = True
-                self.send(P.error_event("input_audio_too_long", f"a user turn may hold at most "
-                                        f"{self.config.limits.max_turn_audio_s:g} s of audio; the rest is dropped"
-                                        + (" and the turn ends here" if self.settings.turns.enabled else "")))
-            return
-        self._turn_samples += pcm.size
-        self._session.push_audio(pcm)
-
-    def _turn_audio_reset(self) -> None:
-        self._turn_samples = 0
-        self._turn_capped = False
-
-    def _cut_long_turn(self) -> None:
-        """Server VAD, speech over the limit: end the turn as if the speaker had paused."""
-        st = self._detector.state
-        speech_ms = st.last_voiced_ms - st.onset_ms
-        self._detector.abandon()
-        self._on_speech_stopped(SpeechStopped(audio_end_ms=st.audio_ms, speech_ms=speech_ms, too_short=False))
-
-    def _on_speech_started(self, started: SpeechStarted) -> None:
-        self._user_item_id = _new_id("item")
-        self.guard.user_activity(time.monotonic())
-        self.state = CallState.USER_SPEAKING
-        self._interrupt_armed = self.replies.active and self.settings.turns.interrupt_response
-        self.send(P.event("input_audio_buffer.speech_started", audio_start_ms=int(started.audio_start_ms),
-                          item_id=self._user_item_id))
-        if self._interrupt_armed and not self.replies.buffer_events:
-            # WebSocket: the server cannot hear what the client plays, so it cancels at speech start and
-            # the client reports what it played with conversation.item.truncate (as the Realtime API does).
-            self._interrupt_armed = False
-            self.replies.interrupt("turn_detected")
-
-    def _check_barge_in(self) -> None:
-        if self._interrupt_armed and self._detector.speech_ms >= self.settings.turns.min_interrupt_ms:
-            self._interrupt_armed = False
-            self.replies.interrupt("turn_detected")
-
-    def _on_speech_stopped(self, stopped: SpeechStopped) -> None:
-        now = time.monotonic()
-        item_id = self._user_item_id or _new_id("item")
-        self._interrupt_armed = False
-        self.send(P.event("input_audio_buffer.speech_stopped", audio_end_ms=int(stopped.audio_end_ms),
-                          item_id=item_id))
-        self._turn_audio_reset()
-        if stopped.too_short:
-            self._session.discard_audio()
-            self.send(P.event("glm4voice.input_audio_buffer.discarded", item_id=item_id,
-                              reason="shorter than min_speech_ms", speech_ms=round(stopped.speech_ms)))
-            self.state = CallState.SPEAKING if self.replies.active else CallState.LISTENING
-            return
-        self._session.commit_audio()
-        self._user_item_committed(item_id, None)
-        if self.settings.turns.create_response:
-            self.replies.start(speech_stopped_s=now)
-        else:
-            self.state = CallState.LISTENING
-
     # ----- client events ---------------------------------------------------------------------------
 
     def _on_message(self, message: str | bytes) -> None:
@@ -405,21 +292,16 @@ class Call:
 
     def handle_event(self, event: P.ClientEvent) -> None:
         if isinstance(event, P.SessionUpdate):
-            was_enabled = self.settings.turns.enabled
             self.settings = self.settings.apply(event)
-            if self.settings.turns.enabled != was_enabled:  # a half-detected or uncommitted turn is dropped
-                self._turn_audio_reset()
-                self._session.discard_audio()
-                self._detector.abandon()
-            self._detector.update(self.settings.turns)
-            self._session.update(self.settings.responder_settings())
+            self.listening.settings_changed()
+            self.session.update(self.settings.responder_settings())
             self.send(P.event("session.updated", session=self._session_json()))
         elif isinstance(event, P.ItemCreate):
             self.replies.interrupt("user_message")
             if self.config.logging.log_user_content:
                 self.log.info("user text: %r", event.text)
-            self._session.add_text(event.text)
-            self._user_item_committed(None, event.text)
+            self.session.add_text(event.text)
+            self.user_item_committed(None, event.text)
         elif isinstance(event, P.ResponseCreate):
             if self.replies.generating:
                 raise P.ProtocolError("conversation_already_has_active_response",
@@ -430,12 +312,12 @@ class Call:
                 raise P.ProtocolError("turn_detection_enabled", "server VAD commits turns itself; set "
                                       "turn_detection to null for push-to-talk", event.event_id)
             item_id = _new_id("item")
-            self._turn_audio_reset()
+            self.listening.turn_audio_reset()
             if isinstance(event, P.InputAudioCommit):
-                self._session.commit_audio()
-                self._user_item_committed(item_id, None)
+                self.session.commit_audio()
+                self.user_item_committed(item_id, None)
             else:
-                self._session.discard_audio()
+                self.session.discard_audio()
                 self.send(P.event("input_audio_buffer.cleared"))
         elif isinstance(event, P.ResponseCancel):
             if not self.replies.active:
@@ -454,7 +336,7 @@ class Call:
         elif isinstance(event, P.Ping):
             self.send(P.event("glm4voice.pong", ping_event_id=event.event_id))
 
-    def _user_item_committed(self, item_id: str | None, text: str | None) -> None:
+    def user_item_committed(self, item_id: str | None, text: str | None) -> None:
         """A user item is final: spoken (committed, transcript null) or typed. GA lifecycle events."""
         item = P.user_item(item_id or _new_id("item"), text)
         previous = self.conversation.add(item)
@@ -549,7 +431,7 @@ class Call:
             await asyncio.gather(*tasks, return_exceptions=True)
             self._step("outbound track", self.track.stop)
             try:
-                await self._session.close()
+                await self.session.close()
             except Exception:
                 self.log.exception("responder session close failed")
             try:
@@ -557,8 +439,7 @@ class Call:
                     await asyncio.wait_for(self.pc.close(), PC_CLOSE_TIMEOUT_S)
             except Exception as exc:  # TimeoutError included
                 self.log.warning("peer connection close failed: %s", repr(exc))
-            self._step("converter", self._converter.reset)
-            self._step("vad state", self._vad_state.reset)
+            self._step("listening", self.listening.reset)
         finally:
             try:
                 self._on_closed(self)

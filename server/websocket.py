@@ -280,7 +280,7 @@ def _append(call: Call, decoder: InputDecoder, policer: AudioPolicer, data: byte
                                     "ahead of real time: the excess is dropped"))
         return
     for chunk in decoder.push(data, fmt):
-        call.feed_chunk(chunk)
+        call.listening.feed_chunk(chunk)
 
 
 async def _read_until_closed(ws: web.WebSocketResponse, call: Call) -> None:

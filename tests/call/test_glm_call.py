@@ -23,7 +23,7 @@ SPEECH_TOKEN_MS = 80.0
 
 
 def engine_session(running, client):
-    return running.server.calls[client.call_id]._session
+    return running.server.calls[client.call_id].session
 
 
 def transcript_of(client, response_id: str) -> str:

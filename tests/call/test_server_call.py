@@ -109,7 +109,7 @@ async def test_barge_in_stops_playback_and_reports_played_ms(echo_server):
         print(f"barge-in: loudest frame received > 100 ms after output_audio_buffer.cleared: {loudest:.4f}")
         assert loudest < 0.01, "reply audio kept playing after the barge-in"
         # The responder kept only what was heard.
-        session = next(iter(echo_server.server.calls.values()))._session
+        session = next(iter(echo_server.server.calls.values())).session
         assistant = [h for h in session.history if h.role == "assistant"]
         assert abs(assistant[0].audio_ms - cancelled["played_ms"]) <= 1.0
     finally:

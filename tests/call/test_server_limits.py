@@ -171,7 +171,7 @@ async def test_overlong_spoken_turn_is_cut_and_answered():
         await client.wait_for("response.created", 2)
         started = client.of_type("input_audio_buffer.speech_started")[0]
         assert stopped["audio_end_ms"] - started["audio_start_ms"] <= 2_100
-        session = running.server.calls[client.call_id]._session
+        session = running.server.calls[client.call_id].session
         assert session.history[0].role == "user" and 1_900 <= session.history[0].audio_ms <= 2_000
     finally:
         await client.hangup()
@@ -245,7 +245,7 @@ async def test_ten_minutes_of_push_to_talk_audio_is_capped(monkeypatch):
         mark = len(channel.sent)
         call._on_message(json.dumps({"type": "input_audio_buffer.commit"}))
         assert "input_audio_buffer.committed" in [e["type"] for e in channel.sent[mark:]]
-        user = call._session.history[-1]
+        user = call.session.history[-1]
         assert user.role == "user" and user.audio_ms == pytest.approx(config.limits.max_turn_audio_s * 1000, abs=40)
     finally:
         await call.close("test over")

@@ -207,7 +207,7 @@ async def test_cancel_then_truncate_keeps_what_was_heard(ws_server):
             errors = [e["error"]["code"] for e in s.of_type("error")]
             assert errors in ([], ["response_cancel_not_active"]), errors
             # The next turn's prompt (the responder's history) keeps only the heard part of the reply.
-            session = next(iter(ws_server.server.calls.values()))._session
+            session = next(iter(ws_server.server.calls.values())).session
             assistant = [h for h in session.history if h.role == "assistant"]
             assert assistant[-1].audio_ms == heard_ms
         finally:
