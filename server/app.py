@@ -79,7 +79,12 @@ class Server(ServerContext):
                 self.responder_failed(self.not_ready_reason() or "the engine stopped")
 
     def responder_failed(self, reason: str) -> None:
-        """The responder can no longer serve: every call ends with the reason (on the loop)."""
+        """The responder can no longer serve: every call ends with the reason (on the loop), and no parked
+        conversation can be resumed."""
+        if len(self.parked):
+            task = asyncio.get_running_loop().create_task(self.parked.close_all(), name="close-parked")
+            self._tasks.append(task)
+            task.add_done_callback(self._tasks.remove)
         if not self.calls:
             return
         log.error("responder no longer ready (%s): ending %d calls", reason, len(self.calls))
@@ -126,6 +131,7 @@ class Server(ServerContext):
         await asyncio.gather(*self._tasks, *closes, return_exceptions=True)
         for call in list(self.calls.values()):  # a close stuck past the deadline: its slot goes anyway
             self.forget(call)
+        await self.parked.close_all()
         await self.responder.stop()
         await self.lag.stop()
 

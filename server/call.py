@@ -36,6 +36,7 @@ from server.media import OutboundAudioTrack
 from server.metrics import Metrics
 from server.protocol import new_id as _new_id
 from server.reply_flow import ReplyFlow
+from server.resume import ParkedCall, ParkedCalls, new_resume_token
 from server.turns import TurnSettings
 from server.vad import SileroVad
 
@@ -43,6 +44,12 @@ log = logging.getLogger("glm4voice.call")
 MAX_EVENTS_BEFORE_OPEN = 64  # events queued until the client's data channel opens
 WATCH_INTERVAL_S = 0.5  # how often the watchdog checks duration, idle time and peer liveness
 CLOSING_FLUSH_S = 0.5  # at most this long to get the closing event out before the connection goes
+RESUME_FAILED = {  # glm4voice.session.resume_failed reasons: this call starts a fresh conversation
+    "expired": "the resume window of the dropped call ended; its conversation is gone",
+    "already_resumed": "that resume token was used already (each is good for one reconnect)",
+    "unknown": "no dropped call holds that resume token",
+    "disabled": "this server keeps no dropped calls (limits.resume_window_s = 0)",
+}
 PC_CLOSE_TIMEOUT_S = 5.0  # aiortc's close awaits its transports; a stuck one must not hold the call slot
 
 
@@ -121,8 +128,11 @@ class CallSettings:
 class Call:
     def __init__(self, call_id: str, pc: RTCPeerConnection | None, responder: Responder, vad: SileroVad,
                  config: Config, metrics: Metrics, settings: CallSettings,
-                 on_closed: Callable[[Call], None], track: OutboundAudioTrack | None = None) -> None:
-        """`pc` None and `track` a delta sender: a WebSocket call (server/websocket.py)."""
+                 on_closed: Callable[[Call], None], track: OutboundAudioTrack | None = None,
+                 parking: ParkedCalls | None = None, resumed: ParkedCall | str | None = None) -> None:
+        """`pc` None and `track` a delta sender: a WebSocket call (server/websocket.py). `parking`: where a
+        dropped call leaves its conversation (server/resume.py); `resumed`: the conversation this call
+        continues, or why the one asked for could not be resumed."""
         self.call_id = call_id
         self.pc = pc
         self.config = config
@@ -134,12 +144,19 @@ class Call:
         self.close_reason = ""
         self._on_closed = on_closed
         self._responder_name = responder.info().name
-        self.session: ResponderSession = responder.open_session(call_id, settings.responder_settings())
+        self._parking = parking
+        self.resume_token = new_resume_token() if parking is not None else None
+        self._resumed = resumed
+        if isinstance(resumed, ParkedCall):
+            self.session: ResponderSession = resumed.session
+            self.session.update(settings.responder_settings())
+        else:
+            self.session = responder.open_session(call_id, settings.responder_settings())
         self._channel: RTCDataChannel | None = None
         self._sink: Callable[[str], None] | None = None  # the WebSocket's send, instead of a data channel
         self.audio_in: Callable[[bytes], None] | None = None  # the WebSocket's input_audio_buffer.append
         self.observers: list[Callable[[str], None]] = []  # control connections: a copy of every event
-        self.conversation = Conversation()
+        self.conversation = resumed.conversation if isinstance(resumed, ParkedCall) else Conversation()
         self._outbox: list[str] = []
         self._tasks: set[asyncio.Task] = set()
         self._inbound_attached = False
@@ -226,7 +243,15 @@ class Call:
             self._outbox.append(text)
 
     def _on_channel_open(self) -> None:
-        self.send(P.event("session.created", session=self._session_json()))
+        resume = ({"resume_token": self.resume_token, "resume_window_s": self._parking.window_s}
+                  if self._parking is not None else {})
+        self.send(P.event("session.created", session=self._session_json(), **resume))
+        if isinstance(self._resumed, ParkedCall):
+            self.send(P.event("glm4voice.session.resumed", items=len(self.conversation)))
+        elif self._resumed is not None:
+            self.send(P.event("glm4voice.session.resume_failed", reason=self._resumed,
+                              message=RESUME_FAILED[self._resumed]))
+        self._resumed = None  # the parked call's objects now belong to this call
         outbox, self._outbox = self._outbox, []
         for text in outbox:
             if self._sink is not None:
@@ -378,7 +403,7 @@ class Call:
                     await self.end(ending.code, ending.message)
                 else:
                     self.metrics.ended(ending.code)
-                    await self.close(ending.code)
+                    await self.close(ending.code, network_lost=ending.code == "peer_gone")
                 return
 
     async def end(self, code: str, message: str) -> None:
@@ -413,10 +438,11 @@ class Call:
 
     # ----- the one way out -------------------------------------------------------------------------
 
-    async def close(self, reason: str) -> None:
+    async def close(self, reason: str, network_lost: bool = False) -> None:
         """Free everything the call holds; safe to call from any path, any number of times. Each step is
         guarded and the call leaves the server's registry in any case: a step that fails (aiortc failing
-        to close a half-negotiated connection) must not leave a ghost holding a call slot."""
+        to close a half-negotiated connection) must not leave a ghost holding a call slot.
+        `network_lost`: the peer went without a hangup; the conversation is parked for a resume."""
         if self.state is CallState.CLOSED:
             return
         self.state = CallState.CLOSED
@@ -430,10 +456,13 @@ class Call:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._step("outbound track", self.track.stop)
-            try:
-                await self.session.close()
-            except Exception:
-                self.log.exception("responder session close failed")
+            if network_lost and self._parking is not None and self.resume_token is not None:
+                self._step("park", self._park)
+            else:
+                try:
+                    await self.session.close()
+                except Exception:
+                    self.log.exception("responder session close failed")
             try:
                 if self.pc is not None:
                     await asyncio.wait_for(self.pc.close(), PC_CLOSE_TIMEOUT_S)
@@ -445,6 +474,11 @@ class Call:
                 self._on_closed(self)
             finally:
                 self.closed.set()
+
+    def _park(self) -> None:
+        """The session (history, KV cache) waits for a resume; a half-spoken user turn is not kept."""
+        self.session.discard_audio()
+        self._parking.park(self.resume_token, ParkedCall(self.session, self.conversation, self.settings, self.call_id))
 
     def _step(self, what: str, step: Callable[[], object]) -> None:
         try:

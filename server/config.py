@@ -85,6 +85,7 @@ class LimitsConfig:
     idle_timeout_s: float = 300.0  # no user speech and no client event for this long closes the call; 0 = never
     peer_timeout_s: float = 5.0  # no inbound audio packets and no event for this long: the peer is gone; 0 = off
     max_turn_audio_s: float = 120.0  # one user turn's audio; longer speech is cut here and answered
+    resume_window_s: float = 60.0  # a dropped WebRTC call's conversation is kept this long for a resume; 0 = off
     connect_timeout_s: float = 20.0  # an answered offer whose peer has not connected by then is dropped
 
 
@@ -229,7 +230,7 @@ def validate(config: Config) -> None:
         raise ValueError("config [limits].max_calls must be >= 1")
     lim = config.limits
     for name in ("max_events_per_s", "calls_per_minute_per_address", "max_call_duration_s", "idle_timeout_s",
-                 "peer_timeout_s", "max_turn_audio_s", "connect_timeout_s", "inbound_flood_s"):
+                 "peer_timeout_s", "max_turn_audio_s", "connect_timeout_s", "inbound_flood_s", "resume_window_s"):
         if getattr(lim, name) < 0:
             raise ValueError(f"config [limits].{name} must be >= 0")
     if lim.max_events_per_s <= 0 or lim.event_burst < 1 or lim.call_burst_per_address < 1:

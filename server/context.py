@@ -4,6 +4,7 @@ admission and auth. `server/app.py` builds one (`Server`, which adds the lifecyc
 
 from __future__ import annotations
 
+import secrets
 import time
 
 from pipeline.responder import Responder
@@ -12,6 +13,7 @@ from server.call import Call, CallSettings
 from server.config import Config
 from server.limits import Admission
 from server.metrics import LoopLagProbe, Metrics
+from server.resume import ParkedCalls
 from server.vad import SileroVad
 
 
@@ -25,6 +27,7 @@ class ServerContext:
         self.admission = Admission(config)
         self.auth = Auth(config.auth, config.http.public_url)
         self.calls: dict[str, Call] = {}  # call_id -> Call, so hangup can find its call
+        self.parked = ParkedCalls(config.limits.resume_window_s)  # dropped calls' conversations, for a resume
         self.started_s = time.monotonic()
         self.start_error: str | None = None  # the responder failed to start (or died): why
 
@@ -39,6 +42,16 @@ class ServerContext:
         if info.ready:
             return None
         return info.details.get("error")
+
+    def occupied_slots(self) -> int:
+        """Call slots in use: live calls and parked conversations (each holds a KV slot)."""
+        return len(self.calls) + len(self.parked)
+
+    def call_holding(self, resume_token: str) -> Call | None:
+        """The live call whose resume token this is (its client reconnects before its drop was noticed)."""
+        return next((c for c in self.calls.values()
+                     if c.resume_token is not None
+                     and secrets.compare_digest(c.resume_token.encode(), resume_token.encode())), None)
 
     def default_settings(self) -> CallSettings:
         return CallSettings.defaults(self.config.turn_detection)

@@ -68,6 +68,7 @@ class Pages:
             "responder": {"name": info.name, "ready": info.ready, "output_sample_rate_hz": info.output_sample_rate_hz,
                           **info.details},
             "active_calls": len(ctx.calls),
+            "parked_calls": len(ctx.parked),  # dropped calls kept for a resume (each holds a call slot)
             "draining": ctx.admission.draining,
             "max_calls": ctx.config.limits.max_calls,
             "uptime_s": round(time.monotonic() - ctx.started_s, 1),

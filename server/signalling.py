@@ -19,6 +19,7 @@ from server.config import Config
 from server.context import ServerContext
 from server.limits import ApiError, check_origin, read_form
 from server.logs import current_call_id
+from server.resume import RESUME_HEADER, ParkedCall
 from server.rtc import (
     MAX_CANDIDATES_PER_ADDRESS,
     SdpError,
@@ -28,6 +29,7 @@ from server.rtc import (
 )
 
 log = logging.getLogger("glm4voice.signalling")
+MAX_RESUME_TOKEN_CHARS = 256  # ours are 36; anything much longer is not one
 
 
 def parse_session(fields: dict, config: Config) -> P.SessionUpdate:
@@ -70,16 +72,27 @@ class Signalling:
         ctx.admission.check_rate(request)
         secret = ctx.auth.authorize_call(request)
         if request.content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-            sdp, session, as_json = await _parse_offer_form(request, config)
+            sdp, session, as_json, resume_token = await _parse_offer_form(request, config)
         else:
             body = await ctx.admission.read_body(request)
-            sdp, session, as_json = _parse_offer_body(request.content_type, body)
-        ctx.admission.admit_call(request, len(ctx.calls), ctx.ready(), ctx.not_ready_reason())
+            sdp, session, as_json, resume_token = _parse_offer_body(request.content_type, body)
+        resume_token = resume_token or request.headers.get(RESUME_HEADER) or None
+        if resume_token is not None and not (resume_token.isascii() and len(resume_token) <= MAX_RESUME_TOKEN_CHARS):
+            raise ApiError(400, "invalid_value", "resume_token must be the string session.created gave")
+        superseded = ctx.call_holding(resume_token) if resume_token is not None else None
+        if superseded is not None:  # the client noticed the drop before we did: that call parks now
+            await superseded.close("the client reconnected (resume)", network_lost=True)
+        # a parked call holds a slot: resuming it takes that slot over
+        resuming = resume_token is not None and ctx.parked.holds(resume_token)
+        ctx.admission.admit_call(request, ctx.occupied_slots() - resuming, ctx.ready(), ctx.not_ready_reason())
         try:
             check_offer(sdp)
         except SdpError as exc:
             raise ApiError(400, exc.code, str(exc)) from None
-        settings = ctx.default_settings()
+        resumed: ParkedCall | str | None = None
+        if resume_token is not None:
+            resumed = ctx.parked.take(resume_token) if ctx.parked.window_s > 0 else "disabled"
+        settings = resumed.settings if isinstance(resumed, ParkedCall) else ctx.default_settings()
         for fields in (secret.session if secret is not None else None, session):  # the secret's, then the offer's
             if fields:
                 settings = settings.apply(parse_session(fields, config))
@@ -89,7 +102,7 @@ class Signalling:
             log.debug("dropped %d remote candidates (unreachable from %s, or over the caps of %d per offer and %d per "
                       "address)", dropped, config.webrtc.host_addresses, config.webrtc.max_remote_candidates,
                       MAX_CANDIDATES_PER_ADDRESS)
-        answer_sdp, call = await self._answer(sdp, settings)
+        answer_sdp, call = await self._answer(sdp, settings, resumed)
         ctx.metrics.calls_total += 1
         location = f"{config.http.public_url.rstrip('/')}/v1/realtime/calls/{call.call_id}"
         if as_json:
@@ -98,7 +111,8 @@ class Signalling:
         return web.Response(status=201, text=answer_sdp, content_type="application/sdp",
                             headers={"Location": location})
 
-    async def _answer(self, sdp: str, settings: CallSettings) -> tuple[str, Call]:
+    async def _answer(self, sdp: str, settings: CallSettings, resumed: ParkedCall | str | None
+                      ) -> tuple[str, Call]:
         ctx, w = self.ctx, self.ctx.config.webrtc
         ice = [RTCIceServer(urls=list(w.stun_urls))] if w.stun_urls else []
         if w.turn_urls:
@@ -106,7 +120,9 @@ class Signalling:
         call_id = new_call_id()
         current_call_id.set(call_id)  # this request's context: aiortc's tasks for the call inherit it
         pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
-        call = Call(call_id, pc, ctx.responder, ctx.vad, ctx.config, ctx.metrics, settings, ctx.forget)
+        parking = ctx.parked if ctx.parked.window_s > 0 else None
+        call = Call(call_id, pc, ctx.responder, ctx.vad, ctx.config, ctx.metrics, settings, ctx.forget,
+                    parking=parking, resumed=resumed)
         ctx.calls[call_id] = call
 
         @pc.on("track")
@@ -122,8 +138,9 @@ class Signalling:
         async def on_state() -> None:
             if pc.connectionState == "connected":
                 call.connected()
-            elif pc.connectionState in ("failed", "closed"):
-                await call.close(f"peer connection {pc.connectionState} (ice {pc.iceConnectionState})")
+            elif pc.connectionState in ("failed", "closed"):  # closed by the peer, or by our own close()
+                await call.close(f"peer connection {pc.connectionState} (ice {pc.iceConnectionState})",
+                                 network_lost=True)
 
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
@@ -145,6 +162,8 @@ class Signalling:
     async def hangup(self, request: web.Request) -> web.Response:
         call_id = request.match_info["call_id"]
         call = self.ctx.calls.get(call_id)
+        if call is None and self.ctx.parked.discard_call(call_id):
+            return web.json_response({"call_id": call_id, "status": "closed"})
         if call is None:
             raise ApiError(404, "call_not_found", f"no active call {call_id!r}")
         current_call_id.set(call_id)  # this request's task only: its log lines name the call
@@ -152,8 +171,9 @@ class Signalling:
         return web.json_response({"call_id": call_id, "status": "closed"})
 
 
-async def _parse_offer_form(request: web.Request, config: Config) -> tuple[str, dict | None, bool]:
-    """The Realtime "unified interface" form: fields `sdp` (the offer) and `session` (JSON). Answers SDP."""
+async def _parse_offer_form(request: web.Request, config: Config) -> tuple[str, dict | None, bool, str | None]:
+    """The Realtime "unified interface" form: fields `sdp` (the offer), `session` (JSON) and our
+    `resume_token`. Answers SDP."""
     form = await read_form(request, config.http.max_body_bytes, config.http.body_timeout_s)
     sdp = form.get("sdp")
     if not isinstance(sdp, str):
@@ -163,11 +183,13 @@ async def _parse_offer_form(request: web.Request, config: Config) -> tuple[str, 
         session = loads_json(form["session"], "the form's 'session' field")
         if not isinstance(session, dict):
             raise ApiError(400, "invalid_value", "session must be an object")
-    return sdp, session, False
+    token = form.get("resume_token")
+    return sdp, session, False, token if isinstance(token, str) and token else None
 
 
-def _parse_offer_body(content_type: str, body: bytes) -> tuple[str, dict | None, bool]:
-    """-> (sdp, session or None, answer as JSON). Mix-ups get a message that says what to send."""
+def _parse_offer_body(content_type: str, body: bytes) -> tuple[str, dict | None, bool, str | None]:
+    """-> (sdp, session or None, answer as JSON, resume token or None). Mix-ups get a message that says
+    what to send."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -176,7 +198,7 @@ def _parse_offer_body(content_type: str, body: bytes) -> tuple[str, dict | None,
         if text.lstrip().startswith("{"):
             raise ApiError(400, "invalid_sdp", "the body looks like JSON but Content-Type is application/sdp: send "
                            "JSON {\"sdp\", \"type\": \"offer\"} as application/json, or the raw SDP as application/sdp")
-        return text, None, False
+        return text, None, False, None
     if content_type == "application/json":
         hint = " (it looks like SDP: send it as application/sdp)" if text.lstrip().startswith("v=") else ""
         data = loads_json(text, "the body", hint)
@@ -187,7 +209,10 @@ def _parse_offer_body(content_type: str, body: bytes) -> tuple[str, dict | None,
         session = data.get("session")
         if session is not None and not isinstance(session, dict):
             raise ApiError(400, "invalid_value", "session must be an object")
-        return data["sdp"], session, True
+        token = data.get("resume_token")
+        if token is not None and not isinstance(token, str):
+            raise ApiError(400, "invalid_value", "resume_token must be the string session.created gave")
+        return data["sdp"], session, True, token or None
     raise ApiError(415, "unsupported_media_type", f"Content-Type {content_type or 'none'!r} is not accepted: send the "
                    "SDP offer as application/sdp, or JSON {\"sdp\", \"type\": \"offer\", \"session\"} as "
                    "application/json")

@@ -198,7 +198,7 @@ class RealtimeSocket:
         check_origin(request, config)
         ctx.admission.check_rate(request)
         secret = ctx.auth.authorize_call(_with_subprotocol_key(request))
-        ctx.admission.admit_call(request, len(ctx.calls), ctx.ready(), ctx.not_ready_reason())
+        ctx.admission.admit_call(request, ctx.occupied_slots(), ctx.ready(), ctx.not_ready_reason())
         settings = ctx.default_settings()
         if secret is not None and secret.session:
             settings = settings.apply(parse_session(secret.session, config))

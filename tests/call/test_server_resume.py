@@ -1,0 +1,151 @@
+"""Resume after a network drop (server/resume.py), on the echo responder: a dropped call's conversation is
+parked under its resume token and a new offer presenting the token continues it; a hangup does not park;
+unknown, used and expired tokens start fresh with `glm4voice.session.resume_failed`; a parked call holds
+its call slot. The engine side (no re-prefill after a resume) is in tests/call/test_glm_call.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from server.resume import RESUME_HEADER
+from tests.helpers.rtc_client import RealtimeClient, start_server
+
+
+async def typed_turn(client: RealtimeClient, text: str) -> dict:
+    mark = len(client.events)
+    client.send({"type": "conversation.item.create",
+                 "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+    client.send({"type": "response.create"})
+    return await client.wait_for("response.done", 10, after=mark)
+
+
+async def dial(base_url: str, token: str | None = None) -> RealtimeClient:
+    client = RealtimeClient(base_url, headers={RESUME_HEADER: token} if token else {})
+    await client.connect()
+    await client.wait_for("session.created", 5)
+    return client
+
+
+async def drop(running, client: RealtimeClient):
+    """The client's network path goes: its peer connection is closed without a hangup. -> the server's Call."""
+    call = running.server.calls[client.call_id]
+    await client.close()
+    await call.closed.wait()
+    return call
+
+
+async def test_dropped_call_resumes_with_its_conversation(echo_server):
+    first = await dial(echo_server.base_url)
+    created = first.of_type("session.created")[0]
+    token = created["resume_token"]
+    assert token and created["resume_window_s"] == 60
+    await typed_turn(first, "Remember the word apricot.")
+    old = await drop(echo_server, first)
+    assert old.close_reason.startswith("peer connection closed")
+    assert len(echo_server.server.parked) == 1 and not old.session.closed  # kept, not freed
+    health = await _health(echo_server.base_url)
+    assert health["parked_calls"] == 1 and health["active_calls"] == 0
+
+    second = await dial(echo_server.base_url, token)
+    try:
+        resumed = await second.wait_for("glm4voice.session.resumed", 5)
+        assert resumed["items"] == 2  # the typed user item and the reply
+        new_token = second.of_type("session.created")[0]["resume_token"]
+        assert new_token != token  # single use: the resumed call gets its own
+        call = echo_server.server.calls[second.call_id]
+        assert call.session is old.session and len(echo_server.server.parked) == 0
+        assert [e.role for e in call.session.history] == ["user", "assistant"]
+        done = await typed_turn(second, "Which word was it?")
+        assert done["response"]["status"] == "completed"
+        assert [e.role for e in call.session.history] == ["user", "assistant"] * 2
+    finally:
+        await second.hangup()
+    assert len(echo_server.server.parked) == 0 and call.session.closed  # a hangup frees it at once
+
+
+async def test_hangup_does_not_park_and_bad_tokens_start_fresh(echo_server):
+    first = await dial(echo_server.base_url)
+    token = first.of_type("session.created")[0]["resume_token"]
+    call = echo_server.server.calls[first.call_id]
+    await first.hangup()
+    assert call.session.closed and len(echo_server.server.parked) == 0
+    for presented, reason in ((token, "unknown"), ("rsm_" + "x" * 32, "unknown")):
+        client = await dial(echo_server.base_url, presented)
+        try:
+            failed = await client.wait_for("glm4voice.session.resume_failed", 5)
+            assert failed["reason"] == reason and failed["message"]
+            assert not client.of_type("glm4voice.session.resumed")
+            assert echo_server.server.calls[client.call_id].session.history == []
+        finally:
+            await client.hangup()
+    # a token is good for one resume
+    dropped = await dial(echo_server.base_url)
+    token = dropped.of_type("session.created")[0]["resume_token"]
+    await drop(echo_server, dropped)
+    resumed = await dial(echo_server.base_url, token)
+    await resumed.wait_for("glm4voice.session.resumed", 5)
+    again = await dial(echo_server.base_url, token)
+    try:
+        assert (await again.wait_for("glm4voice.session.resume_failed", 5))["reason"] == "already_resumed"
+    finally:
+        await resumed.hangup()
+        await again.hangup()
+
+
+async def test_reconnect_before_the_drop_is_noticed_takes_the_call_over(echo_server):
+    """A client that sees the loss first (no audio for 3 s) offers again while the server still holds the
+    old call: that call parks at once and the new one continues it."""
+    first = await dial(echo_server.base_url)
+    token = first.of_type("session.created")[0]["resume_token"]
+    await typed_turn(first, "One.")
+    old = echo_server.server.calls[first.call_id]
+    second = await dial(echo_server.base_url, token)
+    try:
+        await second.wait_for("glm4voice.session.resumed", 5)
+        assert old.closed.is_set() and first.call_id not in echo_server.server.calls
+        assert echo_server.server.calls[second.call_id].session is old.session
+    finally:
+        await second.hangup()
+        await first.close()
+
+
+async def test_parked_call_holds_its_slot_and_expires():
+    running = await start_server(overrides={"limits": {"max_calls": 1, "resume_window_s": 1.0}})
+    try:
+        first = await dial(running.base_url)
+        token = first.of_type("session.created")[0]["resume_token"]
+        old = await drop(running, first)
+        async with aiohttp.ClientSession() as http:  # the parked conversation holds the only slot
+            async with http.post(f"{running.base_url}/v1/realtime/calls", data="v=0\r\n",
+                                 headers={"Content-Type": "application/sdp"}) as r:
+                assert r.status == 503 and (await r.json())["error"]["code"] == "server_full"
+        resumed = await dial(running.base_url, token)  # ... which its resume takes over
+        await resumed.wait_for("glm4voice.session.resumed", 5)
+        token = resumed.of_type("session.created")[0]["resume_token"]
+        await drop(running, resumed)
+        assert len(running.server.parked) == 1
+        closed = asyncio.Event()  # the window is a loop timer that closes the session
+        real_close = old.session.close
+
+        async def close() -> None:
+            await real_close()
+            closed.set()
+
+        old.session.close = close
+        await asyncio.wait_for(closed.wait(), 5.0)
+        assert len(running.server.parked) == 0 and old.session.closed
+        late = RealtimeClient(running.base_url, headers={RESUME_HEADER: token})
+        await late.connect()
+        try:
+            assert (await late.wait_for("glm4voice.session.resume_failed", 5))["reason"] == "expired"
+        finally:
+            await late.hangup()
+    finally:
+        await running.runner.cleanup()
+
+
+async def _health(base_url: str) -> dict:
+    async with aiohttp.ClientSession() as http, http.get(f"{base_url}/health") as r:
+        return await r.json()
