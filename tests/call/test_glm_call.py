@@ -161,3 +161,48 @@ def heard_ids(reply_ids: list[int], tok, played_ms: float) -> list[int]:
         if n and seen == n:
             return reply_ids[: i + 1]
     return [] if n == 0 else list(reply_ids)
+
+
+async def test_resumed_call_prefills_only_the_new_turn(glm_server, script):
+    """Issue 14 item 2: drop the network path mid-conversation (the client's peer connection closed, no
+    hangup), reconnect with the resume token: the next turn's prompt holds the earlier turn, and only the
+    new user block is prefilled (the KV cache survived the drop)."""
+    from server.resume import RESUME_HEADER
+
+    tok = glm_server.server.responder.engine.scheduler.m.text
+    first = RealtimeClient(glm_server.base_url)
+    await first.connect()
+    token = (await first.wait_for("session.created", 5))["resume_token"]
+    session = engine_session(glm_server, first)
+    mark = len(first.events)
+    first.send({"type": "conversation.item.create",
+                "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello."}]}})
+    first.send({"type": "response.create"})
+    await first.wait_for("response.done", 30, after=mark)
+    old = glm_server.server.calls[first.call_id]
+    await first.close()  # the network path goes: no hangup
+    await old.closed.wait()
+    await glm_server.server.responder.engine.settled()
+    d = session.dialogue
+    assert not d.closed and len(d.history.turns) == 1
+    kept_ids = len(d.history.ids())
+    second = RealtimeClient(glm_server.base_url, headers={RESUME_HEADER: token})
+    await second.connect()
+    try:
+        await second.wait_for("glm4voice.session.resumed", 5)
+        assert engine_session(glm_server, second) is session
+        text = "And a second one."
+        mark = len(second.events)
+        second.send({"type": "conversation.item.create",
+                     "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+        second.send({"type": "response.create"})
+        started = await second.wait_for("output_audio_buffer.started", 30, after=mark)
+        heard = await reply_audio(second, started, started["response_id"])
+        assert float(np.sqrt(np.mean(heard**2))) > 1e-3
+        assert (await second.wait_for("response.done", 10, after=mark))["response"]["status"] == "completed"
+        assert len(d.history.turns) == 2
+        assert d.turn_prompt_lengths[1] == kept_ids + len(user_turn_ids(tok, text=text))  # the earlier turn is in it
+        assert d.turn_prefilled_tokens[1] == len(user_turn_ids(tok, text=text))  # ... and was not prefilled again
+        assert d.cache.length == len(d.history.ids())
+    finally:
+        await second.hangup()
