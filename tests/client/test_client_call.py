@@ -154,7 +154,38 @@ async def test_server_restart_mid_call_reconnects(demo_dir, script):
         turn = await rec.wait_for("client.turn", 60, after=mark)
         assert turn["status"] == "completed" and turn["transcript"] == MESSAGE
         assert turn["heard_audio_ms"] / 1000 >= 0.85 * reply_s(script)
+        # the new server never saw the token: a fresh conversation, and it says so
+        assert (await rec.wait_for("glm4voice.session.resume_failed", 5))["reason"] == "unknown"
     finally:
         call.stop()
         assert (await task)[0] == 0
         await running.runner.cleanup()
+
+
+async def test_network_drop_resumes_the_conversation(echo_server):
+    """Issue 14 item 2: the client's peer connection dies without a hangup; it reconnects with the resume
+    token from session.created and the server continues the same conversation."""
+    mic = ScriptedMic()
+    call, rec, task = start_call(CallOptions(echo_server.base_url, reconnect_window_s=30.0), mic, Speaker())
+    try:
+        first_call = (await rec.wait_for("client.connected", 20))["call_id"]
+        token = (await rec.wait_for("session.created", 5))["resume_token"]
+        assert call.resume_token == token
+        mic.play(np.concatenate([synth_speech("Hello there."), np.zeros(16_000, np.float32)]), 16_000)
+        assert (await rec.wait_for("client.turn", 60))["status"] == "completed"
+        session = echo_server.server.calls[first_call].session
+        mark = len(rec.events)
+        await call._conn.pc.close()  # the network path goes; nobody hangs up
+        await rec.wait_for("client.lost", 10, after=mark)
+        again = await rec.wait_for("client.connected", 30, after=mark, connection=2)
+        resumed = await rec.wait_for("glm4voice.session.resumed", 5, after=mark)
+        assert resumed["items"] == 2
+        assert echo_server.server.calls[again["call_id"]].session is session
+        assert call.resume_token not in (None, token)  # the resumed call's own, for the next drop
+        mark = len(rec.events)
+        mic.play(np.concatenate([synth_speech("Are you back?"), np.zeros(16_000, np.float32)]), 16_000)
+        assert (await rec.wait_for("client.turn", 60, after=mark))["status"] == "completed"
+        assert [e.role for e in session.history] == ["user", "assistant"] * 2
+    finally:
+        call.stop()
+        assert (await task)[0] == 0
