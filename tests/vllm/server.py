@@ -73,7 +73,10 @@ class VLLMServer:
         return VLLMClient(self.url, model=self.served_name, **kwargs)
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
-        """Start and wait for uvicorn's startup line (read from its output, no polling); raise on a deadline."""
+        """Start and wait for uvicorn's startup line (read from its output, no polling); raise on a deadline.
+        A no-op while the process runs."""
+        if self.process is not None and self.process.poll() is None:
+            return
         if not VLLM_PYTHON.is_file():
             raise RuntimeError(f"{VLLM_PYTHON} missing: build the vLLM venv with `make vllm-venv`")
         cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
