@@ -108,7 +108,7 @@ class CallSettings:
         turns = TurnSettings(threshold=td.threshold, prefix_padding_ms=td.prefix_padding_ms,
                              silence_duration_ms=td.silence_duration_ms, min_speech_ms=td.min_speech_ms,
                              min_interrupt_ms=td.min_interrupt_ms, create_response=td.create_response,
-                             interrupt_response=td.interrupt_response)
+                             interrupt_response=td.interrupt_response, echo_guard=td.echo_guard)
         return cls(instructions="", sampling=SamplingSettings(), turns=turns)
 
     def turn_detection_json(self) -> dict | None:
@@ -118,11 +118,13 @@ class CallSettings:
         if self.vad_kind == "semantic_vad":
             return {"type": "semantic_vad", "eagerness": self.eagerness, "create_response": t.create_response,
                     "interrupt_response": t.interrupt_response,
-                    "glm4voice": {"silence_duration_ms": t.silence_duration_ms, "threshold": t.threshold}}
+                    "glm4voice": {"silence_duration_ms": t.silence_duration_ms, "threshold": t.threshold,
+                                  "echo_guard": t.echo_guard}}
         return {"type": "server_vad", "threshold": t.threshold, "prefix_padding_ms": t.prefix_padding_ms,
                 "silence_duration_ms": t.silence_duration_ms, "create_response": t.create_response,
                 "interrupt_response": t.interrupt_response,
-                "glm4voice": {"min_speech_ms": t.min_speech_ms, "min_interrupt_ms": t.min_interrupt_ms}}
+                "glm4voice": {"min_speech_ms": t.min_speech_ms, "min_interrupt_ms": t.min_interrupt_ms,
+                              "echo_guard": t.echo_guard}}
 
 
 class Call:

@@ -58,6 +58,7 @@ class TurnDetectionConfig:
     silence_duration_ms: int = 500  # silence that ends a turn (Realtime default)
     min_speech_ms: int = 250  # shorter speech is a false start: dropped, no reply
     min_interrupt_ms: int = 200  # speech over the assistant must last this long to cut it off (coughs)
+    echo_guard: bool = False  # clients without echo cancellation: our own reply coming back is not speech
     create_response: bool = True  # answer automatically when a spoken turn ends (Realtime default)
     interrupt_response: bool = True  # user speech interrupts the assistant (Realtime default)
 

@@ -16,6 +16,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from server import protocol as P
 from server.call_state import CallState
+from server.echo_guard import EchoGuard
 from server.logs import LogLimiter
 from server.media import InboundConverter
 from server.protocol import new_id as _new_id
@@ -38,6 +39,9 @@ class Listening:
         self._interrupt_armed = False  # user speech began over the assistant
         self._turn_samples = 0  # 16 kHz samples pushed to the responder for the pending user turn
         self._turn_capped = False  # the pending turn hit max_turn_audio_s
+        self.echo_guard = EchoGuard()
+        if call.replies.buffer_events:  # WebRTC: we send the audio, so we know what may come back
+            call.track.on_frame = self.echo_guard.sent
 
     async def run(self, track: MediaStreamTrack) -> None:
         """The WebRTC receive loop: frames -> 16 kHz chunks, each policed against real time."""
@@ -56,6 +60,10 @@ class Listening:
     def feed_chunk(self, chunk: np.ndarray) -> None:
         """One (512,) float32 16 kHz chunk of user audio (either transport) -> VAD -> turns."""
         probability = self._vad.probability(self._vad_state, chunk)
+        if self._call.settings.turns.echo_guard and self.echo_guard.is_echo(chunk):
+            if probability >= self.detector.settings.threshold:
+                self.echo_guard.echo_chunks += 1
+            probability = 0.0  # our own reply coming back: silence as far as turns go
         events, audio = self.detector.feed(chunk, probability)
         for item in events:
             if isinstance(item, SpeechStarted):

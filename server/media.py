@@ -99,6 +99,7 @@ class OutboundAudioTrack(MediaStreamTrack):
         super().__init__()
         self.on_started = on_started
         self.on_stopped = on_stopped
+        self.on_frame: Callable[[np.ndarray], None] | None = None  # each (960,) frame as it leaves (echo guard)
         self.stats = PlayoutStats()
         self._queue: deque[np.ndarray] = deque()  # (n,) float32 at 48 kHz
         self._queued_samples = 0
@@ -229,6 +230,8 @@ class OutboundAudioTrack(MediaStreamTrack):
             self._reply_id = None
             if self._reply_started and self.on_stopped:
                 self.on_stopped(reply_id)
+        if self.on_frame is not None:
+            self.on_frame(pcm)
         if had_audio:
             samples = (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16).reshape(1, FRAME_SAMPLES)  # (1, 960)
         else:

@@ -61,6 +61,7 @@ class TurnDetectionUpdate:
     interrupt_response: bool | None = None
     kind: str | None = None  # "server_vad" | "semantic_vad"
     eagerness: str | None = None  # semantic_vad only: low | medium | high | auto
+    echo_guard: bool | None = None  # glm4voice.echo_guard: ignore our own reply coming back (server/echo_guard.py)
 
 
 # semantic_vad runs on the same silero VAD: `eagerness` picks how long a pause ends the turn (ms).
@@ -204,6 +205,12 @@ def _parse_turn_detection(td: object, event_id: str | None) -> TurnDetectionUpda
     create = None if get("create_response") is None else _flag(get("create_response"), "create_response", event_id)
     interrupt = None if get("interrupt_response") is None \
         else _flag(get("interrupt_response"), "interrupt_response", event_id)
+    ext = get("glm4voice")
+    if ext is not None and not isinstance(ext, dict):
+        raise ProtocolError("invalid_value", "turn_detection.glm4voice must be an object", event_id,
+                            "turn_detection.glm4voice")
+    guard = None if not ext or ext.get("echo_guard") is None \
+        else _flag(ext["echo_guard"], "turn_detection.glm4voice.echo_guard", event_id)
     if kind == "semantic_vad":
         eagerness = get("eagerness", "auto")
         if eagerness not in SEMANTIC_VAD_SILENCE_MS:
@@ -211,7 +218,7 @@ def _parse_turn_detection(td: object, event_id: str | None) -> TurnDetectionUpda
                                 "turn_detection.eagerness")
         return TurnDetectionUpdate(enabled=True, silence_duration_ms=SEMANTIC_VAD_SILENCE_MS[eagerness],
                                    create_response=create, interrupt_response=interrupt, kind=kind,
-                                   eagerness=eagerness)
+                                   eagerness=eagerness, echo_guard=guard)
     if kind != "server_vad":
         raise ProtocolError("unsupported_value", f"turn_detection.type {kind!r} is not supported: use 'server_vad' "
                             "or 'semantic_vad'", event_id, "turn_detection.type")
@@ -225,6 +232,7 @@ def _parse_turn_detection(td: object, event_id: str | None) -> TurnDetectionUpda
         create_response=create,
         interrupt_response=interrupt,
         kind=kind,
+        echo_guard=guard,
     )
 
 

@@ -30,6 +30,7 @@ class TurnSettings:
     min_interrupt_ms: int = 200
     create_response: bool = True
     interrupt_response: bool = True
+    echo_guard: bool = False  # while our reply plays, inbound audio matching it is not speech (echo_guard.py)
     enabled: bool = True  # False: turn_detection null; the client commits turns (push-to-talk)
 
 
