@@ -21,8 +21,16 @@ class EngineConfig:
     quantization: str = ""  # "" or "int4" (bitsandbytes NF4, as the official server's --dtype int4)
     max_calls_batched: int = 16  # decode-step batch slots (calls whose tokens share one forward)
     max_calls: int = 16  # LM KV slots reserved at start, one per open call (the server passes [limits].max_calls)
-    first_block_tokens: int = 10  # speech tokens before the first decoder block (paper: 10)
-    block_tokens: int = 20  # later decoder blocks (speech tokens)
+    first_block_tokens: int = 10  # speech tokens of the first decoder block (paper: 10): time to first audio
+    max_block_tokens: int = 80  # later blocks double up to this (10, 20, 40, 80): cost per block stays bounded
+    decoder_prompt_window_tokens: int = 50  # earlier speech tokens the decoder conditions on; 0 = all (official)
+
+    def decoder_schedule(self) -> tuple[int, ...]:
+        """Speech tokens per decoder block, the last repeating: doubling from the first (docs/decoder.md)."""
+        sizes = [self.first_block_tokens]
+        while sizes[-1] * 2 <= self.max_block_tokens:
+            sizes.append(sizes[-1] * 2)
+        return tuple(sizes)
     max_new_tokens: int = 2000  # per reply (official demo UI default)
     context_tokens: int = 8192  # LM context (config seq_length); oldest whole turns dropped past it
     stream_lead_ms: int = 1000  # a stream this far ahead of its playback lets a new turn's first audio go first

@@ -12,11 +12,10 @@ from pipeline.engine.reply import Reply
 from pipeline.responder import AudioChunk, Timing
 
 
-def block_ready(reply: Reply, cfg: EngineConfig) -> bool:
-    """The first block waits for `first_block_tokens` (paper: 10), later ones for `block_tokens`; the
-    tail goes as soon as generation ended."""
-    need = cfg.first_block_tokens if reply.audio.tokens_decoded == 0 else cfg.block_tokens
-    return len(reply.audio.buffer) >= need or reply.gen.finish_reason is not None
+def block_ready(reply: Reply) -> bool:
+    """A block waits for as many speech values as the stream's schedule asks next (10, then doubling up to
+    `max_block_tokens`); the tail goes as soon as generation ended."""
+    return len(reply.audio.buffer) >= reply.audio.stream.tokens_to_next_block or reply.gen.finish_reason is not None
 
 
 def urgency(reply: Reply, now: float) -> tuple[float, float]:
@@ -27,7 +26,7 @@ def urgency(reply: Reply, now: float) -> tuple[float, float]:
 def blocks_in_order(active: list[Dialogue], cfg: EngineConfig, now: float) -> list[Dialogue]:
     """Calls with a ready block, most urgent first. While a turn still waits for its first audio, a
     stream more than `stream_lead_ms` ahead of its playback waits (time to first audio first)."""
-    ready = [d for d in active if d.reply.started and block_ready(d.reply, cfg)]
+    ready = [d for d in active if d.reply.started and block_ready(d.reply)]
     ready.sort(key=lambda d: urgency(d.reply, now))
     waiting_first_audio = any(d.reply.started and d.reply.time.first_pcm_t is None for d in active)
     if waiting_first_audio:

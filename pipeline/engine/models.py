@@ -79,7 +79,7 @@ def warm_up(m: Models, cfg: EngineConfig) -> None:
             n = lm.capture_graphs(min(cfg.max_calls_batched, cfg.max_calls))
             log.info("captured %d CUDA graphs of the decode step in %.1f s (mode now %s)", n, time.monotonic() - t1,
                      lm.decode_mode)  # fmt: skip
-    stream = DecoderStream(m.decoder, schedule=(cfg.first_block_tokens, cfg.block_tokens))
+    stream = new_decoder_stream(m.decoder, cfg)
     stream.push([0] * cfg.first_block_tokens)
     stream.finish()
     log.info("warm-up done in %.2f s", time.monotonic() - t0)
@@ -165,3 +165,9 @@ def describe(m: Models) -> dict:
     if m.warning:
         details["warning"] = m.warning
     return details
+
+
+def new_decoder_stream(decoder: SpeechDecoder, cfg: EngineConfig) -> DecoderStream:
+    """A reply's decoder stream with the engine's schedule and prompt window (docs/decoder.md)."""
+    window = cfg.decoder_prompt_window_tokens or None
+    return DecoderStream(decoder, schedule=cfg.decoder_schedule(), max_prompt_tokens=window)

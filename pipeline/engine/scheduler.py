@@ -17,11 +17,10 @@ import queue
 import time
 from collections.abc import Callable
 
-from pipeline.decoder.stream import DecoderStream
 from pipeline.engine import decoding
 from pipeline.engine.config import EngineConfig
 from pipeline.engine.dialogue import Dialogue, heard_prefix_len
-from pipeline.engine.models import Models
+from pipeline.engine.models import Models, new_decoder_stream
 from pipeline.engine.token_source import LocalLM, TokenSource
 from pipeline.lm.prompt import DialogueHistory, StreamParser, system_block_ids, user_turn_ids
 from pipeline.responder import TextDelta, Timing, TurnDone, TurnError
@@ -159,7 +158,7 @@ class Scheduler:
         reply.gen.turns_before = max(0, len(history.turns) - len(reply.items))
         reply.gen.prompt_ids = history.ids()
         reply.gen.parser = StreamParser(self.m.text)
-        reply.audio.stream = DecoderStream(self.m.decoder, schedule=(self.cfg.first_block_tokens, self.cfg.block_tokens))
+        reply.audio.stream = new_decoder_stream(self.m.decoder, self.cfg)
         self.source.begin(d, reply.gen.prompt_ids, for_reply=True)
 
     def _advance_prompt(self, d: Dialogue) -> None:
