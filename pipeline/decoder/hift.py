@@ -145,6 +145,13 @@ class HiftGenerator(nn.Module):
         n = np.arange(cfg.n_fft)
         window = (0.5 - 0.5 * np.cos(2 * np.pi * n / cfg.n_fft)).astype(np.float32)  # periodic Hann (scipy)
         self.register_buffer("stft_window", torch.from_numpy(window), persistent=False)
+        # torch.istft's check, made once here: the overlap-added squared window (NOLA) never vanishes.
+        frames = 2 * cfg.n_fft // cfg.hop + 1
+        envelope = np.zeros(cfg.n_fft + cfg.hop * (frames - 1))
+        for k in range(frames):
+            envelope[k * cfg.hop:k * cfg.hop + cfg.n_fft] += window.astype(np.float64) ** 2
+        if envelope[cfg.n_fft // 2:-(cfg.n_fft // 2)].min() < 1e-11:
+            raise ValueError(f"hift istft n_fft {cfg.n_fft}, hop {cfg.hop}: the Hann window's overlap-add vanishes")
 
     def source(self, f0: torch.Tensor, phase: torch.Tensor, sine_noise: torch.Tensor) -> torch.Tensor:
         """f0 (1, T) Hz; phase (1, H+1, 1) raw U(-pi, pi) draws; sine_noise (1, H+1, 256T) N(0, 1) draws
@@ -186,8 +193,20 @@ class HiftGenerator(nn.Module):
         magnitude = torch.clip(torch.exp(x[:, :half]), max=1e2)
         phase = torch.sin(x[:, half:])
         spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-        audio = torch.istft(spec, cfg.n_fft, cfg.hop, cfg.n_fft, window=self.stft_window)
-        return torch.clamp(audio, -cfg.audio_limit, cfg.audio_limit)
+        return torch.clamp(self.istft(spec), -cfg.audio_limit, cfg.audio_limit)
+
+    def istft(self, spec: torch.Tensor) -> torch.Tensor:
+        """spec (1, n_fft/2 + 1, frames) complex -> (1, hop * (frames - 1)): `torch.istft(center=True)` without
+        its host-side window check (an `.item()`, which a CUDA graph cannot record), same ops otherwise
+        (equal up to float rounding, ~1e-7). The window's overlap-add never vanishes (checked at init)."""
+        cfg, window = self.cfg, self.stft_window
+        frames = spec.shape[-1]
+        y = torch.fft.irfft(spec.transpose(1, 2), cfg.n_fft, dim=-1).transpose(1, 2) * window.view(1, -1, 1)
+        size, kernel, stride = (1, cfg.n_fft + cfg.hop * (frames - 1)), (1, cfg.n_fft), (1, cfg.hop)
+        y = F.fold(y, size, kernel, stride=stride)  # overlap-add: (1, 1, 1, samples)
+        envelope = F.fold(window.square().view(1, -1, 1).expand(1, -1, frames), size, kernel, stride=stride)
+        half = cfg.n_fft // 2
+        return (y / envelope)[:, 0, 0, half:-half]
 
     def forward(self, mel: torch.Tensor, phase: torch.Tensor, sine_noise: torch.Tensor,
                 cache_source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
