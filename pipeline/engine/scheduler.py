@@ -80,7 +80,7 @@ class Scheduler:
             return self.source.prefilling(d) and not self.source.waiting(d)
         reply = d.reply
         return (not self.source.waiting(d) or reply.cancel_event.is_set()
-                or (reply.started and decoding.block_ready(reply, self.cfg)))  # fmt: skip
+                or (reply.started and decoding.block_ready(reply)))  # fmt: skip
 
     def step(self) -> None:
         for d in self._active():

@@ -171,3 +171,22 @@ async def test_cancel_closes_the_request_at_once(engine):
     assert await asyncio.to_thread(stand_in.release.wait, CLOSE_DEADLINE_S), "the request was not closed"
     assert stand_in.closed_at[0] - cancelled_at < CLOSE_DEADLINE_S
     await session.close()
+
+
+async def test_not_ready_while_vllm_context_is_shorter_than_context_tokens(demo_dir: Path):
+    from pipeline.engine.thread import GLMVoiceResponder
+
+    stand_in = StandIn()
+    server = _serve(stand_in)  # serves max_model_len 8192
+    cfg = EngineConfig(demo_weights_dir=str(demo_dir), device="cpu", lm_backend="vllm", context_tokens=16384)
+    responder = GLMVoiceResponder(cfg, VLLMConfig(url=stand_in.url, probe_interval_s=60.0))
+    try:
+        await responder.start()
+        await asyncio.to_thread(responder.health.probe)
+        info = responder.info()
+        assert not info.ready
+        assert "max_model_len 8192" in info.details["error"] and "context_tokens 16384" in info.details["error"]
+    finally:
+        await responder.stop()
+        server.shutdown()
+        server.server_close()
