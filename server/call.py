@@ -9,12 +9,10 @@ Every way a call can end goes through `close()`, which frees everything whatever
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from aiortc import RTCDataChannel, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamTrack
@@ -22,13 +20,12 @@ from aiortc.mediastreams import MediaStreamTrack
 from pipeline.responder import (
     Responder,
     ResponderSession,
-    SamplingSettings,
-    SessionSettings,
 )
 from server import protocol as P
 from server.call_guard import CallGuard
+from server.call_settings import CallSettings
 from server.call_state import CallState
-from server.config import Config, TurnDetectionConfig
+from server.config import Config
 from server.conversation import Conversation
 from server.listening import Listening
 from server.logs import LogLimiter, call_tag, current_call_id, run_as_call
@@ -37,7 +34,6 @@ from server.metrics import Metrics
 from server.protocol import new_id as _new_id
 from server.reply_flow import ReplyFlow
 from server.resume import ParkedCall, ParkedCalls, new_resume_token
-from server.turns import TurnSettings
 from server.vad import SileroVad
 
 log = logging.getLogger("glm4voice.call")
@@ -64,67 +60,6 @@ class CallLog(logging.LoggerAdapter):
 def new_call_id() -> str:
     """Unguessable: the hangup URL holds it, and it is the only key to someone else's call."""
     return f"rtc_{secrets.token_hex(12)}"
-
-
-@dataclass(frozen=True)
-class CallSettings:
-    """What a client can change during a call (session.update) - all of it, in one value."""
-
-    instructions: str
-    sampling: SamplingSettings
-    turns: TurnSettings
-    vad_kind: str = "server_vad"  # or "semantic_vad": the same silero VAD, silence from `eagerness`
-    eagerness: str | None = None
-    input_format: str = "audio/pcm"  # WebSocket audio (protocol.AUDIO_FORMATS); WebRTC carries Opus
-    output_format: str = "audio/pcm"
-    ignored: tuple[str, ...] = ()  # fields of the last update we accepted but cannot honour
-
-    def responder_settings(self) -> SessionSettings:
-        return SessionSettings(instructions=self.instructions, sampling=self.sampling)
-
-    def apply(self, update: P.SessionUpdate) -> CallSettings:
-        turns = self.turns
-        td = update.turn_detection
-        vad_kind, eagerness = self.vad_kind, self.eagerness
-        if td is not None:
-            changes = {k: v for k, v in dataclasses.asdict(td).items()
-                       if v is not None and k not in ("kind", "eagerness")}
-            turns = dataclasses.replace(turns, **changes)
-            vad_kind, eagerness = td.kind or vad_kind, td.eagerness if td.kind else eagerness
-        return CallSettings(
-            instructions=self.instructions if update.instructions is None else update.instructions,
-            sampling=dataclasses.replace(self.sampling, **update.sampling),
-            turns=turns,
-            vad_kind=vad_kind,
-            eagerness=eagerness,
-            input_format=update.input_format or self.input_format,
-            output_format=update.output_format or self.output_format,
-            ignored=update.ignored,
-        )
-
-    @classmethod
-    def defaults(cls, td: TurnDetectionConfig) -> CallSettings:
-        """A new call's settings: the config's turn detection, no instructions, demo sampling."""
-        turns = TurnSettings(threshold=td.threshold, prefix_padding_ms=td.prefix_padding_ms,
-                             silence_duration_ms=td.silence_duration_ms, min_speech_ms=td.min_speech_ms,
-                             min_interrupt_ms=td.min_interrupt_ms, create_response=td.create_response,
-                             interrupt_response=td.interrupt_response, echo_guard=td.echo_guard)
-        return cls(instructions="", sampling=SamplingSettings(), turns=turns)
-
-    def turn_detection_json(self) -> dict | None:
-        t = self.turns
-        if not t.enabled:
-            return None
-        if self.vad_kind == "semantic_vad":
-            return {"type": "semantic_vad", "eagerness": self.eagerness, "create_response": t.create_response,
-                    "interrupt_response": t.interrupt_response,
-                    "glm4voice": {"silence_duration_ms": t.silence_duration_ms, "threshold": t.threshold,
-                                  "echo_guard": t.echo_guard}}
-        return {"type": "server_vad", "threshold": t.threshold, "prefix_padding_ms": t.prefix_padding_ms,
-                "silence_duration_ms": t.silence_duration_ms, "create_response": t.create_response,
-                "interrupt_response": t.interrupt_response,
-                "glm4voice": {"min_speech_ms": t.min_speech_ms, "min_interrupt_ms": t.min_interrupt_ms,
-                              "echo_guard": t.echo_guard}}
 
 
 class Call:

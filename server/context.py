@@ -9,7 +9,8 @@ import time
 
 from pipeline.responder import Responder
 from server.auth import Auth
-from server.call import Call, CallSettings
+from server.call import Call
+from server.call_settings import CallSettings
 from server.config import Config
 from server.limits import Admission
 from server.metrics import LoopLagProbe, Metrics

@@ -8,23 +8,47 @@ assistant interrupts it once it has lasted `min_interrupt_ms`.
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from pipeline.responder import ResponderSession
 from server import protocol as P
+from server.call_guard import CallGuard
+from server.call_settings import CallSettings
 from server.call_state import CallState
+from server.config import Config
 from server.echo_guard import EchoGuard
 from server.logs import LogLimiter
-from server.media import InboundConverter
+from server.media import InboundConverter, OutboundAudioTrack
+from server.metrics import Metrics
 from server.protocol import new_id as _new_id
+from server.reply_flow import ReplyFlow
 from server.turns import SpeechStarted, SpeechStopped, TurnDetector
 from server.vad import SileroVad, VadState
 
-if TYPE_CHECKING:
-    from server.call import Call
+
+class Call(Protocol):
+    """What the listening side reads and calls of the call that owns it (server/call.py)."""
+
+    config: Config
+    guard: CallGuard
+    log: logging.LoggerAdapter
+    metrics: Metrics
+    replies: ReplyFlow
+    session: ResponderSession
+    settings: CallSettings
+    state: CallState
+
+    @property
+    def track(self) -> OutboundAudioTrack: ...
+
+    def send(self, message: dict) -> None: ...
+
+    def user_item_committed(self, item_id: str | None, text: str | None) -> None: ...
 
 
 class Listening:

@@ -26,7 +26,7 @@ from server.conversation import Conversation
 from server.logs import call_tag
 
 if TYPE_CHECKING:
-    from server.call import CallSettings
+    from server.call_settings import CallSettings
 
 log = logging.getLogger("glm4voice.resume")
 RESUME_HEADER = "X-GLM4Voice-Resume-Token"

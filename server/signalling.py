@@ -14,7 +14,8 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
 from server import protocol as P
-from server.call import Call, CallSettings, new_call_id
+from server.call import Call, new_call_id
+from server.call_settings import CallSettings
 from server.config import Config
 from server.context import ServerContext
 from server.limits import ApiError, check_origin, read_form
