@@ -9,6 +9,7 @@ are returned. The speaker vector is the affine layer's bias: GLM-4-Voice always 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,7 @@ from pipeline.decoder.flow_encoder import EncoderCache, EncoderConfig, FlowEncod
 from pipeline.decoder.flow_estimator import Estimator, EstimatorConfig
 
 EULER_STEPS = 10  # `n_timesteps=10`, hard-coded in the official flow.inference (REFERENCE §5.3)
+Sampler = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (mu, cond, noise) -> mel
 
 
 @dataclass(frozen=True)
@@ -153,11 +155,12 @@ class FlowModel(nn.Module):
 
     def inference(self, tokens: torch.Tensor, prompt_mel: torch.Tensor, noise: torch.Tensor,
                   cache: FlowCache | None = None, trace: FlowTrace | None = None,
-                  max_prompt_frames: int | None = None) -> torch.Tensor:
+                  max_prompt_frames: int | None = None, sample: Sampler | None = None) -> torch.Tensor:
         """tokens (T,) = prompt + new; prompt_mel (1, 80, P); noise (1, 80, F) -> new mel (1, 80, F - P).
 
         `max_prompt_frames` (opt-in, not official): the estimator sees at most this many prompt frames
-        (the encoder and regulator still see the whole reply); the noise keeps its frame positions."""
+        (the encoder and regulator still see the whole reply); the noise keeps its frame positions.
+        `sample`: runs the Euler loop in place of `self.sample` (the CUDA-graph replay, pipeline/decoder/graphs.py)."""
         frames = noise.shape[-1]
         prompt_frames = prompt_mel.shape[-1]
         if prompt_frames >= frames:
@@ -168,5 +171,5 @@ class FlowModel(nn.Module):
         start = 0
         if max_prompt_frames is not None and prompt_frames > max_prompt_frames:
             start = prompt_frames - max_prompt_frames
-        mel = self.sample(mu[:, :, start:], cond[:, :, start:], noise[:, :, start:].to(mu.dtype))
+        mel = (sample or self.sample)(mu[:, :, start:], cond[:, :, start:], noise[:, :, start:].to(mu.dtype))
         return mel[:, :, prompt_frames - start:]

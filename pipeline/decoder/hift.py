@@ -157,7 +157,7 @@ class HiftGenerator(nn.Module):
         """f0 (1, T) Hz; phase (1, H+1, 1) raw U(-pi, pi) draws; sine_noise (1, H+1, 256T) N(0, 1) draws
         -> source (1, 1, 256T), float32."""
         cfg = self.cfg
-        f0 = f0.float().repeat_interleave(cfg.samples_per_frame, dim=-1).unsqueeze(1)  # (1, 1, L) nearest
+        f0 = f0.float().unsqueeze(-1).expand(-1, -1, cfg.samples_per_frame).reshape(1, 1, -1)  # (1, 1, L) nearest
         harmonics = torch.arange(1, cfg.nb_harmonics + 2, device=f0.device, dtype=torch.float32).view(1, -1, 1)
         f_mat = f0 * harmonics / cfg.sample_rate_hz  # (1, H+1, L) cycles per sample
         theta = 2 * np.pi * (torch.cumsum(f_mat, dim=-1) % 1)

@@ -9,6 +9,7 @@ modules, in eval mode. `SpeechDecoder` is shared and stateless; a reply's state 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ import torch
 from pipeline.decoder.config import DecoderConfig
 from pipeline.decoder.flow import FlowModel
 from pipeline.decoder.hift import HiftGenerator
+
+if TYPE_CHECKING:
+    from pipeline.decoder.graphs import DecoderGraphs
 
 
 # ---------------------------------------------------------------- checkpoint files
@@ -74,6 +78,7 @@ class SpeechDecoder:
                  dtype: torch.dtype):
         self.cfg, self.flow, self.hift = cfg, flow, hift
         self.device, self.dtype = device, dtype
+        self.graphs: DecoderGraphs | None = None  # recorded block shapes (pipeline/decoder/graphs.py), else eager
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",

@@ -197,7 +197,7 @@ class DecoderStream:
         ids = torch.tensor(all_tokens, dtype=torch.long).to(dec.device)
         mel = dec.flow.inference(ids, prompt_mel.to(device=dec.device, dtype=dec.dtype), noise.to(dec.device),
                                  st.flow_cache if self.settings.cache_encoder else None, trace,
-                                 self.settings.max_prompt_frames)
+                                 self.settings.max_prompt_frames, dec.graphs.sample if dec.graphs is not None else None)
         return mel.float()
 
     def _seam_and_vocode(self, mel: torch.Tensor, finalize: bool, trace: bool
@@ -230,7 +230,8 @@ class DecoderStream:
         sines = dec.cfg.hift.nb_harmonics + 1
         phase = self.draws.source_phase(sines)
         noise = self.draws.source_noise(sines, mel.shape[-1] * dec.cfg.hift.samples_per_frame)
-        return dec.hift(mel.to(dec.dtype), phase, noise, cache_source)
+        vocoder = dec.graphs.vocode if dec.graphs is not None else dec.hift
+        return vocoder(mel.to(dec.dtype), phase, noise, cache_source)
 
 
 def synthesize(decoder: SpeechDecoder, tokens: list[int], draws: Draws | None = None,
