@@ -159,6 +159,8 @@ def prepare_graphs(decoder: SpeechDecoder, schedule: tuple[int, ...] = DEFAULT_S
     `DecoderStream`); sets and returns `decoder.graphs`. `capture=None`: capture on CUDA only. A failed
     capture leaves the decoder eager (`decoder.graphs = None`, logged once)."""
     settings = StreamSettings.build(schedule, legacy_prompt, True, max_prompt_tokens, decoder.cfg)
+    if settings.max_prompt_frames is None:  # unbounded prompt: every block has a new, larger shape
+        reply_tokens = min(reply_tokens, sum(settings.schedule))  # the growing blocks only
     capture = decoder.device.type == "cuda" if capture is None else capture
     graphs = DecoderGraphs(decoder)
     for shape in block_shapes(decoder, settings, reply_tokens):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.decoder.graphs import prepare_graphs
 from pipeline.decoder.model import SpeechDecoder
 from pipeline.decoder.stream import DecoderStream
 from pipeline.engine.config import EngineConfig
@@ -79,6 +80,8 @@ def warm_up(m: Models, cfg: EngineConfig) -> None:
             n = lm.capture_graphs(min(cfg.max_calls_batched, cfg.max_calls))
             log.info("captured %d CUDA graphs of the decode step in %.1f s (mode now %s)", n, time.monotonic() - t1,
                      lm.decode_mode)  # fmt: skip
+    if m.weights.device.type == "cuda":  # the decoder's full blocks as CUDA graphs (pipeline/decoder/graphs.py)
+        prepare_graphs(m.decoder, cfg.decoder_schedule(), cfg.decoder_prompt_window_tokens or None)
     stream = new_decoder_stream(m.decoder, cfg)
     stream.push([0] * cfg.first_block_tokens)
     stream.finish()
