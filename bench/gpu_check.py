@@ -415,7 +415,6 @@ def speech_decoder(check: Check, dtype: torch.dtype):
 
 
 def section_stages(check: Check, fig: dict) -> None:
-    from pipeline.decoder.stream import DecoderStream
     from pipeline.tokenizer.stream import TokenizerStream
     from pipeline.weights.random_tokenizer import calibration_audio
 
@@ -445,24 +444,52 @@ def section_stages(check: Check, fig: dict) -> None:
         check.log(f"stages: tokenizer {name}: {fig[f'tokenizer_{name}']}")
 
         dec = speech_decoder(check, dtype)
-        blocks = 3 if check.tiny else 10
-        block_ms = []
-        for _ in range(1 if check.tiny else 2):  # the first pass warms the kernels up
-            stream = DecoderStream(dec, seed=0)
-            block_ms = []
-            rng = np.random.default_rng(0)
-            for k in range(blocks):
-                n = 10 if k == 0 else 20
-                check.sync()
-                t0 = time.perf_counter()
-                stream.decode_block(rng.integers(0, dec.num_tokens, n).tolist(), finalize=False)
-                check.sync()
-                block_ms.append(round(1e3 * (time.perf_counter() - t0), 2))
-        fig[f"decoder_{name}"] = {"first_block_ms_10_tokens": block_ms[0], f"block_{blocks}_ms_20_tokens": block_ms[-1],
-                                  "block_ms": block_ms, "audio_ms_per_20_token_block": 1600}  # fmt: skip
-        del dec, stream
+        fig[f"decoder_{name}"] = decoder_graphs_vs_eager(check, dec)
+        del dec
         check.free_memory()
         check.log(f"stages: decoder {name}: {fig[f'decoder_{name}']}")
+
+
+def decoder_blocks(check: Check, dec, blocks: int) -> tuple[list[float], np.ndarray]:
+    """Blocks 1..N of one reply (10 then 20 tokens: the engine's first blocks), each timed -> (ms, audio)."""
+    from pipeline.decoder.stream import DecoderStream
+
+    stream = DecoderStream(dec, schedule=(10, 20), seed=0)  # seeded once: every run draws the same numbers
+    rng, block_ms, audio = np.random.default_rng(0), [], []
+    for k in range(blocks):
+        tokens = rng.integers(0, dec.num_tokens, 10 if k == 0 else 20).tolist()
+        check.sync()
+        t0 = time.perf_counter()
+        audio.append(stream.decode_block(tokens, finalize=False).audio)
+        check.sync()
+        block_ms.append(round(1e3 * (time.perf_counter() - t0), 2))
+    return block_ms, np.concatenate(audio)
+
+
+def decoder_graphs_vs_eager(check: Check, dec) -> dict:
+    """Decoder block ms eager, then with the CUDA graphs of pipeline/decoder/graphs.py (on the CPU: their
+    static-buffer path, uncaptured), and the largest audio difference between the two (same draws)."""
+    from pipeline.decoder.graphs import prepare_graphs
+
+    blocks = 3 if check.tiny else 10
+    dec.graphs = None
+    decoder_blocks(check, dec, blocks)  # kernels warmed up
+    eager_ms, eager_audio = decoder_blocks(check, dec, blocks)
+    t0 = time.perf_counter()
+    graphs = prepare_graphs(dec, schedule=(10, 20))  # the engine's warm-up capture (CUDA; CPU: buffers only)
+    capture_s = time.perf_counter() - t0
+    if graphs is None:
+        return {"eager_block_ms": eager_ms, "graphs": "capture failed (see the log)"}
+    graph_ms, graph_audio = decoder_blocks(check, dec, blocks)
+    dec.graphs = None
+    return {"eager_block_ms": eager_ms, "graph_block_ms": graph_ms, "graphs_captured": graphs.captured,
+            "graphs": len(graphs), "capture_s": round(capture_s, 2), "graph_replays": graphs.replays,
+            "eager_runs_with_graphs": graphs.eager_runs,
+            "first_block_ms_10_tokens": {"eager": eager_ms[0], "graph": graph_ms[0]},
+            f"block_{blocks}_ms_20_tokens": {"eager": eager_ms[-1], "graph": graph_ms[-1]},
+            "speedup_blocks_2_on": round(sum(eager_ms[1:]) / sum(graph_ms[1:]), 2),
+            "graph_vs_eager_audio_max_abs": float(np.abs(graph_audio - eager_audio).max()),
+            "audio_ms_per_20_token_block": 1600}  # fmt: skip
 
 
 # ----- (e) the engine end to end -----------------------------------------------------------------------------
