@@ -10,10 +10,15 @@ channels with 12 mid blocks (111.2 M params), HiFT base 512 with 8 harmonics (20
      schedule unbounded vs the official one), both (ours vs official);
   3. `--long`: every block of a 2-minute (1500-token) reply with our defaults: seconds, estimator
      frames, seconds per token of audio -- the check that per-block cost stays flat (run it once).
+  4. `--graphs`: the first --graph-blocks full blocks of a reply with our defaults, eager then through
+     pipeline/decoder/graphs.py (CUDA graphs on CUDA; on the CPU their static-buffer path, uncaptured:
+     a sanity check of its overhead), interleaved, --repeats each: seconds per block and the largest
+     audio difference (same draws).
 
     .venv/bin/python bench/bench_decoder.py --quick          # ~5-10 min on 2 CPU threads
     .venv/bin/python bench/bench_decoder.py --long           # ~8 min on 2 CPU threads
     .venv/bin/python bench/bench_decoder.py --device cuda --dtype bfloat16 --quick --long
+    .venv/bin/python bench/bench_decoder.py --graphs --graph-blocks 4 --repeats 2   # ~1 min on 2 CPU threads
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.decoder.graphs import prepare_graphs  # noqa: E402
 from pipeline.decoder.model import SpeechDecoder  # noqa: E402
 from pipeline.decoder.stream import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_SCHEDULE, DecoderStream, synthesize  # noqa: E402
 from pipeline.weights.random_decoder import random_decoder  # noqa: E402
@@ -222,6 +228,39 @@ def long_reply(dec: SpeechDecoder, clock: Clock, tokens_n: int) -> None:
               f"estimator frames {min(t.estimator_frames for t in capped)}-{max(t.estimator_frames for t in capped)}")
 
 
+def graphs_vs_eager(dec: SpeechDecoder, blocks: int, repeats: int) -> None:
+    n = sum(DEFAULT_SCHEDULE[min(k, len(DEFAULT_SCHEDULE) - 1)] for k in range(blocks))
+    tokens = np.random.default_rng(2).integers(0, dec.num_tokens, n).tolist()
+    t0 = time.perf_counter()
+    graphs = prepare_graphs(dec, capture=None)  # the stream defaults' shapes, as the engine's warm-up
+    dec.graphs = None
+    print(f"\n{blocks} full blocks ({n} tokens), ours; {len(graphs) if graphs else 0} shapes recorded in "
+          f"{time.perf_counter() - t0:.1f} s ({'CUDA graphs' if graphs and graphs.captured else 'static buffers'})")
+    runs: dict[str, list[list[float]]] = {"eager": [], "graphs": []}
+    audio: dict[str, np.ndarray] = {}
+    for _ in range(repeats):
+        for name in runs:
+            dec.graphs = graphs if name == "graphs" else None
+            stream, secs, out = DecoderStream(dec, seed=0), [], []
+            for size in schedule_blocks(n, DEFAULT_SCHEDULE):
+                start = stream.tokens_decoded
+                if dec.device.type == "cuda":
+                    torch.cuda.synchronize(dec.device)
+                t1 = time.perf_counter()
+                out.append(stream.decode_block(tokens[start:start + size], finalize=False).audio)
+                if dec.device.type == "cuda":
+                    torch.cuda.synchronize(dec.device)
+                secs.append(time.perf_counter() - t1)
+            runs[name].append(secs)
+            audio[name] = np.concatenate(out)
+    dec.graphs = None
+    med = {name: [statistics.median(r[k] for r in rs) for k in range(blocks)] for name, rs in runs.items()}
+    print("  block  eager_s  graphs_s  eager/graphs")
+    for k in range(blocks):
+        print(f"  {k:5d}  {med['eager'][k]:7.3f}  {med['graphs'][k]:8.3f}  {med['eager'][k] / med['graphs'][k]:12.2f}")
+    print(f"  audio max abs difference graphs vs eager: {float(np.abs(audio['graphs'] - audio['eager']).max()):.2e}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -231,6 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="only the 200-token comparison")
     ap.add_argument("--long", action="store_true", help="only the 2-minute per-block check")
     ap.add_argument("--long-tokens", type=int, default=1500, help="reply length for --long (1500 = 2 min)")
+    ap.add_argument("--graphs", action="store_true", help="only eager vs pipeline/decoder/graphs.py per block")
+    ap.add_argument("--graph-blocks", type=int, default=6, help="full blocks for --graphs")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dec = random_decoder(seed=0, device=args.device, dtype=getattr(torch, args.dtype))
@@ -239,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"params: flow {sum(p.numel() for p in dec.flow.parameters()) / 1e6:.1f} M, "
           f"HiFT {sum(p.numel() for p in dec.hift.parameters()) / 1e6:.1f} M")
     synthesize(dec, list(range(10)))  # warm-up
+    if args.graphs:
+        return graphs_vs_eager(dec, args.graph_blocks, args.repeats)
     if not (args.quick or args.long):
         offline(dec, clock, 10, args.repeats)
     if args.quick or not args.long:
