@@ -15,7 +15,7 @@ Flow of one turn, as the server drives it:
     await session.close()                                       # hangup: frees every resource of the call
 
 `add_text()` is a typed user message (GLM-4-Voice takes text turns too); `discard_audio()` drops speech
-the VAD judged too short. Everything here is torch-free on purpose.
+the VAD judged too short; `delete_item()` removes a user item or an ended reply from the history. Everything here is torch-free on purpose.
 """
 
 from __future__ import annotations
@@ -141,6 +141,16 @@ class ResponderSession(abc.ABC):
     @abc.abstractmethod
     def add_text(self, text: str) -> None:
         """A typed user message becomes a user item."""
+
+    def delete_item(self, item: int | Turn) -> None:
+        """An item leaves the conversation the model sees (`conversation.item.delete`). Never blocks.
+
+        `item`: a user item by its index - 0-based, counting every `commit_audio()` and `add_text()` of
+        the session, whether or not it gave the model any input - or a reply (its Turn) that has ended.
+        The input of a reply in progress cannot be deleted (the server refuses it). A responder that
+        cannot edit its history keeps this default.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot delete conversation items")
 
     @abc.abstractmethod
     def respond(self) -> Turn:

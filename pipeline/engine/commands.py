@@ -87,6 +87,7 @@ class Commit(Command):
     """The user's speech turn ended: its exact tokens become one pending item."""
 
     dialogue: Dialogue
+    key: int | None = None  # the session's index of the user item
 
     def apply(self, s: Scheduler) -> None:
         s.guarded(self.dialogue, self._commit, s)
@@ -100,7 +101,7 @@ class Commit(Command):
         Discard(d).apply(s)
         d.tokens_ready_t = time.monotonic()
         if tokens and d.pending.has_room():
-            d.pending.add(UserItem(user_turn_ids(s.m.text, speech_tokens=tokens), speech_input=True))
+            d.pending.add(UserItem(user_turn_ids(s.m.text, speech_tokens=tokens), speech_input=True, key=self.key))
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,14 @@ class Discard(Command):
 class AddText(Command):
     dialogue: Dialogue
     text: str
+    key: int | None = None  # the session's index of the user item
 
     def apply(self, s: Scheduler) -> None:
         d = self.dialogue
         if d.closed or not self.text.strip() or not d.pending.has_room():  # no room: not even tokenised
             return
-        d.pending.add(UserItem(user_turn_ids(s.m.text, text=self.text), speech_input=False, text=self.text))
+        d.pending.add(UserItem(user_turn_ids(s.m.text, text=self.text), speech_input=False, text=self.text,
+                               key=self.key))
 
 
 @dataclass(frozen=True)
@@ -162,8 +165,8 @@ class Respond(Command):
 @dataclass(frozen=True)
 class Cancel(Command):
     """The reply's cancel flag is already set; this wakes the engine. The running reply is stopped by the
-    next step (it sees the flag); a reply that already ended (its audio outlived generation) is trimmed
-    here to what the user heard."""
+    next step (it sees the flag); a reply that already ended (its audio outlived generation, or the client
+    truncates an earlier reply) is trimmed here to what the user heard."""
 
     dialogue: Dialogue
     reply: Reply
@@ -173,11 +176,47 @@ class Cancel(Command):
 
     def _trim_finished(self, s: Scheduler) -> None:
         d, reply = self.dialogue, self.reply
-        if reply is not d.last_reply or d.reply is not None or reply.played_ms is None:
+        if reply is d.reply or reply.played_ms is None:
             return
-        if d.trim_last_reply(heard_prefix_len(reply.gen.generated_ids, s.m.text.is_audio, reply.played_ms)):
-            s.source.rewind(d)
-            d.early_prefill_wanted = bool(d.partial_audio_tokens)  # planned again on the trimmed history
+        if d.trim_reply(reply, heard_prefix_len(reply.gen.generated_ids, s.m.text.is_audio, reply.played_ms)):
+            _history_edited(s, d)
+
+
+@dataclass(frozen=True)
+class DeleteItem(Command):
+    """`conversation.item.delete`: a user item (by its key) or an ended reply leaves the history; the
+    context follows by the prefix rule. A reply cancelled but not yet stopped is stopped first, so that
+    what it keeps is in the history before the edit."""
+
+    dialogue: Dialogue
+    user_key: int | None = None
+    reply: Reply | None = None
+
+    def apply(self, s: Scheduler) -> None:
+        s.guarded(self.dialogue, self._delete, s)
+
+    def _delete(self, s: Scheduler) -> None:
+        d = self.dialogue
+        if d.closed:
+            return
+        if d.reply is not None and d.reply.cancel_event.is_set():
+            s.cancel(d)
+        changed = d.delete_user_item(self.user_key) if self.user_key is not None else d.delete_reply(self.reply)
+        if changed:
+            _history_edited(s, d)
+
+
+def _history_edited(s: Scheduler, d: Dialogue) -> None:
+    """The history changed behind the context. With no reply running, the context keeps the common prefix
+    now and the rest is prefilled again while the engine is idle (with the user's speech in progress, up
+    to its final tokens), so the next turn prefills only its new block. A running reply's end does it."""
+    if d.reply is not None:
+        return
+    s.source.rewind(d)
+    if d.partial_audio_tokens:
+        d.early_prefill_wanted = True
+    else:
+        s.source.begin(d, d.history.ids(), for_reply=False)
 
 
 @dataclass(frozen=True)

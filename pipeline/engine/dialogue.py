@@ -134,18 +134,52 @@ class Dialogue:
             return
         self.history.add_reply(reply.gen.generated_ids[:keep_generated])
         reply.gen.kept_ids = keep_generated
+        reply.gen.turn_key = self.history.keys[-1]
         self.last_reply = reply
 
-    def trim_last_reply(self, keep_generated: int) -> bool:
-        """A barge-in after the reply finished generating (its audio was still playing): cut it back.
-
-        Returns whether the history changed."""
-        reply = self.last_reply
-        if reply is None or keep_generated >= reply.gen.kept_ids:
+    def trim_reply(self, reply: Reply, keep_generated: int) -> bool:
+        """An ended reply was cut off at what the user heard (a barge-in while its audio played, or the
+        client's truncate of any earlier reply): cut its ids in the history back. Returns whether the
+        history changed."""
+        index = None if reply.gen.turn_key is None else self.history.turn_of(reply.gen.turn_key)
+        if index is None or keep_generated >= reply.gen.kept_ids:
             return False
-        self.history.cut_last_turn(reply.gen.kept_ids - keep_generated)
+        self.history.cut_turn(index, reply.gen.kept_ids - keep_generated)
         reply.gen.kept_ids = keep_generated
         return True
+
+    def delete_user_item(self, key: int) -> bool:
+        """The user item `key` leaves: from the pending input, or its content from the history. The input
+        of the reply in progress stays (the server refuses that). Returns whether the history changed."""
+        kept = [item for item in self.pending.items if item.key != key]
+        if len(kept) != len(self.pending.items):
+            self.pending.items = []
+            self.pending.put_back(kept)
+            return False
+        index = self.history.turn_of(key)
+        if index is None or (self._editing_reply() and index >= self.reply.gen.turns_before):
+            return False
+        turns = len(self.history.turns)
+        self.history.remove_user(index)
+        if self._editing_reply() and len(self.history.turns) < turns:
+            self.reply.gen.turns_before -= 1
+        return True
+
+    def delete_reply(self, reply: Reply) -> bool:
+        """An ended reply leaves the history. Returns whether the history changed."""
+        index = None if reply.gen.turn_key is None else self.history.turn_of(reply.gen.turn_key)
+        if reply is self.reply or index is None:
+            return False
+        turns = len(self.history.turns)
+        self.history.remove_reply(index)
+        reply.gen.kept_ids, reply.gen.turn_key = 0, None
+        if self._editing_reply() and len(self.history.turns) < turns:
+            self.reply.gen.turns_before -= 1
+        return True
+
+    def _editing_reply(self) -> bool:
+        """A reply's prompt is in the history: edits before its turns shift them."""
+        return self.reply is not None and self.reply.started
 
     def abandon_reply(self) -> None:
         """A failed reply leaves no trace: the history goes back to before its user block(s)."""

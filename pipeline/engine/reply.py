@@ -28,6 +28,7 @@ class UserItem:
     block_ids: list[int]
     speech_input: bool  # speech tokens (else typed text): decides the system prompt
     text: str | None = None  # the typed text, if any
+    key: int | None = None  # the session's index of this user item (`ResponderSession.delete_item`)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Generation:
     next_id: int | None = None  # sampled, not yet fed back to the LM (the next step feeds it)
     finish_reason: str | None = None  # "stop" | "length" once generation ended (audio may be pending)
     kept_ids: int = 0  # generated ids the history kept when the reply ended
+    turn_key: int | None = None  # the history turn that holds the kept ids (its user item's key)
     parser: StreamParser | None = None
     generator: torch.Generator | None = None  # this reply's sampling noise
 

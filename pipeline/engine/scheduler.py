@@ -147,7 +147,7 @@ class Scheduler:
         history.set_system(system_block_ids(self.m.text, speech_input=reply.items[-1].speech_input,
                                             instructions=d.settings.instructions))  # fmt: skip
         for item in reply.items:
-            history.append_user_block(item.block_ids)
+            history.append_user_block(item.block_ids, key=item.key)
         context = self._context_tokens()
         try:
             history.fit(context, reserve_tokens=min(reply.max_new_tokens, context // 4))

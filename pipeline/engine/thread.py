@@ -34,6 +34,7 @@ from pipeline.engine.commands import (
     Close,
     Command,
     Commit,
+    DeleteItem,
     Discard,
     Open,
     PushAudio,
@@ -120,6 +121,7 @@ class EngineSession(ResponderSession):
         self._loop = loop
         self._settings = dialogue.settings
         self._turn_count = itertools.count(1)
+        self._user_items = itertools.count()  # each commit_audio / add_text is the next user item
         self._current: EngineTurn | None = None
 
     @property
@@ -138,13 +140,21 @@ class EngineSession(ResponderSession):
         self._engine.send(PushAudio(self._dialogue, pcm))
 
     def commit_audio(self) -> None:
-        self._engine.send(Commit(self._dialogue))
+        self._engine.send(Commit(self._dialogue, next(self._user_items)))
 
     def discard_audio(self) -> None:
         self._engine.send(Discard(self._dialogue))
 
     def add_text(self, text: str) -> None:
-        self._engine.send(AddText(self._dialogue, text))
+        self._engine.send(AddText(self._dialogue, text, next(self._user_items)))
+
+    def delete_item(self, item: int | Turn) -> None:
+        if isinstance(item, EngineTurn):
+            self._engine.send(DeleteItem(self._dialogue, reply=item._reply))
+        elif isinstance(item, int):
+            self._engine.send(DeleteItem(self._dialogue, user_key=item))
+        else:
+            raise TypeError(f"not an item of this session: {item!r}")
 
     def respond(self) -> Turn:
         events: asyncio.Queue = asyncio.Queue()

@@ -59,15 +59,24 @@ class DialogueHistory:
     """One call's conversation as token ids: the system block, then whole turns (user block + reply).
 
     `length` is kept as turns change, so appending a turn and fitting the context cost what they add or
-    drop, not the whole history (`ids()` builds the full list once, for a prefill).
+    drop, not the whole history (`ids()` builds the full list once, for a prefill). Each turn also has a
+    `key` (the user item it starts with, as the caller names it; None if unnamed) and the length of its
+    user content, so one item can leave (`remove_user`, `remove_reply`): a turn is
+    `<|user|>\\n{content}` + the assistant header `<|assistant|>streaming_transcription\\n` + the reply.
     """
 
     tokenizer: GLMTokenizer
     system_ids: list[int] = field(default_factory=list)
     turns: list[list[int]] = field(default_factory=list)  # each: user_turn_ids(...) + the reply's ids
+    keys: list[int | None] = field(default_factory=list)  # per turn: its user item's key
+    user_lens: list[int] = field(default_factory=list)  # per turn: ids of its user content (0: deleted)
 
     def __post_init__(self) -> None:
         self._length = len(self.system_ids) + sum(len(t) for t in self.turns)
+        self._header = [self.tokenizer.assistant_id, *self.tokenizer.encode(ASSISTANT_METADATA)]
+        if len(self.keys) != len(self.turns):  # turns given without their layout: whole user blocks, unnamed
+            self.keys = [None] * len(self.turns)
+            self.user_lens = [len(t) - len(self._header) for t in self.turns]
 
     @property
     def length(self) -> int:
@@ -83,9 +92,11 @@ class DialogueHistory:
         self._length += len(system_ids) - len(self.system_ids)
         self.system_ids = list(system_ids)
 
-    def append_user_block(self, user_ids: list[int]) -> None:
-        """A new turn that starts with the user's block (`user_turn_ids`)."""
+    def append_user_block(self, user_ids: list[int], key: int | None = None) -> None:
+        """A new turn that starts with the user's block (`user_turn_ids`); `key` names its user item."""
         self.turns.append(list(user_ids))
+        self.keys.append(key)
+        self.user_lens.append(len(user_ids) - len(self._header))
         self._length += len(user_ids)
 
     def start_turn(self, *, speech_tokens: list[int] | None = None, text: str | None = None,
@@ -104,16 +115,49 @@ class DialogueHistory:
         self.turns[-1].extend(kept)
         self._length += len(kept)
 
+    def turn_of(self, key: int) -> int | None:
+        """Index of the turn whose user item is `key` (None: never added, dropped or deleted)."""
+        return self.keys.index(key) if key in self.keys else None
+
+    def reply_len(self, index: int) -> int:
+        return len(self.turns[index]) - self.user_lens[index] - len(self._header)
+
+    def cut_turn(self, index: int, remove_tokens: int) -> None:
+        """Remove the last `remove_tokens` ids of turn `index`'s reply (a reply trimmed to what was heard)."""
+        remove_tokens = min(remove_tokens, self.reply_len(index))
+        if remove_tokens > 0:
+            del self.turns[index][-remove_tokens:]
+            self._length -= remove_tokens
+
     def cut_last_turn(self, remove_tokens: int) -> None:
         """Remove the last `remove_tokens` ids of the newest turn (a reply trimmed after a barge-in)."""
-        if remove_tokens > 0:
-            del self.turns[-1][-remove_tokens:]
-            self._length -= remove_tokens
+        self.cut_turn(len(self.turns) - 1, remove_tokens)
+
+    def remove_user(self, index: int) -> None:
+        """The user item of turn `index` leaves: its content goes; the assistant header stays with the
+        reply that follows it, if any (else the whole turn goes)."""
+        if self.reply_len(index) == 0:
+            self._remove_turn(index)
+            return
+        del self.turns[index][: self.user_lens[index]]
+        self._length -= self.user_lens[index]
+        self.user_lens[index] = 0
+
+    def remove_reply(self, index: int) -> None:
+        """The reply of turn `index` leaves (the whole turn if its user content left already)."""
+        if self.user_lens[index] == 0:
+            self._remove_turn(index)
+        else:
+            self.cut_turn(index, self.reply_len(index))
+
+    def _remove_turn(self, index: int) -> None:
+        self._length -= len(self.turns[index])
+        del self.turns[index], self.keys[index], self.user_lens[index]
 
     def keep_turns(self, n_turns: int) -> None:
         """Keep the first `n_turns` turns (a failed reply's user blocks leave)."""
         self._length -= sum(len(t) for t in self.turns[n_turns:])
-        del self.turns[n_turns:]
+        del self.turns[n_turns:], self.keys[n_turns:], self.user_lens[n_turns:]
 
     def fit(self, max_tokens: int, reserve_tokens: int = 0) -> int:
         """Drop the oldest whole turns (never the newest) until ids + `reserve_tokens` fit `max_tokens`.
@@ -125,7 +169,7 @@ class DialogueHistory:
         while self._length + reserve_tokens > max_tokens and dropped < len(self.turns) - 1:
             self._length -= len(self.turns[dropped])
             dropped += 1
-        del self.turns[:dropped]
+        del self.turns[:dropped], self.keys[:dropped], self.user_lens[:dropped]
         if self._length + reserve_tokens > max_tokens:
             raise ValueError(f"the system block and the newest turn ({self._length} tokens) + {reserve_tokens} "
                              f"reserved do not fit the {max_tokens}-token context")  # fmt: skip

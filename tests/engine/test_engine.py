@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.engine.config import EngineConfig
 from pipeline.engine.thread import GLMVoiceResponder
-from pipeline.lm.prompt import system_block_ids, user_turn_ids
+from pipeline.lm.prompt import ASSISTANT_METADATA, system_block_ids, user_turn_ids
 from pipeline.responder import (
     AudioChunk,
     SamplingSettings,
@@ -337,6 +337,78 @@ async def test_truncate_after_a_cut_cuts_further_and_reports_the_heard_transcrip
     assert turn.heard_transcript(900.0) == tok.decode([i for i in kept if not tok.is_audio(i)])
     full = [i for i in script["reply_ids"] if not tok.is_audio(i)]
     assert turn.heard_transcript(1e9) == tok.decode(full)
+    await session.close()
+
+
+async def test_delete_user_item_leaves_the_next_prompt_and_the_cache_follows(responder, sched, script):
+    """conversation.item.delete of a user item: typed turns A and B, A's user item deleted; the next
+    turn's prompt no longer holds A's block (A's reply stays, behind its assistant header), the cache
+    equals the history again once the engine is idle, and the next turn prefills only its new block. A
+    pending item can leave too."""
+    tok = sched.m.text
+    session = responder.open_session("delete-user", SessionSettings())
+    session.add_text("Question A.")  # user item 0
+    await collect(session.respond())
+    session.add_text("Question B.")  # user item 1
+    await collect(session.respond())
+    d = session.dialogue
+    system = system_block_ids(tok, speech_input=False)
+    block_a, block_b = user_turn_ids(tok, text="Question A."), user_turn_ids(tok, text="Question B.")
+    reply = script["reply_ids"]
+    assert d.history.ids() == system + block_a + reply + block_b + reply
+
+    session.delete_item(0)
+    await responder.engine.settled()
+    header = [tok.assistant_id, *tok.encode(ASSISTANT_METADATA)]
+    assert d.history.ids() == system + header + reply + block_b + reply
+    check_cache_matches_history(d)
+
+    session.add_text("Question C.")  # user item 2: deleted before it is answered
+    session.add_text("Question D.")  # user item 3
+    session.delete_item(2)
+    check_complete_reply(await collect(session.respond()), script, tok)
+    block_d = user_turn_ids(tok, text="Question D.")
+    prompt = d.last_reply.gen.prompt_ids
+    assert prompt == system + header + reply + block_b + reply + block_d
+    assert block_a[:-len(header)] not in [prompt[i:i + len(block_a) - len(header)] for i in range(len(prompt))]
+    assert d.turn_prefilled_tokens[-1] == len(block_d)  # the edited history was prefilled again while idle
+    check_cache_matches_history(d)
+    await session.close()
+
+
+async def test_delete_reply_and_truncate_an_older_reply(responder, sched, script):
+    """conversation.item.delete of an assistant item removes its reply ids; conversation.item.truncate of
+    a reply that is not the latest cuts it to the heard prefix; the cache follows both."""
+    tok = sched.m.text
+    session = responder.open_session("delete-reply", SessionSettings())
+    session.add_text("Question A.")
+    turn_a = session.respond()
+    await collect(turn_a)
+    session.add_text("Question B.")
+    turn_b = session.respond()
+    await collect(turn_b)
+    d = session.dialogue
+    reply = script["reply_ids"]
+    block_a, block_b = user_turn_ids(tok, text="Question A."), user_turn_ids(tok, text="Question B.")
+
+    turn_a.cancel(played_ms=900.0)  # the client reports it played 0.9 s of the older reply
+    await responder.engine.settled()
+    kept_a = heard_ids(reply, tok, 900.0)
+    assert len(kept_a) < len(reply)
+    assert d.history.turns == [block_a + kept_a, block_b + reply]
+    check_cache_matches_history(d)
+    assert turn_a.heard_transcript(900.0) == tok.decode([i for i in kept_a if not tok.is_audio(i)])
+
+    session.delete_item(turn_b)
+    await responder.engine.settled()
+    assert d.history.turns == [block_a + kept_a, block_b]
+    check_cache_matches_history(d)
+
+    session.add_text("Question C.")
+    check_complete_reply(await collect(session.respond()), script, tok)
+    system = system_block_ids(tok, speech_input=False)
+    assert d.last_reply.gen.prompt_ids == system + block_a + kept_a + block_b + user_turn_ids(tok, text="Question C.")
+    check_cache_matches_history(d)
     await session.close()
 
 
