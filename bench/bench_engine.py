@@ -256,7 +256,7 @@ def write_fullsize(root: Path) -> None:
     t0 = time.monotonic()
     lm_mod.write_random_checkpoint(  # GLM-4-Voice-9B sizes (REFERENCE §3.1)
         lm_dir, hidden_size=4096, num_layers=40, num_heads=32, kv_groups=2, head_dim=128, ffn_hidden_size=13696,
-        vocab_size=168960, seed=demo.SEED, num_shards=4, state_dict_hook=demo.chain_hook(script),
+        vocab_size=168960, seed=demo.SEED, num_shards=0, tensor_hook=demo.chain_hook(script),
         dtype=torch.bfloat16, eos_token_ids=sorted(text.stop_ids))  # fmt: skip
     print(f"LM written in {time.monotonic() - t0:.0f} s")
     tokenizer_mod.write_random_checkpoint(  # WhisperVQ encoder sizes (REFERENCE §2.3)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.weights.random_lm import seeded_normal
+
 log = logging.getLogger(__name__)
 
 DEMO_FORMAT_VERSION = 1  # bump when the recipe changes: an older DIR is rebuilt on the next start
@@ -82,27 +84,31 @@ def build_script(text, seed: int = SEED) -> dict:
 
 
 def chain_hook(script: dict, seed: int = SEED):
-    """A `state_dict_hook` for the LM's write_random_checkpoint that installs the bigram chain."""
+    """A `tensor_hook` for the LM's write_random_checkpoint that installs the bigram chain (tensor by tensor,
+    so a full-size checkpoint is shaped without holding it all: pipeline/weights/random_lm.py)."""
     nodes = [script["predecessor_id"], *script["reply_ids"]]  # node i predicts node i+1; last -> stop
     targets = [*script["reply_ids"], script["stop_id"]]
+    g = torch.Generator().manual_seed(seed)
+    chain: dict[str, torch.Tensor] = {}  # the chain's embedding rows, from the embedding to the output layer
 
-    def hook(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        embed = sd["transformer.embedding.word_embeddings.weight"]  # (V, H)
-        vocab, hidden = embed.shape
-        if len(nodes) > hidden:
-            raise ValueError(f"demo chain of {len(nodes)} tokens needs hidden_size >= {len(nodes)}")
-        g = torch.Generator().manual_seed(seed)
-        basis, _ = torch.linalg.qr(torch.randn(hidden, hidden, generator=g, dtype=torch.float64))  # orthonormal
-        chain_embed = (basis[: len(nodes)] * hidden**0.5).to(embed.dtype)  # (N, H), rms 1 per row
-        embed[torch.tensor(nodes)] = chain_embed
-        for name, tensor in sd.items():
-            if name.endswith("self_attention.dense.weight") or name.endswith("mlp.dense_4h_to_h.weight"):
-                tensor.mul_(RESIDUAL_BRANCH_SCALE)
-        sd["transformer.encoder.final_layernorm.weight"].fill_(1.0)
-        head = torch.randn(vocab, hidden, generator=g) * (OTHER_LOGIT_STD / hidden**0.5)  # (V, H)
-        head[torch.tensor(targets)] = chain_embed.float() * (CHAIN_LOGIT_MARGIN / hidden)
-        sd["transformer.output_layer.weight"] = head.to(sd["transformer.output_layer.weight"].dtype)
-        return sd
+    def hook(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name == "transformer.embedding.word_embeddings.weight":  # (V, H): the first tensor written
+            hidden = tensor.shape[1]
+            if len(nodes) > hidden:
+                raise ValueError(f"demo chain of {len(nodes)} tokens needs hidden_size >= {len(nodes)}")
+            basis, _ = torch.linalg.qr(torch.randn(hidden, hidden, generator=g, dtype=torch.float64))  # orthonormal
+            chain["embed"] = (basis[: len(nodes)] * hidden**0.5).to(tensor.dtype)  # (N, H), rms 1 per row
+            tensor[torch.tensor(nodes)] = chain["embed"]
+        elif name.endswith("self_attention.dense.weight") or name.endswith("mlp.dense_4h_to_h.weight"):
+            tensor.mul_(RESIDUAL_BRANCH_SCALE)
+        elif name == "transformer.encoder.final_layernorm.weight":
+            tensor.fill_(1.0)
+        elif name == "transformer.output_layer.weight":  # (V, H)
+            vocab, hidden = tensor.shape
+            head = seeded_normal((vocab, hidden), OTHER_LOGIT_STD / hidden**0.5, 0.0, tensor.dtype, g)
+            head[torch.tensor(targets)] = (chain["embed"].float() * (CHAIN_LOGIT_MARGIN / hidden)).to(tensor.dtype)
+            return head
+        return tensor
 
     return hook
 
@@ -121,7 +127,7 @@ def write_demo_weights(root: Path, seed: int = SEED) -> dict:
     script = build_script(text, seed)
     vocab = -(-text.vocab_size // 64) * 64  # padded like padded_vocab_size
     lm_mod.write_random_checkpoint(
-        lm_dir, **LM_DIMS, vocab_size=vocab, seed=seed, state_dict_hook=chain_hook(script, seed),
+        lm_dir, **LM_DIMS, vocab_size=vocab, seed=seed, tensor_hook=chain_hook(script, seed),
         seq_length=LM_SEQ_LENGTH, eos_token_ids=sorted(text.stop_ids),
     )  # fmt: skip
     tokenizer_mod.write_random_checkpoint(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -54,39 +53,93 @@ def random_voice_lm(cfg: LMConfig, device: str | torch.device, dtype: torch.dtyp
     return VoiceLM(model, cfg, None, dev, tensor_dtype, "int4" if int4 else None)
 
 
-def random_chatglm_state(cfg: LMConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Official key names with seeded values (linear N(0, 1/fan_in), embeddings N(0,1), norms 1+0.2N)."""
-    g = torch.Generator().manual_seed(seed)
+LARGE_TENSOR_ELEMENTS = 1 << 26  # past this, values are drawn in row chunks (bounded float32 scratch)
+SHARD_BYTES = 1 << 30  # a shard is written (and freed) once it holds this much: the writer's memory is bounded
+TensorHook = Callable[[str, torch.Tensor], torch.Tensor]  # (official name, tensor) -> the tensor to write
 
-    def normal(*shape: int, std: float, mean: float = 0.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * std + mean).to(dtype)
 
-    h, f, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
-    qkv = (cfg.num_heads + 2 * cfg.kv_groups) * cfg.head_dim
-    sd = {"transformer.embedding.word_embeddings.weight": normal(v, h, std=1.0)}
+def chatglm_shapes(cfg: LMConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """Official key names and shapes of a glm-4-voice-9b checkpoint, in file order (REFERENCE §3.1)."""
+    h, f, v, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size, cfg.head_dim
+    qkv = (cfg.num_heads + 2 * cfg.kv_groups) * d
+    out = [("transformer.embedding.word_embeddings.weight", (v, h))]
     for i in range(cfg.num_layers):
         p = f"transformer.encoder.layers.{i}."
-        sd[p + "input_layernorm.weight"] = normal(h, std=0.2, mean=1.0)
-        sd[p + "self_attention.query_key_value.weight"] = normal(qkv, h, std=h**-0.5)
-        sd[p + "self_attention.query_key_value.bias"] = normal(qkv, std=0.2)
-        sd[p + "self_attention.dense.weight"] = normal(h, cfg.num_heads * cfg.head_dim, std=(cfg.num_heads * cfg.head_dim) ** -0.5)
-        sd[p + "post_attention_layernorm.weight"] = normal(h, std=0.2, mean=1.0)
-        sd[p + "mlp.dense_h_to_4h.weight"] = normal(2 * f, h, std=h**-0.5)
-        sd[p + "mlp.dense_4h_to_h.weight"] = normal(h, f, std=f**-0.5)
-    sd["transformer.encoder.final_layernorm.weight"] = normal(h, std=0.2, mean=1.0)
-    sd["transformer.output_layer.weight"] = normal(v, h, std=h**-0.5)
-    rot = cfg.head_dim // 2
-    sd["transformer.rotary_pos_emb.inv_freq"] = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
-    return sd
+        out += [(p + "input_layernorm.weight", (h,)), (p + "self_attention.query_key_value.weight", (qkv, h)),
+                (p + "self_attention.query_key_value.bias", (qkv,)),
+                (p + "self_attention.dense.weight", (h, cfg.num_heads * d)),
+                (p + "post_attention_layernorm.weight", (h,)), (p + "mlp.dense_h_to_4h.weight", (2 * f, h)),
+                (p + "mlp.dense_4h_to_h.weight", (h, f))]  # fmt: skip
+    out += [("transformer.encoder.final_layernorm.weight", (h,)), ("transformer.output_layer.weight", (v, h)),
+            ("transformer.rotary_pos_emb.inv_freq", (d // 4,))]
+    return out
+
+
+def seeded_normal(shape: tuple[int, ...], std: float, mean: float, dtype: torch.dtype,
+                  g: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """N(mean, std) in `dtype`; a large tensor is drawn in row chunks so the float32 scratch stays small."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    if numel <= LARGE_TENSOR_ELEMENTS:
+        return (torch.randn(*shape, generator=g) * std + mean).to(dtype)
+    out = torch.empty(shape, dtype=dtype)
+    rows = max(1, LARGE_TENSOR_ELEMENTS // (numel // shape[0]))
+    for start in range(0, shape[0], rows):
+        chunk = out[start : start + rows]
+        chunk.copy_(torch.randn(chunk.shape, generator=g) * std + mean)
+    return out
+
+
+def random_chatglm_tensors(cfg: LMConfig, seed: int, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Official names with seeded values, one tensor at a time (linear N(0, 1/fan_in), embeddings N(0, 1),
+    norms 1 + 0.2 N, qkv bias 0.2 N): what `random_chatglm_state` held all at once, in the same draw order."""
+    g = torch.Generator().manual_seed(seed)
+    for name, shape in chatglm_shapes(cfg):
+        if name.endswith("inv_freq"):
+            rot = cfg.head_dim // 2
+            yield name, 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+        elif name.endswith("layernorm.weight"):
+            yield name, seeded_normal(shape, 0.2, 1.0, dtype, g)
+        elif name.endswith("query_key_value.bias"):
+            yield name, seeded_normal(shape, 0.2, 0.0, dtype, g)
+        elif name.endswith("word_embeddings.weight"):
+            yield name, seeded_normal(shape, 1.0, 0.0, dtype, g)
+        else:  # a linear layer (out, in): N(0, 1/in)
+            yield name, seeded_normal(shape, shape[1] ** -0.5, 0.0, dtype, g)
+
+
+def _shard_plan(shapes: list[tuple[str, tuple[int, ...]]], element_bytes: int, num_shards: int) -> list[list[str]]:
+    """Names per shard, consecutive: `num_shards` of about equal bytes (a tensor goes where its middle falls);
+    num_shards <= 0: shards of about SHARD_BYTES each."""
+    sizes = [(name, element_bytes * _numel(shape)) for name, shape in shapes]
+    total = sum(s for _, s in sizes)
+    n = num_shards if num_shards > 0 else max(1, -(-total // SHARD_BYTES))
+    plan: dict[int, list[str]] = {}
+    start = 0
+    for name, size in sizes:
+        plan.setdefault(min(n - 1, int((start + size / 2) * n // max(total, 1))), []).append(name)
+        start += size
+    return [plan[k] for k in sorted(plan)]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def write_random_checkpoint(
     out_dir: str | Path, *, hidden_size: int, num_layers: int, num_heads: int, kv_groups: int, head_dim: int,
-    ffn_hidden_size: int, vocab_size: int, seed: int, num_shards: int = 2,
-    state_dict_hook: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    ffn_hidden_size: int, vocab_size: int, seed: int, num_shards: int = 2, tensor_hook: TensorHook | None = None,
     dtype: torch.dtype = torch.float32, seq_length: int = 8192, eos_token_ids: list[int] | None = None,
 ) -> None:
-    """A random glm-4-voice-9b-format checkpoint: ChatGLM config.json, `num_shards` safetensors + index."""
+    """A random glm-4-voice-9b-format checkpoint: ChatGLM config.json, safetensors shards + index.
+
+    Tensors are made one at a time and each shard is written and freed as soon as it is complete, so the
+    writer holds at most one shard (`num_shards` of the total; `num_shards=0`: shards of SHARD_BYTES) plus the
+    tensor in hand: a full-size 9B checkpoint is written in ~3 GB. `tensor_hook` may replace any tensor."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype_name = str(dtype).removeprefix("torch.")
@@ -107,17 +160,21 @@ def write_random_checkpoint(
         config["eos_token_id"], config["pad_token_id"] = list(eos_token_ids), eos_token_ids[0]
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     cfg = LMConfig.from_chatglm_json(out / "config.json")
-    sd = random_chatglm_state(cfg, seed, dtype)
-    if state_dict_hook is not None:
-        sd = state_dict_hook(sd)
-    names = list(sd)
-    per_shard = math.ceil(len(names) / max(1, num_shards))
-    groups = [names[i : i + per_shard] for i in range(0, len(names), per_shard)]
+    plan = _shard_plan(chatglm_shapes(cfg), torch.empty(0, dtype=dtype).element_size(), num_shards)
+    shard_of = {name: n for n, names in enumerate(plan) for name in names}
     weight_map: dict[str, str] = {}
-    for n, group in enumerate(groups, 1):
-        file = f"model-{n:05d}-of-{len(groups):05d}.safetensors"
-        save_file({k: sd[k].contiguous() for k in group}, str(out / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(group, file))
-    total = sum(t.numel() * t.element_size() for t in sd.values())
+    shard: dict[str, torch.Tensor] = {}
+    total = 0
+    for name, tensor in random_chatglm_tensors(cfg, seed, dtype):
+        if tensor_hook is not None:
+            tensor = tensor_hook(name, tensor)
+        shard[name] = tensor.contiguous()
+        total += tensor.numel() * tensor.element_size()
+        n = shard_of[name]
+        if name == plan[n][-1]:  # the shard is complete: write it, let it go
+            file = f"model-{n + 1:05d}-of-{len(plan):05d}.safetensors"
+            save_file(shard, str(out / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+            shard = {}
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")

@@ -39,12 +39,13 @@ def write_rerandomised_lm(out: Path, seed: int) -> Path:
     vocab = -(-text.vocab_size // 64) * 64  # padded like padded_vocab_size
     stop_ids = sorted(text.stop_ids)
 
-    def no_greedy_stop(sd: dict) -> dict:
-        sd["transformer.output_layer.weight"][stop_ids] = 0.0
-        return sd
+    def no_greedy_stop(name: str, tensor):
+        if name == "transformer.output_layer.weight":
+            tensor[stop_ids] = 0.0
+        return tensor
 
     write_random_checkpoint(out, **LM_DIMS, vocab_size=vocab, seed=seed, seq_length=LM_SEQ_LENGTH,
-                            eos_token_ids=stop_ids, state_dict_hook=no_greedy_stop)  # fmt: skip
+                            eos_token_ids=stop_ids, tensor_hook=no_greedy_stop)  # fmt: skip
     return out
 
 
