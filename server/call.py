@@ -20,6 +20,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from pipeline.responder import (
     Responder,
     ResponderSession,
+    Turn,
 )
 from server import protocol as P
 from server.call_guard import CallGuard
@@ -315,17 +316,29 @@ class Call:
         if isinstance(event, P.ItemRetrieve):
             self.send(P.event("conversation.item.retrieved", item=item))
             return
-        last = self.replies.last
+        ref = self.conversation.ref(event.item_id)
         if isinstance(event, P.ItemTruncate):
-            if last is None or last[0] != event.item_id:
-                raise P.ProtocolError("invalid_value", "only the latest assistant item can be truncated (the "
-                                      "model's history is cut at what was heard)", event.event_id, "item_id")
-            self.replies.truncate(event.item_id, event.audio_end_ms)
+            if not isinstance(ref, Turn):
+                raise P.ProtocolError("invalid_value", "only assistant items can be truncated", event.event_id,
+                                      "item_id")
+            self.replies.truncate(event.item_id, ref, event.audio_end_ms)
             self.send(P.event("conversation.item.truncated", item_id=event.item_id, content_index=0,
                               audio_end_ms=event.audio_end_ms))
             return
-        raise P.ProtocolError("unsupported_value", "conversation.item.delete is not supported yet: the model's "
-                              "history cannot drop an item", event.event_id, "item_id")
+        if isinstance(ref, Turn) and self.replies.in_progress(event.item_id):
+            raise P.ProtocolError("invalid_value", "this item's response is in progress (generating or playing): "
+                                  "cancel it first (response.cancel), then delete the item", event.event_id, "item_id")
+        if isinstance(ref, int) and self.replies.running:
+            raise P.ProtocolError("conversation_already_has_active_response", "a response is in progress and may "
+                                  "be answering this item: delete user items after its response.done",
+                                  event.event_id, "item_id")
+        if ref is not None:
+            try:
+                self.session.delete_item(ref)
+            except NotImplementedError as exc:
+                raise P.ProtocolError("unsupported_value", str(exc), event.event_id, "item_id") from None
+        self.conversation.remove(event.item_id)
+        self.send(P.event("conversation.item.deleted", item_id=event.item_id))
 
     # ----- limits and liveness ---------------------------------------------------------------------
 

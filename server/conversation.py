@@ -7,19 +7,32 @@ responder contract.
 
 from __future__ import annotations
 
+from pipeline.responder import Turn
+
 MAX_ITEMS = 1_000  # a long call's oldest items leave the record (retrieve then says not found)
 
 
 class Conversation:
     def __init__(self) -> None:
         self._items: dict[str, dict] = {}  # item_id -> item object, in conversation order
+        self._refs: dict[str, int | Turn] = {}  # item_id -> the item as the responder knows it
+        self._user_items = 0  # user items so far: the next one's index for `ResponderSession.delete_item`
 
-    def add(self, item: dict) -> str | None:
-        """Append an item; returns the id of the item before it (`previous_item_id`)."""
+    def add(self, item: dict, turn: Turn | None = None) -> str | None:
+        """Append an item; returns the id of the item before it (`previous_item_id`). A user item takes the
+        next user index (the session counts its `commit_audio` / `add_text` calls the same way); an
+        assistant item is known by its `turn`."""
         previous = next(reversed(self._items), None)
         self._items[item["id"]] = item
+        if item.get("role") == "user":
+            self._refs[item["id"]] = self._user_items
+            self._user_items += 1
+        elif turn is not None:
+            self._refs[item["id"]] = turn
         while len(self._items) > MAX_ITEMS:
-            del self._items[next(iter(self._items))]
+            oldest = next(iter(self._items))
+            del self._items[oldest]
+            self._refs.pop(oldest, None)
         return previous
 
     def replace(self, item: dict) -> None:
@@ -29,7 +42,12 @@ class Conversation:
     def get(self, item_id: str) -> dict | None:
         return self._items.get(item_id)
 
+    def ref(self, item_id: str) -> int | Turn | None:
+        """What `ResponderSession.delete_item` takes for this item (a user index or a Turn)."""
+        return self._refs.get(item_id)
+
     def remove(self, item_id: str) -> dict | None:
+        self._refs.pop(item_id, None)
         return self._items.pop(item_id, None)
 
     def after(self, item_id: str) -> list[str]:

@@ -39,6 +39,7 @@ class HistoryEntry:
     role: str  # "user" | "assistant"
     text: str
     audio_ms: float  # user: what was heard; assistant: what was played
+    key: int | None = None  # user: the session's index of the item (`delete_item`)
 
 
 class EchoTurn(Turn):
@@ -49,6 +50,7 @@ class EchoTurn(Turn):
         self._cancelled = asyncio.Event()
         self._played_ms: float | None = None
         self._entry: HistoryEntry | None = None  # set once the reply is in the history
+        self.deleted = False  # delete_item: the reply leaves (or never enters) the history
 
     def cancel(self, played_ms: float | None = None) -> None:
         """Also valid after the reply finished generating: playback may still be cut short."""
@@ -80,15 +82,11 @@ class EchoTurn(Turn):
                 yield Timing("first_pcm", time.monotonic())
             yield AudioChunk(pcm[start:start + CHUNK_SAMPLES].copy(), MODEL_INPUT_RATE_HZ)
             await asyncio.sleep(0)  # let a cancel in between chunks land
-        if self._cancelled.is_set():
-            heard_ms = self._played_ms or 0.0
-            self._entry = HistoryEntry("assistant", text, min(heard_ms, reply_ms))
+        cancelled = self._cancelled.is_set()
+        self._entry = HistoryEntry("assistant", text, min(self._played_ms or 0.0, reply_ms) if cancelled else reply_ms)
+        if not self.deleted:
             self._session.history.append(self._entry)
-            yield TurnDone("cancelled", text)
-            return
-        self._entry = HistoryEntry("assistant", text, reply_ms)
-        self._session.history.append(self._entry)
-        yield TurnDone("stop", text)
+        yield TurnDone("cancelled" if cancelled else "stop", text)
 
 
 @dataclass
@@ -97,7 +95,8 @@ class EchoSession(ResponderSession):
     settings: SessionSettings
     history: list[HistoryEntry] = field(default_factory=list)
     _audio: list[np.ndarray] = field(default_factory=list)  # pushed, not committed
-    _pending: list[np.ndarray | str] = field(default_factory=list)  # committed user items awaiting a reply
+    _pending: list[tuple[int, np.ndarray | str]] = field(default_factory=list)  # (key, item) awaiting a reply
+    _user_items: int = 0  # each commit_audio / add_text is the next user item (its key)
     closed: bool = False
 
     def update(self, settings: SessionSettings) -> None:
@@ -106,23 +105,39 @@ class EchoSession(ResponderSession):
     def push_audio(self, pcm16k: np.ndarray) -> None:
         self._audio.append(np.asarray(pcm16k, np.float32))
 
+    def _next_key(self) -> int:
+        self._user_items += 1
+        return self._user_items - 1
+
     def commit_audio(self) -> None:
+        key = self._next_key()
         if self._audio:
             pcm = np.concatenate(self._audio)
-            self._pending.append(pcm)
-            self.history.append(HistoryEntry("user", "", pcm.size * 1000.0 / MODEL_INPUT_RATE_HZ))
+            self._pending.append((key, pcm))
+            self.history.append(HistoryEntry("user", "", pcm.size * 1000.0 / MODEL_INPUT_RATE_HZ, key))
         self._audio = []
 
     def discard_audio(self) -> None:
         self._audio = []
 
     def add_text(self, text: str) -> None:
-        self._pending.append(text)
-        self.history.append(HistoryEntry("user", text, 0.0))
+        key = self._next_key()
+        self._pending.append((key, text))
+        self.history.append(HistoryEntry("user", text, 0.0, key))
+
+    def delete_item(self, item: int | Turn) -> None:
+        if isinstance(item, EchoTurn):
+            item.deleted = True
+            self.history = [e for e in self.history if e is not item._entry]
+        elif isinstance(item, int):
+            self._pending = [(key, p) for key, p in self._pending if key != item]
+            self.history = [e for e in self.history if e.role != "user" or e.key != item]
+        else:
+            raise TypeError(f"not an item of this session: {item!r}")
 
     def respond(self) -> Turn:
         pending, self._pending = self._pending, []
-        return EchoTurn(self, pending)
+        return EchoTurn(self, [p for _, p in pending])
 
     async def close(self) -> None:
         self.closed = True

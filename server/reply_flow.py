@@ -66,7 +66,7 @@ class ReplyFlow:
         track.on_started, track.on_stopped = self._on_playback_started, self._on_playback_stopped
         self.track = track
         self.buffer_events = isinstance(track, OutboundAudioTrack)
-        self.last: tuple[str, Turn] | None = None  # the latest assistant item and its turn (truncate)
+        self.running: set[str] = set()  # assistant items whose reply's events have not ended (cut ones too)
         self.current: ReplyState | None = None
         self.idle = asyncio.Event()  # set while no reply is in progress (drain waits on it)
         self.idle.set()
@@ -106,7 +106,7 @@ class ReplyFlow:
         timings = {"speech_stopped": speech_stopped_s} if speech_stopped_s is not None else {}
         reply = ReplyState(response_id, turn, speech_stopped_s, timings, _new_id("item"))
         self._set_current(reply)
-        self.last = (reply.item_id, turn)
+        self.running.add(reply.item_id)
         self.track.begin_reply(response_id)
         self._metrics.turns_total += 1
         self._on_phase(CallState.THINKING)
@@ -114,7 +114,7 @@ class ReplyFlow:
         item = P.assistant_item(reply.item_id, "in_progress", None)
         self._send(P.event("response.created", response=P.response_object(response_id, "in_progress")))
         self._send(P.event("response.output_item.added", response_id=response_id, output_index=0, item=item))
-        previous = self.conversation.add(item)
+        previous = self.conversation.add(item, turn)
         self._send(P.event("conversation.item.added", previous_item_id=previous, item=item))
         self._send(P.event("response.content_part.added", **ids, part={"type": "audio", "transcript": ""}))
         self._spawn(self._run_turn(reply), f"turn:{response_id}")
@@ -130,6 +130,7 @@ class ReplyFlow:
             status, details = "failed", {"type": "failed", "error": {"code": "responder_error", "message": str(exc)}}
             self._send(P.error_event("responder_error", f"the reply failed: {exc}", error_type="server_error"))
         reply.generating = False
+        self.running.discard(reply.item_id)
         text = "".join(transcript)
         if self.current is reply:
             self.track.end_reply()
@@ -166,18 +167,22 @@ class ReplyFlow:
         self._send(P.event("conversation.item.done", item=item))
         self._send(P.event("response.done", response=P.response_object(reply.response_id, status, details, [item])))
 
-    def truncate(self, item_id: str, audio_end_ms: int) -> str | None:
-        """The client heard only `audio_end_ms` of the latest assistant item: cut the history there (the
-        barge-in rule) and the item's transcript with it. Returns the kept transcript (None: unknown)."""
-        assert self.last is not None and self.last[0] == item_id
-        turn = self.last[1]
+    def in_progress(self, item_id: str) -> bool:
+        """The item's reply is generating or playing (or cut off, its end not yet reported)."""
+        return item_id in self.running or (self.current is not None and self.current.item_id == item_id)
+
+    def truncate(self, item_id: str, turn: Turn, audio_end_ms: int) -> str | None:
+        """The client heard only `audio_end_ms` of an assistant item: cut its reply in the history there
+        (the barge-in rule) and the item's transcript with it. Returns the kept transcript (None: unknown,
+        or reported with the reply's `response.done`, which is still to come)."""
         if self.current is not None and self.current.turn is turn:
             self.interrupt("client_cancelled", played_ms=audio_end_ms)
         else:
             turn.cancel(played_ms=audio_end_ms)
+        if item_id in self.running:
+            return None
         heard = turn.heard_transcript(audio_end_ms)
-        item = self.conversation.get(item_id)
-        if item is not None and heard is not None and self.current is None:
+        if heard is not None and self.conversation.get(item_id) is not None:
             self.conversation.replace(P.assistant_item(item_id, "incomplete", heard))
         return heard
 
