@@ -7,6 +7,7 @@ import base64
 import pytest
 
 from pipeline.lm.prompt import (
+    ASSISTANT_METADATA,
     SYSTEM_PROMPT_AUDIO,
     SYSTEM_PROMPT_TEXT,
     DialogueHistory,
@@ -137,3 +138,25 @@ def test_fit_drops_many_turns_without_rebuilding_the_history(tok: GLMTokenizer, 
     monkeypatch.setattr(DialogueHistory, "ids", lambda self: rebuilt.append(1) or [])
     assert history.fit(1 + 2 * len(block)) == 398
     assert rebuilt == [] and history.length == 1 + 2 * len(block)
+
+
+def test_history_items_leave_by_key(tok: GLMTokenizer) -> None:
+    """remove_user keeps the reply behind its assistant header; remove_reply drops the reply, and a turn
+    with neither user content nor reply goes; turns keep their keys through every edit."""
+    history = DialogueHistory(tok)
+    header = [tok.assistant_id, *tok.encode(ASSISTANT_METADATA)]
+    blocks = [user_turn_ids(tok, text=t) for t in ("one", "two", "three")]
+    reply = [*tok.encode("sure"), tok.audio_id(5), tok.audio_id(6)]
+    for key, block in enumerate(blocks):
+        history.append_user_block(block, key=key)
+        history.add_reply(reply)
+    history.remove_user(history.turn_of(0))
+    assert history.turns[0] == header + reply and history.length == len(history.ids())
+    history.remove_reply(history.turn_of(0))  # nothing of turn 0 is left
+    assert history.keys == [1, 2] and history.turns == [blocks[1] + reply, blocks[2] + reply]
+    history.cut_turn(history.turn_of(1), 2)
+    history.remove_reply(history.turn_of(2))
+    assert history.turns == [blocks[1] + reply[:-2], blocks[2]] and history.length == len(history.ids())
+    history.cut_turn(history.turn_of(2), 5)  # never into the user block
+    history.remove_user(history.turn_of(2))  # no reply: the whole turn goes
+    assert history.keys == [1] and history.turn_of(2) is None and history.length == len(history.ids())
