@@ -105,9 +105,8 @@ def chain_hook(script: dict, seed: int = SEED):
             tensor.fill_(1.0)
         elif name == "transformer.output_layer.weight":  # (V, H)
             vocab, hidden = tensor.shape
-            head = seeded_normal((vocab, hidden), OTHER_LOGIT_STD / hidden**0.5, 0.0, tensor.dtype, g)
-            head[torch.tensor(targets)] = (chain["embed"].float() * (CHAIN_LOGIT_MARGIN / hidden)).to(tensor.dtype)
-            return head
+            seeded_normal((vocab, hidden), OTHER_LOGIT_STD / hidden**0.5, 0.0, tensor.dtype, g, out=tensor)  # in place
+            tensor[torch.tensor(targets)] = (chain["embed"].float() * (CHAIN_LOGIT_MARGIN / hidden)).to(tensor.dtype)
         return tensor
 
     return hook

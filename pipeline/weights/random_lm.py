@@ -75,16 +75,14 @@ def chatglm_shapes(cfg: LMConfig) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def seeded_normal(shape: tuple[int, ...], std: float, mean: float, dtype: torch.dtype,
-                  g: torch.Generator) -> torch.Tensor:  # fmt: skip
-    """N(mean, std) in `dtype`; a large tensor is drawn in row chunks so the float32 scratch stays small."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    if numel <= LARGE_TENSOR_ELEMENTS:
-        return (torch.randn(*shape, generator=g) * std + mean).to(dtype)
-    out = torch.empty(shape, dtype=dtype)
-    rows = max(1, LARGE_TENSOR_ELEMENTS // (numel // shape[0]))
+def seeded_normal(shape: tuple[int, ...], std: float, mean: float, dtype: torch.dtype, g: torch.Generator,
+                  out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """N(mean, std) in `dtype` (into `out` when given); a large tensor is drawn in row chunks so the float32
+    scratch stays small (a small one in one draw: the values of the demo weights never change)."""
+    out = torch.empty(shape, dtype=dtype) if out is None else out
+    if out.numel() <= LARGE_TENSOR_ELEMENTS:
+        return out.copy_(torch.randn(*shape, generator=g) * std + mean)
+    rows = max(1, LARGE_TENSOR_ELEMENTS // (out.numel() // shape[0]))
     for start in range(0, shape[0], rows):
         chunk = out[start : start + rows]
         chunk.copy_(torch.randn(chunk.shape, generator=g) * std + mean)
