@@ -251,6 +251,7 @@ def graphs_vs_eager(dec: SpeechDecoder, blocks: int, repeats: int) -> None:
                 if dec.device.type == "cuda":
                     torch.cuda.synchronize(dec.device)
                 secs.append(time.perf_counter() - t1)
+                print(f"  {name} block {len(secs) - 1}: {secs[-1]:.3f} s", flush=True)
             runs[name].append(secs)
             audio[name] = np.concatenate(out)
     dec.graphs = None
