@@ -40,7 +40,11 @@ class TokenizerStream:
         return self._samples_closed + self._seg.n_samples
 
     def reset(self) -> None:
+        """Start another turn. The encoder's key/value buffers go too (245 MB per call at the real sizes in
+        float32): a call holds them only while its user is speaking; the next turn's first block allocates
+        them again (the device's caching allocator hands the same memory back)."""
         self._seg.reset()
+        self._seg.kv = None
         self._emitted, self._closed, self._final, self.first_changed = [], [], None, None
         self._samples_closed = 0
         self.blocks_encoded_push = self.blocks_encoded_flush = 0

@@ -159,3 +159,16 @@ def test_streamed_vs_offline_on_real_speech(tiny: SpeechTokenizer, refresh: bool
               f"{stream.first_changed!s:>5} {stream.blocks_encoded_push:3d} / {stream.blocks_encoded_flush}")
     print(f"  changed {changed_total} of {streamed_total} streamed tokens "
           f"({100 * changed_total / streamed_total:.1f}%); {turns_changed} of {len(turns)} turns rolled back")
+
+
+def test_reset_frees_the_encoder_cache_and_the_next_turn_is_exact(tiny: SpeechTokenizer) -> None:
+    wav = np.random.default_rng(5).uniform(-0.3, 0.3, 2 * 64000).astype(np.float32)
+    stream = TokenizerStream(tiny)
+    stream.push(wav)
+    assert stream._seg.kv is not None  # a turn in progress holds its cache
+    stream.flush()
+    stream.reset()
+    assert stream._seg.kv is None  # between turns the call holds no encoder cache
+    stream.push(wav)
+    stream.flush()
+    assert stream.tokens == tiny.tokenize(wav)
