@@ -9,7 +9,7 @@ modules, in eval mode. `SpeechDecoder` is shared and stateless; a reply's state 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,8 +18,15 @@ from pipeline.decoder.config import DecoderConfig
 from pipeline.decoder.flow import FlowModel
 from pipeline.decoder.hift import HiftGenerator
 
-if TYPE_CHECKING:
-    from pipeline.decoder.graphs import DecoderGraphs
+
+class BlockGraphs(Protocol):
+    """Recorded CUDA graphs of a block's launch-heavy parts (pipeline/decoder/graphs.py `DecoderGraphs`, which
+    imports this module: the decoder knows them only by this shape)."""
+
+    def sample(self, mu: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
+
+    def vocode(self, mel: torch.Tensor, phase: torch.Tensor, noise: torch.Tensor, cache_source: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
 # ---------------------------------------------------------------- checkpoint files
@@ -78,7 +85,7 @@ class SpeechDecoder:
                  dtype: torch.dtype):
         self.cfg, self.flow, self.hift = cfg, flow, hift
         self.device, self.dtype = device, dtype
-        self.graphs: DecoderGraphs | None = None  # recorded block shapes (pipeline/decoder/graphs.py), else eager
+        self.graphs: BlockGraphs | None = None  # recorded block shapes (pipeline/decoder/graphs.py), else eager
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
