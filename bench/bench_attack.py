@@ -21,9 +21,7 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,25 +33,11 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_call_path import free_port, machine, pct, wait_healthy
 
 LONG = "x" * 3990
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown CPU")
-    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----- the server process, with a probe route for the leak figures ----------------------------------
@@ -208,19 +192,7 @@ async def run(args: argparse.Namespace) -> None:
     rows = []
     try:
         async with aiohttp.ClientSession() as http:
-            deadline = time.monotonic() + 300
-            while True:
-                assert server.poll() is None, f"server exited (log {log_path})"
-                try:
-                    async with http.get(base + "/health") as r:
-                        health = await r.json()
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError("server not ready")
-                await asyncio.sleep(0.5)
+            health = await wait_healthy(http, base, server)
 
             async def leaks() -> dict:
                 await asyncio.sleep(2.0)

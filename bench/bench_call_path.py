@@ -50,6 +50,23 @@ def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
+async def wait_healthy(http: aiohttp.ClientSession, base: str, server: subprocess.Popen,
+                       timeout_s: float = 300.0) -> dict:
+    """Poll a server subprocess's /health until it says ready (200); its JSON. Fails if the process exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert server.poll() is None, f"server exited (code {server.returncode})"
+        try:
+            async with http.get(base + "/health") as r:
+                if r.status == 200:
+                    return await r.json()
+        except aiohttp.ClientError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError("server not ready")
+        await asyncio.sleep(0.5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,17 +18,15 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
-from pipeline.lm.convert import LMConfig, build_glm_model
 from pipeline.lm.model import VoiceLM
 from pipeline.lm.sampling import sample_logits
+from pipeline.weights.random_lm import FULL_SIZE, random_voice_lm
 
-REAL = LMConfig(num_layers=40, hidden_size=4096, ffn_hidden_size=13696, num_heads=32, kv_groups=2, head_dim=128,
-                vocab_size=168960, seq_length=8192, rope_theta=10000.0, rms_eps=3.90625e-08, qkv_bias=True,
-                eos_token_ids=(151329, 151336, 151338), checkpoint_dtype="bfloat16")  # fmt: skip
+REAL = FULL_SIZE  # glm-4-voice-9b's sizes
 
 # Official ChatGLM remote code, same machine kind, same sizes: docs/baseline.md, "LM" table (seconds).
 # (layers, dtype) -> (prefill 100, prefill 500, decode step @100, decode step @500)
@@ -45,34 +43,9 @@ OFFICIAL_GPU_DECODE_MS = 1000 / 22.76  # GLM-4-Voice issue #113: A800 bf16, HF g
 PEAK_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "A800": 2039.0}  # HBM spec sheet bandwidth
 
 
-def random_tensors(cfg: LMConfig, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """GLM-named tensors made one at a time on the device (compute cost does not depend on the values)."""
-    h, f, v, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size, cfg.head_dim
-
-    def normal(*shape: int, std: float = 0.02, mean: float = 0.0) -> torch.Tensor:
-        return torch.empty(shape, device=device, dtype=dtype).normal_(mean, std)
-
-    yield "model.embed_tokens.weight", normal(v, h, std=1.0), "random"
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        yield p + "input_layernorm.weight", normal(h, mean=1.0), "random"
-        for name, rows in (("q", cfg.num_heads * d), ("k", cfg.kv_groups * d), ("v", cfg.kv_groups * d)):
-            yield f"{p}self_attn.{name}_proj.weight", normal(rows, h, std=h**-0.5), "random"
-            yield f"{p}self_attn.{name}_proj.bias", normal(rows), "random"
-        yield p + "self_attn.o_proj.weight", normal(h, cfg.num_heads * d, std=h**-0.5), "random"
-        yield p + "post_attention_layernorm.weight", normal(h, mean=1.0), "random"
-        yield p + "mlp.gate_up_proj.weight", normal(2 * f, h, std=h**-0.5), "random"
-        yield p + "mlp.down_proj.weight", normal(h, f, std=f**-0.5), "random"
-    yield "model.norm.weight", normal(h, mean=1.0), "random"
-    yield "lm_head.weight", normal(v, h, std=h**-0.5), "random"
-
-
 def make_lm(layers: int, device: str, dtype: torch.dtype, int4: bool = False) -> VoiceLM:
-    cfg = dataclasses.replace(REAL, num_layers=layers)
-    dev = torch.device(device)
-    tensor_dtype = torch.bfloat16 if int4 else dtype
-    model = build_glm_model(cfg, random_tensors(cfg, dev, tensor_dtype), dev, tensor_dtype, int4, source="random")
-    return VoiceLM(model, cfg, None, dev, tensor_dtype, "int4" if int4 else None)
+    """The real-width LM with `layers` layers, random weights built on the device (pipeline/weights/random_lm.py)."""
+    return random_voice_lm(dataclasses.replace(REAL, num_layers=layers), device, dtype, int4=int4)
 
 
 def sync(lm: VoiceLM) -> None:

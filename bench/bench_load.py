@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_call_path import free_port, machine, pct  # noqa: E402
+from bench_call_path import free_port, machine, pct, wait_healthy
 
 from server.metrics import LoopLagProbe  # noqa: E402
 from server.rtc import set_host_addresses  # noqa: E402
@@ -120,19 +120,7 @@ async def run(args: argparse.Namespace) -> None:
     clients: list[RealtimeClient] = []
     try:
         async with aiohttp.ClientSession() as http:
-            deadline = time.monotonic() + 300
-            while True:
-                assert server.poll() is None, "server exited"
-                try:
-                    async with http.get(base + "/health") as r:
-                        health = await r.json()
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError("server not ready")
-                await asyncio.sleep(0.5)
+            health = await wait_healthy(http, base, server)
             speech = synth_speech(ENGLISH_SENTENCES[0], voice="en")
             clip = np.concatenate([speech, np.zeros(int(1.0 * 16_000), np.float32)])
             proc = psutil.Process(server.pid)
