@@ -11,7 +11,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_VERSION)
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: run test lint bench venv vllm-venv deps-debian clean
+.PHONY: run test lint format bench venv vllm-venv deps-debian clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -60,11 +60,19 @@ $(TEST_STAMP): $(STAMP)
 run: $(STAMP)
 	$(BIN)/glm4voice serve --host $(HOST) --port $(PORT)
 
-test: $(TEST_STAMP) $(VLLM_STAMP)
+LINT_PATHS := server pipeline client tests bench tools
+
+# Lint and the format check run first: a tree that ruff would change fails the test run.
+test: $(TEST_STAMP) $(VLLM_STAMP) lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check server pipeline client tests bench
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+
+format: $(STAMP)
+	$(BIN)/ruff format $(LINT_PATHS)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

@@ -56,8 +56,14 @@ async def _serve(port: int) -> None:
     me = psutil.Process()
 
     async def leaks(request: web.Request) -> web.Response:
-        return web.json_response({"fds": me.num_fds(), "threads": threading.active_count(),
-                                  "tasks": len(asyncio.all_tasks()), "rss_mib": round(me.memory_info().rss / 2**20, 1)})
+        return web.json_response(
+            {
+                "fds": me.num_fds(),
+                "threads": threading.active_count(),
+                "tasks": len(asyncio.all_tasks()),
+                "rss_mib": round(me.memory_info().rss / 2**20, 1),
+            }
+        )
 
     app.router.add_get("/bench/leaks", leaks)
     runner, _ = await start_site(app, config, "127.0.0.1", port)
@@ -71,8 +77,10 @@ async def _serve(port: int) -> None:
 
 
 def _item(text: str) -> dict:
-    return {"type": "conversation.item.create", "item": {"type": "message", "role": "user",
-                                                          "content": [{"type": "input_text", "text": text}]}}
+    return {
+        "type": "conversation.item.create",
+        "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]},
+    }
 
 
 async def victim(base: str, end_s: float, first_audio_ms: list[float], misses: list[int]) -> None:
@@ -154,15 +162,25 @@ async def reproductions(base: str) -> None:
     await asyncio.sleep(1.0)
     await client.hangup()
     offer = await make_offer()
-    bad_offers = [re.sub(rf"^a={a}:.*\r\n", "", offer, flags=re.MULTILINE) for a in ("fingerprint", "ice-ufrag")]
+    bad_offers = [
+        re.sub(rf"^a={a}:.*\r\n", "", offer, flags=re.MULTILINE) for a in ("fingerprint", "ice-ufrag")
+    ]
     bad_offers.append(offer.replace("a=mid:0", "a=mid:x"))
     async with aiohttp.ClientSession() as http:
         for sdp in bad_offers:
-            async with http.post(base + "/v1/realtime/calls", data=sdp, headers={"Content-Type": "application/sdp"}):
+            async with http.post(
+                base + "/v1/realtime/calls", data=sdp, headers={"Content-Type": "application/sdp"}
+            ):
                 pass
-        flood = [f"a=candidate:f{i} 1 udp 2113937151 127.0.0.{2 + i % 200} {20_000 + i} typ host" for i in range(1000)]
-        async with http.post(base + "/v1/realtime/calls", data=_with_candidates(offer, flood),
-                             headers={"Content-Type": "application/sdp"}) as r:
+        flood = [
+            f"a=candidate:f{i} 1 udp 2113937151 127.0.0.{2 + i % 200} {20_000 + i} typ host"
+            for i in range(1000)
+        ]
+        async with http.post(
+            base + "/v1/realtime/calls",
+            data=_with_candidates(offer, flood),
+            headers={"Content-Type": "application/sdp"},
+        ) as r:
             location = r.headers.get("Location")
         if location:
             async with http.post(base + location + "/hangup"):
@@ -180,13 +198,18 @@ async def run(args: argparse.Namespace) -> None:
 
     port = free_port()
     demo_dir = Path(tempfile.gettempdir()) / "glm4voice_bench_demo"
-    env = {**os.environ, "GLM4VOICE_WEBRTC_HOST_ADDRESSES": "127.0.0.1",
-           "GLM4VOICE_LIMITS_CALLS_PER_MINUTE_PER_ADDRESS": "0", "GLM4VOICE_MODEL_DEVICE":
-           os.environ.get("GLM4VOICE_MODEL_DEVICE", "cpu"),
-           "GLM4VOICE_MODEL_DEMO_WEIGHTS_DIR": os.environ.get("GLM4VOICE_MODEL_DEMO_WEIGHTS_DIR", str(demo_dir))}
+    env = {
+        **os.environ,
+        "GLM4VOICE_WEBRTC_HOST_ADDRESSES": "127.0.0.1",
+        "GLM4VOICE_LIMITS_CALLS_PER_MINUTE_PER_ADDRESS": "0",
+        "GLM4VOICE_MODEL_DEVICE": os.environ.get("GLM4VOICE_MODEL_DEVICE", "cpu"),
+        "GLM4VOICE_MODEL_DEMO_WEIGHTS_DIR": os.environ.get("GLM4VOICE_MODEL_DEMO_WEIGHTS_DIR", str(demo_dir)),
+    }
     log_path = Path(tempfile.gettempdir()) / f"glm4voice_bench_attack_{port}.log"
     log_file = open(log_path, "w")  # noqa: SIM115 - the server's whole life
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port)], cwd=ROOT, env=env, stderr=log_file)
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(port)], cwd=ROOT, env=env, stderr=log_file
+    )
     base = f"http://127.0.0.1:{port}"
     set_host_addresses(("127.0.0.1",))
     rows = []
@@ -212,7 +235,9 @@ async def run(args: argparse.Namespace) -> None:
                 async with http.get(base + "/health") as r:
                     lag = (await r.json())["event_loop_lag_ms"]
                 rows.append((kind, first_audio_ms, len(misses), results[1] if len(results) > 1 else 0, lag))
-                print(f"phase {kind}: {len(first_audio_ms)} replies, first audio p50 {pct(first_audio_ms, 0.5):.0f} ms")
+                print(
+                    f"phase {kind}: {len(first_audio_ms)} replies, first audio p50 {pct(first_audio_ms, 0.5):.0f} ms"
+                )
             await reproductions(base)
             after = await leaks()
             async with http.get(base + "/metrics") as r:
@@ -222,18 +247,30 @@ async def run(args: argparse.Namespace) -> None:
         server.wait(30)
         log_file.close()
     print(f"machine: {machine()}")
-    print(f"responder: {health['responder'].get('name')} weights={health['responder'].get('weights')} "
-          f"device={health['responder'].get('device')}; phases of {args.phase_s:g} s; server log {log_path}")
-    print("| attack | victim replies | first audio p50 / p95 (ms) | no audio in 60 s | attacker calls | "
-          "server loop lag p99 / max (ms, last min) |")
+    print(
+        f"responder: {health['responder'].get('name')} weights={health['responder'].get('weights')} "
+        f"device={health['responder'].get('device')}; phases of {args.phase_s:g} s; server log {log_path}"
+    )
+    print(
+        "| attack | victim replies | first audio p50 / p95 (ms) | no audio in 60 s | attacker calls | "
+        "server loop lag p99 / max (ms, last min) |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for kind, first, missed, calls, lag in rows:
-        print(f"| {kind} | {len(first)} | {pct(first, 0.5):.0f} / {pct(first, 0.95):.0f} | {missed} | {calls} | "
-              f"{lag['p99']:.0f} / {lag['max']:.0f} |")
-    print("leaks (server, after warm-up -> after all phases and reproductions, calls hung up, 2 s settle): "
-          + ", ".join(f"{k} {before[k]} -> {after[k]}" for k in before))
-    for name in ("glm4voice_events_dropped_total", "glm4voice_inbound_frames_dropped_total",
-                 "glm4voice_events_failed_total", "glm4voice_turn_errors_total"):
+        print(
+            f"| {kind} | {len(first)} | {pct(first, 0.5):.0f} / {pct(first, 0.95):.0f} | {missed} | {calls} | "
+            f"{lag['p99']:.0f} / {lag['max']:.0f} |"
+        )
+    print(
+        "leaks (server, after warm-up -> after all phases and reproductions, calls hung up, 2 s settle): "
+        + ", ".join(f"{k} {before[k]} -> {after[k]}" for k in before)
+    )
+    for name in (
+        "glm4voice_events_dropped_total",
+        "glm4voice_inbound_frames_dropped_total",
+        "glm4voice_events_failed_total",
+        "glm4voice_turn_errors_total",
+    ):
         match = re.search(rf"^{name} (\S+)$", metrics, re.MULTILINE)
         print(f"{name} {match.group(1) if match else 'n/a'}")
     ended = re.findall(r'^glm4voice_calls_ended_total\{reason="([^"]+)"\} (\S+)$', metrics, re.MULTILINE)

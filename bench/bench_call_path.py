@@ -35,6 +35,7 @@ from tests.helpers.speech import synth_speech
 
 LAG_WINDOW = 200  # probes (x 50 ms = 10 s) behind /health's p99: one phase of this bench
 
+
 def machine() -> str:
     model = "unknown CPU"
     try:
@@ -46,12 +47,15 @@ def machine() -> str:
         pass
     return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
-async def wait_healthy(http: aiohttp.ClientSession, base: str, server: subprocess.Popen,
-                       timeout_s: float = 300.0) -> dict:
+
+async def wait_healthy(
+    http: aiohttp.ClientSession, base: str, server: subprocess.Popen, timeout_s: float = 300.0
+) -> dict:
     """Poll a server subprocess's /health until it says ready (200); its JSON. Fails if the process exits."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -72,15 +76,35 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
 class ServerProcess:
     def __init__(self, jitter_frames: int) -> None:
         self.port = free_port()
-        env = dict(os.environ, GLM4VOICE_WEBRTC_HOST_ADDRESSES="127.0.0.1", GLM4VOICE_LIMITS_MAX_CALLS="64",
-                   GLM4VOICE_WEBRTC_RECEIVE_JITTER_FRAMES=str(jitter_frames),
-                   GLM4VOICE_METRICS_LOOP_LAG_WINDOW=str(LAG_WINDOW))
-        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--responder", "echo", "--port",
-                                      str(self.port), "--config", str(ROOT / "config.toml"), "--log-level", "WARNING"],
-                                     cwd=ROOT, env=env)
+        env = dict(
+            os.environ,
+            GLM4VOICE_WEBRTC_HOST_ADDRESSES="127.0.0.1",
+            GLM4VOICE_LIMITS_MAX_CALLS="64",
+            GLM4VOICE_WEBRTC_RECEIVE_JITTER_FRAMES=str(jitter_frames),
+            GLM4VOICE_METRICS_LOOP_LAG_WINDOW=str(LAG_WINDOW),
+        )
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "server.cli",
+                "serve",
+                "--responder",
+                "echo",
+                "--port",
+                str(self.port),
+                "--config",
+                str(ROOT / "config.toml"),
+                "--log-level",
+                "WARNING",
+            ],
+            cwd=ROOT,
+            env=env,
+        )
         self.ps = psutil.Process(self.proc.pid)
         self.base_url = f"http://127.0.0.1:{self.port}"
 
@@ -105,6 +129,7 @@ class ServerProcess:
         self.proc.terminate()
         self.proc.wait(10)
 
+
 async def talk(client: RealtimeClient, clip: np.ndarray, turns: int) -> list[dict]:
     """Say `clip` `turns` times, each after the previous echo ended; return the latency events."""
     out = []
@@ -115,6 +140,7 @@ async def talk(client: RealtimeClient, clip: np.ndarray, turns: int) -> list[dic
         await client.wait_for("output_audio_buffer.stopped", 30, after=mark)
         out.append(latency)
     return out
+
 
 async def phase(server: ServerProcess, clip: np.ndarray, n_calls: int, turns: int) -> dict:
     rss_before = server.ps.memory_info().rss
@@ -135,11 +161,13 @@ async def phase(server: ServerProcess, clip: np.ndarray, n_calls: int, turns: in
     return {
         "offer_to_connected_ms": [c.offer_to_connected_ms for c in clients],
         "vad_end_to_first_frame_ms": latencies,
-        "lag_p99_ms": health["event_loop_lag_ms"]["p99"], "lag_max_ms": health["event_loop_lag_ms"]["max"],
+        "lag_p99_ms": health["event_loop_lag_ms"]["p99"],
+        "lag_max_ms": health["event_loop_lag_ms"]["max"],
         "cpu_core_pct_per_call": 100.0 * cpu_s / (t1 - t0) / n_calls,
         "rss_per_call_mb": (max(rss_connected, rss_talking) - rss_before) / n_calls / 2**20,
         "rss_mb": rss_talking / 2**20,
     }
+
 
 async def jitter_cost(clip: np.ndarray, turns: int) -> dict[int, float]:
     """Speech end (last mic sample sent) -> speech_stopped received, for each jitter-buffer setting."""
@@ -165,6 +193,7 @@ async def jitter_cost(clip: np.ndarray, turns: int) -> dict[int, float]:
             server.stop()
     return out
 
+
 def vad_cost_ms() -> tuple[float, float]:
     """(wall ms, CPU ms) per chunk; CPU time is what the loop pays when the machine is shared."""
     vad, state = SileroVad(), VadState()
@@ -176,6 +205,7 @@ def vad_cost_ms() -> tuple[float, float]:
         vad.probability(state, x)
     return (time.perf_counter() - t0) / 500 * 1000, (time.thread_time() - c0) / 500 * 1000
 
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=10)
@@ -183,8 +213,9 @@ async def main() -> None:
     args = parser.parse_args()
     set_host_addresses(("127.0.0.1",))  # our clients offer loopback candidates too
     clip = synth_speech("Hello, this is a short test.")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     print(f"bench_call_path.py @ {commit} on {machine()}")
     print(f"clip: {clip.size / 16_000:.2f} s of espeak-ng speech; responder: echo; server in its own process")
     wall_ms, cpu_ms = vad_cost_ms()
@@ -200,18 +231,27 @@ async def main() -> None:
     for n, r in rows.items():
         lat = r["vad_end_to_first_frame_ms"]
         print(f"\n{n} concurrent call(s), {args.turns} turns each:")
-        print(f"  offer -> connected: median {statistics.median(r['offer_to_connected_ms']):.1f} ms "
-              f"(max {max(r['offer_to_connected_ms']):.1f})")
-        print(f"  VAD end decision -> first outbound frame: p50 {pct(lat, 0.5):.1f} ms, p95 {pct(lat, 0.95):.1f} ms "
-              f"(n={len(lat)})")
+        print(
+            f"  offer -> connected: median {statistics.median(r['offer_to_connected_ms']):.1f} ms "
+            f"(max {max(r['offer_to_connected_ms']):.1f})"
+        )
+        print(
+            f"  VAD end decision -> first outbound frame: p50 {pct(lat, 0.5):.1f} ms, p95 {pct(lat, 0.95):.1f} ms "
+            f"(n={len(lat)})"
+        )
         print(f"  event-loop lag: p99 {r['lag_p99_ms']:.2f} ms, max {r['lag_max_ms']:.2f} ms (since start)")
         print(f"  server CPU per talking call: {r['cpu_core_pct_per_call']:.1f} % of one core")
         print(f"  server RSS: {r['rss_mb']:.0f} MB, +{r['rss_per_call_mb']:.2f} MB per call")
     costs = await jitter_cost(clip, args.turns)
-    print("\nreceive jitter buffer: speech end -> speech_stopped received (includes silence_duration_ms 500):")
+    print(
+        "\nreceive jitter buffer: speech end -> speech_stopped received (includes silence_duration_ms 500):"
+    )
     for frames, ms in costs.items():
         print(f"  receive_jitter_frames={frames}: median {ms:.1f} ms")
-    print(f"  releasing at once saves {costs[4] - costs[0]:.1f} ms per turn end (expected ~60: 3 frames x 20 ms)")
+    print(
+        f"  releasing at once saves {costs[4] - costs[0]:.1f} ms per turn end (expected ~60: 3 frames x 20 ms)"
+    )
+
 
 if __name__ == "__main__":
     asyncio.run(main())

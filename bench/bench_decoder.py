@@ -45,7 +45,9 @@ OFFICIAL_DEMO_SCHEDULE = (25, 50, 100, 150, 200)  # THUDM/GLM-4-Voice web_demo.p
 # The official computation: unbounded prompt, every call re-encodes. legacy_prompt=False (the PR #86 fix)
 # keeps the output aligned with ours for the difference; it feeds back one frame per seam fewer than the
 # demo, so if anything it makes the official side a little cheaper.
-OFFICIAL = dict(schedule=OFFICIAL_DEMO_SCHEDULE, max_prompt_tokens=None, cache_encoder=False, legacy_prompt=False)
+OFFICIAL = dict(
+    schedule=OFFICIAL_DEMO_SCHEDULE, max_prompt_tokens=None, cache_encoder=False, legacy_prompt=False
+)
 OURS: dict = {}  # the DecoderStream defaults
 OURS_UNBOUNDED = dict(max_prompt_tokens=None)  # our schedule, official prompt: isolates the window's effect
 
@@ -70,8 +72,11 @@ class Clock:
         self.seconds = {"hift": 0.0, "encoder": 0.0}
         self.estimator_frames = 0
         self._t0 = 0.0
-        for name, module in (("hift", dec.hift), ("encoder", dec.flow.encoder),
-                             ("encoder", dec.flow.length_regulator)):
+        for name, module in (
+            ("hift", dec.hift),
+            ("encoder", dec.flow.encoder),
+            ("encoder", dec.flow.length_regulator),
+        ):
             module.register_forward_pre_hook(lambda *_: self._start())
             module.register_forward_hook(lambda *_, name=name: self._stop(name))
         dec.flow.decoder.estimator.register_forward_pre_hook(lambda _m, args: self._frames(args[0]))
@@ -115,8 +120,9 @@ def schedule_blocks(total: int, schedule: tuple[int, ...]) -> list[int]:
     return blocks
 
 
-def run_reply(dec: SpeechDecoder, clock: Clock, tokens: list[int], settings: dict, verbose: bool = False
-              ) -> tuple[list[BlockTiming], np.ndarray, torch.Tensor]:
+def run_reply(
+    dec: SpeechDecoder, clock: Clock, tokens: list[int], settings: dict, verbose: bool = False
+) -> tuple[list[BlockTiming], np.ndarray, torch.Tensor]:
     """Stream a reply block by block (what push() does, the last block finalising); returns timings,
     audio and the reply's vocoded mel (seam frames removed). `verbose`: print each block when done."""
     stream = DecoderStream(dec, **settings)
@@ -126,15 +132,23 @@ def run_reply(dec: SpeechDecoder, clock: Clock, tokens: list[int], settings: dic
         clock.reset()
         clock.sync()
         t0 = time.perf_counter()
-        out = stream.decode_block(tokens[done:done + n], finalize=k == len(blocks) - 1)
+        out = stream.decode_block(tokens[done : done + n], finalize=k == len(blocks) - 1)
         clock.sync()
-        timings.append(BlockTiming(done, n, time.perf_counter() - t0, clock.seconds["hift"],
-                                   clock.seconds["encoder"], clock.estimator_frames,
-                                   len(out.audio) / dec.sample_rate_hz))
+        timings.append(
+            BlockTiming(
+                done,
+                n,
+                time.perf_counter() - t0,
+                clock.seconds["hift"],
+                clock.seconds["encoder"],
+                clock.estimator_frames,
+                len(out.audio) / dec.sample_rate_hz,
+            )
+        )
         if verbose:
             print_block(k, timings[-1])
         audio.append(out.audio)
-        mels.append(out.mel[:, :, dec.cfg.mel_cache_frames if k else 0:].float().cpu())
+        mels.append(out.mel[:, :, dec.cfg.mel_cache_frames if k else 0 :].float().cpu())
         done += n
     return timings, np.concatenate(audio), torch.cat(mels, dim=2)
 
@@ -151,24 +165,33 @@ def offline(dec: SpeechDecoder, clock: Clock, n: int, repeats: int) -> None:
         hifts.append(clock.seconds["hift"])
     total, hift = statistics.median(times), statistics.median(hifts)
     audio_s = dec.cfg.flow.frames_for(n) * 256 / dec.sample_rate_hz
-    print(f"\noffline {n} tokens ({audio_s:.2f} s audio), median of {repeats}: {total:.3f} s "
-          f"(flow {total - hift:.3f}, HiFT {hift:.3f}), RTF {total / audio_s:.2f}")
+    print(
+        f"\noffline {n} tokens ({audio_s:.2f} s audio), median of {repeats}: {total:.3f} s "
+        f"(flow {total - hift:.3f}, HiFT {hift:.3f}), RTF {total / audio_s:.2f}"
+    )
 
 
-BLOCK_HEADER = "  block  prompt_tok  new_tok  est_frames  seconds  s_per_token  estimator_s  encoder_s  hift_s"
+BLOCK_HEADER = (
+    "  block  prompt_tok  new_tok  est_frames  seconds  s_per_token  estimator_s  encoder_s  hift_s"
+)
 
 
 def print_block(k: int, t: BlockTiming) -> None:
     est = t.seconds - t.hift_seconds - t.encoder_seconds
-    print(f"  {k:5d}  {t.prompt_tokens:10d}  {t.new_tokens:7d}  {t.estimator_frames:10d}  {t.seconds:7.2f}  "
-          f"{t.seconds / t.new_tokens:11.3f}  {est:11.2f}  {t.encoder_seconds:9.3f}  {t.hift_seconds:6.2f}", flush=True)
+    print(
+        f"  {k:5d}  {t.prompt_tokens:10d}  {t.new_tokens:7d}  {t.estimator_frames:10d}  {t.seconds:7.2f}  "
+        f"{t.seconds / t.new_tokens:11.3f}  {est:11.2f}  {t.encoder_seconds:9.3f}  {t.hift_seconds:6.2f}",
+        flush=True,
+    )
 
 
 def print_blocks(name: str, timings: list[BlockTiming], rows: bool = True) -> None:
     total = sum(t.seconds for t in timings)
     audio = sum(t.audio_seconds for t in timings)
-    print(f"\n[{name}] {len(timings)} blocks, {sum(t.new_tokens for t in timings)} tokens, {audio:.2f} s audio: "
-          f"compute {total:.2f} s, RTF {total / audio:.2f}, first block {timings[0].seconds:.3f} s")
+    print(
+        f"\n[{name}] {len(timings)} blocks, {sum(t.new_tokens for t in timings)} tokens, {audio:.2f} s audio: "
+        f"compute {total:.2f} s, RTF {total / audio:.2f}, first block {timings[0].seconds:.3f} s"
+    )
     if rows:
         print(BLOCK_HEADER)
         for k, t in enumerate(timings):
@@ -177,7 +200,7 @@ def print_blocks(name: str, timings: list[BlockTiming], rows: bool = True) -> No
 
 def rel_rms(a: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor) -> float:
     a, ref = np.asarray(a, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    return float(np.sqrt(np.mean((a - ref) ** 2)) / np.sqrt(np.mean(ref ** 2)))
+    return float(np.sqrt(np.mean((a - ref) ** 2)) / np.sqrt(np.mean(ref**2)))
 
 
 def compare_200(dec: SpeechDecoder, clock: Clock, repeats: int) -> None:
@@ -191,27 +214,40 @@ def compare_200(dec: SpeechDecoder, clock: Clock, repeats: int) -> None:
             totals[name].append(sum(t.seconds for t in timings))
             firsts[name].append(timings[0].seconds)
             outputs[name] = (audio, mel)
-            print(f"  run {r + 1} {name:8s}: {totals[name][-1]:7.1f} s, first block {firsts[name][-1]:.2f} s "
-                  f"({timings[0].new_tokens} tokens), blocks {[t.new_tokens for t in timings]}", flush=True)
+            print(
+                f"  run {r + 1} {name:8s}: {totals[name][-1]:7.1f} s, first block {firsts[name][-1]:.2f} s "
+                f"({timings[0].new_tokens} tokens), blocks {[t.new_tokens for t in timings]}",
+                flush=True,
+            )
             if r == 0:
                 print_blocks(name, timings)
     timings, audio, mel = run_reply(dec, clock, tokens, OURS_UNBOUNDED)
     outputs["unbounded"] = (audio, mel)
-    print(f"  our schedule, unbounded prompt (output reference, one run): {sum(t.seconds for t in timings):.1f} s")
+    print(
+        f"  our schedule, unbounded prompt (output reference, one run): {sum(t.seconds for t in timings):.1f} s"
+    )
     ours, official = statistics.median(totals["ours"]), statistics.median(totals["official"])
     f_ours, f_official = statistics.median(firsts["ours"]), statistics.median(firsts["official"])
     print(f"\n200-token reply (16 s of audio), medians of {repeats}:")
-    print(f"  ours {DEFAULT_SCHEDULE} window {DEFAULT_MAX_PROMPT_TOKENS}: {ours:.1f} s   "
-          f"official {OFFICIAL_DEMO_SCHEDULE} unbounded: {official:.1f} s   official/ours = {official / ours:.2f}")
-    print(f"  first audio (first block): ours {f_ours:.2f} s ({DEFAULT_SCHEDULE[0]} tokens), official "
-          f"{f_official:.2f} s ({OFFICIAL_DEMO_SCHEDULE[0]} tokens), official/ours = {f_official / f_ours:.2f}")
+    print(
+        f"  ours {DEFAULT_SCHEDULE} window {DEFAULT_MAX_PROMPT_TOKENS}: {ours:.1f} s   "
+        f"official {OFFICIAL_DEMO_SCHEDULE} unbounded: {official:.1f} s   official/ours = {official / ours:.2f}"
+    )
+    print(
+        f"  first audio (first block): ours {f_ours:.2f} s ({DEFAULT_SCHEDULE[0]} tokens), official "
+        f"{f_official:.2f} s ({OFFICIAL_DEMO_SCHEDULE[0]} tokens), official/ours = {f_official / f_ours:.2f}"
+    )
     print("\noutput differences on random weights (RMS of the difference / RMS of the reference):")
-    for label, a, b in (("window 50 (ours vs our schedule unbounded)", "ours", "unbounded"),
-                        ("schedule (our schedule unbounded vs official)", "unbounded", "official"),
-                        ("both (ours vs official)", "ours", "official")):
+    for label, a, b in (
+        ("window 50 (ours vs our schedule unbounded)", "ours", "unbounded"),
+        ("schedule (our schedule unbounded vs official)", "unbounded", "official"),
+        ("both (ours vs official)", "ours", "official"),
+    ):
         (audio_a, mel_a), (audio_b, mel_b) = outputs[a], outputs[b]
-        print(f"  {label:46s} mel {rel_rms(mel_a, mel_b):.2e} (max abs {float((mel_a - mel_b).abs().max()):.2e})  "
-              f"audio {rel_rms(audio_a, audio_b):.2e} (max abs {float(np.abs(audio_a - audio_b).max()):.2e})")
+        print(
+            f"  {label:46s} mel {rel_rms(mel_a, mel_b):.2e} (max abs {float((mel_a - mel_b).abs().max()):.2e})  "
+            f"audio {rel_rms(audio_a, audio_b):.2e} (max abs {float(np.abs(audio_a - audio_b).max()):.2e})"
+        )
 
 
 def long_reply(dec: SpeechDecoder, clock: Clock, tokens_n: int) -> None:
@@ -222,10 +258,12 @@ def long_reply(dec: SpeechDecoder, clock: Clock, tokens_n: int) -> None:
     capped = [t for t in timings[:-1] if t.new_tokens == DEFAULT_SCHEDULE[-1]]  # full-size, non-final blocks
     if capped:
         secs = [t.seconds for t in capped]
-        print(f"\n{len(capped)} full-size blocks ({DEFAULT_SCHEDULE[-1]} tokens) from prompt "
-              f"{capped[0].prompt_tokens} to {capped[-1].prompt_tokens} tokens: seconds min {min(secs):.2f}, "
-              f"median {statistics.median(secs):.2f}, max {max(secs):.2f}; last/first {secs[-1] / secs[0]:.2f}; "
-              f"estimator frames {min(t.estimator_frames for t in capped)}-{max(t.estimator_frames for t in capped)}")
+        print(
+            f"\n{len(capped)} full-size blocks ({DEFAULT_SCHEDULE[-1]} tokens) from prompt "
+            f"{capped[0].prompt_tokens} to {capped[-1].prompt_tokens} tokens: seconds min {min(secs):.2f}, "
+            f"median {statistics.median(secs):.2f}, max {max(secs):.2f}; last/first {secs[-1] / secs[0]:.2f}; "
+            f"estimator frames {min(t.estimator_frames for t in capped)}-{max(t.estimator_frames for t in capped)}"
+        )
 
 
 def graphs_vs_eager(dec: SpeechDecoder, blocks: int, repeats: int) -> None:
@@ -234,8 +272,10 @@ def graphs_vs_eager(dec: SpeechDecoder, blocks: int, repeats: int) -> None:
     t0 = time.perf_counter()
     graphs = prepare_graphs(dec, capture=None)  # the stream defaults' shapes, as the engine's warm-up
     dec.graphs = None
-    print(f"\n{blocks} full blocks ({n} tokens), ours; {len(graphs) if graphs else 0} shapes recorded in "
-          f"{time.perf_counter() - t0:.1f} s ({'CUDA graphs' if graphs and graphs.captured else 'static buffers'})")
+    print(
+        f"\n{blocks} full blocks ({n} tokens), ours; {len(graphs) if graphs else 0} shapes recorded in "
+        f"{time.perf_counter() - t0:.1f} s ({'CUDA graphs' if graphs and graphs.captured else 'static buffers'})"
+    )
     runs: dict[str, list[list[float]]] = {"eager": [], "graphs": []}
     audio: dict[str, np.ndarray] = {}
     for _ in range(repeats):
@@ -247,7 +287,7 @@ def graphs_vs_eager(dec: SpeechDecoder, blocks: int, repeats: int) -> None:
                 if dec.device.type == "cuda":
                     torch.cuda.synchronize(dec.device)
                 t1 = time.perf_counter()
-                out.append(stream.decode_block(tokens[start:start + size], finalize=False).audio)
+                out.append(stream.decode_block(tokens[start : start + size], finalize=False).audio)
                 if dec.device.type == "cuda":
                     torch.cuda.synchronize(dec.device)
                 secs.append(time.perf_counter() - t1)
@@ -258,8 +298,12 @@ def graphs_vs_eager(dec: SpeechDecoder, blocks: int, repeats: int) -> None:
     med = {name: [statistics.median(r[k] for r in rs) for k in range(blocks)] for name, rs in runs.items()}
     print("  block  eager_s  graphs_s  eager/graphs")
     for k in range(blocks):
-        print(f"  {k:5d}  {med['eager'][k]:7.3f}  {med['graphs'][k]:8.3f}  {med['eager'][k] / med['graphs'][k]:12.2f}")
-    print(f"  audio max abs difference graphs vs eager: {float(np.abs(audio['graphs'] - audio['eager']).max()):.2e}")
+        print(
+            f"  {k:5d}  {med['eager'][k]:7.3f}  {med['graphs'][k]:8.3f}  {med['eager'][k] / med['graphs'][k]:12.2f}"
+        )
+    print(
+        f"  audio max abs difference graphs vs eager: {float(np.abs(audio['graphs'] - audio['eager']).max()):.2e}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -271,15 +315,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="only the 200-token comparison")
     ap.add_argument("--long", action="store_true", help="only the 2-minute per-block check")
     ap.add_argument("--long-tokens", type=int, default=1500, help="reply length for --long (1500 = 2 min)")
-    ap.add_argument("--graphs", action="store_true", help="only eager vs pipeline/decoder/graphs.py per block")
+    ap.add_argument(
+        "--graphs", action="store_true", help="only eager vs pipeline/decoder/graphs.py per block"
+    )
     ap.add_argument("--graph-blocks", type=int, default=6, help="full blocks for --graphs")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dec = random_decoder(seed=0, device=args.device, dtype=getattr(torch, args.dtype))
     clock = Clock(dec)
     print(f"decoder bench: {machine(dec)}, {args.threads} threads, {args.dtype}, torch {torch.__version__}")
-    print(f"params: flow {sum(p.numel() for p in dec.flow.parameters()) / 1e6:.1f} M, "
-          f"HiFT {sum(p.numel() for p in dec.hift.parameters()) / 1e6:.1f} M")
+    print(
+        f"params: flow {sum(p.numel() for p in dec.flow.parameters()) / 1e6:.1f} M, "
+        f"HiFT {sum(p.numel() for p in dec.hift.parameters()) / 1e6:.1f} M"
+    )
     synthesize(dec, list(range(10)))  # warm-up
     if args.graphs:
         return graphs_vs_eager(dec, args.graph_blocks, args.repeats)

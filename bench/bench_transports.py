@@ -54,10 +54,26 @@ LOUD_RMS = 1e-3  # -60 dBFS: a received frame with reply audio (the track sends 
 class ServerProcess:
     def __init__(self, responder: str) -> None:
         self.port = free_port()
-        env = dict(os.environ, GLM4VOICE_WEBRTC_HOST_ADDRESSES="127.0.0.1", GLM4VOICE_LIMITS_MAX_CALLS="64",
-                   GLM4VOICE_WEBRTC_RECEIVE_JITTER_FRAMES="0")
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--responder", responder, "--port", str(self.port),
-               "--config", str(ROOT / "config.toml"), "--log-level", "WARNING"]
+        env = dict(
+            os.environ,
+            GLM4VOICE_WEBRTC_HOST_ADDRESSES="127.0.0.1",
+            GLM4VOICE_LIMITS_MAX_CALLS="64",
+            GLM4VOICE_WEBRTC_RECEIVE_JITTER_FRAMES="0",
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--responder",
+            responder,
+            "--port",
+            str(self.port),
+            "--config",
+            str(ROOT / "config.toml"),
+            "--log-level",
+            "WARNING",
+        ]
         if responder == "glm4voice":
             cmd += ["--device", "cpu"]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
@@ -98,8 +114,14 @@ async def rtc_call(base_url: str, clip: np.ndarray, turns: int) -> list[tuple[fl
             t0 = client.event_time(stopped)
             started = client.event_time(await client.wait_for("output_audio_buffer.started", 120, after=mark))
             await client.wait_for("output_audio_buffer.stopped", 120, after=mark)
-            loud = next((t for f, t in zip(client.heard, client.heard_times, strict=True)
-                         if t >= t0 and float(np.sqrt(np.mean(f**2))) > LOUD_RMS), None)  # fmt: skip
+            loud = next(
+                (
+                    t
+                    for f, t in zip(client.heard, client.heard_times, strict=True)
+                    if t >= t0 and float(np.sqrt(np.mean(f**2))) > LOUD_RMS
+                ),
+                None,
+            )
             out.append(((started - t0) * 1000, None if loud is None else (loud - t0) * 1000))
     finally:
         await client.hangup()
@@ -134,7 +156,7 @@ class SocketClient:
         step = int(CHUNK_S * 24_000)
         start = time.monotonic()
         for i, offset in enumerate(range(0, pcm.size, step)):
-            data = base64.b64encode(encode_wire(pcm[offset:offset + step], "audio/pcm")).decode("ascii")
+            data = base64.b64encode(encode_wire(pcm[offset : offset + step], "audio/pcm")).decode("ascii")
             await self.ws.send_json({"type": "input_audio_buffer.append", "audio": data})
             await asyncio.sleep(max(start + (i + 1) * CHUNK_S - time.monotonic(), 0.0))
 
@@ -146,8 +168,9 @@ class SocketClient:
 async def ws_call(base_url: str, clip: np.ndarray, turns: int) -> list[tuple[float, float | None]]:
     out = []
     async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(base_url.replace("http", "ws", 1) + "/v1/realtime?model=bench",
-                                   protocols=("realtime",)) as ws:  # fmt: skip
+        async with http.ws_connect(
+            base_url.replace("http", "ws", 1) + "/v1/realtime?model=bench", protocols=("realtime",)
+        ) as ws:
             client = SocketClient(ws)
             await client.wait_for("session.created", 10, 0)
             for _ in range(turns):
@@ -157,8 +180,11 @@ async def ws_call(base_url: str, clip: np.ndarray, turns: int) -> list[tuple[flo
                 t1, _ = await client.wait_for("response.output_audio.delta", 120, mark)
                 t_done, _ = await client.wait_for("response.done", 120, mark)
                 out.append(((t1 - t0) * 1000, None))
-                audio_s = sum(len(base64.b64decode(e["delta"])) / 2 / 24_000 for _, e in client.events[mark:]
-                              if e["type"] == "response.output_audio.delta")  # fmt: skip
+                audio_s = sum(
+                    len(base64.b64decode(e["delta"])) / 2 / 24_000
+                    for _, e in client.events[mark:]
+                    if e["type"] == "response.output_audio.delta"
+                )
                 await asyncio.sleep(max(t1 + audio_s - time.monotonic(), 0.0))  # the client "plays" it
             await client.close()
     return out
@@ -168,9 +194,11 @@ async def phase(server: ServerProcess, call, clip: np.ndarray, calls: int, turns
     cpu0, t0 = server.cpu_s(), time.monotonic()
     results = await asyncio.gather(*(call(server.base_url, clip, turns) for _ in range(calls)))
     cpu1, t1 = server.cpu_s(), time.monotonic()
-    return {"first_audio_ms": [x for r in results for x, _ in r],
-            "first_loud_ms": [y for r in results for _, y in r if y is not None],
-            "cpu_core_pct_per_call": 100.0 * (cpu1 - cpu0) / (t1 - t0) / calls}
+    return {
+        "first_audio_ms": [x for r in results for x, _ in r],
+        "first_loud_ms": [y for r in results for _, y in r if y is not None],
+        "cpu_core_pct_per_call": 100.0 * (cpu1 - cpu0) / (t1 - t0) / calls,
+    }
 
 
 async def main() -> None:
@@ -181,12 +209,15 @@ async def main() -> None:
     args = parser.parse_args()
     set_host_addresses(("127.0.0.1",))
     clip = synth_speech("Hello, this is a short test.")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     print(f"bench_transports.py @ {commit} on {machine()}")
-    print(f"responder: {args.responder}{' (demo weights, CPU)' if args.responder == 'glm4voice' else ''}; "
-          f"clip {clip.size / 16_000:.2f} s + {TAIL_S:.1f} s silence; {args.calls} call(s) x {args.turns} turns "
-          "per transport; server in its own process, loopback")
+    print(
+        f"responder: {args.responder}{' (demo weights, CPU)' if args.responder == 'glm4voice' else ''}; "
+        f"clip {clip.size / 16_000:.2f} s + {TAIL_S:.1f} s silence; {args.calls} call(s) x {args.turns} turns "
+        "per transport; server in its own process, loopback"
+    )
     server = ServerProcess(args.responder)
     rows = {}
     try:
@@ -199,14 +230,20 @@ async def main() -> None:
     print("\nspeech_stopped received -> first reply audio received (client clock):")
     for name, r in rows.items():
         lat = r["first_audio_ms"]
-        print(f"  {name:9s}: p50 {pct(lat, 0.5):7.1f} ms, p95 {pct(lat, 0.95):7.1f} ms (n={len(lat)}); "
-              f"server CPU per call {r['cpu_core_pct_per_call']:5.1f} % of one core")
+        print(
+            f"  {name:9s}: p50 {pct(lat, 0.5):7.1f} ms, p95 {pct(lat, 0.95):7.1f} ms (n={len(lat)}); "
+            f"server CPU per call {r['cpu_core_pct_per_call']:5.1f} % of one core"
+        )
         if r["first_loud_ms"]:
             loud = r["first_loud_ms"]
-            print(f"  {'':9s}  first frame > -60 dBFS: p50 {pct(loud, 0.5):7.1f} ms, p95 {pct(loud, 0.95):7.1f} ms")
+            print(
+                f"  {'':9s}  first frame > -60 dBFS: p50 {pct(loud, 0.5):7.1f} ms, p95 {pct(loud, 0.95):7.1f} ms"
+            )
     a, b = rows["WebSocket"], rows["WebRTC"]
-    print(f"  WebSocket / WebRTC: p50 x{pct(a['first_audio_ms'], 0.5) / pct(b['first_audio_ms'], 0.5):.2f}, "
-          f"CPU x{a['cpu_core_pct_per_call'] / b['cpu_core_pct_per_call']:.2f}")
+    print(
+        f"  WebSocket / WebRTC: p50 x{pct(a['first_audio_ms'], 0.5) / pct(b['first_audio_ms'], 0.5):.2f}, "
+        f"CPU x{a['cpu_core_pct_per_call'] / b['cpu_core_pct_per_call']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,16 @@ from pipeline.lm.convert import LMConfig  # noqa: E402
 from pipeline.lm.model import VoiceLM  # noqa: E402
 from pipeline.weights.random_lm import FULL_SIZE, random_voice_lm  # noqa: E402
 
-TINY_LM = dataclasses.replace(FULL_SIZE, num_layers=2, hidden_size=128, ffn_hidden_size=256, num_heads=4,
-                              kv_groups=2, head_dim=32, vocab_size=1024)  # fmt: skip
+TINY_LM = dataclasses.replace(
+    FULL_SIZE,
+    num_layers=2,
+    hidden_size=128,
+    ffn_hidden_size=256,
+    num_heads=4,
+    kv_groups=2,
+    head_dim=32,
+    vocab_size=1024,
+)
 PEAK_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # HBM spec sheet bandwidth, GB/s
 PARITY_TOL = 1e-4  # float32, as tests/parity
 # Share of the budget per section (full run, H100: model set-up included).
@@ -119,32 +127,55 @@ class Check:
 
     def write(self) -> None:
         self.report["elapsed_s"] = round(time.monotonic() - self.t0, 1)
-        (self.out / "gpu_check.json").write_text(json.dumps(self.report, indent=2, default=str), encoding="utf-8")
+        (self.out / "gpu_check.json").write_text(
+            json.dumps(self.report, indent=2, default=str), encoding="utf-8"
+        )
         (self.out / "gpu_check.md").write_text(markdown(self.report), encoding="utf-8")
 
 
 def machine(device: torch.device) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=ROOT, timeout=10).stdout.strip() or "?"  # fmt: skip
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, timeout=10
+            ).stdout.strip()
+            or "?"
+        )
     except (OSError, subprocess.SubprocessError):
         commit = "?"
     import transformers
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "numpy": np.__version__, "cpu_count": os.cpu_count(), "commit": commit, "device": str(device)}  # fmt: skip
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "cpu_count": os.cpu_count(),
+        "commit": commit,
+        "device": str(device),
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         free, total = torch.cuda.mem_get_info(device)
-        info.update(gpu=props.name, gpu_memory_gb=round(total / 1e9, 1), gpu_free_gb=round(free / 1e9, 1),
-                    sms=props.multi_processor_count, cuda=torch.version.cuda)  # fmt: skip
+        info.update(
+            gpu=props.name,
+            gpu_memory_gb=round(total / 1e9, 1),
+            gpu_free_gb=round(free / 1e9, 1),
+            sms=props.multi_processor_count,
+            cuda=torch.version.cuda,
+        )
     return info
 
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [f"# GPU check ({'tiny, CPU' if report['args'].get('tiny') else m.get('gpu', m['device'])})", "",
-             "machine: " + ", ".join(f"{k} {v}" for k, v in m.items()), f"elapsed: {report.get('elapsed_s')} s", ""]  # fmt: skip
+    lines = [
+        f"# GPU check ({'tiny, CPU' if report['args'].get('tiny') else m.get('gpu', m['device'])})",
+        "",
+        "machine: " + ", ".join(f"{k} {v}" for k, v in m.items()),
+        f"elapsed: {report.get('elapsed_s')} s",
+        "",
+    ]
     for name, entry in report["sections"].items():
         lines += [f"## {name}: {entry['status']} ({entry.get('seconds', '?')} s)", ""]
         for key, value in entry["figures"].items():
@@ -194,11 +225,16 @@ def section_parity(check: Check, fig: dict) -> None:
         greedy = lm.generate(case["input_ids"], max_new_tokens=len(expected), temperature=0.0)
         step_ref = np.load(lm_dir / f"{case['name']}_greedy_step_logits.npy")
         cache = lm.new_cache()
-        steps = [lm.prefill(cache, case["input_ids"])] + [lm.decode_step([cache], [t])[0] for t in expected[:-1]]
+        steps = [lm.prefill(cache, case["input_ids"])] + [
+            lm.decode_step([cache], [t])[0] for t in expected[:-1]
+        ]
         step_diff = float(np.abs(torch.stack(steps).cpu().numpy() - step_ref).max())
         cache.release()
-        fig[f"lm_{case['name']}"] = {"logits_max_abs": diff, "greedy_equal": greedy == expected,
-                                     "cached_step_logits_max_abs": step_diff}  # fmt: skip
+        fig[f"lm_{case['name']}"] = {
+            "logits_max_abs": diff,
+            "greedy_equal": greedy == expected,
+            "cached_step_logits_max_abs": step_diff,
+        }
         expect(f"lm {case['name']} logits", diff <= PARITY_TOL and step_diff <= PARITY_TOL)
         expect(f"lm {case['name']} greedy", greedy == expected)
     if dev.type == "cuda":
@@ -214,7 +250,9 @@ def section_parity(check: Check, fig: dict) -> None:
     tok_dir = parity_path("speech_tokenizer")
     tok = SpeechTokenizer.from_pretrained(tok_dir, device=dev)
     cases = json.loads((tok_dir / "cases.json").read_text())["individual_calls"]
-    for case in cases[:1] if check.tiny else cases:  # --tiny: the script is proven, not the fixtures (CPU time)
+    for case in (
+        cases[:1] if check.tiny else cases
+    ):  # --tiny: the script is proven, not the fixtures (CPU time)
         wav = np.load(tok_dir / case["wav"]).astype(np.float32) / 32768.0
         equal = tok.tokenize(wav) == case["tokens"]
         fig[f"tokenizer_{case['name']}_tokens_equal"] = equal
@@ -234,8 +272,12 @@ def section_parity(check: Check, fig: dict) -> None:
     stream = DecoderStream(decoder, draws=injected, cache_encoder=False)
     case = json.loads((offline / "case.json").read_text())
     out = stream.decode_block(case["tokens"], finalize=True)
-    mel = float(np.abs(out.mel.float().cpu().numpy().reshape(-1) - np.load(offline / "mel.npy").reshape(-1)).max())
-    audio = float(np.abs(np.asarray(out.audio).reshape(-1) - np.load(offline / "speech.npy").reshape(-1)).max())
+    mel = float(
+        np.abs(out.mel.float().cpu().numpy().reshape(-1) - np.load(offline / "mel.npy").reshape(-1)).max()
+    )
+    audio = float(
+        np.abs(np.asarray(out.audio).reshape(-1) - np.load(offline / "speech.npy").reshape(-1)).max()
+    )
     fig["decoder_offline"] = {"mel_max_abs": mel, "audio_max_abs": audio}
     expect("decoder offline", mel <= PARITY_TOL and audio <= PARITY_TOL)
     torch.backends.cudnn.allow_tf32 = True
@@ -279,7 +321,15 @@ def weight_bytes_per_step(lm: VoiceLM, batch: int) -> int:
 
 def kv_bytes_read(lm: VoiceLM, batch: int, context: int) -> int:
     c = lm.config
-    return 2 * c.num_layers * batch * c.kv_groups * context * c.head_dim * torch.tensor([], dtype=lm.dtype).element_size()
+    return (
+        2
+        * c.num_layers
+        * batch
+        * c.kv_groups
+        * context
+        * c.head_dim
+        * torch.tensor([], dtype=lm.dtype).element_size()
+    )
 
 
 def section_lm(check: Check, fig: dict) -> None:
@@ -296,7 +346,9 @@ def section_lm(check: Check, fig: dict) -> None:
     lm.reserve_caches(slots)
     fig["kv_slots"] = slots
     fig["memory_after_kv_reserve_gb"] = check.mem_gb()
-    check.log(f"lm: built {fig['params_b']} B params in {fig['build_s']} s, memory {fig['memory_after_kv_reserve_gb']}")
+    check.log(
+        f"lm: built {fig['params_b']} B params in {fig['build_s']} s, memory {fig['memory_after_kv_reserve_gb']}"
+    )
 
     prefill = {}
     for n in (100, 500, 2000):
@@ -348,8 +400,12 @@ def section_lm(check: Check, fig: dict) -> None:
 
             ms = timed_ms(check, step, 10 if not tiny else 3)
             floor_bytes = weight_bytes_per_step(lm, batch) + kv_bytes_read(lm, batch, context + 1)
-            row[mode] = {"ms_per_step": ms, "ms_per_token_per_call": ms, "achieved_gbs": round(floor_bytes / ms / 1e6, 1),
-                         "floor_ms": round(floor_bytes / peak / 1e6, 3) if peak else None}  # fmt: skip
+            row[mode] = {
+                "ms_per_step": ms,
+                "ms_per_token_per_call": ms,
+                "achieved_gbs": round(floor_bytes / ms / 1e6, 1),
+                "floor_ms": round(floor_bytes / peak / 1e6, 3) if peak else None,
+            }
         for c in caches:
             c.release()
         decode[batch] = row
@@ -399,7 +455,9 @@ def speech_tokenizer(check: Check, dtype: torch.dtype):
     from pipeline.tokenizer.tokenizer import SpeechTokenizer
 
     if check.tiny:
-        return SpeechTokenizer.from_pretrained(demo_root() / "glm-4-voice-tokenizer", device=check.device, dtype=dtype)
+        return SpeechTokenizer.from_pretrained(
+            demo_root() / "glm-4-voice-tokenizer", device=check.device, dtype=dtype
+        )
     from bench_tokenizer import build
 
     return build(check.device, dtype)
@@ -410,7 +468,9 @@ def speech_decoder(check: Check, dtype: torch.dtype):
     from pipeline.weights.random_decoder import random_decoder
 
     if check.tiny:
-        return SpeechDecoder.from_pretrained(demo_root() / "glm-4-voice-decoder", device=check.device, dtype=dtype)
+        return SpeechDecoder.from_pretrained(
+            demo_root() / "glm-4-voice-decoder", device=check.device, dtype=dtype
+        )
     return random_decoder(seed=0, device=str(check.device), dtype=dtype)
 
 
@@ -419,7 +479,9 @@ def section_stages(check: Check, fig: dict) -> None:
     from pipeline.weights.random_tokenizer import calibration_audio
 
     wav = calibration_audio(5.0, 16000, np.random.default_rng(0))  # a 5 s turn
-    for dtype in (torch.float32,) if check.tiny else (torch.float32, torch.bfloat16):  # bf16 convs crawl on CPUs
+    for dtype in (
+        (torch.float32,) if check.tiny else (torch.float32, torch.bfloat16)
+    ):  # bf16 convs crawl on CPUs
         name = str(dtype).removeprefix("torch.")
         if dtype == torch.bfloat16 and check.left_s() < 0.4 * SHARES["stages"] * check.args.budget_s:
             fig[f"{name}"] = "skipped: budget"
@@ -438,8 +500,10 @@ def section_stages(check: Check, fig: dict) -> None:
             check.sync()
             pushes.append(t1 - t0)
             flushes.append(time.perf_counter() - t1)
-        fig[f"tokenizer_{name}"] = {"flush_ms_5s_turn": round(1e3 * statistics.median(flushes[1:]), 2),
-                                    "all_pushes_s_5s_turn": round(statistics.median(pushes[1:]), 3)}  # fmt: skip
+        fig[f"tokenizer_{name}"] = {
+            "flush_ms_5s_turn": round(1e3 * statistics.median(flushes[1:]), 2),
+            "all_pushes_s_5s_turn": round(statistics.median(pushes[1:]), 3),
+        }
         del tok, stream
         check.log(f"stages: tokenizer {name}: {fig[f'tokenizer_{name}']}")
 
@@ -482,14 +546,20 @@ def decoder_graphs_vs_eager(check: Check, dec) -> dict:
         return {"eager_block_ms": eager_ms, "graphs": "capture failed (see the log)"}
     graph_ms, graph_audio = decoder_blocks(check, dec, blocks)
     dec.graphs = None
-    return {"eager_block_ms": eager_ms, "graph_block_ms": graph_ms, "graphs_captured": graphs.captured,
-            "graphs": len(graphs), "capture_s": round(capture_s, 2), "graph_replays": graphs.replays,
-            "eager_runs_with_graphs": graphs.eager_runs,
-            "first_block_ms_10_tokens": {"eager": eager_ms[0], "graph": graph_ms[0]},
-            f"block_{blocks}_ms_20_tokens": {"eager": eager_ms[-1], "graph": graph_ms[-1]},
-            "speedup_blocks_2_on": round(sum(eager_ms[1:]) / sum(graph_ms[1:]), 2),
-            "graph_vs_eager_audio_max_abs": float(np.abs(graph_audio - eager_audio).max()),
-            "audio_ms_per_20_token_block": 1600}  # fmt: skip
+    return {
+        "eager_block_ms": eager_ms,
+        "graph_block_ms": graph_ms,
+        "graphs_captured": graphs.captured,
+        "graphs": len(graphs),
+        "capture_s": round(capture_s, 2),
+        "graph_replays": graphs.replays,
+        "eager_runs_with_graphs": graphs.eager_runs,
+        "first_block_ms_10_tokens": {"eager": eager_ms[0], "graph": graph_ms[0]},
+        f"block_{blocks}_ms_20_tokens": {"eager": eager_ms[-1], "graph": graph_ms[-1]},
+        "speedup_blocks_2_on": round(sum(eager_ms[1:]) / sum(graph_ms[1:]), 2),
+        "graph_vs_eager_audio_max_abs": float(np.abs(graph_audio - eager_audio).max()),
+        "audio_ms_per_20_token_block": 1600,
+    }
 
 
 # ----- (e) the engine end to end -----------------------------------------------------------------------------
@@ -527,11 +597,19 @@ def full_size_models(check: Check):
     lm = random_voice_lm(FULL_SIZE, check.device, torch.bfloat16)
     install_chain(lm, script)
     text = GLMTokenizer.from_pretrained(root / "glm-4-voice-9b")
-    weights = ResolvedWeights(kind="random-full-size", tokenizer_dir=root / "glm-4-voice-tokenizer",
-                              lm_dir=root / "glm-4-voice-9b", decoder_dir=root / "glm-4-voice-decoder",
-                              device=check.device, lm_dtype=torch.bfloat16, stage_dtype=torch.float32,
-                              quantization="")  # fmt: skip
-    return Models(weights, speech_tokenizer(check, torch.float32), lm, text, speech_decoder(check, torch.float32))
+    weights = ResolvedWeights(
+        kind="random-full-size",
+        tokenizer_dir=root / "glm-4-voice-tokenizer",
+        lm_dir=root / "glm-4-voice-9b",
+        decoder_dir=root / "glm-4-voice-decoder",
+        device=check.device,
+        lm_dtype=torch.bfloat16,
+        stage_dtype=torch.float32,
+        quantization="",
+    )
+    return Models(
+        weights, speech_tokenizer(check, torch.float32), lm, text, speech_decoder(check, torch.float32)
+    )
 
 
 async def one_turn(session, text: str) -> dict:
@@ -555,8 +633,12 @@ async def one_turn(session, text: str) -> dict:
             end = event
     if not isinstance(end, TurnDone):
         raise RuntimeError(f"turn ended with {end}")
-    return {"first_pcm_ms": 1e3 * (first_t - t_commit) if first_t else None, "audio_s": audio_s,
-            "worst_gap_ms": 1e3 * worst_lag_s, "reason": end.reason}  # fmt: skip
+    return {
+        "first_pcm_ms": 1e3 * (first_t - t_commit) if first_t else None,
+        "audio_s": audio_s,
+        "worst_gap_ms": 1e3 * worst_lag_s,
+        "reason": end.reason,
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -569,7 +651,9 @@ async def drive_engine(check: Check, fig: dict) -> None:
     from pipeline.responder import SessionSettings
 
     levels = (1, 2, 4) if check.tiny else (1, 4, 16)
-    cfg = EngineConfig(demo_weights_dir=str(demo_root()), device=str(check.device), max_calls_batched=max(levels))
+    cfg = EngineConfig(
+        demo_weights_dir=str(demo_root()), device=str(check.device), max_calls_batched=max(levels)
+    )
     responder = GLMVoiceResponder(cfg)
     t0 = time.monotonic()
     await responder.start()
@@ -592,11 +676,12 @@ async def drive_engine(check: Check, fig: dict) -> None:
             first = [x["first_pcm_ms"] for x in results if x["first_pcm_ms"] is not None]
             fig[f"calls_{n}"] = {
                 "turns": len(results),
-                "first_pcm_ms_p50": percentile(first, 50), "first_pcm_ms_p95": percentile(first, 95),
+                "first_pcm_ms_p50": percentile(first, 50),
+                "first_pcm_ms_p95": percentile(first, 95),
                 "worst_gap_ms": round(max(x["worst_gap_ms"] for x in results), 1),
                 "every_call_ahead_of_playback": all(x["worst_gap_ms"] <= 0.0 for x in results),
                 "audio_s_per_reply": round(statistics.mean(x["audio_s"] for x in results), 2),
-            }  # fmt: skip
+            }
             check.log(f"engine: {n} concurrent calls: {fig[f'calls_{n}']}")
     finally:
         await responder.stop()
@@ -615,9 +700,12 @@ def section_engine(check: Check, fig: dict) -> None:
 
 
 SECTIONS: dict[str, Callable[[Check, dict], None]] = {
-    "parity": section_parity, "lm": section_lm, "int4": section_int4, "stages": section_stages,
+    "parity": section_parity,
+    "lm": section_lm,
+    "int4": section_int4,
+    "stages": section_stages,
     "engine": section_engine,
-}  # fmt: skip
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -640,7 +728,9 @@ def main(argv: list[str] | None = None) -> int:
             check.run(name, SECTIONS[name])
     # The GPU machine has none of the server's media stack: engine mode must not import it (soxr is left out:
     # transformers imports it itself when it is installed).
-    check.report["server_only_modules_imported"] = sorted({"aiortc", "av", "onnxruntime", "silero_vad", "server"} & set(sys.modules))
+    check.report["server_only_modules_imported"] = sorted(
+        {"aiortc", "av", "onnxruntime", "silero_vad", "server"} & set(sys.modules)
+    )
     check.write()
     statuses = {k: v["status"] for k, v in check.report["sections"].items()}
     check.log(f"done: {statuses}; report in {check.out}")

@@ -44,7 +44,9 @@ def read_wav(path: Path) -> np.ndarray:
     try:
         with wave.open(str(path), "rb") as w:
             if w.getsampwidth() != 2:
-                raise AudioDeviceError(f"{path}: only 16-bit PCM WAV files are read (sample width {w.getsampwidth()})")
+                raise AudioDeviceError(
+                    f"{path}: only 16-bit PCM WAV files are read (sample width {w.getsampwidth()})"
+                )
             channels, rate = w.getnchannels(), w.getframerate()
             data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
     except (OSError, EOFError, wave.Error) as exc:
@@ -103,8 +105,9 @@ def _sounddevice():
     try:
         import sounddevice
     except (ImportError, OSError) as exc:
-        raise AudioDeviceError(f"no audio device support: {exc} (install the libportaudio2 package, or use "
-                               "--wav/--out)") from None
+        raise AudioDeviceError(
+            f"no audio device support: {exc} (install the libportaudio2 package, or use --wav/--out)"
+        ) from None
     return sounddevice
 
 
@@ -154,8 +157,14 @@ class MicSource:
         sd = _sounddevice()
         self._buffer = _Buffer()
         try:
-            self._stream = sd.InputStream(samplerate=WIRE_RATE_HZ, channels=1, dtype="float32",
-                                          blocksize=FRAME_SAMPLES, device=_device(device), callback=self._callback)
+            self._stream = sd.InputStream(
+                samplerate=WIRE_RATE_HZ,
+                channels=1,
+                dtype="float32",
+                blocksize=FRAME_SAMPLES,
+                device=_device(device),
+                callback=self._callback,
+            )
             self._stream.start()
         except (sd.PortAudioError, ValueError) as exc:
             raise AudioDeviceError(f"cannot open the microphone {device or '(default)'}: {exc}") from None
@@ -177,8 +186,14 @@ class SpeakerSink:
         sd = _sounddevice()
         self._buffer = _Buffer()
         try:
-            self._stream = sd.OutputStream(samplerate=WIRE_RATE_HZ, channels=1, dtype="float32",
-                                           blocksize=FRAME_SAMPLES, device=_device(device), callback=self._callback)
+            self._stream = sd.OutputStream(
+                samplerate=WIRE_RATE_HZ,
+                channels=1,
+                dtype="float32",
+                blocksize=FRAME_SAMPLES,
+                device=_device(device),
+                callback=self._callback,
+            )
             self._stream.start()
         except (sd.PortAudioError, ValueError) as exc:
             raise AudioDeviceError(f"cannot open the speaker {device or '(default)'}: {exc}") from None

@@ -21,9 +21,18 @@ from client.connection import Connection, OutboundAudio
 from client.errors import CallError, ExitCode, ServerRefused
 from client.turns import Reply, TurnState, session_for
 
-BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # then 8 s apart: a restarting server is back in seconds, a tunnel in minutes
+BACKOFF_S = (
+    0.5,
+    1.0,
+    2.0,
+    4.0,
+    8.0,
+)  # then 8 s apart: a restarting server is back in seconds, a tunnel in minutes
 PTT_COMMIT_DELAY_S = 0.12  # after release, the last frames in flight reach the server before the commit
-ENDED_BY_SERVER = ("max_duration", "idle_timeout")  # glm4voice.call.closing reasons that a reconnect would not fix
+ENDED_BY_SERVER = (
+    "max_duration",
+    "idle_timeout",
+)  # glm4voice.call.closing reasons that a reconnect would not fix
 
 
 @dataclass(frozen=True)
@@ -34,14 +43,17 @@ class CallOptions:
     texts: tuple[str, ...] = ()  # typed turns, each sent once the previous reply has played
     instructions: str | None = None
     hang_up_when_done: bool = False  # a script (WAV file, typed turns): hang up once it has played out
-    half_duplex_tail_ms: float = 300.0  # the mic stays closed this long after a reply: speaker latency + room decay
+    half_duplex_tail_ms: float = (
+        300.0  # the mic stays closed this long after a reply: speaker latency + room decay
+    )
     reconnect_window_s: float = 60.0  # keep trying this long after a loss (or at start), then exit NETWORK
     done_quiet_s: float = 2.0  # a finished script hangs up after this long with nobody talking
 
 
 class Call:
-    def __init__(self, options: CallOptions, source: AudioSource, sink: AudioSink,
-                 emit: Callable[[dict], None]) -> None:
+    def __init__(
+        self, options: CallOptions, source: AudioSource, sink: AudioSink, emit: Callable[[dict], None]
+    ) -> None:
         self.options = options
         self.base_url = options.url.rstrip("/")
         self.session = session_for(options.mode, options.instructions)
@@ -49,7 +61,9 @@ class Call:
         self._sink = sink
         self._emit = emit
         self.turns = TurnState()
-        self.resume_token: str | None = None  # kept from session.created once the server offers one (issue 14.2)
+        self.resume_token: str | None = (
+            None  # kept from session.created once the server offers one (issue 14.2)
+        )
         self.connections = 0
         self._conn: Connection | None = None
         self._outcome: asyncio.Future[str] | None = None
@@ -88,11 +102,20 @@ class Call:
                 delay_s = BACKOFF_S[min(attempt, len(BACKOFF_S)) - 1]
                 if isinstance(exc, ServerRefused) and exc.retry_after_s is not None:
                     delay_s = max(delay_s, exc.retry_after_s)
-                if (not exc.retryable or self._stop_requested
-                        or time.monotonic() + delay_s - down_since_s > self.options.reconnect_window_s):
+                if (
+                    not exc.retryable
+                    or self._stop_requested
+                    or time.monotonic() + delay_s - down_since_s > self.options.reconnect_window_s
+                ):
                     return exc.code, str(exc)
-                self._emit({"type": "client.reconnecting", "attempt": attempt, "delay_s": delay_s,
-                            "reason": str(exc)})
+                self._emit(
+                    {
+                        "type": "client.reconnecting",
+                        "attempt": attempt,
+                        "delay_s": delay_s,
+                        "reason": str(exc),
+                    }
+                )
                 if await self._stopped_within(delay_s):
                     return ExitCode.OK, "stopped"
                 continue
@@ -112,18 +135,27 @@ class Call:
         self._emit({"type": "client.connecting", "url": self.base_url, "attempt": self.connections + 1})
         server_session = await signalling.fetch_session(http, self.base_url, self.options.token)
         self._outcome = loop.create_future()
-        conn = Connection(OutboundAudio(self._source, self._sending), self._on_event, self._on_audio, self._on_lost)
+        conn = Connection(
+            OutboundAudio(self._source, self._sending), self._on_event, self._on_audio, self._on_lost
+        )
         t0 = time.monotonic()
         try:
-            answer = await conn.open(http, self.base_url, server_session, self.session, self.options.token,
-                                     self.resume_token)
+            answer = await conn.open(
+                http, self.base_url, server_session, self.session, self.options.token, self.resume_token
+            )
         except BaseException:
             await conn.close(None, self.base_url)
             raise
         self._conn = conn
         self.connections += 1
-        self._emit({"type": "client.connected", "call_id": answer.call_id, "connection": self.connections,
-                    "offer_to_open_ms": round((time.monotonic() - t0) * 1000)})
+        self._emit(
+            {
+                "type": "client.connected",
+                "call_id": answer.call_id,
+                "connection": self.connections,
+                "offer_to_open_ms": round((time.monotonic() - t0) * 1000),
+            }
+        )
         self._changed.set()
 
     def _finish(self, outcome: str) -> None:
@@ -172,16 +204,27 @@ class Call:
             start_ms = self._speech_start_ms.pop(event.get("item_id", ""), None)
             if start_ms is not None:
                 spoken_ms = event.get("audio_end_ms", 0) - start_ms - self._silence_ms
-                self._emit({"type": "client.user_turn", "kind": "spoken", "item_id": event.get("item_id"),
-                            "duration_s": round(max(spoken_ms, 0) / 1000, 1)})
+                self._emit(
+                    {
+                        "type": "client.user_turn",
+                        "kind": "spoken",
+                        "item_id": event.get("item_id"),
+                        "duration_s": round(max(spoken_ms, 0) / 1000, 1),
+                    }
+                )
         elif kind == "glm4voice.call.closing":
-            self._finish(f"server ended the call: {event.get('reason')}" if event.get("reason") in ENDED_BY_SERVER
-                         else "lost")
+            self._finish(
+                f"server ended the call: {event.get('reason')}"
+                if event.get("reason") in ENDED_BY_SERVER
+                else "lost"
+            )
         ended = self.turns.on_event(event, now)
         if ended is not None:
             self._mic_closed_until_s = now + self.options.half_duplex_tail_ms / 1000
             # frames still in flight count for the reply: summarise it after the tail
-            asyncio.get_running_loop().call_later(self.options.half_duplex_tail_ms / 1000, self._summarise, ended)
+            asyncio.get_running_loop().call_later(
+                self.options.half_duplex_tail_ms / 1000, self._summarise, ended
+            )
         self._changed.set()
 
     def _summarise(self, reply: Reply) -> None:
@@ -214,7 +257,9 @@ class Call:
         if not self._talking:
             reply = self.turns.reply
             if reply is not None:  # talking over the assistant interrupts it, as barge-in would
-                self.send({"type": "response.cancel"} if not reply.status else {"type": "output_audio_buffer.clear"})
+                self.send(
+                    {"type": "response.cancel"} if not reply.status else {"type": "output_audio_buffer.clear"}
+                )
             self.send({"type": "input_audio_buffer.clear"})  # the silence sent while released is not the turn
             self._talking = True
             self._pressed_s = now
@@ -222,8 +267,14 @@ class Call:
         else:
             self._talking = False
             self._talk_tail_until_s = now + PTT_COMMIT_DELAY_S
-            self._emit({"type": "client.user_turn", "kind": "spoken", "item_id": None,
-                        "duration_s": round(now - self._pressed_s, 1)})
+            self._emit(
+                {
+                    "type": "client.user_turn",
+                    "kind": "spoken",
+                    "item_id": None,
+                    "duration_s": round(now - self._pressed_s, 1),
+                }
+            )
             asyncio.get_running_loop().call_later(PTT_COMMIT_DELAY_S, self._commit)
         self._emit({"type": "client.push_to_talk", "pressed": self._talking})
         self._changed.set()
@@ -246,8 +297,16 @@ class Call:
             while self._conn is None or not self.turns.idle:
                 await self._wait_change()
             text = self._texts_left.pop(0)
-            self.send({"type": "conversation.item.create", "item": {
-                "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+            self.send(
+                {
+                    "type": "conversation.item.create",
+                    "item": {
+                        "type": "message",
+                        "role": "user",
+                        "content": [{"type": "input_text", "text": text}],
+                    },
+                }
+            )
             self.send({"type": "response.create"})
             self.turns.user_turn_ended(time.monotonic())
             self._emit({"type": "client.user_turn", "kind": "typed", "text": text})

@@ -24,7 +24,9 @@ from client.audio_io import FRAME_SAMPLES, WIRE_RATE_HZ, AudioSource
 from client.errors import NetworkError
 
 CONNECT_TIMEOUT_S = 15.0  # ICE + DTLS + the data channel opening, on any network worth calling over
-AUDIO_SILENCE_TIMEOUT_S = 3.0  # the server sends a frame every 20 ms, silence included: 3 s without one is a loss
+AUDIO_SILENCE_TIMEOUT_S = (
+    3.0  # the server sends a frame every 20 ms, silence included: 3 s without one is a loss
+)
 
 
 class OutboundAudio(MediaStreamTrack):
@@ -64,8 +66,13 @@ class OutboundAudio(MediaStreamTrack):
 
 
 class Connection:
-    def __init__(self, track: OutboundAudio, on_event: Callable[[dict], None],
-                 on_audio: Callable[[np.ndarray], None], on_lost: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        track: OutboundAudio,
+        on_event: Callable[[dict], None],
+        on_audio: Callable[[np.ndarray], None],
+        on_lost: Callable[[str], None],
+    ) -> None:
         self._track = track
         self._on_event = on_event
         self._on_audio = on_audio
@@ -75,8 +82,15 @@ class Connection:
         self.pc: RTCPeerConnection | None = None
         self.answer: signalling.Answer | None = None
 
-    async def open(self, http: aiohttp.ClientSession, base_url: str, server_session: dict, session: dict,
-                   token: str | None, resume_token: str | None) -> signalling.Answer:
+    async def open(
+        self,
+        http: aiohttp.ClientSession,
+        base_url: str,
+        server_session: dict,
+        session: dict,
+        token: str | None,
+        resume_token: str | None,
+    ) -> signalling.Answer:
         """Offer, answer, and wait until media and the data channel are up. Raises client.errors."""
         pc = self.pc = RTCPeerConnection(signalling.rtc_configuration(server_session))
         pc.addTrack(self._track)
@@ -95,16 +109,21 @@ class Connection:
         def _track(track: MediaStreamTrack) -> None:
             self._tasks.append(asyncio.get_running_loop().create_task(self._receive(track)))
 
-        await pc.setLocalDescription(await pc.createOffer())  # aiortc gathers every candidate here: no trickle
+        await pc.setLocalDescription(
+            await pc.createOffer()
+        )  # aiortc gathers every candidate here: no trickle
         endpoint = server_session.get("calls_endpoint") or "/v1/realtime/calls"
-        self.answer = await signalling.post_offer(http, base_url, endpoint, pc.localDescription.sdp, session, token,
-                                                  resume_token)
+        self.answer = await signalling.post_offer(
+            http, base_url, endpoint, pc.localDescription.sdp, session, token, resume_token
+        )
         await pc.setRemoteDescription(RTCSessionDescription(sdp=self.answer.sdp, type="answer"))
         try:
             await asyncio.wait_for(opened.wait(), CONNECT_TIMEOUT_S)
         except TimeoutError:
-            raise NetworkError(f"no media path to {base_url} within {CONNECT_TIMEOUT_S:.0f} s (ICE "
-                               f"{pc.iceConnectionState}); a TURN server may be needed") from None
+            raise NetworkError(
+                f"no media path to {base_url} within {CONNECT_TIMEOUT_S:.0f} s (ICE "
+                f"{pc.iceConnectionState}); a TURN server may be needed"
+            ) from None
         return self.answer
 
     def send(self, event: dict) -> None:

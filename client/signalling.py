@@ -36,8 +36,12 @@ async def _refusal(response: aiohttp.ClientResponse) -> Exception:
     line = f"HTTP {response.status} {code}: {message}".strip()
     if response.status in (401, 403):
         return AuthError(f"not authorized: {line}")
-    return ServerRefused(f"server refused the call: {line}", response.status, code,
-                         float(retry) if retry and retry.replace(".", "", 1).isdigit() else None)
+    return ServerRefused(
+        f"server refused the call: {line}",
+        response.status,
+        code,
+        float(retry) if retry and retry.replace(".", "", 1).isdigit() else None,
+    )
 
 
 async def fetch_session(http: aiohttp.ClientSession, base_url: str, token: str | None) -> dict:
@@ -53,13 +57,22 @@ async def fetch_session(http: aiohttp.ClientSession, base_url: str, token: str |
 
 def rtc_configuration(session: dict) -> RTCConfiguration:
     """/session's ice_servers (RTCIceServer dicts, TURN credentials included when authorised) for aiortc."""
-    servers = [RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
-               for s in session.get("ice_servers") or []]
+    servers = [
+        RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
+        for s in session.get("ice_servers") or []
+    ]
     return RTCConfiguration(iceServers=servers or None)
 
 
-async def post_offer(http: aiohttp.ClientSession, base_url: str, endpoint: str, sdp: str, session: dict,
-                     token: str | None, resume_token: str | None = None) -> Answer:
+async def post_offer(
+    http: aiohttp.ClientSession,
+    base_url: str,
+    endpoint: str,
+    sdp: str,
+    session: dict,
+    token: str | None,
+    resume_token: str | None = None,
+) -> Answer:
     """POST the offer as JSON with the call's starting session (applied before session.created)."""
     body: dict = {"type": "offer", "sdp": sdp, "session": session}
     if resume_token:  # issue 14 item 2: a server that keeps dropped calls continues this conversation
@@ -70,8 +83,9 @@ async def post_offer(http: aiohttp.ClientSession, base_url: str, endpoint: str, 
                 raise await _refusal(r)
             data = await r.json()
             location = r.headers.get("Location", f"{endpoint}/{data.get('call_id', '')}")
-            return Answer(sdp=data["sdp"], call_id=data.get("call_id") or location.rsplit("/", 1)[-1],
-                          location=location)
+            return Answer(
+                sdp=data["sdp"], call_id=data.get("call_id") or location.rsplit("/", 1)[-1], location=location
+            )
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise NetworkError(f"cannot reach {base_url}: {exc or type(exc).__name__}") from None
 

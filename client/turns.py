@@ -18,7 +18,9 @@ def session_for(mode: str, instructions: str | None) -> dict:
     keeps VAD but never lets speech cut a reply (the microphone is closed while it plays anyway)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    td = None if mode == "push_to_talk" else {"type": "server_vad", "interrupt_response": mode == "hands_free"}
+    td = (
+        None if mode == "push_to_talk" else {"type": "server_vad", "interrupt_response": mode == "hands_free"}
+    )
     session: dict = {"audio": {"input": {"turn_detection": td}}}
     if instructions:
         session["instructions"] = instructions
@@ -47,10 +49,18 @@ class Reply:
         first_audio_ms = None
         if self.first_loud_s is not None and self.origin_s is not None:
             first_audio_ms = round((self.first_loud_s - self.origin_s) * 1000)
-        return {"type": "client.turn", "response_id": self.response_id, "status": self.status,
-                "transcript": self.transcript, "cut_off": self.cut_off_reason or None, "played_ms": self.played_ms,
-                "heard_audio_ms": heard_ms, "origin": self.server_latency.get("origin"),
-                "stages_ms": self.server_latency.get("stages_ms", {}), "first_audio_heard_ms": first_audio_ms}
+        return {
+            "type": "client.turn",
+            "response_id": self.response_id,
+            "status": self.status,
+            "transcript": self.transcript,
+            "cut_off": self.cut_off_reason or None,
+            "played_ms": self.played_ms,
+            "heard_audio_ms": heard_ms,
+            "origin": self.server_latency.get("origin"),
+            "stages_ms": self.server_latency.get("stages_ms", {}),
+            "first_audio_heard_ms": first_audio_ms,
+        }
 
 
 @dataclass
@@ -76,7 +86,12 @@ class TurnState:
     @property
     def idle(self) -> bool:
         """Nobody is talking and no reply is pending, playing or in its tail."""
-        return not self.user_speaking and self.turn_ended_s is None and self.reply is None and self.ending is None
+        return (
+            not self.user_speaking
+            and self.turn_ended_s is None
+            and self.reply is None
+            and self.ending is None
+        )
 
     def user_turn_ended(self, now_s: float) -> None:
         self.turn_ended_s = now_s
@@ -119,7 +134,8 @@ class TurnState:
             reply.status = event["response"].get("status", "")
             # A reply that never started playing and will not (failed, cut before its first frame) ends here.
             no_audio = reply.status != "completed" or (
-                reply.server_latency and "first_frame_sent" not in reply.server_latency.get("stages_ms", {}))
+                reply.server_latency and "first_frame_sent" not in reply.server_latency.get("stages_ms", {})
+            )
             if reply is self.reply and not reply.audio_started and no_audio:
                 return self._end()
         elif kind in ("output_audio_buffer.stopped", "output_audio_buffer.cleared") and reply is self.reply:

@@ -53,8 +53,10 @@ class Server(ServerContext):
         if callable(on_failure):
             on_failure(self.responder_failed)
             self._failure_pushed = True
-        self._tasks = [loop.create_task(self._start_responder(), name="responder-start"),
-                       loop.create_task(self._housekeeping(), name="server-housekeeping")]
+        self._tasks = [
+            loop.create_task(self._start_responder(), name="responder-start"),
+            loop.create_task(self._housekeeping(), name="server-housekeeping"),
+        ]
 
     async def _start_responder(self) -> None:
         try:
@@ -90,7 +92,8 @@ class Server(ServerContext):
         log.error("responder no longer ready (%s): ending %d calls", reason, len(self.calls))
         for call in list(self.calls.values()):
             task = asyncio.get_running_loop().create_task(
-                call.end("engine_unavailable", f"the speech engine failed: {reason}"), name="end-call")
+                call.end("engine_unavailable", f"the speech engine failed: {reason}"), name="end-call"
+            )
             self._tasks.append(task)
             task.add_done_callback(self._tasks.remove)
 
@@ -146,10 +149,12 @@ def create_app(config: Config, responder: Responder | None = None) -> web.Applic
         responder = make_responder(config.responder.kind, config.model, config.vllm)
     server = Server(config, responder)
     signalling, secrets, pages = Signalling(server), ClientSecrets(server), Pages(server)
-    app = web.Application(middlewares=[make_cors_middleware(config.http), error_middleware],
-                          client_max_size=config.http.max_body_bytes,
-                          # aiohttp's keep-alive deadline is armed at connect: a request head must come by then
-                          handler_args={"keepalive_timeout": config.http.header_timeout_s})
+    app = web.Application(
+        middlewares=[make_cors_middleware(config.http), error_middleware],
+        client_max_size=config.http.max_body_bytes,
+        # aiohttp's keep-alive deadline is armed at connect: a request head must come by then
+        handler_args={"keepalive_timeout": config.http.header_timeout_s},
+    )
     app[SERVER_KEY] = server
     app.on_startup.append(server.startup)
     app.on_shutdown.append(server.shutdown)
@@ -162,9 +167,12 @@ def create_app(config: Config, responder: Responder | None = None) -> web.Applic
     app.router.add_post("/v1/realtime/calls/{call_id}/hangup", signalling.hangup)
     app.router.add_post("/v1/realtime/client_secrets", secrets.mint)
     preflight = make_preflight(config.http)
-    for path in ("/v1/realtime/calls", "/v1/realtime/calls/{call_id}/hangup", "/v1/realtime/client_secrets",
-                 "/session"):
+    for path in (
+        "/v1/realtime/calls",
+        "/v1/realtime/calls/{call_id}/hangup",
+        "/v1/realtime/client_secrets",
+        "/session",
+    ):
         app.router.add_route("OPTIONS", path, preflight)
     app.router.add_static("/static", ROOT / "static", append_version=True)
     return app
-

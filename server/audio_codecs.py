@@ -68,8 +68,10 @@ def _alaw_decode_one(code: int) -> int:
 @cache
 def _tables(fmt: str) -> tuple[np.ndarray, np.ndarray]:
     """-> (decode (256,) int16, encode (65536,) uint8 indexed by the int16 value + 32768)."""
-    encode_one, decode_one = {"audio/pcmu": (_ulaw_encode_one, _ulaw_decode_one),
-                              "audio/pcma": (_alaw_encode_one, _alaw_decode_one)}[fmt]
+    encode_one, decode_one = {
+        "audio/pcmu": (_ulaw_encode_one, _ulaw_decode_one),
+        "audio/pcma": (_alaw_encode_one, _alaw_decode_one),
+    }[fmt]
     decode = np.array([decode_one(c) for c in range(256)], np.int16)
     encode = np.array([encode_one(v) for v in range(-32768, 32768)], np.uint8)
     return decode, encode
@@ -102,8 +104,9 @@ class InputDecoder:
     def push(self, data: bytes, fmt: str) -> list[np.ndarray]:
         if fmt != self._fmt:  # the session's format changed: start clean
             self._fmt, self._odd = fmt, b""
-            self._resampler = soxr.ResampleStream(wire_rate_hz(fmt), SAMPLE_RATE_HZ, 1, dtype="float32",
-                                                  quality=RESAMPLE_QUALITY)
+            self._resampler = soxr.ResampleStream(
+                wire_rate_hz(fmt), SAMPLE_RATE_HZ, 1, dtype="float32", quality=RESAMPLE_QUALITY
+            )
         assert self._resampler is not None
         if fmt == "audio/pcm":
             data = self._odd + data
@@ -112,8 +115,8 @@ class InputDecoder:
         pcm16k = self._resampler.resample_chunk(decode_wire(data, fmt))
         pending = np.concatenate([self._pending, pcm16k]) if self._pending.size else pcm16k
         n_chunks = pending.size // CHUNK_SAMPLES
-        self._pending = pending[n_chunks * CHUNK_SAMPLES:].copy()
-        return [pending[i * CHUNK_SAMPLES:(i + 1) * CHUNK_SAMPLES] for i in range(n_chunks)]
+        self._pending = pending[n_chunks * CHUNK_SAMPLES :].copy()
+        return [pending[i * CHUNK_SAMPLES : (i + 1) * CHUNK_SAMPLES] for i in range(n_chunks)]
 
 
 class OutputEncoder:
@@ -128,12 +131,15 @@ class OutputEncoder:
         if rate_hz != self._rate_hz:
             tail = self.flush()
             self._rate_hz = rate_hz
-            self._resampler = soxr.ResampleStream(rate_hz, wire_rate_hz(self.fmt), 1, dtype="float32",
-                                                  quality=RESAMPLE_QUALITY)
+            self._resampler = soxr.ResampleStream(
+                rate_hz, wire_rate_hz(self.fmt), 1, dtype="float32", quality=RESAMPLE_QUALITY
+            )
         else:
             tail = b""
         assert self._resampler is not None
-        return tail + encode_wire(self._resampler.resample_chunk(pcm.astype(np.float32, copy=False)), self.fmt)
+        return tail + encode_wire(
+            self._resampler.resample_chunk(pcm.astype(np.float32, copy=False)), self.fmt
+        )
 
     def flush(self) -> bytes:
         if self._resampler is None:

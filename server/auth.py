@@ -27,7 +27,9 @@ from server.limits import ApiError
 
 SECRET_PREFIX = "ek_"
 MAX_LIVE_SECRETS = 100_000  # a bound on memory: minting past it first drops expired ones, then refuses
-EXPIRED_REMEMBERED_S = 600.0  # an expired secret is still recognised this long, to answer expired_client_secret
+EXPIRED_REMEMBERED_S = (
+    600.0  # an expired secret is still recognised this long, to answer expired_client_secret
+)
 
 
 @dataclass(frozen=True)
@@ -83,13 +85,17 @@ class Auth:
             return None
         token = bearer_token(request)
         if token is None:
-            raise _unauthorized("missing_api_key", "this server needs 'Authorization: Bearer <api key or client "
-                                "secret>' to create a call")
+            raise _unauthorized(
+                "missing_api_key",
+                "this server needs 'Authorization: Bearer <api key or client secret>' to create a call",
+            )
         if token.startswith(SECRET_PREFIX):
             secret = self._secrets.get(token)
             if secret is None:
-                raise _unauthorized("invalid_client_secret", "the client secret is not known (or the server "
-                                    "restarted): mint a new one")
+                raise _unauthorized(
+                    "invalid_client_secret",
+                    "the client secret is not known (or the server restarted): mint a new one",
+                )
             if secret.expires_at <= time.time():
                 raise _unauthorized("expired_client_secret", "the client secret has expired: mint a new one")
             return secret
@@ -107,20 +113,31 @@ class Auth:
         if token is None and self.config.page_secrets and is_same_origin(request, self.public_url):
             return
         if token is not None:
-            raise _unauthorized("invalid_api_key", "client secrets are minted with the API key, not a client secret")
-        raise _unauthorized("missing_api_key", "minting a client secret needs 'Authorization: Bearer <api key>'")
+            raise _unauthorized(
+                "invalid_api_key", "client secrets are minted with the API key, not a client secret"
+            )
+        raise _unauthorized(
+            "missing_api_key", "minting a client secret needs 'Authorization: Bearer <api key>'"
+        )
 
     def mint(self, body: dict) -> ClientSecret:
         """`body` is the Realtime request: {"expires_after": {"anchor": "created_at", "seconds": N}, "session": {}}."""
         seconds = self.config.client_secret_ttl_s
         expires_after = body.get("expires_after")
         if expires_after is not None:
-            if not isinstance(expires_after, dict) or expires_after.get("anchor", "created_at") != "created_at":
-                raise ApiError(400, "invalid_value", "expires_after must be {\"anchor\": \"created_at\", \"seconds\": N}")
+            if (
+                not isinstance(expires_after, dict)
+                or expires_after.get("anchor", "created_at") != "created_at"
+            ):
+                raise ApiError(
+                    400, "invalid_value", 'expires_after must be {"anchor": "created_at", "seconds": N}'
+                )
             seconds = expires_after.get("seconds", seconds)
             limit = self.config.max_client_secret_ttl_s
             if isinstance(seconds, bool) or not isinstance(seconds, int) or not 10 <= seconds <= limit:
-                raise ApiError(400, "invalid_value", f"expires_after.seconds must be an integer in [10, {limit}]")
+                raise ApiError(
+                    400, "invalid_value", f"expires_after.seconds must be an integer in [10, {limit}]"
+                )
         session = body.get("session") or {}
         if not isinstance(session, dict):
             raise ApiError(400, "invalid_value", "session must be an object")
@@ -128,8 +145,13 @@ class Auth:
         if len(self._secrets) >= MAX_LIVE_SECRETS:
             self._secrets = {k: s for k, s in self._secrets.items() if s.expires_at > now}
             if len(self._secrets) >= MAX_LIVE_SECRETS:
-                raise ApiError(503, "too_many_client_secrets", "too many live client secrets; retry later",
-                               error_type="server_error", headers={"Retry-After": "60"})
+                raise ApiError(
+                    503,
+                    "too_many_client_secrets",
+                    "too many live client secrets; retry later",
+                    error_type="server_error",
+                    headers={"Retry-After": "60"},
+                )
         secret = ClientSecret(SECRET_PREFIX + secrets.token_urlsafe(24), now + seconds, session)
         self._secrets[secret.value] = secret
         return secret

@@ -64,10 +64,20 @@ def new_call_id() -> str:
 
 
 class Call:
-    def __init__(self, call_id: str, pc: RTCPeerConnection | None, responder: Responder, vad: SileroVad,
-                 config: Config, metrics: Metrics, settings: CallSettings,
-                 on_closed: Callable[[Call], None], track: OutboundAudioTrack | None = None,
-                 parking: ParkedCalls | None = None, resumed: ParkedCall | str | None = None) -> None:
+    def __init__(
+        self,
+        call_id: str,
+        pc: RTCPeerConnection | None,
+        responder: Responder,
+        vad: SileroVad,
+        config: Config,
+        metrics: Metrics,
+        settings: CallSettings,
+        on_closed: Callable[[Call], None],
+        track: OutboundAudioTrack | None = None,
+        parking: ParkedCalls | None = None,
+        resumed: ParkedCall | str | None = None,
+    ) -> None:
         """`pc` None and `track` a delta sender: a WebSocket call (server/websocket.py). `parking`: where a
         dropped call leaves its conversation (server/resume.py); `resumed`: the conversation this call
         continues, or why the one asked for could not be resumed."""
@@ -100,8 +110,16 @@ class Call:
         self._inbound_attached = False
         self._ending = False  # end() is telling the client; a second reason is not sent
         self.log = CallLog(log, {"call_id": call_id})
-        self.replies = ReplyFlow(self.session, metrics, self.send, self._spawn, self._reply_phase, self.log,
-                                 self.conversation, track)
+        self.replies = ReplyFlow(
+            self.session,
+            metrics,
+            self.send,
+            self._spawn,
+            self._reply_phase,
+            self.log,
+            self.conversation,
+            track,
+        )
         self.guard = CallGuard(config.limits, self.created_s)
         self._event_failures = LogLimiter()  # a client repeating an event that fails: one line per interval
         self.listening = Listening(self, vad)
@@ -153,8 +171,9 @@ class Call:
             self.state = phase
 
     def _spawn(self, coro, name: str) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro, name=f"call {call_tag(self.call_id)}:{name}",
-                                                      context=run_as_call(self.call_id))
+        task = asyncio.get_running_loop().create_task(
+            coro, name=f"call {call_tag(self.call_id)}:{name}", context=run_as_call(self.call_id)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
@@ -163,7 +182,11 @@ class Call:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self.log.error("task %s failed", task.get_name(), exc_info=task.exception())
-            self.send(P.error_event("server_error", f"internal error in {task.get_name()}", error_type="server_error"))
+            self.send(
+                P.error_event(
+                    "server_error", f"internal error in {task.get_name()}", error_type="server_error"
+                )
+            )
 
     # ----- outbound events -------------------------------------------------------------------------
 
@@ -181,14 +204,22 @@ class Call:
             self._outbox.append(text)
 
     def _on_channel_open(self) -> None:
-        resume = ({"resume_token": self.resume_token, "resume_window_s": self._parking.window_s}
-                  if self._parking is not None else {})
+        resume = (
+            {"resume_token": self.resume_token, "resume_window_s": self._parking.window_s}
+            if self._parking is not None
+            else {}
+        )
         self.send(P.event("session.created", session=self._session_json(), **resume))
         if isinstance(self._resumed, ParkedCall):
             self.send(P.event("glm4voice.session.resumed", items=len(self.conversation)))
         elif self._resumed is not None:
-            self.send(P.event("glm4voice.session.resume_failed", reason=self._resumed,
-                              message=RESUME_FAILED[self._resumed]))
+            self.send(
+                P.event(
+                    "glm4voice.session.resume_failed",
+                    reason=self._resumed,
+                    message=RESUME_FAILED[self._resumed],
+                )
+            )
         self._resumed = None  # the parked call's objects now belong to this call
         outbox, self._outbox = self._outbox, []
         for text in outbox:
@@ -200,8 +231,16 @@ class Call:
 
     def _session_json(self) -> dict:
         s = self.settings
-        return P.session_object(self.call_id, s.instructions, s.turn_detection_json(), s.sampling, self._responder_name,
-                                s.input_format, s.output_format, s.ignored)
+        return P.session_object(
+            self.call_id,
+            s.instructions,
+            s.turn_detection_json(),
+            s.sampling,
+            self._responder_name,
+            s.input_format,
+            s.output_format,
+            s.ignored,
+        )
 
     # ----- client events ---------------------------------------------------------------------------
 
@@ -215,11 +254,17 @@ class Call:
             self.metrics.events_failed += 1
             allow, suppressed = self._event_failures.allow()
             if allow:
-                self.log.exception("client event failed%s", f" ({suppressed} more since the last line)"
-                                   if suppressed else "")
+                self.log.exception(
+                    "client event failed%s", f" ({suppressed} more since the last line)" if suppressed else ""
+                )
             try:
-                self.send(P.error_event("server_error", "the event could not be handled; the call goes on",
-                                        error_type="server_error"))
+                self.send(
+                    P.error_event(
+                        "server_error",
+                        "the event could not be handled; the call goes on",
+                        error_type="server_error",
+                    )
+                )
             except Exception:  # the channel itself is failing; the close path will notice
                 pass
         finally:
@@ -231,17 +276,28 @@ class Call:
         if not accept:
             self.metrics.events_dropped += 1
             if complain:
-                self.send(P.error_event("rate_limited", f"more than {limits.max_events_per_s:g} events per second: "
-                                        f"events are being dropped ({self.guard.events_dropped} so far)"))
+                self.send(
+                    P.error_event(
+                        "rate_limited",
+                        f"more than {limits.max_events_per_s:g} events per second: "
+                        f"events are being dropped ({self.guard.events_dropped} so far)",
+                    )
+                )
             return
         try:
-            event = P.parse_client_event(message, max_event_bytes=limits.max_event_bytes,
-                                         max_text_chars=limits.max_text_chars,
-                                         max_instructions_chars=limits.max_instructions_chars)
+            event = P.parse_client_event(
+                message,
+                max_event_bytes=limits.max_event_bytes,
+                max_text_chars=limits.max_text_chars,
+                max_instructions_chars=limits.max_instructions_chars,
+            )
             if self._makes_engine_work(event) and not self.guard.expensive_event(time.monotonic()):
-                raise P.ProtocolError("rate_limited", f"response.create and instructions changes are limited to "
-                                      f"{limits.max_expensive_events_per_s:g} per second: this one was dropped",
-                                      event.event_id)
+                raise P.ProtocolError(
+                    "rate_limited",
+                    f"response.create and instructions changes are limited to "
+                    f"{limits.max_expensive_events_per_s:g} per second: this one was dropped",
+                    event.event_id,
+                )
             self.handle_event(event)
         except P.ProtocolError as exc:
             self.send(P.error_event(exc.code, exc.message, event_id=exc.event_id, param=exc.param))
@@ -251,7 +307,10 @@ class Call:
         charged against their own, lower rate, so one caller cannot keep the shared engine busy."""
         if isinstance(event, P.ResponseCreate):
             return True
-        return isinstance(event, P.SessionUpdate) and event.instructions not in (None, self.settings.instructions)
+        return isinstance(event, P.SessionUpdate) and event.instructions not in (
+            None,
+            self.settings.instructions,
+        )
 
     def handle_event(self, event: P.ClientEvent) -> None:
         if isinstance(event, P.SessionUpdate):
@@ -267,13 +326,19 @@ class Call:
             self.user_item_committed(None, event.text)
         elif isinstance(event, P.ResponseCreate):
             if self.replies.generating:
-                raise P.ProtocolError("conversation_already_has_active_response",
-                                      "a response is in progress: send response.cancel first", event.event_id)
+                raise P.ProtocolError(
+                    "conversation_already_has_active_response",
+                    "a response is in progress: send response.cancel first",
+                    event.event_id,
+                )
             self.replies.start(speech_stopped_s=None)
         elif isinstance(event, P.InputAudioCommit | P.InputAudioClear):
             if self.settings.turns.enabled:
-                raise P.ProtocolError("turn_detection_enabled", "server VAD commits turns itself; set "
-                                      "turn_detection to null for push-to-talk", event.event_id)
+                raise P.ProtocolError(
+                    "turn_detection_enabled",
+                    "server VAD commits turns itself; set turn_detection to null for push-to-talk",
+                    event.event_id,
+                )
             item_id = _new_id("item")
             self.listening.turn_audio_reset()
             if isinstance(event, P.InputAudioCommit):
@@ -284,15 +349,21 @@ class Call:
                 self.send(P.event("input_audio_buffer.cleared"))
         elif isinstance(event, P.ResponseCancel):
             if not self.replies.active:
-                raise P.ProtocolError("response_cancel_not_active", "there is no active response to cancel",
-                                      event.event_id)
+                raise P.ProtocolError(
+                    "response_cancel_not_active", "there is no active response to cancel", event.event_id
+                )
             self.replies.interrupt("client_cancelled")
         elif isinstance(event, P.OutputAudioClear):  # idempotent: clients send it after every cancel
             self.replies.interrupt("client_cancelled")
         elif isinstance(event, P.InputAudioAppend):
             if self.audio_in is None:
-                raise P.ProtocolError("unknown_event", "input_audio_buffer.append is for the WebSocket transport; "
-                                      "over WebRTC the audio comes on the track", event.event_id, "type")
+                raise P.ProtocolError(
+                    "unknown_event",
+                    "input_audio_buffer.append is for the WebSocket transport; "
+                    "over WebRTC the audio comes on the track",
+                    event.event_id,
+                    "type",
+                )
             self.audio_in(event.audio)
         elif isinstance(event, P.ItemRetrieve | P.ItemDelete | P.ItemTruncate):
             self._item_event(event)
@@ -311,27 +382,44 @@ class Call:
     def _item_event(self, event: P.ItemRetrieve | P.ItemDelete | P.ItemTruncate) -> None:
         item = self.conversation.get(event.item_id)
         if item is None:
-            raise P.ProtocolError("item_not_found", f"no item {event.item_id!r} in this conversation",
-                                  event.event_id, "item_id")
+            raise P.ProtocolError(
+                "item_not_found", f"no item {event.item_id!r} in this conversation", event.event_id, "item_id"
+            )
         if isinstance(event, P.ItemRetrieve):
             self.send(P.event("conversation.item.retrieved", item=item))
             return
         ref = self.conversation.ref(event.item_id)
         if isinstance(event, P.ItemTruncate):
             if not isinstance(ref, Turn):
-                raise P.ProtocolError("invalid_value", "only assistant items can be truncated", event.event_id,
-                                      "item_id")
+                raise P.ProtocolError(
+                    "invalid_value", "only assistant items can be truncated", event.event_id, "item_id"
+                )
             self.replies.truncate(event.item_id, ref, event.audio_end_ms)
-            self.send(P.event("conversation.item.truncated", item_id=event.item_id, content_index=0,
-                              audio_end_ms=event.audio_end_ms))
+            self.send(
+                P.event(
+                    "conversation.item.truncated",
+                    item_id=event.item_id,
+                    content_index=0,
+                    audio_end_ms=event.audio_end_ms,
+                )
+            )
             return
         if isinstance(ref, Turn) and self.replies.in_progress(event.item_id):
-            raise P.ProtocolError("invalid_value", "this item's response is in progress (generating or playing): "
-                                  "cancel it first (response.cancel), then delete the item", event.event_id, "item_id")
+            raise P.ProtocolError(
+                "invalid_value",
+                "this item's response is in progress (generating or playing): "
+                "cancel it first (response.cancel), then delete the item",
+                event.event_id,
+                "item_id",
+            )
         if isinstance(ref, int) and self.replies.running:
-            raise P.ProtocolError("conversation_already_has_active_response", "a response is in progress and may "
-                                  "be answering this item: delete user items after its response.done",
-                                  event.event_id, "item_id")
+            raise P.ProtocolError(
+                "conversation_already_has_active_response",
+                "a response is in progress and may "
+                "be answering this item: delete user items after its response.done",
+                event.event_id,
+                "item_id",
+            )
         if ref is not None:
             try:
                 self.session.delete_item(ref)
@@ -345,8 +433,11 @@ class Call:
     async def _watch(self) -> None:
         while self.state is not CallState.CLOSED:
             await asyncio.sleep(WATCH_INTERVAL_S)
-            ending = self.guard.check(time.monotonic(), replying=self.replies.active,
-                                      connected=self.state is not CallState.CONNECTING)
+            ending = self.guard.check(
+                time.monotonic(),
+                replying=self.replies.active,
+                connected=self.state is not CallState.CONNECTING,
+            )
             if ending is not None:
                 self.log.info("ending call: %s (%s)", ending.code, ending.message)
                 if ending.notify:
@@ -370,7 +461,11 @@ class Call:
         """Wait until the data channel has handed every queued message to the transport (its
         `bufferedamountlow` event at threshold 0 fires after the SCTP send), at most `timeout_s`."""
         channel = self._channel
-        if channel is None or channel.readyState != "open" or channel.bufferedAmount <= channel.bufferedAmountLowThreshold:
+        if (
+            channel is None
+            or channel.readyState != "open"
+            or channel.bufferedAmount <= channel.bufferedAmountLowThreshold
+        ):
             return
         low = asyncio.get_running_loop().create_future()
 
@@ -428,7 +523,9 @@ class Call:
     def _park(self) -> None:
         """The session (history, KV cache) waits for a resume; a half-spoken user turn is not kept."""
         self.session.discard_audio()
-        self._parking.park(self.resume_token, ParkedCall(self.session, self.conversation, self.settings, self.call_id))
+        self._parking.park(
+            self.resume_token, ParkedCall(self.session, self.conversation, self.settings, self.call_id)
+        )
 
     def _step(self, what: str, step: Callable[[], object]) -> None:
         try:

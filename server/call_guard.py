@@ -30,7 +30,9 @@ from server.config import LimitsConfig
 from server.limits import TokenBucket
 
 RATE_ERROR_INTERVAL_S = 1.0
-INBOUND_RATE = 1.02  # inbound audio s per wall-clock s: real time, and 2 % for the peers' clocks drifting apart
+INBOUND_RATE = (
+    1.02  # inbound audio s per wall-clock s: real time, and 2 % for the peers' clocks drifting apart
+)
 INBOUND_BURST_S = 1.0  # audio a sender may get ahead by: a 1 s network stall delivered at once
 FLOOD_QUIET_S = 1.0  # no drop for this long ends a flood (the next drop starts a new one)
 
@@ -94,19 +96,31 @@ class CallGuard:
         lim = self.limits
         if not connected:
             if lim.connect_timeout_s and now_s - self.created_s >= lim.connect_timeout_s:
-                return Ending("connect_timeout", f"the peer did not connect within {lim.connect_timeout_s:g} s",
-                              False)
+                return Ending(
+                    "connect_timeout", f"the peer did not connect within {lim.connect_timeout_s:g} s", False
+                )
             return None
         if lim.max_call_duration_s and now_s - self.created_s >= lim.max_call_duration_s:
-            return Ending("max_duration", f"the call reached its limit of {lim.max_call_duration_s:g} s", True)
+            return Ending(
+                "max_duration", f"the call reached its limit of {lim.max_call_duration_s:g} s", True
+            )
         if lim.peer_timeout_s and self.last_inbound_s is not None:
             heard_s = max(self.last_inbound_s, self.last_event_s)
             if now_s - heard_s >= lim.peer_timeout_s:
-                return Ending("peer_gone", f"nothing received from the peer for {now_s - heard_s:.1f} s", False)
-        if lim.inbound_flood_s and self.flood_since_s is not None and now_s - self.last_drop_s < FLOOD_QUIET_S \
-                and self.last_drop_s - self.flood_since_s >= lim.inbound_flood_s:
-            return Ending("inbound_flood", f"inbound audio faster than real time for "
-                          f"{self.last_drop_s - self.flood_since_s:.0f} s", True)
+                return Ending(
+                    "peer_gone", f"nothing received from the peer for {now_s - heard_s:.1f} s", False
+                )
+        if (
+            lim.inbound_flood_s
+            and self.flood_since_s is not None
+            and now_s - self.last_drop_s < FLOOD_QUIET_S
+            and self.last_drop_s - self.flood_since_s >= lim.inbound_flood_s
+        ):
+            return Ending(
+                "inbound_flood",
+                f"inbound audio faster than real time for {self.last_drop_s - self.flood_since_s:.0f} s",
+                True,
+            )
         if lim.idle_timeout_s and not replying and now_s - self.last_activity_s >= lim.idle_timeout_s:
             return Ending("idle_timeout", f"no speech and no events for {lim.idle_timeout_s:g} s", True)
         return None

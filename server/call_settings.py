@@ -32,8 +32,11 @@ class CallSettings:
         td = update.turn_detection
         vad_kind, eagerness = self.vad_kind, self.eagerness
         if td is not None:
-            changes = {k: v for k, v in dataclasses.asdict(td).items()
-                       if v is not None and k not in ("kind", "eagerness")}
+            changes = {
+                k: v
+                for k, v in dataclasses.asdict(td).items()
+                if v is not None and k not in ("kind", "eagerness")
+            }
             turns = dataclasses.replace(turns, **changes)
             vad_kind, eagerness = td.kind or vad_kind, td.eagerness if td.kind else eagerness
         return CallSettings(
@@ -50,10 +53,16 @@ class CallSettings:
     @classmethod
     def defaults(cls, td: TurnDetectionConfig) -> CallSettings:
         """A new call's settings: the config's turn detection, no instructions, demo sampling."""
-        turns = TurnSettings(threshold=td.threshold, prefix_padding_ms=td.prefix_padding_ms,
-                             silence_duration_ms=td.silence_duration_ms, min_speech_ms=td.min_speech_ms,
-                             min_interrupt_ms=td.min_interrupt_ms, create_response=td.create_response,
-                             interrupt_response=td.interrupt_response, echo_guard=td.echo_guard)
+        turns = TurnSettings(
+            threshold=td.threshold,
+            prefix_padding_ms=td.prefix_padding_ms,
+            silence_duration_ms=td.silence_duration_ms,
+            min_speech_ms=td.min_speech_ms,
+            min_interrupt_ms=td.min_interrupt_ms,
+            create_response=td.create_response,
+            interrupt_response=td.interrupt_response,
+            echo_guard=td.echo_guard,
+        )
         return cls(instructions="", sampling=SamplingSettings(), turns=turns)
 
     def turn_detection_json(self) -> dict | None:
@@ -61,12 +70,27 @@ class CallSettings:
         if not t.enabled:
             return None
         if self.vad_kind == "semantic_vad":
-            return {"type": "semantic_vad", "eagerness": self.eagerness, "create_response": t.create_response,
-                    "interrupt_response": t.interrupt_response,
-                    "glm4voice": {"silence_duration_ms": t.silence_duration_ms, "threshold": t.threshold,
-                                  "echo_guard": t.echo_guard}}
-        return {"type": "server_vad", "threshold": t.threshold, "prefix_padding_ms": t.prefix_padding_ms,
-                "silence_duration_ms": t.silence_duration_ms, "create_response": t.create_response,
+            return {
+                "type": "semantic_vad",
+                "eagerness": self.eagerness,
+                "create_response": t.create_response,
                 "interrupt_response": t.interrupt_response,
-                "glm4voice": {"min_speech_ms": t.min_speech_ms, "min_interrupt_ms": t.min_interrupt_ms,
-                              "echo_guard": t.echo_guard}}
+                "glm4voice": {
+                    "silence_duration_ms": t.silence_duration_ms,
+                    "threshold": t.threshold,
+                    "echo_guard": t.echo_guard,
+                },
+            }
+        return {
+            "type": "server_vad",
+            "threshold": t.threshold,
+            "prefix_padding_ms": t.prefix_padding_ms,
+            "silence_duration_ms": t.silence_duration_ms,
+            "create_response": t.create_response,
+            "interrupt_response": t.interrupt_response,
+            "glm4voice": {
+                "min_speech_ms": t.min_speech_ms,
+                "min_interrupt_ms": t.min_interrupt_ms,
+                "echo_guard": t.echo_guard,
+            },
+        }

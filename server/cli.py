@@ -17,11 +17,17 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="TCP port (config [http].port)")
     p.add_argument("--config", type=Path, help="config file (default: ./config.toml when it exists)")
     p.add_argument("--responder", choices=["glm4voice", "echo"], help="config [responder].kind")
-    p.add_argument("--require-weights", action="store_true", default=None,
-                   help="refuse to start on demo weights (config [model].require_weights)")
+    p.add_argument(
+        "--require-weights",
+        action="store_true",
+        default=None,
+        help="refuse to start on demo weights (config [model].require_weights)",
+    )
     p.add_argument("--device", help="cpu | cuda | cuda:N | auto (config [model].device)")
     p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16 (config [model].dtype)")
-    p.add_argument("--int4", action="store_true", default=None, help="load the LM in 4 bit (bitsandbytes NF4)")
+    p.add_argument(
+        "--int4", action="store_true", default=None, help="load the LM in 4 bit (bitsandbytes NF4)"
+    )
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-format", choices=["text", "json"], help="config [logging].format")
 
@@ -38,7 +44,9 @@ async def _serve(config) -> None:
     log = logging.getLogger("glm4voice")
     app = create_app(config)
     runner, _ = await start_site(app, config, config.http.host, config.http.port)
-    log.info("serving on http://%s:%d/ (responder: %s)", config.http.host, config.http.port, config.responder.kind)
+    log.info(
+        "serving on http://%s:%d/ (responder: %s)", config.http.host, config.http.port, config.responder.kind
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     drain: asyncio.Task | None = None
@@ -77,8 +85,12 @@ def serve(args: argparse.Namespace) -> int:
         "http": {"host": args.host, "port": args.port},
         "responder": {"kind": args.responder},
         "logging": {"format": args.log_format},
-        "model": {"require_weights": args.require_weights, "device": args.device, "dtype": args.dtype,
-                  "quantization": "int4" if args.int4 else None},
+        "model": {
+            "require_weights": args.require_weights,
+            "device": args.device,
+            "dtype": args.dtype,
+            "quantization": "int4" if args.int4 else None,
+        },
     }
     try:
         config = load_config(config_path, overrides=overrides)
@@ -104,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from pipeline.weights.download import main as tool
         return int(tool(argv[1:]) or 0)
-    parser = argparse.ArgumentParser(prog="glm4voice", description="Real-time WebRTC voice server for GLM-4-Voice")
+    parser = argparse.ArgumentParser(
+        prog="glm4voice", description="Real-time WebRTC voice server for GLM-4-Voice"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     from client.cli import add_arguments as call_arguments  # torch-free, argparse only until run

@@ -35,8 +35,15 @@ class ClientSecrets:
                 raise ApiError(400, "invalid_value", "session must be an object")
             settings = settings.apply(parse_session(data["session"], ctx.config))
         secret = ctx.auth.mint(data)
-        session = P.session_object("", settings.instructions, settings.turn_detection_json(), settings.sampling,
-                                   ctx.responder.info().name)
+        session = P.session_object(
+            "",
+            settings.instructions,
+            settings.turn_detection_json(),
+            settings.sampling,
+            ctx.responder.info().name,
+        )
         session.pop("id")
-        return web.json_response({"value": secret.value, "expires_at": int(secret.expires_at), "session": session},
-                                 headers={"Cache-Control": "no-store"})
+        return web.json_response(
+            {"value": secret.value, "expires_at": int(secret.expires_at), "session": session},
+            headers={"Cache-Control": "no-store"},
+        )

@@ -27,14 +27,24 @@ class HttpConfig:
     port: int = 8080  # TCP port
     max_body_bytes: int = 65_536  # largest POST body (an SDP offer is ~3-8 KB)
     public_url: str = ""  # base URL clients reach us at, for Location headers behind a proxy; "" = relative
-    cors_origins: tuple[str, ...] = ()  # other origins whose pages may call the API ("*" = any); () = same-origin only
-    trust_forwarded_for: bool = False  # take the client address from X-Forwarded-For (only behind a proxy you run)
-    trusted_proxy_hops: int = 1  # proxies you run in front of us: the address is the entry this many from the right
-    header_timeout_s: float = 10.0  # a connection must send a whole request head this soon (and idle no longer)
+    cors_origins: tuple[
+        str, ...
+    ] = ()  # other origins whose pages may call the API ("*" = any); () = same-origin only
+    trust_forwarded_for: bool = (
+        False  # take the client address from X-Forwarded-For (only behind a proxy you run)
+    )
+    trusted_proxy_hops: int = (
+        1  # proxies you run in front of us: the address is the entry this many from the right
+    )
+    header_timeout_s: float = (
+        10.0  # a connection must send a whole request head this soon (and idle no longer)
+    )
     body_timeout_s: float = 10.0  # a request body must arrive this soon once its head has
     max_connections: int = 512  # open HTTP connections in total; the next one gets 503 server_busy
     max_connections_per_address: int = 32  # open HTTP connections per client address; the next one gets 429
-    shutdown_grace_s: float = 10.0  # on SIGTERM/SIGINT: s that replies in progress get before calls are closed
+    shutdown_grace_s: float = (
+        10.0  # on SIGTERM/SIGINT: s that replies in progress get before calls are closed
+    )
 
 
 @dataclass(frozen=True)
@@ -47,8 +57,12 @@ class WebRTCConfig:
     receive_jitter_frames: int = 0  # 20 ms frames held before decoding; aiortc's default is 4 (80 ms)
     ice_gather_timeout_ms: int = 2_000  # the page waits at most this long for its candidates before offering
     consent_interval_s: float = 5.0  # s between ICE consent checks (RFC 7675); aioice's default
-    consent_failures: int = 6  # unanswered checks in a row that end the call: ~(interval + 0.5 s) each (~33 s)
-    max_remote_candidates: int = 16  # ICE candidates read from an offer (a browser sends 2-10); the rest are ignored
+    consent_failures: int = (
+        6  # unanswered checks in a row that end the call: ~(interval + 0.5 s) each (~33 s)
+    )
+    max_remote_candidates: int = (
+        16  # ICE candidates read from an offer (a browser sends 2-10); the rest are ignored
+    )
 
 
 @dataclass(frozen=True)
@@ -77,23 +91,39 @@ class LimitsConfig:
     max_instructions_chars: int = 4_000  # session instructions
     max_events_per_s: float = 20.0  # data-channel messages per second per call (sustained rate)
     event_burst: int = 60  # data-channel messages allowed at once above the rate
-    max_expensive_events_per_s: float = 1.0  # response.create + instructions changes per s per call (engine prefill)
+    max_expensive_events_per_s: float = (
+        1.0  # response.create + instructions changes per s per call (engine prefill)
+    )
     expensive_event_burst: int = 5  # of those, allowed at once above the rate
-    inbound_flood_s: float = 10.0  # inbound audio over real time (excess dropped) this long ends the call; 0 = never
-    calls_per_minute_per_address: float = 30.0  # call offers + client secrets per client address; 0 = no limit
+    inbound_flood_s: float = (
+        10.0  # inbound audio over real time (excess dropped) this long ends the call; 0 = never
+    )
+    calls_per_minute_per_address: float = (
+        30.0  # call offers + client secrets per client address; 0 = no limit
+    )
     call_burst_per_address: int = 10  # offers allowed at once above that rate
     max_call_duration_s: float = 3_600.0  # a call is closed after this long; 0 = no limit
-    idle_timeout_s: float = 300.0  # no user speech and no client event for this long closes the call; 0 = never
-    peer_timeout_s: float = 5.0  # no inbound audio packets and no event for this long: the peer is gone; 0 = off
+    idle_timeout_s: float = (
+        300.0  # no user speech and no client event for this long closes the call; 0 = never
+    )
+    peer_timeout_s: float = (
+        5.0  # no inbound audio packets and no event for this long: the peer is gone; 0 = off
+    )
     max_turn_audio_s: float = 120.0  # one user turn's audio; longer speech is cut here and answered
-    resume_window_s: float = 60.0  # a dropped WebRTC call's conversation is kept this long for a resume; 0 = off
+    resume_window_s: float = (
+        60.0  # a dropped WebRTC call's conversation is kept this long for a resume; 0 = off
+    )
     connect_timeout_s: float = 20.0  # an answered offer whose peer has not connected by then is dropped
 
 
 @dataclass(frozen=True)
 class AuthConfig:
-    api_key: str = ""  # long-lived key for `Authorization: Bearer`; "" = no auth (set it via GLM4VOICE_AUTH_API_KEY)
-    client_secret_ttl_s: int = 600  # default lifetime of a client secret minted by /v1/realtime/client_secrets
+    api_key: str = (
+        ""  # long-lived key for `Authorization: Bearer`; "" = no auth (set it via GLM4VOICE_AUTH_API_KEY)
+    )
+    client_secret_ttl_s: int = (
+        600  # default lifetime of a client secret minted by /v1/realtime/client_secrets
+    )
     max_client_secret_ttl_s: int = 7_200  # the longest lifetime a mint request may ask for
     page_secrets: bool = False  # the served page may mint its own client secret from a same-origin request
 
@@ -130,7 +160,16 @@ def _convert(value: object, annotation: object, where: str) -> object:
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+        if isinstance(value, str) and value.strip().lower() in {
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        }:
             return value.strip().lower() in {"1", "true", "yes", "on"}
     elif annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -156,7 +195,9 @@ def _convert(value: object, annotation: object, where: str) -> object:
             return tuple(item.strip() for item in value.split(",") if item.strip())
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             return tuple(value)
-    raise ValueError(f"config {where}: {value!r} is not a valid {getattr(annotation, '__name__', annotation)}")
+    raise ValueError(
+        f"config {where}: {value!r} is not a valid {getattr(annotation, '__name__', annotation)}"
+    )
 
 
 def _build_section(cls: type, values: Mapping[str, object], where: str) -> object:
@@ -164,13 +205,18 @@ def _build_section(cls: type, values: Mapping[str, object], where: str) -> objec
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"config {where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ValueError(
+            f"config {where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
     kwargs = {name: _convert(value, hints[name], f"{where}.{name}") for name, value in values.items()}
     return cls(**kwargs)
 
 
-def load_config(path: Path | None = None, env: Mapping[str, str] | None = None,
-                overrides: Mapping[str, Mapping[str, object]] | None = None) -> Config:
+def load_config(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, object]] | None = None,
+) -> Config:
     """Read `path` (TOML; None = defaults), then env overrides, then explicit `overrides` (CLI flags)."""
     env = os.environ if env is None else env
     raw: dict[str, dict[str, object]] = {}
@@ -193,11 +239,11 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None,
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX):
             continue
-        rest = key[len(ENV_PREFIX):].lower()
+        rest = key[len(ENV_PREFIX) :].lower()
         section = next((s for s in sorted(sections, key=len, reverse=True) if rest.startswith(s + "_")), None)
         if section is None:
             continue  # GLM4VOICE_PARITY_DIR and friends belong to other tools
-        raw.setdefault(section, {})[rest[len(section) + 1:]] = value
+        raw.setdefault(section, {})[rest[len(section) + 1 :]] = value
     for section, values in (overrides or {}).items():
         raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
     built = {name: _build_section(hints[name], raw.get(name, {}), f"[{name}]") for name in sections}
@@ -217,7 +263,9 @@ def validate(config: Config) -> None:
         if getattr(td, name) < 0:
             raise ValueError(f"config [turn_detection].{name} must be >= 0")
     if config.responder.kind not in {"echo", "glm4voice"}:
-        raise ValueError(f"config [responder].kind must be 'echo' or 'glm4voice', got {config.responder.kind!r}")
+        raise ValueError(
+            f"config [responder].kind must be 'echo' or 'glm4voice', got {config.responder.kind!r}"
+        )
     if not 0 <= config.webrtc.receive_jitter_frames <= 8:
         raise ValueError("config [webrtc].receive_jitter_frames must be in 0..8")
     if not 0 < config.http.port < 65536 and config.http.port != 0:
@@ -230,14 +278,25 @@ def validate(config: Config) -> None:
     if config.limits.max_calls < 1:
         raise ValueError("config [limits].max_calls must be >= 1")
     lim = config.limits
-    for name in ("max_events_per_s", "calls_per_minute_per_address", "max_call_duration_s", "idle_timeout_s",
-                 "peer_timeout_s", "max_turn_audio_s", "connect_timeout_s", "inbound_flood_s", "resume_window_s"):
+    for name in (
+        "max_events_per_s",
+        "calls_per_minute_per_address",
+        "max_call_duration_s",
+        "idle_timeout_s",
+        "peer_timeout_s",
+        "max_turn_audio_s",
+        "connect_timeout_s",
+        "inbound_flood_s",
+        "resume_window_s",
+    ):
         if getattr(lim, name) < 0:
             raise ValueError(f"config [limits].{name} must be >= 0")
     if lim.max_events_per_s <= 0 or lim.event_burst < 1 or lim.call_burst_per_address < 1:
         raise ValueError("config [limits].max_events_per_s must be > 0 and the bursts >= 1")
     if lim.max_expensive_events_per_s <= 0 or lim.expensive_event_burst < 1:
-        raise ValueError("config [limits].max_expensive_events_per_s must be > 0 and expensive_event_burst >= 1")
+        raise ValueError(
+            "config [limits].max_expensive_events_per_s must be > 0 and expensive_event_burst >= 1"
+        )
     if config.http.trusted_proxy_hops < 1:
         raise ValueError("config [http].trusted_proxy_hops must be >= 1")
     if config.webrtc.max_remote_candidates < 1:
@@ -254,7 +313,9 @@ def validate(config: Config) -> None:
     if config.http.shutdown_grace_s < 0:
         raise ValueError("config [http].shutdown_grace_s must be >= 0")
     if config.model.lm_backend not in {"local", "vllm"}:
-        raise ValueError(f"config [model].lm_backend must be 'local' or 'vllm', got {config.model.lm_backend!r}")
+        raise ValueError(
+            f"config [model].lm_backend must be 'local' or 'vllm', got {config.model.lm_backend!r}"
+        )
     vllm = config.vllm
     if not vllm.url.startswith(("http://", "https://")):
         raise ValueError(f"config [vllm].url must start with http:// or https://, got {vllm.url!r}")

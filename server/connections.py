@@ -32,10 +32,19 @@ FDS_RESERVED = 64  # logs, the engine's files, the event loop's own, the listeni
 
 
 def _refusal(status: int, reason: str, code: str, message: str, retry_after_s: int) -> bytes:
-    body = json.dumps({"error": {"type": "server_error" if status >= 500 else "invalid_request_error",
-                                 "code": code, "message": message}}).encode()
-    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            f"Retry-After: {retry_after_s}\r\nConnection: close\r\n\r\n")
+    body = json.dumps(
+        {
+            "error": {
+                "type": "server_error" if status >= 500 else "invalid_request_error",
+                "code": code,
+                "message": message,
+            }
+        }
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"Retry-After: {retry_after_s}\r\nConnection: close\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -74,19 +83,36 @@ class ConnectionLimits:
         peer = transport.get_extra_info("peername")
         address = peer[0] if isinstance(peer, tuple) and peer else "unknown"
         if self.per_address[address] >= self.max_per_address:
-            refusal = _refusal(429, "Too Many Requests", "too_many_connections", f"more than "
-                               f"{self.max_per_address} open connections from {address}", self.retry_after_s)
+            refusal = _refusal(
+                429,
+                "Too Many Requests",
+                "too_many_connections",
+                f"more than {self.max_per_address} open connections from {address}",
+                self.retry_after_s,
+            )
         elif self.total >= self.max_total:
-            refusal = _refusal(503, "Service Unavailable", "server_busy", f"the server is at its limit of "
-                               f"{self.max_total} open connections", self.retry_after_s)
+            refusal = _refusal(
+                503,
+                "Service Unavailable",
+                "server_busy",
+                f"the server is at its limit of {self.max_total} open connections",
+                self.retry_after_s,
+            )
         else:
             self._address[handler] = address
             self.per_address[address] += 1
             return
         self.refused += 1
         if self.refused == 1 or self.refused % 1000 == 0:
-            log.warning("connection from %s refused (%d so far): per address %d/%d, total %d/%d", address,
-                        self.refused, self.per_address[address], self.max_per_address, self.total, self.max_total)
+            log.warning(
+                "connection from %s refused (%d so far): per address %d/%d, total %d/%d",
+                address,
+                self.refused,
+                self.per_address[address],
+                self.max_per_address,
+                self.total,
+                self.max_total,
+            )
         transport.write(refusal)
         handler.force_close()
         transport.close()
@@ -114,21 +140,29 @@ def check_fd_limit(config: Config) -> tuple[int, int]:
         except (ValueError, OSError) as exc:
             log.warning("could not raise the open-file limit from %d: %s", soft, exc)
     if soft != resource.RLIM_INFINITY and soft < needed:
-        log.warning("the open-file limit is %d but max_connections=%d and max_calls=%d need about %d: raise it "
-                    "(ulimit -n, LimitNOFILE=) or lower the caps", soft, config.http.max_connections,
-                    config.limits.max_calls, needed)
+        log.warning(
+            "the open-file limit is %d but max_connections=%d and max_calls=%d need about %d: raise it "
+            "(ulimit -n, LimitNOFILE=) or lower the caps",
+            soft,
+            config.http.max_connections,
+            config.limits.max_calls,
+            needed,
+        )
     return soft, needed
 
 
-async def start_site(app: web.Application, config: Config, host: str, port: int) -> tuple[web.AppRunner, web.TCPSite]:
+async def start_site(
+    app: web.Application, config: Config, host: str, port: int
+) -> tuple[web.AppRunner, web.TCPSite]:
     """Run `app` on host:port with the connection caps installed. -> (runner, site)."""
     quiet_library_logs()
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     assert runner.server is not None
     http = config.http
-    ConnectionLimits(http.max_connections, http.max_connections_per_address,
-                     config.limits.retry_after_s).install(runner.server)
+    ConnectionLimits(
+        http.max_connections, http.max_connections_per_address, config.limits.retry_after_s
+    ).install(runner.server)
     site = web.TCPSite(runner, host, port)
     await site.start()
     return runner, site

@@ -50,9 +50,15 @@ class ServerContext:
 
     def call_holding(self, resume_token: str) -> Call | None:
         """The live call whose resume token this is (its client reconnects before its drop was noticed)."""
-        return next((c for c in self.calls.values()
-                     if c.resume_token is not None
-                     and secrets.compare_digest(c.resume_token.encode(), resume_token.encode())), None)
+        return next(
+            (
+                c
+                for c in self.calls.values()
+                if c.resume_token is not None
+                and secrets.compare_digest(c.resume_token.encode(), resume_token.encode())
+            ),
+            None,
+        )
 
     def default_settings(self) -> CallSettings:
         return CallSettings.defaults(self.config.turn_detection)
@@ -61,5 +67,3 @@ class ServerContext:
         """A call's last act (`Call.close`, in a finally): its slot is free."""
         if self.calls.pop(call.call_id, None) is not None:
             self.metrics.outbound_underruns += call.track.stats.underruns
-
-

@@ -53,7 +53,7 @@ class Conversation:
     def after(self, item_id: str) -> list[str]:
         """Ids of the items that follow `item_id`."""
         ids = list(self._items)
-        return ids[ids.index(item_id) + 1:] if item_id in self._items else []
+        return ids[ids.index(item_id) + 1 :] if item_id in self._items else []
 
     def __len__(self) -> int:
         return len(self._items)

@@ -80,10 +80,12 @@ class EchoTurn(Turn):
                 break
             if start == 0:
                 yield Timing("first_pcm", time.monotonic())
-            yield AudioChunk(pcm[start:start + CHUNK_SAMPLES].copy(), MODEL_INPUT_RATE_HZ)
+            yield AudioChunk(pcm[start : start + CHUNK_SAMPLES].copy(), MODEL_INPUT_RATE_HZ)
             await asyncio.sleep(0)  # let a cancel in between chunks land
         cancelled = self._cancelled.is_set()
-        self._entry = HistoryEntry("assistant", text, min(self._played_ms or 0.0, reply_ms) if cancelled else reply_ms)
+        self._entry = HistoryEntry(
+            "assistant", text, min(self._played_ms or 0.0, reply_ms) if cancelled else reply_ms
+        )
         if not self.deleted:
             self._session.history.append(self._entry)
         yield TurnDone("cancelled" if cancelled else "stop", text)
@@ -157,8 +159,12 @@ class EchoResponder(Responder):
         return EchoSession(call_id, settings)
 
     def info(self) -> ResponderInfo:
-        return ResponderInfo(name="echo", ready=True, output_sample_rate_hz=MODEL_INPUT_RATE_HZ,
-                             details={"weights": "none", "mode": "mic check"})
+        return ResponderInfo(
+            name="echo",
+            ready=True,
+            output_sample_rate_hz=MODEL_INPUT_RATE_HZ,
+            details={"weights": "none", "mode": "mic check"},
+        )
 
     async def stop(self) -> None:
         return None

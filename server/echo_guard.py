@@ -26,7 +26,9 @@ MIN_MATCH = 0.8  # envelope cosine similarity that says "this is our reply"
 JITTER_S = 0.04  # the echo of a word onset may arrive this much earlier or later than the best delay says
 MARGIN_DB = 8.0  # inbound louder than the predicted echo by this much is the user speaking over it
 SILENT_RMS = 1e-4  # outbound below this: nothing playing, nothing to guard against
-QUIET_RMS = 1e-3  # inbound below this (-60 dBFS) while our audio plays: the VAD's memory of the echo, not speech
+QUIET_RMS = (
+    1e-3  # inbound below this (-60 dBFS) while our audio plays: the VAD's memory of the echo, not speech
+)
 
 
 class EchoGuard:

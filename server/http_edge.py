@@ -31,11 +31,17 @@ MAX_REQUESTED_HEADERS_CHARS = 1_000
 def allowed_headers(request: web.Request) -> str:
     """`Access-Control-Allow-Headers`: ours, plus the well-formed header names a preflight requests."""
     requested = request.headers.get("Access-Control-Request-Headers", "").strip()
-    if request.method != "OPTIONS" or not requested or len(requested) > MAX_REQUESTED_HEADERS_CHARS \
-            or not _HEADER_LIST.match(requested):
+    if (
+        request.method != "OPTIONS"
+        or not requested
+        or len(requested) > MAX_REQUESTED_HEADERS_CHARS
+        or not _HEADER_LIST.match(requested)
+    ):
         return CORS_HEADERS["Access-Control-Allow-Headers"]
     names = ["Authorization", "Content-Type"]
-    names += [n.strip() for n in requested.split(",") if n.strip().lower() not in ("authorization", "content-type")]
+    names += [
+        n.strip() for n in requested.split(",") if n.strip().lower() not in ("authorization", "content-type")
+    ]
     return ", ".join(names)
 
 
@@ -44,8 +50,11 @@ def make_preflight(http: HttpConfig):
         """CORS preflight; the CORS middleware adds the headers when the origin is on the allow-list."""
         origin = request.headers.get("Origin", "")
         if not allowed_origin(origin, http.cors_origins):
-            raise ApiError(403, "origin_not_allowed", f"pages from {origin or 'no origin'} may not use this server "
-                           "(see [http] cors_origins)")
+            raise ApiError(
+                403,
+                "origin_not_allowed",
+                f"pages from {origin or 'no origin'} may not use this server (see [http] cors_origins)",
+            )
         return web.Response(status=204)
 
     return preflight
@@ -77,8 +86,12 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return ApiError(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason,
-                        headers={k: v for k, v in exc.headers.items() if k == "Allow"}).response()
+        return ApiError(
+            exc.status,
+            exc.reason.lower().replace(" ", "_"),
+            exc.text or exc.reason,
+            headers={k: v for k, v in exc.headers.items() if k == "Allow"},
+        ).response()
     except ConnectionError:  # the client went away while we read: nobody to answer, nothing to trace
         log.debug("client disconnected during %s %s", request.method, request.path)
         return client_gone().response()

@@ -21,8 +21,15 @@ from server.config import Config
 class ApiError(Exception):
     """A request we refuse, with the HTTP status, a stable code and a message for people."""
 
-    def __init__(self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None,
-                 error_type: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        error_type: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -79,9 +86,13 @@ class AddressRateLimiter:
         bucket = self._buckets.setdefault(address, TokenBucket(self.rate_per_s, self.burst))
         if not bucket.take(now):
             retry = max(1, int(bucket.wait_s() + 0.999))
-            raise ApiError(429, "rate_limited", f"too many requests from {address}: at most "
-                           f"{self.rate_per_s * 60:g} per minute; retry in {retry} s",
-                           headers={"Retry-After": str(retry)})
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"too many requests from {address}: at most "
+                f"{self.rate_per_s * 60:g} per minute; retry in {retry} s",
+                headers={"Retry-After": str(retry)},
+            )
 
 
 def client_address(request: web.Request, trust_forwarded_for: bool, trusted_hops: int = 1) -> str:
@@ -90,7 +101,9 @@ def client_address(request: web.Request, trust_forwarded_for: bool, trusted_hops
     what lies left of it is whatever the client sent (rotating it must not evade the per-address rate,
     nor may naming a victim's address lock the victim out)."""
     if trust_forwarded_for:
-        entries = [e.strip() for header in request.headers.getall("X-Forwarded-For", []) for e in header.split(",")]
+        entries = [
+            e.strip() for header in request.headers.getall("X-Forwarded-For", []) for e in header.split(",")
+        ]
         entries = [e for e in entries if e]
         if entries:
             return entries[-min(trusted_hops, len(entries))]
@@ -114,47 +127,76 @@ def check_origin(request: web.Request, config: Config) -> None:
         ours.add(urlsplit(config.http.public_url).netloc)
     if urlsplit(origin).netloc in ours or allowed_origin(origin, config.http.cors_origins):
         return
-    raise ApiError(403, "origin_not_allowed", f"pages from {origin} may not use this server (see [http] "
-                   "cors_origins)")
+    raise ApiError(
+        403, "origin_not_allowed", f"pages from {origin} may not use this server (see [http] cors_origins)"
+    )
 
 
 class Admission:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.draining = False  # graceful shutdown: no new calls
-        self.rate = AddressRateLimiter(config.limits.calls_per_minute_per_address,
-                                       config.limits.call_burst_per_address)
+        self.rate = AddressRateLimiter(
+            config.limits.calls_per_minute_per_address, config.limits.call_burst_per_address
+        )
 
     def check_rate(self, request: web.Request) -> None:
         http = self.config.http
         self.rate.check(client_address(request, http.trust_forwarded_for, http.trusted_proxy_hops))
 
-    def admit_call(self, request: web.Request, active_calls: int, responder_ready: bool,
-                   not_ready_reason: str | None = None) -> None:
+    def admit_call(
+        self,
+        request: web.Request,
+        active_calls: int,
+        responder_ready: bool,
+        not_ready_reason: str | None = None,
+    ) -> None:
         """Raise ApiError if a new call may not start now (after auth and the rate check)."""
         limits = self.config.limits
         retry = {"Retry-After": str(limits.retry_after_s)}
         if self.draining:
-            raise ApiError(503, "shutting_down", "the server is shutting down; retry on another instance",
-                           headers=retry, error_type="server_error")
+            raise ApiError(
+                503,
+                "shutting_down",
+                "the server is shutting down; retry on another instance",
+                headers=retry,
+                error_type="server_error",
+            )
         if not responder_ready:
             if not_ready_reason:
-                raise ApiError(503, "engine_unavailable", f"the speech engine is not available: {not_ready_reason}",
-                               headers=retry, error_type="server_error")
-            raise ApiError(503, "not_ready", "the server is still loading the model; retry shortly",
-                           headers=retry, error_type="server_error")
+                raise ApiError(
+                    503,
+                    "engine_unavailable",
+                    f"the speech engine is not available: {not_ready_reason}",
+                    headers=retry,
+                    error_type="server_error",
+                )
+            raise ApiError(
+                503,
+                "not_ready",
+                "the server is still loading the model; retry shortly",
+                headers=retry,
+                error_type="server_error",
+            )
         if active_calls >= limits.max_calls:
-            raise ApiError(503, "server_full",
-                           f"the server is at its limit of {limits.max_calls} concurrent calls; "
-                           f"retry in {limits.retry_after_s} s",
-                           headers={"Retry-After": str(limits.retry_after_s)}, error_type="server_error")
+            raise ApiError(
+                503,
+                "server_full",
+                f"the server is at its limit of {limits.max_calls} concurrent calls; "
+                f"retry in {limits.retry_after_s} s",
+                headers={"Retry-After": str(limits.retry_after_s)},
+                error_type="server_error",
+            )
 
     async def read_body(self, request: web.Request) -> bytes:
         """The request body, refusing oversized ones before reading them when the client says its size."""
         limit = self.config.http.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
-            raise ApiError(413, "body_too_large", f"request body is {request.content_length} bytes; the limit is "
-                           f"{limit} bytes")
+            raise ApiError(
+                413,
+                "body_too_large",
+                f"request body is {request.content_length} bytes; the limit is {limit} bytes",
+            )
         body = bytearray()
 
         async def read() -> None:
@@ -173,8 +215,12 @@ class Admission:
 
 
 def body_timeout(timeout_s: float) -> ApiError:
-    return ApiError(408, "request_timeout", f"the request body did not arrive within {timeout_s:g} s",
-                    headers={"Connection": "close"})
+    return ApiError(
+        408,
+        "request_timeout",
+        f"the request body did not arrive within {timeout_s:g} s",
+        headers={"Connection": "close"},
+    )
 
 
 def client_gone() -> ApiError:
@@ -194,5 +240,8 @@ async def read_form(request: web.Request, limit: int, timeout_s: float):
         raise client_gone() from None
     except LookupError as exc:  # charset=<unknown> on the body or on a part
         raise ApiError(400, "invalid_body", f"the form names an unknown charset: {exc}") from None
-    except (ValueError, RuntimeError) as exc:  # aiohttp: RuntimeError for an unknown Content-Transfer-Encoding
+    except (
+        ValueError,
+        RuntimeError,
+    ) as exc:  # aiohttp: RuntimeError for an unknown Content-Transfer-Encoding
         raise ApiError(400, "invalid_body", f"the form could not be read: {exc}") from None

@@ -126,12 +126,20 @@ class Listening:
         allow, suppressed = self._inbound_drops.allow()
         if allow:
             g, flood_s = call.guard, call.config.limits.inbound_flood_s
-            call.log.warning("inbound audio faster than real time: %d frames (%.1f s of audio) dropped so far%s",
-                             g.inbound_frames_dropped, g.inbound_dropped_s,
-                             f" ({suppressed} drops since the last line)" if suppressed else "")
-            call.send(P.error_event("input_audio_too_fast", "inbound audio arrives faster than real time: the "
-                                    "excess is dropped" + (f", and the call ends if it goes on for {flood_s:g} s"
-                                                           if flood_s else "")))
+            call.log.warning(
+                "inbound audio faster than real time: %d frames (%.1f s of audio) dropped so far%s",
+                g.inbound_frames_dropped,
+                g.inbound_dropped_s,
+                f" ({suppressed} drops since the last line)" if suppressed else "",
+            )
+            call.send(
+                P.error_event(
+                    "input_audio_too_fast",
+                    "inbound audio arrives faster than real time: the "
+                    "excess is dropped"
+                    + (f", and the call ends if it goes on for {flood_s:g} s" if flood_s else ""),
+                )
+            )
 
     def _push_turn_audio(self, pcm: np.ndarray) -> None:
         """Audio of the pending user turn, up to `max_turn_audio_s`; the excess is dropped with one error."""
@@ -140,9 +148,14 @@ class Listening:
         if limit and self._turn_samples + pcm.size > limit:
             if not self._turn_capped:
                 self._turn_capped = True
-                call.send(P.error_event("input_audio_too_long", f"a user turn may hold at most "
-                                        f"{call.config.limits.max_turn_audio_s:g} s of audio; the rest is dropped"
-                                        + (" and the turn ends here" if call.settings.turns.enabled else "")))
+                call.send(
+                    P.error_event(
+                        "input_audio_too_long",
+                        f"a user turn may hold at most "
+                        f"{call.config.limits.max_turn_audio_s:g} s of audio; the rest is dropped"
+                        + (" and the turn ends here" if call.settings.turns.enabled else ""),
+                    )
+                )
             return
         self._turn_samples += pcm.size
         call.session.push_audio(pcm)
@@ -160,8 +173,13 @@ class Listening:
         call.guard.user_activity(time.monotonic())
         call.state = CallState.USER_SPEAKING
         self._interrupt_armed = replies.active and call.settings.turns.interrupt_response
-        call.send(P.event("input_audio_buffer.speech_started", audio_start_ms=int(started.audio_start_ms),
-                          item_id=self._user_item_id))
+        call.send(
+            P.event(
+                "input_audio_buffer.speech_started",
+                audio_start_ms=int(started.audio_start_ms),
+                item_id=self._user_item_id,
+            )
+        )
         if self._interrupt_armed and not replies.buffer_events:
             # WebSocket: the server cannot hear what the client plays, so it cancels at speech start and
             # the client reports what it played with conversation.item.truncate (as the Realtime API does).
@@ -178,13 +196,22 @@ class Listening:
         now = time.monotonic()
         item_id = self._user_item_id or _new_id("item")
         self._interrupt_armed = False
-        call.send(P.event("input_audio_buffer.speech_stopped", audio_end_ms=int(stopped.audio_end_ms),
-                          item_id=item_id))
+        call.send(
+            P.event(
+                "input_audio_buffer.speech_stopped", audio_end_ms=int(stopped.audio_end_ms), item_id=item_id
+            )
+        )
         self.turn_audio_reset()
         if stopped.too_short:
             call.session.discard_audio()
-            call.send(P.event("glm4voice.input_audio_buffer.discarded", item_id=item_id,
-                              reason="shorter than min_speech_ms", speech_ms=round(stopped.speech_ms)))
+            call.send(
+                P.event(
+                    "glm4voice.input_audio_buffer.discarded",
+                    item_id=item_id,
+                    reason="shorter than min_speech_ms",
+                    speech_ms=round(stopped.speech_ms),
+                )
+            )
             call.state = CallState.SPEAKING if call.replies.active else CallState.LISTENING
             return
         call.session.commit_audio()

@@ -101,7 +101,9 @@ class QuietBadRequests(logging.Filter):
 
 def quiet_library_logs() -> None:
     """Library loggers that flood or shout about client mistakes (idempotent)."""
-    logging.getLogger("aioice").setLevel(max(logging.getLogger().level, logging.WARNING))  # per-packet chatter
+    logging.getLogger("aioice").setLevel(
+        max(logging.getLogger().level, logging.WARNING)
+    )  # per-packet chatter
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, QuietBadRequests) for f in server_log.filters):
         server_log.addFilter(QuietBadRequests())
@@ -112,7 +114,8 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "call_id": getattr(record, "call_id", "-"),

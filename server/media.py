@@ -66,14 +66,15 @@ class InboundConverter:
         mono = frame_to_mono(frame)
         if frame.sample_rate != self._rate_hz:
             self._rate_hz = frame.sample_rate
-            self._resampler = soxr.ResampleStream(frame.sample_rate, SAMPLE_RATE_HZ, 1, dtype="float32",
-                                                  quality=RESAMPLE_QUALITY)
+            self._resampler = soxr.ResampleStream(
+                frame.sample_rate, SAMPLE_RATE_HZ, 1, dtype="float32", quality=RESAMPLE_QUALITY
+            )
         assert self._resampler is not None
         pcm16k = self._resampler.resample_chunk(mono)
         pending = np.concatenate([self._pending, pcm16k]) if self._pending.size else pcm16k
         n_chunks = pending.size // CHUNK_SAMPLES
-        chunks = [pending[i * CHUNK_SAMPLES:(i + 1) * CHUNK_SAMPLES] for i in range(n_chunks)]
-        self._pending = pending[n_chunks * CHUNK_SAMPLES:].copy()
+        chunks = [pending[i * CHUNK_SAMPLES : (i + 1) * CHUNK_SAMPLES] for i in range(n_chunks)]
+        self._pending = pending[n_chunks * CHUNK_SAMPLES :].copy()
         return chunks
 
 
@@ -94,12 +95,17 @@ class OutboundAudioTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, on_started: Callable[[str, float], None] | None = None,
-                 on_stopped: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_started: Callable[[str, float], None] | None = None,
+        on_stopped: Callable[[str], None] | None = None,
+    ) -> None:
         super().__init__()
         self.on_started = on_started
         self.on_stopped = on_stopped
-        self.on_frame: Callable[[np.ndarray], None] | None = None  # each (960,) frame as it leaves (echo guard)
+        self.on_frame: Callable[[np.ndarray], None] | None = (
+            None  # each (960,) frame as it leaves (echo guard)
+        )
         self.stats = PlayoutStats()
         self._queue: deque[np.ndarray] = deque()  # (n,) float32 at 48 kHz
         self._queued_samples = 0
@@ -141,8 +147,9 @@ class OutboundAudioTrack(MediaStreamTrack):
         if sample_rate_hz != OUT_RATE_HZ:
             if self._resampler is None or sample_rate_hz != self._resampler_rate_hz:
                 self._flush_resampler()
-                self._resampler = soxr.ResampleStream(sample_rate_hz, OUT_RATE_HZ, 1, dtype="float32",
-                                                      quality=RESAMPLE_QUALITY)
+                self._resampler = soxr.ResampleStream(
+                    sample_rate_hz, OUT_RATE_HZ, 1, dtype="float32", quality=RESAMPLE_QUALITY
+                )
                 self._resampler_rate_hz = sample_rate_hz
             pcm = self._resampler.resample_chunk(pcm.astype(np.float32, copy=False))
         else:
@@ -187,7 +194,7 @@ class OutboundAudioTrack(MediaStreamTrack):
         while filled < n and self._queue:
             head = self._queue[0]
             take = min(n - filled, head.size)
-            out[filled:filled + take] = head[:take]
+            out[filled : filled + take] = head[:take]
             filled += take
             if take == head.size:
                 self._queue.popleft()
@@ -233,7 +240,9 @@ class OutboundAudioTrack(MediaStreamTrack):
         if self.on_frame is not None:
             self.on_frame(pcm)
         if had_audio:
-            samples = (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16).reshape(1, FRAME_SAMPLES)  # (1, 960)
+            samples = (
+                (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16).reshape(1, FRAME_SAMPLES)
+            )  # (1, 960)
         else:
             samples = _SILENCE
         frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")

@@ -82,7 +82,9 @@ class Metrics:
     turns_interrupted: int = 0
     turn_errors: int = 0
     outbound_underruns: int = 0
-    calls_ended: dict[str, int] = field(default_factory=dict)  # server-side ending (limits, liveness) -> count
+    calls_ended: dict[str, int] = field(
+        default_factory=dict
+    )  # server-side ending (limits, liveness) -> count
     events_dropped: int = 0  # data-channel events over the rate limit
     events_failed: int = 0  # data-channel events whose handling raised (answered with server_error)
     inbound_frames_dropped: int = 0  # inbound audio frames over real time
@@ -96,42 +98,60 @@ class Metrics:
 
     def render(self, active_calls: int, lag: LoopLagProbe | None) -> str:
         lines = [
-            "# HELP glm4voice_active_calls Calls connected now.", "# TYPE glm4voice_active_calls gauge",
+            "# HELP glm4voice_active_calls Calls connected now.",
+            "# TYPE glm4voice_active_calls gauge",
             f"glm4voice_active_calls {active_calls}",
-            "# HELP glm4voice_calls_total Calls accepted since start.", "# TYPE glm4voice_calls_total counter",
+            "# HELP glm4voice_calls_total Calls accepted since start.",
+            "# TYPE glm4voice_calls_total counter",
             f"glm4voice_calls_total {self.calls_total}",
             "# HELP glm4voice_calls_rejected_total Call offers refused, by reason.",
             "# TYPE glm4voice_calls_rejected_total counter",
         ]
-        lines += [f'glm4voice_calls_rejected_total{{reason="{r}"}} {n}' for r, n in sorted(self.calls_rejected.items())]
-        lines += ["# HELP glm4voice_calls_ended_total Calls the server ended (limits, liveness, shutdown), by reason.",
-                  "# TYPE glm4voice_calls_ended_total counter"]
-        lines += [f'glm4voice_calls_ended_total{{reason="{r}"}} {n}' for r, n in sorted(self.calls_ended.items())]
+        lines += [
+            f'glm4voice_calls_rejected_total{{reason="{r}"}} {n}'
+            for r, n in sorted(self.calls_rejected.items())
+        ]
+        lines += [
+            "# HELP glm4voice_calls_ended_total Calls the server ended (limits, liveness, shutdown), by reason.",
+            "# TYPE glm4voice_calls_ended_total counter",
+        ]
+        lines += [
+            f'glm4voice_calls_ended_total{{reason="{r}"}} {n}' for r, n in sorted(self.calls_ended.items())
+        ]
         lines += [
             "# HELP glm4voice_events_dropped_total Data-channel events dropped over the rate limit.",
-            "# TYPE glm4voice_events_dropped_total counter", f"glm4voice_events_dropped_total {self.events_dropped}",
+            "# TYPE glm4voice_events_dropped_total counter",
+            f"glm4voice_events_dropped_total {self.events_dropped}",
             "# HELP glm4voice_events_failed_total Data-channel events whose handling failed (server_error sent).",
-            "# TYPE glm4voice_events_failed_total counter", f"glm4voice_events_failed_total {self.events_failed}",
+            "# TYPE glm4voice_events_failed_total counter",
+            f"glm4voice_events_failed_total {self.events_failed}",
             "# HELP glm4voice_inbound_frames_dropped_total Inbound audio frames dropped for arriving over real time.",
             "# TYPE glm4voice_inbound_frames_dropped_total counter",
             f"glm4voice_inbound_frames_dropped_total {self.inbound_frames_dropped}",
-            "# HELP glm4voice_turns_total Assistant replies started.", "# TYPE glm4voice_turns_total counter",
+            "# HELP glm4voice_turns_total Assistant replies started.",
+            "# TYPE glm4voice_turns_total counter",
             f"glm4voice_turns_total {self.turns_total}",
             "# HELP glm4voice_turns_interrupted_total Replies cut off by the user.",
             "# TYPE glm4voice_turns_interrupted_total counter",
             f"glm4voice_turns_interrupted_total {self.turns_interrupted}",
-            "# HELP glm4voice_turn_errors_total Replies that failed.", "# TYPE glm4voice_turn_errors_total counter",
+            "# HELP glm4voice_turn_errors_total Replies that failed.",
+            "# TYPE glm4voice_turn_errors_total counter",
             f"glm4voice_turn_errors_total {self.turn_errors}",
             "# HELP glm4voice_outbound_underruns_total Outbound frames sent short while a reply was arriving.",
             "# TYPE glm4voice_outbound_underruns_total counter",
             f"glm4voice_outbound_underruns_total {self.outbound_underruns}",
         ]
         lines += self.turn_latency.render(
-            "glm4voice_turn_latency_seconds", "End of user speech (VAD decision) to the reply's first outbound frame.")
+            "glm4voice_turn_latency_seconds",
+            "End of user speech (VAD decision) to the reply's first outbound frame.",
+        )
         if lag is not None:
-            lines += lag.histogram.render("glm4voice_event_loop_lag_seconds",
-                                          "How late the event loop woke a periodic probe.")
-            lines += ["# HELP glm4voice_event_loop_lag_max_seconds Largest lag seen.",
-                      "# TYPE glm4voice_event_loop_lag_max_seconds gauge",
-                      f"glm4voice_event_loop_lag_max_seconds {lag.max_s:.6f}"]
+            lines += lag.histogram.render(
+                "glm4voice_event_loop_lag_seconds", "How late the event loop woke a periodic probe."
+            )
+            lines += [
+                "# HELP glm4voice_event_loop_lag_max_seconds Largest lag seen.",
+                "# TYPE glm4voice_event_loop_lag_max_seconds gauge",
+                f"glm4voice_event_loop_lag_max_seconds {lag.max_s:.6f}",
+            ]
         return "\n".join(lines) + "\n"

@@ -61,7 +61,9 @@ class TurnDetectionUpdate:
     interrupt_response: bool | None = None
     kind: str | None = None  # "server_vad" | "semantic_vad"
     eagerness: str | None = None  # semantic_vad only: low | medium | high | auto
-    echo_guard: bool | None = None  # glm4voice.echo_guard: ignore our own reply coming back (server/echo_guard.py)
+    echo_guard: bool | None = (
+        None  # glm4voice.echo_guard: ignore our own reply coming back (server/echo_guard.py)
+    )
 
 
 # semantic_vad runs on the same silero VAD: `eagerness` picks how long a pause ends the turn (ms).
@@ -75,10 +77,24 @@ AUDIO_FORMATS = ("audio/pcm", "audio/pcmu", "audio/pcma")
 PCM_RATE_HZ = 24_000
 _BETA_FORMATS = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma"}
 # session fields (dotted) we read; every other field is accepted, ignored and listed in session.updated
-_USED_FIELDS = {"type", "instructions", "audio", "audio.input", "audio.output", "audio.input.format",
-                "audio.input.turn_detection", "audio.output.format", "turn_detection", "input_audio_format",
-                "output_audio_format", "temperature", "top_p", "top_k", "max_output_tokens",
-                "max_response_output_tokens"}
+_USED_FIELDS = {
+    "type",
+    "instructions",
+    "audio",
+    "audio.input",
+    "audio.output",
+    "audio.input.format",
+    "audio.input.turn_detection",
+    "audio.output.format",
+    "turn_detection",
+    "input_audio_format",
+    "output_audio_format",
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_output_tokens",
+    "max_response_output_tokens",
+}
 
 
 @dataclass(frozen=True)
@@ -153,8 +169,20 @@ class Ping:  # glm4voice.ping: an app-level liveness / round-trip check, answere
     event_id: str | None
 
 
-ClientEvent = (SessionUpdate | ItemCreate | ResponseCreate | ResponseCancel | OutputAudioClear | InputAudioCommit
-               | InputAudioClear | Ping | ItemDelete | ItemRetrieve | ItemTruncate | InputAudioAppend)
+ClientEvent = (
+    SessionUpdate
+    | ItemCreate
+    | ResponseCreate
+    | ResponseCancel
+    | OutputAudioClear
+    | InputAudioCommit
+    | InputAudioClear
+    | Ping
+    | ItemDelete
+    | ItemRetrieve
+    | ItemTruncate
+    | InputAudioAppend
+)
 
 
 def _finite(value: int | float) -> bool:
@@ -177,7 +205,9 @@ def _text(value: object, name: str, event_id: str | None) -> str:
     if not isinstance(value, str):
         raise ProtocolError("invalid_value", f"{name} must be a string", event_id, name)
     if not _encodes(value):
-        raise ProtocolError("invalid_value", f"{name} is not valid Unicode (a lone surrogate)", event_id, name)
+        raise ProtocolError(
+            "invalid_value", f"{name} is not valid Unicode (a lone surrogate)", event_id, name
+        )
     return value
 
 
@@ -191,7 +221,9 @@ def _number(value: object, name: str, event_id: str | None, low: float, high: fl
     if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
         raise ProtocolError("invalid_value", f"{name} must be a number", event_id, name)
     if not low <= value <= high:
-        raise ProtocolError("invalid_value", f"{name} must be in [{low}, {high}], got {value}", event_id, name)
+        raise ProtocolError(
+            "invalid_value", f"{name} must be in [{low}, {high}], got {value}", event_id, name
+        )
     return value
 
 
@@ -199,35 +231,67 @@ def _parse_turn_detection(td: object, event_id: str | None) -> TurnDetectionUpda
     if td is None:
         return TurnDetectionUpdate(enabled=False)
     if not isinstance(td, dict):
-        raise ProtocolError("invalid_value", "turn_detection must be an object or null", event_id, "turn_detection")
+        raise ProtocolError(
+            "invalid_value", "turn_detection must be an object or null", event_id, "turn_detection"
+        )
     kind = td.get("type", "server_vad")
     get = td.get
-    create = None if get("create_response") is None else _flag(get("create_response"), "create_response", event_id)
-    interrupt = None if get("interrupt_response") is None \
+    create = (
+        None if get("create_response") is None else _flag(get("create_response"), "create_response", event_id)
+    )
+    interrupt = (
+        None
+        if get("interrupt_response") is None
         else _flag(get("interrupt_response"), "interrupt_response", event_id)
+    )
     ext = get("glm4voice")
     if ext is not None and not isinstance(ext, dict):
-        raise ProtocolError("invalid_value", "turn_detection.glm4voice must be an object", event_id,
-                            "turn_detection.glm4voice")
-    guard = None if not ext or ext.get("echo_guard") is None \
+        raise ProtocolError(
+            "invalid_value",
+            "turn_detection.glm4voice must be an object",
+            event_id,
+            "turn_detection.glm4voice",
+        )
+    guard = (
+        None
+        if not ext or ext.get("echo_guard") is None
         else _flag(ext["echo_guard"], "turn_detection.glm4voice.echo_guard", event_id)
+    )
     if kind == "semantic_vad":
         eagerness = get("eagerness", "auto")
         if eagerness not in SEMANTIC_VAD_SILENCE_MS:
-            raise ProtocolError("invalid_value", "eagerness must be one of low, medium, high, auto", event_id,
-                                "turn_detection.eagerness")
-        return TurnDetectionUpdate(enabled=True, silence_duration_ms=SEMANTIC_VAD_SILENCE_MS[eagerness],
-                                   create_response=create, interrupt_response=interrupt, kind=kind,
-                                   eagerness=eagerness, echo_guard=guard)
+            raise ProtocolError(
+                "invalid_value",
+                "eagerness must be one of low, medium, high, auto",
+                event_id,
+                "turn_detection.eagerness",
+            )
+        return TurnDetectionUpdate(
+            enabled=True,
+            silence_duration_ms=SEMANTIC_VAD_SILENCE_MS[eagerness],
+            create_response=create,
+            interrupt_response=interrupt,
+            kind=kind,
+            eagerness=eagerness,
+            echo_guard=guard,
+        )
     if kind != "server_vad":
-        raise ProtocolError("unsupported_value", f"turn_detection.type {kind!r} is not supported: use 'server_vad' "
-                            "or 'semantic_vad'", event_id, "turn_detection.type")
+        raise ProtocolError(
+            "unsupported_value",
+            f"turn_detection.type {kind!r} is not supported: use 'server_vad' or 'semantic_vad'",
+            event_id,
+            "turn_detection.type",
+        )
     return TurnDetectionUpdate(
         enabled=True,
-        threshold=None if get("threshold") is None else _number(get("threshold"), "threshold", event_id, 0.01, 0.99),
-        prefix_padding_ms=None if get("prefix_padding_ms") is None
+        threshold=None
+        if get("threshold") is None
+        else _number(get("threshold"), "threshold", event_id, 0.01, 0.99),
+        prefix_padding_ms=None
+        if get("prefix_padding_ms") is None
         else int(_number(get("prefix_padding_ms"), "prefix_padding_ms", event_id, 0, 5_000)),
-        silence_duration_ms=None if get("silence_duration_ms") is None
+        silence_duration_ms=None
+        if get("silence_duration_ms") is None
         else int(_number(get("silence_duration_ms"), "silence_duration_ms", event_id, 50, 10_000)),
         create_response=create,
         interrupt_response=interrupt,
@@ -241,8 +305,12 @@ def _parse_format(value: object, name: str, event_id: str | None) -> str:
     if isinstance(value, str) and value in _BETA_FORMATS:
         return _BETA_FORMATS[value]
     if not isinstance(value, dict) or value.get("type") not in AUDIO_FORMATS:
-        raise ProtocolError("invalid_value", f"{name} must be {{type: 'audio/pcm' (rate 24000) | 'audio/pcmu' | "
-                            "'audio/pcma'}", event_id, name)
+        raise ProtocolError(
+            "invalid_value",
+            f"{name} must be {{type: 'audio/pcm' (rate 24000) | 'audio/pcmu' | 'audio/pcma'}}",
+            event_id,
+            name,
+        )
     if value["type"] == "audio/pcm" and value.get("rate", PCM_RATE_HZ) != PCM_RATE_HZ:
         raise ProtocolError("invalid_value", f"{name}: audio/pcm is 24000 Hz only", event_id, f"{name}.rate")
     return value["type"]
@@ -261,14 +329,19 @@ def _ignored_fields(session: dict) -> tuple[str, ...]:
 def _parse_session_update(event: dict, event_id: str | None, max_instructions_chars: int) -> SessionUpdate:
     session = event.get("session")
     if not isinstance(session, dict):
-        raise ProtocolError("missing_required_parameter", "session.update needs a 'session' object", event_id, "session")
+        raise ProtocolError(
+            "missing_required_parameter", "session.update needs a 'session' object", event_id, "session"
+        )
     instructions = session.get("instructions")
     if instructions is not None:
         instructions = _text(instructions, "session.instructions", event_id)
         if len(instructions) > max_instructions_chars:
-            raise ProtocolError("string_above_max_length",
-                                f"instructions are {len(instructions)} characters; the limit is {max_instructions_chars}",
-                                event_id, "session.instructions")
+            raise ProtocolError(
+                "string_above_max_length",
+                f"instructions are {len(instructions)} characters; the limit is {max_instructions_chars}",
+                event_id,
+                "session.instructions",
+            )
     # GA shape: session.audio.input.turn_detection; beta shape: session.turn_detection.
     audio = session.get("audio")
     if audio is not None and not isinstance(audio, dict):
@@ -277,12 +350,16 @@ def _parse_session_update(event: dict, event_id: str | None, max_instructions_ch
     if audio_input is None:
         audio_input = {}
     elif not isinstance(audio_input, dict):
-        raise ProtocolError("invalid_value", "session.audio.input must be an object", event_id, "session.audio.input")
+        raise ProtocolError(
+            "invalid_value", "session.audio.input must be an object", event_id, "session.audio.input"
+        )
     audio_output = (audio or {}).get("output")
     if audio_output is None:
         audio_output = {}
     elif not isinstance(audio_output, dict):
-        raise ProtocolError("invalid_value", "session.audio.output must be an object", event_id, "session.audio.output")
+        raise ProtocolError(
+            "invalid_value", "session.audio.output must be an object", event_id, "session.audio.output"
+        )
     input_format = output_format = None
     if audio_input.get("format") is not None:
         input_format = _parse_format(audio_input["format"], "session.audio.input.format", event_id)
@@ -306,52 +383,83 @@ def _parse_session_update(event: dict, event_id: str | None, max_instructions_ch
         sampling["top_k"] = int(_number(session["top_k"], "top_k", event_id, 0, 100_000))
     for key in ("max_output_tokens", "max_response_output_tokens"):
         if key in session and session[key] != "inf":
-            sampling["max_new_tokens"] = int(_number(session[key], key, event_id, 1, SamplingSettings.max_new_tokens))
-    return SessionUpdate(event_id, instructions, turn_detection, sampling, input_format, output_format,
-                         _ignored_fields(session))
+            sampling["max_new_tokens"] = int(
+                _number(session[key], key, event_id, 1, SamplingSettings.max_new_tokens)
+            )
+    return SessionUpdate(
+        event_id,
+        instructions,
+        turn_detection,
+        sampling,
+        input_format,
+        output_format,
+        _ignored_fields(session),
+    )
 
 
 def _parse_item_create(event: dict, event_id: str | None, max_text_chars: int) -> ItemCreate:
     item = event.get("item")
     if not isinstance(item, dict):
-        raise ProtocolError("missing_required_parameter", "conversation.item.create needs an 'item' object",
-                            event_id, "item")
+        raise ProtocolError(
+            "missing_required_parameter", "conversation.item.create needs an 'item' object", event_id, "item"
+        )
     if item.get("type", "message") != "message" or item.get("role") != "user":
-        raise ProtocolError("unsupported_value", "only user messages can be created (type 'message', role 'user')",
-                            event_id, "item.role")
+        raise ProtocolError(
+            "unsupported_value",
+            "only user messages can be created (type 'message', role 'user')",
+            event_id,
+            "item.role",
+        )
     content = item.get("content")
     if not isinstance(content, list) or not content:
-        raise ProtocolError("missing_required_parameter", "item.content must be a non-empty list", event_id,
-                            "item.content")
+        raise ProtocolError(
+            "missing_required_parameter", "item.content must be a non-empty list", event_id, "item.content"
+        )
     texts = []
     for part in content:
-        if not isinstance(part, dict) or part.get("type") not in ("input_text", "text") \
-                or not isinstance(part.get("text"), str):  # a tuple: an unhashable type ([] or {}) is just unequal
-            raise ProtocolError("unsupported_value", "item.content parts must be {type: 'input_text', text: str}",
-                                event_id, "item.content")
+        if (
+            not isinstance(part, dict)
+            or part.get("type") not in ("input_text", "text")
+            or not isinstance(part.get("text"), str)
+        ):  # a tuple: an unhashable type ([] or {}) is just unequal
+            raise ProtocolError(
+                "unsupported_value",
+                "item.content parts must be {type: 'input_text', text: str}",
+                event_id,
+                "item.content",
+            )
         texts.append(_text(part["text"], "item.content.text", event_id))
     text = "".join(texts).strip()
     if not text:
         raise ProtocolError("invalid_value", "the message text is empty", event_id, "item.content")
     if len(text) > max_text_chars:
-        raise ProtocolError("string_above_max_length", f"the message is {len(text)} characters; the limit is "
-                            f"{max_text_chars}", event_id, "item.content")
+        raise ProtocolError(
+            "string_above_max_length",
+            f"the message is {len(text)} characters; the limit is {max_text_chars}",
+            event_id,
+            "item.content",
+        )
     return ItemCreate(event_id, text)
 
 
 def _item_id(event: dict, event_id: str | None) -> str:
     item_id = event.get("item_id")
     if not isinstance(item_id, str) or not item_id:
-        raise ProtocolError("missing_required_parameter", f"{event.get('type')} needs an 'item_id'", event_id,
-                            "item_id")
+        raise ProtocolError(
+            "missing_required_parameter", f"{event.get('type')} needs an 'item_id'", event_id, "item_id"
+        )
     return _text(item_id, "item_id", event_id)
 
 
 def _parse_append(event: dict, event_id: str | None) -> InputAudioAppend:
     audio = event.get("audio")
     if not isinstance(audio, str):
-        raise ProtocolError("missing_required_parameter", "input_audio_buffer.append needs 'audio' (base64)",
-                            event_id, "audio")
+        raise ProtocolError(
+            "missing_required_parameter",
+            "input_audio_buffer.append needs 'audio' (base64)",
+            event_id,
+            "audio",
+        )
     try:
         return InputAudioAppend(event_id, base64.b64decode(audio, validate=True))
     except (binascii.Error, ValueError):
@@ -365,14 +473,24 @@ def _parse_item_event(kind: str, event: dict, event_id: str | None) -> ClientEve
     if kind == "conversation.item.retrieve":
         return ItemRetrieve(event_id, item_id)
     if event.get("content_index", 0) != 0:
-        raise ProtocolError("invalid_value", "content_index must be 0 (an assistant item has one audio part)",
-                            event_id, "content_index")
+        raise ProtocolError(
+            "invalid_value",
+            "content_index must be 0 (an assistant item has one audio part)",
+            event_id,
+            "content_index",
+        )
     end_ms = int(_number(event.get("audio_end_ms"), "audio_end_ms", event_id, 0, 24 * 3600 * 1000))
     return ItemTruncate(event_id, item_id, end_ms)
 
 
-def parse_client_event(message: str | bytes, *, max_event_bytes: int, max_text_chars: int,
-                       max_instructions_chars: int, max_audio_event_bytes: int = 0) -> ClientEvent:
+def parse_client_event(
+    message: str | bytes,
+    *,
+    max_event_bytes: int,
+    max_text_chars: int,
+    max_instructions_chars: int,
+    max_audio_event_bytes: int = 0,
+) -> ClientEvent:
     """One data-channel or WebSocket message -> a client event, or ProtocolError.
 
     `max_audio_event_bytes`: the WebSocket transport's larger bound for `input_audio_buffer.append`
@@ -383,8 +501,9 @@ def parse_client_event(message: str | bytes, *, max_event_bytes: int, max_text_c
         raise ProtocolError("invalid_event", "events are JSON text messages, not binary")
     size = len(message.encode("utf-8", "surrogatepass"))
     if size > max(max_event_bytes, max_audio_event_bytes):
-        raise ProtocolError("message_too_large", f"event is larger than {max(max_event_bytes, max_audio_event_bytes)}"
-                            " bytes")
+        raise ProtocolError(
+            "message_too_large", f"event is larger than {max(max_event_bytes, max_audio_event_bytes)} bytes"
+        )
     try:
         event = json.loads(message)
     except (ValueError, RecursionError):
@@ -420,7 +539,9 @@ def parse_client_event(message: str | bytes, *, max_event_bytes: int, max_text_c
         return InputAudioClear(event_id)
     if kind == "glm4voice.ping":
         return Ping(event_id)
-    raise ProtocolError("unknown_event", f"unsupported event type {kind!r} (see docs/protocol.md)", event_id, "type")
+    raise ProtocolError(
+        "unknown_event", f"unsupported event type {kind!r} (see docs/protocol.md)", event_id, "type"
+    )
 
 
 # ----- server -> client ----------------------------------------------------------------------------
@@ -430,19 +551,34 @@ def event(kind: str, **fields: object) -> dict:
     return {"type": kind, "event_id": new_event_id(), **fields}
 
 
-def error_event(code: str, message: str, *, event_id: str | None = None, param: str | None = None,
-                error_type: str = "invalid_request_error") -> dict:
-    return event("error", error={"type": error_type, "code": code, "message": message, "param": param,
-                                 "event_id": event_id})
+def error_event(
+    code: str,
+    message: str,
+    *,
+    event_id: str | None = None,
+    param: str | None = None,
+    error_type: str = "invalid_request_error",
+) -> dict:
+    return event(
+        "error",
+        error={"type": error_type, "code": code, "message": message, "param": param, "event_id": event_id},
+    )
 
 
 def format_object(kind: str) -> dict:
     return {"type": kind, "rate": PCM_RATE_HZ} if kind == "audio/pcm" else {"type": kind}
 
 
-def session_object(call_id: str, instructions: str, td: dict | None, sampling: SamplingSettings, responder: str,
-                   input_format: str = "audio/pcm", output_format: str = "audio/pcm",
-                   ignored: tuple[str, ...] = ()) -> dict:
+def session_object(
+    call_id: str,
+    instructions: str,
+    td: dict | None,
+    sampling: SamplingSettings,
+    responder: str,
+    input_format: str = "audio/pcm",
+    output_format: str = "audio/pcm",
+    ignored: tuple[str, ...] = (),
+) -> dict:
     """The `session` object of session.created / session.updated (Realtime GA shape + our extras): the
     effective session, plus `glm4voice.ignored_fields` (what the last update sent that we cannot honour)."""
     return {
@@ -467,22 +603,44 @@ def session_object(call_id: str, instructions: str, td: dict | None, sampling: S
 def user_item(item_id: str, text: str | None) -> dict:
     """A completed user message: typed (`input_text`) or spoken (`input_audio`, transcript null: we do
     not transcribe the user)."""
-    part = {"type": "input_text", "text": text} if text is not None else {"type": "input_audio", "transcript": None}
-    return {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
-            "content": [part]}
+    part = (
+        {"type": "input_text", "text": text}
+        if text is not None
+        else {"type": "input_audio", "transcript": None}
+    )
+    return {
+        "id": item_id,
+        "object": "realtime.item",
+        "type": "message",
+        "role": "user",
+        "status": "completed",
+        "content": [part],
+    }
 
 
 def assistant_item(item_id: str, status: str, transcript: str | None) -> dict:
     """`status`: in_progress | completed | incomplete. No content part until the reply has one."""
     content = [] if transcript is None else [{"type": "output_audio", "transcript": transcript}]
-    return {"id": item_id, "object": "realtime.item", "type": "message", "role": "assistant", "status": status,
-            "content": content}
+    return {
+        "id": item_id,
+        "object": "realtime.item",
+        "type": "message",
+        "role": "assistant",
+        "status": status,
+        "content": content,
+    }
 
 
-def response_object(response_id: str, status: str, status_details: dict | None = None,
-                    output: list[dict] | None = None) -> dict:
-    return {"object": "realtime.response", "id": response_id, "status": status, "status_details": status_details,
-            "output": output or []}
+def response_object(
+    response_id: str, status: str, status_details: dict | None = None, output: list[dict] | None = None
+) -> dict:
+    return {
+        "object": "realtime.response",
+        "id": response_id,
+        "status": status,
+        "status_details": status_details,
+        "output": output or [],
+    }
 
 
 def dumps(message: dict) -> str:

@@ -27,8 +27,12 @@ from server.protocol import new_id as _new_id
 PLAYOUT_SLACK_S = 2.0
 # Why a reply was cut off -> Realtime's `status_details.reason` (a typed message is the client's doing,
 # a new spoken turn the user's).
-CANCEL_REASONS = {"client_cancelled": "client_cancelled", "user_message": "client_cancelled",
-                  "turn_detected": "turn_detected", "new_turn": "turn_detected"}
+CANCEL_REASONS = {
+    "client_cancelled": "client_cancelled",
+    "user_message": "client_cancelled",
+    "turn_detected": "turn_detected",
+    "new_turn": "turn_detected",
+}
 
 
 @dataclass
@@ -47,10 +51,17 @@ class ReplyState:
 
 
 class ReplyFlow:
-    def __init__(self, session: ResponderSession, metrics: Metrics, send: Callable[[dict], None],
-                 spawn: Callable[[Coroutine, str], asyncio.Task], on_phase: Callable[[CallState], None],
-                 log: logging.LoggerAdapter, conversation: Conversation,
-                 track: OutboundAudioTrack | None = None) -> None:
+    def __init__(
+        self,
+        session: ResponderSession,
+        metrics: Metrics,
+        send: Callable[[dict], None],
+        spawn: Callable[[Coroutine, str], asyncio.Task],
+        on_phase: Callable[[CallState], None],
+        log: logging.LoggerAdapter,
+        conversation: Conversation,
+        track: OutboundAudioTrack | None = None,
+    ) -> None:
         """`track`: where reply audio goes - the WebRTC track (default) or the WebSocket's delta sender,
         which has the same interface but no playout (server/websocket.py); only a track that plays
         out sends the `output_audio_buffer.*` events."""
@@ -100,7 +111,9 @@ class ReplyFlow:
         except Exception as exc:  # a responder refusing a turn must not end the call
             self._log.exception("respond() failed")
             self._metrics.turn_errors += 1
-            self._send(P.error_event("responder_error", f"could not start a reply: {exc}", error_type="server_error"))
+            self._send(
+                P.error_event("responder_error", f"could not start a reply: {exc}", error_type="server_error")
+            )
             return
         response_id = _new_id("resp")
         timings = {"speech_stopped": speech_stopped_s} if speech_stopped_s is not None else {}
@@ -127,8 +140,13 @@ class ReplyFlow:
         except Exception as exc:  # a broken responder fails this turn only
             self._log.exception("turn %s failed", reply.response_id)
             self._metrics.turn_errors += 1
-            status, details = "failed", {"type": "failed", "error": {"code": "responder_error", "message": str(exc)}}
-            self._send(P.error_event("responder_error", f"the reply failed: {exc}", error_type="server_error"))
+            status, details = (
+                "failed",
+                {"type": "failed", "error": {"code": "responder_error", "message": str(exc)}},
+            )
+            self._send(
+                P.error_event("responder_error", f"the reply failed: {exc}", error_type="server_error")
+            )
         reply.generating = False
         self.running.discard(reply.item_id)
         text = "".join(transcript)
@@ -143,7 +161,10 @@ class ReplyFlow:
                 heard = reply.turn.heard_transcript(reply.played_ms or 0.0)
                 text = text if heard is None else heard
             status = "cancelled"
-            details = {"type": "cancelled", "reason": CANCEL_REASONS.get(reply.cancel_reason, "turn_detected")}
+            details = {
+                "type": "cancelled",
+                "reason": CANCEL_REASONS.get(reply.cancel_reason, "turn_detected"),
+            }
         self._finish_item(reply, status, details, text)
         audio_pending = self.current is reply and self.track.active
         if not reply.latency_sent and not audio_pending:  # with audio, it goes out with the first frame
@@ -153,19 +174,30 @@ class ReplyFlow:
             self._on_phase(CallState.LISTENING)
         elif audio_pending:
             deadline_s = self.track.queued_ms / 1000.0 + PLAYOUT_SLACK_S
-            self._playout_timer = asyncio.get_running_loop().call_later(deadline_s, self._playout_timed_out, reply)
+            self._playout_timer = asyncio.get_running_loop().call_later(
+                deadline_s, self._playout_timed_out, reply
+            )
 
     def _finish_item(self, reply: ReplyState, status: str, details: dict | None, text: str) -> None:
         """The GA closing sequence of a reply's item, then `response.done` with the item in `output`."""
-        ids = {"response_id": reply.response_id, "item_id": reply.item_id, "output_index": 0, "content_index": 0}
+        ids = {
+            "response_id": reply.response_id,
+            "item_id": reply.item_id,
+            "output_index": 0,
+            "content_index": 0,
+        }
         item = P.assistant_item(reply.item_id, "completed" if status == "completed" else "incomplete", text)
         self._send(P.event("response.output_audio.done", **ids))
         self._send(P.event("response.output_audio_transcript.done", **ids, transcript=text))
         self._send(P.event("response.content_part.done", **ids, part={"type": "audio", "transcript": text}))
-        self._send(P.event("response.output_item.done", response_id=reply.response_id, output_index=0, item=item))
+        self._send(
+            P.event("response.output_item.done", response_id=reply.response_id, output_index=0, item=item)
+        )
         self.conversation.replace(item)
         self._send(P.event("conversation.item.done", item=item))
-        self._send(P.event("response.done", response=P.response_object(reply.response_id, status, details, [item])))
+        self._send(
+            P.event("response.done", response=P.response_object(reply.response_id, status, details, [item]))
+        )
 
     def in_progress(self, item_id: str) -> bool:
         """The item's reply is generating or playing (or cut off, its end not yet reported)."""
@@ -192,16 +224,25 @@ class ReplyFlow:
         async for item in reply.turn.events():
             if isinstance(item, TextDelta):
                 transcript.append(item.text)
-                self._send(P.event("response.output_audio_transcript.delta", response_id=reply.response_id,
-                                   item_id=reply.item_id, output_index=0, content_index=0, delta=item.text))
+                self._send(
+                    P.event(
+                        "response.output_audio_transcript.delta",
+                        response_id=reply.response_id,
+                        item_id=reply.item_id,
+                        output_index=0,
+                        content_index=0,
+                        delta=item.text,
+                    )
+                )
             elif isinstance(item, AudioChunk):
                 if self.current is reply:
                     self.track.push(item.pcm, item.sample_rate_hz)
             elif isinstance(item, Timing):
                 reply.timings.setdefault(item.stage, item.t_monotonic_s)
             elif isinstance(item, TurnDone):
-                status = {"stop": "completed", "length": "incomplete", "cancelled": "cancelled"}.get(item.reason,
-                                                                                                     "completed")
+                status = {"stop": "completed", "length": "incomplete", "cancelled": "cancelled"}.get(
+                    item.reason, "completed"
+                )
                 if item.reason == "length":
                     details = {"type": "incomplete", "reason": "max_output_tokens"}
                 if item.text or item.reason == "cancelled":  # a cut reply: what the history kept
@@ -209,7 +250,10 @@ class ReplyFlow:
                 break
             elif isinstance(item, TurnError):
                 self._metrics.turn_errors += 1
-                status, details = "failed", {"type": "failed", "error": {"code": item.code, "message": item.message}}
+                status, details = (
+                    "failed",
+                    {"type": "failed", "error": {"code": item.code, "message": item.message}},
+                )
                 self._send(P.error_event(item.code, item.message, error_type="server_error"))
                 break
         return status, details
@@ -228,8 +272,15 @@ class ReplyFlow:
         self._metrics.turns_interrupted += 1
         if self.buffer_events:
             self._send(P.event("output_audio_buffer.cleared", response_id=reply.response_id))
-        self._send(P.event("glm4voice.response.cancelled", response_id=reply.response_id, reason=reason,
-                           played_ms=round(played_ms), still_generating=reply.generating))
+        self._send(
+            P.event(
+                "glm4voice.response.cancelled",
+                response_id=reply.response_id,
+                reason=reason,
+                played_ms=round(played_ms),
+                still_generating=reply.generating,
+            )
+        )
         self._log.info("reply %s interrupted (%s) after %.0f ms played", reply.response_id, reason, played_ms)
 
     def close(self) -> None:
@@ -248,10 +299,19 @@ class ReplyFlow:
         unplayed_ms = self.track.queued_ms
         played_ms = self.track.clear()
         self._set_current(None)
-        self._log.warning("reply %s: the peer is not reading our audio (%.0f ms unplayed): reply ended",
-                          reply.response_id, unplayed_ms)
-        self._send(P.event("glm4voice.output_audio_buffer.timed_out", response_id=reply.response_id,
-                           played_ms=round(played_ms), unplayed_ms=round(unplayed_ms)))
+        self._log.warning(
+            "reply %s: the peer is not reading our audio (%.0f ms unplayed): reply ended",
+            reply.response_id,
+            unplayed_ms,
+        )
+        self._send(
+            P.event(
+                "glm4voice.output_audio_buffer.timed_out",
+                response_id=reply.response_id,
+                played_ms=round(played_ms),
+                unplayed_ms=round(unplayed_ms),
+            )
+        )
         self._on_phase(CallState.LISTENING)
 
     # ----- playback (the outbound track's callbacks) ------------------------------------------------
@@ -276,17 +336,28 @@ class ReplyFlow:
 
     def _send_latency(self, reply: ReplyState) -> None:
         reply.latency_sent = True
-        origin = reply.speech_stopped_s if reply.speech_stopped_s is not None else min(reply.timings.values(),
-                                                                                       default=None)
+        origin = (
+            reply.speech_stopped_s
+            if reply.speech_stopped_s is not None
+            else min(reply.timings.values(), default=None)
+        )
         if origin is None:
             return
-        stages_ms = {stage: round((t - origin) * 1000.0, 1) for stage, t in sorted(reply.timings.items(),
-                                                                                  key=lambda kv: kv[1])}
+        stages_ms = {
+            stage: round((t - origin) * 1000.0, 1)
+            for stage, t in sorted(reply.timings.items(), key=lambda kv: kv[1])
+        }
         first = reply.timings.get("first_frame_sent")
         if reply.speech_stopped_s is not None and first is not None:
             self._metrics.turn_latency.observe(first - reply.speech_stopped_s)
-        self._send(P.event("glm4voice.turn.latency", response_id=reply.response_id,
-                           origin="speech_stopped" if reply.speech_stopped_s is not None else "first_stage",
-                           stages_ms=stages_ms,
-                           speech_stopped_to_first_frame_ms=stages_ms.get("first_frame_sent")
-                           if reply.speech_stopped_s is not None else None))
+        self._send(
+            P.event(
+                "glm4voice.turn.latency",
+                response_id=reply.response_id,
+                origin="speech_stopped" if reply.speech_stopped_s is not None else "first_stage",
+                stages_ms=stages_ms,
+                speech_stopped_to_first_frame_ms=stages_ms.get("first_frame_sent")
+                if reply.speech_stopped_s is not None
+                else None,
+            )
+        )

@@ -130,4 +130,6 @@ class ParkedCalls:
         for p in parked:
             if p.expiry is not None:
                 p.expiry.cancel()
-        await asyncio.gather(*(self._close_session(p) for p in parked), *self._closing, return_exceptions=True)
+        await asyncio.gather(
+            *(self._close_session(p) for p in parked), *self._closing, return_exceptions=True
+        )

@@ -82,8 +82,9 @@ _CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) \d+ typ ", re.IGNOR
 MAX_CANDIDATES_PER_ADDRESS = 4  # host, srflx or relay on one IP: UDP and TCP, RTP and RTCP at most
 
 
-def filter_remote_candidates(sdp: str, host_addresses: tuple[str, ...], max_candidates: int = 0,
-                             max_per_address: int = 0) -> tuple[str, int]:
+def filter_remote_candidates(
+    sdp: str, host_addresses: tuple[str, ...], max_candidates: int = 0, max_per_address: int = 0
+) -> tuple[str, int]:
     """Drop candidates we cannot pair with our host addresses, and those past the caps (0: no cap), in
     offer order. Returns (sdp, number dropped)."""
     if not host_addresses and not max_candidates and not max_per_address:
@@ -102,8 +103,9 @@ def filter_remote_candidates(sdp: str, host_addresses: tuple[str, ...], max_cand
                 reachable = False in ours_loopback  # mDNS names resolve to LAN addresses
             else:
                 reachable = theirs in ours_loopback
-            over = (max_candidates and total >= max_candidates) or \
-                (max_per_address and per_address.get(address, 0) >= max_per_address)
+            over = (max_candidates and total >= max_candidates) or (
+                max_per_address and per_address.get(address, 0) >= max_per_address
+            )
             if not reachable or over:
                 dropped += 1
                 continue
@@ -180,21 +182,27 @@ def check_offer(sdp: str) -> None:
         if line.startswith("a=group:BUNDLE"):
             missing = [mid for mid in line.split()[1:] if mid not in mids]
             if missing:
-                raise SdpError("invalid_sdp", f"a=group:BUNDLE names mid(s) {', '.join(missing)} that no media "
-                               "section has")
+                raise SdpError(
+                    "invalid_sdp",
+                    f"a=group:BUNDLE names mid(s) {', '.join(missing)} that no media section has",
+                )
     # aiortc asserts on these later, in a task nobody awaits (after we answered 201): the call would
     # hang until connect_timeout and the log get "Task exception was never retrieved".
     for attribute in ("a=fingerprint:", "a=ice-ufrag:", "a=ice-pwd:"):
-        if not any(line.startswith(attribute) for line in session) and \
-                not all(any(line.startswith(attribute) for line in lines) for _, lines in media):
+        if not any(line.startswith(attribute) for line in session) and not all(
+            any(line.startswith(attribute) for line in lines) for _, lines in media
+        ):
             raise SdpError("invalid_sdp", f"the offer has no {attribute[2:-1]} (DTLS-SRTP and ICE need it)")
     # The client's direction, as the client writes it. It must send us nothing or listen to us:
     # `sendonly` / `inactive` would never hear a reply (recvonly - listen only, typed turns - is served).
     audio = next(lines for kind, lines in media if kind == "audio")
     direction = _direction(audio, _direction(session, "sendrecv"))
     if direction in ("sendonly", "inactive"):
-        raise SdpError("unsupported_direction", f"the offer's audio section is {direction}: this server answers "
-                       "with speech, so offer sendrecv (talk and listen) or recvonly (listen, typed turns)")
+        raise SdpError(
+            "unsupported_direction",
+            f"the offer's audio section is {direction}: this server answers "
+            "with speech, so offer sendrecv (talk and listen) or recvonly (listen, typed turns)",
+        )
 
 
 class InOrderAudioJitterBuffer(JitterBuffer):
@@ -224,6 +232,8 @@ def set_receive_jitter(pc: RTCPeerConnection, frames: int) -> None:
         buffer = InOrderAudioJitterBuffer() if frames == 0 else JitterBuffer(capacity=16, prefetch=frames)
         receiver = transceiver.receiver
         if not hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
-            raise RuntimeError("this aiortc version has no RTCRtpReceiver.__jitter_buffer; set "
-                               "[webrtc].receive_jitter_frames = 4 to keep aiortc's own buffer")
+            raise RuntimeError(
+                "this aiortc version has no RTCRtpReceiver.__jitter_buffer; set "
+                "[webrtc].receive_jitter_frames = 4 to keep aiortc's own buffer"
+            )
         receiver._RTCRtpReceiver__jitter_buffer = buffer  # type: ignore[attr-defined]

@@ -36,10 +36,12 @@ MAX_RESUME_TOKEN_CHARS = 256  # ours are 36; anything much longer is not one
 def parse_session(fields: dict, config: Config) -> P.SessionUpdate:
     """Session fields from an offer or a client-secret mint, read as a `session.update` would be."""
     try:
-        update = P.parse_client_event(json.dumps({"type": "session.update", "session": fields}),
-                                      max_event_bytes=config.http.max_body_bytes,
-                                      max_text_chars=config.limits.max_text_chars,
-                                      max_instructions_chars=config.limits.max_instructions_chars)
+        update = P.parse_client_event(
+            json.dumps({"type": "session.update", "session": fields}),
+            max_event_bytes=config.http.max_body_bytes,
+            max_text_chars=config.limits.max_text_chars,
+            max_instructions_chars=config.limits.max_instructions_chars,
+        )
     except P.ProtocolError as exc:
         raise ApiError(400, exc.code, f"session: {exc.message}") from None
     except (ValueError, RecursionError):  # a string that does not encode, nesting past the parser's depth
@@ -78,14 +80,18 @@ class Signalling:
             body = await ctx.admission.read_body(request)
             sdp, session, as_json, resume_token = _parse_offer_body(request.content_type, body)
         resume_token = resume_token or request.headers.get(RESUME_HEADER) or None
-        if resume_token is not None and not (resume_token.isascii() and len(resume_token) <= MAX_RESUME_TOKEN_CHARS):
+        if resume_token is not None and not (
+            resume_token.isascii() and len(resume_token) <= MAX_RESUME_TOKEN_CHARS
+        ):
             raise ApiError(400, "invalid_value", "resume_token must be the string session.created gave")
         superseded = ctx.call_holding(resume_token) if resume_token is not None else None
         if superseded is not None:  # the client noticed the drop before we did: that call parks now
             await superseded.close("the client reconnected (resume)", network_lost=True)
         # a parked call holds a slot: resuming it takes that slot over
         resuming = resume_token is not None and ctx.parked.holds(resume_token)
-        ctx.admission.admit_call(request, ctx.occupied_slots() - resuming, ctx.ready(), ctx.not_ready_reason())
+        ctx.admission.admit_call(
+            request, ctx.occupied_slots() - resuming, ctx.ready(), ctx.not_ready_reason()
+        )
         try:
             check_offer(sdp)
         except SdpError as exc:
@@ -94,36 +100,62 @@ class Signalling:
         if resume_token is not None:
             resumed = ctx.parked.take(resume_token) if ctx.parked.window_s > 0 else "disabled"
         settings = resumed.settings if isinstance(resumed, ParkedCall) else ctx.default_settings()
-        for fields in (secret.session if secret is not None else None, session):  # the secret's, then the offer's
+        for fields in (
+            secret.session if secret is not None else None,
+            session,
+        ):  # the secret's, then the offer's
             if fields:
                 settings = settings.apply(parse_session(fields, config))
-        sdp, dropped = filter_remote_candidates(sdp, config.webrtc.host_addresses, config.webrtc.max_remote_candidates,
-                                                MAX_CANDIDATES_PER_ADDRESS)
+        sdp, dropped = filter_remote_candidates(
+            sdp, config.webrtc.host_addresses, config.webrtc.max_remote_candidates, MAX_CANDIDATES_PER_ADDRESS
+        )
         if dropped:
-            log.debug("dropped %d remote candidates (unreachable from %s, or over the caps of %d per offer and %d per "
-                      "address)", dropped, config.webrtc.host_addresses, config.webrtc.max_remote_candidates,
-                      MAX_CANDIDATES_PER_ADDRESS)
+            log.debug(
+                "dropped %d remote candidates (unreachable from %s, or over the caps of %d per offer and %d per "
+                "address)",
+                dropped,
+                config.webrtc.host_addresses,
+                config.webrtc.max_remote_candidates,
+                MAX_CANDIDATES_PER_ADDRESS,
+            )
         answer_sdp, call = await self._answer(sdp, settings, resumed)
         ctx.metrics.calls_total += 1
         location = f"{config.http.public_url.rstrip('/')}/v1/realtime/calls/{call.call_id}"
         if as_json:
-            return web.json_response({"type": "answer", "sdp": answer_sdp, "call_id": call.call_id}, status=201,
-                                     headers={"Location": location})
-        return web.Response(status=201, text=answer_sdp, content_type="application/sdp",
-                            headers={"Location": location})
+            return web.json_response(
+                {"type": "answer", "sdp": answer_sdp, "call_id": call.call_id},
+                status=201,
+                headers={"Location": location},
+            )
+        return web.Response(
+            status=201, text=answer_sdp, content_type="application/sdp", headers={"Location": location}
+        )
 
-    async def _answer(self, sdp: str, settings: CallSettings, resumed: ParkedCall | str | None
-                      ) -> tuple[str, Call]:
+    async def _answer(
+        self, sdp: str, settings: CallSettings, resumed: ParkedCall | str | None
+    ) -> tuple[str, Call]:
         ctx, w = self.ctx, self.ctx.config.webrtc
         ice = [RTCIceServer(urls=list(w.stun_urls))] if w.stun_urls else []
         if w.turn_urls:
-            ice.append(RTCIceServer(urls=list(w.turn_urls), username=w.turn_username, credential=w.turn_credential))
+            ice.append(
+                RTCIceServer(urls=list(w.turn_urls), username=w.turn_username, credential=w.turn_credential)
+            )
         call_id = new_call_id()
         current_call_id.set(call_id)  # this request's context: aiortc's tasks for the call inherit it
         pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
         parking = ctx.parked if ctx.parked.window_s > 0 else None
-        call = Call(call_id, pc, ctx.responder, ctx.vad, ctx.config, ctx.metrics, settings, ctx.forget,
-                    parking=parking, resumed=resumed)
+        call = Call(
+            call_id,
+            pc,
+            ctx.responder,
+            ctx.vad,
+            ctx.config,
+            ctx.metrics,
+            settings,
+            ctx.forget,
+            parking=parking,
+            resumed=resumed,
+        )
         ctx.calls[call_id] = call
 
         @pc.on("track")
@@ -140,8 +172,9 @@ class Signalling:
             if pc.connectionState == "connected":
                 call.connected()
             elif pc.connectionState in ("failed", "closed"):  # closed by the peer, or by our own close()
-                await call.close(f"peer connection {pc.connectionState} (ice {pc.iceConnectionState})",
-                                 network_lost=True)
+                await call.close(
+                    f"peer connection {pc.connectionState} (ice {pc.iceConnectionState})", network_lost=True
+                )
 
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
@@ -156,8 +189,9 @@ class Signalling:
         except Exception as exc:  # aiortc refuses an offer with whatever it raises: the offer is at fault
             log.info("offer rejected: %s", repr(exc))
             await call.close("offer rejected")
-            raise ApiError(400, "invalid_sdp", f"the SDP offer could not be answered: {exc or type(exc).__name__}"
-                           ) from None
+            raise ApiError(
+                400, "invalid_sdp", f"the SDP offer could not be answered: {exc or type(exc).__name__}"
+            ) from None
         return pc.localDescription.sdp, call
 
     async def hangup(self, request: web.Request) -> web.Response:
@@ -172,13 +206,17 @@ class Signalling:
         return web.json_response({"call_id": call_id, "status": "closed"})
 
 
-async def _parse_offer_form(request: web.Request, config: Config) -> tuple[str, dict | None, bool, str | None]:
+async def _parse_offer_form(
+    request: web.Request, config: Config
+) -> tuple[str, dict | None, bool, str | None]:
     """The Realtime "unified interface" form: fields `sdp` (the offer), `session` (JSON) and our
     `resume_token`. Answers SDP."""
     form = await read_form(request, config.http.max_body_bytes, config.http.body_timeout_s)
     sdp = form.get("sdp")
     if not isinstance(sdp, str):
-        raise ApiError(400, "missing_required_parameter", "the form needs an 'sdp' field holding the SDP offer")
+        raise ApiError(
+            400, "missing_required_parameter", "the form needs an 'sdp' field holding the SDP offer"
+        )
     session = None
     if isinstance(form.get("session"), str):
         session = loads_json(form["session"], "the form's 'session' field")
@@ -197,14 +235,20 @@ def _parse_offer_body(content_type: str, body: bytes) -> tuple[str, dict | None,
         raise ApiError(400, "invalid_body", "the request body is not UTF-8 text") from None
     if content_type == "application/sdp":
         if text.lstrip().startswith("{"):
-            raise ApiError(400, "invalid_sdp", "the body looks like JSON but Content-Type is application/sdp: send "
-                           "JSON {\"sdp\", \"type\": \"offer\"} as application/json, or the raw SDP as application/sdp")
+            raise ApiError(
+                400,
+                "invalid_sdp",
+                "the body looks like JSON but Content-Type is application/sdp: send "
+                'JSON {"sdp", "type": "offer"} as application/json, or the raw SDP as application/sdp',
+            )
         return text, None, False, None
     if content_type == "application/json":
         hint = " (it looks like SDP: send it as application/sdp)" if text.lstrip().startswith("v=") else ""
         data = loads_json(text, "the body", hint)
         if not isinstance(data, dict) or not isinstance(data.get("sdp"), str):
-            raise ApiError(400, "missing_required_parameter", "JSON offers need {\"sdp\": str, \"type\": \"offer\"}")
+            raise ApiError(
+                400, "missing_required_parameter", 'JSON offers need {"sdp": str, "type": "offer"}'
+            )
         if data.get("type", "offer") != "offer":
             raise ApiError(400, "invalid_value", f"type must be 'offer', got {data.get('type')!r}")
         session = data.get("session")
@@ -214,6 +258,10 @@ def _parse_offer_body(content_type: str, body: bytes) -> tuple[str, dict | None,
         if token is not None and not isinstance(token, str):
             raise ApiError(400, "invalid_value", "resume_token must be the string session.created gave")
         return data["sdp"], session, True, token or None
-    raise ApiError(415, "unsupported_media_type", f"Content-Type {content_type or 'none'!r} is not accepted: send the "
-                   "SDP offer as application/sdp, or JSON {\"sdp\", \"type\": \"offer\", \"session\"} as "
-                   "application/json")
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        f"Content-Type {content_type or 'none'!r} is not accepted: send the "
+        'SDP offer as application/sdp, or JSON {"sdp", "type": "offer", "session"} as '
+        "application/json",
+    )

@@ -111,7 +111,10 @@ class TurnDetector:
             st.last_voiced_ms = st.audio_ms
         elif st.audio_ms - st.last_voiced_ms >= s.silence_duration_ms:
             speech_ms = st.last_voiced_ms - st.onset_ms
-            events.append(SpeechStopped(audio_end_ms=st.audio_ms, speech_ms=speech_ms,
-                                        too_short=speech_ms < s.min_speech_ms))
+            events.append(
+                SpeechStopped(
+                    audio_end_ms=st.audio_ms, speech_ms=speech_ms, too_short=speech_ms < s.min_speech_ms
+                )
+            )
             st.speaking = False
         return events, audio

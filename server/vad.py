@@ -27,7 +27,9 @@ def bundled_model_path() -> Path:
     """The ONNX model inside the installed silero-vad package; never touches the network."""
     spec = importlib.util.find_spec("silero_vad")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the silero-vad package is not installed (pip install silero-vad, without [audio])")
+        raise RuntimeError(
+            "the silero-vad package is not installed (pip install silero-vad, without [audio])"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / MODEL_FILE
     if not path.is_file():
         raise RuntimeError(f"silero-vad is installed but {path} is missing; reinstall silero-vad")
@@ -53,18 +55,23 @@ class SileroVad:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = 1  # a 512-sample chunk gains nothing from threads; keep cores for the engine
+        options.intra_op_num_threads = (
+            1  # a 512-sample chunk gains nothing from threads; keep cores for the engine
+        )
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         self.path = path or bundled_model_path()
-        self._session = onnxruntime.InferenceSession(str(self.path), sess_options=options,
-                                                     providers=["CPUExecutionProvider"])
+        self._session = onnxruntime.InferenceSession(
+            str(self.path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
         self._sr = np.array(SAMPLE_RATE_HZ, dtype=np.int64)
 
     def probability(self, vad: VadState, chunk: np.ndarray) -> float:
         if chunk.shape != (CHUNK_SAMPLES,):
             raise ValueError(f"VAD chunk must be ({CHUNK_SAMPLES},) float32 at 16 kHz, got {chunk.shape}")
-        x = np.concatenate([vad.context, chunk.reshape(1, CHUNK_SAMPLES).astype(np.float32)], axis=1)  # (1, 576)
+        x = np.concatenate(
+            [vad.context, chunk.reshape(1, CHUNK_SAMPLES).astype(np.float32)], axis=1
+        )  # (1, 576)
         out, new_state = self._session.run(None, {"input": x, "state": vad.state, "sr": self._sr})
         vad.state = new_state
         vad.context = x[:, -CONTEXT_SAMPLES:].copy()

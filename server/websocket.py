@@ -161,7 +161,9 @@ def _subprotocols(request: web.Request) -> list[str]:
 
 def _with_subprotocol_key(request: web.Request) -> web.Request:
     """A browser's key in the subprotocol list, read as the `Authorization: Bearer` header it cannot set."""
-    keys = [p[len(KEY_PROTOCOL_PREFIX):] for p in _subprotocols(request) if p.startswith(KEY_PROTOCOL_PREFIX)]
+    keys = [
+        p[len(KEY_PROTOCOL_PREFIX) :] for p in _subprotocols(request) if p.startswith(KEY_PROTOCOL_PREFIX)
+    ]
     if not keys or request.headers.get("Authorization"):
         return request
     headers = CIMultiDict(request.headers)
@@ -184,11 +186,18 @@ class RealtimeSocket:
 
     async def _upgrade(self, request: web.Request) -> web.WebSocketResponse:
         offered = _subprotocols(request)
-        ws = web.WebSocketResponse(protocols=("realtime",) if "realtime" in offered else (),
-                                   max_msg_size=MAX_MESSAGE_BYTES, heartbeat=HEARTBEAT_S)
+        ws = web.WebSocketResponse(
+            protocols=("realtime",) if "realtime" in offered else (),
+            max_msg_size=MAX_MESSAGE_BYTES,
+            heartbeat=HEARTBEAT_S,
+        )
         if not ws.can_prepare(request).ok:
-            raise ApiError(426, "upgrade_required", "GET /v1/realtime is a WebSocket endpoint (Upgrade: websocket)",
-                           headers={"Upgrade": "websocket"})
+            raise ApiError(
+                426,
+                "upgrade_required",
+                "GET /v1/realtime is a WebSocket endpoint (Upgrade: websocket)",
+                headers={"Upgrade": "websocket"},
+            )
         await ws.prepare(request)
         return ws
 
@@ -206,7 +215,9 @@ class RealtimeSocket:
         call_id = new_call_id()
         current_call_id.set(call_id)
         sender = DeltaSender()
-        call = Call(call_id, None, ctx.responder, ctx.vad, config, ctx.metrics, settings, ctx.forget, track=sender)
+        call = Call(
+            call_id, None, ctx.responder, ctx.vad, config, ctx.metrics, settings, ctx.forget, track=sender
+        )
         sender.output_format = lambda: call.settings.output_format
         sender.emit = functools.partial(_send_delta, call)
         ctx.calls[call_id] = call
@@ -233,13 +244,17 @@ class RealtimeSocket:
         check_origin(request, ctx.config)
         secret = ctx.auth.authorize_call(_with_subprotocol_key(request))
         if secret is not None:
-            raise ApiError(403, "api_key_required", "a control connection needs the API key, not a client secret")
+            raise ApiError(
+                403, "api_key_required", "a control connection needs the API key, not a client secret"
+            )
         call = ctx.calls.get(request.query["call_id"])
         if call is None or call.pc is None:
             raise ApiError(404, "call_not_found", f"no active WebRTC call {request.query['call_id']!r}")
         ws = await self._upgrade(request)
         writer = SocketWriter(ws, lambda: asyncio.ensure_future(ws.close(code=1008, message=b"slow reader")))
-        writer_task = asyncio.get_running_loop().create_task(writer.run(), name=f"{call.call_id}:control-writer")
+        writer_task = asyncio.get_running_loop().create_task(
+            writer.run(), name=f"{call.call_id}:control-writer"
+        )
         call.observers.append(writer.send)
         closed = asyncio.ensure_future(call.closed.wait())
         try:
@@ -260,8 +275,16 @@ class RealtimeSocket:
 def _send_delta(call: Call, response_id: str, data: bytes) -> None:
     reply = call.replies.current
     item_id = reply.item_id if reply is not None and reply.response_id == response_id else None
-    call.send(P.event("response.output_audio.delta", response_id=response_id, item_id=item_id, output_index=0,
-                      content_index=0, delta=base64.b64encode(data).decode("ascii")))
+    call.send(
+        P.event(
+            "response.output_audio.delta",
+            response_id=response_id,
+            item_id=item_id,
+            output_index=0,
+            content_index=0,
+            delta=base64.b64encode(data).decode("ascii"),
+        )
+    )
 
 
 def _slow_reader(call: Call, ws: web.WebSocketResponse) -> None:
@@ -276,8 +299,13 @@ def _append(call: Call, decoder: InputDecoder, policer: AudioPolicer, data: byte
     keep, complain = policer.accept(time.monotonic(), len(data) / bytes_per_sample / wire_rate_hz(fmt))
     if not keep:
         if complain:
-            call.send(P.error_event("input_audio_too_fast", f"appended audio is more than {MAX_AUDIO_AHEAD_S:g} s "
-                                    "ahead of real time: the excess is dropped"))
+            call.send(
+                P.error_event(
+                    "input_audio_too_fast",
+                    f"appended audio is more than {MAX_AUDIO_AHEAD_S:g} s "
+                    "ahead of real time: the excess is dropped",
+                )
+            )
         return
     for chunk in decoder.push(data, fmt):
         call.listening.feed_chunk(chunk)
@@ -318,9 +346,13 @@ def _on_text(call: Call, text: str) -> None:
         return
     limits = call.config.limits
     try:
-        event = P.parse_client_event(text, max_event_bytes=limits.max_event_bytes, max_text_chars=limits.max_text_chars,
-                                     max_instructions_chars=limits.max_instructions_chars,
-                                     max_audio_event_bytes=MAX_MESSAGE_BYTES)
+        event = P.parse_client_event(
+            text,
+            max_event_bytes=limits.max_event_bytes,
+            max_text_chars=limits.max_text_chars,
+            max_instructions_chars=limits.max_instructions_chars,
+            max_audio_event_bytes=MAX_MESSAGE_BYTES,
+        )
         call.handle_event(event)
     except P.ProtocolError as exc:
         call.send(P.error_event(exc.code, exc.message, event_id=exc.event_id, param=exc.param))
@@ -332,13 +364,20 @@ async def _read_control(ws: web.WebSocketResponse, call: Call, writer: SocketWri
         if msg.type != WSMsgType.TEXT:
             continue
         try:
-            event = P.parse_client_event(msg.data, max_event_bytes=limits.max_event_bytes,
-                                         max_text_chars=limits.max_text_chars,
-                                         max_instructions_chars=limits.max_instructions_chars)
+            event = P.parse_client_event(
+                msg.data,
+                max_event_bytes=limits.max_event_bytes,
+                max_text_chars=limits.max_text_chars,
+                max_instructions_chars=limits.max_instructions_chars,
+            )
             if not isinstance(event, CONTROL_EVENTS):
-                raise P.ProtocolError("unsupported_value", "a control connection may send session.update, "
-                                      "conversation.item.create, response.create and response.cancel", event.event_id,
-                                      "type")
+                raise P.ProtocolError(
+                    "unsupported_value",
+                    "a control connection may send session.update, "
+                    "conversation.item.create, response.create and response.cancel",
+                    event.event_id,
+                    "type",
+                )
             call.handle_event(event)
         except P.ProtocolError as exc:
             writer.send(P.dumps(P.error_event(exc.code, exc.message, event_id=exc.event_id, param=exc.param)))

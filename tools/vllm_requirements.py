@@ -27,7 +27,9 @@ def requirements(wheel: str) -> list[str]:
         name = spec.split("[")[0].split("=")[0].split("<")[0].split(">")[0].split("!")[0].strip().lower()
         if "extra ==" in marker or name in EXCLUDED_NAMES:
             continue
-        if (name == "protobuf" and "s390x" in marker and "!=" not in marker) or (name == "py-cpuinfo" and marker):
+        if (name == "protobuf" and "s390x" in marker and "!=" not in marker) or (
+            name == "py-cpuinfo" and marker
+        ):
             continue
         if name == "setuptools" and "<81" in spec:
             continue

@@ -88,6 +88,11 @@ class DecoderConfig:
         sr = int(doc.get("sample_rate", hift.sample_rate_hz))
         if sr != hift.sample_rate_hz or hift.samples_per_frame != 256:
             raise ValueError(f"{path}: expected {DECODER_RATE_HZ} Hz audio at 256 samples per mel frame")
-        return cls(sample_rate_hz=sr, flow=flow, hift=hift,
-                   mel_overlap_frames=int(TOKEN_OVERLAP / flow.token_rate_hz * DECODER_RATE_HZ / 256),
-                   mel_cache_frames=MEL_CACHE_FRAMES, source_cache_samples=MEL_CACHE_FRAMES * 256)
+        return cls(
+            sample_rate_hz=sr,
+            flow=flow,
+            hift=hift,
+            mel_overlap_frames=int(TOKEN_OVERLAP / flow.token_rate_hz * DECODER_RATE_HZ / 256),
+            mel_cache_frames=MEL_CACHE_FRAMES,
+            source_cache_samples=MEL_CACHE_FRAMES * 256,
+        )

@@ -18,7 +18,9 @@ class Draws(Protocol):
 
     def flow_noise(self, frames: int) -> torch.Tensor: ...  # (1, 80, frames) N(0, 1), prompt frames included
 
-    def source_phase(self, sines: int) -> torch.Tensor: ...  # (1, sines, 1) U(-pi, pi) (row 0 is zeroed later)
+    def source_phase(
+        self, sines: int
+    ) -> torch.Tensor: ...  # (1, sines, 1) U(-pi, pi) (row 0 is zeroed later)
 
     def source_noise(self, sines: int, samples: int) -> torch.Tensor: ...  # (1, sines, samples) N(0, 1)
 
@@ -75,15 +77,21 @@ class QueuedDraws:
     """Injected draws, one dict per block with any of `z`, `phase`, `sine_randn` (arrays of the official
     shapes); missing ones fall back to `fallback` (default: the official recipe)."""
 
-    def __init__(self, blocks: list[dict[str, np.ndarray]], device: str | torch.device = "cpu",
-                 fallback: Draws | None = None):
+    def __init__(
+        self,
+        blocks: list[dict[str, np.ndarray]],
+        device: str | torch.device = "cpu",
+        fallback: Draws | None = None,
+    ):
         self.blocks, self.index, self.device = list(blocks), -1, torch.device(device)
         self.fallback = fallback if fallback is not None else OfficialDraws(self.device)
 
     def begin_block(self) -> None:
         self.index += 1
         if self.index >= len(self.blocks):
-            raise ValueError(f"QueuedDraws: block {self.index} has no injected draws ({len(self.blocks)} given)")
+            raise ValueError(
+                f"QueuedDraws: block {self.index} has no injected draws ({len(self.blocks)} given)"
+            )
         self.fallback.begin_block()
 
     def _take(self, name: str, shape: tuple[int, ...], make: torch.Tensor) -> torch.Tensor:
@@ -92,7 +100,9 @@ class QueuedDraws:
             return make
         tensor = torch.as_tensor(np.asarray(value, dtype=np.float32), device=self.device)
         if tuple(tensor.shape) != shape:
-            raise ValueError(f"QueuedDraws: block {self.index} {name} has shape {tuple(tensor.shape)}, need {shape}")
+            raise ValueError(
+                f"QueuedDraws: block {self.index} {name} has shape {tuple(tensor.shape)}, need {shape}"
+            )
         return tensor
 
     def flow_noise(self, frames: int) -> torch.Tensor:

@@ -45,16 +45,26 @@ class FlowConfig:
             cfm = cfm.get("content", cfm)  # `!new:omegaconf.DictConfig {content: {...}}`
             mel_bins = int(flow["output_size"])
             if int(lr.get("channels", mel_bins)) != mel_bins:
-                raise ValueError(f"config.yaml flow.length_regulator.channels must equal output_size {mel_bins}")
+                raise ValueError(
+                    f"config.yaml flow.length_regulator.channels must equal output_size {mel_bins}"
+                )
             if str(cfm.get("solver", "euler")) != "euler":
-                raise ValueError(f"config.yaml cfm_params.solver {cfm.get('solver')!r}: only 'euler' is supported")
+                raise ValueError(
+                    f"config.yaml cfm_params.solver {cfm.get('solver')!r}: only 'euler' is supported"
+                )
             return cls(
-                vocab_size=int(flow["vocab_size"]), input_size=int(flow["input_size"]), mel_bins=mel_bins,
-                spk_embed_dim=int(flow["spk_embed_dim"]), token_rate_hz=float(flow["input_frame_rate"]),
-                mel_rate_hz=22050 / 256, regulator_convs=len(lr.get("sampling_ratios", [1, 1, 1, 1])),
-                cfg_rate=float(cfm["inference_cfg_rate"]), cosine_schedule=str(cfm.get("t_scheduler")) == "cosine",
+                vocab_size=int(flow["vocab_size"]),
+                input_size=int(flow["input_size"]),
+                mel_bins=mel_bins,
+                spk_embed_dim=int(flow["spk_embed_dim"]),
+                token_rate_hz=float(flow["input_frame_rate"]),
+                mel_rate_hz=22050 / 256,
+                regulator_convs=len(lr.get("sampling_ratios", [1, 1, 1, 1])),
+                cfg_rate=float(cfm["inference_cfg_rate"]),
+                cosine_schedule=str(cfm.get("t_scheduler")) == "cosine",
                 encoder=EncoderConfig.from_yaml(flow["encoder"], int(flow["input_size"])),
-                estimator=EstimatorConfig.from_yaml(dec["estimator"]))
+                estimator=EstimatorConfig.from_yaml(dec["estimator"]),
+            )
         except KeyError as err:
             raise ValueError(f"config.yaml: flow section lacks key {err}") from err
 
@@ -116,8 +126,13 @@ class FlowModel(nn.Module):
                 dt = span[step + 1] - t
         return steps
 
-    def mu(self, tokens: torch.Tensor, frames: int, cache: FlowCache | None = None,
-           trace: FlowTrace | None = None) -> torch.Tensor:
+    def mu(
+        self,
+        tokens: torch.Tensor,
+        frames: int,
+        cache: FlowCache | None = None,
+        trace: FlowTrace | None = None,
+    ) -> torch.Tensor:
         """tokens (T,) int64 [prompt | new] on the model device -> mu (1, 80, frames)."""
         emb = self.input_embedding(tokens.clamp(min=0))  # (T, input_size)
         h = self.encoder(emb, cache.encoder if cache is not None else None)  # (T, D)
@@ -132,8 +147,10 @@ class FlowModel(nn.Module):
         key = (str(device), dtype)
         if key not in self._steps:
             est = self.decoder.estimator
-            self._steps[key] = [(est.time_mlp_of(t.to(device)), dt.to(device=device, dtype=dtype))
-                                for t, dt in self.time_grid()]
+            self._steps[key] = [
+                (est.time_mlp_of(t.to(device)), dt.to(device=device, dtype=dtype))
+                for t, dt in self.time_grid()
+            ]
         return self._steps[key]
 
     def sample(self, mu: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -153,9 +170,16 @@ class FlowModel(nn.Module):
             x = x + dt * ((1.0 + w) * v[:batch] - w * v[batch:])
         return x
 
-    def inference(self, tokens: torch.Tensor, prompt_mel: torch.Tensor, noise: torch.Tensor,
-                  cache: FlowCache | None = None, trace: FlowTrace | None = None,
-                  max_prompt_frames: int | None = None, sample: Sampler | None = None) -> torch.Tensor:
+    def inference(
+        self,
+        tokens: torch.Tensor,
+        prompt_mel: torch.Tensor,
+        noise: torch.Tensor,
+        cache: FlowCache | None = None,
+        trace: FlowTrace | None = None,
+        max_prompt_frames: int | None = None,
+        sample: Sampler | None = None,
+    ) -> torch.Tensor:
         """tokens (T,) = prompt + new; prompt_mel (1, 80, P); noise (1, 80, F) -> new mel (1, 80, F - P).
 
         `max_prompt_frames` (opt-in, not official): the estimator sees at most this many prompt frames
@@ -172,4 +196,4 @@ class FlowModel(nn.Module):
         if max_prompt_frames is not None and prompt_frames > max_prompt_frames:
             start = prompt_frames - max_prompt_frames
         mel = (sample or self.sample)(mu[:, :, start:], cond[:, :, start:], noise[:, :, start:].to(mu.dtype))
-        return mel[:, :, prompt_frames - start:]
+        return mel[:, :, prompt_frames - start :]

@@ -30,20 +30,32 @@ class EncoderConfig:
     @classmethod
     def from_yaml(cls, enc: dict, input_size: int) -> EncoderConfig:
         """`enc`: the `flow.encoder` mapping of config.yaml (read as data)."""
-        for key, expected in (("input_layer", "linear"), ("pos_enc_layer_type", "rel_pos_espnet"),
-                              ("selfattention_layer_type", "block_rel_selfattn")):
+        for key, expected in (
+            ("input_layer", "linear"),
+            ("pos_enc_layer_type", "rel_pos_espnet"),
+            ("selfattention_layer_type", "block_rel_selfattn"),
+        ):
             if str(enc.get(key, expected)) != expected:
-                raise ValueError(f"config.yaml flow.encoder.{key} is {enc.get(key)!r}; only {expected!r} is supported")
+                raise ValueError(
+                    f"config.yaml flow.encoder.{key} is {enc.get(key)!r}; only {expected!r} is supported"
+                )
         for key in ("use_cnn_module", "macaron_style"):
             if bool(enc.get(key, False)):
                 raise ValueError(f"config.yaml flow.encoder.{key} is true; the GLM-4-Voice encoder has none")
         if not bool(enc.get("normalize_before", True)):
             raise ValueError("config.yaml flow.encoder.normalize_before is false; only pre-LN is supported")
-        cfg = cls(input_size=int(enc.get("input_size", input_size)), d_model=int(enc["output_size"]),
-                  num_heads=int(enc["attention_heads"]), ffn_dim=int(enc["linear_units"]),
-                  num_layers=int(enc["num_blocks"]), block_size_tokens=int(enc.get("block_size", 10)))
+        cfg = cls(
+            input_size=int(enc.get("input_size", input_size)),
+            d_model=int(enc["output_size"]),
+            num_heads=int(enc["attention_heads"]),
+            ffn_dim=int(enc["linear_units"]),
+            num_layers=int(enc["num_blocks"]),
+            block_size_tokens=int(enc.get("block_size", 10)),
+        )
         if cfg.d_model % cfg.num_heads:
-            raise ValueError(f"config.yaml flow.encoder: output_size {cfg.d_model} not divisible by heads {cfg.num_heads}")
+            raise ValueError(
+                f"config.yaml flow.encoder: output_size {cfg.d_model} not divisible by heads {cfg.num_heads}"
+            )
         return cfg
 
 
@@ -82,8 +94,15 @@ class _RelAttention(nn.Module):
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], self.h, self.d_k).transpose(0, 1)  # (T, D) -> (H, T, dk)
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                rel_index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pos: torch.Tensor,
+        rel_index: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
         """x (Tq, D) queries' inputs; k, v (H, Tk, dk) all keys; pos (2Tk-1, D); rel_index, mask (Tq, Tk)."""
         q = self.linear_q(x).view(x.shape[0], self.h, self.d_k)  # (Tq, H, dk)
         p = self.heads(self.linear_pos(pos))  # (H, 2Tk-1, dk)
@@ -140,7 +159,7 @@ class FlowEncoder(nn.Module):
         if have < length:
             self.pos_table = relative_positions(max(length, 2 * have), self.cfg.d_model).to(self.pos_table)
             have = (self.pos_table.shape[0] + 1) // 2
-        return self.pos_table[have - length: have + length - 1]  # (2T-1, D)
+        return self.pos_table[have - length : have + length - 1]  # (2T-1, D)
 
     def forward(self, emb: torch.Tensor, cache: EncoderCache | None = None) -> torch.Tensor:
         """emb (T, input_size) embeddings of the whole (prompt + new) sequence -> (T, D) encodings.

@@ -35,10 +35,15 @@ class EstimatorConfig:
         channels = tuple(int(c) for c in est["channels"])
         if not channels or any(c % 8 for c in channels):
             raise ValueError(f"config.yaml estimator.channels {channels}: need multiples of 8 (GroupNorm(8))")
-        return cls(in_channels=int(est["in_channels"]), out_channels=int(est["out_channels"]),
-                   channels=channels, attention_head_dim=int(est["attention_head_dim"]),
-                   n_blocks=int(est["n_blocks"]), num_mid_blocks=int(est["num_mid_blocks"]),
-                   num_heads=int(est["num_heads"]))
+        return cls(
+            in_channels=int(est["in_channels"]),
+            out_channels=int(est["out_channels"]),
+            channels=channels,
+            attention_head_dim=int(est["attention_head_dim"]),
+            n_blocks=int(est["n_blocks"]),
+            num_mid_blocks=int(est["num_mid_blocks"]),
+            num_heads=int(est["num_heads"]),
+        )
 
 
 def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -144,22 +149,33 @@ class Estimator(nn.Module):
         ch = cfg.channels
 
         def stage(dim_in: int, dim: int, tail: nn.Module | None) -> nn.ModuleList:
-            blocks = nn.ModuleList(_TransformerBlock(dim, cfg.num_heads, cfg.attention_head_dim)
-                                   for _ in range(cfg.n_blocks))
+            blocks = nn.ModuleList(
+                _TransformerBlock(dim, cfg.num_heads, cfg.attention_head_dim) for _ in range(cfg.n_blocks)
+            )
             parts = [_Resnet(dim_in, dim, time_dim), blocks]
             return nn.ModuleList(parts + ([tail] if tail is not None else []))
 
         # Matcha layout: every level but the last halves time; the up path mirrors it.
         self.down_blocks = nn.ModuleList(
-            stage(cfg.in_channels if i == 0 else ch[i - 1], c,
-                  _Resample(nn.Conv1d(c, c, 3, 2, 1)) if i < len(ch) - 1 else nn.Conv1d(c, c, 3, padding=1))
-            for i, c in enumerate(ch))
+            stage(
+                cfg.in_channels if i == 0 else ch[i - 1],
+                c,
+                _Resample(nn.Conv1d(c, c, 3, 2, 1)) if i < len(ch) - 1 else nn.Conv1d(c, c, 3, padding=1),
+            )
+            for i, c in enumerate(ch)
+        )
         self.mid_blocks = nn.ModuleList(stage(ch[-1], ch[-1], None) for _ in range(cfg.num_mid_blocks))
         rev = ch[::-1] + (ch[0],)
         self.up_blocks = nn.ModuleList(
-            stage(2 * rev[i], rev[i + 1], _Resample(nn.ConvTranspose1d(rev[i + 1], rev[i + 1], 4, 2, 1))
-                  if i < len(ch) - 1 else nn.Conv1d(rev[i + 1], rev[i + 1], 3, padding=1))
-            for i in range(len(ch)))
+            stage(
+                2 * rev[i],
+                rev[i + 1],
+                _Resample(nn.ConvTranspose1d(rev[i + 1], rev[i + 1], 4, 2, 1))
+                if i < len(ch) - 1
+                else nn.Conv1d(rev[i + 1], rev[i + 1], 3, padding=1),
+            )
+            for i in range(len(ch))
+        )
         self.final_block = _Block1D(ch[0], ch[0])
         self.final_proj = nn.Conv1d(ch[0], cfg.out_channels, 1)
 
@@ -185,6 +201,6 @@ class Estimator(nn.Module):
             x = self._transformers(blocks, resnet(x, temb))
         for resnet, blocks, resample in self.up_blocks:
             skip = skips.pop()
-            x = torch.cat([x[:, :, :skip.shape[-1]], skip], dim=1)  # (B, 2C, T_level)
+            x = torch.cat([x[:, :, : skip.shape[-1]], skip], dim=1)  # (B, 2C, T_level)
             x = resample(self._transformers(blocks, resnet(x, temb)))
         return self.final_proj(self.final_block(x))

@@ -33,7 +33,9 @@ REPLY_TOKENS = 1500  # shapes are enumerated for replies up to 2 minutes of spee
 class BlockShape:
     flow_frames: int  # frames the Euler loop integrates: prompt window + the block's new frames
     vocoder_frames: int  # mel frames HiFT vocodes
-    seam: bool  # HiFT overwrites its first source samples with the previous block's (every block but the first)
+    seam: (
+        bool  # HiFT overwrites its first source samples with the previous block's (every block but the first)
+    )
 
 
 def block_shapes(decoder: SpeechDecoder, settings: StreamSettings, reply_tokens: int) -> list[BlockShape]:
@@ -45,9 +47,13 @@ def block_shapes(decoder: SpeechDecoder, settings: StreamSettings, reply_tokens:
     shapes: list[BlockShape] = []
     while tokens + sched[min(len(shapes), len(sched) - 1)] <= reply_tokens:
         tokens += sched[min(len(shapes), len(sched) - 1)]
-        new = cfg.flow.frames_for(tokens) - prompt  # the block's frames, the 34 re-made cross-fade ones included
+        new = (
+            cfg.flow.frames_for(tokens) - prompt
+        )  # the block's frames, the 34 re-made cross-fade ones included
         window = prompt if settings.max_prompt_frames is None else min(prompt, settings.max_prompt_frames)
-        vocoded = new - hold + (cfg.mel_cache_frames if shapes else 0)  # held back; previous seam frame prepended
+        vocoded = (
+            new - hold + (cfg.mel_cache_frames if shapes else 0)
+        )  # held back; previous seam frame prepended
         shapes.append(BlockShape(window + new, vocoded, bool(shapes)))
         prompt += vocoded if settings.legacy_prompt else new - hold
     return shapes
@@ -61,14 +67,18 @@ class _Recorded:
     """One input signature of a function: static input buffers, the outputs computed from them and, once
     captured, the CUDA graph that recomputes them."""
 
-    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], examples: tuple[torch.Tensor | None, ...]):
+    def __init__(
+        self, fn: Callable[..., tuple[torch.Tensor, ...]], examples: tuple[torch.Tensor | None, ...]
+    ):
         self.fn = fn
         self.inputs = tuple(None if x is None else torch.zeros_like(x) for x in examples)
         self.outputs: tuple[torch.Tensor, ...] = ()
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def capture(self, pool: tuple, stream: torch.cuda.Stream) -> None:
-        self.fn(*self.inputs)  # eager first, on the capture stream: kernels chosen, workspaces and caches made
+        self.fn(
+            *self.inputs
+        )  # eager first, on the capture stream: kernels chosen, workspaces and caches made
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             self.outputs = self.fn(*self.inputs)
@@ -109,9 +119,12 @@ class DecoderGraphs:
             self._flow[_signature(flow_args)] = _Recorded(lambda *a: (dec.flow.sample(*a),), flow_args)
         samples = shape.vocoder_frames * dec.cfg.hift.samples_per_frame
         f32 = {"device": dec.device, "dtype": torch.float32}
-        vocoder_args = (torch.zeros(1, bins, shape.vocoder_frames, device=dec.device, dtype=dec.dtype),
-                        torch.zeros(1, sines, 1, **f32), torch.zeros(1, sines, samples, **f32),
-                        torch.zeros(1, 1, dec.cfg.source_cache_samples, **f32) if shape.seam else None)
+        vocoder_args = (
+            torch.zeros(1, bins, shape.vocoder_frames, device=dec.device, dtype=dec.dtype),
+            torch.zeros(1, sines, 1, **f32),
+            torch.zeros(1, sines, samples, **f32),
+            torch.zeros(1, 1, dec.cfg.source_cache_samples, **f32) if shape.seam else None,
+        )
         if _signature(vocoder_args) not in self._vocoder:
             self._vocoder[_signature(vocoder_args)] = _Recorded(dec.hift, vocoder_args)
 
@@ -137,8 +150,9 @@ class DecoderGraphs:
         self.replays += 1
         return entry(mu, cond, noise)[0]
 
-    def vocode(self, mel: torch.Tensor, phase: torch.Tensor, noise: torch.Tensor, cache_source: torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def vocode(
+        self, mel: torch.Tensor, phase: torch.Tensor, noise: torch.Tensor, cache_source: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`HiftGenerator.forward` (audio, source, f0), replayed when its shape was recorded."""
         if cache_source is not None and cache_source.shape[-1] == 0:
             cache_source = None  # the module treats an empty seam as none
@@ -152,9 +166,14 @@ class DecoderGraphs:
 
 
 @torch.inference_mode()
-def prepare_graphs(decoder: SpeechDecoder, schedule: tuple[int, ...] = DEFAULT_SCHEDULE,
-                   max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS, legacy_prompt: bool = False,
-                   reply_tokens: int = REPLY_TOKENS, capture: bool | None = None) -> DecoderGraphs | None:
+def prepare_graphs(
+    decoder: SpeechDecoder,
+    schedule: tuple[int, ...] = DEFAULT_SCHEDULE,
+    max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS,
+    legacy_prompt: bool = False,
+    reply_tokens: int = REPLY_TOKENS,
+    capture: bool | None = None,
+) -> DecoderGraphs | None:
     """Static buffers (and, on CUDA, graphs) for the full blocks of streams with these settings (those of
     `DecoderStream`); sets and returns `decoder.graphs`. `capture=None`: capture on CUDA only. A failed
     capture leaves the decoder eager (`decoder.graphs = None`, logged once)."""
@@ -173,7 +192,12 @@ def prepare_graphs(decoder: SpeechDecoder, schedule: tuple[int, ...] = DEFAULT_S
         except Exception:  # noqa: BLE001 - serving goes on eager
             log.exception("decoder CUDA graph capture failed: decoder blocks run eager")
             return None
-        log.info("captured %d decoder CUDA graphs (schedule %s, prompt window %s tokens) in %.1f s",
-                 len(graphs), settings.schedule, max_prompt_tokens, time.monotonic() - t0)
+        log.info(
+            "captured %d decoder CUDA graphs (schedule %s, prompt window %s tokens) in %.1f s",
+            len(graphs),
+            settings.schedule,
+            max_prompt_tokens,
+            time.monotonic() - t0,
+        )
     decoder.graphs = graphs
     return graphs

@@ -51,20 +51,27 @@ class HiftConfig:
             if int(f0.get("num_class", 1)) != 1:
                 raise ValueError("config.yaml hift.f0_predictor.num_class must be 1")
             return cls(
-                mel_bins=int(hift["in_channels"]), base_channels=int(hift["base_channels"]),
-                nb_harmonics=int(hift["nb_harmonics"]), sample_rate_hz=int(hift["sampling_rate"]),
-                nsf_alpha=float(hift["nsf_alpha"]), nsf_sigma=float(hift["nsf_sigma"]),
+                mel_bins=int(hift["in_channels"]),
+                base_channels=int(hift["base_channels"]),
+                nb_harmonics=int(hift["nb_harmonics"]),
+                sample_rate_hz=int(hift["sampling_rate"]),
+                nsf_alpha=float(hift["nsf_alpha"]),
+                nsf_sigma=float(hift["nsf_sigma"]),
                 voiced_threshold_hz=float(hift["nsf_voiced_threshold"]),
                 upsample_rates=tuple(int(u) for u in hift["upsample_rates"]),
                 upsample_kernels=tuple(int(k) for k in hift["upsample_kernel_sizes"]),
-                n_fft=int(hift["istft_params"]["n_fft"]), hop=int(hift["istft_params"]["hop_len"]),
+                n_fft=int(hift["istft_params"]["n_fft"]),
+                hop=int(hift["istft_params"]["hop_len"]),
                 resblock_kernels=tuple(int(k) for k in hift["resblock_kernel_sizes"]),
                 resblock_dilations=tuple(tuple(int(d) for d in ds) for ds in hift["resblock_dilation_sizes"]),
                 source_resblock_kernels=tuple(int(k) for k in hift["source_resblock_kernel_sizes"]),
-                source_resblock_dilations=tuple(tuple(int(d) for d in ds)
-                                                for ds in hift["source_resblock_dilation_sizes"]),
-                lrelu_slope=float(hift["lrelu_slope"]), audio_limit=float(hift["audio_limit"]),
-                f0_cond_channels=int(f0["cond_channels"]))
+                source_resblock_dilations=tuple(
+                    tuple(int(d) for d in ds) for ds in hift["source_resblock_dilation_sizes"]
+                ),
+                lrelu_slope=float(hift["lrelu_slope"]),
+                audio_limit=float(hift["audio_limit"]),
+                f0_cond_channels=int(f0["cond_channels"]),
+            )
         except KeyError as err:
             raise ValueError(f"config.yaml: hift section lacks key {err}") from err
 
@@ -82,15 +89,20 @@ class _Snake(nn.Module):
 class _ResBlock(nn.Module):
     def __init__(self, channels: int, kernel: int, dilations: tuple[int, ...]):
         super().__init__()
-        self.convs1 = nn.ModuleList(nn.Conv1d(channels, channels, kernel, 1, dilation=d,
-                                              padding=(kernel * d - d) // 2) for d in dilations)
-        self.convs2 = nn.ModuleList(nn.Conv1d(channels, channels, kernel, 1, padding=(kernel - 1) // 2)
-                                    for _ in dilations)
+        self.convs1 = nn.ModuleList(
+            nn.Conv1d(channels, channels, kernel, 1, dilation=d, padding=(kernel * d - d) // 2)
+            for d in dilations
+        )
+        self.convs2 = nn.ModuleList(
+            nn.Conv1d(channels, channels, kernel, 1, padding=(kernel - 1) // 2) for _ in dilations
+        )
         self.activations1 = nn.ModuleList(_Snake(channels) for _ in dilations)
         self.activations2 = nn.ModuleList(_Snake(channels) for _ in dilations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for c1, c2, a1, a2 in zip(self.convs1, self.convs2, self.activations1, self.activations2, strict=True):
+        for c1, c2, a1, a2 in zip(
+            self.convs1, self.convs2, self.activations1, self.activations2, strict=True
+        ):
             x = c2(a2(c1(a1(x)))) + x
         return x
 
@@ -127,19 +139,26 @@ class HiftGenerator(nn.Module):
         self.conv_pre = nn.Conv1d(cfg.mel_bins, base, 7, 1, padding=3)
         self.ups = nn.ModuleList(
             nn.ConvTranspose1d(base // 2**i, base // 2 ** (i + 1), k, u, padding=(k - u) // 2)
-            for i, (u, k) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernels, strict=True)))
+            for i, (u, k) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernels, strict=True))
+        )
         down_rates = np.cumprod([1, *cfg.upsample_rates[::-1][:-1]])[::-1]
         self.source_downs = nn.ModuleList()
         self.source_resblocks = nn.ModuleList()
-        for i, (u, k, d) in enumerate(zip(down_rates, cfg.source_resblock_kernels, cfg.source_resblock_dilations,
-                                          strict=True)):
+        for i, (u, k, d) in enumerate(
+            zip(down_rates, cfg.source_resblock_kernels, cfg.source_resblock_dilations, strict=True)
+        ):
             ch, u = base // 2 ** (i + 1), int(u)
-            self.source_downs.append(nn.Conv1d(cfg.n_fft + 2, ch, 1, 1) if u == 1
-                                     else nn.Conv1d(cfg.n_fft + 2, ch, u * 2, u, padding=u // 2))
+            self.source_downs.append(
+                nn.Conv1d(cfg.n_fft + 2, ch, 1, 1)
+                if u == 1
+                else nn.Conv1d(cfg.n_fft + 2, ch, u * 2, u, padding=u // 2)
+            )
             self.source_resblocks.append(_ResBlock(ch, k, d))
         self.resblocks = nn.ModuleList(
-            _ResBlock(base // 2 ** (i + 1), k, d) for i in range(len(self.ups))
-            for k, d in zip(cfg.resblock_kernels, cfg.resblock_dilations, strict=True))
+            _ResBlock(base // 2 ** (i + 1), k, d)
+            for i in range(len(self.ups))
+            for k, d in zip(cfg.resblock_kernels, cfg.resblock_dilations, strict=True)
+        )
         self.conv_post = nn.Conv1d(base // 2 ** len(self.ups), cfg.n_fft + 2, 7, 1, padding=3)
         self.f0_predictor = _F0Predictor(cfg.mel_bins, cfg.f0_cond_channels)
         n = np.arange(cfg.n_fft)
@@ -149,16 +168,22 @@ class HiftGenerator(nn.Module):
         frames = 2 * cfg.n_fft // cfg.hop + 1
         envelope = np.zeros(cfg.n_fft + cfg.hop * (frames - 1))
         for k in range(frames):
-            envelope[k * cfg.hop:k * cfg.hop + cfg.n_fft] += window.astype(np.float64) ** 2
-        if envelope[cfg.n_fft // 2:-(cfg.n_fft // 2)].min() < 1e-11:
-            raise ValueError(f"hift istft n_fft {cfg.n_fft}, hop {cfg.hop}: the Hann window's overlap-add vanishes")
+            envelope[k * cfg.hop : k * cfg.hop + cfg.n_fft] += window.astype(np.float64) ** 2
+        if envelope[cfg.n_fft // 2 : -(cfg.n_fft // 2)].min() < 1e-11:
+            raise ValueError(
+                f"hift istft n_fft {cfg.n_fft}, hop {cfg.hop}: the Hann window's overlap-add vanishes"
+            )
 
     def source(self, f0: torch.Tensor, phase: torch.Tensor, sine_noise: torch.Tensor) -> torch.Tensor:
         """f0 (1, T) Hz; phase (1, H+1, 1) raw U(-pi, pi) draws; sine_noise (1, H+1, 256T) N(0, 1) draws
         -> source (1, 1, 256T), float32."""
         cfg = self.cfg
-        f0 = f0.float().unsqueeze(-1).expand(-1, -1, cfg.samples_per_frame).reshape(1, 1, -1)  # (1, 1, L) nearest
-        harmonics = torch.arange(1, cfg.nb_harmonics + 2, device=f0.device, dtype=torch.float32).view(1, -1, 1)
+        f0 = (
+            f0.float().unsqueeze(-1).expand(-1, -1, cfg.samples_per_frame).reshape(1, 1, -1)
+        )  # (1, 1, L) nearest
+        harmonics = torch.arange(1, cfg.nb_harmonics + 2, device=f0.device, dtype=torch.float32).view(
+            1, -1, 1
+        )
         f_mat = f0 * harmonics / cfg.sample_rate_hz  # (1, H+1, L) cycles per sample
         theta = 2 * np.pi * (torch.cumsum(f_mat, dim=-1) % 1)
         phase = phase.float().clone()
@@ -173,8 +198,9 @@ class HiftGenerator(nn.Module):
     def decode(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """mel (1, 80, T), source (1, 1, 256T) float32 -> audio (1, 256T) float32 in [-0.99, 0.99]."""
         cfg = self.cfg
-        spec = torch.stft(source.squeeze(1), cfg.n_fft, cfg.hop, cfg.n_fft, window=self.stft_window,
-                          return_complex=True)
+        spec = torch.stft(
+            source.squeeze(1), cfg.n_fft, cfg.hop, cfg.n_fft, window=self.stft_window, return_complex=True
+        )
         spec = torch.view_as_real(spec)  # (1, F, frames, 2)
         s_stft = torch.cat([spec[..., 0], spec[..., 1]], dim=1).to(mel.dtype)  # (1, 2F, frames)
         x = self.conv_pre(mel)
@@ -208,13 +234,18 @@ class HiftGenerator(nn.Module):
         half = cfg.n_fft // 2
         return (y / envelope)[:, 0, 0, half:-half]
 
-    def forward(self, mel: torch.Tensor, phase: torch.Tensor, sine_noise: torch.Tensor,
-                cache_source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        mel: torch.Tensor,
+        phase: torch.Tensor,
+        sine_noise: torch.Tensor,
+        cache_source: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """mel (1, 80, T) -> (audio (1, 256T), source (1, 1, 256T), f0 (1, T)).
 
         `cache_source` (1, 1, n) overwrites the first n source samples (the official seam fix)."""
         f0 = self.f0_predictor(mel)
         source = self.source(f0, phase, sine_noise)
         if cache_source is not None and cache_source.shape[-1] > 0:
-            source[:, :, :cache_source.shape[-1]] = cache_source
+            source[:, :, : cache_source.shape[-1]] = cache_source
         return self.decode(mel, source), source, f0

@@ -25,8 +25,9 @@ class BlockGraphs(Protocol):
 
     def sample(self, mu: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
 
-    def vocode(self, mel: torch.Tensor, phase: torch.Tensor, noise: torch.Tensor, cache_source: torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def vocode(
+        self, mel: torch.Tensor, phase: torch.Tensor, noise: torch.Tensor, cache_source: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
 # ---------------------------------------------------------------- checkpoint files
@@ -34,9 +35,13 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as err:
-        raise ValueError(f"{path}: missing (a glm-4-voice-decoder directory holds flow.pt and hift.pt)") from err
+        raise ValueError(
+            f"{path}: missing (a glm-4-voice-decoder directory holds flow.pt and hift.pt)"
+        ) from err
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a state dict file"
-        raise ValueError(f"{path}: not a state dict readable with torch.load(weights_only=True): {err}") from err
+        raise ValueError(
+            f"{path}: not a state dict readable with torch.load(weights_only=True): {err}"
+        ) from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a flat state dict of tensors")
     return state
@@ -45,7 +50,10 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 def fold_weight_norm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`weight_g`/`weight_v` (torch.nn.utils.weight_norm, dim 0) or the parametrisation keys -> `weight`."""
     out: dict[str, torch.Tensor] = {}
-    pairs = {".weight_g": ".weight_v", ".parametrizations.weight.original0": ".parametrizations.weight.original1"}
+    pairs = {
+        ".weight_g": ".weight_v",
+        ".parametrizations.weight.original0": ".parametrizations.weight.original1",
+    }
     for key, value in state.items():
         for g_suffix, v_suffix in pairs.items():
             if key.endswith(v_suffix):
@@ -68,12 +76,16 @@ def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], p
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{path}: does not match config.yaml: {len(missing)} missing keys {missing[:5]}, "
-                         f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+        raise ValueError(
+            f"{path}: does not match config.yaml: {len(missing)} missing keys {missing[:5]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}"
+        )
     for key, value in state.items():
         if tuple(value.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, config.yaml gives "
-                             f"{tuple(expected[key].shape)}")
+            raise ValueError(
+                f"{path}: {key} has shape {tuple(value.shape)}, config.yaml gives "
+                f"{tuple(expected[key].shape)}"
+            )
     module.load_state_dict(state, strict=True)
 
 
@@ -81,18 +93,29 @@ def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], p
 class SpeechDecoder:
     """Shared, stateless after load. One `DecoderStream` per reply."""
 
-    def __init__(self, cfg: DecoderConfig, flow: FlowModel, hift: HiftGenerator, device: torch.device,
-                 dtype: torch.dtype):
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        flow: FlowModel,
+        hift: HiftGenerator,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         self.cfg, self.flow, self.hift = cfg, flow, hift
         self.device, self.dtype = device, dtype
-        self.graphs: BlockGraphs | None = None  # recorded block shapes (pipeline/decoder/graphs.py), else eager
+        self.graphs: BlockGraphs | None = (
+            None  # recorded block shapes (pipeline/decoder/graphs.py), else eager
+        )
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> SpeechDecoder:
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> SpeechDecoder:
         path = Path(path)
         if not path.is_dir():
-            raise ValueError(f"{path}: not a directory (expected glm-4-voice-decoder/ with config.yaml, flow.pt, hift.pt)")
+            raise ValueError(
+                f"{path}: not a directory (expected glm-4-voice-decoder/ with config.yaml, flow.pt, hift.pt)"
+            )
         cfg = DecoderConfig.from_yaml_file(path / "config.yaml")
         flow, hift = FlowModel(cfg.flow), HiftGenerator(cfg.hift)
         load_module_state(flow, _read_state(path / "flow.pt"), path / "flow.pt")

@@ -46,8 +46,14 @@ class StreamSettings:
     max_prompt_frames: int | None  # bound on the prompt frames the estimator sees (None = official)
 
     @classmethod
-    def build(cls, schedule: tuple[int, ...], legacy_prompt: bool, cache_encoder: bool,
-              max_prompt_tokens: int | None, cfg: DecoderConfig) -> StreamSettings:
+    def build(
+        cls,
+        schedule: tuple[int, ...],
+        legacy_prompt: bool,
+        cache_encoder: bool,
+        max_prompt_tokens: int | None,
+        cfg: DecoderConfig,
+    ) -> StreamSettings:
         schedule = tuple(int(n) for n in schedule)
         # A non-final first block must give more mel frames than the 34 it holds back.
         smallest = next(n for n in range(1, 1000) if cfg.flow.frames_for(n) > cfg.mel_overlap_frames)
@@ -99,14 +105,27 @@ class DecoderStream:
     rounding). `max_prompt_tokens`: bound on the prompt the estimator sees (changes the output;
     None = the official unbounded prompt)."""
 
-    def __init__(self, decoder: SpeechDecoder, schedule: tuple[int, ...] = DEFAULT_SCHEDULE,
-                 legacy_prompt: bool = False, seed: int | None = None, draws: Draws | None = None,
-                 cache_encoder: bool = True, max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS) -> None:
+    def __init__(
+        self,
+        decoder: SpeechDecoder,
+        schedule: tuple[int, ...] = DEFAULT_SCHEDULE,
+        legacy_prompt: bool = False,
+        seed: int | None = None,
+        draws: Draws | None = None,
+        cache_encoder: bool = True,
+        max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS,
+    ) -> None:
         if draws is None:
             sines, bins = decoder.cfg.hift.nb_harmonics + 1, decoder.cfg.flow.mel_bins
-            draws = OfficialDraws(decoder.device, bins, sines) if seed is None else SeededDraws(decoder.device, seed, bins)
+            draws = (
+                OfficialDraws(decoder.device, bins, sines)
+                if seed is None
+                else SeededDraws(decoder.device, seed, bins)
+            )
         self.decoder, self.draws = decoder, draws
-        self.settings = StreamSettings.build(schedule, legacy_prompt, cache_encoder, max_prompt_tokens, decoder.cfg)
+        self.settings = StreamSettings.build(
+            schedule, legacy_prompt, cache_encoder, max_prompt_tokens, decoder.cfg
+        )
         self.state = StreamState()
         cfg = decoder.cfg
         window = np.hamming(2 * cfg.mel_overlap_frames)  # float64, as the official numpy window
@@ -185,8 +204,12 @@ class DecoderStream:
         st.blocks_done += 1
         out = BlockOutput(audio[0].float().cpu().numpy(), mel, flow_mel)  # the block's one device->host copy
         if flow_trace is not None:
-            out.trace = {"encoder_out": flow_trace.encoder_out, "encoder_proj_out": flow_trace.encoder_proj_out,
-                         "mu": flow_trace.mu, **vocoder_trace}
+            out.trace = {
+                "encoder_out": flow_trace.encoder_out,
+                "encoder_proj_out": flow_trace.encoder_proj_out,
+                "mu": flow_trace.mu,
+                **vocoder_trace,
+            }
         return out
 
     def _flow_mel(self, all_tokens: list[int], trace: FlowTrace | None) -> torch.Tensor:
@@ -195,13 +218,20 @@ class DecoderStream:
         noise = self.draws.flow_noise(dec.cfg.flow.frames_for(len(all_tokens)))  # (1, 80, F) incl. prompt
         prompt_mel = st.prompt_mel if st.prompt_mel is not None else noise[:, :, :0]
         ids = torch.tensor(all_tokens, dtype=torch.long).to(dec.device)
-        mel = dec.flow.inference(ids, prompt_mel.to(device=dec.device, dtype=dec.dtype), noise.to(dec.device),
-                                 st.flow_cache if self.settings.cache_encoder else None, trace,
-                                 self.settings.max_prompt_frames, dec.graphs.sample if dec.graphs is not None else None)
+        mel = dec.flow.inference(
+            ids,
+            prompt_mel.to(device=dec.device, dtype=dec.dtype),
+            noise.to(dec.device),
+            st.flow_cache if self.settings.cache_encoder else None,
+            trace,
+            self.settings.max_prompt_frames,
+            dec.graphs.sample if dec.graphs is not None else None,
+        )
         return mel.float()
 
-    def _seam_and_vocode(self, mel: torch.Tensor, finalize: bool, trace: bool
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def _seam_and_vocode(
+        self, mel: torch.Tensor, finalize: bool, trace: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Cross-fade, seam frame, hold-back and vocoder -> (audio (1, S), vocoder mel, fresh mel, trace)."""
         st, cfg = self.state, self.decoder.cfg
         n = cfg.mel_overlap_frames
@@ -218,13 +248,14 @@ class DecoderStream:
             st.mel_overlap = st.cache_mel = st.cache_source = None
             st.finished = True
         else:
-            st.cache_mel = mel[:, :, -cfg.mel_cache_frames:]
-            st.cache_source = source[:, :, -cfg.source_cache_samples:]
-            audio = audio[:, :-cfg.source_cache_samples]  # re-made by the next block
+            st.cache_mel = mel[:, :, -cfg.mel_cache_frames :]
+            st.cache_source = source[:, :, -cfg.source_cache_samples :]
+            audio = audio[:, : -cfg.source_cache_samples]  # re-made by the next block
         return audio, mel, fresh, ({"f0": f0, "source": source} if trace else {})
 
-    def _vocode(self, mel: torch.Tensor, cache_source: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _vocode(
+        self, mel: torch.Tensor, cache_source: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """mel (1, 80, T) float32 -> (audio (1, 256T), source (1, 1, 256T), f0 (1, T)) with this block's draws."""
         dec = self.decoder
         sines = dec.cfg.hift.nb_harmonics + 1
@@ -234,8 +265,9 @@ class DecoderStream:
         return vocoder(mel.to(dec.dtype), phase, noise, cache_source)
 
 
-def synthesize(decoder: SpeechDecoder, tokens: list[int], draws: Draws | None = None,
-               seed: int | None = None) -> np.ndarray:
+def synthesize(
+    decoder: SpeechDecoder, tokens: list[int], draws: Draws | None = None, seed: int | None = None
+) -> np.ndarray:
     """One finalising call over all tokens (`offline_inference`): float32 audio at 22.05 kHz."""
     stream = DecoderStream(decoder, draws=draws, seed=seed, cache_encoder=False)
     return stream.decode_block(tokens, finalize=True).audio

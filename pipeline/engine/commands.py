@@ -101,7 +101,9 @@ class Commit(Command):
         Discard(d).apply(s)
         d.tokens_ready_t = time.monotonic()
         if tokens and d.pending.has_room():
-            d.pending.add(UserItem(user_turn_ids(s.m.text, speech_tokens=tokens), speech_input=True, key=self.key))
+            d.pending.add(
+                UserItem(user_turn_ids(s.m.text, speech_tokens=tokens), speech_input=True, key=self.key)
+            )
 
 
 @dataclass(frozen=True)
@@ -128,8 +130,11 @@ class AddText(Command):
         d = self.dialogue
         if d.closed or not self.text.strip() or not d.pending.has_room():  # no room: not even tokenised
             return
-        d.pending.add(UserItem(user_turn_ids(s.m.text, text=self.text), speech_input=False, text=self.text,
-                               key=self.key))
+        d.pending.add(
+            UserItem(
+                user_turn_ids(s.m.text, text=self.text), speech_input=False, text=self.text, key=self.key
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -147,8 +152,13 @@ class Respond(Command):
         pending = d.pending
         if pending.overflowed:
             pending.take()
-            reply.emit(TurnError(f"too much user input waiting for a reply (more than {pending.max_items} messages "
-                                 f"or {pending.max_tokens} tokens); it was dropped", code="input_too_large"))  # fmt: skip
+            reply.emit(
+                TurnError(
+                    f"too much user input waiting for a reply (more than {pending.max_items} messages "
+                    f"or {pending.max_tokens} tokens); it was dropped",
+                    code="input_too_large",
+                )
+            )
             return
         if not pending.items:
             reply.emit(TurnError("no user input to respond to (speak or type first)", code="no_input"))
@@ -201,7 +211,9 @@ class DeleteItem(Command):
             return
         if d.reply is not None and d.reply.cancel_event.is_set():
             s.cancel(d)
-        changed = d.delete_user_item(self.user_key) if self.user_key is not None else d.delete_reply(self.reply)
+        changed = (
+            d.delete_user_item(self.user_key) if self.user_key is not None else d.delete_reply(self.reply)
+        )
         if changed:
             _history_edited(s, d)
 

@@ -20,10 +20,16 @@ class EngineConfig:
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "float32", "bfloat16", "float16"
     quantization: str = ""  # "" or "int4" (bitsandbytes NF4, as the official server's --dtype int4)
     max_calls_batched: int = 16  # decode-step batch slots (calls whose tokens share one forward)
-    max_calls: int = 16  # LM KV slots reserved at start, one per open call (the server passes [limits].max_calls)
+    max_calls: int = (
+        16  # LM KV slots reserved at start, one per open call (the server passes [limits].max_calls)
+    )
     first_block_tokens: int = 10  # speech tokens of the first decoder block (paper: 10): time to first audio
-    max_block_tokens: int = 80  # later blocks double up to this (10, 20, 40, 80): cost per block stays bounded
-    decoder_prompt_window_tokens: int = 50  # earlier speech tokens the decoder conditions on; 0 = all (official)
+    max_block_tokens: int = (
+        80  # later blocks double up to this (10, 20, 40, 80): cost per block stays bounded
+    )
+    decoder_prompt_window_tokens: int = (
+        50  # earlier speech tokens the decoder conditions on; 0 = all (official)
+    )
 
     def decoder_schedule(self) -> tuple[int, ...]:
         """Speech tokens per decoder block, the last repeating: doubling from the first (docs/decoder.md)."""
@@ -31,15 +37,28 @@ class EngineConfig:
         while sizes[-1] * 2 <= self.max_block_tokens:
             sizes.append(sizes[-1] * 2)
         return tuple(sizes)
+
     max_new_tokens: int = 2000  # per reply (official demo UI default)
     context_tokens: int = 8192  # LM context (config seq_length); oldest whole turns dropped past it
-    stream_lead_ms: int = 1000  # a stream this far ahead of its playback lets a new turn's first audio go first
-    prefill_chunk_tokens: int = 256  # prompt tokens per call per engine step: other calls' steps run between chunks
-    max_pending_items: int = 64  # user messages waiting for a reply, per call; past it the turn fails (input_too_large)
+    stream_lead_ms: int = (
+        1000  # a stream this far ahead of its playback lets a new turn's first audio go first
+    )
+    prefill_chunk_tokens: int = (
+        256  # prompt tokens per call per engine step: other calls' steps run between chunks
+    )
+    max_pending_items: int = (
+        64  # user messages waiting for a reply, per call; past it the turn fails (input_too_large)
+    )
     max_pending_tokens: int = 8192  # their prompt tokens, per call; past it the turn fails (input_too_large)
-    decode_mode: str = "auto"  # LM decode step: auto (cudagraph on CUDA, else eager) | eager | compile | cudagraph
-    cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = auto (1 for a LM under 50 M params, else torch default)
-    lm_backend: str = "local"  # "local" (the LM on this engine's device) | "vllm" (streamed from [vllm], not loaded here)
+    decode_mode: str = (
+        "auto"  # LM decode step: auto (cudagraph on CUDA, else eager) | eager | compile | cudagraph
+    )
+    cpu_threads: int = (
+        0  # torch intra-op threads on CPU; 0 = auto (1 for a LM under 50 M params, else torch default)
+    )
+    lm_backend: str = (
+        "local"  # "local" (the LM on this engine's device) | "vllm" (streamed from [vllm], not loaded here)
+    )
 
 
 @dataclass(frozen=True)

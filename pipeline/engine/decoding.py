@@ -15,7 +15,10 @@ from pipeline.responder import AudioChunk, Timing
 def block_ready(reply: Reply) -> bool:
     """A block waits for as many speech values as the stream's schedule asks next (10, then doubling up to
     `max_block_tokens`); the tail goes as soon as generation ended."""
-    return len(reply.audio.buffer) >= reply.audio.stream.tokens_to_next_block or reply.gen.finish_reason is not None
+    return (
+        len(reply.audio.buffer) >= reply.audio.stream.tokens_to_next_block
+        or reply.gen.finish_reason is not None
+    )
 
 
 def urgency(reply: Reply, now: float) -> tuple[float, float]:

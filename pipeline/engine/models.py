@@ -42,14 +42,25 @@ def load_models(cfg: EngineConfig) -> Models:
     if weights.device.type == "cuda":
         torch.cuda.set_device(weights.device)  # this thread's streams, graphs and "current device" are ours
     t0 = time.monotonic()
-    tokenizer = SpeechTokenizer.from_pretrained(weights.tokenizer_dir, device=weights.device, dtype=weights.stage_dtype)
+    tokenizer = SpeechTokenizer.from_pretrained(
+        weights.tokenizer_dir, device=weights.device, dtype=weights.stage_dtype
+    )
     lm = None
     if cfg.lm_backend != "vllm":  # with vLLM only the text tokenizer of the LM folder is loaded here
         lm = VoiceLM.from_pretrained(
-            weights.lm_dir, device=weights.device, dtype=weights.lm_dtype, quantization=weights.quantization or None
+            weights.lm_dir,
+            device=weights.device,
+            dtype=weights.lm_dtype,
+            quantization=weights.quantization or None,
         )
-    text = lm.tokenizer if lm is not None and lm.tokenizer is not None else GLMTokenizer.from_pretrained(weights.lm_dir)
-    decoder = SpeechDecoder.from_pretrained(weights.decoder_dir, device=weights.device, dtype=weights.stage_dtype)
+    text = (
+        lm.tokenizer
+        if lm is not None and lm.tokenizer is not None
+        else GLMTokenizer.from_pretrained(weights.lm_dir)
+    )
+    decoder = SpeechDecoder.from_pretrained(
+        weights.decoder_dir, device=weights.device, dtype=weights.stage_dtype
+    )
     num_params = sum(p.numel() for p in lm.model.parameters()) if lm is not None else 0
     if weights.device.type == "cpu":
         # Tiny models' ops are dominated by thread hand-offs (a 30-token demo decoder block: 0.23 s on 1
@@ -72,15 +83,25 @@ def warm_up(m: Models, cfg: EngineConfig) -> None:
         plan.check()
         lm.reserve_caches(cfg.max_calls, cfg.context_tokens)  # fixed: one slot per admitted call, never grown
         device = m.weights.device
-        mode = cfg.decode_mode if cfg.decode_mode != "auto" else ("cudagraph" if device.type == "cuda" else "eager")
+        mode = (
+            cfg.decode_mode
+            if cfg.decode_mode != "auto"
+            else ("cudagraph" if device.type == "cuda" else "eager")
+        )
         lm.set_decode_mode(mode)
         _warm_up_lm(lm, text)
         if lm.decode_mode == "cudagraph":
             t1 = time.monotonic()
             n = lm.capture_graphs(min(cfg.max_calls_batched, cfg.max_calls))
-            log.info("captured %d CUDA graphs of the decode step in %.1f s (mode now %s)", n, time.monotonic() - t1,
-                     lm.decode_mode)  # fmt: skip
-    if m.weights.device.type == "cuda":  # the decoder's full blocks as CUDA graphs (pipeline/decoder/graphs.py)
+            log.info(
+                "captured %d CUDA graphs of the decode step in %.1f s (mode now %s)",
+                n,
+                time.monotonic() - t1,
+                lm.decode_mode,
+            )
+    if (
+        m.weights.device.type == "cuda"
+    ):  # the decoder's full blocks as CUDA graphs (pipeline/decoder/graphs.py)
         prepare_graphs(m.decoder, cfg.decoder_schedule(), cfg.decoder_prompt_window_tokens or None)
     stream = new_decoder_stream(m.decoder, cfg)
     stream.push([0] * cfg.first_block_tokens)
@@ -90,7 +111,9 @@ def warm_up(m: Models, cfg: EngineConfig) -> None:
 
 def _warm_up_lm(lm: VoiceLM, text: GLMTokenizer) -> None:
     cache = lm.new_cache()
-    logits = lm.prefill(cache, text.prefix_ids + text.encode("<|user|>\nhello<|assistant|>streaming_transcription\n"))
+    logits = lm.prefill(
+        cache, text.prefix_ids + text.encode("<|user|>\nhello<|assistant|>streaming_transcription\n")
+    )
     try:
         lm.decode_step([cache], [int(torch.argmax(logits))])
     except Exception:  # noqa: BLE001 - a graph/compile mode that fails here must not stop the server
@@ -122,9 +145,11 @@ class MemoryPlan:
     def describe(self) -> str:
         gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
         free = f"; free now {gb(self.free_bytes)}" if self.free_bytes is not None else ""
-        return (f"memory plan on {self.device} for {self.max_calls} calls at {self.context_tokens} tokens: weights "
-                f"{gb(self.weights_bytes)} (loaded) + LM KV pool {gb(self.kv_pool_bytes)} + speech tokenizer KV "
-                f"{gb(self.tokenizer_bytes)} + activations ~{gb(self.activation_bytes)} = {gb(self.total_bytes)}{free}")  # fmt: skip
+        return (
+            f"memory plan on {self.device} for {self.max_calls} calls at {self.context_tokens} tokens: weights "
+            f"{gb(self.weights_bytes)} (loaded) + LM KV pool {gb(self.kv_pool_bytes)} + speech tokenizer KV "
+            f"{gb(self.tokenizer_bytes)} + activations ~{gb(self.activation_bytes)} = {gb(self.total_bytes)}{free}"
+        )
 
     def check(self) -> None:
         """Refuse to start when what is still to allocate does not fit in free device memory."""
@@ -132,9 +157,11 @@ class MemoryPlan:
             return
         need = self.kv_pool_bytes + self.tokenizer_bytes + self.activation_bytes
         if need > self.free_bytes:
-            raise MemoryError(f"{self.describe()}: the KV pool, tokenizer buffers and activations need {need / 1e9:.1f} GB "
-                              f"but {self.free_bytes / 1e9:.1f} GB are free. Lower [model] max_calls or context_tokens, "
-                              "or use quantization = 'int4'")  # fmt: skip
+            raise MemoryError(
+                f"{self.describe()}: the KV pool, tokenizer buffers and activations need {need / 1e9:.1f} GB "
+                f"but {self.free_bytes / 1e9:.1f} GB are free. Lower [model] max_calls or context_tokens, "
+                "or use quantization = 'int4'"
+            )
 
 
 def memory_plan(m: Models, cfg: EngineConfig) -> MemoryPlan:
@@ -146,8 +173,11 @@ def memory_plan(m: Models, cfg: EngineConfig) -> MemoryPlan:
     tc = m.speech_tokenizer.config
     tok_elem = next(m.speech_tokenizer.encoder.parameters()).element_size()
     tokenizer = cfg.max_calls * 2 * tc.num_layers * tc.max_positions * tc.d_model * tok_elem
-    weights = sum(p.numel() * p.element_size() for mod in (lm.model, m.speech_tokenizer.encoder, m.decoder.flow,
-                                                           m.decoder.hift) for p in mod.parameters())  # fmt: skip
+    weights = sum(
+        p.numel() * p.element_size()
+        for mod in (lm.model, m.speech_tokenizer.encoder, m.decoder.flow, m.decoder.hift)
+        for p in mod.parameters()
+    )
     rows = min(cfg.max_calls_batched, cfg.max_calls)
     # A 512-token prefill chunk's gate/up output (2 x ffn) and its activation, two layers' worth live at once;
     # logits of the largest decode batch (float32, x3: sampling's sort and softmax); decoder block: ~256 MB.
@@ -163,8 +193,10 @@ def describe(m: Models) -> dict:
     details = m.weights.describe()
     details["output_sample_rate_hz"] = m.decoder.sample_rate_hz
     if m.weights.kind == "demo":
-        details["notice"] = ("demo weights: tiny random models, the voice is noise-like babble and the "
-                             "reply is scripted; the plumbing is real")  # fmt: skip
+        details["notice"] = (
+            "demo weights: tiny random models, the voice is noise-like babble and the "
+            "reply is scripted; the plumbing is real"
+        )
     if m.warning:
         details["warning"] = m.warning
     return details

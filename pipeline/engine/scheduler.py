@@ -31,8 +31,9 @@ IDLE_WAIT_S = 30.0  # an idle engine wakes on commands; the deadline only bounds
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, models: Models, inbox: queue.SimpleQueue,
-                 source: TokenSource | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, cfg: EngineConfig, models: Models, inbox: queue.SimpleQueue, source: TokenSource | None = None
+    ) -> None:
         self.cfg = cfg
         self.m = models
         self.inbox = inbox
@@ -70,7 +71,9 @@ class Scheduler:
 
     def idle(self) -> bool:
         """No reply in progress and no prompt work left (a reply waiting on a remote source is not idle)."""
-        return not any(d.reply is not None or d.early_prefill_wanted or self.source.prefilling(d) for d in self.dialogues)
+        return not any(
+            d.reply is not None or d.early_prefill_wanted or self.source.prefilling(d) for d in self.dialogues
+        )
 
     def _has_work(self, d: Dialogue) -> bool:
         """Something to compute now; a reply whose next id is still on its way (a remote source) is not."""
@@ -79,8 +82,11 @@ class Scheduler:
         if d.reply is None:
             return self.source.prefilling(d) and not self.source.waiting(d)
         reply = d.reply
-        return (not self.source.waiting(d) or reply.cancel_event.is_set()
-                or (reply.started and decoding.block_ready(reply)))  # fmt: skip
+        return (
+            not self.source.waiting(d)
+            or reply.cancel_event.is_set()
+            or (reply.started and decoding.block_ready(reply))
+        )
 
     def step(self) -> None:
         for d in self._active():
@@ -107,7 +113,9 @@ class Scheduler:
         try:
             fn(*args)
         except Exception as exc:  # noqa: BLE001 - isolate the failing call, keep serving the others
-            log.exception("turn failed", extra={"call_id": d.call_id})  # the log shows a hash of the id, never the id
+            log.exception(
+                "turn failed", extra={"call_id": d.call_id}
+            )  # the log shows a hash of the id, never the id
             self.counters["turn_errors"] += 1
             reply = d.reply
             d.abandon_reply()
@@ -144,8 +152,11 @@ class Scheduler:
         """The reply's prompt: the history + one user block per pending item, fitted to the context."""
         reply, history = d.reply, d.history
         reply.emit(Timing("tokens_ready", reply.time.tokens_ready_t or time.monotonic()))
-        history.set_system(system_block_ids(self.m.text, speech_input=reply.items[-1].speech_input,
-                                            instructions=d.settings.instructions))  # fmt: skip
+        history.set_system(
+            system_block_ids(
+                self.m.text, speech_input=reply.items[-1].speech_input, instructions=d.settings.instructions
+            )
+        )
         for item in reply.items:
             history.append_user_block(item.block_ids, key=item.key)
         context = self._context_tokens()
@@ -198,8 +209,11 @@ class Scheduler:
 
     def _next_ids(self) -> None:
         """One id for every generating reply, most urgent first, at most `max_calls_batched` rows."""
-        ready = [d for d in self._active()
-                 if d.reply.generating and not d.reply.cancel_event.is_set() and not self.source.waiting(d)]  # fmt: skip
+        ready = [
+            d
+            for d in self._active()
+            if d.reply.generating and not d.reply.cancel_event.is_set() and not self.source.waiting(d)
+        ]
         if not ready:
             return
         now = time.monotonic()

@@ -81,8 +81,14 @@ def _deliver(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
 
 
 class EngineTurn(Turn):
-    def __init__(self, dialogue: Dialogue, reply: Reply, events: asyncio.Queue, send: Callable,
-                 text: Callable[[], object]) -> None:
+    def __init__(
+        self,
+        dialogue: Dialogue,
+        reply: Reply,
+        events: asyncio.Queue,
+        send: Callable,
+        text: Callable[[], object],
+    ) -> None:
         self.turn_id = reply.turn_id
         self._dialogue = dialogue
         self._reply = reply
@@ -166,8 +172,9 @@ class EngineSession(ResponderSession):
             sampling=sampling,
             max_new_tokens=max(1, min(sampling.max_new_tokens, cfg.max_new_tokens)),
         )
-        self._current = EngineTurn(self._dialogue, reply, events, self._engine.send,
-                                   lambda: self._engine.scheduler.m.text)
+        self._current = EngineTurn(
+            self._dialogue, reply, events, self._engine.send, lambda: self._engine.scheduler.m.text
+        )
         self._engine.send(Respond(self._dialogue, reply))
         return self._current
 
@@ -181,8 +188,9 @@ class EngineSession(ResponderSession):
 class EngineThread:
     """The thread that owns the models; `send()` is the only way in."""
 
-    def __init__(self, config: EngineConfig, vllm: VLLMConfig | None = None,
-                 health: VLLMHealth | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, config: EngineConfig, vllm: VLLMConfig | None = None, health: VLLMHealth | None = None
+    ) -> None:
         self.config = config
         self.vllm, self.health = vllm, health  # set when the LM is served by vLLM (lm_backend = "vllm")
         self.on_crash: Callable[[str], None] | None = None  # called from this thread if the work loop dies
@@ -236,8 +244,13 @@ class EngineThread:
             if self.health is not None:
                 from pipeline.engine.vllm_source import VLLMSource
 
-                source = VLLMSource(self.config, self.vllm, self.health, sorted(models.text.stop_ids),
-                                    wake=lambda: self._inbox.put(Wake()))  # fmt: skip
+                source = VLLMSource(
+                    self.config,
+                    self.vllm,
+                    self.health,
+                    sorted(models.text.stop_ids),
+                    wake=lambda: self._inbox.put(Wake()),
+                )
             self.scheduler = Scheduler(self.config, models, self._inbox, source)
         except BaseException as exc:  # reported to start(); the thread ends
             self.load_error = exc
@@ -313,8 +326,13 @@ class GLMVoiceResponder(Responder):
             from pipeline.lm.vllm_client import VLLMClient
 
             v = self.vllm
-            client = VLLMClient(v.url, model=v.model, api_key=v.api_key, connect_timeout_s=v.connect_timeout_s,
-                                read_timeout_s=v.read_timeout_s)  # fmt: skip
+            client = VLLMClient(
+                v.url,
+                model=v.model,
+                api_key=v.api_key,
+                connect_timeout_s=v.connect_timeout_s,
+                read_timeout_s=v.read_timeout_s,
+            )
             self.health = VLLMHealth(client, self.config.context_tokens, v.probe_interval_s)
             self.health.start()  # probes while the local stages load
         if self._engine.started or self.health is not None:  # a fresh thread (re)loads the models
@@ -342,7 +360,9 @@ class GLMVoiceResponder(Responder):
         alive = engine.alive and not engine.finished
         if self._ready and not alive:
             crash = engine.crash
-            details["error"] = "the engine thread died" + (f": {type(crash).__name__}: {crash}" if crash else "")
+            details["error"] = "the engine thread died" + (
+                f": {type(crash).__name__}: {crash}" if crash else ""
+            )
         if engine.scheduler is not None:
             details.update(engine.scheduler.stats())
         lm_ready = True
@@ -351,8 +371,12 @@ class GLMVoiceResponder(Responder):
             lm_ready = self.health.ready
             if not lm_ready and "error" not in details:
                 details["error"] = f"the LM server is not ready: {self.health.reason}"
-        return ResponderInfo(name="glm4voice", ready=self._ready and alive and lm_ready, output_sample_rate_hz=rate,
-                             details=details)
+        return ResponderInfo(
+            name="glm4voice",
+            ready=self._ready and alive and lm_ready,
+            output_sample_rate_hz=rate,
+            details=details,
+        )
 
     async def stop(self) -> None:
         self._ready = False
@@ -366,4 +390,3 @@ class GLMVoiceResponder(Responder):
         await asyncio.get_running_loop().run_in_executor(None, self._engine.join, deadline_s)
         if self._engine.alive:
             log.warning("engine thread did not stop within %.0f s", deadline_s)
-

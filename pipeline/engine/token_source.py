@@ -123,15 +123,19 @@ class LocalLM:
         fresh = [d for d in dialogues if d.reply.gen.next_id is None]  # prompt just in: its logits are ready
         parts = []
         if fed:
-            parts.append(self.lm.decode_step([d.cache for d in fed], [d.reply.gen.next_id for d in fed]))  # (B1, V)
+            parts.append(
+                self.lm.decode_step([d.cache for d in fed], [d.reply.gen.next_id for d in fed])
+            )  # (B1, V)
             self.counters["decode_steps"] += 1
             self.counters["decoded_rows"] += len(fed)
         if fresh:
             parts.append(torch.stack([d.prompt_job.logits for d in fresh]))  # (B2, V)
         rows = fed + fresh
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]  # (B, V)
-        settings = [RowSampling(s.temperature, s.top_p, s.top_k, d.reply.gen.generator)
-                    for d, s in ((d, d.reply.sampling) for d in rows)]  # fmt: skip
+        settings = [
+            RowSampling(s.temperature, s.top_p, s.top_k, d.reply.gen.generator)
+            for d, s in ((d, d.reply.sampling) for d in rows)
+        ]
         ids = sample_rows(logits, settings).tolist()  # the step's one device -> host transfer
         for d in fresh:
             d.prompt_job = None

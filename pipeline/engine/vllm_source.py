@@ -82,10 +82,21 @@ class VLLMHealth:
 class VLLMSource:
     """The `TokenSource` backed by a vLLM deployment; the local LM is not loaded."""
 
-    def __init__(self, cfg: EngineConfig, vllm: VLLMConfig, health: VLLMHealth, stop_ids: Sequence[int],
-                 wake: Callable[[], None]) -> None:  # fmt: skip
-        self.client = VLLMClient(vllm.url, model=vllm.model, api_key=vllm.api_key,
-                                 connect_timeout_s=vllm.connect_timeout_s, read_timeout_s=vllm.read_timeout_s)  # fmt: skip
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        vllm: VLLMConfig,
+        health: VLLMHealth,
+        stop_ids: Sequence[int],
+        wake: Callable[[], None],
+    ) -> None:
+        self.client = VLLMClient(
+            vllm.url,
+            model=vllm.model,
+            api_key=vllm.api_key,
+            connect_timeout_s=vllm.connect_timeout_s,
+            read_timeout_s=vllm.read_timeout_s,
+        )
         self.cfg, self.health, self.stop_ids, self.wake = cfg, health, tuple(stop_ids), wake
         self.counters = {"vllm_requests": 0, "vllm_ids": 0, "vllm_closed_early": 0, "vllm_failed": 0}
 
@@ -125,8 +136,13 @@ class VLLMSource:
         if job.stream is None:
             s = reply.sampling
             room = self.max_context_tokens - len(job.ids)
-            sampling = Sampling(max_tokens=max(1, min(reply.max_new_tokens, room)), temperature=s.temperature,
-                                top_p=s.top_p, top_k=s.top_k, stop_ids=self.stop_ids)  # fmt: skip
+            sampling = Sampling(
+                max_tokens=max(1, min(reply.max_new_tokens, room)),
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k,
+                stop_ids=self.stop_ids,
+            )
             job.stream = self.client.stream(job.ids, sampling, self.health.model.name, on_ready=self.wake)
             self.counters["vllm_requests"] += 1
         if self.waiting(d):

@@ -21,9 +21,12 @@ SINGLE_FILE = "model.safetensors"
 _IGNORED_KEYS = ("transformer.rotary_pos_emb.inv_freq",)  # RoPE table buffer; recomputed (§3.3)
 # ChatGLM switches this implementation does not carry; any other value changes the maths.
 _REQUIRED = {
-    "rmsnorm": True, "post_layer_norm": True, "add_bias_linear": False,
-    "apply_residual_connection_post_layernorm": False, "original_rope": True,
-}  # fmt: skip
+    "rmsnorm": True,
+    "post_layer_norm": True,
+    "add_bias_linear": False,
+    "apply_residual_connection_post_layernorm": False,
+    "original_rope": True,
+}
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,9 @@ class LMConfig:
             raise FileNotFoundError(f"{path} not found: not a glm-4-voice-9b checkpoint directory")
         cfg = json.loads(path.read_text(encoding="utf-8"))
         if cfg.get("model_type") != "chatglm":
-            raise ValueError(f"{path}: model_type is {cfg.get('model_type')!r}, a glm-4-voice-9b config says 'chatglm'")
+            raise ValueError(
+                f"{path}: model_type is {cfg.get('model_type')!r}, a glm-4-voice-9b config says 'chatglm'"
+            )
         for key, want in _REQUIRED.items():
             if key in cfg and bool(cfg[key]) != want:
                 raise ValueError(f"{path}: {key}={cfg[key]!r} is not supported (glm-4-voice-9b has {want})")
@@ -63,8 +68,11 @@ class LMConfig:
                 ffn_hidden_size=int(cfg["ffn_hidden_size"]),
                 num_heads=int(cfg["num_attention_heads"]),
                 # Without multi-query attention ChatGLM gives every query head its own K/V head.
-                kv_groups=int(cfg["multi_query_group_num"] if cfg.get("multi_query_attention", True)
-                              else cfg["num_attention_heads"]),  # fmt: skip
+                kv_groups=int(
+                    cfg["multi_query_group_num"]
+                    if cfg.get("multi_query_attention", True)
+                    else cfg["num_attention_heads"]
+                ),
                 head_dim=int(cfg.get("kv_channels") or cfg["hidden_size"] // cfg["num_attention_heads"]),
                 vocab_size=int(cfg.get("padded_vocab_size") or cfg["vocab_size"]),
                 seq_length=int(cfg["seq_length"]),
@@ -95,7 +103,11 @@ class LMConfig:
             pad_token_id=None,  # only sets nn.Embedding.padding_idx (a training detail)
             eos_token_id=list(self.eos_token_ids) or None,
             # ChatGLM rotates kv_channels // 2 dims of each head in interleaved pairs (= HF-GLM's layout).
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta, "partial_rotary_factor": 0.5},
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": self.rope_theta,
+                "partial_rotary_factor": 0.5,
+            },
         )
         config._attn_implementation = "sdpa"
         return config
@@ -118,7 +130,9 @@ def chatglm_to_glm(name: str, tensor: torch.Tensor, cfg: LMConfig) -> list[tuple
         q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.kv_groups * cfg.head_dim
         q, k, v = tensor.split([q_rows, kv_rows, kv_rows], dim=0)  # rows [Q | K | V], head-major (§3.2)
         kind = rest.rsplit(".", 1)[1]
-        return [(f"{out}self_attn.{p}_proj.{kind}", t.contiguous()) for p, t in zip("qkv", (q, k, v), strict=True)]
+        return [
+            (f"{out}self_attn.{p}_proj.{kind}", t.contiguous()) for p, t in zip("qkv", (q, k, v), strict=True)
+        ]
     renames = {
         "input_layernorm.weight": "input_layernorm.weight",
         "post_attention_layernorm.weight": "post_attention_layernorm.weight",
@@ -145,7 +159,9 @@ def shard_files(path: Path) -> list[Path]:
         return files
     if (path / SINGLE_FILE).is_file():
         return [path / SINGLE_FILE]
-    raise FileNotFoundError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE}: not a glm-4-voice-9b checkpoint")
+    raise FileNotFoundError(
+        f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE}: not a glm-4-voice-9b checkpoint"
+    )
 
 
 def iter_checkpoint(path: Path, cfg: LMConfig) -> Iterator[tuple[str, torch.Tensor, Path]]:
@@ -158,7 +174,9 @@ def iter_checkpoint(path: Path, cfg: LMConfig) -> Iterator[tuple[str, torch.Tens
                 try:
                     mapped = chatglm_to_glm(name, f.get_tensor(name), cfg)
                 except KeyError:
-                    raise ValueError(f"{file}: unexpected tensor {name!r} for a glm-4-voice-9b checkpoint") from None
+                    raise ValueError(
+                        f"{file}: unexpected tensor {name!r} for a glm-4-voice-9b checkpoint"
+                    ) from None
                 for glm_name, tensor in mapped:
                     yield glm_name, tensor, file
 
@@ -172,21 +190,33 @@ def _quantized_skeleton(model: GlmForCausalLM) -> None:
         for parent in (layer.self_attn, layer.mlp):
             for child_name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=torch.bfloat16, compress_statistics=True,
-                                          quant_type="nf4", device="meta")  # fmt: skip
+                    q = bnb.nn.Linear4bit(
+                        child.in_features,
+                        child.out_features,
+                        bias=child.bias is not None,
+                        compute_dtype=torch.bfloat16,
+                        compress_statistics=True,
+                        quant_type="nf4",
+                        device="meta",
+                    )
                     setattr(parent, child_name, q)
 
 
-def load_glm_model(path: Path, cfg: LMConfig, device: torch.device, dtype: torch.dtype, int4: bool) -> GlmForCausalLM:
+def load_glm_model(
+    path: Path, cfg: LMConfig, device: torch.device, dtype: torch.dtype, int4: bool
+) -> GlmForCausalLM:
     """`GlmForCausalLM` filled tensor by tensor from the shards of an official checkpoint dir."""
     return build_glm_model(cfg, iter_checkpoint(path, cfg), device, dtype, int4, source=path)
 
 
 def build_glm_model(
-    cfg: LMConfig, tensors: Iterable[tuple[str, torch.Tensor, Path | str]], device: torch.device,
-    dtype: torch.dtype, int4: bool, source: Path | str,
-) -> GlmForCausalLM:  # fmt: skip
+    cfg: LMConfig,
+    tensors: Iterable[tuple[str, torch.Tensor, Path | str]],
+    device: torch.device,
+    dtype: torch.dtype,
+    int4: bool,
+    source: Path | str,
+) -> GlmForCausalLM:
     """Build `GlmForCausalLM` with empty (meta) weights and assign (GLM name, tensor, file) as they come."""
     with torch.device("meta"):
         model = GlmForCausalLM(cfg.to_glm_config())
@@ -204,20 +234,27 @@ def build_glm_model(
         want = (module.out_features, module.in_features) if quantize else tuple(target.shape)
         if tuple(tensor.shape) != want:
             what = " (vocab mismatch with padded_vocab_size)" if "embed" in name or "lm_head" in name else ""
-            raise ValueError(f"{file}: {name} has shape {tuple(tensor.shape)}, config.json implies {want}{what}")
+            raise ValueError(
+                f"{file}: {name} has shape {tuple(tensor.shape)}, config.json implies {want}{what}"
+            )
         if quantize:
             import bitsandbytes as bnb
 
-            new = bnb.nn.Params4bit(tensor.to(torch.bfloat16), requires_grad=False, quant_type="nf4",
-                                    compress_statistics=True).to(device)  # fmt: skip
+            new = bnb.nn.Params4bit(
+                tensor.to(torch.bfloat16), requires_grad=False, quant_type="nf4", compress_statistics=True
+            ).to(device)
             module.weight = new  # quantised by the move to `device`
         else:
-            module._parameters[attr] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+            module._parameters[attr] = nn.Parameter(
+                tensor.to(device=device, dtype=dtype), requires_grad=False
+            )
         seen.add(name)
         del tensor
     missing = sorted(set(params) - seen)
     if missing:
-        raise ValueError(f"{source}: checkpoint lacks {len(missing)} tensors, first {missing[0]!r} (a shard missing?)")
+        raise ValueError(
+            f"{source}: checkpoint lacks {len(missing)} tensors, first {missing[0]!r} (a shard missing?)"
+        )
     # Non-persistent RoPE buffers were created on meta; rebuild them on the device.
     rope_cls = type(model.model.rotary_emb)
     model.model.rotary_emb = rope_cls(config=model.config).to(device)

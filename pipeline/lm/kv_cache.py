@@ -37,8 +37,16 @@ class KVPool:
     KV written past a cache's length is stale and never read: attention masks by position.
     """
 
-    def __init__(self, num_layers: int, kv_groups: int, head_dim: int, max_tokens: int,
-                 device: torch.device, dtype: torch.dtype, slots: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_layers: int,
+        kv_groups: int,
+        head_dim: int,
+        max_tokens: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        slots: int = 1,
+    ) -> None:
         self.num_layers, self.kv_groups, self.head_dim = num_layers, kv_groups, head_dim
         self.max_tokens = max_tokens  # per slot: min(context_tokens, the model's seq_length)
         self.device, self.dtype = device, dtype
@@ -62,12 +70,16 @@ class KVPool:
 
     @property
     def bytes_per_slot(self) -> int:
-        return slot_bytes(self.num_layers, self.kv_groups, self.head_dim, self.max_tokens, self.k[0].element_size())
+        return slot_bytes(
+            self.num_layers, self.kv_groups, self.head_dim, self.max_tokens, self.k[0].element_size()
+        )
 
     def acquire(self) -> int:
         if not self._free:
-            raise PoolFullError(f"all {self.capacity} KV slots are held by calls: raise [model] max_calls "
-                                f"(each slot holds {self.bytes_per_slot / 2**20:.0f} MiB) or admit fewer calls")  # fmt: skip
+            raise PoolFullError(
+                f"all {self.capacity} KV slots are held by calls: raise [model] max_calls "
+                f"(each slot holds {self.bytes_per_slot / 2**20:.0f} MiB) or admit fewer calls"
+            )
         self._free.sort(reverse=True)
         return self._free.pop()
 

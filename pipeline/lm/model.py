@@ -41,20 +41,34 @@ AttendFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]  # (layer, q, new k, 
 class VoiceLM:
     """Shared, stateless model; per-call state lives in `LMCache` objects from `new_cache()`."""
 
-    def __init__(self, model: torch.nn.Module, config: LMConfig, tokenizer: GLMTokenizer | None,
-                 device: torch.device, dtype: torch.dtype, quantization: str | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: LMConfig,
+        tokenizer: GLMTokenizer | None,
+        device: torch.device,
+        dtype: torch.dtype,
+        quantization: str | None,
+    ) -> None:
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.device, self.dtype, self.quantization = device, dtype, quantization
         self.decode_mode = "eager"
         self._decode_fn: Callable[..., Tensor] = self._decode_forward
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # (rows, attend) -> graph
+        self._graphs: dict[
+            tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]
+        ] = {}  # (rows, attend) -> graph
         self._graphs_failed = False  # a capture failed once: graphs stay off (logged once)
         self._graph_miss_logged = False
         self.reserve_caches(DEFAULT_SLOTS)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                        quantization: str | None = None) -> VoiceLM:  # fmt: skip
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        quantization: str | None = None,
+    ) -> VoiceLM:
         """Load an official glm-4-voice-9b dir (ChatGLM config.json + safetensors shards [+ tokenizer])."""
         path = Path(path)
         device = torch.device(device)
@@ -66,7 +80,9 @@ class VoiceLM:
             try:
                 import bitsandbytes  # noqa: F401
             except ImportError as err:
-                raise ImportError(f"{path}: quantization='int4' needs bitsandbytes (pip install bitsandbytes)") from err
+                raise ImportError(
+                    f"{path}: quantization='int4' needs bitsandbytes (pip install bitsandbytes)"
+                ) from err
         # bf16 is what the official server runs (§3.2). On a CPU float32: the parity precision, and CPUs
         # without AMX run bf16 matmuls slower (BASELINE.md). int4 computes in bf16, as the official server.
         if int4 and dtype not in (None, torch.bfloat16):
@@ -76,8 +92,10 @@ class VoiceLM:
         if (path / "tokenizer.model").is_file():
             tokenizer = GLMTokenizer.from_pretrained(path)
             if tokenizer.vocab_size > config.vocab_size:
-                raise ValueError(f"{path / 'tokenizer_config.json'}: ids up to {tokenizer.vocab_size - 1} do not fit "
-                                 f"padded_vocab_size {config.vocab_size} of {path / 'config.json'} (vocab mismatch)")  # fmt: skip
+                raise ValueError(
+                    f"{path / 'tokenizer_config.json'}: ids up to {tokenizer.vocab_size - 1} do not fit "
+                    f"padded_vocab_size {config.vocab_size} of {path / 'config.json'} (vocab mismatch)"
+                )
         model = load_glm_model(path, config, device, dtype, int4)
         return cls(model, config, tokenizer, device, dtype, "int4" if int4 else None)
 
@@ -124,8 +142,10 @@ class VoiceLM:
         if cache.slot < 0:
             raise ValueError("prefill on a released cache")
         if cache.length + len(ids) > self.max_context_tokens:
-            raise ContextFullError(f"{cache.length} cached + {len(ids)} new tokens pass the "
-                                   f"{self.max_context_tokens}-token context")  # fmt: skip
+            raise ContextFullError(
+                f"{cache.length} cached + {len(ids)} new tokens pass the "
+                f"{self.max_context_tokens}-token context"
+            )
         hidden = None
         for start in range(0, len(ids), PREFILL_CHUNK_TOKENS):
             chunk = ids[start : start + PREFILL_CHUNK_TOKENS]
@@ -142,7 +162,9 @@ class VoiceLM:
             raise ValueError("decode_step got the same cache twice, or a released cache")
         lengths = [c.length for c in caches]
         if max(lengths) + 1 > self.max_context_tokens:
-            raise ContextFullError(f"a cache holds {max(lengths)} tokens: the {self.max_context_tokens}-token context is full")
+            raise ContextFullError(
+                f"a cache holds {max(lengths)} tokens: the {self.max_context_tokens}-token context is full"
+            )
         attend = MIN_ATTEND_TOKENS
         while attend < max(lengths) + 1:
             attend *= 2
@@ -162,8 +184,16 @@ class VoiceLM:
             c.token_ids.append(int(t))
         return logits
 
-    def generate(self, input_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, stop_ids: frozenset[int] = frozenset(), seed: int | None = None) -> list[int]:  # fmt: skip
+    def generate(
+        self,
+        input_ids: list[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop_ids: frozenset[int] = frozenset(),
+        seed: int | None = None,
+    ) -> list[int]:
         """New ids after `input_ids` through prefill + decode steps (the streaming path); stops after a stop id."""
         generator = None
         if seed is not None:
@@ -247,8 +277,12 @@ class VoiceLM:
         whole_pool = self.whole_pool_attention(ids.shape[0])
         if whole_pool:
             P = self.pool.capacity + 1
-            pool_pos = torch.zeros(P, dtype=pos.dtype, device=pos.device).index_put_((slots,), pos)  # others: key 0
-            mask = (torch.arange(S, device=ids.device)[None] <= pool_pos[:, None])[:, None, None]  # (P, 1, 1, S)
+            pool_pos = torch.zeros(P, dtype=pos.dtype, device=pos.device).index_put_(
+                (slots,), pos
+            )  # others: key 0
+            mask = (torch.arange(S, device=ids.device)[None] <= pool_pos[:, None])[
+                :, None, None
+            ]  # (P, 1, 1, S)
         else:
             mask = (torch.arange(S, device=ids.device)[None] <= pos[:, None])[:, None, None]  # (B, 1, 1, S)
 
@@ -278,11 +312,14 @@ class VoiceLM:
         self.decode_mode = mode
         self._graphs.clear()
         if mode.startswith("compile"):
-            dynamo = torch._dynamo.config  # one variant per (batch bucket, key bucket), past dynamo's default 8
+            dynamo = (
+                torch._dynamo.config
+            )  # one variant per (batch bucket, key bucket), past dynamo's default 8
             dynamo.recompile_limit = max(dynamo.recompile_limit, 128)
             dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 512)
-            self._decode_fn = torch.compile(self._decode_forward, dynamic=False,
-                                            mode="reduce-overhead" if "cudagraph" in mode else None)  # fmt: skip
+            self._decode_fn = torch.compile(
+                self._decode_forward, dynamic=False, mode="reduce-overhead" if "cudagraph" in mode else None
+            )
         else:
             self._decode_fn = self._decode_forward
 
@@ -304,7 +341,11 @@ class VoiceLM:
         self._graphs.clear()
         rows_all = [b for b in BATCH_BUCKETS if b <= batch_bucket(min(max_batch, self.pool.capacity))]
         stage = self._stage
-        stage[0].zero_(), stage[1].fill_(self.pool.scratch_slot), stage[2].zero_()  # graph warm-ups write scratch
+        (
+            stage[0].zero_(),
+            stage[1].fill_(self.pool.scratch_slot),
+            stage[2].zero_(),
+        )  # graph warm-ups write scratch
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -314,7 +355,9 @@ class VoiceLM:
                     for attend in reversed(self.attend_buckets()):
                         self._decode_forward(*stage[:, :rows], attend)  # kernels chosen, workspaces allocated
                         graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+                        with torch.cuda.graph(
+                            graph, pool=pool, stream=side, capture_error_mode="thread_local"
+                        ):
                             out = self._decode_forward(*stage[:, :rows], attend)
                         self._graphs[(rows, attend)] = (graph, out)
         except Exception:  # noqa: BLE001 - serving goes on eager
@@ -333,7 +376,9 @@ class VoiceLM:
         entry = self._graphs.get((rows, attend))
         if entry is None:  # never captured while serving: a capture stalls every call
             if not self._graph_miss_logged:
-                log.warning("no CUDA graph for %d rows x %d keys (capture_graphs not run?): eager", rows, attend)
+                log.warning(
+                    "no CUDA graph for %d rows x %d keys (capture_graphs not run?): eager", rows, attend
+                )
                 self._graph_miss_logged = True
             return self._decode_forward(ids, slots, pos, attend)
         graph, out = entry

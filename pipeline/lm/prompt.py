@@ -35,7 +35,9 @@ def system_block_ids(tok: GLMTokenizer, *, speech_input: bool, instructions: str
     return [*tok.prefix_ids, tok.system_id, *tok.encode("\n" + system)]
 
 
-def user_turn_ids(tok: GLMTokenizer, *, speech_tokens: list[int] | None = None, text: str | None = None) -> list[int]:
+def user_turn_ids(
+    tok: GLMTokenizer, *, speech_tokens: list[int] | None = None, text: str | None = None
+) -> list[int]:
     """`<|user|>\\n{speech or text}<|assistant|>streaming_transcription\\n`."""
     if (speech_tokens is None) == (text is None):
         raise ValueError("a user turn is either speech tokens or text")
@@ -47,8 +49,13 @@ def user_turn_ids(tok: GLMTokenizer, *, speech_tokens: list[int] | None = None, 
     return [tok.user_id, *content, tok.assistant_id, *tok.encode(ASSISTANT_METADATA)]
 
 
-def first_turn_ids(tok: GLMTokenizer, *, speech_tokens: list[int] | None = None, text: str | None = None,
-                   instructions: str | None = None) -> list[int]:  # fmt: skip
+def first_turn_ids(
+    tok: GLMTokenizer,
+    *,
+    speech_tokens: list[int] | None = None,
+    text: str | None = None,
+    instructions: str | None = None,
+) -> list[int]:
     """The whole first prompt, identical to the official tokenizer on the official prompt string."""
     system = system_block_ids(tok, speech_input=speech_tokens is not None, instructions=instructions)
     return system + user_turn_ids(tok, speech_tokens=speech_tokens, text=text)
@@ -88,7 +95,9 @@ class DialogueHistory:
     def set_system(self, system_ids: list[int]) -> None:
         """Replace the system block (input mode or instructions changed: the cache re-prefills from there)."""
         if self.system_ids and system_ids != self.system_ids:
-            log.info("system block changed (input mode or instructions): the whole history is prefilled again")
+            log.info(
+                "system block changed (input mode or instructions): the whole history is prefilled again"
+            )
         self._length += len(system_ids) - len(self.system_ids)
         self.system_ids = list(system_ids)
 
@@ -99,11 +108,19 @@ class DialogueHistory:
         self.user_lens.append(len(user_ids) - len(self._header))
         self._length += len(user_ids)
 
-    def start_turn(self, *, speech_tokens: list[int] | None = None, text: str | None = None,
-                   instructions: str | None = None) -> list[int]:  # fmt: skip
+    def start_turn(
+        self,
+        *,
+        speech_tokens: list[int] | None = None,
+        text: str | None = None,
+        instructions: str | None = None,
+    ) -> list[int]:
         """Append a user turn (the system block follows its input mode); returns the full prompt ids."""
-        self.set_system(system_block_ids(self.tokenizer, speech_input=speech_tokens is not None,
-                                         instructions=instructions))  # fmt: skip
+        self.set_system(
+            system_block_ids(
+                self.tokenizer, speech_input=speech_tokens is not None, instructions=instructions
+            )
+        )
         self.append_user_block(user_turn_ids(self.tokenizer, speech_tokens=speech_tokens, text=text))
         return self.ids()
 
@@ -171,10 +188,14 @@ class DialogueHistory:
             dropped += 1
         del self.turns[:dropped], self.keys[:dropped], self.user_lens[:dropped]
         if self._length + reserve_tokens > max_tokens:
-            raise ValueError(f"the system block and the newest turn ({self._length} tokens) + {reserve_tokens} "
-                             f"reserved do not fit the {max_tokens}-token context")  # fmt: skip
+            raise ValueError(
+                f"the system block and the newest turn ({self._length} tokens) + {reserve_tokens} "
+                f"reserved do not fit the {max_tokens}-token context"
+            )
         if dropped:
-            log.warning("context full: dropped the %d oldest turn(s); %d tokens remain", dropped, self._length)
+            log.warning(
+                "context full: dropped the %d oldest turn(s); %d tokens remain", dropped, self._length
+            )
         return dropped
 
 

@@ -77,14 +77,21 @@ def sample_rows(logits: Tensor, rows: Sequence[RowSampling]) -> Tensor:
     return torch.where(greedy, best, choice)
 
 
-def sample_logits(logits: Tensor, temperature: float | Tensor = 0.0, top_p: float | Tensor = 1.0,
-                  top_k: int | Tensor = 0, generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+def sample_logits(
+    logits: Tensor,
+    temperature: float | Tensor = 0.0,
+    top_p: float | Tensor = 1.0,
+    top_k: int | Tensor = 0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Next ids (B,) from logits (B, V): settings as scalars or per-row tensors, one generator for all rows."""
     B = logits.shape[0]
 
     def per_row(value: float | int | Tensor) -> list:
         return value.reshape(-1).expand(B).tolist() if isinstance(value, Tensor) else [value] * B
 
-    rows = [RowSampling(float(t), float(p), int(k), generator)
-            for t, p, k in zip(per_row(temperature), per_row(top_p), per_row(top_k), strict=True)]  # fmt: skip
+    rows = [
+        RowSampling(float(t), float(p), int(k), generator)
+        for t, p, k in zip(per_row(temperature), per_row(top_p), per_row(top_k), strict=True)
+    ]
     return sample_rows(logits, rows)

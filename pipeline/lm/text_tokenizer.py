@@ -22,10 +22,23 @@ GLM4_SPLIT_PATTERN = (
 )
 # The GLM-4 control block in its official order; voice adds the two audio brackets (REFERENCE §3.5).
 GLM4_SPECIALS = (
-    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
-    "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
-    "<|end_of_video|>", "<|begin_of_audio|>", "<|end_of_audio|>",
-)  # fmt: skip
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+    "<|begin_of_audio|>",
+    "<|end_of_audio|>",
+)
 _AUDIO_RE = re.compile(r"<\|audio_(\d+)\|>")
 # Candidate special strings in user text; a candidate that is not a known special stays text.
 _CANDIDATE = r"<\|[^<>\[\]|\s]*\|>|\[[^<>\[\]|\s]*\]|<[^<>\[\]|\s]*>"
@@ -43,10 +56,21 @@ class GLMTokenizer:
         self.special_ids = dict(specials)  # content -> id
         self._special_content = {i: s for s, i in specials.items()}
         cfg_file = source / "tokenizer_config.json"
-        for name in ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
-                     "<|observation|>", "<|begin_of_audio|>", "<|end_of_audio|>"):  # fmt: skip
+        for name in (
+            "<|endoftext|>",
+            "[gMASK]",
+            "<sop>",
+            "<|system|>",
+            "<|user|>",
+            "<|assistant|>",
+            "<|observation|>",
+            "<|begin_of_audio|>",
+            "<|end_of_audio|>",
+        ):
             if name not in specials:
-                raise ValueError(f"{cfg_file}: added_tokens_decoder has no {name!r}; not a GLM-4-Voice tokenizer")
+                raise ValueError(
+                    f"{cfg_file}: added_tokens_decoder has no {name!r}; not a GLM-4-Voice tokenizer"
+                )
         audio = sorted((int(m.group(1)), i) for s, i in specials.items() if (m := _AUDIO_RE.fullmatch(s)))
         if not audio or audio[0][0] != 0:
             raise ValueError(f"{cfg_file}: no '<|audio_0|>' in added_tokens_decoder")
@@ -54,7 +78,9 @@ class GLMTokenizer:
         self.num_audio_tokens = len(audio)
         for k, (value, token_id) in enumerate(audio):
             if value != k or token_id != self.audio_offset + k:
-                raise ValueError(f"{cfg_file}: audio tokens are not contiguous at <|audio_{value}|> (id {token_id})")
+                raise ValueError(
+                    f"{cfg_file}: audio tokens are not contiguous at <|audio_{value}|> (id {token_id})"
+                )
         self.eos_id = specials["<|endoftext|>"]
         self.user_id = specials["<|user|>"]
         self.assistant_id = specials["<|assistant|>"]
@@ -83,7 +109,9 @@ class GLMTokenizer:
                 token_b64, rank = line.split()
                 ranks[base64.b64decode(token_b64, validate=True)] = int(rank)
             except ValueError as err:
-                raise ValueError(f"{model_file}:{n}: expected 'base64-token rank', got {line[:60]!r}") from err
+                raise ValueError(
+                    f"{model_file}:{n}: expected 'base64-token rank', got {line[:60]!r}"
+                ) from err
         if len(set(ranks.values())) != len(ranks):
             raise ValueError(f"{model_file}: two tokens share a rank")
         try:

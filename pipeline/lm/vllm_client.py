@@ -20,7 +20,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-__all__ = ["VLLMClient", "VLLMError", "VLLMUnavailable", "VLLMModelError", "ServedModel", "Sampling", "TokenStream"]
+__all__ = [
+    "VLLMClient",
+    "VLLMError",
+    "VLLMUnavailable",
+    "VLLMModelError",
+    "ServedModel",
+    "Sampling",
+    "TokenStream",
+]
 
 
 class VLLMError(RuntimeError):
@@ -62,22 +70,34 @@ class _End:
 class VLLMClient:
     """One vLLM deployment: `url` like "http://127.0.0.1:8000" (path prefixes kept), optional bearer key."""
 
-    def __init__(self, url: str, *, model: str = "", api_key: str = "", connect_timeout_s: float = 5.0,
-                 read_timeout_s: float = 60.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        *,
+        model: str = "",
+        api_key: str = "",
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 60.0,
+    ) -> None:
         parts = urlsplit(url.rstrip("/"))
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"vLLM url {url!r}: expected http(s)://host[:port][/prefix]")
         self.url, self.model, self.api_key = url.rstrip("/"), model, api_key
         self._https, self._host, self._prefix = parts.scheme == "https", parts.hostname, parts.path
         self._port = parts.port or (443 if self._https else 80)
-        self.connect_timeout_s = connect_timeout_s  # s: TCP connect and a short request (models, health, metrics)
-        self.read_timeout_s = read_timeout_s  # s: the longest silence inside a reply's stream (prefill included)
+        self.connect_timeout_s = (
+            connect_timeout_s  # s: TCP connect and a short request (models, health, metrics)
+        )
+        self.read_timeout_s = (
+            read_timeout_s  # s: the longest silence inside a reply's stream (prefill included)
+        )
 
     # --- plain requests ----------------------------------------------------------------------------------
     def _connection(self, timeout_s: float) -> http.client.HTTPConnection:
         if self._https:
-            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout_s,
-                                               context=ssl.create_default_context())  # fmt: skip
+            return http.client.HTTPSConnection(
+                self._host, self._port, timeout=timeout_s, context=ssl.create_default_context()
+            )
         return http.client.HTTPConnection(self._host, self._port, timeout=timeout_s)
 
     def _headers(self) -> dict[str, str]:
@@ -102,24 +122,32 @@ class VLLMClient:
         status, body = self._get("/v1/models")
         if status != 200:
             raise VLLMModelError(f"vLLM at {self.url}: GET /v1/models answered {status}: {_error_text(body)}")
-        served = [ServedModel(m["id"], int(m.get("max_model_len") or 0)) for m in json.loads(body).get("data", [])]
+        served = [
+            ServedModel(m["id"], int(m.get("max_model_len") or 0)) for m in json.loads(body).get("data", [])
+        ]
         if self.model:
             match = [m for m in served if m.name == self.model]
             if not match:
-                raise VLLMModelError(f"vLLM at {self.url} serves {[m.name for m in served]}, not model "
-                                     f"{self.model!r} ([vllm] model)")  # fmt: skip
+                raise VLLMModelError(
+                    f"vLLM at {self.url} serves {[m.name for m in served]}, not model "
+                    f"{self.model!r} ([vllm] model)"
+                )
             return match[0]
         if len(served) != 1:
-            raise VLLMModelError(f"vLLM at {self.url} serves {[m.name for m in served]}: set [vllm] model to one")
+            raise VLLMModelError(
+                f"vLLM at {self.url} serves {[m.name for m in served]}: set [vllm] model to one"
+            )
         return served[0]
 
     def probe(self, context_tokens: int) -> ServedModel:
         """Readiness: vLLM answers and serves a model whose max_model_len covers `context_tokens`."""
         model = self.served_model()
         if model.max_model_len < context_tokens:
-            raise VLLMModelError(f"vLLM at {self.url} serves {model.name!r} with max_model_len {model.max_model_len}, "
-                                 f"less than [model] context_tokens {context_tokens}: start vLLM with "
-                                 f"--max-model-len {context_tokens} or lower context_tokens")  # fmt: skip
+            raise VLLMModelError(
+                f"vLLM at {self.url} serves {model.name!r} with max_model_len {model.max_model_len}, "
+                f"less than [model] context_tokens {context_tokens}: start vLLM with "
+                f"--max-model-len {context_tokens} or lower context_tokens"
+            )
         return model
 
     def metrics(self) -> dict[str, float]:
@@ -140,19 +168,30 @@ class VLLMClient:
         return totals
 
     # --- a reply's stream --------------------------------------------------------------------------------
-    def stream(self, prompt_ids: Sequence[int], sampling: Sampling, model: str,
-               on_ready: Callable[[], None] | None = None) -> TokenStream:  # fmt: skip
+    def stream(
+        self,
+        prompt_ids: Sequence[int],
+        sampling: Sampling,
+        model: str,
+        on_ready: Callable[[], None] | None = None,
+    ) -> TokenStream:
         """Start generating after `prompt_ids` (the whole dialogue) on its own reader thread.
 
         `model` is `served_model().name` (probed once, not per reply). `on_ready` is called from the reader
         thread after each batch of ids and once at the end (to wake the engine thread).
         """
         body = {
-            "model": model, "prompt": list(prompt_ids), "max_tokens": sampling.max_tokens,
-            "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or -1,
-            "stop_token_ids": list(sampling.stop_ids), "stream": True, "return_token_ids": True,
+            "model": model,
+            "prompt": list(prompt_ids),
+            "max_tokens": sampling.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k or -1,
+            "stop_token_ids": list(sampling.stop_ids),
+            "stream": True,
+            "return_token_ids": True,
             "detokenize": False,  # the engine decodes its own ids (text and speech interleaved)
-        }  # fmt: skip
+        }
         if sampling.seed is not None:
             body["seed"] = sampling.seed
         stream = TokenStream(self, json.dumps(body).encode("utf-8"), on_ready)
@@ -168,7 +207,9 @@ class TokenStream:
         self._items: queue.SimpleQueue[list[int] | _End] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards _conn/_closed between close() and the reader's connect
         self._conn: http.client.HTTPConnection | None = None
-        self._sock: socket.socket | None = None  # kept: http.client drops conn.sock once a response will close
+        self._sock: socket.socket | None = (
+            None  # kept: http.client drops conn.sock once a response will close
+        )
         self._closed = False
         self.end: _End | None = None  # set by drain()/iteration once the end item has been taken
         self._thread = threading.Thread(target=self._read, name="vllm-stream", daemon=True)
@@ -233,8 +274,12 @@ class TokenStream:
             if self._closed:
                 end = _End("closed")
             else:
-                end = _End("error", VLLMUnavailable(f"vLLM at {self._client.url}: the stream broke off "
-                                                    f"({type(err).__name__}: {err})"))  # fmt: skip
+                end = _End(
+                    "error",
+                    VLLMUnavailable(
+                        f"vLLM at {self._client.url}: the stream broke off ({type(err).__name__}: {err})"
+                    ),
+                )
         except VLLMError as err:
             end = _End("error", err)
         finally:

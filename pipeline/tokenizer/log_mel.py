@@ -39,8 +39,9 @@ def _mel_to_hz_slaney(mels: np.ndarray) -> np.ndarray:
 def slaney_mel_filters(n_fft: int, n_mels: int, sample_rate_hz: int) -> np.ndarray:
     """Triangular Slaney-normalised mel filters over 0..sample_rate/2, float64 (n_mels, n_fft // 2 + 1)."""
     fft_freqs = np.linspace(0, sample_rate_hz // 2, n_fft // 2 + 1)
-    mel_edges = np.linspace(_hz_to_mel_slaney(np.array(0.0)), _hz_to_mel_slaney(np.array(sample_rate_hz / 2.0)),
-                            n_mels + 2)
+    mel_edges = np.linspace(
+        _hz_to_mel_slaney(np.array(0.0)), _hz_to_mel_slaney(np.array(sample_rate_hz / 2.0)), n_mels + 2
+    )
     edge_freqs = _mel_to_hz_slaney(mel_edges)  # (n_mels + 2,)
     widths = np.diff(edge_freqs)  # (n_mels + 1,)
     slopes = edge_freqs[None, :] - fft_freqs[:, None]  # (n_freq, n_mels + 2)
@@ -76,7 +77,9 @@ class LogMel:
         """One past the last sample that frame `frame` (centred at frame * hop) reads."""
         return frame * self.settings.hop_samples + self.settings.n_fft // 2
 
-    def frame_samples(self, audio: np.ndarray, n_valid: int, padded_len: int, first: int, end: int) -> np.ndarray:
+    def frame_samples(
+        self, audio: np.ndarray, n_valid: int, padded_len: int, first: int, end: int
+    ) -> np.ndarray:
         """Samples read by frames [first, end) of a segment zero-padded to `padded_len`, reflect-padded by n_fft/2.
 
         `audio[:n_valid]` are the real samples; only frames whose window ends before n_valid (or any frame

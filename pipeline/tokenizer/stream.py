@@ -53,13 +53,17 @@ class TokenizerStream:
         """Append audio (float32 mono 16 kHz; int16 accepted); returns the tokens that became final."""
         if self._final is not None:
             raise RuntimeError("TokenizerStream.push() after flush(): call reset() to start a new turn")
-        wav = as_mono_float32(wav16k, self._tok.config.mel.sample_rate_hz, self._tok.config.mel.sample_rate_hz,
-                              allow_resample=False)
+        wav = as_mono_float32(
+            wav16k,
+            self._tok.config.mel.sample_rate_hz,
+            self._tok.config.mel.sample_rate_hz,
+            allow_resample=False,
+        )
         seg, seg_len, start = self._seg, self._tok.config.mel.segment_samples, len(self._emitted)
         pos, before = 0, seg.blocks_encoded
         while pos < len(wav):
             take = min(len(wav) - pos, seg_len - seg.n_samples)
-            seg.audio[seg.n_samples:seg.n_samples + take] = wav[pos:pos + take]
+            seg.audio[seg.n_samples : seg.n_samples + take] = wav[pos : pos + take]
             seg.n_samples += take
             pos += take
             self._emitted += self._advance(seg)
@@ -84,7 +88,9 @@ class TokenizerStream:
     def _settle(self, exact: list[int], returned: int) -> None:
         """Replace the tokens so far by `exact` (at least as long), noting the first changed one among
         the `returned` tokens the caller has already seen."""
-        changed = next((i for i, (a, b) in enumerate(zip(self._emitted[:returned], exact, strict=False)) if a != b), None)
+        changed = next(
+            (i for i, (a, b) in enumerate(zip(self._emitted[:returned], exact, strict=False)) if a != b), None
+        )
         if changed is not None and (self.first_changed is None or changed < self.first_changed):
             self.first_changed = changed
         self._emitted = list(exact)
@@ -103,7 +109,7 @@ class TokenizerStream:
             if tok.log_mel.last_sample_needed(last_frame) > seg.n_samples:
                 return out
             tok.compute_chunk(seg, c.mel.segment_samples, last_frame + 1)
-            floor = seg.raw[:, :last_frame + 1].max() - DYNAMIC_RANGE  # the floor known so far
+            floor = seg.raw[:, : last_frame + 1].max() - DYNAMIC_RANGE  # the floor known so far
             all_valid = c.block_frames * seg.n_chunks
             if self.refresh:
                 seg.truncate_blocks(tok.exact_blocks(seg, floor.item()))

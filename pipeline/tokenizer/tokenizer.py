@@ -74,8 +74,9 @@ def block_is_exact(block_floor: float, block_min: float, final_floor: float) -> 
     return block_floor == final_floor or block_min >= max(block_floor, final_floor)
 
 
-def as_mono_float32(wav: np.ndarray, sample_rate_hz: int, expected_hz: int, allow_resample: bool = True
-                    ) -> np.ndarray:
+def as_mono_float32(
+    wav: np.ndarray, sample_rate_hz: int, expected_hz: int, allow_resample: bool = True
+) -> np.ndarray:
     """Validate and convert input audio. Conversions (documented in docs/speech_tokenizer.md):
     int16 / 32768, int32 / 2**31, float64/float16 -> float32, (1, N) or (N, 1) -> (N,), other sample rates
     resampled with soxr (HQ). Stereo, NaN/Inf, other dtypes -> ValueError."""
@@ -84,8 +85,10 @@ def as_mono_float32(wav: np.ndarray, sample_rate_hz: int, expected_hz: int, allo
     if wav.ndim == 2 and 1 in wav.shape:
         wav = wav.reshape(-1)
     if wav.ndim != 1:
-        raise ValueError(f"audio must be mono (N,), got shape {wav.shape}; pass one channel (the official "
-                         "tokenizer keeps channel 0) or a mix-down")
+        raise ValueError(
+            f"audio must be mono (N,), got shape {wav.shape}; pass one channel (the official "
+            "tokenizer keeps channel 0) or a mix-down"
+        )
     if wav.dtype == np.int16:
         wav = wav.astype(np.float32) / 32768.0
     elif wav.dtype == np.int32:
@@ -111,7 +114,9 @@ def as_mono_float32(wav: np.ndarray, sample_rate_hz: int, expected_hz: int, allo
 class SpeechTokenizer:
     """Shared and stateless after loading; per-utterance state lives in SegmentState / TokenizerStream."""
 
-    def __init__(self, config: SpeechTokenizerConfig, encoder: WhisperVQEncoder, device: torch.device) -> None:
+    def __init__(
+        self, config: SpeechTokenizerConfig, encoder: WhisperVQEncoder, device: torch.device
+    ) -> None:
         self.config = config
         self.encoder = encoder
         self.device = device
@@ -119,8 +124,9 @@ class SpeechTokenizer:
         self.code_sq = encoder.codebook_sq()  # (V,) once, not per call
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> SpeechTokenizer:
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> SpeechTokenizer:
         """Load an official `glm-4-voice-tokenizer` directory (config.json, preprocessor_config.json,
         model.safetensors or shards + index). bf16/fp16 are for GPUs; distances stay float32."""
         path = Path(path)
@@ -141,11 +147,15 @@ class SpeechTokenizer:
         """Token ids of one utterance (empty audio -> [])."""
         return self.tokenize_batch([wav], sample_rate_hz)[0]
 
-    def tokenize_batch(self, wavs: list[np.ndarray], sample_rate_hz: int = MODEL_INPUT_RATE_HZ) -> list[list[int]]:
+    def tokenize_batch(
+        self, wavs: list[np.ndarray], sample_rate_hz: int = MODEL_INPUT_RATE_HZ
+    ) -> list[list[int]]:
         """Several utterances. Segments run one at a time, unpadded: the same tokens as one call each, and
         no work spent on the padding the official batch adds (a 31 s input costs 31 s, not 60)."""
-        return [[t for seg in self._segments(wav, sample_rate_hz) for t in self.finish_segment(seg)]
-                for wav in wavs]
+        return [
+            [t for seg in self._segments(wav, sample_rate_hz) for t in self.finish_segment(seg)]
+            for wav in wavs
+        ]
 
     def features(self, wav: np.ndarray, sample_rate_hz: int = MODEL_INPUT_RATE_HZ) -> list[torch.Tensor]:
         """Normalised log-mel (n_mels, frames) of each 30 s segment, as the official encoder receives it."""
@@ -161,17 +171,19 @@ class SpeechTokenizer:
         wav = as_mono_float32(wav, sample_rate_hz, self.config.mel.sample_rate_hz)
         seg, seg_samples = self.new_segment(), self.config.mel.segment_samples
         for start in range(0, len(wav), seg_samples):
-            piece = wav[start:start + seg_samples]
+            piece = wav[start : start + seg_samples]
             seg.reset()
-            seg.audio[:len(piece)] = piece
+            seg.audio[: len(piece)] = piece
             seg.n_samples = len(piece)
             yield seg
 
     # -- shared by both paths --------------------------------------------------------------------------
     def new_segment(self) -> SegmentState:
         m = self.config.mel
-        return SegmentState(audio=np.zeros(m.segment_samples, dtype=np.float32),
-                            raw=torch.empty(m.n_mels, m.segment_samples // m.hop_samples, device=self.device))
+        return SegmentState(
+            audio=np.zeros(m.segment_samples, dtype=np.float32),
+            raw=torch.empty(m.n_mels, m.segment_samples // m.hop_samples, device=self.device),
+        )
 
     def _padded_frames(self, n_samples: int) -> int:
         spt = self.config.samples_per_token
@@ -195,13 +207,14 @@ class SpeechTokenizer:
         return seg.raw[:, :n_frames].max() - DYNAMIC_RANGE
 
     @torch.inference_mode()
-    def encode_next_block(self, seg: SegmentState, floor: torch.Tensor, n_frames: int, n_valid_frames: int
-                          ) -> list[int]:
+    def encode_next_block(
+        self, seg: SegmentState, floor: torch.Tensor, n_frames: int, n_valid_frames: int
+    ) -> list[int]:
         """Run block b = len(seg.block_tokens) over mel frames [M b - 4, min(M b + M - 1, n_frames)) with
         `floor`, extending the segment's cache; returns the block's token ids (padding tokens included)."""
         c, b = self.config, len(seg.block_tokens)
         start = max(0, c.block_mel_frames * b - CONV_CONTEXT_MEL_FRAMES)
-        raw = seg.raw[:, start:min(c.block_mel_frames * (b + 1) - 1, n_frames)]  # (n_mels, T_in)
+        raw = seg.raw[:, start : min(c.block_mel_frames * (b + 1) - 1, n_frames)]  # (n_mels, T_in)
         x = self.encoder.embed(normalize(raw, floor)[None], b == 0, c.block_frames * b)  # (1, T, d)
         n_keys = min(n_valid_frames, c.block_frames * b + x.shape[1])
         if seg.kv is None:
@@ -227,13 +240,14 @@ class SpeechTokenizer:
         while len(seg.block_tokens) * c.block_frames < n_enc_frames:
             self.encode_next_block(seg, floor, n_frames, valid_enc_frames)
         tokens = [t for block in seg.block_tokens for t in block]
-        return tokens[:_ceil_div(seg.n_samples, c.samples_per_token)]
+        return tokens[: _ceil_div(seg.n_samples, c.samples_per_token)]
 
     @staticmethod
     def exact_blocks(seg: SegmentState, floor: float) -> int:
         """How many leading cached blocks have the same inputs under `floor` (so their cache is reusable)."""
         keep = 0
-        while keep < len(seg.block_tokens) and block_is_exact(seg.block_floor[keep], seg.block_min[keep], floor):
+        while keep < len(seg.block_tokens) and block_is_exact(
+            seg.block_floor[keep], seg.block_min[keep], floor
+        ):
             keep += 1
         return keep
-

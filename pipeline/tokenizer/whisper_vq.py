@@ -56,27 +56,46 @@ class SpeechTokenizerConfig:
     def from_dir(cls, path: Path) -> SpeechTokenizerConfig:
         cfg = _read_json(path / "config.json")
         pre = _read_json(path / "preprocessor_config.json")
-        expect = {"pooling_type": "avg", "encoder_causal_convolution": True, "activation_function": "gelu",
-                  "quantize_causal_encoder": False, "encoder_causal_attention": False}
+        expect = {
+            "pooling_type": "avg",
+            "encoder_causal_convolution": True,
+            "activation_function": "gelu",
+            "quantize_causal_encoder": False,
+            "encoder_causal_attention": False,
+        }
         for key, value in expect.items():
             if cfg.get(key) != value:
-                raise ValueError(f"{path / 'config.json'}: {key}={cfg.get(key)!r} is not supported (expected {value!r})")
+                raise ValueError(
+                    f"{path / 'config.json'}: {key}={cfg.get(key)!r} is not supported (expected {value!r})"
+                )
         if cfg.get("pooling_position") != cfg.get("quantize_position"):
             raise ValueError(f"{path / 'config.json'}: pooling_position must equal quantize_position")
         try:
-            mel = LogMelSettings(sample_rate_hz=int(pre["sampling_rate"]), n_fft=int(pre["n_fft"]),
-                                 hop_samples=int(pre["hop_length"]), n_mels=int(pre["feature_size"]),
-                                 segment_samples=int(pre["chunk_length"]) * int(pre["sampling_rate"]))
-            config = cls(d_model=int(cfg["d_model"]), num_heads=int(cfg["encoder_attention_heads"]),
-                         ffn_dim=int(cfg["encoder_ffn_dim"]), num_layers=int(cfg["quantize_position"]),
-                         num_mel_bins=int(cfg["num_mel_bins"]), max_positions=int(cfg["max_source_positions"]),
-                         pool_frames=int(cfg["pooling_kernel_size"]),
-                         block_frames=int(cfg["quantize_causal_block_size"]),
-                         codebook_size=int(cfg["quantize_vocab_size"]), mel=mel)
+            mel = LogMelSettings(
+                sample_rate_hz=int(pre["sampling_rate"]),
+                n_fft=int(pre["n_fft"]),
+                hop_samples=int(pre["hop_length"]),
+                n_mels=int(pre["feature_size"]),
+                segment_samples=int(pre["chunk_length"]) * int(pre["sampling_rate"]),
+            )
+            config = cls(
+                d_model=int(cfg["d_model"]),
+                num_heads=int(cfg["encoder_attention_heads"]),
+                ffn_dim=int(cfg["encoder_ffn_dim"]),
+                num_layers=int(cfg["quantize_position"]),
+                num_mel_bins=int(cfg["num_mel_bins"]),
+                max_positions=int(cfg["max_source_positions"]),
+                pool_frames=int(cfg["pooling_kernel_size"]),
+                block_frames=int(cfg["quantize_causal_block_size"]),
+                codebook_size=int(cfg["quantize_vocab_size"]),
+                mel=mel,
+            )
         except KeyError as err:
             raise ValueError(f"{path}: config.json or preprocessor_config.json lacks key {err}") from None
         if config.mel.n_mels != config.num_mel_bins:
-            raise ValueError(f"{path}: feature_size {config.mel.n_mels} != num_mel_bins {config.num_mel_bins}")
+            raise ValueError(
+                f"{path}: feature_size {config.mel.n_mels} != num_mel_bins {config.num_mel_bins}"
+            )
         if config.block_frames % config.pool_frames:
             raise ValueError(f"{path}: quantize_causal_block_size must be a multiple of pooling_kernel_size")
         if config.mel.segment_samples // config.mel.hop_samples > config.max_positions * CONV_STRIDE:
@@ -106,8 +125,9 @@ class EncoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(c.d_model)
         self.num_heads = c.num_heads
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], start: int, n_keys: int
-                ) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], start: int, n_keys: int
+    ) -> torch.Tensor:
         """x (B, T, d): one block at encoder frames [start, start + T). kv: this layer's preallocated
         key/value buffers (B, H, max_positions, hd), holding frames [0, start) of the earlier blocks.
 
@@ -118,8 +138,8 @@ class EncoderLayer(nn.Module):
         attn = self.self_attn
         h = self.self_attn_layer_norm(x)
         q = attn.q_proj(h).view(B, T, self.num_heads, -1).transpose(1, 2)  # (B, H, T, hd)
-        kv[0][:, :, start:start + T] = attn.k_proj(h).view(B, T, self.num_heads, -1).transpose(1, 2)
-        kv[1][:, :, start:start + T] = attn.v_proj(h).view(B, T, self.num_heads, -1).transpose(1, 2)
+        kv[0][:, :, start : start + T] = attn.k_proj(h).view(B, T, self.num_heads, -1).transpose(1, 2)
+        kv[1][:, :, start : start + T] = attn.v_proj(h).view(B, T, self.num_heads, -1).transpose(1, 2)
         a = F.scaled_dot_product_attention(q, kv[0][:, :, :n_keys], kv[1][:, :, :n_keys])  # (B, H, T, hd)
         x = x + attn.out_proj(a.transpose(1, 2).reshape(B, T, d))
         return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
@@ -153,18 +173,24 @@ class WhisperVQEncoder(nn.Module):
         x = F.gelu(self.conv1(F.pad(x, (pad, 0)) if first_block else x))  # (B, d, T_in)
         x = F.gelu(self.conv2(F.pad(x, (pad, 0)) if first_block else x))  # (B, d, T)
         x = x.transpose(1, 2)  # (B, T, d)
-        return x + self.embed_positions.weight[first_frame:first_frame + x.shape[1]]
+        return x + self.embed_positions.weight[first_frame : first_frame + x.shape[1]]
 
     def new_cache(self, batch: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer key/value buffers for one 30 s segment: (B, H, max_positions, hd) each, written by
         position (2 x layers x 1500 x d_model x 4 B = 245 MB at the real sizes in float32)."""
         c, w = self.config, self.conv1.weight
         shape = (batch, c.num_heads, c.max_positions, c.d_model // c.num_heads)
-        return [(torch.empty(shape, dtype=w.dtype, device=w.device), torch.empty(shape, dtype=w.dtype, device=w.device))
-                for _ in self.layers]
+        return [
+            (
+                torch.empty(shape, dtype=w.dtype, device=w.device),
+                torch.empty(shape, dtype=w.dtype, device=w.device),
+            )
+            for _ in self.layers
+        ]
 
-    def encode_block(self, x: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]], start: int, n_keys: int
-                     ) -> torch.Tensor:
+    def encode_block(
+        self, x: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]], start: int, n_keys: int
+    ) -> torch.Tensor:
         """(B, T, d) embedded block at frames [start, start + T) -> (B, T, d) after the last layer; writes the
         block's keys/values into `kv`."""
         for layer, layer_kv in zip(self.layers, kv, strict=True):
@@ -179,8 +205,13 @@ class WhisperVQEncoder(nn.Module):
         pooled = h.float().view(B, T // self.config.pool_frames, self.config.pool_frames, d).mean(2)
         flat = pooled.reshape(-1, d)  # (B * T / pool, d)
         # ||c||^2 + ||h||^2 - 2 h.c as one addmm, the official formula
-        dist = torch.addmm(code_sq[None] + (flat * flat).sum(1, keepdim=True), flat, self.codebook.weight.T,
-                           beta=1.0, alpha=-2.0)  # (B * T / pool, V)
+        dist = torch.addmm(
+            code_sq[None] + (flat * flat).sum(1, keepdim=True),
+            flat,
+            self.codebook.weight.T,
+            beta=1.0,
+            alpha=-2.0,
+        )  # (B * T / pool, V)
         return dist.argmin(dim=1).view(B, -1)
 
 
@@ -227,10 +258,14 @@ def load_weights(model: WhisperVQEncoder, path: Path) -> None:
         with safe_open(files[key], "pt") as f:
             tensor = f.get_tensor(key)
         if tuple(tensor.shape) != tuple(target.shape):
-            raise ValueError(f"speech tokenizer: {files[key]}: key {key!r} has shape {tuple(tensor.shape)}, "
-                             f"config.json implies {tuple(target.shape)}")
+            raise ValueError(
+                f"speech tokenizer: {files[key]}: key {key!r} has shape {tuple(tensor.shape)}, "
+                f"config.json implies {tuple(target.shape)}"
+            )
         loaded[key] = tensor.float()
     for key in files:
         if key not in wanted and not _unused_key(key, model.config.num_layers):
-            raise ValueError(f"speech tokenizer: {files[key]}: unexpected key {key!r} (not a WhisperVQEncoder?)")
+            raise ValueError(
+                f"speech tokenizer: {files[key]}: unexpected key {key!r} (not a WhisperVQEncoder?)"
+            )
     model.load_state_dict(loaded)

@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 
 DEMO_FORMAT_VERSION = 1  # bump when the recipe changes: an older DIR is rebuilt on the next start
 SEED = 20241025  # GLM-4-Voice release date; any fixed value works
-MESSAGE = "Demo weights: tiny random models, so this voice is babble. Run glm4voice download for the real one!"
+MESSAGE = (
+    "Demo weights: tiny random models, so this voice is babble. Run glm4voice download for the real one!"
+)
 TEXT_TOKENS_PER_CHUNK = 13  # paper: interleave 13 text tokens ...
 SPEECH_TOKENS_PER_CHUNK = 26  # ... with 26 speech tokens (REFERENCE §4.4)
 SPEECH_CHUNKS = 3  # 78 speech tokens = 6.24 s of audio at 80 ms each
@@ -96,7 +98,9 @@ def chain_hook(script: dict, seed: int = SEED):
             hidden = tensor.shape[1]
             if len(nodes) > hidden:
                 raise ValueError(f"demo chain of {len(nodes)} tokens needs hidden_size >= {len(nodes)}")
-            basis, _ = torch.linalg.qr(torch.randn(hidden, hidden, generator=g, dtype=torch.float64))  # orthonormal
+            basis, _ = torch.linalg.qr(
+                torch.randn(hidden, hidden, generator=g, dtype=torch.float64)
+            )  # orthonormal
             chain["embed"] = (basis[: len(nodes)] * hidden**0.5).to(tensor.dtype)  # (N, H), rms 1 per row
             tensor[torch.tensor(nodes)] = chain["embed"]
         elif name.endswith("self_attention.dense.weight") or name.endswith("mlp.dense_4h_to_h.weight"):
@@ -105,8 +109,12 @@ def chain_hook(script: dict, seed: int = SEED):
             tensor.fill_(1.0)
         elif name == "transformer.output_layer.weight":  # (V, H)
             vocab, hidden = tensor.shape
-            seeded_normal((vocab, hidden), OTHER_LOGIT_STD / hidden**0.5, 0.0, tensor.dtype, g, out=tensor)  # in place
-            tensor[torch.tensor(targets)] = (chain["embed"].float() * (CHAIN_LOGIT_MARGIN / hidden)).to(tensor.dtype)
+            seeded_normal(
+                (vocab, hidden), OTHER_LOGIT_STD / hidden**0.5, 0.0, tensor.dtype, g, out=tensor
+            )  # in place
+            tensor[torch.tensor(targets)] = (chain["embed"].float() * (CHAIN_LOGIT_MARGIN / hidden)).to(
+                tensor.dtype
+            )
         return tensor
 
     return hook
@@ -126,13 +134,20 @@ def write_demo_weights(root: Path, seed: int = SEED) -> dict:
     script = build_script(text, seed)
     vocab = -(-text.vocab_size // 64) * 64  # padded like padded_vocab_size
     lm_mod.write_random_checkpoint(
-        lm_dir, **LM_DIMS, vocab_size=vocab, seed=seed, tensor_hook=chain_hook(script, seed),
-        seq_length=LM_SEQ_LENGTH, eos_token_ids=sorted(text.stop_ids),
-    )  # fmt: skip
+        lm_dir,
+        **LM_DIMS,
+        vocab_size=vocab,
+        seed=seed,
+        tensor_hook=chain_hook(script, seed),
+        seq_length=LM_SEQ_LENGTH,
+        eos_token_ids=sorted(text.stop_ids),
+    )
     tokenizer_mod.write_random_checkpoint(
         root / "glm-4-voice-tokenizer", **TOKENIZER_DIMS, codebook_size=NUM_AUDIO_TOKENS, seed=seed + 1
     )
-    decoder_mod.write_random_checkpoint(root / "glm-4-voice-decoder", vocab_size=NUM_AUDIO_TOKENS, seed=seed + 2)
+    decoder_mod.write_random_checkpoint(
+        root / "glm-4-voice-decoder", vocab_size=NUM_AUDIO_TOKENS, seed=seed + 2
+    )
     (root / "demo_script.json").write_text(json.dumps(script, indent=2), encoding="utf-8")
     return script
 

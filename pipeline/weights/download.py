@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(
         f"[download] done. Serve with: GLM4VOICE_MODEL_WEIGHTS_DIR={target} glm4voice serve\n"
-        f"           (or set weights_dir = \"{target}\" in the [model] section of config.toml)"
+        f'           (or set weights_dir = "{target}" in the [model] section of config.toml)'
     )
     return 0
 

@@ -101,8 +101,10 @@ hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
 """
 
 # hift.pt keys whose convs carry torch.nn.utils.weight_norm in the official module.
-_WEIGHT_NORMED = re.compile(r"^(conv_pre|conv_post|ups\.\d+|(source_)?resblocks\.\d+\.convs[12]\.\d+|"
-                            r"f0_predictor\.condnet\.\d+)\.weight$")
+_WEIGHT_NORMED = re.compile(
+    r"^(conv_pre|conv_post|ups\.\d+|(source_)?resblocks\.\d+\.convs[12]\.\d+|"
+    r"f0_predictor\.condnet\.\d+)\.weight$"
+)
 
 
 def unfold_weight_norm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -118,22 +120,44 @@ def unfold_weight_norm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def write_random_checkpoint(out_dir: str | Path, *, vocab_size: int = 16384, d_model: int = 32,
-                            num_layers: int = 1, num_heads: int = 2, ffn_dim: int = 64,
-                            estimator_channels: int = 16, estimator_blocks: int = 1, mid_blocks: int = 1,
-                            estimator_heads: int = 2, head_dim: int = 8, hift_channels: int = 16,
-                            harmonics: int = 1, seed: int = 0) -> None:
+def write_random_checkpoint(
+    out_dir: str | Path,
+    *,
+    vocab_size: int = 16384,
+    d_model: int = 32,
+    num_layers: int = 1,
+    num_heads: int = 2,
+    ffn_dim: int = 64,
+    estimator_channels: int = 16,
+    estimator_blocks: int = 1,
+    mid_blocks: int = 1,
+    estimator_heads: int = 2,
+    head_dim: int = 8,
+    hift_channels: int = 16,
+    harmonics: int = 1,
+    seed: int = 0,
+) -> None:
     """Write a random decoder in the official format (config.yaml with HyperPyYAML tags, flow.pt,
     hift.pt with old-style weight-norm keys). Default sizes are tiny (demo weights, tests)."""
     out_dir = Path(out_dir)
     if estimator_channels % 8 or hift_channels % 4:
         raise ValueError("estimator_channels must divide into 8 GroupNorm groups; hift_channels by 4")
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = _CONFIG.format(seed=seed, vocab_size=vocab_size, d_model=d_model, num_layers=num_layers,
-                          num_heads=num_heads, ffn_dim=ffn_dim, estimator_channels=estimator_channels,
-                          estimator_blocks=estimator_blocks, mid_blocks=mid_blocks,
-                          estimator_heads=estimator_heads, head_dim=head_dim, hift_channels=hift_channels,
-                          harmonics=harmonics)
+    text = _CONFIG.format(
+        seed=seed,
+        vocab_size=vocab_size,
+        d_model=d_model,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        ffn_dim=ffn_dim,
+        estimator_channels=estimator_channels,
+        estimator_blocks=estimator_blocks,
+        mid_blocks=mid_blocks,
+        estimator_heads=estimator_heads,
+        head_dim=head_dim,
+        hift_channels=hift_channels,
+        harmonics=harmonics,
+    )
     (out_dir / "config.yaml").write_text(text, encoding="utf-8")
     cfg = DecoderConfig.from_yaml_file(out_dir / "config.yaml")
     with torch.random.fork_rng(devices=[]):
@@ -150,9 +174,20 @@ def write_random_checkpoint(out_dir: str | Path, *, vocab_size: int = 16384, d_m
     torch.save(unfold_weight_norm(hift.state_dict()), out_dir / "hift.pt")
 
 
-REAL_SIZES = dict(vocab_size=16384, d_model=512, num_layers=6, num_heads=8, ffn_dim=2048, estimator_channels=256,
-                  estimator_blocks=4, mid_blocks=12, estimator_heads=8, head_dim=64, hift_channels=512,
-                  harmonics=8)  # config.yaml of glm-4-voice-decoder (REFERENCE.md §5.1)
+REAL_SIZES = dict(
+    vocab_size=16384,
+    d_model=512,
+    num_layers=6,
+    num_heads=8,
+    ffn_dim=2048,
+    estimator_channels=256,
+    estimator_blocks=4,
+    mid_blocks=12,
+    estimator_heads=8,
+    head_dim=64,
+    hift_channels=512,
+    harmonics=8,
+)  # config.yaml of glm-4-voice-decoder (REFERENCE.md §5.1)
 
 
 def random_decoder(*, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32, **sizes: int):

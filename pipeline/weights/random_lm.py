@@ -13,13 +13,26 @@ from pipeline.lm.convert import INDEX_FILE, LMConfig, build_glm_model
 from pipeline.lm.model import VoiceLM
 
 # glm-4-voice-9b's sizes (its config.json): 9.4 B parameters, 18.8 GB in bf16.
-FULL_SIZE = LMConfig(num_layers=40, hidden_size=4096, ffn_hidden_size=13696, num_heads=32, kv_groups=2, head_dim=128,
-                     vocab_size=168960, seq_length=8192, rope_theta=10000.0, rms_eps=3.90625e-08, qkv_bias=True,
-                     eos_token_ids=(151329, 151336, 151338), checkpoint_dtype="bfloat16")  # fmt: skip
+FULL_SIZE = LMConfig(
+    num_layers=40,
+    hidden_size=4096,
+    ffn_hidden_size=13696,
+    num_heads=32,
+    kv_groups=2,
+    head_dim=128,
+    vocab_size=168960,
+    seq_length=8192,
+    rope_theta=10000.0,
+    rms_eps=3.90625e-08,
+    qkv_bias=True,
+    eos_token_ids=(151329, 151336, 151338),
+    checkpoint_dtype="bfloat16",
+)
 
 
-def random_glm_tensors(cfg: LMConfig, device: torch.device, dtype: torch.dtype,
-                       seed: int = 0) -> Iterator[tuple[str, torch.Tensor, str]]:  # fmt: skip
+def random_glm_tensors(
+    cfg: LMConfig, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> Iterator[tuple[str, torch.Tensor, str]]:
     """GLM-named tensors made one at a time on `device` (no checkpoint, host memory untouched on a GPU):
     compute cost does not depend on the values. Linear N(0, 1/fan_in), embeddings N(0, 1), norms ~1."""
     h, f, v, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size, cfg.head_dim
@@ -35,7 +48,11 @@ def random_glm_tensors(cfg: LMConfig, device: torch.device, dtype: torch.dtype,
         for name, rows in (("q", cfg.num_heads * d), ("k", cfg.kv_groups * d), ("v", cfg.kv_groups * d)):
             yield f"{p}self_attn.{name}_proj.weight", normal(rows, h, std=h**-0.5), "random"
             yield f"{p}self_attn.{name}_proj.bias", normal(rows), "random"
-        yield p + "self_attn.o_proj.weight", normal(h, cfg.num_heads * d, std=(cfg.num_heads * d) ** -0.5), "random"
+        yield (
+            p + "self_attn.o_proj.weight",
+            normal(h, cfg.num_heads * d, std=(cfg.num_heads * d) ** -0.5),
+            "random",
+        )
         yield p + "post_attention_layernorm.weight", normal(h, mean=1.0), "random"
         yield p + "mlp.gate_up_proj.weight", normal(2 * f, h, std=h**-0.5), "random"
         yield p + "mlp.down_proj.weight", normal(h, f, std=f**-0.5), "random"
@@ -43,18 +60,22 @@ def random_glm_tensors(cfg: LMConfig, device: torch.device, dtype: torch.dtype,
     yield "lm_head.weight", normal(v, h, std=h**-0.5), "random"
 
 
-def random_voice_lm(cfg: LMConfig, device: str | torch.device, dtype: torch.dtype, seed: int = 0,
-                    int4: bool = False) -> VoiceLM:  # fmt: skip
+def random_voice_lm(
+    cfg: LMConfig, device: str | torch.device, dtype: torch.dtype, seed: int = 0, int4: bool = False
+) -> VoiceLM:
     """A `VoiceLM` with random weights built directly on `device` (bench, GPU check: no disk, no host copy)."""
     dev = torch.device(device)
     tensor_dtype = torch.bfloat16 if int4 else dtype
-    model = build_glm_model(cfg, random_glm_tensors(cfg, dev, tensor_dtype, seed), dev, tensor_dtype, int4,
-                            source="random")  # fmt: skip
+    model = build_glm_model(
+        cfg, random_glm_tensors(cfg, dev, tensor_dtype, seed), dev, tensor_dtype, int4, source="random"
+    )
     return VoiceLM(model, cfg, None, dev, tensor_dtype, "int4" if int4 else None)
 
 
 LARGE_TENSOR_ELEMENTS = 1 << 26  # past this, values are drawn in row chunks (bounded float32 scratch)
-SHARD_BYTES = 1 << 30  # a shard is written (and freed) once it holds this much: the writer's memory is bounded
+SHARD_BYTES = (
+    1 << 30
+)  # a shard is written (and freed) once it holds this much: the writer's memory is bounded
 TensorHook = Callable[[str, torch.Tensor], torch.Tensor]  # (official name, tensor) -> the tensor to write
 
 
@@ -65,18 +86,31 @@ def chatglm_shapes(cfg: LMConfig) -> list[tuple[str, tuple[int, ...]]]:
     out = [("transformer.embedding.word_embeddings.weight", (v, h))]
     for i in range(cfg.num_layers):
         p = f"transformer.encoder.layers.{i}."
-        out += [(p + "input_layernorm.weight", (h,)), (p + "self_attention.query_key_value.weight", (qkv, h)),
-                (p + "self_attention.query_key_value.bias", (qkv,)),
-                (p + "self_attention.dense.weight", (h, cfg.num_heads * d)),
-                (p + "post_attention_layernorm.weight", (h,)), (p + "mlp.dense_h_to_4h.weight", (2 * f, h)),
-                (p + "mlp.dense_4h_to_h.weight", (h, f))]  # fmt: skip
-    out += [("transformer.encoder.final_layernorm.weight", (h,)), ("transformer.output_layer.weight", (v, h)),
-            ("transformer.rotary_pos_emb.inv_freq", (d // 4,))]
+        out += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "self_attention.query_key_value.weight", (qkv, h)),
+            (p + "self_attention.query_key_value.bias", (qkv,)),
+            (p + "self_attention.dense.weight", (h, cfg.num_heads * d)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "mlp.dense_h_to_4h.weight", (2 * f, h)),
+            (p + "mlp.dense_4h_to_h.weight", (h, f)),
+        ]
+    out += [
+        ("transformer.encoder.final_layernorm.weight", (h,)),
+        ("transformer.output_layer.weight", (v, h)),
+        ("transformer.rotary_pos_emb.inv_freq", (d // 4,)),
+    ]
     return out
 
 
-def seeded_normal(shape: tuple[int, ...], std: float, mean: float, dtype: torch.dtype, g: torch.Generator,
-                  out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def seeded_normal(
+    shape: tuple[int, ...],
+    std: float,
+    mean: float,
+    dtype: torch.dtype,
+    g: torch.Generator,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """N(mean, std) in `dtype` (into `out` when given); a large tensor is drawn in row chunks so the float32
     scratch stays small (a small one in one draw: the values of the demo weights never change)."""
     out = torch.empty(shape, dtype=dtype) if out is None else out
@@ -89,7 +123,9 @@ def seeded_normal(shape: tuple[int, ...], std: float, mean: float, dtype: torch.
     return out
 
 
-def random_chatglm_tensors(cfg: LMConfig, seed: int, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def random_chatglm_tensors(
+    cfg: LMConfig, seed: int, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Official names with seeded values, one tensor at a time (linear N(0, 1/fan_in), embeddings N(0, 1),
     norms 1 + 0.2 N, qkv bias 0.2 N): what `random_chatglm_state` held all at once, in the same draw order."""
     g = torch.Generator().manual_seed(seed)
@@ -107,7 +143,9 @@ def random_chatglm_tensors(cfg: LMConfig, seed: int, dtype: torch.dtype) -> Iter
             yield name, seeded_normal(shape, shape[1] ** -0.5, 0.0, dtype, g)
 
 
-def _shard_plan(shapes: list[tuple[str, tuple[int, ...]]], element_bytes: int, num_shards: int) -> list[list[str]]:
+def _shard_plan(
+    shapes: list[tuple[str, tuple[int, ...]]], element_bytes: int, num_shards: int
+) -> list[list[str]]:
     """Names per shard, consecutive: `num_shards` of about equal bytes (a tensor goes where its middle falls);
     num_shards <= 0: shards of about SHARD_BYTES each."""
     sizes = [(name, element_bytes * _numel(shape)) for name, shape in shapes]
@@ -132,8 +170,11 @@ def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     offset = 0
     for name, tensor in tensors.items():
         size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}  # fmt: skip
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
@@ -152,9 +193,21 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def write_random_checkpoint(
-    out_dir: str | Path, *, hidden_size: int, num_layers: int, num_heads: int, kv_groups: int, head_dim: int,
-    ffn_hidden_size: int, vocab_size: int, seed: int, num_shards: int = 2, tensor_hook: TensorHook | None = None,
-    dtype: torch.dtype = torch.float32, seq_length: int = 8192, eos_token_ids: list[int] | None = None,
+    out_dir: str | Path,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    kv_groups: int,
+    head_dim: int,
+    ffn_hidden_size: int,
+    vocab_size: int,
+    seed: int,
+    num_shards: int = 2,
+    tensor_hook: TensorHook | None = None,
+    dtype: torch.dtype = torch.float32,
+    seq_length: int = 8192,
+    eos_token_ids: list[int] | None = None,
 ) -> None:
     """A random glm-4-voice-9b-format checkpoint: ChatGLM config.json, safetensors shards + index.
 
@@ -165,18 +218,40 @@ def write_random_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     dtype_name = str(dtype).removeprefix("torch.")
     config = {
-        "_name_or_path": "random-glm-4-voice-9b", "model_type": "chatglm",
+        "_name_or_path": "random-glm-4-voice-9b",
+        "model_type": "chatglm",
         "architectures": ["ChatGLMForConditionalGeneration"],
-        "add_bias_linear": False, "add_qkv_bias": True, "apply_query_key_layer_scaling": True,
-        "apply_residual_connection_post_layernorm": False, "attention_dropout": 0.0, "attention_softmax_in_fp32": True,
-        "bias_dropout_fusion": True, "classifier_dropout": None, "ffn_hidden_size": ffn_hidden_size,
-        "fp32_residual_connection": False, "hidden_dropout": 0.0, "hidden_size": hidden_size, "kv_channels": head_dim,
-        "layernorm_epsilon": 3.90625e-08, "multi_query_attention": True, "multi_query_group_num": kv_groups,
-        "num_attention_heads": num_heads, "num_hidden_layers": num_layers, "num_layers": num_layers,
-        "original_rope": True, "padded_vocab_size": vocab_size, "post_layer_norm": True, "rmsnorm": True,
-        "rope_ratio": 1, "seq_length": seq_length, "tie_word_embeddings": False, "torch_dtype": dtype_name,
-        "transformers_version": "4.44.1", "use_cache": True, "vocab_size": vocab_size,
-    }  # fmt: skip
+        "add_bias_linear": False,
+        "add_qkv_bias": True,
+        "apply_query_key_layer_scaling": True,
+        "apply_residual_connection_post_layernorm": False,
+        "attention_dropout": 0.0,
+        "attention_softmax_in_fp32": True,
+        "bias_dropout_fusion": True,
+        "classifier_dropout": None,
+        "ffn_hidden_size": ffn_hidden_size,
+        "fp32_residual_connection": False,
+        "hidden_dropout": 0.0,
+        "hidden_size": hidden_size,
+        "kv_channels": head_dim,
+        "layernorm_epsilon": 3.90625e-08,
+        "multi_query_attention": True,
+        "multi_query_group_num": kv_groups,
+        "num_attention_heads": num_heads,
+        "num_hidden_layers": num_layers,
+        "num_layers": num_layers,
+        "original_rope": True,
+        "padded_vocab_size": vocab_size,
+        "post_layer_norm": True,
+        "rmsnorm": True,
+        "rope_ratio": 1,
+        "seq_length": seq_length,
+        "tie_word_embeddings": False,
+        "torch_dtype": dtype_name,
+        "transformers_version": "4.44.1",
+        "use_cache": True,
+        "vocab_size": vocab_size,
+    }
     if eos_token_ids:
         config["eos_token_id"], config["pad_token_id"] = list(eos_token_ids), eos_token_ids[0]
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")

@@ -22,7 +22,11 @@ _DEFAULT_MERGE_TEXT = [
 
 def _train_merges(texts: list[str], ranks: dict[bytes, int], num_merges: int) -> None:
     """Greedy byte-pair merges over the pre-split words of `texts`, appended to `ranks` in merge order."""
-    words = Counter(tuple(bytes([b]) for b in w.encode("utf-8")) for t in texts for w in regex.findall(GLM4_SPLIT_PATTERN, t))
+    words = Counter(
+        tuple(bytes([b]) for b in w.encode("utf-8"))
+        for t in texts
+        for w in regex.findall(GLM4_SPLIT_PATTERN, t)
+    )
     for _ in range(num_merges):
         pairs: Counter[tuple[bytes, bytes]] = Counter()
         for word, count in words.items():
@@ -49,7 +53,11 @@ def _train_merges(texts: list[str], ranks: dict[bytes, int], num_merges: int) ->
 
 
 def write_tokenizer_files(
-    out_dir: str | Path, *, merges_text: list[str] | None = None, num_audio_tokens: int = 16384, seed: int = 0,
+    out_dir: str | Path,
+    *,
+    merges_text: list[str] | None = None,
+    num_audio_tokens: int = 16384,
+    seed: int = 0,
     num_merges: int = 300,
 ) -> None:
     """Write a small `tokenizer.model` + `tokenizer_config.json` in the official format.
@@ -85,4 +93,6 @@ def write_tokenizer_files(
         "remove_space": False,
         "tokenizer_class": "ChatGLM4Tokenizer",
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8"
+    )

@@ -19,7 +19,11 @@ from pipeline.engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
-STAGE_FOLDERS = {"tokenizer": "glm-4-voice-tokenizer", "lm": "glm-4-voice-9b", "decoder": "glm-4-voice-decoder"}
+STAGE_FOLDERS = {
+    "tokenizer": "glm-4-voice-tokenizer",
+    "lm": "glm-4-voice-9b",
+    "decoder": "glm-4-voice-decoder",
+}
 # Files whose presence marks a complete checkpoint folder (the official layouts).
 REQUIRED_FILES = {
     "tokenizer": ("config.json", "preprocessor_config.json"),
@@ -65,7 +69,9 @@ def select_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise WeightsError(f"[model] device = {name!r} but torch sees no CUDA device")
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", 0)  # an explicit index: torch.cuda.set_device in the engine thread needs one
+        device = torch.device(
+            "cuda", 0
+        )  # an explicit index: torch.cuda.set_device in the engine thread needs one
     return device
 
 

@@ -31,22 +31,37 @@ def _isolated_prefix() -> list[str]:
     if shutil.which("unshare") is None or shutil.which("ip") is None:
         return []
     probe = subprocess.run(["unshare", "-n", "sh", "-c", "ip link set lo up"], capture_output=True)
-    return ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"'] if probe.returncode == 0 else []
+    return (
+        ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"'] if probe.returncode == 0 else []
+    )
 
 
 def test_browser_call_end_to_end():
     pytest.importorskip("playwright")
     prefix = _isolated_prefix()
-    mode = "network namespace with loopback only (unshare -n)" if prefix else "host loopback (unshare not permitted)"
+    mode = (
+        "network namespace with loopback only (unshare -n)"
+        if prefix
+        else "host loopback (unshare not permitted)"
+    )
     print(f"browser test network: {mode}")
-    out = subprocess.run([*prefix, sys.executable, str(ROOT / "tests" / "helpers" / "browser_call.py"), str(ARTIFACTS)],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    out = subprocess.run(
+        [*prefix, sys.executable, str(ROOT / "tests" / "helpers" / "browser_call.py"), str(ARTIFACTS)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     stats = result["stats"]
-    print(f"browser saw: state={stats['state']} inbound energy={stats['energy']:.3f} packets={stats['packets']} "
-          f"latency={result['latency']} screenshot={result['screenshot']}")
-    assert "input_audio_buffer.speech_started" in stats["types"], "the server did not hear the fake microphone"
+    print(
+        f"browser saw: state={stats['state']} inbound energy={stats['energy']:.3f} packets={stats['packets']} "
+        f"latency={result['latency']} screenshot={result['screenshot']}"
+    )
+    assert "input_audio_buffer.speech_started" in stats["types"], (
+        "the server did not hear the fake microphone"
+    )
     assert "input_audio_buffer.committed" in stats["types"]
     assert "Mic check: I heard" in result["transcript"]
     assert stats["packets"] > 50
@@ -62,8 +77,13 @@ def test_browser_call_end_to_end():
 def test_browser_busy_and_auth_messages():
     pytest.importorskip("playwright")
     prefix = _isolated_prefix()
-    out = subprocess.run([*prefix, sys.executable, str(ROOT / "tests" / "helpers" / "browser_admission.py")],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    out = subprocess.run(
+        [*prefix, sys.executable, str(ROOT / "tests" / "helpers" / "browser_admission.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"browser admission: {result}")
@@ -81,8 +101,19 @@ def test_browser_conversation_history():
     from pipeline.weights.demo import MESSAGE
 
     prefix = _isolated_prefix()
-    out = subprocess.run([*prefix, sys.executable, str(ROOT / "tests" / "helpers" / "browser_call.py"), str(ARTIFACTS),
-                          "conversation"], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    out = subprocess.run(
+        [
+            *prefix,
+            sys.executable,
+            str(ROOT / "tests" / "helpers" / "browser_call.py"),
+            str(ARTIFACTS),
+            "conversation",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"browser history: {r['dom']['text']!r} screenshot={r['screenshot']}")
@@ -99,7 +130,9 @@ def test_browser_conversation_history():
     assert 0 < cut["playedMs"] < 6000
     (shown,) = r["dom"]["cut"]
     assert shown["heard"] and shown["unheard"] and shown["heard"] + shown["unheard"] == "".join(cut["deltas"])
-    assert MESSAGE.startswith(shown["heard"]) and float(shown["unheardOpacity"]) < 1  # the unheard rest dimmed
+    assert (
+        MESSAGE.startswith(shown["heard"]) and float(shown["unheardOpacity"]) < 1
+    )  # the unheard rest dimmed
     assert len(r["dom"]["latencies"]) == 3 and all(x.endswith(" ms") for x in r["dom"]["latencies"])
     assert r["clipboard"] == r["as_text"] and "[cut off; unheard: " in r["clipboard"]
     assert r["after_reload"] == r["turns"]  # the history survives a reload

@@ -27,8 +27,11 @@ def engine_session(running, client):
 
 
 def transcript_of(client, response_id: str) -> str:
-    return "".join(e["delta"] for e in client.of_type("response.output_audio_transcript.delta")
-                   if e["response_id"] == response_id)
+    return "".join(
+        e["delta"]
+        for e in client.of_type("response.output_audio_transcript.delta")
+        if e["response_id"] == response_id
+    )
 
 
 async def reply_audio(client, started: dict, response_id: str, timeout_s: float = 30.0) -> np.ndarray:
@@ -64,8 +67,14 @@ async def test_spoken_turn_gives_text_and_audio(glm_server, script):
         assert heard.size / 48_000 >= 0.8 * n_speech * SPEECH_TOKEN_MS / 1000  # the whole reply was played
         assert float(np.sqrt(np.mean(heard**2))) > 1e-3  # not silence
         latency = next(e for e in client.of_type("glm4voice.turn.latency") if e["response_id"] == rid)
-        for stage in ("tokens_ready", "prefill_done", "first_text_token", "first_speech_token", "first_pcm",
-                      "first_frame_sent"):  # fmt: skip
+        for stage in (
+            "tokens_ready",
+            "prefill_done",
+            "first_text_token",
+            "first_speech_token",
+            "first_pcm",
+            "first_frame_sent",
+        ):
             assert stage in latency["stages_ms"], stage
     finally:
         await client.hangup()
@@ -79,8 +88,16 @@ async def test_typed_turns_and_turn_two_prefills_only_new_tokens(glm_server, scr
         tok = glm_server.server.responder.engine.scheduler.m.text
         for text in ["Hello there, typed message.", "And a second one."]:
             mark = len(client.events)
-            client.send({"type": "conversation.item.create",
-                         "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+            client.send(
+                {
+                    "type": "conversation.item.create",
+                    "item": {
+                        "type": "message",
+                        "role": "user",
+                        "content": [{"type": "input_text", "text": text}],
+                    },
+                }
+            )
             client.send({"type": "response.create"})
             created = await client.wait_for("response.created", 10, after=mark)
             rid = created["response"]["id"]
@@ -119,8 +136,15 @@ async def test_barge_in_keeps_only_what_was_played(glm_server, script):
         header = [tok.assistant_id, *tok.encode("streaming_transcription\n")]
         # the event rounds played_ms to whole ms; the engine got the exact value: accept either side
         candidates = [heard_ids(script["reply_ids"], tok, played_ms + delta) for delta in (-0.5, 0.0, 0.5)]
-        kept = next((k for k in candidates if turn1[len(turn1) - len(k) :] == k
-                     and turn1[: len(turn1) - len(k)][-len(header) :] == header), None)
+        kept = next(
+            (
+                k
+                for k in candidates
+                if turn1[len(turn1) - len(k) :] == k
+                and turn1[: len(turn1) - len(k)][-len(header) :] == header
+            ),
+            None,
+        )
         assert kept is not None, "turn 1 in the history is not the user block + the heard part of the reply"
         assert 0 < len(kept) < len(script["reply_ids"])
     finally:
@@ -175,8 +199,16 @@ async def test_resumed_call_prefills_only_the_new_turn(glm_server, script):
     token = (await first.wait_for("session.created", 5))["resume_token"]
     session = engine_session(glm_server, first)
     mark = len(first.events)
-    first.send({"type": "conversation.item.create",
-                "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello."}]}})
+    first.send(
+        {
+            "type": "conversation.item.create",
+            "item": {
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "Hello."}],
+            },
+        }
+    )
     first.send({"type": "response.create"})
     await first.wait_for("response.done", 30, after=mark)
     old = glm_server.server.calls[first.call_id]
@@ -193,16 +225,28 @@ async def test_resumed_call_prefills_only_the_new_turn(glm_server, script):
         assert engine_session(glm_server, second) is session
         text = "And a second one."
         mark = len(second.events)
-        second.send({"type": "conversation.item.create",
-                     "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+        second.send(
+            {
+                "type": "conversation.item.create",
+                "item": {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": text}],
+                },
+            }
+        )
         second.send({"type": "response.create"})
         started = await second.wait_for("output_audio_buffer.started", 30, after=mark)
         heard = await reply_audio(second, started, started["response_id"])
         assert float(np.sqrt(np.mean(heard**2))) > 1e-3
         assert (await second.wait_for("response.done", 10, after=mark))["response"]["status"] == "completed"
         assert len(d.history.turns) == 2
-        assert d.turn_prompt_lengths[1] == kept_ids + len(user_turn_ids(tok, text=text))  # the earlier turn is in it
-        assert d.turn_prefilled_tokens[1] == len(user_turn_ids(tok, text=text))  # ... and was not prefilled again
+        assert d.turn_prompt_lengths[1] == kept_ids + len(
+            user_turn_ids(tok, text=text)
+        )  # the earlier turn is in it
+        assert d.turn_prefilled_tokens[1] == len(
+            user_turn_ids(tok, text=text)
+        )  # ... and was not prefilled again
         assert d.cache.length == len(d.history.ids())
     finally:
         await second.hangup()

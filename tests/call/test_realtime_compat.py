@@ -26,19 +26,43 @@ from tests.helpers.rtc_client import RealtimeClient, start_server
 RATE = 22_050
 WORDS = [f"word{i} " for i in range(40)]
 GA_SESSION = {  # what a Realtime client library sends by default (agents SDK shape)
-    "type": "realtime", "model": "gpt-realtime", "instructions": "Be brief.", "output_modalities": ["audio"],
-    "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}, "noise_reduction": None,
-                        "transcription": {"model": "gpt-4o-mini-transcribe"},
-                        "turn_detection": {"type": "semantic_vad", "eagerness": "medium", "create_response": True,
-                                           "interrupt_response": True}},
-              "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "alloy", "speed": 1.0}},
-    "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}], "tool_choice": "auto",
-    "tracing": "auto", "include": [], "prompt": None, "truncation": "auto", "max_output_tokens": "inf",
+    "type": "realtime",
+    "model": "gpt-realtime",
+    "instructions": "Be brief.",
+    "output_modalities": ["audio"],
+    "audio": {
+        "input": {
+            "format": {"type": "audio/pcm", "rate": 24000},
+            "noise_reduction": None,
+            "transcription": {"model": "gpt-4o-mini-transcribe"},
+            "turn_detection": {
+                "type": "semantic_vad",
+                "eagerness": "medium",
+                "create_response": True,
+                "interrupt_response": True,
+            },
+        },
+        "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "alloy", "speed": 1.0},
+    },
+    "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
+    "tool_choice": "auto",
+    "tracing": "auto",
+    "include": [],
+    "prompt": None,
+    "truncation": "auto",
+    "max_output_tokens": "inf",
 }
 REPLY_SEQUENCE = [
-    "response.created", "response.output_item.added", "conversation.item.added", "response.content_part.added",
-    "response.output_audio.done", "response.output_audio_transcript.done", "response.content_part.done",
-    "response.output_item.done", "conversation.item.done", "response.done",
+    "response.created",
+    "response.output_item.added",
+    "conversation.item.added",
+    "response.content_part.added",
+    "response.output_audio.done",
+    "response.output_audio_transcript.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "conversation.item.done",
+    "response.done",
 ]
 
 
@@ -54,7 +78,7 @@ class DeafTurn(Turn):
         self.cancels.append(played_ms)
 
     def heard_transcript(self, played_ms: float) -> str | None:
-        return "".join(WORDS[:int(played_ms // 100)])
+        return "".join(WORDS[: int(played_ms // 100)])
 
     async def events(self) -> AsyncIterator[TurnEvent]:
         for word in WORDS:
@@ -97,8 +121,12 @@ class DeafResponder(Responder):
 
 
 def _sequence(client: RealtimeClient, after: int) -> list[str]:
-    return [e["type"] for e in client.events[after:] if not e["type"].startswith(("glm4voice.", "output_audio_buffer"))
-            and not e["type"].endswith(".delta")]
+    return [
+        e["type"]
+        for e in client.events[after:]
+        if not e["type"].startswith(("glm4voice.", "output_audio_buffer"))
+        and not e["type"].endswith(".delta")
+    ]
 
 
 async def test_ga_session_config_typed_turn_lifecycle_and_cancel_clear(echo_server):
@@ -112,18 +140,35 @@ async def test_ga_session_config_typed_turn_lifecycle_and_cancel_clear(echo_serv
         assert session["instructions"] == "Be brief."
         td = session["audio"]["input"]["turn_detection"]
         assert td["type"] == "semantic_vad" and td["eagerness"] == "medium"
-        assert {"model", "tools", "tool_choice", "tracing", "audio.output.voice", "audio.input.transcription",
-                "audio.input.noise_reduction"} <= set(session["glm4voice"]["ignored_fields"])
+        assert {
+            "model",
+            "tools",
+            "tool_choice",
+            "tracing",
+            "audio.output.voice",
+            "audio.input.transcription",
+            "audio.input.noise_reduction",
+        } <= set(session["glm4voice"]["ignored_fields"])
         mark = len(client.events)
-        client.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
-            {"type": "input_text", "text": "hello"}]}})
+        client.send(
+            {
+                "type": "conversation.item.create",
+                "item": {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "hello"}],
+                },
+            }
+        )
         client.send({"type": "response.create"})
         done = await client.wait_for("response.done", 10, after=mark)
         seq = _sequence(client, mark)
         assert seq == ["conversation.item.added", "conversation.item.done"] + REPLY_SEQUENCE, seq
         assistant_added = [e for e in client.events[mark:] if e["type"] == "conversation.item.added"][1]
-        assert assistant_added["previous_item_id"] == [e for e in client.events[mark:]
-                                                       if e["type"] == "conversation.item.done"][0]["item"]["id"]
+        assert (
+            assistant_added["previous_item_id"]
+            == [e for e in client.events[mark:] if e["type"] == "conversation.item.done"][0]["item"]["id"]
+        )
         assert done["response"]["output"][0]["id"] == assistant_added["item"]["id"]
         # Interrupt as client libraries do: cancel, then clear - twice, with nothing playing the second time.
         for _ in range(2):
@@ -132,7 +177,9 @@ async def test_ga_session_config_typed_turn_lifecycle_and_cancel_clear(echo_serv
         client.send({"type": "glm4voice.ping", "event_id": "evt_sync"})
         await client.wait_for("glm4voice.pong", 5)
         codes = [e["error"]["code"] for e in client.of_type("error")]
-        assert "response_cancel_not_active" in codes or codes == []  # cancel with no reply, as the Realtime API
+        assert (
+            "response_cancel_not_active" in codes or codes == []
+        )  # cancel with no reply, as the Realtime API
         assert all(code == "response_cancel_not_active" for code in codes), codes
     finally:
         await client.hangup()
@@ -144,8 +191,16 @@ async def test_cancel_after_the_responder_finished_reports_what_was_heard():
     client = RealtimeClient(server.base_url)
     try:
         await client.connect()
-        client.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
-            {"type": "input_text", "text": "talk"}]}})
+        client.send(
+            {
+                "type": "conversation.item.create",
+                "item": {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "talk"}],
+                },
+            }
+        )
         client.send({"type": "response.create"})
         await client.wait_for("output_audio_buffer.started", 10)
         await asyncio.sleep(0.35)  # some audio plays
@@ -167,16 +222,25 @@ async def test_cancel_after_the_responder_finished_reports_what_was_heard():
 
 async def test_preflight_with_client_library_headers():
     server = await start_server(overrides={"http": {"cors_origins": ["https://app.example.com"]}})
-    requested = "authorization, content-type, x-openai-agents-sdk, openai-beta, openai-organization, openai-project"
+    requested = (
+        "authorization, content-type, x-openai-agents-sdk, openai-beta, openai-organization, openai-project"
+    )
     try:
         async with aiohttp.ClientSession() as http:
             for origin, status in (("https://app.example.com", 204), ("https://evil.example.net", 403)):
-                async with http.options(f"{server.base_url}/v1/realtime/calls", headers={
-                        "Origin": origin, "Access-Control-Request-Method": "POST",
-                        "Access-Control-Request-Headers": requested}) as r:
+                async with http.options(
+                    f"{server.base_url}/v1/realtime/calls",
+                    headers={
+                        "Origin": origin,
+                        "Access-Control-Request-Method": "POST",
+                        "Access-Control-Request-Headers": requested,
+                    },
+                ) as r:
                     assert r.status == status
                     if status == 204:
-                        allowed = {h.strip().lower() for h in r.headers["Access-Control-Allow-Headers"].split(",")}
+                        allowed = {
+                            h.strip().lower() for h in r.headers["Access-Control-Allow-Headers"].split(",")
+                        }
                         assert set(requested.split(", ")) <= allowed
                         assert r.headers["Access-Control-Allow-Origin"] == origin
                     else:
@@ -191,8 +255,16 @@ async def test_control_connection_steers_a_webrtc_call(echo_server):
     try:
         async with aiohttp.ClientSession() as http:
             async with http.ws_connect(f"{echo_server.base_url}/v1/realtime?call_id={client.call_id}") as ws:
-                await ws.send_json({"type": "conversation.item.create", "item": {
-                    "type": "message", "role": "user", "content": [{"type": "input_text", "text": "from the backend"}]}})
+                await ws.send_json(
+                    {
+                        "type": "conversation.item.create",
+                        "item": {
+                            "type": "message",
+                            "role": "user",
+                            "content": [{"type": "input_text", "text": "from the backend"}],
+                        },
+                    }
+                )
                 await ws.send_json({"type": "response.create"})
                 seen = []
                 while "response.done" not in seen:
@@ -205,9 +277,15 @@ async def test_control_connection_steers_a_webrtc_call(echo_server):
         done = await client.wait_for("response.done", 5)  # the browser's call got the reply too
         assert "from the backend" in done["response"]["output"][0]["content"][0]["transcript"]
         async with aiohttp.ClientSession() as http:
-            async with http.get(f"{echo_server.base_url}/v1/realtime?call_id=rtc_nope",
-                                headers={"Upgrade": "websocket", "Connection": "Upgrade",
-                                         "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZQ=="}) as r:
+            async with http.get(
+                f"{echo_server.base_url}/v1/realtime?call_id=rtc_nope",
+                headers={
+                    "Upgrade": "websocket",
+                    "Connection": "Upgrade",
+                    "Sec-WebSocket-Version": "13",
+                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZQ==",
+                },
+            ) as r:
                 assert r.status == 404
     finally:
         await client.hangup()

@@ -15,8 +15,14 @@ from tests.helpers.rtc_client import RealtimeClient, make_offer, start_server
 def _without_opus(sdp: str) -> str:
     opus = re.search(r"^a=rtpmap:(\d+) opus/48000", sdp, re.MULTILINE | re.IGNORECASE).group(1)
     lines = [line for line in sdp.splitlines() if not re.match(rf"^a=(rtpmap|fmtp|rtcp-fb):{opus}\b", line)]
-    lines = [re.sub(r"^(m=audio \d+ \S+)(.*)", lambda m: m.group(1) + " " + " ".join(
-        p for p in m.group(2).split() if p != opus), line) for line in lines]
+    lines = [
+        re.sub(
+            r"^(m=audio \d+ \S+)(.*)",
+            lambda m: m.group(1) + " " + " ".join(p for p in m.group(2).split() if p != opus),
+            line,
+        )
+        for line in lines
+    ]
     return "\r\n".join(lines) + "\r\n"
 
 
@@ -30,9 +36,12 @@ async def _post(base: str, data, content_type: str | None, path: str = "/v1/real
 
 @pytest.fixture
 async def server():
-    running = await start_server(overrides={"http": {"max_body_bytes": 20_000},
-                                            "limits": {"max_event_bytes": 20_000, "max_text_chars": 500,
-                                                       "max_instructions_chars": 800}})
+    running = await start_server(
+        overrides={
+            "http": {"max_body_bytes": 20_000},
+            "limits": {"max_event_bytes": 20_000, "max_text_chars": 500, "max_instructions_chars": 800},
+        }
+    )
     yield running
     await running.runner.cleanup()
 
@@ -43,20 +52,41 @@ async def test_signalling_errors_are_clear_and_server_keeps_serving(server):
     cases = [
         ("garbage", b"hello there", "application/sdp", 400, "invalid_sdp"),
         ("empty", b"", "application/sdp", 400, "invalid_sdp"),
-        ("json-as-sdp", json.dumps({"sdp": good, "type": "offer"}).encode(), "application/sdp", 400, "invalid_sdp"),
+        (
+            "json-as-sdp",
+            json.dumps({"sdp": good, "type": "offer"}).encode(),
+            "application/sdp",
+            400,
+            "invalid_sdp",
+        ),
         ("sdp-as-json", good.encode(), "application/json", 400, "invalid_json"),
         ("json-without-sdp", b'{"type": "offer"}', "application/json", 400, "missing_required_parameter"),
-        ("json-answer", json.dumps({"sdp": good, "type": "answer"}).encode(), "application/json", 400,
-         "invalid_value"),
-        ("json-bad-session", json.dumps({"sdp": good, "session": {"instructions": 5}}).encode(), "application/json",
-         400, "invalid_value"),
+        (
+            "json-answer",
+            json.dumps({"sdp": good, "type": "answer"}).encode(),
+            "application/json",
+            400,
+            "invalid_value",
+        ),
+        (
+            "json-bad-session",
+            json.dumps({"sdp": good, "session": {"instructions": 5}}).encode(),
+            "application/json",
+            400,
+            "invalid_value",
+        ),
         ("text-plain", good.encode(), "text/plain", 415, "unsupported_media_type"),
         ("no-content-type", good.encode(), None, 415, "unsupported_media_type"),
         ("not-utf8", b"v=0\r\n\xff\xfe", "application/sdp", 400, "invalid_body"),
         ("video-only", (await make_offer(video_only=True)).encode(), "application/sdp", 400, "no_audio"),
         ("no-opus", _without_opus(good).encode(), "application/sdp", 400, "no_opus"),
-        ("broken-sdp", b"v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n", "application/sdp",
-         400, "invalid_sdp"),
+        (
+            "broken-sdp",
+            b"v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n",
+            "application/sdp",
+            400,
+            "invalid_sdp",
+        ),
         ("oversized", b"v=0\r\n" + b"a=x\r\n" * 10_000, "application/sdp", 413, "body_too_large"),
     ]
     for name, body, content_type, status, code in cases:
@@ -107,29 +137,86 @@ async def test_data_channel_errors_and_text_turn(server):
             (json.dumps({"type": "input_audio_buffer.append", "audio": "AAAA"}), "unknown_event"),
             (json.dumps({"type": "made.up", "event_id": "evt_1"}), "unknown_event"),
             (json.dumps({"type": "session.update"}), "missing_required_parameter"),
-            (json.dumps({"type": "session.update", "session": {"turn_detection": {"threshold": 7}}}), "invalid_value"),
-            (json.dumps({"type": "session.update", "session": {"turn_detection": {"type": "word_vad"}}}),
-             "unsupported_value"),
-            (json.dumps({"type": "session.update", "session": {"turn_detection": {"type": "semantic_vad",
-                                                                                   "eagerness": "eager"}}}),
-             "invalid_value"),
-            (json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": {
-                "type": "audio/pcm", "rate": 16000}}}}}), "invalid_value"),
+            (
+                json.dumps({"type": "session.update", "session": {"turn_detection": {"threshold": 7}}}),
+                "invalid_value",
+            ),
+            (
+                json.dumps({"type": "session.update", "session": {"turn_detection": {"type": "word_vad"}}}),
+                "unsupported_value",
+            ),
+            (
+                json.dumps(
+                    {
+                        "type": "session.update",
+                        "session": {"turn_detection": {"type": "semantic_vad", "eagerness": "eager"}},
+                    }
+                ),
+                "invalid_value",
+            ),
+            (
+                json.dumps(
+                    {
+                        "type": "session.update",
+                        "session": {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}},
+                    }
+                ),
+                "invalid_value",
+            ),
             (json.dumps({"type": "conversation.item.retrieve", "item_id": "item_nope"}), "item_not_found"),
             (json.dumps({"type": "session.update", "session": {"temperature": "hot"}}), "invalid_value"),
-            (json.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "assistant",
-                                                                      "content": []}}), "unsupported_value"),
-            (json.dumps({"type": "conversation.item.create", "item": {"role": "user", "content": [
-                {"type": "input_text", "text": "  "}]}}), "invalid_value"),
+            (
+                json.dumps(
+                    {
+                        "type": "conversation.item.create",
+                        "item": {"type": "message", "role": "assistant", "content": []},
+                    }
+                ),
+                "unsupported_value",
+            ),
+            (
+                json.dumps(
+                    {
+                        "type": "conversation.item.create",
+                        "item": {"role": "user", "content": [{"type": "input_text", "text": "  "}]},
+                    }
+                ),
+                "invalid_value",
+            ),
             (json.dumps({"type": "response.cancel"}), "response_cancel_not_active"),
-            (json.dumps({"type": "session.update", "session": {"instructions": "x" * (limit + 10)}}),
-             "message_too_large"),
-            (json.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
-                {"type": "input_text", "text": "y" * (server.server.config.limits.max_text_chars + 1)}]}}),
-             "string_above_max_length"),
-            (json.dumps({"type": "session.update", "session": {
-                "instructions": "z" * (server.server.config.limits.max_instructions_chars + 1)}}),
-             "string_above_max_length"),
+            (
+                json.dumps({"type": "session.update", "session": {"instructions": "x" * (limit + 10)}}),
+                "message_too_large",
+            ),
+            (
+                json.dumps(
+                    {
+                        "type": "conversation.item.create",
+                        "item": {
+                            "type": "message",
+                            "role": "user",
+                            "content": [
+                                {
+                                    "type": "input_text",
+                                    "text": "y" * (server.server.config.limits.max_text_chars + 1),
+                                }
+                            ],
+                        },
+                    }
+                ),
+                "string_above_max_length",
+            ),
+            (
+                json.dumps(
+                    {
+                        "type": "session.update",
+                        "session": {
+                            "instructions": "z" * (server.server.config.limits.max_instructions_chars + 1)
+                        },
+                    }
+                ),
+                "string_above_max_length",
+            ),
             (b"\x00\x01binary", "invalid_event"),
             ("[" * 100_000, "message_too_large"),
         ]
@@ -144,13 +231,30 @@ async def test_data_channel_errors_and_text_turn(server):
         assert client.of_type("error")[4]["error"]["event_id"] == "evt_1"  # errors name the client's event
         # The call still works: update the session, then a typed turn gets a reply.
         mark = len(client.events)
-        client.send({"type": "session.update", "session": {"instructions": "Be brief.", "audio": {"input": {
-            "turn_detection": {"type": "server_vad", "silence_duration_ms": 700}}}}})
+        client.send(
+            {
+                "type": "session.update",
+                "session": {
+                    "instructions": "Be brief.",
+                    "audio": {
+                        "input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 700}}
+                    },
+                },
+            }
+        )
         updated = await client.wait_for("session.updated", 5, after=mark)
         assert updated["session"]["instructions"] == "Be brief."
         assert updated["session"]["audio"]["input"]["turn_detection"]["silence_duration_ms"] == 700
-        client.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
-            {"type": "input_text", "text": "hello there"}]}})
+        client.send(
+            {
+                "type": "conversation.item.create",
+                "item": {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "hello there"}],
+                },
+            }
+        )
         client.send({"type": "response.create"})
         done = await client.wait_for("response.done", 5, after=mark)
         assert "hello there" in done["response"]["output"][0]["content"][0]["transcript"]
@@ -170,7 +274,9 @@ async def test_admission_limit_answers_503_with_retry_after():
                 health = await r.json()
             async with http.get(running.base_url + "/metrics") as r:
                 metrics = await r.text()
-        assert health["ready"] is True and health["active_calls"] == 1 and health["responder"]["name"] == "echo"
+        assert (
+            health["ready"] is True and health["active_calls"] == 1 and health["responder"]["name"] == "echo"
+        )
         assert "glm4voice_active_calls 1" in metrics
         assert "glm4voice_event_loop_lag_seconds_count" in metrics
         assert 'glm4voice_calls_rejected_total{reason="server_full"} 1' in metrics

@@ -36,8 +36,11 @@ async def _talk_and_get_echo(client: RealtimeClient, pcm16k: np.ndarray) -> tupl
     return stopped, client.heard_pcm(since)
 
 
-@pytest.mark.parametrize("voice,text", [("en", ENGLISH_SENTENCES[0]), ("cmn-latn-pinyin", MANDARIN_PINYIN[0])],
-                         ids=["english", "mandarin"])
+@pytest.mark.parametrize(
+    "voice,text",
+    [("en", ENGLISH_SENTENCES[0]), ("cmn-latn-pinyin", MANDARIN_PINYIN[0])],
+    ids=["english", "mandarin"],
+)
 async def test_speech_is_detected_and_echoed(echo_server, voice, text):
     speech = synth_speech(text, voice=voice)
     client = RealtimeClient(echo_server.base_url)
@@ -46,7 +49,9 @@ async def test_speech_is_detected_and_echoed(echo_server, voice, text):
         created = await client.wait_for("session.created", 5)
         assert created["session"]["audio"]["input"]["turn_detection"]["type"] == "server_vad"
         # webrtc.host_addresses = ["127.0.0.1"]: the answer offers loopback host candidates only.
-        candidates = re.findall(r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) \d+ typ (\w+)", client.answer_sdp, re.MULTILINE)
+        candidates = re.findall(
+            r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) \d+ typ (\w+)", client.answer_sdp, re.MULTILINE
+        )
         assert candidates and all(c == ("127.0.0.1", "host") for c in candidates), candidates
         stopped, heard = await _talk_and_get_echo(client, speech)
         started = client.of_type("input_audio_buffer.speech_started")[0]
@@ -100,12 +105,19 @@ async def test_barge_in_stops_playback_and_reports_played_ms(echo_server):
         await asyncio.sleep(0.5)
         next_started = [e for e in client.events[mark:] if e["type"] == "output_audio_buffer.started"]
         until = client.event_time(next_started[0]) if next_started else time.monotonic()
-        late = [f for f, t in zip(client.heard, client.heard_times, strict=True) if t_cleared + 0.1 < t < until]
+        late = [
+            f for f, t in zip(client.heard, client.heard_times, strict=True) if t_cleared + 0.1 < t < until
+        ]
         assert late, "no audio frames after the cut were received"
-        loud = [t for f, t in zip(client.heard, client.heard_times, strict=True)
-                if t_started < t < until and np.abs(f).max() >= 0.01]
+        loud = [
+            t
+            for f, t in zip(client.heard, client.heard_times, strict=True)
+            if t_started < t < until and np.abs(f).max() >= 0.01
+        ]
         loudest = max(float(np.abs(f).max()) for f in late)
-        print(f"barge-in: last audible frame arrived {(loud[-1] - t_cleared) * 1000:+.0f} ms after the cleared event")
+        print(
+            f"barge-in: last audible frame arrived {(loud[-1] - t_cleared) * 1000:+.0f} ms after the cleared event"
+        )
         print(f"barge-in: loudest frame received > 100 ms after output_audio_buffer.cleared: {loudest:.4f}")
         assert loudest < 0.01, "reply audio kept playing after the barge-in"
         # The responder kept only what was heard.

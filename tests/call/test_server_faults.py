@@ -45,11 +45,16 @@ async def test_nan_clipped_and_silent_audio_at_the_session_api(demo_dir):
         cleaned = speechlike.copy()
         cleaned[::7] = 0.0
         cleaned[::11] = 0.0
-        cases = {"nan": (nan_audio, cleaned), "clipped": (speechlike * 8.0, np.clip(speechlike * 8.0, -1, 1)),
-                 "silent": (np.zeros(16_000, np.float32), np.zeros(16_000, np.float32))}
+        cases = {
+            "nan": (nan_audio, cleaned),
+            "clipped": (speechlike * 8.0, np.clip(speechlike * 8.0, -1, 1)),
+            "silent": (np.zeros(16_000, np.float32), np.zeros(16_000, np.float32)),
+        }
         typing = responder.open_session("typing", SessionSettings())
         for name, (bad, reference) in cases.items():
-            sessions = [responder.open_session(f"{name}-{kind}", SessionSettings()) for kind in ("bad", "ref")]
+            sessions = [
+                responder.open_session(f"{name}-{kind}", SessionSettings()) for kind in ("bad", "ref")
+            ]
             for session, pcm in zip(sessions, (bad, reference), strict=True):
                 session.push_audio(pcm)
                 session.commit_audio()
@@ -80,8 +85,16 @@ async def test_engine_thread_death_turns_health_red_and_refuses_calls(glm_server
             raise RuntimeError("injected engine fault")
 
         scheduler.step = broken_step  # the next pass of the engine loop dies outside any call's guard
-        client.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
-                                                                  "content": [{"type": "input_text", "text": "hi"}]}})
+        client.send(
+            {
+                "type": "conversation.item.create",
+                "item": {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "hi"}],
+                },
+            }
+        )
         client.send({"type": "response.create"})
         error = await client.wait_for("error", 10)
         assert error["error"]["code"] == "engine_stopped"
@@ -96,8 +109,11 @@ async def test_engine_thread_death_turns_health_red_and_refuses_calls(glm_server
                 assert "injected engine fault" in health["error"]
             pc_client = RealtimeClient(base)
             await pc_client.pc.setLocalDescription(await pc_client.pc.createOffer())
-            async with http.post(base + "/v1/realtime/calls", data=pc_client.pc.localDescription.sdp,
-                                 headers={"Content-Type": "application/sdp"}) as r:
+            async with http.post(
+                base + "/v1/realtime/calls",
+                data=pc_client.pc.localDescription.sdp,
+                headers={"Content-Type": "application/sdp"},
+            ) as r:
                 body = await r.json()
                 assert r.status == 503 and body["error"]["code"] == "engine_unavailable"
                 assert "injected engine fault" in body["error"]["message"] and r.headers["Retry-After"]
@@ -113,13 +129,16 @@ async def test_engine_thread_death_turns_health_red_and_refuses_calls(glm_server
 
 def _figures(process: psutil.Process) -> dict:
     gc.collect()
-    return {"rss_mb": process.memory_info().rss / 2**20, "fds": process.num_fds(),
-            # the loop's default executor (getaddrinfo, ...) starts idle workers lazily, up to a fixed
-            # bound: not per-call state, so counted apart
-            "threads": sum(not t.name.startswith("asyncio_") for t in threading.enumerate()),
-            "executor_threads": sum(t.name.startswith("asyncio_") for t in threading.enumerate()),
-            "os_threads": process.num_threads(),
-            "tasks": len(asyncio.all_tasks())}
+    return {
+        "rss_mb": process.memory_info().rss / 2**20,
+        "fds": process.num_fds(),
+        # the loop's default executor (getaddrinfo, ...) starts idle workers lazily, up to a fixed
+        # bound: not per-call state, so counted apart
+        "threads": sum(not t.name.startswith("asyncio_") for t in threading.enumerate()),
+        "executor_threads": sum(t.name.startswith("asyncio_") for t in threading.enumerate()),
+        "os_threads": process.num_threads(),
+        "tasks": len(asyncio.all_tasks()),
+    }
 
 
 async def _leak_run(running, calls: int, warmup: int = 3) -> None:
@@ -129,8 +148,16 @@ async def _leak_run(running, calls: int, warmup: int = 3) -> None:
     async def one_call(i: int) -> None:
         client = RealtimeClient(running.base_url)
         await client.connect()
-        client.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
-                                                                  "content": [{"type": "input_text", "text": "hi"}]}})
+        client.send(
+            {
+                "type": "conversation.item.create",
+                "item": {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "hi"}],
+                },
+            }
+        )
         client.send({"type": "response.create"})
         done = await client.wait_for("response.done", 30)
         assert done["response"]["status"] == "completed", done
@@ -154,9 +181,13 @@ async def _leak_run(running, calls: int, warmup: int = 3) -> None:
     await settle()
     after = _figures(process)
     took_s = time.monotonic() - t0
-    print(f"\nleak test: {calls} calls (typed turn each) in {took_s:.0f} s; before -> after: "
-          + ", ".join(f"{k} {before[k]:.1f} -> {after[k]:.1f}" if k == "rss_mb" else f"{k} {before[k]} -> {after[k]}"
-                      for k in before))
+    print(
+        f"\nleak test: {calls} calls (typed turn each) in {took_s:.0f} s; before -> after: "
+        + ", ".join(
+            f"{k} {before[k]:.1f} -> {after[k]:.1f}" if k == "rss_mb" else f"{k} {before[k]} -> {after[k]}"
+            for k in before
+        )
+    )
     pool = engine.scheduler.m.lm.pool
     assert running.server.calls == {} and engine.scheduler.dialogues == []
     assert len(pool._free) == pool.capacity, "a KV slot was not given back"
@@ -188,9 +219,16 @@ async def test_logs_carry_the_call_id_and_no_user_text():
             running = await start_server(overrides={"logging": {"log_user_content": log_user_content}})
             client = RealtimeClient(running.base_url)
             await client.connect()
-            client.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
-                                                                      "content": [{"type": "input_text",
-                                                                                   "text": secret_text}]}})
+            client.send(
+                {
+                    "type": "conversation.item.create",
+                    "item": {
+                        "type": "message",
+                        "role": "user",
+                        "content": [{"type": "input_text", "text": secret_text}],
+                    },
+                }
+            )
             client.send({"type": "response.create"})
             await client.wait_for("response.done", 5)
             await client.hangup()

@@ -77,8 +77,16 @@ async def test_close_completes_whatever_fails_inside_it(caplog):
         from server.call import Call
 
         server = running.server
-        call = Call("rtc_failing_close", _FailingPeerConnection(), server.responder, server.vad, server.config,
-                    server.metrics, server.default_settings(), server.forget)
+        call = Call(
+            "rtc_failing_close",
+            _FailingPeerConnection(),
+            server.responder,
+            server.vad,
+            server.config,
+            server.metrics,
+            server.default_settings(),
+            server.forget,
+        )
         server.calls[call.call_id] = call
         with caplog.at_level(logging.WARNING, logger="glm4voice.call"):
             await call.close("test")
@@ -111,8 +119,16 @@ async def test_listen_only_client_hears_replies_that_end(glm_server):
     try:
         await client.connect(listen_only=True)
         await client.wait_for("session.created", 5)
-        client.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
-            {"type": "input_text", "text": "hello there"}]}})
+        client.send(
+            {
+                "type": "conversation.item.create",
+                "item": {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "hello there"}],
+                },
+            }
+        )
         client.send({"type": "response.create"})
         done = await client.wait_for("response.done", 60)
         assert done["response"]["status"] in ("completed", "incomplete")
@@ -162,9 +178,15 @@ async def test_reply_whose_audio_is_never_read_ends(monkeypatch):
     sent: list[dict] = []
     phases: list[CallState] = []
     tasks: list[asyncio.Task] = []
-    flow = reply_flow.ReplyFlow(_OneTurnSession(), Metrics(), sent.append,
-                                lambda coro, name: tasks.append(asyncio.ensure_future(coro)) or tasks[-1],
-                                phases.append, logging.LoggerAdapter(logging.getLogger("test"), {}), Conversation())
+    flow = reply_flow.ReplyFlow(
+        _OneTurnSession(),
+        Metrics(),
+        sent.append,
+        lambda coro, name: tasks.append(asyncio.ensure_future(coro)) or tasks[-1],
+        phases.append,
+        logging.LoggerAdapter(logging.getLogger("test"), {}),
+        Conversation(),
+    )
     flow.start(speech_stopped_s=None)
     await asyncio.gather(*tasks)
     assert [e["type"] for e in sent if e["type"] == "response.done"] and flow.active  # audio still queued
@@ -182,35 +204,68 @@ def _nested(depth: int) -> str:
 
 
 def _multipart(part_headers: str, body: str, boundary: str = "b0undary") -> tuple[bytes, dict]:
-    sdp_part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"sdp\"\r\n{part_headers}\r\n{body}\r\n"
-                f"--{boundary}--\r\n")
+    sdp_part = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="sdp"\r\n{part_headers}\r\n{body}\r\n'
+        f"--{boundary}--\r\n"
+    )
     return sdp_part.encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
 CASES_500 = {
-    "nested-json-offer": lambda sdp: (json.dumps({"sdp": sdp, "type": "offer", "session": "@"}).replace(
-        '"@"', "{\"x\": " + _nested(25_000) + "}"), {"Content-Type": "application/json"}, "/v1/realtime/calls",
-        (400, "invalid_json")),
-    "nested-json-mint": lambda sdp: ('{"session": ' + _nested(25_000) + "}", {"Content-Type": "application/json"},
-                                     "/v1/realtime/client_secrets", (400, "invalid_json")),
-    "audio-input-not-object": lambda sdp: (json.dumps({"sdp": sdp, "session": {"audio": {"input": 5}}}),
-                                           {"Content-Type": "application/json"}, "/v1/realtime/calls",
-                                           (400, "invalid_value")),
-    "audio-input-list": lambda sdp: (json.dumps({"sdp": sdp, "session": {"audio": {"input": ["turn_detection"]}}}),
-                                     {"Content-Type": "application/json"}, "/v1/realtime/calls",
-                                     (400, "invalid_value")),
-    "huge-integer": lambda sdp: (json.dumps({"sdp": sdp, "session": {"temperature": "@"}}).replace(
-        '"@"', "1" + "0" * 400), {"Content-Type": "application/json"}, "/v1/realtime/calls", (400, "invalid_value")),
-    "huge-integer-mint": lambda sdp: ('{"session": {"audio": {"input": {"turn_detection": {"threshold": 1'
-                                      + "0" * 400 + "}}}}}", {"Content-Type": "application/json"},
-                                      "/v1/realtime/client_secrets", (400, "invalid_value")),
-    "bogus-charset-part": lambda sdp: (*_multipart("Content-Type: text/plain; charset=bogus\r\n", sdp),
-                                       "/v1/realtime/calls", (400, "invalid_body")),
-    "bogus-charset-urlencoded": lambda sdp: ("sdp=v%3D0", {"Content-Type":
-                                             "application/x-www-form-urlencoded; charset=bogus"},
-                                             "/v1/realtime/calls", (400, "invalid_body")),
-    "unknown-transfer-encoding": lambda sdp: (*_multipart("Content-Transfer-Encoding: rot13\r\n", sdp),
-                                              "/v1/realtime/calls", (400, "invalid_body")),
+    "nested-json-offer": lambda sdp: (
+        json.dumps({"sdp": sdp, "type": "offer", "session": "@"}).replace(
+            '"@"', '{"x": ' + _nested(25_000) + "}"
+        ),
+        {"Content-Type": "application/json"},
+        "/v1/realtime/calls",
+        (400, "invalid_json"),
+    ),
+    "nested-json-mint": lambda sdp: (
+        '{"session": ' + _nested(25_000) + "}",
+        {"Content-Type": "application/json"},
+        "/v1/realtime/client_secrets",
+        (400, "invalid_json"),
+    ),
+    "audio-input-not-object": lambda sdp: (
+        json.dumps({"sdp": sdp, "session": {"audio": {"input": 5}}}),
+        {"Content-Type": "application/json"},
+        "/v1/realtime/calls",
+        (400, "invalid_value"),
+    ),
+    "audio-input-list": lambda sdp: (
+        json.dumps({"sdp": sdp, "session": {"audio": {"input": ["turn_detection"]}}}),
+        {"Content-Type": "application/json"},
+        "/v1/realtime/calls",
+        (400, "invalid_value"),
+    ),
+    "huge-integer": lambda sdp: (
+        json.dumps({"sdp": sdp, "session": {"temperature": "@"}}).replace('"@"', "1" + "0" * 400),
+        {"Content-Type": "application/json"},
+        "/v1/realtime/calls",
+        (400, "invalid_value"),
+    ),
+    "huge-integer-mint": lambda sdp: (
+        '{"session": {"audio": {"input": {"turn_detection": {"threshold": 1' + "0" * 400 + "}}}}}",
+        {"Content-Type": "application/json"},
+        "/v1/realtime/client_secrets",
+        (400, "invalid_value"),
+    ),
+    "bogus-charset-part": lambda sdp: (
+        *_multipart("Content-Type: text/plain; charset=bogus\r\n", sdp),
+        "/v1/realtime/calls",
+        (400, "invalid_body"),
+    ),
+    "bogus-charset-urlencoded": lambda sdp: (
+        "sdp=v%3D0",
+        {"Content-Type": "application/x-www-form-urlencoded; charset=bogus"},
+        "/v1/realtime/calls",
+        (400, "invalid_body"),
+    ),
+    "unknown-transfer-encoding": lambda sdp: (
+        *_multipart("Content-Transfer-Encoding: rot13\r\n", sdp),
+        "/v1/realtime/calls",
+        (400, "invalid_body"),
+    ),
 }
 
 
@@ -236,9 +291,17 @@ async def test_non_utf8_authorization_is_401_not_500(path, caplog):
         offer = (await make_offer()).encode()
         method = b"POST" if path != "/session" else b"GET"
         body = offer if method == b"POST" else b""
-        writer.write(method + b" " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nAuthorization: " + raw
-                     + b"\r\nContent-Type: application/sdp\r\nContent-Length: " + str(len(body)).encode()
-                     + b"\r\nConnection: close\r\n\r\n" + body)
+        writer.write(
+            method
+            + b" "
+            + path.encode()
+            + b" HTTP/1.1\r\nHost: x\r\nAuthorization: "
+            + raw
+            + b"\r\nContent-Type: application/sdp\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\nConnection: close\r\n\r\n"
+            + body
+        )
         with caplog.at_level(logging.ERROR):
             response = await asyncio.wait_for(reader.read(), 10)
         writer.close()
@@ -260,21 +323,35 @@ async def test_client_disconnecting_mid_body_is_not_a_traceback(echo_server, cap
     with caplog.at_level(logging.ERROR):
         for content_type in (b"application/sdp", b"multipart/form-data; boundary=xx"):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"POST /v1/realtime/calls HTTP/1.1\r\nHost: x\r\nContent-Type: " + content_type
-                         + b"\r\nContent-Length: 5000\r\n\r\n" + b"v=0\r\n" * 50)
+            writer.write(
+                b"POST /v1/realtime/calls HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                + content_type
+                + b"\r\nContent-Length: 5000\r\n\r\n"
+                + b"v=0\r\n" * 50
+            )
             await writer.drain()
             writer.close()
             await writer.wait_closed()
         await _good_call(echo_server.base_url)  # long after the server saw the resets
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [
+        r.getMessage() for r in caplog.records
+    ]
 
 
 # ----- item 5: half-open connections, connection caps --------------------------------------------
 
 
 async def test_half_open_connections_from_one_client_do_not_stop_health_for_another():
-    running = await start_server(overrides={"http": {"header_timeout_s": 1.0, "body_timeout_s": 1.0,
-                                                     "max_connections_per_address": 8, "max_connections": 64}})
+    running = await start_server(
+        overrides={
+            "http": {
+                "header_timeout_s": 1.0,
+                "body_timeout_s": 1.0,
+                "max_connections_per_address": 8,
+                "max_connections": 64,
+            }
+        }
+    )
     port = int(running.base_url.rsplit(":", 1)[1])
     attackers = []
     try:
@@ -285,14 +362,18 @@ async def test_half_open_connections_from_one_client_do_not_stop_health_for_anot
         health = await _health(running.base_url)  # another client (127.0.0.1) is served
         assert health["ready"] is True
         over_cap = [await asyncio.wait_for(reader.read(), 5) for reader, _ in attackers[8:]]
-        assert all(r.startswith(b"HTTP/1.1 429") and b"too_many_connections" in r for r in over_cap), over_cap[0]
+        assert all(r.startswith(b"HTTP/1.1 429") and b"too_many_connections" in r for r in over_cap), (
+            over_cap[0]
+        )
         # the ones under the cap are dropped at the header deadline, without an answer
         within = [await asyncio.wait_for(reader.read(), 5) for reader, _ in attackers[:8]]
         assert within == [b""] * 8
         # a body that never arrives: 408 at the body deadline
         reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
-        writer.write(b"POST /v1/realtime/calls HTTP/1.1\r\nHost: x\r\nContent-Type: application/sdp\r\n"
-                     b"Content-Length: 1000\r\n\r\nv=0\r\n")
+        writer.write(
+            b"POST /v1/realtime/calls HTTP/1.1\r\nHost: x\r\nContent-Type: application/sdp\r\n"
+            b"Content-Length: 1000\r\n\r\nv=0\r\n"
+        )
         attackers.append((reader, writer))
         answer = await asyncio.wait_for(reader.readuntil(b"}}"), 5)  # the JSON error's end
         assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer, answer[:200]
@@ -309,7 +390,9 @@ def test_fd_limit_check_covers_the_caps():
     from server.config import load_config
     from server.connections import check_fd_limit, fds_needed
 
-    config = load_config(None, env={}, overrides={"http": {"max_connections": 100}, "limits": {"max_calls": 4}})
+    config = load_config(
+        None, env={}, overrides={"http": {"max_connections": 100}, "limits": {"max_calls": 4}}
+    )
     soft, needed = check_fd_limit(config)
     assert needed == fds_needed(config) > 100
     now_soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -34,8 +34,9 @@ HUGE = "1" + "0" * 400  # an integer with no float: OverflowError where it was c
 
 
 def _item(content: list) -> str:
-    return json.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
-                                                                    "content": content}})
+    return json.dumps(
+        {"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": content}}
+    )
 
 
 def _session(session: dict) -> str:
@@ -50,7 +51,9 @@ MALFORMED = {
     "content.type=list": _item([{"type": [], "text": "hi"}]),
     "content.type=object": _item([{"type": {}, "text": "hi"}]),
     "temperature=huge": _session({"temperature": "@"}).replace('"@"', HUGE),
-    "threshold=huge": _session({"audio": {"input": {"turn_detection": {"threshold": "@"}}}}).replace('"@"', HUGE),
+    "threshold=huge": _session({"audio": {"input": {"turn_detection": {"threshold": "@"}}}}).replace(
+        '"@"', HUGE
+    ),
     "instructions=surrogate": _session({"instructions": "be \ud800 brief"}),  # json.dumps writes \ud800
     "text=surrogate": _item([{"type": "input_text", "text": "hello \udc00"}]),
     "event_id=surrogate": json.dumps({"type": "glm4voice.ping", "event_id": "e\ud800"}),
@@ -111,8 +114,9 @@ async def test_each_malformed_event_gets_an_error_and_the_call_goes_on(echo_serv
     await _good_call(echo_server.base_url)
 
 
-async def test_an_event_that_fails_inside_the_handler_is_one_error_and_one_log_line(echo_server, monkeypatch,
-                                                                                     caplog):
+async def test_an_event_that_fails_inside_the_handler_is_one_error_and_one_log_line(
+    echo_server, monkeypatch, caplog
+):
     from server.call import Call
 
     handle = Call.handle_event
@@ -147,14 +151,19 @@ async def test_session_settings_that_cannot_be_sent_back_are_refused_at_mint_and
     try:
         async with aiohttp.ClientSession() as http:
             for session in ({"instructions": "be \ud800 brief"}, {"temperature": 2.5}):
-                async with http.post(running.base_url + "/v1/realtime/client_secrets",
-                                     headers={**bearer, "Content-Type": "application/json"},
-                                     data=json.dumps({"session": session})) as r:
+                async with http.post(
+                    running.base_url + "/v1/realtime/client_secrets",
+                    headers={**bearer, "Content-Type": "application/json"},
+                    data=json.dumps({"session": session}),
+                ) as r:
                     assert r.status == 400, await r.text()
                     assert (await r.json())["error"]["code"] == "invalid_value"
             offer = await make_offer()
-            async with http.post(running.base_url + "/v1/realtime/calls", headers=bearer,
-                                 json={"sdp": offer, "type": "offer", "session": {"instructions": "x\udfff"}}) as r:
+            async with http.post(
+                running.base_url + "/v1/realtime/calls",
+                headers=bearer,
+                json={"sdp": offer, "type": "offer", "session": {"instructions": "x\udfff"}},
+            ) as r:
                 assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_value"
             assert running.server.calls == {}
         client = RealtimeClient(running.base_url, headers=bearer)
@@ -182,7 +191,9 @@ async def test_instructions_changes_and_response_create_have_their_own_rate(echo
             client.send(_session({"instructions": f"{i:04d}" + "x" * (limits.max_instructions_chars - 4)}))
         await _ping(client)
         updated = client.of_type("session.updated")
-        refused = [e for e in client.events[mark:] if e["type"] == "error" and e["error"]["code"] == "rate_limited"]
+        refused = [
+            e for e in client.events[mark:] if e["type"] == "error" and e["error"]["code"] == "rate_limited"
+        ]
         assert limits.expensive_event_burst <= len(updated) <= limits.expensive_event_burst + 1
         assert len(updated) + len(refused) == n
         # the same instructions again, or other fields, cost nothing
@@ -197,7 +208,9 @@ async def test_instructions_changes_and_response_create_have_their_own_rate(echo
         await asyncio.sleep(1.1 / limits.max_expensive_events_per_s)  # one token back
         mark = len(client.events)
         client.send(_session({"instructions": "short again"}))
-        assert (await client.wait_for("session.updated", 5, after=mark))["session"]["instructions"] == "short again"
+        assert (await client.wait_for("session.updated", 5, after=mark))["session"][
+            "instructions"
+        ] == "short again"
     finally:
         assert await client.hangup() == 200
     await _good_call(echo_server.base_url)
@@ -208,7 +221,9 @@ async def test_too_much_pending_input_is_a_clear_error(demo_dir):
     from pipeline.engine.config import EngineConfig
     from pipeline.engine.thread import GLMVoiceResponder
 
-    responder = GLMVoiceResponder(EngineConfig(demo_weights_dir=str(demo_dir), device="cpu", max_pending_items=2))
+    responder = GLMVoiceResponder(
+        EngineConfig(demo_weights_dir=str(demo_dir), device="cpu", max_pending_items=2)
+    )
     running = await start_server(responder=responder, kind="glm4voice")
     client = RealtimeClient(running.base_url)
     try:
@@ -248,7 +263,9 @@ def test_inbound_policing_keeps_real_time_and_drops_a_flood():
         assert guard.check(t, replying=False) is None
     # 20x real time: after the burst, about real time is kept and the rest dropped
     start = t
-    kept = sum(guard.inbound_frame(start + k * 0.001, 0.02) for k in range(2000))  # 2 s of wall clock, 40 s audio
+    kept = sum(
+        guard.inbound_frame(start + k * 0.001, 0.02) for k in range(2000)
+    )  # 2 s of wall clock, 40 s audio
     assert INBOUND_BURST_S / 0.02 <= kept <= (INBOUND_BURST_S + 2 * 1.05) / 0.02 + 1
     assert guard.inbound_frames_dropped == 2000 - kept
     assert guard.check(start + 2.0, replying=False) is None  # not yet inbound_flood_s of drops
@@ -313,19 +330,29 @@ def test_forwarded_for_takes_the_entry_our_proxy_appended():
 
 
 async def test_rotating_the_client_part_of_forwarded_for_does_not_evade_the_rate_limit():
-    running = await start_server(overrides={"http": {"trust_forwarded_for": True},
-                                            "limits": {"calls_per_minute_per_address": 1, "call_burst_per_address": 2}})
+    running = await start_server(
+        overrides={
+            "http": {"trust_forwarded_for": True},
+            "limits": {"calls_per_minute_per_address": 1, "call_burst_per_address": 2},
+        }
+    )
     try:
         async with aiohttp.ClientSession() as http:
             statuses = []
             for i in range(4):
-                async with http.post(running.base_url + "/v1/realtime/client_secrets", json={},
-                                     headers={"X-Forwarded-For": f"10.9.9.{i}, 198.51.100.7"}) as r:
+                async with http.post(
+                    running.base_url + "/v1/realtime/client_secrets",
+                    json={},
+                    headers={"X-Forwarded-For": f"10.9.9.{i}, 198.51.100.7"},
+                ) as r:
                     statuses.append(r.status)
             assert statuses == [200, 200, 429, 429]
             # a victim's address written on the left locks nobody out
-            async with http.post(running.base_url + "/v1/realtime/client_secrets", json={},
-                                 headers={"X-Forwarded-For": "198.51.100.7, 198.51.100.8"}) as r:
+            async with http.post(
+                running.base_url + "/v1/realtime/client_secrets",
+                json={},
+                headers={"X-Forwarded-For": "198.51.100.7, 198.51.100.8"},
+            ) as r:
                 assert r.status == 200
     finally:
         await running.runner.cleanup()
@@ -337,13 +364,14 @@ async def test_rotating_the_client_part_of_forwarded_for_does_not_evade_the_rate
 def _with_candidates(sdp: str, candidates: list[str]) -> str:
     lines = sdp.split("\r\n")
     at = next(i for i, line in enumerate(lines) if line.startswith("a=mid:"))
-    return "\r\n".join(lines[: at + 1] + candidates + lines[at + 1:])
+    return "\r\n".join(lines[: at + 1] + candidates + lines[at + 1 :])
 
 
 def test_remote_candidates_are_capped_per_offer_and_per_address():
-    sdp = _with_candidates("v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n",
-                           [f"a=candidate:{i} 1 udp 2113937151 192.0.2.{i % 3} {10_000 + i} typ host"
-                            for i in range(1000)])
+    sdp = _with_candidates(
+        "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n",
+        [f"a=candidate:{i} 1 udp 2113937151 192.0.2.{i % 3} {10_000 + i} typ host" for i in range(1000)],
+    )
     kept, dropped = filter_remote_candidates(sdp, (), 16, MAX_CANDIDATES_PER_ADDRESS)
     candidates = [line for line in kept.splitlines() if line.startswith("a=candidate:")]
     assert len(candidates) == 3 * MAX_CANDIDATES_PER_ADDRESS and dropped == 1000 - len(candidates)
@@ -353,12 +381,15 @@ def test_remote_candidates_are_capped_per_offer_and_per_address():
 
 async def test_an_offer_with_a_thousand_candidates_points_us_at_a_few(echo_server):
     offer = await make_offer()
-    flood = [f"a=candidate:f{i} 1 udp 2113937151 127.0.0.{2 + i % 200} {20_000 + i} typ host" for i in range(1000)]
+    flood = [
+        f"a=candidate:f{i} 1 udp 2113937151 127.0.0.{2 + i % 200} {20_000 + i} typ host" for i in range(1000)
+    ]
     bad = _with_candidates(offer, flood)
     assert len(bad) > 60_000
     async with aiohttp.ClientSession() as http:
-        async with http.post(echo_server.base_url + "/v1/realtime/calls", data=bad,
-                             headers={"Content-Type": "application/sdp"}) as r:
+        async with http.post(
+            echo_server.base_url + "/v1/realtime/calls", data=bad, headers={"Content-Type": "application/sdp"}
+        ) as r:
             assert r.status == 201, await r.text()
             call_id = r.headers["Location"].rsplit("/", 1)[-1]
         call = echo_server.server.calls[call_id]
@@ -392,8 +423,11 @@ async def test_offer_without_fingerprint_is_400_not_201_and_a_task_traceback(ech
             bad = re.sub(rf"^a={attribute}:.*\r\n", "", offer, flags=re.MULTILINE)
             assert bad != offer
             async with aiohttp.ClientSession() as http:
-                async with http.post(echo_server.base_url + "/v1/realtime/calls", data=bad,
-                                     headers={"Content-Type": "application/sdp"}) as r:
+                async with http.post(
+                    echo_server.base_url + "/v1/realtime/calls",
+                    data=bad,
+                    headers={"Content-Type": "application/sdp"},
+                ) as r:
                     assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_sdp"
                     assert attribute in (await r.json())["error"]["message"]
         assert echo_server.server.calls == {}
@@ -424,18 +458,25 @@ async def test_a_secret_used_after_expiry_is_expired_not_invalid():
     try:
         auth = running.server.auth
         async with aiohttp.ClientSession() as http:
-            async with http.post(running.base_url + "/v1/realtime/client_secrets", json={},
-                                 headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+            async with http.post(
+                running.base_url + "/v1/realtime/client_secrets",
+                json={},
+                headers={"Authorization": f"Bearer {API_KEY}"},
+            ) as r:
                 value = (await r.json())["value"]
             auth._secrets[value] = dataclasses.replace(auth._secrets[value], expires_at=time.time() - 1.0)
             auth.prune()  # what the server's housekeeping does once a second
-            async with http.post(running.base_url + "/v1/realtime/calls", data=await make_offer(),
-                                 headers={"Authorization": f"Bearer {value}",
-                                          "Content-Type": "application/sdp"}) as r:
+            async with http.post(
+                running.base_url + "/v1/realtime/calls",
+                data=await make_offer(),
+                headers={"Authorization": f"Bearer {value}", "Content-Type": "application/sdp"},
+            ) as r:
                 assert r.status == 401 and (await r.json())["error"]["code"] == "expired_client_secret"
-            async with http.post(running.base_url + "/v1/realtime/calls", data=await make_offer(),
-                                 headers={"Authorization": "Bearer ek_never_minted",
-                                          "Content-Type": "application/sdp"}) as r:
+            async with http.post(
+                running.base_url + "/v1/realtime/calls",
+                data=await make_offer(),
+                headers={"Authorization": "Bearer ek_never_minted", "Content-Type": "application/sdp"},
+            ) as r:
                 assert (await r.json())["error"]["code"] == "invalid_client_secret"
         client = RealtimeClient(running.base_url, headers={"Authorization": f"Bearer {API_KEY}"})
         try:

@@ -27,8 +27,9 @@ assert have_speech_tools(), "espeak-ng and sox are needed (make test installs th
 
 
 def test_call_guard_clocks():
-    limits = LimitsConfig(max_events_per_s=10, event_burst=5, max_call_duration_s=100, idle_timeout_s=30,
-                          peer_timeout_s=5)
+    limits = LimitsConfig(
+        max_events_per_s=10, event_burst=5, max_call_duration_s=100, idle_timeout_s=30, peer_timeout_s=5
+    )
     guard = CallGuard(limits, now_s=0.0)
     assert guard.check(29.0, replying=False) is None
     assert guard.check(31.0, replying=False).code == "idle_timeout"
@@ -61,8 +62,11 @@ async def test_offer_that_never_connects_frees_its_slot():
         pc.createDataChannel("oai-events")
         await pc.setLocalDescription(await pc.createOffer())
         async with aiohttp.ClientSession() as http:
-            async with http.post(running.base_url + "/v1/realtime/calls", data=pc.localDescription.sdp,
-                                 headers={"Content-Type": "application/sdp"}) as r:
+            async with http.post(
+                running.base_url + "/v1/realtime/calls",
+                data=pc.localDescription.sdp,
+                headers={"Content-Type": "application/sdp"},
+            ) as r:
                 assert r.status == 201
         await pc.close()
         call = next(iter(running.server.calls.values()))
@@ -128,8 +132,11 @@ async def test_idle_timeout_and_max_duration_end_calls_with_a_reason():
 async def test_vanished_peer_is_noticed_within_seconds(watch):
     # Each watch alone: inbound media silence at its default 5 s ("media"; consent checks made lax), ICE
     # consent every 1 s with 3 misses ("consent"; media watch off, as for a peer that sends no audio).
-    overrides = ({"limits": {"peer_timeout_s": 0.0}, "webrtc": {"consent_interval_s": 1.0, "consent_failures": 3}}
-                 if watch == "consent" else {"webrtc": {"consent_failures": 20}})
+    overrides = (
+        {"limits": {"peer_timeout_s": 0.0}, "webrtc": {"consent_interval_s": 1.0, "consent_failures": 3}}
+        if watch == "consent"
+        else {"webrtc": {"consent_failures": 20}}
+    )
     running = await start_server(overrides=overrides)
     client = RealtimeClient(running.base_url)
     try:
@@ -149,7 +156,9 @@ async def test_vanished_peer_is_noticed_within_seconds(watch):
         if watch == "media":
             assert call.close_reason == "peer_gone"
         else:
-            assert call.close_reason.startswith(("peer connection failed", "peer connection closed")), call.close_reason
+            assert call.close_reason.startswith(("peer connection failed", "peer connection closed")), (
+                call.close_reason
+            )
         assert running.server.calls == {}
     finally:
         await client.close()
@@ -197,7 +206,9 @@ class FastTrack(MediaStreamTrack):
         self._index += 1
         if self._index % 50 == 0:
             await asyncio.sleep(0)
-        frame = av.AudioFrame.from_ndarray(self._pcm[start:start + 960].reshape(1, -1), format="s16", layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            self._pcm[start : start + 960].reshape(1, -1), format="s16", layout="mono"
+        )
         frame.sample_rate = 48_000
         frame.pts = start
         frame.time_base = fractions.Fraction(1, 48_000)
@@ -225,11 +236,20 @@ async def test_ten_minutes_of_push_to_talk_audio_is_capped(monkeypatch):
     from server import call_guard
 
     monkeypatch.setattr(call_guard, "INBOUND_BURST_S", 700.0)
-    config = load_config(None, env={}, overrides={"responder": {"kind": "echo"},
-                                                  "limits": {"connect_timeout_s": 0}})  # no peer ever connects
+    config = load_config(
+        None, env={}, overrides={"responder": {"kind": "echo"}, "limits": {"connect_timeout_s": 0}}
+    )  # no peer ever connects
     server = Server(config, EchoResponder())
-    call = Call("rtc_ten_minutes", RTCPeerConnection(), server.responder, server.vad, config, server.metrics,
-                server.default_settings(), on_closed=lambda c: None)
+    call = Call(
+        "rtc_ten_minutes",
+        RTCPeerConnection(),
+        server.responder,
+        server.vad,
+        config,
+        server.metrics,
+        server.default_settings(),
+        on_closed=lambda c: None,
+    )
     channel = FakeChannel()
     call.attach_channel(channel)
     try:
@@ -246,6 +266,8 @@ async def test_ten_minutes_of_push_to_talk_audio_is_capped(monkeypatch):
         call._on_message(json.dumps({"type": "input_audio_buffer.commit"}))
         assert "input_audio_buffer.committed" in [e["type"] for e in channel.sent[mark:]]
         user = call.session.history[-1]
-        assert user.role == "user" and user.audio_ms == pytest.approx(config.limits.max_turn_audio_s * 1000, abs=40)
+        assert user.role == "user" and user.audio_ms == pytest.approx(
+            config.limits.max_turn_audio_s * 1000, abs=40
+        )
     finally:
         await call.close("test over")

@@ -113,8 +113,12 @@ async def scripted():
 
 def _say(client: RealtimeClient, text: str) -> int:
     mark = len(client.events)
-    client.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
-                                                               "content": [{"type": "input_text", "text": text}]}})
+    client.send(
+        {
+            "type": "conversation.item.create",
+            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]},
+        }
+    )
     client.send({"type": "response.create"})
     return mark
 
@@ -136,7 +140,7 @@ async def test_any_rate_is_resampled_and_timings_merged(scripted):
         await client.wait_for("output_audio_buffer.stopped", 10, after=mark)
         heard = client.heard_pcm(client.event_time(started) - 0.1)
         frames = heard[: heard.size // 960 * 960].reshape(-1, 960)  # (n, 20 ms)
-        loud_s = np.count_nonzero(np.sqrt(np.mean(frames ** 2, axis=1)) > 0.1) * 0.02  # the tone's RMS is 0.21
+        loud_s = np.count_nonzero(np.sqrt(np.mean(frames**2, axis=1)) > 0.1) * 0.02  # the tone's RMS is 0.21
         assert loud_s == pytest.approx(3.0, abs=0.1), f"{loud_s:.2f} s of the 3 s reply were played"
         spectrum = np.abs(np.fft.rfft(heard[: 48_000 * 2]))
         assert np.argmax(spectrum) * 48_000 / (2 * 48_000) == pytest.approx(TONE_HZ, abs=2)  # 22.05 -> 48 kHz

@@ -15,8 +15,12 @@ from tests.helpers.rtc_client import RealtimeClient, start_server
 
 async def typed_turn(client: RealtimeClient, text: str) -> dict:
     mark = len(client.events)
-    client.send({"type": "conversation.item.create",
-                 "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+    client.send(
+        {
+            "type": "conversation.item.create",
+            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]},
+        }
+    )
     client.send({"type": "response.create"})
     return await client.wait_for("response.done", 10, after=mark)
 
@@ -118,8 +122,11 @@ async def test_parked_call_holds_its_slot_and_expires():
         token = first.of_type("session.created")[0]["resume_token"]
         old = await drop(running, first)
         async with aiohttp.ClientSession() as http:  # the parked conversation holds the only slot
-            async with http.post(f"{running.base_url}/v1/realtime/calls", data="v=0\r\n",
-                                 headers={"Content-Type": "application/sdp"}) as r:
+            async with http.post(
+                f"{running.base_url}/v1/realtime/calls",
+                data="v=0\r\n",
+                headers={"Content-Type": "application/sdp"},
+            ) as r:
                 assert r.status == 503 and (await r.json())["error"]["code"] == "server_full"
         resumed = await dial(running.base_url, token)  # ... which its resume takes over
         await resumed.wait_for("glm4voice.session.resumed", 5)

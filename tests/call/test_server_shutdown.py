@@ -52,11 +52,33 @@ async def _wait_ready(base: str, proc: subprocess.Popen, timeout_s: float = 60.0
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_signal_drains_calls_and_exits_zero(sig):
     port = _free_port()
-    env = {**os.environ, "GLM4VOICE_WEBRTC_HOST_ADDRESSES": "127.0.0.1", "GLM4VOICE_HTTP_SHUTDOWN_GRACE_S": str(GRACE_S),
-           "GLM4VOICE_LIMITS_CALLS_PER_MINUTE_PER_ADDRESS": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--responder", "echo", "--port", str(port),
-                             "--config", str(ROOT / "config.toml"), "--log-format", "json"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "GLM4VOICE_WEBRTC_HOST_ADDRESSES": "127.0.0.1",
+        "GLM4VOICE_HTTP_SHUTDOWN_GRACE_S": str(GRACE_S),
+        "GLM4VOICE_LIMITS_CALLS_PER_MINUTE_PER_ADDRESS": "0",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--responder",
+            "echo",
+            "--port",
+            str(port),
+            "--config",
+            str(ROOT / "config.toml"),
+            "--log-format",
+            "json",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     set_host_addresses(("127.0.0.1",))  # this process's ICE agent (the clients') offers loopback too
     idle, talking = RealtimeClient(base), RealtimeClient(base)
@@ -75,10 +97,13 @@ async def test_signal_drains_calls_and_exits_zero(sig):
         closing = await idle.wait_for("glm4voice.call.closing", 3)  # nothing in progress: closed at once
         assert closing["reason"] == "server_shutdown"
         async with aiohttp.ClientSession() as http:  # no new calls while draining
-            async with http.post(base + "/v1/realtime/calls", data="v=0\r\n",
-                                 headers={"Content-Type": "application/sdp"}) as r:
+            async with http.post(
+                base + "/v1/realtime/calls", data="v=0\r\n", headers={"Content-Type": "application/sdp"}
+            ) as r:
                 body = await r.json()
-                assert (r.status, body["error"]["code"]) == (503, "shutting_down") and r.headers["Retry-After"]
+                assert (r.status, body["error"]["code"]) == (503, "shutting_down") and r.headers[
+                    "Retry-After"
+                ]
             async with http.get(base + "/health") as r:
                 assert r.status == 503 and (await r.json())["draining"] is True
         # The reply in progress plays to its end, then the call is closed - within the grace period.
@@ -94,7 +119,10 @@ async def test_signal_drains_calls_and_exits_zero(sig):
         lines = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
         assert any("shutting down" in e["msg"] for e in lines) and any(e["msg"] == "shut down" for e in lines)
         closes = [e for e in lines if e["msg"].startswith("closing:")]
-        assert {e["call_id"] for e in closes} == {call_tag(idle.call_id), call_tag(talking.call_id)}  # ids never logged
+        assert {e["call_id"] for e in closes} == {
+            call_tag(idle.call_id),
+            call_tag(talking.call_id),
+        }  # ids never logged
     finally:
         await idle.close()
         await talking.close()

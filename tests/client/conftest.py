@@ -115,7 +115,9 @@ class Recorder:
                     return event
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"no {kind} {match} within {timeout_s} s; saw {[e['type'] for e in self.events]}")
+                raise TimeoutError(
+                    f"no {kind} {match} within {timeout_s} s; saw {[e['type'] for e in self.events]}"
+                )
             self._new.clear()
             try:
                 await asyncio.wait_for(self._new.wait(), remaining)
@@ -138,9 +140,16 @@ async def serve_glm(demo_dir: Path, port: int = 0) -> RunningServer:
     from server.config import load_config
 
     responder = GLMVoiceResponder(EngineConfig(demo_weights_dir=str(demo_dir), device="cpu"))
-    config = load_config(None, env={}, overrides={
-        "webrtc": {"host_addresses": ["127.0.0.1"]}, "responder": {"kind": "glm4voice"}, "http": {"port": port},
-        "limits": {"calls_per_minute_per_address": 0}})
+    config = load_config(
+        None,
+        env={},
+        overrides={
+            "webrtc": {"host_addresses": ["127.0.0.1"]},
+            "responder": {"kind": "glm4voice"},
+            "http": {"port": port},
+            "limits": {"calls_per_minute_per_address": 0},
+        },
+    )
     runner = web.AppRunner(create_app(config, responder), handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)

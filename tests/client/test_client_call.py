@@ -38,8 +38,16 @@ def loud_s(pcm: np.ndarray) -> tuple[float, float]:
 
 
 async def run_cli(*args: str, timeout_s: float = 90.0) -> tuple[int, list[dict], str]:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "server.cli", "call", *args, cwd=ROOT,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server.cli",
+        "call",
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
     events = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
     return proc.returncode, events, err.decode()
@@ -48,7 +56,9 @@ async def run_cli(*args: str, timeout_s: float = 90.0) -> tuple[int, list[dict],
 async def test_cli_spoken_turn_gives_reply_wav_and_transcript(glm_server, script, tmp_path):
     mic = tmp_path / "mic.wav"
     speech = synth_speech("Hello, can you hear me?")
-    write_wav(mic, np.concatenate([np.zeros(8_000, np.float32), speech, np.zeros(24_000, np.float32)]), 16_000)
+    write_wav(
+        mic, np.concatenate([np.zeros(8_000, np.float32), speech, np.zeros(24_000, np.float32)]), 16_000
+    )
     out = tmp_path / "reply.wav"
     code, events, err = await run_cli(glm_server.base_url, "--wav", str(mic), "--out", str(out), "--json")
     assert code == 0, err

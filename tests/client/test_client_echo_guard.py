@@ -16,12 +16,17 @@ from client.call import CallOptions
 from tests.client.conftest import EchoPath, ScriptedMic, Speaker, start_call
 from tests.helpers.speech import synth_speech
 
-GUARD_ON = {"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
-    "type": "server_vad", "glm4voice": {"echo_guard": True}}}}}}
+GUARD_ON = {
+    "type": "session.update",
+    "session": {
+        "audio": {"input": {"turn_detection": {"type": "server_vad", "glm4voice": {"echo_guard": True}}}}
+    },
+}
 
 
-async def _call(base_url: str, guard: bool, echo_db: float | None, speech: np.ndarray,
-                interruption: np.ndarray | None) -> tuple[dict, float | None, list[dict]]:
+async def _call(
+    base_url: str, guard: bool, echo_db: float | None, speech: np.ndarray, interruption: np.ndarray | None
+) -> tuple[dict, float | None, list[dict]]:
     """One spoken turn; its reply comes back `echo_db` down (None: no echo path); `interruption` is spoken
     1 s into the reply. -> (the reply's client.turn, ms from the interruption's first sample to its
     speech_started event, every event)."""
@@ -72,7 +77,11 @@ async def test_echo_guard_stops_self_barge_in_and_keeps_real_interruptions(echo_
     # the reference: no echo path and no guard (a client with perfect echo cancellation)
     clean, clean_ms, _ = await _call(echo_server.base_url, False, None, speech, interruption)
     assert clean["cut_off"] == "turn_detected"
-    print(f"echo guard: unguarded reply cut by its own echo: {control['cut_off'] == 'turn_detected'}; guarded: "
-          f"{guarded['cut_off'] is not None}; interruption over the echo kept: {cut['cut_off'] == 'turn_detected'}")
-    print(f"echo guard: interruption -> speech_started {guarded_ms:.0f} ms guarded over the echo, "
-          f"{clean_ms:.0f} ms unguarded without echo (added {guarded_ms - clean_ms:+.0f} ms)")
+    print(
+        f"echo guard: unguarded reply cut by its own echo: {control['cut_off'] == 'turn_detected'}; guarded: "
+        f"{guarded['cut_off'] is not None}; interruption over the echo kept: {cut['cut_off'] == 'turn_detected'}"
+    )
+    print(
+        f"echo guard: interruption -> speech_started {guarded_ms:.0f} ms guarded over the echo, "
+        f"{clean_ms:.0f} ms unguarded without echo (added {guarded_ms - clean_ms:+.0f} ms)"
+    )

@@ -37,9 +37,16 @@ async def test_exit_codes(tmp_path):
             run_cli(auth_server.base_url, *common, "--api-key", "wrong-key"),
             run_cli(busy_server.base_url, *common),  # the one call slot is taken
             run_cli(auth_server.base_url, "--input-device", "no-such-microphone-xyz", "--out", out),
-            run_cli(auth_server.base_url, "--wav", str(tmp_path / "missing.wav"), "--out", out))
-        (net, _, net_err), (noauth, _, noauth_err), (badkey, _, badkey_err), (busy, _, busy_err), \
-            (mic, _, mic_err), (nowav, _, nowav_err) = runs
+            run_cli(auth_server.base_url, "--wav", str(tmp_path / "missing.wav"), "--out", out),
+        )
+        (
+            (net, _, net_err),
+            (noauth, _, noauth_err),
+            (badkey, _, badkey_err),
+            (busy, _, busy_err),
+            (mic, _, mic_err),
+            (nowav, _, nowav_err),
+        ) = runs
         assert net == ExitCode.NETWORK and "cannot reach" in net_err
         assert noauth == ExitCode.AUTH and "missing_api_key" in noauth_err
         assert badkey == ExitCode.AUTH and "invalid_api_key" in badkey_err

@@ -105,8 +105,10 @@ async def test_typed_turns_keep_history_and_prefill_only_new_tokens(responder, s
 @pytest.mark.skipif(not have_speech_tools(), reason="espeak-ng/sox missing")
 async def test_spoken_turn_with_early_prefill(responder, sched, script):
     tok = sched.m.text
-    speech = synth_speech("Good morning. This sentence is long enough to fill more than one four second block "
-                          "of the speech tokenizer, so its first tokens are prefilled early.")
+    speech = synth_speech(
+        "Good morning. This sentence is long enough to fill more than one four second block "
+        "of the speech tokenizer, so its first tokens are prefilled early."
+    )
     assert speech.size > 4.5 * 16000
     session = responder.open_session("spoken", SessionSettings())
     prefilled_before = sched.stats()["prefilled_tokens"]
@@ -143,8 +145,10 @@ def heard_ids(reply_ids, tok, played_ms: float) -> list[int]:
     return list(reply_ids)
 
 
-@pytest.mark.parametrize("stage", ["before_prefill", "prefill_done", "first_text", "first_speech_token",
-                                   "first_audio", "second_audio"])  # fmt: skip
+@pytest.mark.parametrize(
+    "stage",
+    ["before_prefill", "prefill_done", "first_text", "first_speech_token", "first_audio", "second_audio"],
+)
 async def test_cancel_at_every_stage(responder, sched, script, stage):
     tok = sched.m.text
     session = responder.open_session(f"cancel-{stage}", SessionSettings())
@@ -158,7 +162,8 @@ async def test_cancel_at_every_stage(responder, sched, script, stage):
             "first_text": isinstance(event, TextDelta),
             "first_speech_token": isinstance(event, Timing) and event.stage == "first_speech_token",
             "first_audio": isinstance(event, AudioChunk),
-            "second_audio": isinstance(event, AudioChunk) and sum(isinstance(e, AudioChunk) for e in events) == 2,
+            "second_audio": isinstance(event, AudioChunk)
+            and sum(isinstance(e, AudioChunk) for e in events) == 2,
         }.get(stage, False)
         if hit and "ms" not in played:
             played["ms"] = audio_ms(events) * 0.6  # the user heard part of what arrived
@@ -269,8 +274,10 @@ async def test_instructions_and_sampling_reach_the_model(responder, sched, monke
         return real_sample(logits, rows)
 
     monkeypatch.setattr(token_source_module, "sample_rows", recording_sample)
-    settings = SessionSettings(instructions="Speak like a pirate, slowly.",
-                               sampling=SamplingSettings(temperature=0.05, top_p=0.5, top_k=7, max_new_tokens=30))
+    settings = SessionSettings(
+        instructions="Speak like a pirate, slowly.",
+        sampling=SamplingSettings(temperature=0.05, top_p=0.5, top_k=7, max_new_tokens=30),
+    )
     session = responder.open_session("settings", SessionSettings())
     session.update(settings)
     session.add_text("Hi.")
@@ -278,7 +285,9 @@ async def test_instructions_and_sampling_reach_the_model(responder, sched, monke
     assert events[-1].reason == "length"  # max_new_tokens reached
     assert set(seen) == {(0.05, 0.5, 7)}
     d = session.dialogue
-    assert d.history.system_ids == system_block_ids(tok, speech_input=False, instructions=settings.instructions)
+    assert d.history.system_ids == system_block_ids(
+        tok, speech_input=False, instructions=settings.instructions
+    )
     assert len(d.history.turns[-1]) == len(user_turn_ids(tok, text="Hi.")) + 30
     await session.close()
 
@@ -309,7 +318,9 @@ async def test_barge_in_after_generation_ended_trims_the_history(responder, sche
     turn.cancel(played_ms=1500.0)  # the user talked over the reply 1.5 s into its playback
     await responder.engine.settled()
     d = session.dialogue
-    assert d.history.turns[-1] == user_turn_ids(tok, text="Say it all.") + heard_ids(script["reply_ids"], tok, 1500.0)
+    assert d.history.turns[-1] == user_turn_ids(tok, text="Say it all.") + heard_ids(
+        script["reply_ids"], tok, 1500.0
+    )
     check_cache_matches_history(d)
     session.add_text("Next.")
     check_complete_reply(await collect(session.respond()), script, tok)
@@ -370,7 +381,9 @@ async def test_delete_user_item_leaves_the_next_prompt_and_the_cache_follows(res
     block_d = user_turn_ids(tok, text="Question D.")
     prompt = d.last_reply.gen.prompt_ids
     assert prompt == system + header + reply + block_b + reply + block_d
-    assert block_a[:-len(header)] not in [prompt[i:i + len(block_a) - len(header)] for i in range(len(prompt))]
+    assert block_a[: -len(header)] not in [
+        prompt[i : i + len(block_a) - len(header)] for i in range(len(prompt))
+    ]
     assert d.turn_prefilled_tokens[-1] == len(block_d)  # the edited history was prefilled again while idle
     check_cache_matches_history(d)
     await session.close()
@@ -407,7 +420,9 @@ async def test_delete_reply_and_truncate_an_older_reply(responder, sched, script
     session.add_text("Question C.")
     check_complete_reply(await collect(session.respond()), script, tok)
     system = system_block_ids(tok, speech_input=False)
-    assert d.last_reply.gen.prompt_ids == system + block_a + kept_a + block_b + user_turn_ids(tok, text="Question C.")
+    assert d.last_reply.gen.prompt_ids == system + block_a + kept_a + block_b + user_turn_ids(
+        tok, text="Question C."
+    )
     check_cache_matches_history(d)
     await session.close()
 
@@ -438,7 +453,9 @@ def test_weights_resolution_errors(tmp_path):
         resolve_weights(EngineConfig(weights_dir=str(tmp_path), device="cpu"))
     for name in ("glm-4-voice-tokenizer", "glm-4-voice-decoder"):
         (tmp_path / name).mkdir()
-    with pytest.raises(WeightsError, match="tokenizer-?.* is incomplete: missing config.json, preprocessor_config.json"):
+    with pytest.raises(
+        WeightsError, match="tokenizer-?.* is incomplete: missing config.json, preprocessor_config.json"
+    ):
         resolve_weights(EngineConfig(weights_dir=str(tmp_path), device="cpu"))
     with pytest.raises(WeightsError, match="int4"):
         resolve_weights(EngineConfig(quantization="int4", device="cpu"))

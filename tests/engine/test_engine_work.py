@@ -19,8 +19,12 @@ MAX_ITEMS = 8
 
 @pytest.fixture(scope="module")
 def responder(demo_dir):
-    cfg = EngineConfig(demo_weights_dir=str(demo_dir), device="cpu", prefill_chunk_tokens=CHUNK_TOKENS,
-                       max_pending_items=MAX_ITEMS)  # fmt: skip
+    cfg = EngineConfig(
+        demo_weights_dir=str(demo_dir),
+        device="cpu",
+        prefill_chunk_tokens=CHUNK_TOKENS,
+        max_pending_items=MAX_ITEMS,
+    )
     r = GLMVoiceResponder(cfg)
     asyncio.run(r.start())
     yield r
@@ -28,11 +32,24 @@ def responder(demo_dir):
 
 
 def _long_text(words: int) -> str:
-    vocab = ["weather", "river", "mountain", "quietly", "seven", "orange", "lantern", "because", "over", "而且"]
+    vocab = [
+        "weather",
+        "river",
+        "mountain",
+        "quietly",
+        "seven",
+        "orange",
+        "lantern",
+        "because",
+        "over",
+        "而且",
+    ]
     return " ".join(vocab[(i * 7 + i // 3) % len(vocab)] for i in range(words))
 
 
-async def test_a_long_prefill_goes_in_chunks_between_another_calls_decode_steps(responder, script, monkeypatch):
+async def test_a_long_prefill_goes_in_chunks_between_another_calls_decode_steps(
+    responder, script, monkeypatch
+):
     sched = responder.engine.scheduler
     lm, tok = sched.m.lm, sched.m.text
     ops: list[tuple[str, tuple[int, ...], int]] = []  # (kind, slots, tokens) in engine order
@@ -55,7 +72,9 @@ async def test_a_long_prefill_goes_in_chunks_between_another_calls_decode_steps(
 
     talker.add_text("Hi.")
     started = asyncio.Event()
-    talker_events = asyncio.create_task(collect(talker.respond(), lambda e, _: isinstance(e, TextDelta) and started.set()))
+    talker_events = asyncio.create_task(
+        collect(talker.respond(), lambda e, _: isinstance(e, TextDelta) and started.set())
+    )
     await asyncio.wait_for(started.wait(), 30)  # the talker is generating
     typist.add_text(long_text)
     typist_events = await collect(typist.respond())
@@ -66,7 +85,9 @@ async def test_a_long_prefill_goes_in_chunks_between_another_calls_decode_steps(
     chunks = [i for i, (kind, slots, _) in enumerate(ops) if kind == "prefill" and slots == (b,)]
     assert sum(ops[i][2] for i in chunks) == prompt_tokens
     assert all(ops[i][2] <= CHUNK_TOKENS for i in chunks) and len(chunks) >= prompt_tokens // CHUNK_TOKENS
-    talker_steps_after = [i for i, (kind, slots, _) in enumerate(ops) if kind == "decode" and a in slots and i > chunks[0]]
+    talker_steps_after = [
+        i for i, (kind, slots, _) in enumerate(ops) if kind == "decode" and a in slots and i > chunks[0]
+    ]
     between = [i for i in talker_steps_after if i < chunks[-1]]
     # every step while the talker still generated fed it one token between two of the typist's chunks
     assert len(between) >= min(len(chunks) - 1, len(talker_steps_after))
@@ -117,7 +138,9 @@ async def test_early_prefill_never_passes_the_context(demo_dir, script):
     from tests.helpers.speech import synth_speech
 
     context = 420
-    responder = GLMVoiceResponder(EngineConfig(demo_weights_dir=str(demo_dir), device="cpu", context_tokens=context))
+    responder = GLMVoiceResponder(
+        EngineConfig(demo_weights_dir=str(demo_dir), device="cpu", context_tokens=context)
+    )
     await responder.start()
     try:
         sched = responder.engine.scheduler
@@ -127,8 +150,10 @@ async def test_early_prefill_never_passes_the_context(demo_dir, script):
             check_complete_reply(await collect(session.respond()), script, sched.m.text)
         assert len(session.dialogue.history.ids()) + context // 4 > context  # a new turn needs fit()
         errors, prefilled = sched.stats()["turn_errors"], sched.stats()["prefilled_tokens"]
-        speech = synth_speech("Good morning. This sentence is long enough to fill more than one four second "
-                              "block of the speech tokenizer while the user is still talking.")
+        speech = synth_speech(
+            "Good morning. This sentence is long enough to fill more than one four second "
+            "block of the speech tokenizer while the user is still talking."
+        )
         for start in range(0, speech.size, 512):
             session.push_audio(speech[start : start + 512])
         await responder.engine.settled()

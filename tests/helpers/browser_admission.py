@@ -30,8 +30,9 @@ async def _call(page, url: str, timeout_s: float = 15.0) -> dict:
     await page.click("#call")
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
-        state = await page.evaluate("() => ({state: window.glm4voice.state, "
-                                    "types: window.glm4voice.events.map((e) => e.type)})")
+        state = await page.evaluate(
+            "() => ({state: window.glm4voice.state, types: window.glm4voice.events.map((e) => e.type)})"
+        )
         if "session.created" in state["types"] or state["state"] == "error":
             break
         await asyncio.sleep(0.1)
@@ -42,16 +43,31 @@ async def _call(page, url: str, timeout_s: float = 15.0) -> dict:
 async def main() -> dict:
     from playwright.async_api import async_playwright
 
-    open_page = await start_server(overrides={"auth": {"api_key": API_KEY, "page_secrets": True},
-                                              "limits": {"max_calls": 1, "retry_after_s": 9}})
+    open_page = await start_server(
+        overrides={
+            "auth": {"api_key": API_KEY, "page_secrets": True},
+            "limits": {"max_calls": 1, "retry_after_s": 9},
+        }
+    )
     app_only = await start_server(overrides={"auth": {"api_key": API_KEY}})
     result: dict = {}
     try:
         async with async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-                "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                "--allow-loopback-in-peer-connection", "--no-sandbox", "--headless", "--disable-gpu",
-                "--disable-background-networking", "--disable-component-update", "--no-first-run"])
+            browser = await p.chromium.launch(
+                executable_path=CHROMIUM,
+                headless=True,
+                args=[
+                    "--use-fake-ui-for-media-stream",
+                    "--use-fake-device-for-media-stream",
+                    "--allow-loopback-in-peer-connection",
+                    "--no-sandbox",
+                    "--headless",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--no-first-run",
+                ],
+            )
             first, second = await browser.new_page(), await browser.new_page()
             result["page_secret_call"] = await _call(first, open_page.base_url + "/")
             result["busy"] = await _call(second, open_page.base_url + "/")
@@ -59,11 +75,16 @@ async def main() -> dict:
             third = await browser.new_page()
             result["no_secret"] = await _call(third, app_only.base_url + "/")
             async with aiohttp.ClientSession() as http:  # what an app backend holding the key does
-                async with http.post(app_only.base_url + "/v1/realtime/client_secrets", json={},
-                                     headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+                async with http.post(
+                    app_only.base_url + "/v1/realtime/client_secrets",
+                    json={},
+                    headers={"Authorization": f"Bearer {API_KEY}"},
+                ) as r:
                     secret = (await r.json())["value"]
             fourth = await browser.new_page()
-            result["fragment_secret_call"] = await _call(fourth, app_only.base_url + f"/#client_secret={secret}")
+            result["fragment_secret_call"] = await _call(
+                fourth, app_only.base_url + f"/#client_secret={secret}"
+            )
             result["fragment_left_in_url"] = secret in fourth.url
             result["calls_on_app_server"] = len(app_only.server.calls)
             await browser.close()

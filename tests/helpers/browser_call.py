@@ -39,17 +39,31 @@ async def main(out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     mic = out_dir / "fake_mic.wav"
     speech = synth_speech(ENGLISH_SENTENCES[0])
-    write_wav(mic, np.concatenate([np.zeros(8_000, np.float32), speech, np.zeros(12 * 16_000, np.float32)]), 16_000)  # no re-talk over the echo
+    write_wav(
+        mic, np.concatenate([np.zeros(8_000, np.float32), speech, np.zeros(12 * 16_000, np.float32)]), 16_000
+    )  # no re-talk over the echo
     server = await start_server()
     result: dict = {"ok": False}
     try:
         async with async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-                "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={mic}", "--allow-loopback-in-peer-connection",
-                "--autoplay-policy=no-user-gesture-required", "--no-sandbox", "--headless", "--disable-gpu",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run"])
+            browser = await p.chromium.launch(
+                executable_path=CHROMIUM,
+                headless=True,
+                args=[
+                    "--use-fake-ui-for-media-stream",
+                    "--use-fake-device-for-media-stream",
+                    f"--use-file-for-fake-audio-capture={mic}",
+                    "--allow-loopback-in-peer-connection",
+                    "--autoplay-policy=no-user-gesture-required",
+                    "--no-sandbox",
+                    "--headless",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--no-first-run",
+                ],
+            )
             page = await browser.new_page(viewport={"width": 390, "height": 844})  # a phone-size screen
             console: list[str] = []
             page.on("console", lambda m: console.append(m.text))
@@ -69,9 +83,15 @@ async def main(out_dir: Path) -> dict:
             deadline = time.monotonic() + 5
             while server.server.calls and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            result = {"ok": True, "stats": stats, "transcript": transcript, "latency": latency,
-                      "calls_after_hangup": len(server.server.calls), "console": console[-20:],
-                      "screenshot": str(out_dir / "browser_call.png")}
+            result = {
+                "ok": True,
+                "stats": stats,
+                "transcript": transcript,
+                "latency": latency,
+                "calls_after_hangup": len(server.server.calls),
+                "console": console[-20:],
+                "screenshot": str(out_dir / "browser_call.png"),
+            }
             await browser.close()
     finally:
         await server.runner.cleanup()
@@ -88,8 +108,10 @@ async def _wait_types(page, kind: str, count: int, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             error = await page.inner_text("#error") if await page.is_visible("#error") else ""
             state = await page.evaluate("() => window.glm4voice.state")
-            raise TimeoutError(f"fewer than {count} {kind} in {await page.evaluate(TYPES_JS)}; page error: {error!r}; "
-                               f"state {state}")
+            raise TimeoutError(
+                f"fewer than {count} {kind} in {await page.evaluate(TYPES_JS)}; page error: {error!r}; "
+                f"state {state}"
+            )
         await asyncio.sleep(0.1)
 
 
@@ -107,22 +129,42 @@ async def conversation(out_dir: Path) -> dict:
     speech = [synth_speech(ENGLISH_SENTENCES[0]), synth_speech("And what about the day after?")]
     mic = out_dir / "fake_mic_conversation.wav"
     gap = np.zeros(16 * 16_000, np.float32)  # a whole 6.24 s demo reply plays (slower on a busy CPU) first
-    write_wav(mic, np.concatenate([np.zeros(8_000, np.float32), speech[0], gap, speech[1],
-                                   np.zeros(60 * 16_000, np.float32)]), 16_000)  # chromium loops the file
+    write_wav(
+        mic,
+        np.concatenate(
+            [np.zeros(8_000, np.float32), speech[0], gap, speech[1], np.zeros(60 * 16_000, np.float32)]
+        ),
+        16_000,
+    )  # chromium loops the file
     with tempfile.TemporaryDirectory() as tmp:
         demo = ensure_demo_weights(Path(tmp) / "demo")
-        server = await start_server(GLMVoiceResponder(EngineConfig(demo_weights_dir=str(demo), device="cpu")),
-                                    kind="glm4voice")
+        server = await start_server(
+            GLMVoiceResponder(EngineConfig(demo_weights_dir=str(demo), device="cpu")), kind="glm4voice"
+        )
         try:
             async with async_playwright() as p:
-                browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-                    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                    f"--use-file-for-fake-audio-capture={mic}", "--allow-loopback-in-peer-connection",
-                    "--autoplay-policy=no-user-gesture-required", "--no-sandbox", "--headless", "--disable-gpu",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    "--no-first-run"])
+                browser = await p.chromium.launch(
+                    executable_path=CHROMIUM,
+                    headless=True,
+                    args=[
+                        "--use-fake-ui-for-media-stream",
+                        "--use-fake-device-for-media-stream",
+                        f"--use-file-for-fake-audio-capture={mic}",
+                        "--allow-loopback-in-peer-connection",
+                        "--autoplay-policy=no-user-gesture-required",
+                        "--no-sandbox",
+                        "--headless",
+                        "--disable-gpu",
+                        "--disable-background-networking",
+                        "--disable-component-update",
+                        "--disable-sync",
+                        "--no-first-run",
+                    ],
+                )
                 context = await browser.new_context(viewport={"width": 390, "height": 844})
-                await context.grant_permissions(["microphone", "clipboard-read", "clipboard-write"], origin=server.base_url)
+                await context.grant_permissions(
+                    ["microphone", "clipboard-read", "clipboard-write"], origin=server.base_url
+                )
                 page = await context.new_page()
                 page.on("console", lambda m: print("console:", m.text, file=sys.stderr))
                 page.on("pageerror", lambda e: print("pageerror:", e, file=sys.stderr))
@@ -159,9 +201,17 @@ async def conversation(out_dir: Path) -> dict:
                 await browser.close()
         finally:
             await server.runner.cleanup()
-    return {"turns": turns, "dom": dom, "clipboard": clipboard, "as_text": as_text, "after_reload": after_reload,
-            "after_new_call": after_new_call, "typed": TYPED, "spoken_s": [x.size / 16_000 for x in speech],
-            "screenshot": str(out_dir / "browser_history.png")}
+    return {
+        "turns": turns,
+        "dom": dom,
+        "clipboard": clipboard,
+        "as_text": as_text,
+        "after_reload": after_reload,
+        "after_new_call": after_new_call,
+        "typed": TYPED,
+        "spoken_s": [x.size / 16_000 for x in speech],
+        "screenshot": str(out_dir / "browser_history.png"),
+    }
 
 
 if __name__ == "__main__":

@@ -21,5 +21,7 @@ def stage_dir(stage: str, marker: str) -> Path:
     """The fixture folder of one stage; raises if `marker` (a file every set has) is not in it."""
     folder = parity_dir() / stage
     if not (folder / marker).is_file():
-        raise FileNotFoundError(f"no {stage} parity fixture at {folder} (no {marker}): set GLM4VOICE_PARITY_DIR")
+        raise FileNotFoundError(
+            f"no {stage} parity fixture at {folder} (no {marker}): set GLM4VOICE_PARITY_DIR"
+        )
     return folder

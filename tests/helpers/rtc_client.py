@@ -58,11 +58,16 @@ class RunningServer:
             await asyncio.sleep(0.05)
 
 
-async def start_server(responder: Responder | None = None, overrides: dict | None = None,
-                       kind: str = "echo") -> RunningServer:
+async def start_server(
+    responder: Responder | None = None, overrides: dict | None = None, kind: str = "echo"
+) -> RunningServer:
     """Start a server on 127.0.0.1:<free port>, host candidates restricted to loopback."""
-    merged = {"webrtc": {"host_addresses": ["127.0.0.1"]}, "responder": {"kind": kind}, "http": {"port": 0},
-              "limits": {"calls_per_minute_per_address": 0}}  # tests open many calls from 127.0.0.1
+    merged = {
+        "webrtc": {"host_addresses": ["127.0.0.1"]},
+        "responder": {"kind": kind},
+        "http": {"port": 0},
+        "limits": {"calls_per_minute_per_address": 0},
+    }  # tests open many calls from 127.0.0.1
     for section, values in (overrides or {}).items():
         merged.setdefault(section, {}).update(values)
     config = load_config(None, env={}, overrides=merged)
@@ -88,7 +93,11 @@ class MicTrack(MediaStreamTrack):
 
     def play(self, pcm: np.ndarray, sample_rate_hz: int) -> float:
         """Queue speech; returns its duration in s."""
-        pcm48 = soxr.resample(pcm.astype(np.float32), sample_rate_hz, RATE_48K) if sample_rate_hz != RATE_48K else pcm
+        pcm48 = (
+            soxr.resample(pcm.astype(np.float32), sample_rate_hz, RATE_48K)
+            if sample_rate_hz != RATE_48K
+            else pcm
+        )
         self._queue = np.concatenate([self._queue, pcm48.astype(np.float32)])
         return pcm48.size / RATE_48K
 
@@ -140,8 +149,13 @@ class RealtimeClient:
         self._new_event = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
-    async def connect(self, as_json: bool = False, session: dict | None = None, as_form: bool = False,
-                      listen_only: bool = False) -> None:
+    async def connect(
+        self,
+        as_json: bool = False,
+        session: dict | None = None,
+        as_form: bool = False,
+        listen_only: bool = False,
+    ) -> None:
         """`listen_only`: a recvonly audio section (no microphone; typed turns, spoken replies)."""
         if listen_only:
             self.pc.addTransceiver("audio", direction="recvonly")
@@ -169,7 +183,9 @@ class RealtimeClient:
                 body = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
                 if session is not None:
                     body["session"] = session
-                async with http.post(f"{self.base_url}/v1/realtime/calls", json=body, headers=self.headers) as r:
+                async with http.post(
+                    f"{self.base_url}/v1/realtime/calls", json=body, headers=self.headers
+                ) as r:
                     assert r.status == 201, await r.text()
                     answer = (await r.json())["sdp"]
                     self.location = r.headers["Location"]
@@ -177,13 +193,18 @@ class RealtimeClient:
                 form = aiohttp.FormData(default_to_multipart=True)
                 form.add_field("sdp", self.pc.localDescription.sdp)
                 form.add_field("session", json.dumps(session or {}))
-                async with http.post(f"{self.base_url}/v1/realtime/calls", data=form, headers=self.headers) as r:
+                async with http.post(
+                    f"{self.base_url}/v1/realtime/calls", data=form, headers=self.headers
+                ) as r:
                     assert r.status == 201, await r.text()
                     answer = await r.text()
                     self.location = r.headers["Location"]
             else:
-                async with http.post(f"{self.base_url}/v1/realtime/calls", data=self.pc.localDescription.sdp,
-                                     headers={"Content-Type": "application/sdp", **self.headers}) as r:
+                async with http.post(
+                    f"{self.base_url}/v1/realtime/calls",
+                    data=self.pc.localDescription.sdp,
+                    headers={"Content-Type": "application/sdp", **self.headers},
+                ) as r:
                     assert r.status == 201, await r.text()
                     answer = await r.text()
                     self.location = r.headers["Location"]

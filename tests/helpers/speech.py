@@ -14,7 +14,9 @@ def have_speech_tools() -> bool:
     return shutil.which("espeak-ng") is not None and shutil.which("sox") is not None
 
 
-def synth_speech(text: str, voice: str = "en", sample_rate_hz: int = 16_000, speed_wpm: int = 160) -> np.ndarray:
+def synth_speech(
+    text: str, voice: str = "en", sample_rate_hz: int = 16_000, speed_wpm: int = 160
+) -> np.ndarray:
     """Speak `text` with espeak-ng and return mono float32 at `sample_rate_hz`.
 
     Mandarin: voice "cmn-latn-pinyin" with tone-numbered pinyin, e.g. "ni3 hao3".
@@ -24,10 +26,30 @@ def synth_speech(text: str, voice: str = "en", sample_rate_hz: int = 16_000, spe
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.wav"
         out = Path(tmp) / "out.raw"
-        subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed_wpm), "-w", str(raw), text], check=True,
-                       capture_output=True)
-        subprocess.run(["sox", str(raw), "-r", str(sample_rate_hz), "-c", "1", "-b", "16", "-e", "signed-integer",
-                        "-t", "raw", str(out)], check=True, capture_output=True)
+        subprocess.run(
+            ["espeak-ng", "-v", voice, "-s", str(speed_wpm), "-w", str(raw), text],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                "sox",
+                str(raw),
+                "-r",
+                str(sample_rate_hz),
+                "-c",
+                "1",
+                "-b",
+                "16",
+                "-e",
+                "signed-integer",
+                "-t",
+                "raw",
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
+        )
         pcm = np.frombuffer(out.read_bytes(), dtype="<i2")
     return (pcm.astype(np.float32) / 32768.0).copy()
 

@@ -31,8 +31,11 @@ DRAW_FILES = {"z": "noise_z", "phase": "noise_phase", "sine_randn": "noise_sine_
 def _stream_cases() -> list[str]:
     if not DEC_DIR.exists():
         return []
-    return sorted(p.name for p in DEC_DIR.iterdir()
-                  if (p / "case.json").exists() and "calls" in json.loads((p / "case.json").read_text()))
+    return sorted(
+        p.name
+        for p in DEC_DIR.iterdir()
+        if (p / "case.json").exists() and "calls" in json.loads((p / "case.json").read_text())
+    )
 
 
 def _diff(ours: torch.Tensor | np.ndarray, ref: np.ndarray) -> float:
@@ -64,8 +67,13 @@ def _call_draws(case: str, calls: list[dict]) -> QueuedDraws:
     blocks = []
     for call in calls:
         k = call["call"]
-        blocks.append({key: _load(case, f"call{k}_{name}") for key, name in DRAW_FILES.items()
-                       if (DEC_DIR / case / f"call{k}_{name}.npy").exists()})
+        blocks.append(
+            {
+                key: _load(case, f"call{k}_{name}")
+                for key, name in DRAW_FILES.items()
+                if (DEC_DIR / case / f"call{k}_{name}.npy").exists()
+            }
+        )
     return QueuedDraws(blocks)
 
 
@@ -93,7 +101,9 @@ def test_offline_vocoder_stages_from_fixture_inputs(decoder: SpeechDecoder) -> N
         # hundreds of Hz): the same bound relative to its range as the end-to-end check above. Measured: 1.07e-4
         # absolute on AMD EPYC (AVX-512, no AMX) at f0 up to ~60 Hz, ~1e-5 on Intel with AMX.
         f0_ref = ref("hift_f0").numpy()
-        assert _diff(decoder.hift.f0_predictor(ref("mel")), f0_ref) < TOL * max(1.0, float(np.abs(f0_ref).max()))
+        assert _diff(decoder.hift.f0_predictor(ref("mel")), f0_ref) < TOL * max(
+            1.0, float(np.abs(f0_ref).max())
+        )
         source = decoder.hift.source(ref("hift_f0"), ref("noise_phase"), ref("noise_sine_randn"))
         assert _diff(source, ref("hift_source").numpy()) < TOL
         assert _diff(decoder.hift.decode(ref("mel"), ref("hift_source")), ref("speech").numpy()) < TOL
@@ -106,7 +116,9 @@ def test_official_draw_recipe_reproduces_the_stored_draws(decoder: SpeechDecoder
     assert np.array_equal(draws.flow_noise(ref("noise_z").shape[-1]).numpy(), ref("noise_z"))
     sines = ref("noise_phase").shape[1]
     assert np.array_equal(draws.source_phase(sines).numpy(), ref("noise_phase"))
-    assert np.array_equal(draws.source_noise(sines, ref("noise_sine_randn").shape[-1]).numpy(), ref("noise_sine_randn"))
+    assert np.array_equal(
+        draws.source_noise(sines, ref("noise_sine_randn").shape[-1]).numpy(), ref("noise_sine_randn")
+    )
 
 
 def test_synthesize_with_default_draws_matches_offline(decoder: SpeechDecoder) -> None:
@@ -121,8 +133,14 @@ def test_synthesize_with_default_draws_matches_offline(decoder: SpeechDecoder) -
 def test_streaming_calls(decoder: SpeechDecoder, case: str, cache_encoder: bool) -> None:
     spec = json.loads((DEC_DIR / case / "case.json").read_text())
     # The fixtures run the official demo loop: the returned mel (with its seam frame) is fed back.
-    stream = DecoderStream(decoder, schedule=tuple(spec["schedule"]), legacy_prompt=True, max_prompt_tokens=None,
-                            draws=_call_draws(case, spec["calls"]), cache_encoder=cache_encoder)
+    stream = DecoderStream(
+        decoder,
+        schedule=tuple(spec["schedule"]),
+        legacy_prompt=True,
+        max_prompt_tokens=None,
+        draws=_call_draws(case, spec["calls"]),
+        cache_encoder=cache_encoder,
+    )
     for call in spec["calls"]:
         k = call["call"]
         assert stream.tokens_decoded == call["prompt_token_len"]
@@ -132,8 +150,11 @@ def test_streaming_calls(decoder: SpeechDecoder, case: str, cache_encoder: bool)
         assert _diff(out.audio, _load(case, f"call{k}_tts_speech")) < TOL, f"call {k} speech"
         if not call["finalize"]:
             st = stream.state
-            for name, ours in (("mel_overlap", st.mel_overlap), ("hift_cache_mel", st.cache_mel),
-                               ("hift_cache_source", st.cache_source)):
+            for name, ours in (
+                ("mel_overlap", st.mel_overlap),
+                ("hift_cache_mel", st.cache_mel),
+                ("hift_cache_source", st.cache_source),
+            ):
                 assert _diff(ours, _load(case, f"call{k}_state_after_{name}")) < TOL, f"call {k} {name}"
 
 
@@ -159,8 +180,12 @@ def test_corrected_prompt_stays_aligned_with_tokens(decoder: SpeechDecoder, case
     """legacy_prompt=False feeds back mel without the duplicated seam frame: after each non-final block
     the prompt mel covers exactly the token frames minus the held-back cross-fade frames."""
     spec = json.loads((DEC_DIR / case / "case.json").read_text())
-    fixed = DecoderStream(decoder, schedule=tuple(spec["schedule"]), legacy_prompt=False, max_prompt_tokens=None)
-    legacy = DecoderStream(decoder, schedule=tuple(spec["schedule"]), legacy_prompt=True, max_prompt_tokens=None)
+    fixed = DecoderStream(
+        decoder, schedule=tuple(spec["schedule"]), legacy_prompt=False, max_prompt_tokens=None
+    )
+    legacy = DecoderStream(
+        decoder, schedule=tuple(spec["schedule"]), legacy_prompt=True, max_prompt_tokens=None
+    )
     for i, call in enumerate(spec["calls"]):
         if call["finalize"]:
             break

@@ -15,7 +15,6 @@ LM_DIR = stage_dir("lm", "cases.json")
 TOLERANCE = 1e-4  # float32; the official eager/sdpa and 1/2-thread spread is ~2e-6 (parity README)
 
 
-
 def _cases() -> list[dict]:
     if not (LM_DIR / "cases.json").is_file():
         return []

@@ -38,7 +38,9 @@ def _wav(case: dict) -> np.ndarray:
 
 def _official_features(case: dict) -> np.ndarray:
     path = FIXTURE / case["features_file"]
-    return np.load(path)["input_features"] if path.suffix == ".npz" else np.load(path)  # (segments, n_mels, F)
+    return (
+        np.load(path)["input_features"] if path.suffix == ".npz" else np.load(path)
+    )  # (segments, n_mels, F)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +52,16 @@ def tokenizer() -> SpeechTokenizer:
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tok")
-    write_random_checkpoint(out, d_model=48, num_layers=2, num_heads=2, ffn_dim=96, codebook_size=256,
-                            block_size_frames=200, seed=7)
+    write_random_checkpoint(
+        out,
+        d_model=48,
+        num_layers=2,
+        num_heads=2,
+        ffn_dim=96,
+        codebook_size=256,
+        block_size_frames=200,
+        seed=7,
+    )
     return out
 
 
@@ -67,10 +77,12 @@ def assert_features_close(ours: np.ndarray, ref: np.ndarray) -> None:
     """
     assert ours.shape == ref.shape
     decades = 4.0 * (ref.max(axis=0, keepdims=True) - ref)  # how far below its frame's loudest bin
-    bound = 4e-6 * 2.5 ** decades
+    bound = 4e-6 * 2.5**decades
     worst = np.abs(ours - ref) / bound
-    assert worst.max() <= 1.0, f"feature error {float(np.abs(ours - ref).max()):.2e} passes the bound at " \
-                               f"{np.unravel_index(worst.argmax(), worst.shape)}"
+    assert worst.max() <= 1.0, (
+        f"feature error {float(np.abs(ours - ref).max()):.2e} passes the bound at "
+        f"{np.unravel_index(worst.argmax(), worst.shape)}"
+    )
 
 
 @needs_fixture
@@ -88,7 +100,7 @@ def test_parity_features(tokenizer: SpeechTokenizer, case: dict) -> None:
     for seg, ref in zip(ours, official, strict=True):
         # The official batch pads every segment to the longest one; the padding frames do not reach the model's
         # valid tokens, so compare the frames of our own (unpadded-batch) segment.
-        assert_features_close(seg.numpy(), ref[:, :seg.shape[1]])
+        assert_features_close(seg.numpy(), ref[:, : seg.shape[1]])
 
 
 @needs_fixture
@@ -104,8 +116,14 @@ def test_features_match_transformers_extractor(tokenizer: SpeechTokenizer) -> No
     transformers = pytest.importorskip("transformers")
     fe = transformers.WhisperFeatureExtractor.from_pretrained(FIXTURE)
     wav = _wav(_cases()[0])
-    ref = fe(wav, sampling_rate=16000, return_tensors="np", padding="longest", pad_to_multiple_of=1280,
-             device="cpu")["input_features"][0]
+    ref = fe(
+        wav,
+        sampling_rate=16000,
+        return_tensors="np",
+        padding="longest",
+        pad_to_multiple_of=1280,
+        device="cpu",
+    )["input_features"][0]
     assert_features_close(tokenizer.features(wav)[0].numpy(), ref)
 
 
@@ -124,8 +142,15 @@ def test_random_checkpoint_has_official_keys_and_spreads_tokens(tiny_dir: Path) 
     with safe_open(tiny_dir / "model.safetensors", "pt") as f:
         keys = set(f.keys())
         assert f.get_tensor("ema_weight").shape == (256, 48) and f.get_tensor("ema_count").shape == (256,)
-    assert {"conv1.weight", "conv2.bias", "embed_positions.weight", "embed_positions2.weight", "codebook.weight",
-            "layers.1.self_attn.k_proj.weight", "layers.1.final_layer_norm.bias"} <= keys
+    assert {
+        "conv1.weight",
+        "conv2.bias",
+        "embed_positions.weight",
+        "embed_positions2.weight",
+        "codebook.weight",
+        "layers.1.self_attn.k_proj.weight",
+        "layers.1.final_layer_norm.bias",
+    } <= keys
     assert "layers.0.self_attn.k_proj.bias" not in keys  # Whisper's k_proj has no bias
     rng = np.random.default_rng(0)
     wav = (0.1 * rng.standard_normal(32000) * np.sin(np.linspace(0, 40, 32000)) ** 2).astype(np.float32)
@@ -139,7 +164,10 @@ def test_sharded_checkpoint_gives_same_tokens(tiny_dir: Path, tmp_path: Path) ->
     state = load_file(tiny_dir / "model.safetensors")
     names = sorted(state)
     half = len(names) // 2
-    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[:half],
+        "model-00002-of-00002.safetensors": names[half:],
+    }
     for file, keys in shards.items():
         save_file({k: state[k] for k in keys}, str(tmp_path / file))
     index = {"metadata": {}, "weight_map": {k: file for file, keys in shards.items() for k in keys}}
@@ -147,8 +175,9 @@ def test_sharded_checkpoint_gives_same_tokens(tiny_dir: Path, tmp_path: Path) ->
     for name in ("config.json", "preprocessor_config.json"):
         shutil.copy(tiny_dir / name, tmp_path / name)
     wav = np.random.default_rng(1).uniform(-0.3, 0.3, 24000).astype(np.float32)
-    assert (SpeechTokenizer.from_pretrained(tmp_path).tokenize(wav)
-            == SpeechTokenizer.from_pretrained(tiny_dir).tokenize(wav))
+    assert SpeechTokenizer.from_pretrained(tmp_path).tokenize(wav) == SpeechTokenizer.from_pretrained(
+        tiny_dir
+    ).tokenize(wav)
 
 
 def _copy_without(src: Path, dst: Path, drop: str) -> None:
@@ -200,11 +229,13 @@ def test_ema_buffers_are_ignored(tiny_dir: Path, tmp_path: Path) -> None:
     state["ema_weight"] = torch.full_like(state["ema_weight"], float("nan"))
     save_file(state, str(tmp_path / "model.safetensors"))
     wav = np.random.default_rng(2).uniform(-0.3, 0.3, 16000).astype(np.float32)
-    assert (SpeechTokenizer.from_pretrained(tmp_path).tokenize(wav)
-            == SpeechTokenizer.from_pretrained(tiny_dir).tokenize(wav))
+    assert SpeechTokenizer.from_pretrained(tmp_path).tokenize(wav) == SpeechTokenizer.from_pretrained(
+        tiny_dir
+    ).tokenize(wav)
 
 
 # -- bad input -------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dir: Path) -> SpeechTokenizer:
@@ -243,8 +274,15 @@ def test_float64_and_single_channel_2d_are_accepted(tiny: SpeechTokenizer, noise
     assert tiny.tokenize(noise[None, :]) == ref and tiny.tokenize(noise[:, None]) == ref
 
 
-@pytest.mark.parametrize("bad", [np.zeros((2, 16000), np.float32), np.zeros((16000, 2), np.float32),
-                                 np.zeros((1, 2, 100), np.float32), np.array(0.5, np.float32)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((2, 16000), np.float32),
+        np.zeros((16000, 2), np.float32),
+        np.zeros((1, 2, 100), np.float32),
+        np.array(0.5, np.float32),
+    ],
+)
 def test_multichannel_or_wrong_rank_is_rejected(tiny: SpeechTokenizer, bad: np.ndarray) -> None:
     with pytest.raises(ValueError, match="mono"):
         tiny.tokenize(bad)
@@ -276,7 +314,10 @@ def test_other_sample_rates_are_resampled_with_soxr(tiny: SpeechTokenizer, noise
 
 def test_bfloat16_path_runs_with_float32_distances(tiny_dir: Path, noise: np.ndarray) -> None:
     tok = SpeechTokenizer.from_pretrained(tiny_dir, dtype=torch.bfloat16)
-    assert tok.encoder.codebook.weight.dtype == torch.float32 and tok.encoder.conv1.weight.dtype == torch.bfloat16
+    assert (
+        tok.encoder.codebook.weight.dtype == torch.float32
+        and tok.encoder.conv1.weight.dtype == torch.bfloat16
+    )
     ref = SpeechTokenizer.from_pretrained(tiny_dir).tokenize(noise)
     got = tok.tokenize(noise)
     assert len(got) == len(ref) and all(0 <= t < tok.config.codebook_size for t in got)
@@ -294,15 +335,23 @@ def test_edge_lengths_features_tokens_and_stream(tokenizer: SpeechTokenizer, n_s
     rng = np.random.default_rng(n_samples)
     wav = (rng.uniform(-0.3, 0.3, n_samples) * np.sin(np.arange(n_samples) / 3000.0) ** 2).astype(np.float32)
     seg_samples = tokenizer.config.mel.segment_samples
-    ref = fe(wav[:seg_samples], sampling_rate=16000, return_tensors="np", padding="longest",
-             pad_to_multiple_of=tokenizer.config.samples_per_token, device="cpu")["input_features"][0]
+    ref = fe(
+        wav[:seg_samples],
+        sampling_rate=16000,
+        return_tensors="np",
+        padding="longest",
+        pad_to_multiple_of=tokenizer.config.samples_per_token,
+        device="cpu",
+    )["input_features"][0]
     assert_features_close(tokenizer.features(wav)[0].numpy(), ref)
     tokens = tokenizer.tokenize(wav)
     spt = tokenizer.config.samples_per_token
-    assert len(tokens) == sum(-(-len(wav[s:s + seg_samples]) // spt) for s in range(0, n_samples, seg_samples))
+    assert len(tokens) == sum(
+        -(-len(wav[s : s + seg_samples]) // spt) for s in range(0, n_samples, seg_samples)
+    )
     stream, streamed, pos = TokenizerStream(tokenizer), [], 0
     while pos < n_samples:
         size = int(rng.integers(1, 20000))
-        streamed += stream.push(wav[pos:pos + size])
+        streamed += stream.push(wav[pos : pos + size])
         pos += size
     assert streamed + stream.flush() == stream.tokens == tokens

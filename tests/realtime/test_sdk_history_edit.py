@@ -26,7 +26,9 @@ async def glm_ws(demo_dir):
     from pipeline.engine.thread import GLMVoiceResponder
 
     responder = GLMVoiceResponder(EngineConfig(demo_weights_dir=str(demo_dir), device="cpu"))
-    running = await start_server(responder=responder, kind="glm4voice", overrides={"auth": {"api_key": API_KEY}})
+    running = await start_server(
+        responder=responder, kind="glm4voice", overrides={"auth": {"api_key": API_KEY}}
+    )
     try:
         yield running
     finally:
@@ -36,8 +38,9 @@ async def glm_ws(demo_dir):
 async def _typed_turn(conn, s: Session, text: str) -> tuple[str, str]:
     """A typed message and its reply; returns (user item id, assistant item id)."""
     mark = len(s.events)
-    await conn.conversation.item.create(item={"type": "message", "role": "user",
-                                              "content": [{"type": "input_text", "text": text}]})
+    await conn.conversation.item.create(
+        item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+    )
     await conn.response.create()
     done = await s.wait_for("response.done", 60, after=mark)
     assert done["response"]["status"] == "completed", done
@@ -63,24 +66,44 @@ async def test_delete_and_truncate_older_items_echo(echo_ws):
             await conn.conversation.item.delete(item_id=user_a)
             deleted = await s.wait_for("conversation.item.deleted", 5)
             assert deleted["item_id"] == user_a
-            error = await _request(conn, s, {"type": "conversation.item.retrieve", "item_id": user_a}, "error")
+            error = await _request(
+                conn, s, {"type": "conversation.item.retrieve", "item_id": user_a}, "error"
+            )
             assert error["error"]["code"] == "item_not_found"
             assert [(h.role, h.text) for h in session.history if h.role == "user"] == [("user", "bananas")]
 
             # truncate an assistant item that is not the latest: its reply keeps what was heard
-            truncated = await _request(conn, s, {"type": "conversation.item.truncate", "item_id": reply_a,
-                                                 "content_index": 0, "audio_end_ms": 0},
-                                       "conversation.item.truncated")  # fmt: skip
+            truncated = await _request(
+                conn,
+                s,
+                {
+                    "type": "conversation.item.truncate",
+                    "item_id": reply_a,
+                    "content_index": 0,
+                    "audio_end_ms": 0,
+                },
+                "conversation.item.truncated",
+            )
             assert truncated["item_id"] == reply_a
             assert [h.audio_ms for h in session.history if h.role == "assistant"][0] == 0
 
-            deleted = await _request(conn, s, {"type": "conversation.item.delete", "item_id": reply_b},
-                                     "conversation.item.deleted")  # fmt: skip
+            deleted = await _request(
+                conn, s, {"type": "conversation.item.delete", "item_id": reply_b}, "conversation.item.deleted"
+            )
             assert deleted["item_id"] == reply_b
             assistant = [h.text for h in session.history if h.role == "assistant"]
             assert len(assistant) == 1 and "apples" in assistant[0]
-            error = await _request(conn, s, {"type": "conversation.item.truncate", "item_id": user_b,
-                                             "content_index": 0, "audio_end_ms": 0}, "error")  # fmt: skip
+            error = await _request(
+                conn,
+                s,
+                {
+                    "type": "conversation.item.truncate",
+                    "item_id": user_b,
+                    "content_index": 0,
+                    "audio_end_ms": 0,
+                },
+                "error",
+            )
             assert error["error"]["code"] == "invalid_value"  # a user item has no audio of ours to cut
             assert [e["error"]["code"] for e in s.of_type("error")] == ["item_not_found", "invalid_value"]
         finally:
@@ -102,8 +125,13 @@ async def test_delete_user_item_leaves_the_glm_prompt(glm_ws):
             assert (await s.wait_for("conversation.item.deleted", 5))["item_id"] == user_a
 
             mark = len(s.events)
-            await conn.conversation.item.create(item={"type": "message", "role": "user",
-                                                      "content": [{"type": "input_text", "text": "And now?"}]})
+            await conn.conversation.item.create(
+                item={
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "And now?"}],
+                }
+            )
             await conn.response.create()
             added = await s.wait_for("response.output_item.added", 20, after=mark)
             await conn.conversation.item.delete(item_id=added["item"]["id"])  # its reply is in progress
@@ -117,11 +145,13 @@ async def test_delete_user_item_leaves_the_glm_prompt(glm_ws):
             tok = glm_ws.server.responder.engine.scheduler.m.text
             prompt = d.last_reply.gen.prompt_ids
             header = [tok.assistant_id, *tok.encode(ASSISTANT_METADATA)]
-            a_text = user_turn_ids(tok, text="Remember apples.")[1 : -len(header)]  # A's words, without the roles
+            a_text = user_turn_ids(tok, text="Remember apples.")[
+                1 : -len(header)
+            ]  # A's words, without the roles
             b_block = user_turn_ids(tok, text="Remember bananas.")
-            windows = {tuple(prompt[i:i + len(a_text)]) for i in range(len(prompt))}
+            windows = {tuple(prompt[i : i + len(a_text)]) for i in range(len(prompt))}
             assert tuple(a_text) not in windows
-            assert tuple(b_block) in {tuple(prompt[i:i + len(b_block)]) for i in range(len(prompt))}
+            assert tuple(b_block) in {tuple(prompt[i : i + len(b_block)]) for i in range(len(prompt))}
             ids = d.history.ids()
             assert d.cache.token_ids == ids[: d.cache.length] and d.cache.length >= len(ids) - 1
         finally:

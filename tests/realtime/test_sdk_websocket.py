@@ -27,13 +27,23 @@ CHUNK_S = 0.1  # append 100 ms at a time, in real time
 SILENCE_TAIL_S = 1.2  # more than silence_duration_ms: the turn ends
 API_KEY = "sk-test-realtime"
 SPOKEN_SEQUENCE = [
-    "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
-    "conversation.item.added", "conversation.item.done",
+    "input_audio_buffer.speech_started",
+    "input_audio_buffer.speech_stopped",
+    "input_audio_buffer.committed",
+    "conversation.item.added",
+    "conversation.item.done",
 ]
 REPLY_SEQUENCE = [
-    "response.created", "response.output_item.added", "conversation.item.added", "response.content_part.added",
-    "response.output_audio.done", "response.output_audio_transcript.done", "response.content_part.done",
-    "response.output_item.done", "conversation.item.done", "response.done",
+    "response.created",
+    "response.output_item.added",
+    "conversation.item.added",
+    "response.content_part.added",
+    "response.output_audio.done",
+    "response.output_audio_transcript.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "conversation.item.done",
+    "response.done",
 ]
 STREAMED = {"response.output_audio.delta", "response.output_audio_transcript.delta"}
 
@@ -70,23 +80,30 @@ class Session:
 
     def sequence(self, after: int = 0) -> list[str]:
         """Event types in order, without the streamed deltas and our glm4voice.* extras."""
-        return [e["type"] for e in self.events[after:] if e["type"] not in STREAMED
-                and not e["type"].startswith("glm4voice.")]
+        return [
+            e["type"]
+            for e in self.events[after:]
+            if e["type"] not in STREAMED and not e["type"].startswith("glm4voice.")
+        ]
 
     def audio(self, response_id: str, fmt: str) -> np.ndarray:
-        data = b"".join(base64.b64decode(e["delta"]) for e in self.of_type("response.output_audio.delta")
-                        if e["response_id"] == response_id)
+        data = b"".join(
+            base64.b64decode(e["delta"])
+            for e in self.of_type("response.output_audio.delta")
+            if e["response_id"] == response_id
+        )
         return decode_wire(data, fmt)
 
     async def stream(self, pcm16k: np.ndarray, fmt: str) -> None:
         """Append the clip plus a silent tail, encoded in `fmt`, in real time."""
         rate = wire_rate_hz(fmt)
-        pcm = soxr.resample(np.concatenate([pcm16k, np.zeros(int(SILENCE_TAIL_S * 16_000), np.float32)]), 16_000,
-                            rate)
+        pcm = soxr.resample(
+            np.concatenate([pcm16k, np.zeros(int(SILENCE_TAIL_S * 16_000), np.float32)]), 16_000, rate
+        )
         step = int(CHUNK_S * rate)
         start = time.monotonic()
         for i, offset in enumerate(range(0, pcm.size, step)):
-            data = encode_wire(pcm[offset:offset + step], fmt)
+            data = encode_wire(pcm[offset : offset + step], fmt)
             await self.conn.input_audio_buffer.append(audio=base64.b64encode(data).decode("ascii"))
             await asyncio.sleep(max(start + (i + 1) * CHUNK_S - time.monotonic(), 0.0))
 
@@ -115,8 +132,12 @@ async def _spoken_turn(server, fmt: str) -> None:
             created = await s.wait_for("session.created", 5)
             assert created["session"]["audio"]["input"]["format"]["type"] == "audio/pcm"
             if fmt != "audio/pcm":
-                await conn.session.update(session={"type": "realtime", "audio": {
-                    "input": {"format": {"type": fmt}}, "output": {"format": {"type": fmt}}}})
+                await conn.session.update(
+                    session={
+                        "type": "realtime",
+                        "audio": {"input": {"format": {"type": fmt}}, "output": {"format": {"type": fmt}}},
+                    }
+                )
                 updated = await s.wait_for("session.updated", 5)
                 assert updated["session"]["audio"]["output"]["format"] == {"type": fmt}
             mark = len(s.events)
@@ -134,8 +155,12 @@ async def _spoken_turn(server, fmt: str) -> None:
             added = s.of_type("response.output_item.added", mark)[0]
             assert added["item"]["id"] == item_id and added["item"]["status"] == "in_progress"
             deltas = s.of_type("response.output_audio.delta", mark)
-            assert deltas and all(d["item_id"] == item_id and d["response_id"] == response["id"] for d in deltas)
-            transcript = "".join(e["delta"] for e in s.of_type("response.output_audio_transcript.delta", mark))
+            assert deltas and all(
+                d["item_id"] == item_id and d["response_id"] == response["id"] for d in deltas
+            )
+            transcript = "".join(
+                e["delta"] for e in s.of_type("response.output_audio_transcript.delta", mark)
+            )
             assert transcript and response["output"][0]["content"][0]["transcript"] == transcript
             # Audio deltas: as long as the reply the echo says it made, and the clip that was spoken.
             heard = s.audio(response["id"], fmt)
@@ -165,8 +190,13 @@ async def test_typed_turn(ws_server):
         try:
             await s.wait_for("session.created", 5)
             mark = len(s.events)
-            await conn.conversation.item.create(item={"type": "message", "role": "user",
-                                                      "content": [{"type": "input_text", "text": "hello there"}]})
+            await conn.conversation.item.create(
+                item={
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "hello there"}],
+                }
+            )
             await conn.response.create()
             done = await s.wait_for("response.done", 10, after=mark)
             seq = s.sequence(mark)
@@ -189,8 +219,12 @@ async def test_cancel_then_truncate_keeps_what_was_heard(ws_server):
         s = Session(conn)
         try:
             await s.wait_for("session.created", 5)
-            await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": {
-                "type": "semantic_vad", "eagerness": "high"}}}})
+            await conn.session.update(
+                session={
+                    "type": "realtime",
+                    "audio": {"input": {"turn_detection": {"type": "semantic_vad", "eagerness": "high"}}},
+                }
+            )
             updated = await s.wait_for("session.updated", 5)
             assert updated["session"]["audio"]["input"]["turn_detection"]["type"] == "semantic_vad"
             await s.stream(speech, "audio/pcm")
@@ -200,7 +234,9 @@ async def test_cancel_then_truncate_keeps_what_was_heard(ws_server):
             done = await s.wait_for("response.done", 10)
             heard_ms = 1_000
             mark = len(s.events)
-            await conn.conversation.item.truncate(item_id=first["item_id"], content_index=0, audio_end_ms=heard_ms)
+            await conn.conversation.item.truncate(
+                item_id=first["item_id"], content_index=0, audio_end_ms=heard_ms
+            )
             truncated = await s.wait_for("conversation.item.truncated", 5, after=mark)
             assert truncated["item_id"] == first["item_id"] and truncated["audio_end_ms"] == heard_ms
             assert done["response"]["output"][0]["id"] == first["item_id"]
@@ -224,10 +260,14 @@ async def test_auth_and_admission(ws_server):
     import aiohttp
 
     async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(f"{ws_server.base_url}/v1/realtime?model=x",
-                                   protocols=("realtime", f"openai-insecure-api-key.{API_KEY}")) as ws:
+        async with http.ws_connect(
+            f"{ws_server.base_url}/v1/realtime?model=x",
+            protocols=("realtime", f"openai-insecure-api-key.{API_KEY}"),
+        ) as ws:
             assert ws.protocol == "realtime"
             first = await ws.receive_json(timeout=5)
             assert first["type"] == "session.created"
-        async with http.get(f"{ws_server.base_url}/v1/realtime", headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        async with http.get(
+            f"{ws_server.base_url}/v1/realtime", headers={"Authorization": f"Bearer {API_KEY}"}
+        ) as r:
             assert r.status == 426  # not an upgrade

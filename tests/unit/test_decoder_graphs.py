@@ -41,23 +41,33 @@ def _tokens(n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, 512, n).tolist()
 
 
-def _shapes_run(decoder: SpeechDecoder, stream: DecoderStream, tokens: list[int]) -> list[tuple[int, int, bool]]:
+def _shapes_run(
+    decoder: SpeechDecoder, stream: DecoderStream, tokens: list[int]
+) -> list[tuple[int, int, bool]]:
     """(estimator frames, vocoder frames, seam) of each block the stream runs, read from the modules' inputs."""
     flow: list[int] = []
     vocoder: list[tuple[int, bool]] = []
-    hooks = [decoder.flow.decoder.estimator.register_forward_pre_hook(lambda _m, a: flow.append(a[0].shape[-1])),
-             decoder.hift.register_forward_pre_hook(lambda _m, a: vocoder.append((a[0].shape[-1], a[3] is not None)))]
+    hooks = [
+        decoder.flow.decoder.estimator.register_forward_pre_hook(lambda _m, a: flow.append(a[0].shape[-1])),
+        decoder.hift.register_forward_pre_hook(
+            lambda _m, a: vocoder.append((a[0].shape[-1], a[3] is not None))
+        ),
+    ]
     try:
         for i in range(0, len(tokens), 9):
-            stream.push(tokens[i:i + 9])
+            stream.push(tokens[i : i + 9])
     finally:
         for hook in hooks:
             hook.remove()
-    return [(f, v, seam) for f, (v, seam) in zip(flow[::10], vocoder, strict=True)]  # 10 Euler steps per block
+    return [
+        (f, v, seam) for f, (v, seam) in zip(flow[::10], vocoder, strict=True)
+    ]  # 10 Euler steps per block
 
 
-@pytest.mark.parametrize(("schedule", "window", "legacy"), [
-    (DEFAULT_SCHEDULE, 50, False), ((10, 20), 50, False), ((10, 20), 20, True), ((25, 50), None, False)])
+@pytest.mark.parametrize(
+    ("schedule", "window", "legacy"),
+    [(DEFAULT_SCHEDULE, 50, False), ((10, 20), 50, False), ((10, 20), 20, True), ((25, 50), None, False)],
+)
 def test_block_shapes_are_the_ones_a_stream_runs(decoder: SpeechDecoder, schedule, window, legacy) -> None:
     stream = DecoderStream(decoder, schedule=schedule, max_prompt_tokens=window, legacy_prompt=legacy)
     tokens = _tokens(sum(schedule) + 2 * schedule[-1] + 5, seed=1)  # past the growth, a partial block pending
@@ -72,9 +82,13 @@ def test_a_bounded_window_gives_a_handful_of_shapes(decoder: SpeechDecoder) -> N
     stream = DecoderStream(decoder, schedule=(10, 20))
     shapes = block_shapes(decoder, stream.settings, 1500)
     assert len(shapes) == 1 + (1500 - 10) // 20
-    assert len({s.flow_frames for s in shapes}) <= 8 and len({(s.vocoder_frames, s.seam) for s in shapes}) <= 8
+    assert (
+        len({s.flow_frames for s in shapes}) <= 8 and len({(s.vocoder_frames, s.seam) for s in shapes}) <= 8
+    )
     unbounded = DecoderStream(decoder, schedule=(10, 20), max_prompt_tokens=None)
-    assert len({s.flow_frames for s in block_shapes(decoder, unbounded.settings, 1500)}) == len(shapes)  # grows
+    assert len({s.flow_frames for s in block_shapes(decoder, unbounded.settings, 1500)}) == len(
+        shapes
+    )  # grows
 
 
 def test_static_buffer_path_equals_the_normal_path(eager_after: SpeechDecoder) -> None:
@@ -86,11 +100,14 @@ def test_static_buffer_path_equals_the_normal_path(eager_after: SpeechDecoder) -
     def run(graphed: bool) -> list[list[np.ndarray]]:
         graphs = prepare_graphs(decoder, schedule=(10, 20), capture=False) if graphed else None
         decoder.graphs = graphs
-        streams = [DecoderStream(decoder, schedule=(10, 20)), DecoderStream(decoder, schedule=(10, 20), seed=5)]
+        streams = [
+            DecoderStream(decoder, schedule=(10, 20)),
+            DecoderStream(decoder, schedule=(10, 20), seed=5),
+        ]
         outs: list[list[np.ndarray]] = [[], []]
         for i in range(0, 140, 11):
             for k, stream in enumerate(streams):
-                outs[k].append(stream.push(tokens[k][i:i + 11]))
+                outs[k].append(stream.push(tokens[k][i : i + 11]))
         if graphs is not None:
             assert graphs.eager_runs == 0 and graphs.replays == 2 * sum(s.state.blocks_done for s in streams)
             assert graphs.replays >= 2 * 12

@@ -35,7 +35,7 @@ def _tokens(n: int, seed: int = 0, vocab: int = 512) -> list[int]:
 
 
 def _stream_all(stream, tokens: list[int], step: int = 3) -> list[np.ndarray]:
-    pieces = [stream.push(tokens[i:i + step]) for i in range(0, len(tokens), step)]
+    pieces = [stream.push(tokens[i : i + step]) for i in range(0, len(tokens), step)]
     return pieces + [stream.finish()]
 
 
@@ -57,8 +57,10 @@ def test_random_checkpoint_is_in_the_official_format(ckpt_dir: Path, decoder: Sp
 
 
 def test_yaml_tags_are_read_as_data_never_executed(tmp_path: Path) -> None:
-    text = ("__x: !apply:builtins.exec ['raise SystemExit(3)']\nn: 4\n"
-            "obj: !new:os.system\n    command: 'false'\n    size: !ref <n>\n")
+    text = (
+        "__x: !apply:builtins.exec ['raise SystemExit(3)']\nn: 4\n"
+        "obj: !new:os.system\n    command: 'false'\n    size: !ref <n>\n"
+    )
     (tmp_path / "config.yaml").write_text(text)
     doc = read_config_yaml(tmp_path / "config.yaml")
     assert doc["obj"] == {"command": "false", "size": 4, "_class": "os.system"}
@@ -138,8 +140,12 @@ def test_reset_and_default_draws_are_deterministic_and_private(decoder: SpeechDe
 def test_encoder_cache_matches_recompute_on_unaligned_blocks(decoder: SpeechDecoder) -> None:
     """25/50-token blocks leave a partial 10-token encoder block at each call: its tokens are recomputed."""
     tokens = _tokens(120, seed=4)
-    outs = [np.concatenate(_stream_all(DecoderStream(decoder, schedule=(25, 50), cache_encoder=c), tokens, step=7))
-            for c in (False, True)]
+    outs = [
+        np.concatenate(
+            _stream_all(DecoderStream(decoder, schedule=(25, 50), cache_encoder=c), tokens, step=7)
+        )
+        for c in (False, True)
+    ]
     assert np.abs(outs[0] - outs[1]).max() < 1e-4
 
 
@@ -155,15 +161,19 @@ def test_bounded_prompt_window(decoder: SpeechDecoder) -> None:
         DecoderStream(decoder, max_prompt_tokens=0)
 
 
-def _estimator_frames_per_block(decoder: SpeechDecoder, stream: DecoderStream, tokens: list[int]) -> list[int]:
+def _estimator_frames_per_block(
+    decoder: SpeechDecoder, stream: DecoderStream, tokens: list[int]
+) -> list[int]:
     """Frames the estimator integrates in each block of a streamed reply (read from its inputs)."""
     seen: list[int] = []
-    hook = decoder.flow.decoder.estimator.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[-1]))
+    hook = decoder.flow.decoder.estimator.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].shape[-1])
+    )
     per_block = []
     try:
         for i in range(0, len(tokens), 7):
             before = stream.state.blocks_done
-            stream.push(tokens[i:i + 7])
+            stream.push(tokens[i : i + 7])
             if stream.state.blocks_done > before:
                 assert stream.state.blocks_done == before + 1  # 7-token pushes complete at most one block
                 per_block.append(max(seen))
@@ -187,10 +197,10 @@ def test_default_stream_bounds_estimator_work_per_block(decoder: SpeechDecoder) 
     bound = frames(window) + frames(cap) + decoder.cfg.mel_overlap_frames + 1
     assert len(bounded) == len(DEFAULT_SCHEDULE) + 2
     assert max(bounded) <= bound, (bounded, bound)
-    capped = bounded[len(DEFAULT_SCHEDULE) - 1:]  # full-size blocks after a full window: flat
+    capped = bounded[len(DEFAULT_SCHEDULE) - 1 :]  # full-size blocks after a full window: flat
     assert max(capped) - min(capped) <= 1, capped
     unbounded = DecoderStream(decoder, max_prompt_tokens=None)
-    official = _estimator_frames_per_block(decoder, unbounded, tokens[:sum(DEFAULT_SCHEDULE) + cap])
+    official = _estimator_frames_per_block(decoder, unbounded, tokens[: sum(DEFAULT_SCHEDULE) + cap])
     assert official[:2] == bounded[:2]  # blocks whose prompt fits in the window are the official computation
     assert official[-1] > bound and official == sorted(official)  # unbounded: grows with the reply
 
@@ -274,8 +284,12 @@ def test_new_style_weight_norm_keys_load_too(ckpt_dir: Path, decoder: SpeechDeco
     """A hift.pt re-saved with torch.nn.utils.parametrizations.weight_norm names g/v differently."""
     renamed = _copy_ckpt(ckpt_dir, tmp_path / "renamed")
     state = torch.load(renamed / "hift.pt", weights_only=True)
-    state = {k.replace(".weight_g", ".parametrizations.weight.original0")
-              .replace(".weight_v", ".parametrizations.weight.original1"): v for k, v in state.items()}
+    state = {
+        k.replace(".weight_g", ".parametrizations.weight.original0").replace(
+            ".weight_v", ".parametrizations.weight.original1"
+        ): v
+        for k, v in state.items()
+    }
     torch.save(state, renamed / "hift.pt")
     again = SpeechDecoder.from_pretrained(renamed)
     tokens = _tokens(12, seed=9)
@@ -285,17 +299,29 @@ def test_new_style_weight_norm_keys_load_too(ckpt_dir: Path, decoder: SpeechDeco
 def _state_tensors(stream) -> dict[str, object]:
     st = stream.state
     enc = st.flow_cache.encoder
-    return {"prompt_mel": st.prompt_mel, "mel_overlap": st.mel_overlap, "cache_mel": st.cache_mel,
-            "cache_source": st.cache_source, "enc_keys": enc.keys, "enc_values": enc.values,
-            "enc_outputs": enc.outputs, "prompt_tokens": st.prompt_tokens, "pending": st.pending,
-            "blocks_done": st.blocks_done, "finished": st.finished, "enc_length": enc.length_tokens}
+    return {
+        "prompt_mel": st.prompt_mel,
+        "mel_overlap": st.mel_overlap,
+        "cache_mel": st.cache_mel,
+        "cache_source": st.cache_source,
+        "enc_keys": enc.keys,
+        "enc_values": enc.values,
+        "enc_outputs": enc.outputs,
+        "prompt_tokens": st.prompt_tokens,
+        "pending": st.pending,
+        "blocks_done": st.blocks_done,
+        "finished": st.finished,
+        "enc_length": enc.length_tokens,
+    }
 
 
 def _assert_same_state(a, b) -> None:
     for key, x in _state_tensors(a).items():
         y = _state_tensors(b)[key]
         if isinstance(x, list) and x and isinstance(x[0], torch.Tensor):
-            assert len(x) == len(y) and all(torch.allclose(p, q, atol=1e-5, rtol=0) for p, q in zip(x, y, strict=True)), key
+            assert len(x) == len(y) and all(
+                torch.allclose(p, q, atol=1e-5, rtol=0) for p, q in zip(x, y, strict=True)
+            ), key
         elif isinstance(x, torch.Tensor):
             assert x.shape == y.shape and torch.allclose(x, y, atol=1e-5, rtol=0), key
         else:

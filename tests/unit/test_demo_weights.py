@@ -33,8 +33,12 @@ def lm(demo_root):
 def test_official_layout(demo_root):
     assert (demo_root / "glm-4-voice-9b" / "model.safetensors.index.json").is_file()
     assert sorted(p.name for p in (demo_root / "glm-4-voice-9b").glob("model-*-of-*.safetensors"))
-    assert {"config.yaml", "flow.pt", "hift.pt"} <= {p.name for p in (demo_root / "glm-4-voice-decoder").iterdir()}
-    assert {"config.json", "preprocessor_config.json"} <= {p.name for p in (demo_root / "glm-4-voice-tokenizer").iterdir()}
+    assert {"config.yaml", "flow.pt", "hift.pt"} <= {
+        p.name for p in (demo_root / "glm-4-voice-decoder").iterdir()
+    }
+    assert {"config.json", "preprocessor_config.json"} <= {
+        p.name for p in (demo_root / "glm-4-voice-tokenizer").iterdir()
+    }
     cfg = json.loads((demo_root / "glm-4-voice-9b" / "config.json").read_text())
     assert cfg["model_type"] == "chatglm"
 
@@ -56,7 +60,9 @@ def test_ensure_is_idempotent_and_rebuilds_stale(demo_root, tmp_path):
 
 def _speech_and_text(lm, ids):
     tok = lm.tokenizer
-    return [i for i in ids if tok.is_audio(i)], [i for i in ids if not tok.is_audio(i) and i not in tok.stop_ids]
+    return [i for i in ids if tok.is_audio(i)], [
+        i for i in ids if not tok.is_audio(i) and i not in tok.stop_ids
+    ]
 
 
 @pytest.mark.parametrize("turn", ["speech", "text"])
@@ -100,8 +106,11 @@ def test_cli_writes_demo_weights(demo_root, capsys):
     assert str(demo_root) in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
-                         ids=["offline-mode", "unreachable-endpoint"])
+@pytest.mark.parametrize(
+    "env",
+    [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+    ids=["offline-mode", "unreachable-endpoint"],
+)
 def test_download_offline_gives_a_clear_message(tmp_path, env):
     """No network: huggingface_hub is pointed at nothing (offline mode, or a closed loopback port)."""
     import os
@@ -112,9 +121,20 @@ def test_download_offline_gives_a_clear_message(tmp_path, env):
     root = Path(__file__).resolve().parents[2]
     full_env = {**os.environ, "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2", **env}
     full_env.pop("HF_TOKEN", None)
-    proc = subprocess.run([sys.executable, "-c", "import sys; from pipeline.weights.download import main; sys.exit(main(sys.argv[1:]))",
-                           "--dir", str(tmp_path / "w")], cwd=root, env=full_env, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pipeline.weights.download import main; sys.exit(main(sys.argv[1:]))",
+            "--dir",
+            str(tmp_path / "w"),
+        ],
+        cwd=root,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "could not download THUDM/glm-4-voice-tokenizer" in proc.stderr
     assert "offline" in proc.stderr and "HF_ENDPOINT" in proc.stderr

@@ -14,19 +14,33 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_gpu_check_tiny_runs_every_section(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     statuses = {name: entry["status"] for name, entry in report["sections"].items()}
     assert set(statuses) == {"parity", "lm", "int4", "stages", "engine"}, proc.stdout[-3000:]
-    failed = {n: report["sections"][n].get("error", "")[-1500:] for n, s in statuses.items() if s != "ok" and n != "int4"}
+    failed = {
+        n: report["sections"][n].get("error", "")[-1500:]
+        for n, s in statuses.items()
+        if s != "ok" and n != "int4"
+    }
     assert not failed, failed
     assert statuses["int4"] in ("ok", "skipped")
     assert report["server_only_modules_imported"] == []  # none of them on the GPU machine
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "gpu_check.md").read_text().count("## ") == 5
     sections = report["sections"]
-    assert all(case["greedy_equal"] for key, case in sections["parity"]["figures"].items() if key.startswith("lm_case"))
+    assert all(
+        case["greedy_equal"]
+        for key, case in sections["parity"]["figures"].items()
+        if key.startswith("lm_case")
+    )
     assert {"100", "500", "2000"} <= set(sections["lm"]["figures"]["prefill_ms"])
     engine = sections["engine"]["figures"]
     assert engine["calls_1"]["turns"] == 3 and engine["calls_1"]["audio_s_per_reply"] > 1.0

@@ -30,12 +30,12 @@ def _checkpoint(out: Path, *, seed: int = 7, vocab_size: int | None = None, **kw
     return out
 
 
-
 def prefill_to(lm: VoiceLM, cache: LMCache, ids: list[int]) -> torch.Tensor:
     """What the engine does at a turn start: keep the common prefix, prefill the rest (the last id is re-run)."""
     keep = min(common_prefix_len(cache.token_ids, ids), len(ids) - 1)
     cache.truncate(keep)
     return lm.prefill(cache, ids[keep:])
+
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -81,7 +81,9 @@ def test_cache_reuse_across_turns_equals_fresh_prefill(lm: VoiceLM) -> None:
     prompt2 = history.start_turn(speech_tokens=[9, 2, 6])
     before = cache.length
     logits2 = prefill_to(lm, cache, prompt2)
-    assert before == len(prompt) + len(reply) and cache.token_ids == prompt2  # only the new turn was prefilled
+    assert (
+        before == len(prompt) + len(reply) and cache.token_ids == prompt2
+    )  # only the new turn was prefilled
     fresh = lm.new_cache()
     assert torch.allclose(logits2, lm.prefill(fresh, prompt2), atol=TOL)
     assert torch.allclose(logits2, lm.logits(prompt2)[-1], atol=TOL)
@@ -151,7 +153,9 @@ def test_slots_sized_by_context_not_seq_length(ckpt: Path) -> None:
 
 
 @pytest.mark.parametrize("whole_pool", [False, True], ids=["gather", "whole_pool"])
-def test_padded_batch_equals_each_alone(ckpt: Path, whole_pool: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_padded_batch_equals_each_alone(
+    ckpt: Path, whole_pool: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """5 calls run as 8 rows (3 padding rows on the scratch slot), in either attention layout."""
     import pipeline.lm.model as lm_module
 
@@ -179,7 +183,9 @@ def test_device_reaches_every_allocation(lm: VoiceLM) -> None:
     assert lm.pool.device == lm.device
     import re
 
-    src = "".join((Path(__file__).parents[2] / "pipeline" / "lm" / f).read_text() for f in ("model.py", "kv_cache.py"))
+    src = "".join(
+        (Path(__file__).parents[2] / "pipeline" / "lm" / f).read_text() for f in ("model.py", "kv_cache.py")
+    )
     assert not re.search(r"current_device\(\)|Stream\(\)|current_stream\(\)|[\"']cuda[\"']\)", src)
 
 
@@ -288,7 +294,9 @@ def test_without_multi_query_attention(tmp_path: Path) -> None:
     ck = tmp_path / "mha"
     write_random_checkpoint(ck, **{**SIZES, "kv_groups": SIZES["num_heads"]}, vocab_size=128, seed=2)
     cfg = json.loads((ck / "config.json").read_text())
-    (ck / "config.json").write_text(json.dumps({**cfg, "multi_query_attention": False, "multi_query_group_num": 1}))
+    (ck / "config.json").write_text(
+        json.dumps({**cfg, "multi_query_attention": False, "multi_query_group_num": 1})
+    )
     lm = VoiceLM.from_pretrained(ck)
     assert lm.config.kv_groups == SIZES["num_heads"]
     ids = _ids(9, 14, 128)

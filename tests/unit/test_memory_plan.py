@@ -31,9 +31,16 @@ def test_plan_counts_pool_tokenizer_and_weights(models) -> None:
 
 
 def test_refuses_to_start_when_it_cannot_fit() -> None:
-    plan = MemoryPlan(torch.device("cpu"), max_calls=16, context_tokens=8192, weights_bytes=19 * 10**9,
-                      kv_pool_bytes=5 * 10**9, tokenizer_bytes=4 * 10**9, activation_bytes=10**9,
-                      free_bytes=9 * 10**9)  # fmt: skip
+    plan = MemoryPlan(
+        torch.device("cpu"),
+        max_calls=16,
+        context_tokens=8192,
+        weights_bytes=19 * 10**9,
+        kv_pool_bytes=5 * 10**9,
+        tokenizer_bytes=4 * 10**9,
+        activation_bytes=10**9,
+        free_bytes=9 * 10**9,
+    )
     with pytest.raises(MemoryError, match="max_calls"):
         plan.check()
     dataclasses.replace(plan, free_bytes=10 * 10**9).check()

@@ -43,10 +43,14 @@ def test_system_prompts_are_the_official_strings() -> None:
 def test_first_turn_equals_official_prompt(tok: GLMTokenizer) -> None:
     speech = [5, 0, 63, 17]
     audio = "<|begin_of_audio|>" + "".join(f"<|audio_{k}|>" for k in speech) + "<|end_of_audio|>"
-    want = _official(tok, f"<|system|>\n{SYSTEM_PROMPT_AUDIO}<|user|>\n{audio}<|assistant|>streaming_transcription\n")
+    want = _official(
+        tok, f"<|system|>\n{SYSTEM_PROMPT_AUDIO}<|user|>\n{audio}<|assistant|>streaming_transcription\n"
+    )
     assert first_turn_ids(tok, speech_tokens=speech) == want
     text = "What's the weather like? 天气"
-    want = _official(tok, f"<|system|>\n{SYSTEM_PROMPT_TEXT}<|user|>\n{text}<|assistant|>streaming_transcription\n")
+    want = _official(
+        tok, f"<|system|>\n{SYSTEM_PROMPT_TEXT}<|user|>\n{text}<|assistant|>streaming_transcription\n"
+    )
     assert first_turn_ids(tok, text=text) == want
 
 
@@ -84,7 +88,12 @@ def test_stream_parser_text_speech_stop(tok: GLMTokenizer) -> None:
         b64, rank = line.split()
         ranks[base64.b64decode(b64)] = int(rank)
     byte_ids = [ranks[bytes([b])] for b in text.encode()]
-    ids = byte_ids[:4] + [tok.audio_id(3), tok.audio_id(60)] + byte_ids[4:] + [tok.begin_of_audio_id, tok.user_id, 7]
+    ids = (
+        byte_ids[:4]
+        + [tok.audio_id(3), tok.audio_id(60)]
+        + byte_ids[4:]
+        + [tok.begin_of_audio_id, tok.user_id, 7]
+    )
     parser = StreamParser(tok)
     events = [parser.push(i) for i in ids]
     deltas = [e.text for e in events]

@@ -26,7 +26,9 @@ def test_a_batch_equals_each_row_alone() -> None:
     logits = torch.randn(5, 1000, generator=_seeded(0))
     for step_seed in range(5):  # several draws: the generators advance the same way batched and alone
         batched = sample_rows(logits, _settings(10 * step_seed)).tolist()
-        alone = [sample_rows(logits[i : i + 1], [row]).item() for i, row in enumerate(_settings(10 * step_seed))]
+        alone = [
+            sample_rows(logits[i : i + 1], [row]).item() for i, row in enumerate(_settings(10 * step_seed))
+        ]
         assert batched == alone
     assert batched[0] == int(logits[0].argmax())
 
@@ -42,8 +44,12 @@ def test_generators_advance_per_row_and_repeat_per_seed() -> None:
 def test_top_k_1_and_a_tiny_top_p_are_greedy() -> None:
     logits = torch.randn(6, 500, generator=_seeded(2))
     best = logits.argmax(-1)
-    assert torch.equal(sample_rows(logits, [RowSampling(1.5, top_k=1, generator=_seeded(i)) for i in range(6)]), best)
-    assert torch.equal(sample_rows(logits, [RowSampling(1.5, top_p=1e-6, generator=_seeded(i)) for i in range(6)]), best)
+    assert torch.equal(
+        sample_rows(logits, [RowSampling(1.5, top_k=1, generator=_seeded(i)) for i in range(6)]), best
+    )
+    assert torch.equal(
+        sample_rows(logits, [RowSampling(1.5, top_p=1e-6, generator=_seeded(i)) for i in range(6)]), best
+    )
     assert torch.equal(sample_logits(logits, 0.0), best)
 
 

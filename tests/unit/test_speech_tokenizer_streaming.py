@@ -22,19 +22,28 @@ PUSH_SAMPLES = 320  # 20 ms at 16 kHz, the WebRTC frame size
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> SpeechTokenizer:
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("tok")
-    write_random_checkpoint(out, d_model=64, num_layers=2, num_heads=2, ffn_dim=128, codebook_size=1024,
-                            block_size_frames=200, seed=5)
+    write_random_checkpoint(
+        out,
+        d_model=64,
+        num_layers=2,
+        num_heads=2,
+        ffn_dim=128,
+        codebook_size=1024,
+        block_size_frames=200,
+        seed=5,
+    )
     return SpeechTokenizer.from_pretrained(out)
 
 
-def _stream(tok: SpeechTokenizer, wav: np.ndarray, sizes: list[int] | None = None, refresh: bool = True
-            ) -> tuple[list[int], list[int], object]:
+def _stream(
+    tok: SpeechTokenizer, wav: np.ndarray, sizes: list[int] | None = None, refresh: bool = True
+) -> tuple[list[int], list[int], object]:
     """Push `wav` in pieces; returns (tokens returned by push, tokens returned by flush, the stream)."""
     stream = TokenizerStream(tok, refresh)
     pushed, pos, i = [], 0, 0
     while pos < len(wav):
         n = sizes[i % len(sizes)] if sizes else PUSH_SAMPLES
-        pushed += stream.push(wav[pos:pos + n])
+        pushed += stream.push(wav[pos : pos + n])
         pos, i = pos + n, i + 1
     return pushed, stream.flush(), stream
 
@@ -61,8 +70,8 @@ def test_push_returns_a_block_exactly_when_its_audio_is_complete(tiny: SpeechTok
     pos = 0
     for block in range(2):
         ready = _block_ready_samples(tiny, block)
-        assert stream.push(wav[pos:ready - 1]) == []
-        got = stream.push(wav[ready - 1:ready])
+        assert stream.push(wav[pos : ready - 1]) == []
+        got = stream.push(wav[ready - 1 : ready])
         assert len(got) == per_block
         pos = ready
     stream.push(wav[pos:])
@@ -87,7 +96,7 @@ def test_floor_rise_at_the_end_is_rolled_back(tiny: SpeechTokenizer) -> None:
     wav = np.concatenate([quiet, speech[:16000].astype(np.float32)])  # loud second in the open block
     pushed, rest, stream = _stream(tiny, wav)
     final = tiny.tokenize(wav)
-    assert stream.tokens == final and rest == final[len(pushed):]
+    assert stream.tokens == final and rest == final[len(pushed) :]
     assert stream.blocks_encoded_flush == 2  # block 0 recomputed under the final floor, then the open block
     first_diff = next((i for i, (a, b) in enumerate(zip(pushed, final, strict=False)) if a != b), None)
     assert first_diff is not None and stream.first_changed == first_diff
@@ -126,7 +135,9 @@ def _turns() -> dict[str, np.ndarray]:
 
     def join(parts: list[np.ndarray], gains: bool = False) -> np.ndarray:
         pause = np.zeros(8000, np.float32)
-        return np.concatenate([x for p in parts for x in (p * (rng.uniform(0.2, 1.0) if gains else 1.0), pause)])
+        return np.concatenate(
+            [x for p in parts for x in (p * (rng.uniform(0.2, 1.0) if gains else 1.0), pause)]
+        )
 
     turns = {f"en{i}": join([w]) for i, w in enumerate(en)} | {f"zh{i}": join([w]) for i, w in enumerate(zh)}
     turns["en+zh"] = join([en[0], zh[0], en[1]])
@@ -145,20 +156,26 @@ def test_streamed_vs_offline_on_real_speech(tiny: SpeechTokenizer, refresh: bool
     turns = _turns()
     assert max(len(w) for w in turns.values()) > tiny.config.mel.segment_samples
     changed_total = streamed_total = turns_changed = 0
-    print(f"\nrefresh={refresh}: turn, seconds, tokens, returned by push, changed at flush, first_changed, "
-          "blocks encoded by push / flush")
+    print(
+        f"\nrefresh={refresh}: turn, seconds, tokens, returned by push, changed at flush, first_changed, "
+        "blocks encoded by push / flush"
+    )
     for name, wav in turns.items():
         pushed, rest, stream = _stream(tiny, wav, refresh=refresh)  # 20 ms pushes
         final = tiny.tokenize(wav)
-        assert stream.tokens == final and rest == final[len(pushed):], name
+        assert stream.tokens == final and rest == final[len(pushed) :], name
         diffs = [i for i, (a, b) in enumerate(zip(pushed, final, strict=False)) if a != b]
         assert stream.first_changed == (diffs[0] if diffs else None), name
         changed_total, streamed_total = changed_total + len(diffs), streamed_total + len(pushed)
         turns_changed += bool(diffs)
-        print(f"  {name:20s} {len(wav) / 16000:5.1f} {len(final):4d} {len(pushed):4d} {len(diffs):3d} "
-              f"{stream.first_changed!s:>5} {stream.blocks_encoded_push:3d} / {stream.blocks_encoded_flush}")
-    print(f"  changed {changed_total} of {streamed_total} streamed tokens "
-          f"({100 * changed_total / streamed_total:.1f}%); {turns_changed} of {len(turns)} turns rolled back")
+        print(
+            f"  {name:20s} {len(wav) / 16000:5.1f} {len(final):4d} {len(pushed):4d} {len(diffs):3d} "
+            f"{stream.first_changed!s:>5} {stream.blocks_encoded_push:3d} / {stream.blocks_encoded_flush}"
+        )
+    print(
+        f"  changed {changed_total} of {streamed_total} streamed tokens "
+        f"({100 * changed_total / streamed_total:.1f}%); {turns_changed} of {len(turns)} turns rolled back"
+    )
 
 
 def test_reset_frees_the_encoder_cache_and_the_next_turn_is_exact(tiny: SpeechTokenizer) -> None:

@@ -21,7 +21,12 @@ def _ids_in_file(d: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("tok")
-    write_tokenizer_files(d, merges_text=["hello hello world, the world says hello", "你好你好世界"], num_audio_tokens=100, seed=5)
+    write_tokenizer_files(
+        d,
+        merges_text=["hello hello world, the world says hello", "你好你好世界"],
+        num_audio_tokens=100,
+        seed=5,
+    )
     return d
 
 
@@ -31,8 +36,15 @@ def test_special_ids_come_from_the_config(tok_dir: Path, tmp_path: Path) -> None
     assert tok.audio_offset == ids["<|audio_0|>"] and tok.num_audio_tokens == 100
     assert tok.audio_id(99) == ids["<|audio_99|>"] and tok.is_audio(ids["<|audio_42|>"])
     assert not tok.is_audio(ids["<|end_of_audio|>"])
-    assert (tok.user_id, tok.assistant_id, tok.system_id) == (ids["<|user|>"], ids["<|assistant|>"], ids["<|system|>"])
-    assert (tok.begin_of_audio_id, tok.end_of_audio_id) == (ids["<|begin_of_audio|>"], ids["<|end_of_audio|>"])
+    assert (tok.user_id, tok.assistant_id, tok.system_id) == (
+        ids["<|user|>"],
+        ids["<|assistant|>"],
+        ids["<|system|>"],
+    )
+    assert (tok.begin_of_audio_id, tok.end_of_audio_id) == (
+        ids["<|begin_of_audio|>"],
+        ids["<|end_of_audio|>"],
+    )
     assert tok.prefix_ids == [ids["[gMASK]"], ids["<sop>"]]
     assert tok.stop_ids == frozenset({ids["<|user|>"], ids["<|endoftext|>"], ids["<|observation|>"]})
     # Another seed moves the specials (another number of reserved slots): the tokenizer follows the file.
@@ -72,7 +84,11 @@ def test_special_strings_are_recognised(tok_dir: Path) -> None:
     ids = _ids_in_file(tok_dir)
     text = "<|system|>\nhi<|user|>\n<|begin_of_audio|><|audio_7|><|audio_0|><|end_of_audio|><|assistant|>ok"
     got = tok.encode(text)
-    assert got[0] == ids["<|system|>"] and ids["<|audio_7|>"] in got and got.count(ids["<|begin_of_audio|>"]) == 1
+    assert (
+        got[0] == ids["<|system|>"]
+        and ids["<|audio_7|>"] in got
+        and got.count(ids["<|begin_of_audio|>"]) == 1
+    )
     assert tok.decode(got) == text
     assert "<|audio_100|>" not in ids  # only 100 audio tokens
     assert tok.encode("<|audio_100|>") == tok.encode("<|audio_100") + tok.encode("|>")  # not a token: text
@@ -87,7 +103,9 @@ def test_bad_files_are_named(tok_dir: Path, tmp_path: Path) -> None:
         GLMTokenizer.from_pretrained(tmp_path)
     (tmp_path / "tokenizer.model").write_text((tok_dir / "tokenizer.model").read_text())
     cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
-    cfg["added_tokens_decoder"] = {i: e for i, e in cfg["added_tokens_decoder"].items() if e["content"] != "<|audio_0|>"}
+    cfg["added_tokens_decoder"] = {
+        i: e for i, e in cfg["added_tokens_decoder"].items() if e["content"] != "<|audio_0|>"
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"tokenizer_config.json.*audio_0"):
         GLMTokenizer.from_pretrained(tmp_path)

@@ -10,7 +10,9 @@ import pytest
 
 from tests.vllm.server import VLLMServer, free_port, write_rerandomised_lm
 
-LM_SEED = int(os.environ.get("GLM4VOICE_VLLM_TEST_SEED", "20240612"))  # any seed: nothing depends on the values
+LM_SEED = int(
+    os.environ.get("GLM4VOICE_VLLM_TEST_SEED", "20240612")
+)  # any seed: nothing depends on the values
 
 
 @pytest.fixture(scope="session")

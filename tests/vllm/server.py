@@ -44,8 +44,15 @@ def write_rerandomised_lm(out: Path, seed: int) -> Path:
             tensor[stop_ids] = 0.0
         return tensor
 
-    write_random_checkpoint(out, **LM_DIMS, vocab_size=vocab, seed=seed, seq_length=LM_SEQ_LENGTH,
-                            eos_token_ids=stop_ids, tensor_hook=no_greedy_stop)  # fmt: skip
+    write_random_checkpoint(
+        out,
+        **LM_DIMS,
+        vocab_size=vocab,
+        seed=seed,
+        seq_length=LM_SEQ_LENGTH,
+        eos_token_ids=stop_ids,
+        tensor_hook=no_greedy_stop,
+    )
     return out
 
 
@@ -80,15 +87,42 @@ class VLLMServer:
             return
         if not VLLM_PYTHON.is_file():
             raise RuntimeError(f"{VLLM_PYTHON} missing: build the vLLM venv with `make vllm-venv`")
-        cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
-               "--served-model-name", self.served_name, "--skip-tokenizer-init", "--dtype", "float32",
-               "--max-model-len", str(self.max_model_len), "--enforce-eager", "--gpu-memory-utilization", "0.1",
-               "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
+        cmd = [
+            str(VLLM_PYTHON),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model_dir),
+            "--served-model-name",
+            self.served_name,
+            "--skip-tokenizer-init",
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            str(self.max_model_len),
+            "--enforce-eager",
+            "--gpu-memory-utilization",
+            "0.1",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")}
-        env.update(VLLM_CPU_OMP_THREADS_BIND="nobind",  # share the CI box's cores, no pinning
-                   VLLM_LOGGING_LEVEL="INFO", PYTHONUNBUFFERED="1")  # fmt: skip
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                        text=True, bufsize=1, start_new_session=True)  # fmt: skip
+        env.update(
+            VLLM_CPU_OMP_THREADS_BIND="nobind",  # share the CI box's cores, no pinning
+            VLLM_LOGGING_LEVEL="INFO",
+            PYTHONUNBUFFERED="1",
+        )
+        self.process = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+        )
         ready = threading.Event()
         threading.Thread(target=self._pump, args=(self.process, ready), daemon=True).start()
         if not ready.wait(timeout_s) or self.process.poll() is not None:

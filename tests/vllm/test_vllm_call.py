@@ -40,17 +40,26 @@ def voice_lm(vllm_lm_dir: Path):
 
 
 def engine_config(demo_dir: Path, lm_dir: Path, context_tokens: int) -> EngineConfig:
-    return EngineConfig(tokenizer_dir=str(demo_dir / "glm-4-voice-tokenizer"), lm_dir=str(lm_dir),
-                        decoder_dir=str(demo_dir / "glm-4-voice-decoder"), device="cpu", lm_backend="vllm",
-                        context_tokens=context_tokens)  # fmt: skip
+    return EngineConfig(
+        tokenizer_dir=str(demo_dir / "glm-4-voice-tokenizer"),
+        lm_dir=str(lm_dir),
+        decoder_dir=str(demo_dir / "glm-4-voice-decoder"),
+        device="cpu",
+        lm_backend="vllm",
+        context_tokens=context_tokens,
+    )
 
 
 @pytest.fixture
-async def vllm_glm_server(vllm_server: VLLMServer, vllm_lm_dir: Path, demo_dir: Path) -> AsyncIterator[RunningServer]:
+async def vllm_glm_server(
+    vllm_server: VLLMServer, vllm_lm_dir: Path, demo_dir: Path
+) -> AsyncIterator[RunningServer]:
     from pipeline.engine.thread import GLMVoiceResponder
 
-    responder = GLMVoiceResponder(engine_config(demo_dir, vllm_lm_dir, vllm_server.max_model_len),
-                                  VLLMConfig(url=vllm_server.url, probe_interval_s=PROBE_INTERVAL_S))  # fmt: skip
+    responder = GLMVoiceResponder(
+        engine_config(demo_dir, vllm_lm_dir, vllm_server.max_model_len),
+        VLLMConfig(url=vllm_server.url, probe_interval_s=PROBE_INTERVAL_S),
+    )
     running = await start_server(responder=responder, kind="glm4voice")
     yield running
     await running.runner.cleanup()
@@ -62,26 +71,37 @@ async def health(running: RunningServer) -> dict:
         return await r.json()
 
 
-async def open_call(running: RunningServer, max_output_tokens: int, typed_only: bool = False) -> RealtimeClient:
+async def open_call(
+    running: RunningServer, max_output_tokens: int, typed_only: bool = False
+) -> RealtimeClient:
     client = RealtimeClient(running.base_url)
     await client.connect(listen_only=typed_only)  # typed turns need no microphone track
     mark = len(client.events)
-    client.send({"type": "session.update", "session": {"temperature": 0.0, "max_output_tokens": max_output_tokens}})
+    client.send(
+        {"type": "session.update", "session": {"temperature": 0.0, "max_output_tokens": max_output_tokens}}
+    )
     await client.wait_for("session.updated", 10, after=mark)
     return client
 
 
 def ask(client: RealtimeClient, text: str) -> int:
     mark = len(client.events)
-    client.send({"type": "conversation.item.create",
-                 "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+    client.send(
+        {
+            "type": "conversation.item.create",
+            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]},
+        }
+    )
     client.send({"type": "response.create"})
     return mark
 
 
 def transcript_of(client: RealtimeClient, response_id: str) -> str:
-    return "".join(e["delta"] for e in client.of_type("response.output_audio_transcript.delta")
-                   if e["response_id"] == response_id)
+    return "".join(
+        e["delta"]
+        for e in client.of_type("response.output_audio_transcript.delta")
+        if e["response_id"] == response_id
+    )
 
 
 def assert_greedy(voice_lm, prompt: list[int], reply: list[int]) -> None:
@@ -90,7 +110,9 @@ def assert_greedy(voice_lm, prompt: list[int], reply: list[int]) -> None:
     first_diff = next((i for i, (a, b) in enumerate(zip(ours, reply, strict=True)) if a != b), None)
     if first_diff is not None:
         gap = _top2_gap(voice_lm, prompt + ours[:first_diff])
-        assert gap < NEAR_TIE_LOGITS, f"the call's reply left VoiceLM's greedy path at id {first_diff} (gap {gap:.2e})"
+        assert gap < NEAR_TIE_LOGITS, (
+            f"the call's reply left VoiceLM's greedy path at id {first_diff} (gap {gap:.2e})"
+        )
 
 
 def kv_block_tokens(server: VLLMServer) -> int:
@@ -114,8 +136,12 @@ async def test_spoken_turn_then_a_turn_that_hits_the_prefix_cache(vllm_glm_serve
     client = await open_call(vllm_glm_server, reply_tokens)
     try:
         mark = len(client.events)
-        client.mic.play(np.concatenate([synth_speech("Hello, can you hear me?"),
-                                        np.zeros(int(SILENCE_TAIL_S * 16_000), np.float32)]), 16_000)  # fmt: skip
+        client.mic.play(
+            np.concatenate(
+                [synth_speech("Hello, can you hear me?"), np.zeros(int(SILENCE_TAIL_S * 16_000), np.float32)]
+            ),
+            16_000,
+        )
         done = await client.wait_for("response.done", 60, after=mark)
         assert done["response"]["status"] == "incomplete"  # it ran to max_output_tokens (the LM never stops)
         rid = done["response"]["id"]
@@ -124,7 +150,9 @@ async def test_spoken_turn_then_a_turn_that_hits_the_prefix_cache(vllm_glm_serve
         history = d.history.ids()
         prompt, reply = history[:-reply_tokens], history[-reply_tokens:]
         assert_greedy(voice_lm, prompt, reply)
-        text_bytes = b"".join(tok.token_bytes(t) for t in reply if not tok.is_audio(t) and not tok.is_special(t))
+        text_bytes = b"".join(
+            tok.token_bytes(t) for t in reply if not tok.is_audio(t) and not tok.is_special(t)
+        )
         expected = text_bytes.decode("utf-8", errors="replace")
         # a reply cut at its max tokens may end inside a UTF-8 sequence: that tail is not sent as a delta
         assert transcript_of(client, rid).rstrip("\ufffd") == expected.rstrip("\ufffd")
@@ -136,16 +164,26 @@ async def test_spoken_turn_then_a_turn_that_hits_the_prefix_cache(vllm_glm_serve
         # turn 2 spoken too: a typed one has another system prompt (pipeline/lm/prompt.py): no common prefix
         hits_before = (await asyncio.to_thread(vllm_server.client().metrics))["vllm:prefix_cache_hits_total"]
         mark = len(client.events)
-        client.mic.play(np.concatenate([synth_speech("And what else?"),
-                                        np.zeros(int(SILENCE_TAIL_S * 16_000), np.float32)]), 16_000)  # fmt: skip
+        client.mic.play(
+            np.concatenate(
+                [synth_speech("And what else?"), np.zeros(int(SILENCE_TAIL_S * 16_000), np.float32)]
+            ),
+            16_000,
+        )
         done = await client.wait_for("response.done", 60, after=mark)
         assert done["response"]["status"] == "incomplete"
-        hits = (await asyncio.to_thread(vllm_server.client().metrics))["vllm:prefix_cache_hits_total"] - hits_before
+        hits = (await asyncio.to_thread(vllm_server.client().metrics))[
+            "vllm:prefix_cache_hits_total"
+        ] - hits_before
         block = kv_block_tokens(vllm_server)
         # turn 1's KV: its prompt and reply but the last id (never fed back), in whole blocks
         whole_blocks = (len(history) - 1) // block * block
-        assert whole_blocks >= 2 * block, f"turn 1 ({len(history)} ids) is too short to test with {block}-token blocks"
-        assert hits >= whole_blocks, f"turn 2 hit {hits} cached tokens of turn 1's {len(history)} ({block}-token blocks)"
+        assert whole_blocks >= 2 * block, (
+            f"turn 1 ({len(history)} ids) is too short to test with {block}-token blocks"
+        )
+        assert hits >= whole_blocks, (
+            f"turn 2 hit {hits} cached tokens of turn 1's {len(history)} ({block}-token blocks)"
+        )
     finally:
         await client.hangup()
 
@@ -198,13 +236,18 @@ async def test_vllm_killed_mid_reply_fails_that_reply_and_recovers(vllm_glm_serv
         errors = [e["error"]["message"] for e in b.events[mark_b:] if e["type"] == "error"]
         assert any("vLLM" in message for message in errors), errors  # the reply's error names the cause
         done_a = await a.wait_for("response.done", 60, after=mark_a)
-        assert done_a["response"]["status"] == "incomplete"  # its max tokens, all played: untouched by the fault
+        assert (
+            done_a["response"]["status"] == "incomplete"
+        )  # its max tokens, all played: untouched by the fault
 
         state = await health(vllm_glm_server)
         assert not state["ready"] and "not ready" in state["responder"]["error"]
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"{vllm_glm_server.base_url}/v1/realtime/calls", data="v=0\r\n",
-                                 headers={"Content-Type": "application/sdp"}) as r:  # fmt: skip
+            async with http.post(
+                f"{vllm_glm_server.base_url}/v1/realtime/calls",
+                data="v=0\r\n",
+                headers={"Content-Type": "application/sdp"},
+            ) as r:
                 assert r.status == 503 and (await r.json())["error"]["code"] == "engine_unavailable"
     finally:
         await asyncio.to_thread(vllm_server.start)  # back for the other tests, whatever happened here

@@ -152,7 +152,11 @@ async def test_reply_streams_and_the_engine_sleeps_while_ids_are_on_their_way(en
     assert d.history.ids()[-len(reply) :] == reply
     assert body["stop_token_ids"] == sorted(tok.stop_ids) and body["stream"] and body["return_token_ids"]
     sampling = SessionSettings().sampling
-    assert (body["temperature"], body["top_p"], body["top_k"]) == (sampling.temperature, sampling.top_p, sampling.top_k)
+    assert (body["temperature"], body["top_p"], body["top_k"]) == (
+        sampling.temperature,
+        sampling.top_p,
+        sampling.top_k,
+    )
     await session.close()
 
 
@@ -185,7 +189,9 @@ async def test_not_ready_while_vllm_context_is_shorter_than_context_tokens(demo_
         await asyncio.to_thread(responder.health.probe)
         info = responder.info()
         assert not info.ready
-        assert "max_model_len 8192" in info.details["error"] and "context_tokens 16384" in info.details["error"]
+        assert (
+            "max_model_len 8192" in info.details["error"] and "context_tokens 16384" in info.details["error"]
+        )
     finally:
         await responder.stop()
         server.shutdown()

@@ -35,7 +35,9 @@ def _random_prompt(lm, rng: random.Random, length: int) -> list[int]:
         if rng.random() < 0.5:
             body.extend(rng.randrange(tok.num_ranks) for _ in range(rng.randint(3, 13)))
         else:
-            body.extend(tok.audio_offset + rng.randrange(tok.num_audio_tokens) for _ in range(rng.randint(10, 26)))
+            body.extend(
+                tok.audio_offset + rng.randrange(tok.num_audio_tokens) for _ in range(rng.randint(10, 26))
+            )
     return [tok.special_ids["[gMASK]"], tok.special_ids["<sop>"], tok.user_id, *body[: length - 3]]
 
 
@@ -58,12 +60,16 @@ def test_greedy_stream_equals_voice_lm(vllm_server: VLLMServer, voice_lm) -> Non
         theirs = list(stream)
         first_diff = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None)
         if first_diff is None:
-            assert len(theirs) == len(ours), f"prompt {length}: vLLM gave {len(theirs)} ids, VoiceLM {len(ours)}"
+            assert len(theirs) == len(ours), (
+                f"prompt {length}: vLLM gave {len(theirs)} ids, VoiceLM {len(ours)}"
+            )
             compared += len(ours)
             continue
         gap = _top2_gap(voice_lm, prompt + ours[:first_diff])
-        assert gap < NEAR_TIE_LOGITS, (f"prompt {length}: vLLM chose {theirs[first_diff]}, VoiceLM "
-                                       f"{ours[first_diff]} at token {first_diff} with a top-2 gap of {gap:.2e}")  # fmt: skip
+        assert gap < NEAR_TIE_LOGITS, (
+            f"prompt {length}: vLLM chose {theirs[first_diff]}, VoiceLM "
+            f"{ours[first_diff]} at token {first_diff} with a top-2 gap of {gap:.2e}"
+        )
         compared += first_diff
     assert compared >= 60, f"only {compared} greedy ids compared"
 
@@ -85,7 +91,11 @@ def test_seeded_stream_repeats(vllm_server: VLLMServer, voice_lm) -> None:
     prompt = _random_prompt(voice_lm, random.Random(2), 300)
 
     def sample(seed: int) -> list[int]:
-        return list(client.stream(prompt, Sampling(max_tokens=40, temperature=1.0, top_p=0.95, top_k=200, seed=seed), model))
+        return list(
+            client.stream(
+                prompt, Sampling(max_tokens=40, temperature=1.0, top_p=0.95, top_k=200, seed=seed), model
+            )
+        )
 
     first, again, other = sample(7), sample(7), sample(8)
     assert first == again
