@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.engine.config import EngineConfig  # noqa: E402
 from pipeline.engine.thread import GLMVoiceResponder  # noqa: E402
-from pipeline.responder import AudioChunk, SessionSettings, Timing, TurnDone, TurnError  # noqa: E402
+from pipeline.responder import AudioChunk, ReplyDone, ReplyError, SessionSettings, Timing  # noqa: E402
 
 STAGES = [
     "tokens_ready",
@@ -126,9 +126,9 @@ async def engine_call(responder, name: str, speech: np.ndarray, turns: int, out:
                 if "first_pcm" in times:  # lead of produced audio over playback started at first PCM
                     min_lead_ms = min(min_lead_ms, produced_ms - (now - times["first_pcm"]) * 1000)
                 produced_ms += 1000 * event.pcm.size / event.sample_rate_hz
-            elif isinstance(event, TurnError):
+            elif isinstance(event, ReplyError):
                 raise RuntimeError(event.message)
-            elif isinstance(event, TurnDone):
+            elif isinstance(event, ReplyDone):
                 break
         if "first_pcm" in times:
             out["totals"].append((times["first_pcm"] - t_commit) * 1000)

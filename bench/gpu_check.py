@@ -613,7 +613,7 @@ def full_size_models(check: Check):
 
 
 async def one_turn(session, text: str) -> dict:
-    from pipeline.responder import AudioChunk, Timing, TurnDone, TurnError
+    from pipeline.responder import AudioChunk, ReplyDone, ReplyError, Timing
 
     session.add_text(text)
     t_commit = time.monotonic()
@@ -629,9 +629,9 @@ async def one_turn(session, text: str) -> dict:
             audio_s += event.pcm.size / event.sample_rate_hz
         elif isinstance(event, Timing) and event.stage == "first_pcm":
             pass
-        elif isinstance(event, TurnDone | TurnError):
+        elif isinstance(event, ReplyDone | ReplyError):
             end = event
-    if not isinstance(end, TurnDone):
+    if not isinstance(end, ReplyDone):
         raise RuntimeError(f"turn ended with {end}")
     return {
         "first_pcm_ms": 1e3 * (first_t - t_commit) if first_t else None,

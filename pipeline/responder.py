@@ -4,14 +4,14 @@ The server never imports torch: it hands a responder 16 kHz mono float32 PCM and
 events carrying text deltas and PCM at the responder's own rate. A responder runs its model code off
 the asyncio loop (an engine thread) and delivers events into the loop thread-safely.
 
-Flow of one turn, as the server drives it:
+Flow of one user turn and its reply, as the server drives it:
 
     session = responder.open_session(call_id, settings)        # once per call
     session.push_audio(pcm16k)   ...                            # while the user speaks (VAD says speech)
     session.commit_audio()                                      # VAD: turn ended -> user item is final
-    turn = session.respond()                                    # start the assistant's reply
-    async for event in turn.events(): ...                       # TextDelta / AudioChunk / Timing / TurnDone / TurnError
-    turn.cancel(played_ms=...)                                  # barge-in: stop; keep only what was heard
+    reply = session.respond()                                   # start the assistant's reply
+    async for event in reply.events(): ...                      # TextDelta / AudioChunk / Timing / ReplyDone / ReplyError
+    reply.cancel(played_ms=...)                                 # barge-in: stop; keep only what was heard
     await session.close()                                       # hangup: frees every resource of the call
 
 `add_text()` is a typed user message (GLM-4-Voice takes text turns too); `discard_audio()` drops speech
@@ -45,7 +45,7 @@ class SessionSettings:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
 
-# ----- events a turn yields (all plain data, safe to move across threads) -----------------------------
+# ----- events a reply yields (all plain data, safe to move across threads) -----------------------------
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class AudioChunk:
 
 @dataclass(frozen=True)
 class Timing:
-    """A point on the turn's latency timeline, `time.monotonic()` seconds.
+    """A point on the reply's latency timeline, `time.monotonic()` seconds.
 
     Names used by the GLM-4-Voice engine: tokens_ready, prefill_done, first_text_token,
     first_speech_token, first_pcm. The server adds speech_stopped and first_frame_sent.
@@ -76,7 +76,7 @@ class Timing:
 
 
 @dataclass(frozen=True)
-class TurnDone:
+class ReplyDone:
     """The reply ended. `reason`: "stop" (end token), "length", "cancelled"."""
 
     reason: str
@@ -84,23 +84,23 @@ class TurnDone:
 
 
 @dataclass(frozen=True)
-class TurnError:
-    """This turn failed; the call and every other call go on."""
+class ReplyError:
+    """This reply failed; the call and every other call go on."""
 
     message: str
     code: str = "responder_error"
 
 
-TurnEvent = TextDelta | AudioChunk | Timing | TurnDone | TurnError
+ReplyEvent = TextDelta | AudioChunk | Timing | ReplyDone | ReplyError
 
 
-class Turn(abc.ABC):
-    """One assistant reply. Its event stream always ends with exactly one TurnDone or TurnError."""
+class Reply(abc.ABC):
+    """One assistant reply. Its event stream always ends with exactly one ReplyDone or ReplyError."""
 
-    turn_id: str
+    reply_id: str
 
     @abc.abstractmethod
-    def events(self) -> AsyncIterator[TurnEvent]:
+    def events(self) -> AsyncIterator[ReplyEvent]:
         """Async iterator over the reply's events, in order."""
 
     @abc.abstractmethod
@@ -115,7 +115,7 @@ class Turn(abc.ABC):
 
     def heard_transcript(self, played_ms: float) -> str | None:
         """The reply's transcript as the history keeps it after a cut at `played_ms` (the barge-in
-        heard-prefix rule). Asked once the turn's TurnDone has arrived. None: this responder cannot tell."""
+        heard-prefix rule). Asked once the reply's ReplyDone has arrived. None: this responder cannot tell."""
         return None
 
 
@@ -142,23 +142,23 @@ class ResponderSession(abc.ABC):
     def add_text(self, text: str) -> None:
         """A typed user message becomes a user item."""
 
-    def delete_item(self, item: int | Turn) -> None:
+    def delete_item(self, item: int | Reply) -> None:
         """An item leaves the conversation the model sees (`conversation.item.delete`). Never blocks.
 
         `item`: a user item by its index - 0-based, counting every `commit_audio()` and `add_text()` of
-        the session, whether or not it gave the model any input - or a reply (its Turn) that has ended.
+        the session, whether or not it gave the model any input - or a reply (its Reply) that has ended.
         The input of a reply in progress cannot be deleted (the server refuses it). A responder that
         cannot edit its history keeps this default.
         """
         raise NotImplementedError(f"{type(self).__name__} cannot delete conversation items")
 
     @abc.abstractmethod
-    def respond(self) -> Turn:
+    def respond(self) -> Reply:
         """Start the assistant's reply to the pending user item(s)."""
 
     @abc.abstractmethod
     async def close(self) -> None:
-        """Cancel any turn in progress and free everything the call holds."""
+        """Cancel any reply in progress and free everything the call holds."""
 
 
 @dataclass(frozen=True)

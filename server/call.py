@@ -18,9 +18,9 @@ from aiortc import RTCDataChannel, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamTrack
 
 from pipeline.responder import (
+    Reply,
     Responder,
     ResponderSession,
-    Turn,
 )
 from server import protocol as P
 from server.call_guard import CallGuard
@@ -390,7 +390,7 @@ class Call:
             return
         ref = self.conversation.ref(event.item_id)
         if isinstance(event, P.ItemTruncate):
-            if not isinstance(ref, Turn):
+            if not isinstance(ref, Reply):
                 raise P.ProtocolError(
                     "invalid_value", "only assistant items can be truncated", event.event_id, "item_id"
                 )
@@ -404,7 +404,7 @@ class Call:
                 )
             )
             return
-        if isinstance(ref, Turn) and self.replies.in_progress(event.item_id):
+        if isinstance(ref, Reply) and self.replies.in_progress(event.item_id):
             raise P.ProtocolError(
                 "invalid_value",
                 "this item's response is in progress (generating or playing): "

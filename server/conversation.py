@@ -7,7 +7,7 @@ responder contract.
 
 from __future__ import annotations
 
-from pipeline.responder import Turn
+from pipeline.responder import Reply
 
 MAX_ITEMS = 1_000  # a long call's oldest items leave the record (retrieve then says not found)
 
@@ -15,10 +15,10 @@ MAX_ITEMS = 1_000  # a long call's oldest items leave the record (retrieve then 
 class Conversation:
     def __init__(self) -> None:
         self._items: dict[str, dict] = {}  # item_id -> item object, in conversation order
-        self._refs: dict[str, int | Turn] = {}  # item_id -> the item as the responder knows it
+        self._refs: dict[str, int | Reply] = {}  # item_id -> the item as the responder knows it
         self._user_items = 0  # user items so far: the next one's index for `ResponderSession.delete_item`
 
-    def add(self, item: dict, turn: Turn | None = None) -> str | None:
+    def add(self, item: dict, turn: Reply | None = None) -> str | None:
         """Append an item; returns the id of the item before it (`previous_item_id`). A user item takes the
         next user index (the session counts its `commit_audio` / `add_text` calls the same way); an
         assistant item is known by its `turn`."""
@@ -42,8 +42,8 @@ class Conversation:
     def get(self, item_id: str) -> dict | None:
         return self._items.get(item_id)
 
-    def ref(self, item_id: str) -> int | Turn | None:
-        """What `ResponderSession.delete_item` takes for this item (a user index or a Turn)."""
+    def ref(self, item_id: str) -> int | Reply | None:
+        """What `ResponderSession.delete_item` takes for this item (a user index or a Reply)."""
         return self._refs.get(item_id)
 
     def remove(self, item_id: str) -> dict | None:

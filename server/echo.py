@@ -19,19 +19,19 @@ import numpy as np
 from pipeline.audio_format import MODEL_INPUT_RATE_HZ
 from pipeline.responder import (
     AudioChunk,
+    Reply,
+    ReplyDone,
+    ReplyEvent,
     Responder,
     ResponderInfo,
     ResponderSession,
     SessionSettings,
     TextDelta,
     Timing,
-    Turn,
-    TurnDone,
-    TurnEvent,
 )
 
 CHUNK_SAMPLES = 1_600  # 100 ms of 16 kHz audio per AudioChunk, as a streaming decoder would deliver
-_turn_ids = itertools.count(1)
+_reply_ids = itertools.count(1)
 
 
 @dataclass
@@ -42,9 +42,9 @@ class HistoryEntry:
     key: int | None = None  # user: the session's index of the item (`delete_item`)
 
 
-class EchoTurn(Turn):
+class EchoReply(Reply):
     def __init__(self, session: EchoSession, pending: list[np.ndarray | str]) -> None:
-        self.turn_id = f"echo_{next(_turn_ids)}"
+        self.reply_id = f"echo_{next(_reply_ids)}"
         self._session = session
         self._pending = pending
         self._cancelled = asyncio.Event()
@@ -59,7 +59,7 @@ class EchoTurn(Turn):
         if self._entry is not None and played_ms is not None:
             self._entry.audio_ms = min(self._entry.audio_ms, played_ms)
 
-    async def events(self) -> AsyncIterator[TurnEvent]:
+    async def events(self) -> AsyncIterator[ReplyEvent]:
         audio = [p for p in self._pending if isinstance(p, np.ndarray)]
         texts = [p for p in self._pending if isinstance(p, str)]
         pcm = np.concatenate(audio) if audio else np.zeros(0, np.float32)
@@ -88,7 +88,7 @@ class EchoTurn(Turn):
         )
         if not self.deleted:
             self._session.history.append(self._entry)
-        yield TurnDone("cancelled" if cancelled else "stop", text)
+        yield ReplyDone("cancelled" if cancelled else "stop", text)
 
 
 @dataclass
@@ -127,8 +127,8 @@ class EchoSession(ResponderSession):
         self._pending.append((key, text))
         self.history.append(HistoryEntry("user", text, 0.0, key))
 
-    def delete_item(self, item: int | Turn) -> None:
-        if isinstance(item, EchoTurn):
+    def delete_item(self, item: int | Reply) -> None:
+        if isinstance(item, EchoReply):
             item.deleted = True
             self.history = [e for e in self.history if e is not item._entry]
         elif isinstance(item, int):
@@ -137,9 +137,9 @@ class EchoSession(ResponderSession):
         else:
             raise TypeError(f"not an item of this session: {item!r}")
 
-    def respond(self) -> Turn:
+    def respond(self) -> Reply:
         pending, self._pending = self._pending, []
-        return EchoTurn(self, [p for _, p in pending])
+        return EchoReply(self, [p for _, p in pending])
 
     async def close(self) -> None:
         self.closed = True

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
-from pipeline.responder import AudioChunk, ResponderSession, TextDelta, Timing, Turn, TurnDone, TurnError
+from pipeline.responder import AudioChunk, Reply, ReplyDone, ReplyError, ResponderSession, TextDelta, Timing
 from server import protocol as P
 from server.call_state import CallState
 from server.conversation import Conversation
@@ -40,7 +40,7 @@ class ReplyState:
     """The assistant reply in progress (generation and/or playback)."""
 
     response_id: str
-    turn: Turn
+    turn: Reply
     speech_stopped_s: float | None  # VAD end decision that triggered it (None: response.create)
     timings: dict[str, float]
     item_id: str
@@ -203,7 +203,7 @@ class ReplyFlow:
         """The item's reply is generating or playing (or cut off, its end not yet reported)."""
         return item_id in self.running or (self.current is not None and self.current.item_id == item_id)
 
-    def truncate(self, item_id: str, turn: Turn, audio_end_ms: int) -> str | None:
+    def truncate(self, item_id: str, turn: Reply, audio_end_ms: int) -> str | None:
         """The client heard only `audio_end_ms` of an assistant item: cut its reply in the history there
         (the barge-in rule) and the item's transcript with it. Returns the kept transcript (None: unknown,
         or reported with the reply's `response.done`, which is still to come)."""
@@ -239,7 +239,7 @@ class ReplyFlow:
                     self.track.push(item.pcm, item.sample_rate_hz)
             elif isinstance(item, Timing):
                 reply.timings.setdefault(item.stage, item.t_monotonic_s)
-            elif isinstance(item, TurnDone):
+            elif isinstance(item, ReplyDone):
                 status = {"stop": "completed", "length": "incomplete", "cancelled": "cancelled"}.get(
                     item.reason, "completed"
                 )
@@ -248,7 +248,7 @@ class ReplyFlow:
                 if item.text or item.reason == "cancelled":  # a cut reply: what the history kept
                     transcript[:] = [item.text]
                 break
-            elif isinstance(item, TurnError):
+            elif isinstance(item, ReplyError):
                 self._metrics.turn_errors += 1
                 status, details = (
                     "failed",

@@ -1,4 +1,4 @@
-"""Turn detection on the VAD's speech probabilities, with the Realtime `server_vad` knobs.
+"""Reply detection on the VAD's speech probabilities, with the Realtime `server_vad` knobs.
 
 Pure and synchronous: `TurnDetector.feed(chunk, probability)` returns what happened in that 32 ms chunk.
 Speech starts at the first chunk with probability >= threshold; it ends after `silence_duration_ms`

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.engine.dialogue import Dialogue, heard_prefix_len
-from pipeline.engine.reply import Reply, UserItem
+from pipeline.engine.reply import ReplyState, UserItem
 from pipeline.lm.prompt import user_turn_ids
-from pipeline.responder import SessionSettings, TurnError
+from pipeline.responder import ReplyError, SessionSettings
 
 if TYPE_CHECKING:
     from pipeline.engine.scheduler import Scheduler
 
-ENGINE_STOPPED = TurnError("the engine has stopped", code="engine_stopped")
+ENGINE_STOPPED = ReplyError("the engine has stopped", code="engine_stopped")
 
 
 def _resolve(done: concurrent.futures.Future) -> None:
@@ -140,12 +140,12 @@ class AddText(Command):
 @dataclass(frozen=True)
 class Respond(Command):
     dialogue: Dialogue
-    reply: Reply
+    reply: ReplyState
 
     def apply(self, s: Scheduler) -> None:
         d, reply = self.dialogue, self.reply
         if d.closed:
-            reply.emit(TurnError("the call is closed", code="call_closed"))
+            reply.emit(ReplyError("the call is closed", code="call_closed"))
             return
         if d.reply is not None:  # a reply still running: the new turn replaces it
             s.guarded(d, s.cancel, d)
@@ -153,7 +153,7 @@ class Respond(Command):
         if pending.overflowed:
             pending.take()
             reply.emit(
-                TurnError(
+                ReplyError(
                     f"too much user input waiting for a reply (more than {pending.max_items} messages "
                     f"or {pending.max_tokens} tokens); it was dropped",
                     code="input_too_large",
@@ -161,7 +161,7 @@ class Respond(Command):
             )
             return
         if not pending.items:
-            reply.emit(TurnError("no user input to respond to (speak or type first)", code="no_input"))
+            reply.emit(ReplyError("no user input to respond to (speak or type first)", code="no_input"))
             return
         reply.items = pending.take()
         reply.time.tokens_ready_t, d.tokens_ready_t = d.tokens_ready_t, None
@@ -179,7 +179,7 @@ class Cancel(Command):
     truncates an earlier reply) is trimmed here to what the user heard."""
 
     dialogue: Dialogue
-    reply: Reply
+    reply: ReplyState
 
     def apply(self, s: Scheduler) -> None:
         s.guarded(self.dialogue, self._trim_finished, s)
@@ -200,7 +200,7 @@ class DeleteItem(Command):
 
     dialogue: Dialogue
     user_key: int | None = None
-    reply: Reply | None = None
+    reply: ReplyState | None = None
 
     def apply(self, s: Scheduler) -> None:
         s.guarded(self.dialogue, self._delete, s)

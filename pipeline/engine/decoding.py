@@ -8,11 +8,11 @@ import numpy as np
 
 from pipeline.engine.config import EngineConfig
 from pipeline.engine.dialogue import Dialogue
-from pipeline.engine.reply import Reply
+from pipeline.engine.reply import ReplyState
 from pipeline.responder import AudioChunk, Timing
 
 
-def block_ready(reply: Reply) -> bool:
+def block_ready(reply: ReplyState) -> bool:
     """A block waits for as many speech values as the stream's schedule asks next (10, then doubling up to
     `max_block_tokens`); the tail goes as soon as generation ended."""
     return (
@@ -21,7 +21,7 @@ def block_ready(reply: Reply) -> bool:
     )
 
 
-def urgency(reply: Reply, now: float) -> tuple[float, float]:
+def urgency(reply: ReplyState, now: float) -> tuple[float, float]:
     """Sort key: a reply with no audio yet first, then the stream least ahead of its playback."""
     return (reply.lead_ms(now), reply.time.started_t)
 
@@ -37,7 +37,7 @@ def blocks_in_order(active: list[Dialogue], cfg: EngineConfig, now: float) -> li
     return ready
 
 
-def decode_block(reply: Reply) -> None:
+def decode_block(reply: ReplyState) -> None:
     """Decode the buffered speech values (and the stream's tail once generation ended); emit the PCM."""
     audio = reply.audio
     tokens, audio.buffer = audio.buffer, []

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from pipeline.audio_format import SPEECH_TOKEN_MS
-from pipeline.engine.reply import Reply, UserItem
+from pipeline.engine.reply import ReplyState, UserItem
 from pipeline.lm.prompt import DialogueHistory
 from pipeline.responder import SessionSettings
 
@@ -121,8 +121,8 @@ class Dialogue:
     audio_pushed: bool = False
     early_prefill_wanted: bool = False  # final speech tokens arrived that the context does not hold yet
     tokens_ready_t: float | None = None
-    reply: Reply | None = None
-    last_reply: Reply | None = None  # the newest ended reply (a barge-in may still trim it)
+    reply: ReplyState | None = None
+    last_reply: ReplyState | None = None  # the newest ended reply (a barge-in may still trim it)
     turn_prefilled_tokens: list[int] = field(default_factory=list)  # per reply: ids its prompt prefilled
     turn_prompt_lengths: list[int] = field(default_factory=list)  # per reply: history + user block, ids
     closed: bool = False
@@ -137,7 +137,7 @@ class Dialogue:
         reply.gen.turn_key = self.history.keys[-1]
         self.last_reply = reply
 
-    def trim_reply(self, reply: Reply, keep_generated: int) -> bool:
+    def trim_reply(self, reply: ReplyState, keep_generated: int) -> bool:
         """An ended reply was cut off at what the user heard (a barge-in while its audio played, or the
         client's truncate of any earlier reply): cut its ids in the history back. Returns whether the
         history changed."""
@@ -165,7 +165,7 @@ class Dialogue:
             self.reply.gen.turns_before -= 1
         return True
 
-    def delete_reply(self, reply: Reply) -> bool:
+    def delete_reply(self, reply: ReplyState) -> bool:
         """An ended reply leaves the history. Returns whether the history changed."""
         index = None if reply.gen.turn_key is None else self.history.turn_of(reply.gen.turn_key)
         if reply is self.reply or index is None:

@@ -1,4 +1,4 @@
-"""One assistant reply in progress (one `Turn`), grouped by concern: what was asked, when each stage
+"""One assistant reply in progress (one `Reply`), grouped by concern: what was asked, when each stage
 happened, what the LM produced, and the speech on its way to PCM. Touched only by the engine thread,
 except `cancel_event` and `played_ms`, which the asyncio side sets (in that order) on a barge-in.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pipeline.audio_format import DECODER_RATE_HZ
-from pipeline.responder import SamplingSettings, TurnEvent
+from pipeline.responder import ReplyEvent, SamplingSettings
 
 if TYPE_CHECKING:  # keep the asyncio side's imports free of torch
     import torch
@@ -81,9 +81,9 @@ class AudioOut:
 
 
 @dataclass
-class Reply:
-    turn_id: str
-    emit: Callable[[TurnEvent], None]  # thread-safe delivery into the call's asyncio queue
+class ReplyState:
+    reply_id: str
+    emit: Callable[[ReplyEvent], None]  # thread-safe delivery into the call's asyncio queue
     sampling: SamplingSettings
     max_new_tokens: int
     items: list[UserItem] = field(default_factory=list)  # the pending input this reply answers

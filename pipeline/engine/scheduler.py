@@ -7,7 +7,7 @@ that are ready (pipeline/engine/decoding.py) -> early prefill when nothing else 
 whose audio is least ahead of its playback. A long prompt never stalls the others: it goes in
 `prefill_chunk_tokens` per step, with every other call's decode step and decoder block between.
 All state of a call lives in its `Dialogue`; an exception in one call's work ends that call's turn
-with a TurnError and leaves every other call alone.
+with a ReplyError and leaves every other call alone.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pipeline.engine.dialogue import Dialogue, heard_prefix_len
 from pipeline.engine.models import Models, new_decoder_stream
 from pipeline.engine.token_source import LocalLM, TokenSource
 from pipeline.lm.prompt import DialogueHistory, StreamParser, system_block_ids, user_turn_ids
-from pipeline.responder import TextDelta, Timing, TurnDone, TurnError
+from pipeline.responder import ReplyDone, ReplyError, TextDelta, Timing
 from pipeline.tokenizer.stream import TokenizerStream
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class Scheduler:
         return [d for d in self.dialogues if d.reply is not None]
 
     def guarded(self, d: Dialogue, fn: Callable, *args) -> None:
-        """Run one call's work; an exception becomes that call's TurnError."""
+        """Run one call's work; an exception becomes that call's ReplyError."""
         try:
             fn(*args)
         except Exception as exc:  # noqa: BLE001 - isolate the failing call, keep serving the others
@@ -122,7 +122,7 @@ class Scheduler:
             if d.history is not None:
                 self.source.rewind(d)
             if reply is not None:
-                reply.emit(TurnError(f"{type(exc).__name__}: {exc}"))
+                reply.emit(ReplyError(f"{type(exc).__name__}: {exc}"))
 
     # ----- calls --------------------------------------------------------------------------------------
 
@@ -135,7 +135,7 @@ class Scheduler:
     def close(self, d: Dialogue) -> None:
         reply, d.reply = d.reply, None
         if reply is not None:
-            reply.emit(TurnDone("cancelled"))
+            reply.emit(ReplyDone("cancelled"))
         self.source.close(d)
         d.release()
         if d in self.dialogues:
@@ -279,7 +279,7 @@ class Scheduler:
         d.end_reply(keep)
         self.source.rewind(d)
         self.counters["turns_done"] += 1
-        reply.emit(TurnDone(reason, text=self.m.text.decode(kept_text)))
+        reply.emit(ReplyDone(reason, text=self.m.text.decode(kept_text)))
 
     def cancel(self, d: Dialogue) -> None:
         """Barge-in: stop now; the history keeps what the user heard (see dialogue.heard_prefix_len).
@@ -292,7 +292,7 @@ class Scheduler:
                 self.source.rewind(d)
             d.pending.put_back(reply.items)
             d.reply = None
-            reply.emit(TurnDone("cancelled"))
+            reply.emit(ReplyDone("cancelled"))
             return
         if reply.played_ms is None and reply.audio.samples > 0:
             keep = len(reply.gen.generated_ids)  # the caller cannot tell: keep what was generated

@@ -46,16 +46,16 @@ from pipeline.engine.commands import (
 )
 from pipeline.engine.config import EngineConfig, VLLMConfig
 from pipeline.engine.dialogue import Dialogue, PendingInput, heard_prefix_len
-from pipeline.engine.reply import Reply
+from pipeline.engine.reply import ReplyState
 from pipeline.responder import (
+    Reply,
+    ReplyDone,
+    ReplyError,
+    ReplyEvent,
     Responder,
     ResponderInfo,
     ResponderSession,
     SessionSettings,
-    Turn,
-    TurnDone,
-    TurnError,
-    TurnEvent,
 )
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 def _deliver(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
     """A thread-safe `emit` into one turn's asyncio queue (dropped if the loop is gone)."""
 
-    def emit(event: TurnEvent) -> None:
+    def emit(event: ReplyEvent) -> None:
         try:
             loop.call_soon_threadsafe(events.put_nowait, event)
         except RuntimeError:  # loop closed: the call is gone, nobody reads this turn any more
@@ -80,27 +80,27 @@ def _deliver(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
     return emit
 
 
-class EngineTurn(Turn):
+class EngineReply(Reply):
     def __init__(
         self,
         dialogue: Dialogue,
-        reply: Reply,
+        reply: ReplyState,
         events: asyncio.Queue,
         send: Callable,
         text: Callable[[], object],
     ) -> None:
-        self.turn_id = reply.turn_id
+        self.reply_id = reply.reply_id
         self._dialogue = dialogue
         self._reply = reply
         self._events = events
         self._send = send
         self._text = text  # -> the engine's text tokenizer (is_audio, decode), loaded in the thread
 
-    async def events(self) -> AsyncIterator[TurnEvent]:
+    async def events(self) -> AsyncIterator[ReplyEvent]:
         while True:
             event = await self._events.get()
             yield event
-            if isinstance(event, TurnDone | TurnError):
+            if isinstance(event, ReplyDone | ReplyError):
                 return
 
     def cancel(self, played_ms: float | None = None) -> None:
@@ -113,7 +113,7 @@ class EngineTurn(Turn):
         self._send(Cancel(self._dialogue, reply))
 
     def heard_transcript(self, played_ms: float) -> str | None:
-        """Read once TurnDone has arrived: the engine no longer appends to `generated_ids`."""
+        """Read once ReplyDone has arrived: the engine no longer appends to `generated_ids`."""
         text = self._text()
         ids = list(self._reply.gen.generated_ids)
         keep = heard_prefix_len(ids, text.is_audio, played_ms)
@@ -126,9 +126,9 @@ class EngineSession(ResponderSession):
         self._dialogue = dialogue
         self._loop = loop
         self._settings = dialogue.settings
-        self._turn_count = itertools.count(1)
+        self._reply_count = itertools.count(1)
         self._user_items = itertools.count()  # each commit_audio / add_text is the next user item
-        self._current: EngineTurn | None = None
+        self._current: EngineReply | None = None
 
     @property
     def dialogue(self) -> Dialogue:
@@ -154,25 +154,25 @@ class EngineSession(ResponderSession):
     def add_text(self, text: str) -> None:
         self._engine.send(AddText(self._dialogue, text, next(self._user_items)))
 
-    def delete_item(self, item: int | Turn) -> None:
-        if isinstance(item, EngineTurn):
+    def delete_item(self, item: int | Reply) -> None:
+        if isinstance(item, EngineReply):
             self._engine.send(DeleteItem(self._dialogue, reply=item._reply))
         elif isinstance(item, int):
             self._engine.send(DeleteItem(self._dialogue, user_key=item))
         else:
             raise TypeError(f"not an item of this session: {item!r}")
 
-    def respond(self) -> Turn:
+    def respond(self) -> Reply:
         events: asyncio.Queue = asyncio.Queue()
         sampling = self._settings.sampling
         cfg = self._engine.config
-        reply = Reply(
-            turn_id=f"{self._dialogue.call_id}-turn{next(self._turn_count)}",
+        reply = ReplyState(
+            reply_id=f"{self._dialogue.call_id}-reply{next(self._reply_count)}",
             emit=_deliver(self._loop, events),
             sampling=sampling,
             max_new_tokens=max(1, min(sampling.max_new_tokens, cfg.max_new_tokens)),
         )
-        self._current = EngineTurn(
+        self._current = EngineReply(
             self._dialogue, reply, events, self._engine.send, lambda: self._engine.scheduler.m.text
         )
         self._engine.send(Respond(self._dialogue, reply))

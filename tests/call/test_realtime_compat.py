@@ -12,14 +12,14 @@ import numpy as np
 
 from pipeline.responder import (
     AudioChunk,
+    Reply,
+    ReplyDone,
+    ReplyEvent,
     Responder,
     ResponderInfo,
     ResponderSession,
     SessionSettings,
     TextDelta,
-    Turn,
-    TurnDone,
-    TurnEvent,
 )
 from tests.helpers.rtc_client import RealtimeClient, start_server
 
@@ -66,12 +66,12 @@ REPLY_SEQUENCE = [
 ]
 
 
-class DeafTurn(Turn):
+class DeafTurn(Reply):
     """Finishes its whole reply whatever cancel says: the engine that had generated everything before the
     cancel reached it (the race of issue 11 gap 4). 100 ms of audio per word."""
 
     def __init__(self) -> None:
-        self.turn_id = "deaf"
+        self.reply_id = "deaf"
         self.cancels: list[float | None] = []
 
     def cancel(self, played_ms: float | None = None) -> None:
@@ -80,12 +80,12 @@ class DeafTurn(Turn):
     def heard_transcript(self, played_ms: float) -> str | None:
         return "".join(WORDS[: int(played_ms // 100)])
 
-    async def events(self) -> AsyncIterator[TurnEvent]:
+    async def events(self) -> AsyncIterator[ReplyEvent]:
         for word in WORDS:
             yield TextDelta(word)
             yield AudioChunk(np.full(RATE // 10, 0.1, np.float32), RATE)
             await asyncio.sleep(0.01)
-        yield TurnDone("stop", "".join(WORDS))
+        yield ReplyDone("stop", "".join(WORDS))
 
 
 class DeafSession(ResponderSession):
@@ -98,7 +98,7 @@ class DeafSession(ResponderSession):
     def discard_audio(self) -> None: ...
     def add_text(self, text: str) -> None: ...
 
-    def respond(self) -> Turn:
+    def respond(self) -> Reply:
         self.turns.append(DeafTurn())
         return self.turns[-1]
 

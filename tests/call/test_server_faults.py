@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.engine.config import EngineConfig
 from pipeline.engine.thread import GLMVoiceResponder
-from pipeline.responder import SessionSettings, TurnDone
+from pipeline.responder import ReplyDone, SessionSettings
 from server.logs import call_tag, setup_logging
 from tests.helpers.rtc_client import RealtimeClient, start_server
 
@@ -61,7 +61,7 @@ async def test_nan_clipped_and_silent_audio_at_the_session_api(demo_dir):
             typing.add_text(f"hello during {name}")
             results = await asyncio.gather(*(_run_turn(s) for s in (*sessions, typing)))
             for events in results:
-                assert isinstance(events[-1], TurnDone), (name, events[-1])
+                assert isinstance(events[-1], ReplyDone), (name, events[-1])
             prompts = [s.dialogue.last_reply.gen.prompt_ids for s in sessions]
             assert prompts[0] == prompts[1], f"{name}: the engine did not see the cleaned audio"
             for session in sessions:

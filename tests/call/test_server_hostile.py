@@ -15,7 +15,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from pipeline.responder import AudioChunk, ResponderSession, TurnDone
+from pipeline.responder import AudioChunk, ReplyDone, ResponderSession
 from server import reply_flow
 from server.call_state import CallState
 from server.conversation import Conversation
@@ -143,14 +143,14 @@ async def test_listen_only_client_hears_replies_that_end(glm_server):
 
 
 class _OneChunkTurn:
-    turn_id = "turn_1"
+    reply_id = "turn_1"
 
     def __init__(self) -> None:
         self.cancelled_ms: list[float | None] = []
 
     async def events(self):
         yield AudioChunk(np.full(4_800, 0.1, np.float32), 48_000)  # 100 ms
-        yield TurnDone("stop", "hi")
+        yield ReplyDone("stop", "hi")
 
     def cancel(self, played_ms: float | None = None) -> None:
         self.cancelled_ms.append(played_ms)

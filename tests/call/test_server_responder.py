@@ -12,15 +12,15 @@ import pytest
 
 from pipeline.responder import (
     AudioChunk,
+    Reply,
+    ReplyDone,
+    ReplyError,
     Responder,
     ResponderInfo,
     ResponderSession,
     SessionSettings,
     TextDelta,
     Timing,
-    Turn,
-    TurnDone,
-    TurnError,
 )
 from tests.helpers.rtc_client import RealtimeClient, start_server
 
@@ -28,9 +28,9 @@ RATE = 22_050  # GLM-4-Voice's vocoder rate
 TONE_HZ = 440.0
 
 
-class ScriptedTurn(Turn):
+class ScriptedTurn(Reply):
     def __init__(self, mode: str, log: list) -> None:
-        self.turn_id = "t"
+        self.reply_id = "t"
         self.mode = mode
         self.log = log
         self.cancelled = asyncio.Event()
@@ -44,19 +44,19 @@ class ScriptedTurn(Turn):
         if self.mode == "raise":
             raise RuntimeError("engine exploded")
         if self.mode == "error":
-            yield TurnError("the model ran out of memory", code="engine_oom")
+            yield ReplyError("the model ran out of memory", code="engine_oom")
             return
         yield TextDelta("你好，")  # text deltas may be any UTF-8
         yield Timing("first_pcm", time.monotonic())
         t = np.arange(RATE // 5) / RATE  # 200 ms chunks, delivered faster than real time at first
         for i in range(15):  # 3 s in all
             if self.cancelled.is_set():
-                yield TurnDone("cancelled", "你好，")
+                yield ReplyDone("cancelled", "你好，")
                 return
             yield AudioChunk((0.3 * np.sin(2 * np.pi * TONE_HZ * (t + i * 0.2))).astype(np.float32), RATE)
             await asyncio.sleep(0.1)
         yield TextDelta("world")
-        yield TurnDone("stop", "你好，world")
+        yield ReplyDone("stop", "你好，world")
 
 
 class ScriptedSession(ResponderSession):
@@ -79,7 +79,7 @@ class ScriptedSession(ResponderSession):
     def add_text(self, text: str) -> None:
         self.texts.append(text)
 
-    def respond(self) -> Turn:
+    def respond(self) -> Reply:
         return ScriptedTurn(self.texts[-1] if self.texts else "speak", self.log)
 
     async def close(self) -> None:

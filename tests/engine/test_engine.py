@@ -16,12 +16,12 @@ from pipeline.engine.thread import GLMVoiceResponder
 from pipeline.lm.prompt import ASSISTANT_METADATA, system_block_ids, user_turn_ids
 from pipeline.responder import (
     AudioChunk,
+    ReplyDone,
+    ReplyError,
     SamplingSettings,
     SessionSettings,
     TextDelta,
     Timing,
-    TurnDone,
-    TurnError,
 )
 from pipeline.weights.demo import MESSAGE
 from tests.helpers.speech import have_speech_tools, synth_speech
@@ -60,7 +60,7 @@ def audio_ms(events) -> float:
 
 
 def check_complete_reply(events, script, tok) -> None:
-    assert isinstance(events[-1], TurnDone) and events[-1].reason == "stop"
+    assert isinstance(events[-1], ReplyDone) and events[-1].reason == "stop"
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == MESSAGE
     assert events[-1].text == MESSAGE
     stages = [e.stage for e in events if isinstance(e, Timing)]
@@ -174,8 +174,8 @@ async def test_cancel_at_every_stage(responder, sched, script, stage):
         played["ms"] = 0.0
     events = await collect(turn, on_event)
     done = events[-1]
-    assert isinstance(done, TurnDone) and done.reason == "cancelled"
-    assert sum(isinstance(e, TurnDone | TurnError) for e in events) == 1
+    assert isinstance(done, ReplyDone) and done.reason == "cancelled"
+    assert sum(isinstance(e, ReplyDone | ReplyError) for e in events) == 1
     d = session.dialogue
     if stage == "before_prefill" and not d.history.turns:
         assert [i.text for i in d.pending.items] == ["Interrupt me."]  # never answered: stays pending
@@ -210,7 +210,7 @@ async def test_hangup_mid_reply_frees_the_cache(responder, sched):
         return events
 
     events = await asyncio.wait_for(hang_up_on_first_audio(), 30)
-    assert isinstance(events[-1], TurnDone) and events[-1].reason == "cancelled"
+    assert isinstance(events[-1], ReplyDone) and events[-1].reason == "cancelled"
     await session.close()  # idempotent; returns once the engine has freed the call
     d = session.dialogue
     assert d.cache is None and d.closed
@@ -234,7 +234,7 @@ async def test_exception_in_one_call_reaches_only_that_call(responder, sched, sc
     bad.add_text("Hi.")
     good_events, bad_events = await asyncio.gather(collect(good.respond()), collect(bad.respond()))
     check_complete_reply(good_events, script, tok)
-    assert isinstance(bad_events[-1], TurnError) and "injected decoder fault" in bad_events[-1].message
+    assert isinstance(bad_events[-1], ReplyError) and "injected decoder fault" in bad_events[-1].message
     assert not any(isinstance(e, AudioChunk) for e in bad_events)
     assert bad.dialogue.history.turns == []  # the failed turn left no trace
     check_cache_matches_history(bad.dialogue)
@@ -295,7 +295,7 @@ async def test_instructions_and_sampling_reach_the_model(responder, sched, monke
 async def test_respond_without_input_is_an_error(responder):
     session = responder.open_session("empty", SessionSettings())
     events = await collect(session.respond())
-    assert len(events) == 1 and isinstance(events[0], TurnError) and events[0].code == "no_input"
+    assert len(events) == 1 and isinstance(events[0], ReplyError) and events[0].code == "no_input"
     await session.close()
 
 
@@ -308,7 +308,7 @@ def test_info_reports_demo_weights(responder):
 
 
 async def test_barge_in_after_generation_ended_trims_the_history(responder, sched, script):
-    """Generation runs ahead of playback: the cancel can come after TurnDone and still cuts the history."""
+    """Generation runs ahead of playback: the cancel can come after ReplyDone and still cuts the history."""
     tok = sched.m.text
     session = responder.open_session("late-cancel", SessionSettings())
     session.add_text("Say it all.")
@@ -435,7 +435,7 @@ async def test_stop_answers_every_waiter(demo_dir):
     turn = session.respond()
     await r.stop()
     events = await collect(turn, timeout_s=10)
-    assert isinstance(events[-1], TurnDone | TurnError)
+    assert isinstance(events[-1], ReplyDone | ReplyError)
     await asyncio.wait_for(session.close(), 5)  # returns although the engine is gone
     assert not r.info().ready
     with pytest.raises(RuntimeError, match="not ready"):

@@ -10,7 +10,7 @@ import pytest
 from pipeline.engine.config import EngineConfig
 from pipeline.engine.thread import GLMVoiceResponder
 from pipeline.lm.prompt import system_block_ids, user_turn_ids
-from pipeline.responder import SessionSettings, TextDelta, TurnDone, TurnError
+from pipeline.responder import ReplyDone, ReplyError, SessionSettings, TextDelta
 from tests.engine.test_engine import check_complete_reply, collect
 
 CHUNK_TOKENS = 32
@@ -115,7 +115,7 @@ async def test_pending_input_is_bounded(responder, script, monkeypatch):
     for _ in range(400):
         session.add_text(message)
     events = await collect(session.respond())
-    assert len(events) == 1 and isinstance(events[0], TurnError) and events[0].code == "input_too_large"
+    assert len(events) == 1 and isinstance(events[0], ReplyError) and events[0].code == "input_too_large"
     assert len(encoded_long) <= MAX_ITEMS  # messages past the bound are not even tokenised
     await responder.engine.settled()
     assert sched.stats()["prefilled_tokens"] == prefilled  # no prefill for the rejected input
@@ -128,7 +128,7 @@ async def test_pending_input_is_bounded(responder, script, monkeypatch):
     assert len(session.dialogue.history.turns) == MAX_ITEMS
     session.add_text("one more")
     events = await collect(session.respond())
-    assert isinstance(events[-1], TurnDone) and events[-1].reason == "stop"
+    assert isinstance(events[-1], ReplyDone) and events[-1].reason == "stop"
     await session.close()
 
 

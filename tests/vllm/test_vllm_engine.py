@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.engine.config import EngineConfig, VLLMConfig
-from pipeline.responder import AudioChunk, SessionSettings, TextDelta, TurnDone
+from pipeline.responder import AudioChunk, ReplyDone, SessionSettings, TextDelta
 
 FIRST_IDS = 3  # text ids sent before the stand-in stalls
 CLOSE_DEADLINE_S = 1.0
@@ -142,7 +142,7 @@ async def test_reply_streams_and_the_engine_sleeps_while_ids_are_on_their_way(en
     await asyncio.sleep(0.5)  # vLLM is silent: the engine thread should be blocked on its queue
     assert steps[0] <= 2, f"the engine stepped {steps[0]} times in 0.5 s while waiting for ids"
     stand_in.release.set()
-    got = await _until(events, lambda got: isinstance(got[-1], TurnDone), timeout_s=60)
+    got = await _until(events, lambda got: isinstance(got[-1], ReplyDone), timeout_s=60)
     assert got[-1].reason == "stop"
     assert sum(e.pcm.size for e in got if isinstance(e, AudioChunk)) > 0
     d = session.dialogue
@@ -170,7 +170,7 @@ async def test_cancel_closes_the_request_at_once(engine):
     assert await asyncio.to_thread(stand_in.stalled.wait, 5)
     cancelled_at = time.monotonic()
     turn.cancel(played_ms=0.0)
-    got = await _until(events, lambda got: isinstance(got[-1], TurnDone))
+    got = await _until(events, lambda got: isinstance(got[-1], ReplyDone))
     assert got[-1].reason == "cancelled"
     assert await asyncio.to_thread(stand_in.release.wait, CLOSE_DEADLINE_S), "the request was not closed"
     assert stand_in.closed_at[0] - cancelled_at < CLOSE_DEADLINE_S
