@@ -1,6 +1,7 @@
 """Which weights the engine loads (demo or real), on which device, in which dtype.
 
-Resolution order, from `EngineConfig` (the `[model]` section):
+Resolution order, from the `[model]` settings (any object with the fields of `WeightsSettings`; the engine
+passes its `EngineConfig`, so this layer never imports the engine):
 1. `tokenizer_dir` / `lm_dir` / `decoder_dir` when set, else `weights_dir/glm-4-voice-{tokenizer,9b,decoder}`
    when `weights_dir` is set: real weights; every folder must hold its checkpoint files.
 2. Nothing configured: `require_weights` -> refuse to start; otherwise the demo weights in
@@ -12,10 +13,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
-
-from pipeline.engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,29 @@ REQUIRED_FILES = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Above this many LM parameters a CPU cannot generate 12.5 speech tokens/s (the 9B needs ~19 GB/token read).
 CPU_REALTIME_MAX_LM_PARAMS = 1_000_000_000
+
+
+class WeightsSettings(Protocol):
+    """The `[model]` settings that choose the weights (docs/configuration.md); read-only."""
+
+    @property
+    def weights_dir(self) -> str: ...  # holds glm-4-voice-{tokenizer,9b,decoder}/; "" = none
+    @property
+    def tokenizer_dir(self) -> str: ...  # "" = weights_dir/glm-4-voice-tokenizer
+    @property
+    def lm_dir(self) -> str: ...  # "" = weights_dir/glm-4-voice-9b
+    @property
+    def decoder_dir(self) -> str: ...  # "" = weights_dir/glm-4-voice-decoder
+    @property
+    def demo_weights_dir(self) -> str: ...
+    @property
+    def require_weights(self) -> bool: ...
+    @property
+    def device(self) -> str: ...  # "auto" | "cpu" | "cuda" | "cuda:N"
+    @property
+    def dtype(self) -> str: ...  # "auto" | a key of DTYPES
+    @property
+    def quantization(self) -> str: ...  # "" | "int4"
 
 
 class WeightsError(ValueError):
@@ -99,7 +122,7 @@ def check_folder(stage: str, folder: Path) -> None:
         raise WeightsError(f"{stage} weights folder {folder} is incomplete: missing {', '.join(missing)}")
 
 
-def configured_dirs(cfg: EngineConfig) -> dict[str, Path] | None:
+def configured_dirs(cfg: WeightsSettings) -> dict[str, Path] | None:
     """The real-weights folders the config names, or None when it names none."""
     overrides = {"tokenizer": cfg.tokenizer_dir, "lm": cfg.lm_dir, "decoder": cfg.decoder_dir}
     if not cfg.weights_dir and not any(overrides.values()):
@@ -117,7 +140,7 @@ def configured_dirs(cfg: EngineConfig) -> dict[str, Path] | None:
     return dirs
 
 
-def resolve_weights(cfg: EngineConfig) -> ResolvedWeights:
+def resolve_weights(cfg: WeightsSettings) -> ResolvedWeights:
     """Pick demo or real weights, device and dtypes; writes the demo weights when they are needed."""
     device = select_device(cfg.device)
     lm_dtype = select_dtype(cfg.dtype, device)
