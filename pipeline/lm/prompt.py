@@ -49,18 +49,6 @@ def user_turn_ids(
     return [tok.user_id, *content, tok.assistant_id, *tok.encode(ASSISTANT_METADATA)]
 
 
-def first_turn_ids(
-    tok: GLMTokenizer,
-    *,
-    speech_tokens: list[int] | None = None,
-    text: str | None = None,
-    instructions: str | None = None,
-) -> list[int]:
-    """The whole first prompt, identical to the official tokenizer on the official prompt string."""
-    system = system_block_ids(tok, speech_input=speech_tokens is not None, instructions=instructions)
-    return system + user_turn_ids(tok, speech_tokens=speech_tokens, text=text)
-
-
 @dataclass
 class DialogueHistory:
     """One call's conversation as token ids: the system block, then whole turns (user block + reply).
@@ -108,26 +96,10 @@ class DialogueHistory:
         self.user_lens.append(len(user_ids) - len(self._header))
         self._length += len(user_ids)
 
-    def start_turn(
-        self,
-        *,
-        speech_tokens: list[int] | None = None,
-        text: str | None = None,
-        instructions: str | None = None,
-    ) -> list[int]:
-        """Append a user turn (the system block follows its input mode); returns the full prompt ids."""
-        self.set_system(
-            system_block_ids(
-                self.tokenizer, speech_input=speech_tokens is not None, instructions=instructions
-            )
-        )
-        self.append_user_block(user_turn_ids(self.tokenizer, speech_tokens=speech_tokens, text=text))
-        return self.ids()
-
     def add_reply(self, reply_ids: list[int]) -> None:
         """The assistant's ids of the current turn, without the stop token (as the official history)."""
         if not self.turns:
-            raise ValueError("add_reply before start_turn")
+            raise ValueError("add_reply before a user block")
         kept = [t for t in reply_ids if t not in self.tokenizer.stop_ids]
         self.turns[-1].extend(kept)
         self._length += len(kept)
@@ -145,10 +117,6 @@ class DialogueHistory:
         if remove_tokens > 0:
             del self.turns[index][-remove_tokens:]
             self._length -= remove_tokens
-
-    def cut_last_turn(self, remove_tokens: int) -> None:
-        """Remove the last `remove_tokens` ids of the newest turn (a reply trimmed after a barge-in)."""
-        self.cut_turn(len(self.turns) - 1, remove_tokens)
 
     def remove_user(self, index: int) -> None:
         """The user item of turn `index` leaves: its content goes; the assistant header stays with the

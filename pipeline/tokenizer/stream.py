@@ -35,10 +35,6 @@ class TokenizerStream:
         """After flush(): the turn's exact tokens. Before: the tokens returned so far."""
         return list(self._final if self._final is not None else self._emitted)
 
-    @property
-    def pushed_samples(self) -> int:
-        return self._samples_closed + self._seg.n_samples
-
     def reset(self) -> None:
         """Start another turn. The encoder's key/value buffers go too (245 MB per call at the real sizes in
         float32): a call holds them only while its user is speaking; the next turn's first block allocates

@@ -48,10 +48,6 @@ class SpeechTokenizerConfig:
     def block_mel_frames(self) -> int:  # 400 mel frames per attention block
         return self.block_frames * CONV_STRIDE
 
-    @property
-    def tokens_per_block(self) -> int:  # 50 tokens (4 s at 12.5 Hz)
-        return self.block_frames // self.pool_frames
-
     @classmethod
     def from_dir(cls, path: Path) -> SpeechTokenizerConfig:
         cfg = _read_json(path / "config.json")

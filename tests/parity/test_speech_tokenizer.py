@@ -133,7 +133,7 @@ def test_config_sizes_come_from_the_checkpoint(tiny_dir: Path) -> None:
     assert tok.config.d_model == cfg["d_model"] == 48
     assert tok.config.num_layers == cfg["quantize_position"] == 2
     assert tok.config.codebook_size == cfg["quantize_vocab_size"] == 256
-    assert tok.config.samples_per_token == 1280 and tok.config.tokens_per_block == 50
+    assert tok.config.samples_per_token == 1280 and tok.config.block_frames // tok.config.pool_frames == 50
 
 
 def test_random_checkpoint_has_official_keys_and_spreads_tokens(tiny_dir: Path) -> None:

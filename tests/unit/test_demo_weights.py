@@ -12,9 +12,10 @@ import pipeline.weights.demo as demo_weights
 from pipeline.decoder.model import SpeechDecoder
 from pipeline.decoder.stream import synthesize
 from pipeline.lm.model import VoiceLM
-from pipeline.lm.prompt import first_turn_ids, user_turn_ids
+from pipeline.lm.prompt import user_turn_ids
 from pipeline.responder import SamplingSettings
 from pipeline.tokenizer.tokenizer import SpeechTokenizer
+from tests.helpers.prompts import first_turn_ids
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from pipeline.lm.sampling import sample_logits
 from pipeline.lm.text_tokenizer import GLMTokenizer
 from pipeline.weights.random_lm import write_random_checkpoint
 from pipeline.weights.random_text import write_tokenizer_files
+from tests.helpers.prompts import start_turn
 
 TOL = 1e-4
 SIZES = dict(hidden_size=64, num_layers=2, num_heads=4, kv_groups=2, head_dim=16, ffn_hidden_size=128)
@@ -72,13 +73,13 @@ def test_cache_reuse_across_turns_equals_fresh_prefill(lm: VoiceLM) -> None:
     tok = lm.tokenizer
     history = DialogueHistory(tok)
     cache = lm.new_cache()
-    prompt = history.start_turn(speech_tokens=[3, 1, 4, 1, 5])
+    prompt = start_turn(history, speech_tokens=[3, 1, 4, 1, 5])
     prefill_to(lm, cache, prompt)
     reply = lm.generate(prompt, 6)  # any ids: stands for the model's reply
     for t in reply:
         lm.decode_step([cache], [t])
     history.add_reply(reply)
-    prompt2 = history.start_turn(speech_tokens=[9, 2, 6])
+    prompt2 = start_turn(history, speech_tokens=[9, 2, 6])
     before = cache.length
     logits2 = prefill_to(lm, cache, prompt2)
     assert (
@@ -196,7 +197,7 @@ def test_context_full_and_dropping_oldest_turns(tmp_path: Path) -> None:
         lm.prefill(cache, [1] * 257)
     history = DialogueHistory(lm.tokenizer)
     for k in range(3):
-        history.start_turn(speech_tokens=[k] * 8)
+        start_turn(history, speech_tokens=[k] * 8)
         history.add_reply([lm.tokenizer.audio_id(1)] * 4)
     before = len(history.ids())
     reserve = lm.max_context_tokens - before + 1  # one token too many: the oldest turn must go

@@ -12,11 +12,11 @@ from pipeline.lm.prompt import (
     SYSTEM_PROMPT_TEXT,
     DialogueHistory,
     StreamParser,
-    first_turn_ids,
     user_turn_ids,
 )
 from pipeline.lm.text_tokenizer import GLMTokenizer
 from pipeline.weights.random_text import write_tokenizer_files
+from tests.helpers.prompts import first_turn_ids, start_turn
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +57,10 @@ def test_first_turn_equals_official_prompt(tok: GLMTokenizer) -> None:
 def test_second_turn_follows_official_history(tok: GLMTokenizer) -> None:
     """Official: (previous prompt + decoded completion).strip() + the new user block, re-tokenised."""
     history = DialogueHistory(tok)
-    prompt1 = history.start_turn(speech_tokens=[1, 2, 3])
+    prompt1 = start_turn(history, speech_tokens=[1, 2, 3])
     reply = tok.encode("Sure, here") + [tok.audio_id(k) for k in (9, 8, 7)] + [tok.user_id]
     history.add_reply(reply)  # the stop id is not kept
-    prompt2 = history.start_turn(speech_tokens=[4])
+    prompt2 = start_turn(history, speech_tokens=[4])
     prev = tok.decode(prompt1[2:]) + tok.decode(reply[:-1])
     new = "<|user|>\n<|begin_of_audio|><|audio_4|><|end_of_audio|><|assistant|>streaming_transcription\n"
     assert prompt2 == _official(tok, prev.strip() + new)
@@ -75,8 +75,8 @@ def test_instructions_reach_the_system_block(tok: GLMTokenizer) -> None:
     # The official system prompt and the user/assistant blocks are unchanged around it.
     assert styled[-12:] == plain[-12:] and text.startswith("[gMASK]<sop><|system|>\n" + SYSTEM_PROMPT_AUDIO)
     history = DialogueHistory(tok)
-    history.start_turn(speech_tokens=[1])
-    changed = history.start_turn(speech_tokens=[2], instructions="Use a Sichuan dialect.")
+    start_turn(history, speech_tokens=[1])
+    changed = start_turn(history, speech_tokens=[2], instructions="Use a Sichuan dialect.")
     assert "Use a Sichuan dialect.<|user|>" in tok.decode(changed)
 
 
@@ -109,7 +109,7 @@ def test_stream_parser_text_speech_stop(tok: GLMTokenizer) -> None:
 def test_fit_keeps_system_and_newest_turn(tok: GLMTokenizer) -> None:
     history = DialogueHistory(tok)
     for k in range(4):
-        history.start_turn(speech_tokens=[k] * 5)
+        start_turn(history, speech_tokens=[k] * 5)
         history.add_reply([tok.audio_id(1)] * 3)
     turn_len = len(history.turns[-1])
     total = len(history.ids())
@@ -122,13 +122,13 @@ def test_fit_keeps_system_and_newest_turn(tok: GLMTokenizer) -> None:
 
 def test_history_length_follows_every_change(tok: GLMTokenizer) -> None:
     history = DialogueHistory(tok)
-    history.start_turn(text="first")
+    start_turn(history, text="first")
     history.add_reply([*tok.encode("sure"), tok.audio_id(3), tok.user_id])  # the stop id is not kept
     history.set_system(history.system_ids + tok.encode(" be brief"))
     history.append_user_block(user_turn_ids(tok, speech_tokens=[1, 2]))
     history.add_reply([tok.audio_id(4)] * 5)
     assert history.length == len(history.ids())
-    history.cut_last_turn(3)
+    history.cut_turn(len(history.turns) - 1, 3)  # a reply trimmed to what was heard
     assert history.length == len(history.ids()) and history.turns[-1][-2:] == [tok.audio_id(4)] * 2
     history.keep_turns(1)
     assert history.length == len(history.ids()) and len(history.turns) == 1

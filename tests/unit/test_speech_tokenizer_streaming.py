@@ -66,7 +66,7 @@ def test_stream_gives_the_official_tokens() -> None:
 def test_push_returns_a_block_exactly_when_its_audio_is_complete(tiny: SpeechTokenizer) -> None:
     wav = np.random.default_rng(0).uniform(-0.3, 0.3, 3 * 64000).astype(np.float32)
     stream = TokenizerStream(tiny)
-    per_block = tiny.config.tokens_per_block
+    per_block = tiny.config.block_frames // tiny.config.pool_frames  # tokens per attention block
     pos = 0
     for block in range(2):
         ready = _block_ready_samples(tiny, block)
@@ -84,7 +84,7 @@ def test_flush_reuses_blocks_when_the_floor_is_unchanged(tiny: SpeechTokenizer) 
     loud = rng.uniform(-0.5, 0.5, 70000).astype(np.float32)  # the segment max is in the first block
     wav = np.concatenate([loud, 0.05 * rng.uniform(-0.5, 0.5, 90000).astype(np.float32)])
     pushed, rest, stream = _stream(tiny, wav)
-    assert len(pushed) == 2 * tiny.config.tokens_per_block
+    assert len(pushed) == 2 * (tiny.config.block_frames // tiny.config.pool_frames)  # two whole blocks
     assert stream.blocks_encoded_flush == 1  # only the open last block
     assert stream.first_changed is None and pushed + rest == tiny.tokenize(wav)
 
@@ -122,7 +122,7 @@ def test_stream_lifecycle(tiny: SpeechTokenizer) -> None:
     with pytest.raises(RuntimeError, match="reset"):
         stream.push(wav)
     stream.reset()
-    assert stream.tokens == [] and stream.first_changed is None and stream.pushed_samples == 0
+    assert stream.tokens == [] and stream.first_changed is None
     stream.push((wav * 32767).astype(np.int16))  # int16 is converted as in tokenize()
     stream.flush()
     assert stream.tokens == tiny.tokenize((wav * 32767).astype(np.int16))
