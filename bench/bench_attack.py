@@ -1,4 +1,4 @@
-"""Hostile callers vs. a victim call (issue 13 items 2a, 2b, 6), and leaks after the reproductions.
+"""Hostile callers vs. a victim call (docs/robustness.md), and leaks after the reproductions.
 
     .venv/bin/python bench/bench_attack.py [--phase-s 35]
 
@@ -10,7 +10,7 @@ one run: none (baseline), then
   2a  typed 4000-character messages paced under the event rate, then `response.create`, repeated;
   2b  new 4000-character instructions + a message + `response.create` + `response.cancel`, 4 times a second;
   6   Opus at 20x real time (a call the server ends is dialled again at once).
-Then the other reproductions of issue 13 run once each (malformed events, bad offers, 1000 ICE
+Then the other hostile-client reproductions of docs/robustness.md run once each (malformed events, bad offers, 1000 ICE
 candidates, malformed HTTP), every call is hung up, and the server's fds, threads, asyncio tasks and
 RSS are read again. Prints the machine; nothing is asserted.
 """
@@ -150,7 +150,7 @@ async def attacker(base: str, kind: str, end_s: float) -> int:
 
 
 async def reproductions(base: str) -> None:
-    """The other issue-13 reproductions, once each (for the leak figures)."""
+    """The other hostile-client reproductions, once each (for the leak figures)."""
     from tests.call.test_server_hostile_events import MALFORMED, _send_not_utf8, _with_candidates
     from tests.helpers.rtc_client import RealtimeClient, make_offer
 

@@ -1,6 +1,6 @@
 """Decoder cost at the release's sizes with random weights (compute does not depend on weight values).
 
-Sizes from glm-4-voice-decoder/config.yaml (REFERENCE.md §5.1): flow encoder 512-d x 6, estimator 256
+Sizes from glm-4-voice-decoder/config.yaml (docs/decoder.md): flow encoder 512-d x 6, estimator 256
 channels with 12 mid blocks (111.2 M params), HiFT base 512 with 8 harmonics (20.4 M). Prints:
   1. offline 10 tokens (one finalising call): total, flow, HiFT, real-time factor (default mode only);
   2. `--quick`: a 200-token (16 s) reply streamed with our defaults (blocks 10, 20, 40, 80, 80, ...,
@@ -42,7 +42,7 @@ from pipeline.decoder.stream import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_SCHEDULE,
 from pipeline.weights.random_decoder import random_decoder  # noqa: E402
 
 OFFICIAL_DEMO_SCHEDULE = (25, 50, 100, 150, 200)  # THUDM/GLM-4-Voice web_demo.py block sizes
-# The official computation: unbounded prompt, every call re-encodes. legacy_prompt=False (the PR #86 fix)
+# The official computation: unbounded prompt, every call re-encodes. legacy_prompt=False (the fix of the upstream pull request 86, docs/decoder.md)
 # keeps the output aligned with ours for the difference; it feeds back one frame per seam fewer than the
 # demo, so if anything it makes the official side a little cheaper.
 OFFICIAL = dict(

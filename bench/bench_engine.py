@@ -288,7 +288,7 @@ def write_fullsize(root: Path) -> None:
     text = GLMTokenizer.from_pretrained(lm_dir)
     script = demo.build_script(text)
     t0 = time.monotonic()
-    lm_mod.write_random_checkpoint(  # GLM-4-Voice-9B sizes (REFERENCE §3.1)
+    lm_mod.write_random_checkpoint(  # GLM-4-Voice-9B sizes (docs/lm.md)
         lm_dir,
         hidden_size=4096,
         num_layers=40,
@@ -304,7 +304,7 @@ def write_fullsize(root: Path) -> None:
         eos_token_ids=sorted(text.stop_ids),
     )
     print(f"LM written in {time.monotonic() - t0:.0f} s")
-    tokenizer_mod.write_random_checkpoint(  # WhisperVQ encoder sizes (REFERENCE §2.3)
+    tokenizer_mod.write_random_checkpoint(  # WhisperVQ encoder sizes (docs/speech_tokenizer.md)
         root / "glm-4-voice-tokenizer",
         d_model=1280,
         num_layers=16,
@@ -314,7 +314,7 @@ def write_fullsize(root: Path) -> None:
         block_size_frames=200,
         seed=demo.SEED + 1,
     )
-    decoder_mod.write_random_checkpoint(  # flow + HiFT sizes (REFERENCE §5.1)
+    decoder_mod.write_random_checkpoint(  # flow + HiFT sizes (docs/decoder.md)
         root / "glm-4-voice-decoder",
         vocab_size=16384,
         d_model=512,

@@ -1,7 +1,7 @@
 """LM cost at the real width (hidden 4096, ffn 13696, 32 heads, 2 KV groups, head 128, vocab 168960).
 
 CPU (default): 2 and 4 layers, float32 and bfloat16, random weights, 2 threads: prefill 100/500 tokens,
-decode ms/token, per-layer cost, 40-layer extrapolation, ratio to the official figures of BASELINE.md.
+decode ms/token, per-layer cost, 40-layer extrapolation, ratio to the official figures of docs/baseline.md.
     .venv/bin/python bench/bench_lm.py [--dtypes float32,bfloat16] [--runs 3]
 GPU: the whole model (random bf16 weights made on the device, no checkpoint written):
     python bench/bench_lm.py --device cuda --dtype bfloat16 --layers 40
@@ -38,8 +38,8 @@ OFFICIAL_CPU_S = {
     (4, "bfloat16"): (1.307, 5.623, 0.195, 0.203),
     (8, "bfloat16"): (2.550, 10.749, 0.306, 0.341),
 }
-OFFICIAL_40_BF16_CPU_DECODE_S = 1.148  # BASELINE.md: whole 40-layer model, bf16, per token
-OFFICIAL_GPU_DECODE_MS = 1000 / 22.76  # GLM-4-Voice issue #113: A800 bf16, HF generate (REFERENCE §8)
+OFFICIAL_40_BF16_CPU_DECODE_S = 1.148  # docs/baseline.md: whole 40-layer model, bf16, per token
+OFFICIAL_GPU_DECODE_MS = 1000 / 22.76  # A800 bf16, HF generate (docs/baseline.md)
 PEAK_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "A800": 2039.0}  # HBM spec sheet bandwidth
 
 
@@ -170,7 +170,7 @@ def cpu_bench(args: argparse.Namespace) -> None:
         platform.machine(),
     )
     print(
-        f"machine: {cpu} ({cpu_bf16}; BASELINE.md's machine had no AMX), {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch "
+        f"machine: {cpu} ({cpu_bf16}; docs/baseline.md's machine had no AMX), {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}; load average at start {load:.1f} (a loaded shared machine inflates every time)"
     )
     for dtype_name in args.dtypes.split(","):
@@ -293,7 +293,7 @@ def gpu_bf16(lm: VoiceLM, peak: float | None, args: argparse.Namespace) -> None:
     def first_audio() -> None:
         cache = lm.new_cache()
         logits = lm.prefill(cache, prompt)[None]
-        for _ in range(23):  # 13 text + 10 speech tokens (REFERENCE §8)
+        for _ in range(23):  # the reply's first 13 text tokens, then the decoder's first 10-token block
             token = int(sample_logits(logits, 0.2, 0.8, 50)[0])
             logits = lm.decode_step([cache], [token])
         cache.release()

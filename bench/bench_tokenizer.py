@@ -1,6 +1,6 @@
 """Speech tokenizer cost at the REAL sizes (random weights): offline tokenize() and the end-of-turn flush().
 
-    .venv/bin/python bench/bench_tokenizer.py            # CPU, float32, 2 threads (as BASELINE.md)
+    .venv/bin/python bench/bench_tokenizer.py            # CPU, float32, 2 threads (as docs/baseline.md)
     .venv/bin/python bench/bench_tokenizer.py --quick    # fewer repeats
     .venv/bin/python bench/bench_tokenizer.py --device cuda --dtype bfloat16
 
@@ -34,7 +34,7 @@ from pipeline.weights.random_tokenizer import calibration_audio, random_weights
 # Official extract_speech_token, same sizes, random weights, fp32, 2 threads, 2-core Xeon (AVX-512):
 # docs/baseline.md, "Speech tokenizer" table (median seconds per call).
 OFFICIAL_SECONDS = {1.0: 0.284, 4.0: 0.703, 10.0: 1.372, 30.0: 4.610, 31.0: 9.987}
-# The official path has no streaming: at the end of a 5 s turn it tokenizes all 5 s. BASELINE.md has no 5 s row;
+# The official path has no streaming: at the end of a 5 s turn it tokenizes all 5 s. docs/baseline.md has no 5 s row;
 # linear interpolation between its 4 s and 10 s rows.
 OFFICIAL_5S_END_OF_TURN = 0.703 + (1.372 - 0.703) * (5.0 - 4.0) / (10.0 - 4.0)
 
@@ -244,7 +244,7 @@ def bench_flush(tok: SpeechTokenizer, audio: np.ndarray, repeats: int, compare: 
         )
     if compare:
         print(
-            f"  official end-of-turn cost for 5 s: {OFFICIAL_5S_END_OF_TURN:.3f} s (interpolated, BASELINE.md)"
+            f"  official end-of-turn cost for 5 s: {OFFICIAL_5S_END_OF_TURN:.3f} s (interpolated, docs/baseline.md)"
         )
 
 
@@ -253,7 +253,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 repeat instead of 3")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (BASELINE.md used 2)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (docs/baseline.md used 2)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -62,7 +62,7 @@ class Call:
         self._emit = emit
         self.turns = TurnState()
         self.resume_token: str | None = (
-            None  # kept from session.created once the server offers one (issue 14.2)
+            None  # kept from session.created once the server offers one (docs/client.md, resume)
         )
         self.connections = 0
         self._conn: Connection | None = None

@@ -75,7 +75,7 @@ async def post_offer(
 ) -> Answer:
     """POST the offer as JSON with the call's starting session (applied before session.created)."""
     body: dict = {"type": "offer", "sdp": sdp, "session": session}
-    if resume_token:  # issue 14 item 2: a server that keeps dropped calls continues this conversation
+    if resume_token:  # docs/client.md (resume): a server that keeps dropped calls continues this conversation
         body["resume_token"] = resume_token
     try:
         async with http.post(f"{base_url}{endpoint}", json=body, headers=_headers(token)) as r:

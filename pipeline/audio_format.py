@@ -1,4 +1,4 @@
-"""The frame contract, written once (DESIGN.md): what rate each stage's audio is at.
+"""The frame contract, written once (docs/architecture.md): what rate each stage's audio is at.
 
 Torch-free: the server imports it too.
 """

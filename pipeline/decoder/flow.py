@@ -1,6 +1,6 @@
 """Flow of the GLM-4-Voice decoder: speech tokens -> 80-bin log-mel (`MaskedDiffWithXvec.inference`).
 
-REFERENCE.md §5.2-5.3. Tokens [prompt | new] -> embedding -> block-causal encoder -> Linear to 80 ->
+The official `MaskedDiffWithXvec.inference` + CFM (docs/decoder.md). Tokens [prompt | new] -> embedding -> block-causal encoder -> Linear to 80 ->
 nearest resize to F = int(T / 12.5 * 22050 / 256) frames + conv regulator = mu. The prompt's mel fills
 the first P frames of the condition; 10 Euler steps on a cosine time grid with classifier-free guidance
 0.7 (both estimator passes as one batch of two) turn noise into the mel; the frames after the prompt
@@ -18,7 +18,7 @@ from torch import nn
 from pipeline.decoder.flow_encoder import EncoderCache, EncoderConfig, FlowEncoder, LengthRegulator
 from pipeline.decoder.flow_estimator import Estimator, EstimatorConfig
 
-EULER_STEPS = 10  # `n_timesteps=10`, hard-coded in the official flow.inference (REFERENCE §5.3)
+EULER_STEPS = 10  # `n_timesteps=10`, hard-coded in the official flow.inference (docs/decoder.md)
 Sampler = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (mu, cond, noise) -> mel
 
 

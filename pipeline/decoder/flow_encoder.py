@@ -1,6 +1,6 @@
 """Flow encoder of the GLM-4-Voice decoder: block-causal relative-position Conformer + length regulator.
 
-REFERENCE.md §5.2. Pre-LN Transformer-XL style layers (ESPnet relative positions, learned `pos_bias_u/v`),
+The official flow encoder (docs/decoder.md). Pre-LN Transformer-XL style layers (ESPnet relative positions, learned `pos_bias_u/v`),
 no convolution module, no macaron FFN. Query i sees key j iff j <= i or both lie in the same
 `block_size`-token block, blocks counted from index 0 of the (prompt + new) sequence. That makes the
 states of every token in a complete block final once the block is complete: `EncoderCache` keeps them

@@ -1,4 +1,4 @@
-"""U-Net velocity estimator of the conditional flow matching (Matcha `ConditionalDecoder`), REFERENCE.md §5.3.
+"""U-Net velocity estimator of the conditional flow matching (Matcha `ConditionalDecoder`), docs/decoder.md.
 
 Input channels: x (80) | mu (80) | speaker vector broadcast (80) | prompt-mel condition (80). One down
 block that halves time, one that keeps it, `num_mid_blocks` at half rate, two up blocks with skips; every

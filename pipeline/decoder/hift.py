@@ -1,6 +1,6 @@
 """HiFT vocoder of the GLM-4-Voice decoder: NSF source + ISTFTNet, mel (86.13 Hz) -> 22.05 kHz audio.
 
-REFERENCE.md §5.4. F0 from a conv predictor; a harmonic sine source (random initial phases, additive
+The official `HiFTGenerator.inference` (docs/decoder.md). F0 from a conv predictor; a harmonic sine source (random initial phases, additive
 noise) upsampled to audio rate; its 16-point STFT is fused into a two-stage transposed-conv generator
 whose output is a magnitude/phase spectrogram inverted by an ISTFT (n_fft 16, hop 4). Weight norm is
 folded into plain weights at load (pipeline/decoder/model.py). Random draws come from the caller (`Draws`).

@@ -1,4 +1,4 @@
-"""Streaming decode of one reply: the official `token2wav` state machine (REFERENCE.md §5.5).
+"""Streaming decode of one reply: the official `token2wav` state machine (docs/decoder.md, streaming semantics).
 
 Each block is conditioned on every earlier token and mel of the reply (prompt tokens + prompt mel). Its
 new mel's first 34 frames are cross-faded with the previous block's held-back 34 frames (Hamming(68)
@@ -6,10 +6,10 @@ halves, computed in float64 as the official numpy window); the previous seam's l
 prepended and its last 256 source samples overwrite the new source start; unless finalising, the last 34
 frames are held back, the rest vocoded, the last 256 samples held back (they are re-made by the next
 block). `legacy_prompt=True` feeds back the vocoder input *with* the prepended seam frame, as the
-official demo does (REFERENCE §5.5; PR #86 unmerged) -- the prompt mel then drifts one frame from the
+official demo does (docs/decoder.md; the fix, https://github.com/zai-org/GLM-4-Voice/pull/86, is unmerged) -- the prompt mel then drifts one frame from the
 tokens; the default feeds back the frames without it.
 
-Bounded cost per block (issue 15, finding 6): under the official semantics every block re-runs the
+Bounded cost per block (docs/decoder.md): under the official semantics every block re-runs the
 estimator over the whole reply, so a block's cost grows with the reply and a reply's cost quadratically.
 The defaults bound it: blocks grow 10, 20, 40, 80 tokens and stay at 80 (the official demo grows its
 blocks too: 25, 50, 100, 150, 200), and the estimator sees at most the last 50 prompt tokens' frames.

@@ -9,7 +9,7 @@ context is prefilled, so turn 2 prefills only its new tokens and an early prefil
 4 s blocks is reused when those tokens stand.
 
 Barge-in keeps what the user heard: `played_ms / 80 ms` speech tokens (one speech token = 80 ms,
-DESIGN.md frame contract) and the text tokens generated before the last heard one.
+pipeline/audio_format.py) and the text tokens generated before the last heard one.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 One step = cancellations -> new turns' prompts -> one bounded prefill chunk per prompting call -> one
 batched next-id step over every generating reply (pipeline/engine/token_source.py) -> decoder blocks
 that are ready (pipeline/engine/decoding.py) -> early prefill when nothing else waits. Priorities
-(DESIGN.md latency budget): a turn with no audio yet goes first (time to first audio), then the stream
+(docs/engine.md): a turn with no audio yet goes first (time to first audio), then the stream
 whose audio is least ahead of its playback. A long prompt never stalls the others: it goes in
 `prefill_chunk_tokens` per step, with every other call's decode step and decoder block between.
 All state of a call lives in its `Dialogue`; an exception in one call's work ends that call's turn

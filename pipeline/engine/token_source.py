@@ -6,8 +6,8 @@ batched step), and follow the history when it changes behind the context (`rewin
 what the user heard, a trimmed or failed reply). Everything else (the history, decoder scheduling,
 barge-in) is the scheduler's and does not depend on the source. Today's one source, `LocalLM`, runs
 the shared `VoiceLM` in the engine thread: chunked prefill into the call's KV slot, one batched decode
-step for all rows, one batched sample, one host sync per step. A remote source (issue 12: vLLM over
-HTTP) would start a streaming request in `begin`/`advance` and hand out the ids that arrived in
+step for all rows, one batched sample, one host sync per step. A remote source (pipeline/engine/vllm_source.py:
+vLLM over HTTP) starts a streaming request in `begin`/`advance` and hands out the ids that arrived in
 `next_ids`.
 """
 

@@ -1,6 +1,6 @@
 """glm-4-voice-9b (ChatGLM format) -> transformers' native `GlmForCausalLM`: config, keys, shard-by-shard load.
 
-REFERENCE §3.1 (config), §3.3 (keys), §3.4 (mapping). No `trust_remote_code`, nothing fetched at run time.
+Config and key mapping: docs/lm.md. No `trust_remote_code`, nothing fetched at run time.
 pipeline/weights/random_lm.py writes the same official format (tests, demo weights, bench).
 """
 
@@ -86,7 +86,7 @@ class LMConfig:
             raise ValueError(f"{path}: missing key {err.args[0]!r} of a ChatGLM config") from err
 
     def to_glm_config(self) -> GlmConfig:
-        """The same model as transformers' `GlmConfig` (model_type "glm", REFERENCE §3.4)."""
+        """The same model as transformers' `GlmConfig` (model_type "glm", docs/lm.md)."""
         config = GlmConfig(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,

@@ -84,7 +84,7 @@ class VoiceLM:
                     f"{path}: quantization='int4' needs bitsandbytes (pip install bitsandbytes)"
                 ) from err
         # bf16 is what the official server runs (§3.2). On a CPU float32: the parity precision, and CPUs
-        # without AMX run bf16 matmuls slower (BASELINE.md). int4 computes in bf16, as the official server.
+        # without AMX run bf16 matmuls slower (docs/baseline.md). int4 computes in bf16, as the official server.
         if int4 and dtype not in (None, torch.bfloat16):
             raise ValueError(f"{path}: quantization='int4' computes in bfloat16, got dtype={dtype}")
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" or int4 else torch.float32)
@@ -231,7 +231,7 @@ class VoiceLM:
         k = attn.k_proj(h).view(B, T, -1, D).transpose(1, 2)  # (B, G, T, D)
         v = attn.v_proj(h).view(B, T, -1, D).transpose(1, 2)  # (B, G, T, D)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # half of each head, interleaved pairs
-        q = q.reshape(B, G, r * T, D)  # query head g*r + j -> group g (REFERENCE §3.2)
+        q = q.reshape(B, G, r * T, D)  # query head g*r + j -> group g (ChatGLM grouping, docs/lm.md)
         o = attend(i, q, k, v)  # (B, G, r*T, D)
         o = o.reshape(B, G * r, T, D).transpose(1, 2).reshape(B, T, G * r * D)  # (B, T, Hq*D)
         x = x + attn.o_proj(o)

@@ -1,4 +1,4 @@
-"""Prompt of the official demo (REFERENCE §4.2-4.4) as token ids, the dialogue history, and the stream parser.
+"""Prompt of the official demo (docs/lm.md) as token ids, the dialogue history, and the stream parser.
 
 Torch-free. The history is kept as token ids: the user's speech tokens and the assistant's generated
 text+speech ids exactly as the model produced them (the official demo re-tokenises decoded text, which

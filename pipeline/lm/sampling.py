@@ -1,4 +1,4 @@
-"""Next-token choice from logits: temperature -> top-k -> top-p, as transformers' warpers (REFERENCE §3.1).
+"""Next-token choice from logits: temperature -> top-k -> top-p, as transformers' warpers (docs/lm.md).
 
 `sample_rows` picks one id for every row of a batched decode step in one call: each row has its own
 temperature / top_p / top_k / generator, the filtering and the argmax run on the whole batch, and the

@@ -1,9 +1,9 @@
-"""GLM-4 text tokenizer of glm-4-voice-9b, read from the checkpoint's own files (REFERENCE §3.5).
+"""GLM-4 text tokenizer of glm-4-voice-9b, read from the checkpoint's own files (docs/lm.md).
 
 `tokenizer.model` holds tiktoken BPE ranks (one `base64(token) rank` line each); `tokenizer_config.json`'s
 `added_tokens_decoder` holds every special token (role tokens, `[gMASK]`, `<sop>`, `<|begin_of_audio|>`,
 reserved slots and the 16,384 `<|audio_k|>`) with its id. Every special id is read from that file, never
-assumed: third-party code disagrees on where `<|audio_0|>` sits (REFERENCE §2.5).
+assumed: third-party code disagrees on where `<|audio_0|>` sits (docs/lm.md).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import tiktoken
 
-# GLM-4 pre-tokenisation regex (ChatGLM4Tokenizer, REFERENCE §3.5).
+# GLM-4 pre-tokenisation regex (ChatGLM4Tokenizer, docs/lm.md).
 GLM4_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# The GLM-4 control block in its official order; voice adds the two audio brackets (REFERENCE §3.5).
+# The GLM-4 control block in its official order; voice adds the two audio brackets (docs/lm.md).
 GLM4_SPECIALS = (
     "<|endoftext|>",
     "[MASK]",
@@ -89,7 +89,7 @@ class GLMTokenizer:
         self.begin_of_audio_id = specials["<|begin_of_audio|>"]
         self.end_of_audio_id = specials["<|end_of_audio|>"]
         self.prefix_ids = [specials["[gMASK]"], specials["<sop>"]]  # added by the official tokenizer
-        # HF generate stops on config eos_token_id = [<|endoftext|>, <|user|>, <|observation|>] (REFERENCE §4.4).
+        # HF generate stops on config eos_token_id = [<|endoftext|>, <|user|>, <|observation|>] (docs/lm.md).
         self.stop_ids = frozenset({self.eos_id, self.user_id, self.observation_id})
         odd = [re.escape(s) for s in specials if not re.fullmatch(_CANDIDATE, s)]
         self._special_re = re.compile("|".join([_CANDIDATE, *odd]))

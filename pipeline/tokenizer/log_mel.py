@@ -1,7 +1,7 @@
 """Whisper log-mel features, computed in fixed-shape chunks so streaming and offline agree bit for bit.
 
 Same math as transformers' `WhisperFeatureExtractor` torch path (4.44, the version the official
-tokenizer was run with; REFERENCE.md §2.1): periodic Hann(n_fft), centred STFT with reflect padding,
+tokenizer was run with; docs/speech_tokenizer.md): periodic Hann(n_fft), centred STFT with reflect padding,
 power spectrum, Slaney mel filters, log10(clamp(., 1e-10)); then, per 30 s segment,
 max(x, max_over_segment - 8) and (x + 4) / 4. The last STFT frame is dropped, so a padded segment of
 L samples has exactly L / hop frames.

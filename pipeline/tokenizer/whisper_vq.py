@@ -1,6 +1,6 @@
 """The GLM-4-Voice tokenizer network (WhisperVQEncoder), run one attention block at a time.
 
-Official model (REFERENCE.md §2.2): causal convs (left pad 2) + GELU, learned positions, the first
+Official model (docs/speech_tokenizer.md): causal convs (left pad 2) + GELU, learned positions, the first
 `quantize_position` Whisper pre-LN layers, a block-causal mask over 50 Hz frames (query i sees key j iff
 j <= i or both are in the same `quantize_causal_block_size` block; padding keys masked), average pooling by
 `pooling_kernel_size`, nearest-codeword L2 argmin. Under that mask, block b depends only on blocks <= b,

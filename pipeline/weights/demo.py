@@ -39,7 +39,7 @@ MESSAGE = (
     "Demo weights: tiny random models, so this voice is babble. Run glm4voice download for the real one!"
 )
 TEXT_TOKENS_PER_CHUNK = 13  # paper: interleave 13 text tokens ...
-SPEECH_TOKENS_PER_CHUNK = 26  # ... with 26 speech tokens (REFERENCE §4.4)
+SPEECH_TOKENS_PER_CHUNK = 26  # ... with 26 speech tokens (docs/lm.md)
 SPEECH_CHUNKS = 3  # 78 speech tokens = 6.24 s of audio at 80 ms each
 NUM_AUDIO_TOKENS = 512  # speech vocabulary of all three tiny stages (real: 16384)
 LM_DIMS = dict(hidden_size=128, num_layers=2, num_heads=4, kv_groups=2, head_dim=32, ffn_hidden_size=256)
@@ -48,7 +48,7 @@ RESIDUAL_BRANCH_SCALE = 1e-3  # attention/MLP outputs this small leave the embed
 CHAIN_LOGIT_MARGIN = 40.0  # next-chain-token logit; all others are ~N(0, 0.1)
 OTHER_LOGIT_STD = 0.1
 TOKENIZER_DIMS = dict(d_model=64, num_layers=2, num_heads=2, ffn_dim=128, block_size_frames=200)  # 4 s blocks
-HEADER = "<|assistant|>streaming_transcription\n"  # the end of every turn prompt (REFERENCE §4.2)
+HEADER = "<|assistant|>streaming_transcription\n"  # the end of every turn prompt (docs/lm.md)
 DONE_FILE = "DEMO_WEIGHTS.json"
 
 

@@ -187,7 +187,7 @@ REAL_SIZES = dict(
     head_dim=64,
     hift_channels=512,
     harmonics=8,
-)  # config.yaml of glm-4-voice-decoder (REFERENCE.md §5.1)
+)  # config.yaml of glm-4-voice-decoder (docs/decoder.md)
 
 
 def random_decoder(*, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32, **sizes: int):

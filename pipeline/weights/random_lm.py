@@ -80,7 +80,7 @@ TensorHook = Callable[[str, torch.Tensor], torch.Tensor]  # (official name, tens
 
 
 def chatglm_shapes(cfg: LMConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """Official key names and shapes of a glm-4-voice-9b checkpoint, in file order (REFERENCE §3.1)."""
+    """Official key names and shapes of a glm-4-voice-9b checkpoint, in file order (docs/lm.md)."""
     h, f, v, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size, cfg.head_dim
     qkv = (cfg.num_heads + 2 * cfg.kv_groups) * d
     out = [("transformer.embedding.word_embeddings.weight", (v, h))]

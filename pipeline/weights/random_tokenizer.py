@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from pipeline.tokenizer.tokenizer import SpeechTokenizer
 from pipeline.tokenizer.whisper_vq import SpeechTokenizerConfig, WhisperVQEncoder
 
-PREPROCESSOR_CONFIG = {  # glm-4-voice-tokenizer's preprocessor_config.json (REFERENCE.md §2.1)
+PREPROCESSOR_CONFIG = {  # glm-4-voice-tokenizer's preprocessor_config.json (docs/speech_tokenizer.md)
     "chunk_length": 30,
     "feature_extractor_type": "WhisperFeatureExtractor",
     "feature_size": 128,
@@ -34,7 +34,7 @@ PREPROCESSOR_CONFIG = {  # glm-4-voice-tokenizer's preprocessor_config.json (REF
 def config_json(
     d_model: int, num_layers: int, num_heads: int, ffn_dim: int, codebook_size: int, block_size_frames: int
 ) -> dict:
-    """config.json with the official field list (REFERENCE.md §2.3); sizes from the arguments."""
+    """config.json with the official field list (docs/speech_tokenizer.md); sizes from the arguments."""
     return {
         "activation_dropout": 0.0,
         "activation_function": "gelu",

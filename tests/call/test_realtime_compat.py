@@ -1,4 +1,4 @@
-"""What unmodified Realtime WebRTC clients send and expect (issue 11): the full GA session config, cancel
+"""What unmodified Realtime WebRTC clients send and expect (docs/protocol.md, compatibility): the full GA session config, cancel
 followed by clear, the item lifecycle event by event, a cut-off reply whose responder finished first,
 a cross-origin preflight with the client libraries' own headers, and a control connection."""
 
@@ -68,7 +68,7 @@ REPLY_SEQUENCE = [
 
 class DeafTurn(Reply):
     """Finishes its whole reply whatever cancel says: the engine that had generated everything before the
-    cancel reached it (the race of issue 11 gap 4). 100 ms of audio per word."""
+    cancel reached it (a race a real client hit: the reply was complete when the cancel arrived). 100 ms of audio per word."""
 
     def __init__(self) -> None:
         self.reply_id = "deaf"

@@ -1,4 +1,4 @@
-"""Hostile and broken clients (issue 13): each reproduction, then the server serving a good request.
+"""Hostile and broken clients (docs/robustness.md): each reproduction, then the server serving a good request.
 
 Ghost calls (a bad offer must not hold a call slot), one-way audio (a reply nobody hears still ends),
 and HTTP input that used to answer 500 with a traceback.

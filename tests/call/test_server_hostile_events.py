@@ -1,4 +1,4 @@
-"""Hostile clients, issue 13 items 2b, 3, 6, 7, 8, 10, 11: each reproduction, then a good call served.
+"""Hostile clients (docs/robustness.md, the per-event attacks): each reproduction, then a good call served.
 
 Malformed events that used to end their call, expensive events and inbound audio over real time that
 stalled other calls, a forged X-Forwarded-For, an offer that makes us send STUN to a thousand ports,
@@ -276,7 +276,7 @@ def test_inbound_policing_keeps_real_time_and_drops_a_flood():
 
 
 class FloodMic(MicTrack):
-    """A sender `speedup` times faster than real time (what the attack in issue 13 did)."""
+    """A sender `speedup` times faster than real time (what the reported flood attack did)."""
 
     def __init__(self, speedup: float) -> None:
         super().__init__()

@@ -1,5 +1,5 @@
 """How much work one call can make the shared engine do: chunked prefill between other calls' steps,
-bounded pending input (issue 15 finding 7, issue 13 item 2). Counted in engine operations, not time."""
+bounded pending input (docs/engine.md). Counted in engine operations, not time."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ async def test_pending_input_is_bounded(responder, script, monkeypatch):
 
 
 async def test_early_prefill_never_passes_the_context(demo_dir, script):
-    """Issue 13 item 10: while the user talks, the early prefill of a prompt that the reply's start will have to
+    """While the user talks, the early prefill of a prompt that the reply's start will have to
     fit (drop old turns) is skipped, instead of failing with ContextFullError on every pushed block."""
     from tests.helpers.speech import synth_speech
 

@@ -1,4 +1,4 @@
-"""The page under admission and auth, in real headless chromium (run by tests/test_browser.py): a busy
+"""The page under admission and auth, in real headless chromium (run by tests/browser/test_browser.py): a busy
 server shows "Server busy, retry in N s"; with auth on, the page mints its own client secret where
 `[auth] page_secrets` allows it, uses a secret handed over in the URL fragment otherwise, and says
 what is missing when it has neither. Prints one JSON line with what each page showed.

@@ -32,7 +32,7 @@ def _official(tok: GLMTokenizer, text: str) -> list[int]:
 
 
 def test_system_prompts_are_the_official_strings() -> None:
-    # REFERENCE §4.2, verbatim (grammar and the audio prompt's trailing space included).
+    # The official strings (docs/lm.md), verbatim (grammar and the audio prompt's trailing space included).
     assert SYSTEM_PROMPT_AUDIO == (
         "User will provide you with a speech instruction. Do it step by step. First, think about the "
         "instruction and respond in a interleaved manner, with 13 text token followed by 26 audio tokens. "
@@ -138,7 +138,7 @@ def test_history_length_follows_every_change(tok: GLMTokenizer) -> None:
 
 
 def test_fit_drops_many_turns_without_rebuilding_the_history(tok: GLMTokenizer, monkeypatch) -> None:
-    """Issue 13 item 2a: fitting after 400 turns is one pass, not one id-list rebuild per dropped turn."""
+    """A flood of typed messages: fitting after 400 turns is one pass, not one id-list rebuild per dropped turn."""
     history = DialogueHistory(tok, system_ids=[tok.system_id])
     block = user_turn_ids(tok, text="a fairly long typed message " * 20)
     for _ in range(400):

@@ -18,7 +18,7 @@ from pipeline.lm.vllm_client import VLLMClient
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("GLM4VOICE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
-START_TIMEOUT_S = 300.0  # measured 30-55 s on a quiet 2-core box (issue 12), 3.5 min on a loaded one
+START_TIMEOUT_S = 300.0  # measured 30-55 s on a quiet 2-core box (docs/scale-out.md), 3.5 min on a loaded one
 READY_LINE = "Application startup complete"  # uvicorn's line once the API server serves requests
 
 

@@ -26,7 +26,7 @@ from tests.vllm.test_vllm_lm import NEAR_TIE_LOGITS, _top2_gap
 
 assert have_speech_tools(), "espeak-ng and sox are needed (make test installs them)"
 SILENCE_TAIL_S = 1.2  # more than silence_duration_ms: the turn ends
-ABORT_DEADLINE_S = 1.0  # issue 12: a barge-in's request leaves vLLM's running set this soon
+ABORT_DEADLINE_S = 1.0  # docs/scale-out.md: a barge-in's request leaves vLLM's running set this soon
 PROBE_INTERVAL_S = 0.5
 
 
