@@ -10,8 +10,8 @@ one run: none (baseline), then
   2a  typed 4000-character messages paced under the event rate, then `response.create`, repeated;
   2b  new 4000-character instructions + a message + `response.create` + `response.cancel`, 4 times a second;
   6   Opus at 20x real time (a call the server ends is dialled again at once).
-Then the other hostile-client reproductions of docs/robustness.md run once each (malformed events, bad offers, 1000 ICE
-candidates, malformed HTTP), every call is hung up, and the server's fds, threads, asyncio tasks and
+Then the other hostile-client reproductions of docs/robustness.md run once each (malformed events, bad offers,
+1000 ICE candidates, malformed HTTP), every call is hung up, and the server's fds, threads, asyncio tasks and
 RSS are read again. Prints the machine; nothing is asserted.
 """
 
@@ -236,7 +236,8 @@ async def run(args: argparse.Namespace) -> None:
                     lag = (await r.json())["event_loop_lag_ms"]
                 rows.append((kind, first_audio_ms, len(misses), results[1] if len(results) > 1 else 0, lag))
                 print(
-                    f"phase {kind}: {len(first_audio_ms)} replies, first audio p50 {pct(first_audio_ms, 0.5):.0f} ms"
+                    f"phase {kind}: {len(first_audio_ms)} replies, first audio p50 "
+                    f"{pct(first_audio_ms, 0.5):.0f} ms"
                 )
             await reproductions(base)
             after = await leaks()
@@ -258,7 +259,8 @@ async def run(args: argparse.Namespace) -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for kind, first, missed, calls, lag in rows:
         print(
-            f"| {kind} | {len(first)} | {pct(first, 0.5):.0f} / {pct(first, 0.95):.0f} | {missed} | {calls} | "
+            f"| {kind} | {len(first)} | {pct(first, 0.5):.0f} / {pct(first, 0.95):.0f} | {missed} | {calls} "
+            "| "
             f"{lag['p99']:.0f} / {lag['max']:.0f} |"
         )
     print(

@@ -45,7 +45,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    system = f"{platform.system()} {platform.release()}"
+    return f"{model}, {os.cpu_count()} cores, {system}, Python {platform.python_version()}"
 
 
 def pct(values: list[float], q: float) -> float:
@@ -236,7 +237,8 @@ async def main() -> None:
             f"(max {max(r['offer_to_connected_ms']):.1f})"
         )
         print(
-            f"  VAD end decision -> first outbound frame: p50 {pct(lat, 0.5):.1f} ms, p95 {pct(lat, 0.95):.1f} ms "
+            f"  VAD end decision -> first outbound frame: p50 {pct(lat, 0.5):.1f} ms, p95 "
+            f"{pct(lat, 0.95):.1f} ms "
             f"(n={len(lat)})"
         )
         print(f"  event-loop lag: p99 {r['lag_p99_ms']:.2f} ms, max {r['lag_max_ms']:.2f} ms (since start)")
@@ -249,7 +251,8 @@ async def main() -> None:
     for frames, ms in costs.items():
         print(f"  receive_jitter_frames={frames}: median {ms:.1f} ms")
     print(
-        f"  releasing at once saves {costs[4] - costs[0]:.1f} ms per turn end (expected ~60: 3 frames x 20 ms)"
+        f"  releasing at once saves {costs[4] - costs[0]:.1f} ms per turn end (expected ~60: 3 frames x 20 "
+        "ms)"
     )
 
 

@@ -42,9 +42,9 @@ from pipeline.decoder.stream import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_SCHEDULE,
 from pipeline.weights.random_decoder import random_decoder  # noqa: E402
 
 OFFICIAL_DEMO_SCHEDULE = (25, 50, 100, 150, 200)  # THUDM/GLM-4-Voice web_demo.py block sizes
-# The official computation: unbounded prompt, every call re-encodes. legacy_prompt=False (the fix of the upstream pull request 86, docs/decoder.md)
-# keeps the output aligned with ours for the difference; it feeds back one frame per seam fewer than the
-# demo, so if anything it makes the official side a little cheaper.
+# The official computation: unbounded prompt, every call re-encodes. legacy_prompt=False (the fix of the
+# upstream pull request 86, docs/decoder.md) keeps the output aligned with ours for the difference; it feeds
+# back one frame per seam fewer than the demo, so if anything it makes the official side a little cheaper.
 OFFICIAL = dict(
     schedule=OFFICIAL_DEMO_SCHEDULE, max_prompt_tokens=None, cache_encoder=False, legacy_prompt=False
 )
@@ -189,7 +189,8 @@ def print_blocks(name: str, timings: list[BlockTiming], rows: bool = True) -> No
     total = sum(t.seconds for t in timings)
     audio = sum(t.audio_seconds for t in timings)
     print(
-        f"\n[{name}] {len(timings)} blocks, {sum(t.new_tokens for t in timings)} tokens, {audio:.2f} s audio: "
+        f"\n[{name}] {len(timings)} blocks, {sum(t.new_tokens for t in timings)} tokens, {audio:.2f} s "
+        "audio: "
         f"compute {total:.2f} s, RTF {total / audio:.2f}, first block {timings[0].seconds:.3f} s"
     )
     if rows:
@@ -224,14 +225,16 @@ def compare_200(dec: SpeechDecoder, clock: Clock, repeats: int) -> None:
     timings, audio, mel = run_reply(dec, clock, tokens, OURS_UNBOUNDED)
     outputs["unbounded"] = (audio, mel)
     print(
-        f"  our schedule, unbounded prompt (output reference, one run): {sum(t.seconds for t in timings):.1f} s"
+        "  our schedule, unbounded prompt (output reference, one run): "
+        f"{sum(t.seconds for t in timings):.1f} s"
     )
     ours, official = statistics.median(totals["ours"]), statistics.median(totals["official"])
     f_ours, f_official = statistics.median(firsts["ours"]), statistics.median(firsts["official"])
     print(f"\n200-token reply (16 s of audio), medians of {repeats}:")
     print(
         f"  ours {DEFAULT_SCHEDULE} window {DEFAULT_MAX_PROMPT_TOKENS}: {ours:.1f} s   "
-        f"official {OFFICIAL_DEMO_SCHEDULE} unbounded: {official:.1f} s   official/ours = {official / ours:.2f}"
+        f"official {OFFICIAL_DEMO_SCHEDULE} unbounded: {official:.1f} s   official/ours = "
+        f"{official / ours:.2f}"
     )
     print(
         f"  first audio (first block): ours {f_ours:.2f} s ({DEFAULT_SCHEDULE[0]} tokens), official "
@@ -245,7 +248,8 @@ def compare_200(dec: SpeechDecoder, clock: Clock, repeats: int) -> None:
     ):
         (audio_a, mel_a), (audio_b, mel_b) = outputs[a], outputs[b]
         print(
-            f"  {label:46s} mel {rel_rms(mel_a, mel_b):.2e} (max abs {float((mel_a - mel_b).abs().max()):.2e})  "
+            f"  {label:46s} mel {rel_rms(mel_a, mel_b):.2e} (max abs "
+            f"{float((mel_a - mel_b).abs().max()):.2e})  "
             f"audio {rel_rms(audio_a, audio_b):.2e} (max abs {float(np.abs(audio_a - audio_b).max()):.2e})"
         )
 
@@ -261,8 +265,10 @@ def long_reply(dec: SpeechDecoder, clock: Clock, tokens_n: int) -> None:
         print(
             f"\n{len(capped)} full-size blocks ({DEFAULT_SCHEDULE[-1]} tokens) from prompt "
             f"{capped[0].prompt_tokens} to {capped[-1].prompt_tokens} tokens: seconds min {min(secs):.2f}, "
-            f"median {statistics.median(secs):.2f}, max {max(secs):.2f}; last/first {secs[-1] / secs[0]:.2f}; "
-            f"estimator frames {min(t.estimator_frames for t in capped)}-{max(t.estimator_frames for t in capped)}"
+            f"median {statistics.median(secs):.2f}, max {max(secs):.2f}; last/first "
+            f"{secs[-1] / secs[0]:.2f}; "
+            "estimator frames "
+            f"{min(t.estimator_frames for t in capped)}-{max(t.estimator_frames for t in capped)}"
         )
 
 
@@ -274,7 +280,8 @@ def graphs_vs_eager(dec: SpeechDecoder, blocks: int, repeats: int) -> None:
     dec.graphs = None
     print(
         f"\n{blocks} full blocks ({n} tokens), ours; {len(graphs) if graphs else 0} shapes recorded in "
-        f"{time.perf_counter() - t0:.1f} s ({'CUDA graphs' if graphs and graphs.captured else 'static buffers'})"
+        f"{time.perf_counter() - t0:.1f} s "
+        f"({'CUDA graphs' if graphs and graphs.captured else 'static buffers'})"
     )
     runs: dict[str, list[list[float]]] = {"eager": [], "graphs": []}
     audio: dict[str, np.ndarray] = {}
@@ -299,10 +306,12 @@ def graphs_vs_eager(dec: SpeechDecoder, blocks: int, repeats: int) -> None:
     print("  block  eager_s  graphs_s  eager/graphs")
     for k in range(blocks):
         print(
-            f"  {k:5d}  {med['eager'][k]:7.3f}  {med['graphs'][k]:8.3f}  {med['eager'][k] / med['graphs'][k]:12.2f}"
+            f"  {k:5d}  {med['eager'][k]:7.3f}  {med['graphs'][k]:8.3f}  "
+            f"{med['eager'][k] / med['graphs'][k]:12.2f}"
         )
     print(
-        f"  audio max abs difference graphs vs eager: {float(np.abs(audio['graphs'] - audio['eager']).max()):.2e}"
+        "  audio max abs difference graphs vs eager: "
+        f"{float(np.abs(audio['graphs'] - audio['eager']).max()):.2e}"
     )
 
 

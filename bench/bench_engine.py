@@ -18,10 +18,10 @@ Modes:
 
 Examples:
   .venv/bin/python bench/bench_engine.py                         # webrtc, 1 and 8 calls, 30 turns
-  .venv/bin/python bench/bench_engine.py --mode engine --calls 1 4 16
-  .venv/bin/python bench/bench_engine.py --mode engine --lm-backend vllm --calls 1 8 --turns 5
-  .venv/bin/python bench/bench_engine.py --write-fullsize /data/rand && \\
-  .venv/bin/python bench/bench_engine.py --mode engine --weights /data/rand --device cuda --dtype bfloat16 --calls 1 4 16
+  .venv/bin/python bench/bench_engine.py --mode engine --calls 1 4 16 .venv/bin/python bench/bench_engine.py
+  --mode engine --lm-backend vllm --calls 1 8 --turns 5 .venv/bin/python bench/bench_engine.py
+  --write-fullsize /data/rand && \\ .venv/bin/python bench/bench_engine.py --mode engine --weights /data/rand
+  --device cuda --dtype bfloat16 --calls 1 4 16
 """
 
 from __future__ import annotations
@@ -73,7 +73,10 @@ def machine() -> str:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}; load avg {load:.1f}; torch {torch.__version__}; commit {commit}"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {gpu}; load avg {load:.1f}; "
+        f"torch {torch.__version__}; commit {commit}"
+    )
 
 
 def pct(values: list[float], q: float) -> float:

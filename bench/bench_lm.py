@@ -44,7 +44,8 @@ PEAK_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "A800": 2039.0}  # H
 
 
 def make_lm(layers: int, device: str, dtype: torch.dtype, int4: bool = False) -> VoiceLM:
-    """The real-width LM with `layers` layers, random weights built on the device (pipeline/weights/random_lm.py)."""
+    """The real-width LM with `layers` layers, random weights built on the device
+    (pipeline/weights/random_lm.py)."""
     return random_voice_lm(dataclasses.replace(REAL, num_layers=layers), device, dtype, int4=int4)
 
 
@@ -130,7 +131,8 @@ def prefill_s(lm: VoiceLM, n: int, runs: int) -> float:
 
 
 def turn_prefill_s(lm: VoiceLM, cached: int, new: int, runs: int) -> float:
-    """A later turn: `new` tokens prefilled on top of `cached` kept ones (the official server re-prefills all)."""
+    """A later turn: `new` tokens prefilled on top of `cached` kept ones (the official server re-prefills
+    all)."""
     cache = lm.new_cache()
     lm.prefill(cache, torch.randint(0, 150000, (cached,)).tolist())
     ids = torch.randint(0, 150000, (new,)).tolist()
@@ -170,7 +172,8 @@ def cpu_bench(args: argparse.Namespace) -> None:
         platform.machine(),
     )
     print(
-        f"machine: {cpu} ({cpu_bf16}; docs/baseline.md's machine had no AMX), {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch "
+        f"machine: {cpu} ({cpu_bf16}; docs/baseline.md's machine had no AMX), {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} threads, torch "
         f"{torch.__version__}; load average at start {load:.1f} (a loaded shared machine inflates every time)"
     )
     for dtype_name in args.dtypes.split(","):
@@ -203,9 +206,12 @@ def cpu_bench(args: argparse.Namespace) -> None:
             print(f"{dtype_name} {layers} layers: " + "; ".join(cells))
             turn = turn_prefill_s(lm, 400, 100, args.runs)
             print(
-                f"{dtype_name} {layers} layers: turn 2 = 100 new tokens on 400 cached: {turn:.3f} s (the official "
-                f"server re-prefills all 500: {ours[1]:.3f} s here, {official[1] if official else float('nan'):.3f} s "
-                f"official; {ours[1] / turn:.1f}x / {(official[1] if official else float('nan')) / turn:.1f}x)"
+                f"{dtype_name} {layers} layers: turn 2 = 100 new tokens on 400 cached: {turn:.3f} s (the "
+                "official "
+                f"server re-prefills all 500: {ours[1]:.3f} s here, "
+                f"{official[1] if official else float('nan'):.3f} s "
+                f"official; {ours[1] / turn:.1f}x / "
+                f"{(official[1] if official else float('nan')) / turn:.1f}x)"
             )
             (p_ours, p_hf), (d_ours, d_hf) = against_transformers(lm, 100, args.runs)
             print(
@@ -219,12 +225,15 @@ def cpu_bench(args: argparse.Namespace) -> None:
             head = [rows[lo][i] - lo * per_layer[i] for i in range(4)]
             est = [head[i] + 40 * per_layer[i] for i in range(4)]
             print(
-                f"{dtype_name} per layer: prefill100 {per_layer[0] * 1e3:.1f} ms, prefill500 {per_layer[1] * 1e3:.1f} ms, "
-                f"decode {per_layer[2] * 1e3:.1f} / {per_layer[3] * 1e3:.1f} ms; embedding+head decode {head[2] * 1e3:.0f} ms"
+                f"{dtype_name} per layer: prefill100 {per_layer[0] * 1e3:.1f} ms, prefill500 "
+                f"{per_layer[1] * 1e3:.1f} ms, "
+                f"decode {per_layer[2] * 1e3:.1f} / {per_layer[3] * 1e3:.1f} ms; embedding+head decode "
+                f"{head[2] * 1e3:.0f} ms"
             )
             extra = ""
             if dtype_name == "bfloat16":
-                extra = f" (official measured 40 layers: {OFFICIAL_40_BF16_CPU_DECODE_S:.3f} s, {OFFICIAL_40_BF16_CPU_DECODE_S / est[2]:.2f}x)"
+                official_s = OFFICIAL_40_BF16_CPU_DECODE_S
+                extra = f" (official measured 40 layers: {official_s:.3f} s, {official_s / est[2]:.2f}x)"
             print(
                 f"{dtype_name} 40-layer extrapolation: prefill100 {est[0]:.2f} s, prefill500 {est[1]:.2f} s, "
                 f"decode {est[2]:.3f} s/token{extra}"
@@ -263,10 +272,12 @@ def gpu_bf16(lm: VoiceLM, peak: float | None, args: argparse.Namespace) -> None:
     gb = weight_bytes(lm) / 1e9
     floor = f", memory floor {gb / peak * 1e3:.2f} ms at {peak:.0f} GB/s" if peak else ""
     print(
-        f"weights read per token: {gb:.2f} GB{floor}; GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB"
+        f"weights read per token: {gb:.2f} GB{floor}; GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} "
+        "GiB"
     )
     print(
-        f"prefill 100 tokens: {prefill_s(lm, 100, args.runs) * 1e3:.1f} ms; 500: {prefill_s(lm, 500, args.runs) * 1e3:.1f} ms"
+        f"prefill 100 tokens: {prefill_s(lm, 100, args.runs) * 1e3:.1f} ms; 500: "
+        f"{prefill_s(lm, 500, args.runs) * 1e3:.1f} ms"
     )
     best_mode, best = "eager", float("inf")
     for mode in ("eager", "compile", "cudagraph", "compile+cudagraph"):
@@ -277,8 +288,10 @@ def gpu_bf16(lm: VoiceLM, peak: float | None, args: argparse.Namespace) -> None:
             print(f"decode batch 1 [{mode}]: failed: {type(err).__name__}: {err}")
             continue
         print(
-            f"decode batch 1 [{mode}]: {s * 1e3:.2f} ms/token, {1 / s:.1f} tokens/s, {gb / s:.0f} GB/s achieved"
-            f" (official HF generate on an A800: {OFFICIAL_GPU_DECODE_MS:.1f} ms, {OFFICIAL_GPU_DECODE_MS / (s * 1e3):.1f}x)"
+            f"decode batch 1 [{mode}]: {s * 1e3:.2f} ms/token, {1 / s:.1f} tokens/s, {gb / s:.0f} GB/s "
+            "achieved"
+            f" (official HF generate on an A800: {OFFICIAL_GPU_DECODE_MS:.1f} ms, "
+            f"{OFFICIAL_GPU_DECODE_MS / (s * 1e3):.1f}x)"
         )
         if s < best:
             best_mode, best = mode, s

@@ -170,7 +170,8 @@ async def run(args: argparse.Namespace) -> None:
         f"device={health['responder'].get('device')}"
     )
     print(
-        f"{args.calls} concurrent calls talking for {args.seconds} s (wall {wall_s:.0f} s incl. last replies); "
+        f"{args.calls} concurrent calls talking for {args.seconds} s (wall {wall_s:.0f} s incl. last "
+        "replies); "
         f"clip {speech.size / 16_000:.1f} s of speech + 1 s silence"
     )
     print(
@@ -193,12 +194,14 @@ async def run(args: argparse.Namespace) -> None:
     )
     print(
         f"client process event-loop lag: p50 {client_lag.quantile_s(0.5) * 1e3:.1f} ms  p99 "
-        f"{client_lag.quantile_s(0.99) * 1e3:.1f} ms  max {client_lag.max_s * 1e3:.0f} ms (the {args.calls} aiortc "
+        f"{client_lag.quantile_s(0.99) * 1e3:.1f} ms  max {client_lag.max_s * 1e3:.0f} ms (the {args.calls} "
+        "aiortc "
         "clients share one process and the machine with the server)"
     )
     print(f"calls closed, by reason: {reasons} (server log {log_path})")
     print(
-        f"server process: {cpu:.0f}% CPU average (100% = one core), RSS {rss_mb:.0f} MiB; clients in this process"
+        f"server process: {cpu:.0f}% CPU average (100% = one core), RSS {rss_mb:.0f} MiB; clients in this "
+        "process"
     )
 
 

@@ -34,8 +34,8 @@ from pipeline.weights.random_tokenizer import calibration_audio, random_weights
 # Official extract_speech_token, same sizes, random weights, fp32, 2 threads, 2-core Xeon (AVX-512):
 # docs/baseline.md, "Speech tokenizer" table (median seconds per call).
 OFFICIAL_SECONDS = {1.0: 0.284, 4.0: 0.703, 10.0: 1.372, 30.0: 4.610, 31.0: 9.987}
-# The official path has no streaming: at the end of a 5 s turn it tokenizes all 5 s. docs/baseline.md has no 5 s row;
-# linear interpolation between its 4 s and 10 s rows.
+# The official path has no streaming: at the end of a 5 s turn it tokenizes all 5 s. docs/baseline.md has no 5
+# s row; linear interpolation between its 4 s and 10 s rows.
 OFFICIAL_5S_END_OF_TURN = 0.703 + (1.372 - 0.703) * (5.0 - 4.0) / (10.0 - 4.0)
 
 REAL = SpeechTokenizerConfig(
@@ -78,8 +78,8 @@ def build(device: torch.device, dtype: torch.dtype) -> SpeechTokenizer:
     generator = torch.Generator().manual_seed(0)
     encoder = WhisperVQEncoder(REAL).eval()
     random_weights(encoder, generator)
-    # Codewords around the pooled states of a 4 s clip (as write_random_checkpoint does), not a N(0, 1/d) cloud
-    # whose near-equal distances make every argmin a tie; timing is the same either way.
+    # Codewords around the pooled states of a 4 s clip (as write_random_checkpoint does), not a N(0, 1/d)
+    # cloud whose near-equal distances make every argmin a tie; timing is the same either way.
     probe = SpeechTokenizer(REAL, encoder, torch.device("cpu"))
     seg = probe.new_segment()
     seg.audio[:64000] = calibration_audio(4.0, 16000, np.random.default_rng(1))
@@ -244,7 +244,8 @@ def bench_flush(tok: SpeechTokenizer, audio: np.ndarray, repeats: int, compare: 
         )
     if compare:
         print(
-            f"  official end-of-turn cost for 5 s: {OFFICIAL_5S_END_OF_TURN:.3f} s (interpolated, docs/baseline.md)"
+            f"  official end-of-turn cost for 5 s: {OFFICIAL_5S_END_OF_TURN:.3f} s (interpolated, "
+            "docs/baseline.md)"
         )
 
 
@@ -261,7 +262,8 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(
         f"device {device}, dtype {args.dtype}; real sizes, random weights; "
-        f"ratios vs the official code {'shown' if compare else 'not shown (the baseline is CPU fp32, 2 threads)'}"
+        "ratios vs the official code "
+        f"{'shown' if compare else 'not shown (the baseline is CPU fp32, 2 threads)'}"
     )
     tok = build(device, dtype)
     audio = calibration_audio(32.0, 16000, np.random.default_rng(0))

@@ -215,7 +215,8 @@ async def main() -> None:
     print(f"bench_transports.py @ {commit} on {machine()}")
     print(
         f"responder: {args.responder}{' (demo weights, CPU)' if args.responder == 'glm4voice' else ''}; "
-        f"clip {clip.size / 16_000:.2f} s + {TAIL_S:.1f} s silence; {args.calls} call(s) x {args.turns} turns "
+        f"clip {clip.size / 16_000:.2f} s + {TAIL_S:.1f} s silence; {args.calls} call(s) x {args.turns} "
+        "turns "
         "per transport; server in its own process, loopback"
     )
     server = ServerProcess(args.responder)
@@ -237,7 +238,8 @@ async def main() -> None:
         if r["first_loud_ms"]:
             loud = r["first_loud_ms"]
             print(
-                f"  {'':9s}  first frame > -60 dBFS: p50 {pct(loud, 0.5):7.1f} ms, p95 {pct(loud, 0.95):7.1f} ms"
+                f"  {'':9s}  first frame > -60 dBFS: p50 {pct(loud, 0.5):7.1f} ms, p95 "
+                f"{pct(loud, 0.95):7.1f} ms"
             )
     a, b = rows["WebSocket"], rows["WebRTC"]
     print(

@@ -1,7 +1,8 @@
-"""The one-shot GPU check: parity on the device, full-size LM / tokenizer / decoder figures, the engine end to end.
+"""The one-shot GPU check: parity on the device, full-size LM / tokenizer / decoder figures, the engine
+end to end.
 
-    PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --out "$OUT"            # on the GPU machine (no venv, no network)
-    .venv/bin/python bench/gpu_check.py --tiny --out /tmp/gpu_check       # every section on the CPU, tiny models
+    PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --out "$OUT"       # on the GPU machine: no venv, no network
+    .venv/bin/python bench/gpu_check.py --tiny --out /tmp/gpu_check  # every section on the CPU, tiny models
 
 Sections run one after another, each time-boxed and independent (a failure is written with its traceback and
 the next section runs); `gpu_check.json` and `gpu_check.md` are rewritten after every section, so a run cut
@@ -78,7 +79,8 @@ class Check:
         print(f"[{time.strftime('%H:%M:%S')} +{time.monotonic() - self.t0:6.1f}s] {msg}", flush=True)
 
     def left_s(self) -> float:
-        """Seconds left to the current section (soft: a section skips its optional parts below a threshold)."""
+        """Seconds left to the current section (soft: a section skips its optional parts below a
+        threshold)."""
         return self.section_deadline - time.monotonic()
 
     def sync(self) -> None:
@@ -203,7 +205,7 @@ def parity_path(stage: str) -> Path:
     return Path(os.environ.get("GLM4VOICE_PARITY_DIR") or ROOT / "tests" / "fixtures" / "parity") / stage
 
 
-# ----- (a) parity on the device ------------------------------------------------------------------------------
+# ----- (a) parity on the device -----------------------------------------------------------------------------
 
 
 def section_parity(check: Check, fig: dict) -> None:
@@ -309,7 +311,7 @@ def graph_vs_eager(lm: VoiceLM) -> float:
     return worst
 
 
-# ----- (b) the full-size LM ----------------------------------------------------------------------------------
+# ----- (b) the full-size LM ---------------------------------------------------------------------------------
 
 
 def weight_bytes_per_step(lm: VoiceLM, batch: int) -> int:
@@ -347,7 +349,8 @@ def section_lm(check: Check, fig: dict) -> None:
     fig["kv_slots"] = slots
     fig["memory_after_kv_reserve_gb"] = check.mem_gb()
     check.log(
-        f"lm: built {fig['params_b']} B params in {fig['build_s']} s, memory {fig['memory_after_kv_reserve_gb']}"
+        f"lm: built {fig['params_b']} B params in {fig['build_s']} s, memory "
+        f"{fig['memory_after_kv_reserve_gb']}"
     )
 
     prefill = {}
@@ -416,7 +419,7 @@ def section_lm(check: Check, fig: dict) -> None:
     fig["peak_gbs_spec"] = peak
 
 
-# ----- (c) int4 ----------------------------------------------------------------------------------------------
+# ----- (c) int4 ---------------------------------------------------------------------------------------------
 
 
 def section_int4(check: Check, fig: dict) -> None:
@@ -442,7 +445,7 @@ def section_int4(check: Check, fig: dict) -> None:
     fig["decode_ms_batch1"] = timed_ms(check, step, 10)
 
 
-# ----- (d) full-size speech tokenizer and decoder ------------------------------------------------------------
+# ----- (d) full-size speech tokenizer and decoder -----------------------------------------------------------
 
 
 def demo_root() -> Path:
@@ -562,12 +565,12 @@ def decoder_graphs_vs_eager(check: Check, dec) -> dict:
     }
 
 
-# ----- (e) the engine end to end -----------------------------------------------------------------------------
+# ----- (e) the engine end to end ----------------------------------------------------------------------------
 
 
 def install_chain(lm: VoiceLM, script: dict, seed: int = 0) -> None:
-    """Make a random LM say the demo script (pipeline/weights/demo.py's bigram chain, on GLM names), so replies
-    end, interleave 13 text / 26 speech tokens and stop, at full size and full cost."""
+    """Make a random LM say the demo script (pipeline/weights/demo.py's bigram chain, on GLM names), so
+    replies end, interleave 13 text / 26 speech tokens and stop, at full size and full cost."""
     from pipeline.weights.demo import CHAIN_LOGIT_MARGIN, OTHER_LOGIT_STD, RESIDUAL_BRANCH_SCALE
 
     model, h = lm.model, lm.config.hidden_size
@@ -587,7 +590,8 @@ def install_chain(lm: VoiceLM, script: dict, seed: int = 0) -> None:
 
 
 def full_size_models(check: Check):
-    """The engine's `Models` at full size, random weights, built on the device (demo text tokenizer and script)."""
+    """The engine's `Models` at full size, random weights, built on the device (demo text tokenizer and
+    script)."""
     from pipeline.engine.models import Models
     from pipeline.lm.text_tokenizer import GLMTokenizer
     from pipeline.weights.resolve import ResolvedWeights
@@ -624,7 +628,8 @@ async def one_turn(session, text: str) -> dict:
         if isinstance(event, AudioChunk):
             if first_t is None:
                 first_t = now
-            # Playback starts with the first chunk; a chunk arriving after the audio before it ran out is a gap.
+            # Playback starts with the first chunk; a chunk arriving after the audio before it ran out is a
+            # gap.
             worst_lag_s = max(worst_lag_s, (now - first_t) - audio_s)
             audio_s += event.pcm.size / event.sample_rate_hz
         elif isinstance(event, Timing) and event.stage == "first_pcm":

@@ -10,12 +10,13 @@ Flow of one user turn and its reply, as the server drives it:
     session.push_audio(pcm16k)   ...                            # while the user speaks (VAD says speech)
     session.commit_audio()                                      # VAD: turn ended -> user item is final
     reply = session.respond()                                   # start the assistant's reply
-    async for event in reply.events(): ...                      # TextDelta / AudioChunk / Timing / ReplyDone / ReplyError
+    async for event in reply.events(): ...                      # ReplyEvent: text/audio/timing/done/error
     reply.cancel(played_ms=...)                                 # barge-in: stop; keep only what was heard
     await session.close()                                       # hangup: frees every resource of the call
 
-`add_text()` is a typed user message (GLM-4-Voice takes text turns too); `discard_audio()` drops speech
-the VAD judged too short; `delete_item()` removes a user item or an ended reply from the history. Everything here is torch-free on purpose.
+`add_text()` is a typed user message (GLM-4-Voice takes text turns too); `discard_audio()` drops speech the
+VAD judged too short; `delete_item()` removes a user item or an ended reply from the history. Everything here
+is torch-free on purpose.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The decoder's sizes, read from the official `config.yaml` as data (HyperPyYAML tags never build anything)."""
+"""The decoder's sizes, read from the official `config.yaml` as data (HyperPyYAML tags never build
+anything)."""
 
 from __future__ import annotations
 

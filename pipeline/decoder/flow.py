@@ -1,10 +1,11 @@
 """Flow of the GLM-4-Voice decoder: speech tokens -> 80-bin log-mel (`MaskedDiffWithXvec.inference`).
 
-The official `MaskedDiffWithXvec.inference` + CFM (docs/decoder.md). Tokens [prompt | new] -> embedding -> block-causal encoder -> Linear to 80 ->
-nearest resize to F = int(T / 12.5 * 22050 / 256) frames + conv regulator = mu. The prompt's mel fills
-the first P frames of the condition; 10 Euler steps on a cosine time grid with classifier-free guidance
-0.7 (both estimator passes as one batch of two) turn noise into the mel; the frames after the prompt
-are returned. The speaker vector is the affine layer's bias: GLM-4-Voice always passes a zero x-vector.
+The official `MaskedDiffWithXvec.inference` + CFM (docs/decoder.md). Tokens [prompt | new] -> embedding ->
+block-causal encoder -> Linear to 80 -> nearest resize to F = int(T / 12.5 * 22050 / 256) frames + conv
+regulator = mu. The prompt's mel fills the first P frames of the condition; 10 Euler steps on a cosine time
+grid with classifier-free guidance 0.7 (both estimator passes as one batch of two) turn noise into the mel;
+the frames after the prompt are returned. The speaker vector is the affine layer's bias: GLM-4-Voice always
+passes a zero x-vector.
 """
 
 from __future__ import annotations
@@ -184,7 +185,8 @@ class FlowModel(nn.Module):
 
         `max_prompt_frames` (opt-in, not official): the estimator sees at most this many prompt frames
         (the encoder and regulator still see the whole reply); the noise keeps its frame positions.
-        `sample`: runs the Euler loop in place of `self.sample` (the CUDA-graph replay, pipeline/decoder/graphs.py)."""
+        `sample`: runs the Euler loop in place of `self.sample` (the CUDA-graph replay,
+        pipeline/decoder/graphs.py)."""
         frames = noise.shape[-1]
         prompt_frames = prompt_mel.shape[-1]
         if prompt_frames >= frames:

@@ -1,11 +1,11 @@
 """Flow encoder of the GLM-4-Voice decoder: block-causal relative-position Conformer + length regulator.
 
-The official flow encoder (docs/decoder.md). Pre-LN Transformer-XL style layers (ESPnet relative positions, learned `pos_bias_u/v`),
-no convolution module, no macaron FFN. Query i sees key j iff j <= i or both lie in the same
-`block_size`-token block, blocks counted from index 0 of the (prompt + new) sequence. That makes the
+The official flow encoder (docs/decoder.md). Pre-LN Transformer-XL style layers (ESPnet relative positions,
+learned `pos_bias_u/v`), no convolution module, no macaron FFN. Query i sees key j iff j <= i or both lie in
+the same `block_size`-token block, blocks counted from index 0 of the (prompt + new) sequence. That makes the
 states of every token in a complete block final once the block is complete: `EncoderCache` keeps them
-(per-layer keys/values and outputs) so a streaming call only encodes the tokens after the last complete
-block. Dropout layers of the official module are absent: we run in eval mode (see docs/decoder.md).
+(per-layer keys/values and outputs) so a streaming call only encodes the tokens after the last complete block.
+Dropout layers of the official module are absent: we run in eval mode (see docs/decoder.md).
 """
 
 from __future__ import annotations

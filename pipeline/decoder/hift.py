@@ -1,10 +1,10 @@
 """HiFT vocoder of the GLM-4-Voice decoder: NSF source + ISTFTNet, mel (86.13 Hz) -> 22.05 kHz audio.
 
-The official `HiFTGenerator.inference` (docs/decoder.md). F0 from a conv predictor; a harmonic sine source (random initial phases, additive
-noise) upsampled to audio rate; its 16-point STFT is fused into a two-stage transposed-conv generator
-whose output is a magnitude/phase spectrogram inverted by an ISTFT (n_fft 16, hop 4). Weight norm is
-folded into plain weights at load (pipeline/decoder/model.py). Random draws come from the caller (`Draws`).
-The STFT, ISTFT and the sine source run in float32 whatever the module dtype.
+The official `HiFTGenerator.inference` (docs/decoder.md). F0 from a conv predictor; a harmonic sine source
+(random initial phases, additive noise) upsampled to audio rate; its 16-point STFT is fused into a two-stage
+transposed-conv generator whose output is a magnitude/phase spectrogram inverted by an ISTFT (n_fft 16, hop
+4). Weight norm is folded into plain weights at load (pipeline/decoder/model.py). Random draws come from the
+caller (`Draws`). The STFT, ISTFT and the sine source run in float32 whatever the module dtype.
 """
 
 from __future__ import annotations
@@ -222,9 +222,10 @@ class HiftGenerator(nn.Module):
         return torch.clamp(self.istft(spec), -cfg.audio_limit, cfg.audio_limit)
 
     def istft(self, spec: torch.Tensor) -> torch.Tensor:
-        """spec (1, n_fft/2 + 1, frames) complex -> (1, hop * (frames - 1)): `torch.istft(center=True)` without
-        its host-side window check (an `.item()`, which a CUDA graph cannot record), same ops otherwise
-        (equal up to float rounding, ~1e-7). The window's overlap-add never vanishes (checked at init)."""
+        """spec (1, n_fft/2 + 1, frames) complex -> (1, hop * (frames - 1)): `torch.istft(center=True)`
+        without its host-side window check (an `.item()`, which a CUDA graph cannot record), same ops
+        otherwise (equal up to float rounding, ~1e-7). The window's overlap-add never vanishes (checked at
+        init)."""
         cfg, window = self.cfg, self.stft_window
         frames = spec.shape[-1]
         y = torch.fft.irfft(spec.transpose(1, 2), cfg.n_fft, dim=-1).transpose(1, 2) * window.view(1, -1, 1)

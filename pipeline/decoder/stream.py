@@ -1,13 +1,14 @@
-"""Streaming decode of one reply: the official `token2wav` state machine (docs/decoder.md, streaming semantics).
+"""Streaming decode of one reply: the official `token2wav` state machine (docs/decoder.md, streaming
+semantics).
 
-Each block is conditioned on every earlier token and mel of the reply (prompt tokens + prompt mel). Its
-new mel's first 34 frames are cross-faded with the previous block's held-back 34 frames (Hamming(68)
-halves, computed in float64 as the official numpy window); the previous seam's last mel frame is
-prepended and its last 256 source samples overwrite the new source start; unless finalising, the last 34
-frames are held back, the rest vocoded, the last 256 samples held back (they are re-made by the next
-block). `legacy_prompt=True` feeds back the vocoder input *with* the prepended seam frame, as the
-official demo does (docs/decoder.md; the fix, https://github.com/zai-org/GLM-4-Voice/pull/86, is unmerged) -- the prompt mel then drifts one frame from the
-tokens; the default feeds back the frames without it.
+Each block is conditioned on every earlier token and mel of the reply (prompt tokens + prompt mel). Its new
+mel's first 34 frames are cross-faded with the previous block's held-back 34 frames (Hamming(68) halves,
+computed in float64 as the official numpy window); the previous seam's last mel frame is prepended and its
+last 256 source samples overwrite the new source start; unless finalising, the last 34 frames are held back,
+the rest vocoded, the last 256 samples held back (they are re-made by the next block). `legacy_prompt=True`
+feeds back the vocoder input *with* the prepended seam frame, as the official demo does (docs/decoder.md; the
+fix, https://github.com/zai-org/GLM-4-Voice/pull/86, is unmerged) -- the prompt mel then drifts one frame from
+the tokens; the default feeds back the frames without it.
 
 Bounded cost per block (docs/decoder.md): under the official semantics every block re-runs the
 estimator over the whole reply, so a block's cost grows with the reply and a reply's cost quadratically.
@@ -256,7 +257,8 @@ class DecoderStream:
     def _vocode(
         self, mel: torch.Tensor, cache_source: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """mel (1, 80, T) float32 -> (audio (1, 256T), source (1, 1, 256T), f0 (1, T)) with this block's draws."""
+        """mel (1, 80, T) float32 -> (audio (1, 256T), source (1, 1, 256T), f0 (1, T)) with this block's
+        draws."""
         dec = self.decoder
         sines = dec.cfg.hift.nb_harmonics + 1
         phase = self.draws.source_phase(sines)

@@ -80,7 +80,8 @@ class SourceJob(Protocol):
 
 @dataclass
 class PromptJob:
-    """The local token source's prefill in progress: the cache holds a prefix of `ids`, one chunk more per step."""
+    """The local token source's prefill in progress: the cache holds a prefix of `ids`, one chunk more per
+    step."""
 
     ids: list[int]
     for_reply: bool  # a reply waits for the logits of the last position

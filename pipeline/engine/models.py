@@ -127,7 +127,8 @@ def _warm_up_lm(lm: VoiceLM, text: GLMTokenizer) -> None:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Device memory the engine needs at `max_calls` calls, checked against what is free before the KV reserve."""
+    """Device memory the engine needs at `max_calls` calls, checked against what is free before the KV
+    reserve."""
 
     device: torch.device
     max_calls: int
@@ -146,9 +147,11 @@ class MemoryPlan:
         gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
         free = f"; free now {gb(self.free_bytes)}" if self.free_bytes is not None else ""
         return (
-            f"memory plan on {self.device} for {self.max_calls} calls at {self.context_tokens} tokens: weights "
+            f"memory plan on {self.device} for {self.max_calls} calls at {self.context_tokens} tokens: "
+            "weights "
             f"{gb(self.weights_bytes)} (loaded) + LM KV pool {gb(self.kv_pool_bytes)} + speech tokenizer KV "
-            f"{gb(self.tokenizer_bytes)} + activations ~{gb(self.activation_bytes)} = {gb(self.total_bytes)}{free}"
+            f"{gb(self.tokenizer_bytes)} + activations ~{gb(self.activation_bytes)} = "
+            f"{gb(self.total_bytes)}{free}"
         )
 
     def check(self) -> None:

@@ -187,7 +187,8 @@ class Scheduler:
             prompt = self._partial_prompt(d) if d.partial_audio_tokens else []
             context = self._context_tokens()
             # Only a prompt that the reply's start will keep as it is: one that would need `fit()` to drop old
-            # turns (or pass the context) changes from the first dropped turn on, so its prefill now is wasted.
+            # turns (or pass the context) changes from the first dropped turn on, so its prefill now is
+            # wasted.
             if prompt and len(prompt) + min(self.cfg.max_new_tokens, context // 4) <= context:
                 self.source.begin(d, prompt, for_reply=False)
         if self.source.prefilling(d):

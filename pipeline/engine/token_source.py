@@ -1,14 +1,13 @@
 """Where a reply's tokens come from: the `TokenSource` seam, and its local implementation.
 
-The scheduler asks a token source three things: make a call's context hold a prompt (`begin`, then
-`advance` a bounded piece per step), give the next id of every generating reply (`next_ids`, one
-batched step), and follow the history when it changes behind the context (`rewind`: a reply kept only
-what the user heard, a trimmed or failed reply). Everything else (the history, decoder scheduling,
-barge-in) is the scheduler's and does not depend on the source. Today's one source, `LocalLM`, runs
-the shared `VoiceLM` in the engine thread: chunked prefill into the call's KV slot, one batched decode
-step for all rows, one batched sample, one host sync per step. A remote source (pipeline/engine/vllm_source.py:
-vLLM over HTTP) starts a streaming request in `begin`/`advance` and hands out the ids that arrived in
-`next_ids`.
+The scheduler asks a token source three things: make a call's context hold a prompt (`begin`, then `advance` a
+bounded piece per step), give the next id of every generating reply (`next_ids`, one batched step), and follow
+the history when it changes behind the context (`rewind`: a reply kept only what the user heard, a trimmed or
+failed reply). Everything else (the history, decoder scheduling, barge-in) is the scheduler's and does not
+depend on the source. Today's one source, `LocalLM`, runs the shared `VoiceLM` in the engine thread: chunked
+prefill into the call's KV slot, one batched decode step for all rows, one batched sample, one host sync per
+step. A remote source (pipeline/engine/vllm_source.py: vLLM over HTTP) starts a streaming request in
+`begin`/`advance` and hands out the ids that arrived in `next_ids`.
 """
 
 from __future__ import annotations

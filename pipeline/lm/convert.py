@@ -1,4 +1,5 @@
-"""glm-4-voice-9b (ChatGLM format) -> transformers' native `GlmForCausalLM`: config, keys, shard-by-shard load.
+"""glm-4-voice-9b (ChatGLM format) -> transformers' native `GlmForCausalLM`: config, keys, shard-by-shard
+load.
 
 Config and key mapping: docs/lm.md. No `trust_remote_code`, nothing fetched at run time.
 pipeline/weights/random_lm.py writes the same official format (tests, demo weights, bench).
@@ -165,7 +166,8 @@ def shard_files(path: Path) -> list[Path]:
 
 
 def iter_checkpoint(path: Path, cfg: LMConfig) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """(GLM name, tensor, file) one tensor at a time: host memory holds one official tensor, never the model."""
+    """(GLM name, tensor, file) one tensor at a time: host memory holds one official tensor, never the
+    model."""
     for file in shard_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():

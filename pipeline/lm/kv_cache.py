@@ -12,7 +12,8 @@ import torch
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
-    """How many leading ids two sequences share: a cache holding `a` keeps this much of `b` (the rest is prefilled)."""
+    """How many leading ids two sequences share: a cache holding `a` keeps this much of `b` (the rest is
+    prefilled)."""
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:

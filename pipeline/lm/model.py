@@ -1,9 +1,9 @@
 """GLM-4-Voice-9B language model on transformers' native `GlmForCausalLM`, with a gpt-fast style hot path.
 
-transformers holds the weights and the simple full-sequence forward (`logits`); the streaming path runs
-the same layers' submodules (norms, projections, MLP, its RoPE) against a static KV pool shared by all
-calls: `prefill` appends a call's new tokens, `decode_step` advances several calls of different lengths
-by one token in one forward (fixed shapes per (batch, length bucket), no host sync); pipeline/lm/sampling.py picks.
+transformers holds the weights and the simple full-sequence forward (`logits`); the streaming path runs the
+same layers' submodules (norms, projections, MLP, its RoPE) against a static KV pool shared by all calls:
+`prefill` appends a call's new tokens, `decode_step` advances several calls of different lengths by one token
+in one forward (fixed shapes per (batch, length bucket), no host sync); pipeline/lm/sampling.py picks.
 Conversion details: `pipeline/lm/convert.py`; the KV pool: `pipeline/lm/kv_cache.py`.
 """
 
@@ -84,7 +84,8 @@ class VoiceLM:
                     f"{path}: quantization='int4' needs bitsandbytes (pip install bitsandbytes)"
                 ) from err
         # bf16 is what the official server runs (§3.2). On a CPU float32: the parity precision, and CPUs
-        # without AMX run bf16 matmuls slower (docs/baseline.md). int4 computes in bf16, as the official server.
+        # without AMX run bf16 matmuls slower (docs/baseline.md). int4 computes in bf16, as the official
+        # server.
         if int4 and dtype not in (None, torch.bfloat16):
             raise ValueError(f"{path}: quantization='int4' computes in bfloat16, got dtype={dtype}")
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" or int4 else torch.float32)
@@ -111,7 +112,7 @@ class VoiceLM:
         ids = torch.tensor([input_ids], device=self.device)
         return self.model(input_ids=ids, use_cache=False).logits[0].float()
 
-    # --- streaming path --------------------------------------------------------------------------------------
+    # --- streaming path -------------------------------------------------------------------------------------
     def new_cache(self) -> LMCache:
         return LMCache(self.pool, self.pool.acquire())
 
@@ -194,7 +195,8 @@ class VoiceLM:
         stop_ids: frozenset[int] = frozenset(),
         seed: int | None = None,
     ) -> list[int]:
-        """New ids after `input_ids` through prefill + decode steps (the streaming path); stops after a stop id."""
+        """New ids after `input_ids` through prefill + decode steps (the streaming path); stops after a stop
+        id."""
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -301,10 +303,11 @@ class VoiceLM:
             x = self._layer(i, x, cos, sin, attend)
         return self.model.lm_head(self.model.model.norm(x[:, 0])).float()
 
-    # --- compiled / graphed decode ---------------------------------------------------------------------------
+    # --- compiled / graphed decode --------------------------------------------------------------------------
     def set_decode_mode(self, mode: str) -> None:
         """'eager'; 'cudagraph' (graphs from `capture_graphs`, CUDA only); 'compile' / 'compile+cudagraph'
-        (torch.compile, kept out of the default and of bench/gpu_check.py: one recompile per (batch, bucket))."""
+        (torch.compile, kept out of the default and of bench/gpu_check.py: one recompile per (batch,
+        bucket))."""
         if mode not in DECODE_MODES:
             raise ValueError(f"decode mode {mode!r}: expected one of {DECODE_MODES}")
         if "cudagraph" in mode and self.device.type != "cuda":

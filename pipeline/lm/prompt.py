@@ -28,7 +28,8 @@ ASSISTANT_METADATA = "streaming_transcription\n"  # after <|assistant|>: the int
 
 
 def system_block_ids(tok: GLMTokenizer, *, speech_input: bool, instructions: str | None = None) -> list[int]:
-    """`[gMASK]<sop><|system|>\\n{system prompt}` with the user's instructions appended (docs/lm.md says why)."""
+    """`[gMASK]<sop><|system|>\\n{system prompt}` with the user's instructions appended (docs/lm.md says
+    why)."""
     system = SYSTEM_PROMPT_AUDIO if speech_input else SYSTEM_PROMPT_TEXT
     if instructions and instructions.strip():
         system = system + ("" if system.endswith(" ") else " ") + instructions.strip()

@@ -84,7 +84,8 @@ def sample_logits(
     top_k: int | Tensor = 0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Next ids (B,) from logits (B, V): settings as scalars or per-row tensors, one generator for all rows."""
+    """Next ids (B,) from logits (B, V): settings as scalars or per-row tensors, one generator for all
+    rows."""
     B = logits.shape[0]
 
     def per_row(value: float | int | Tensor) -> list:

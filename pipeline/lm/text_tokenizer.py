@@ -156,7 +156,8 @@ class GLMTokenizer:
         return ids
 
     def token_bytes(self, token_id: int) -> bytes:
-        """Bytes of one id; specials give their content; ids outside the tokenizer (LM padding rows) give b''."""
+        """Bytes of one id; specials give their content; ids outside the tokenizer (LM padding rows) give
+        b''."""
         if 0 <= token_id < self.num_ranks:
             try:
                 return self._enc.decode_single_token_bytes(token_id)

@@ -80,7 +80,8 @@ class LogMel:
     def frame_samples(
         self, audio: np.ndarray, n_valid: int, padded_len: int, first: int, end: int
     ) -> np.ndarray:
-        """Samples read by frames [first, end) of a segment zero-padded to `padded_len`, reflect-padded by n_fft/2.
+        """Samples read by frames [first, end) of a segment zero-padded to `padded_len`, reflect-padded by
+        n_fft/2.
 
         `audio[:n_valid]` are the real samples; only frames whose window ends before n_valid (or any frame
         once the segment's length is final) give values that will not change.

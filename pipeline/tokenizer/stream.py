@@ -1,4 +1,5 @@
-"""Per-turn streaming state of the speech tokenizer (see pipeline/tokenizer/tokenizer.py for the semantics)."""
+"""Per-turn streaming state of the speech tokenizer (see pipeline/tokenizer/tokenizer.py for the
+semantics)."""
 
 from __future__ import annotations
 
@@ -94,9 +95,10 @@ class TokenizerStream:
     def _advance(self, seg: SegmentState) -> list[int]:
         """Stream step: encode every block whose audio is now complete; returns their tokens.
 
-        The floor is the max so far - 8. With `self.refresh`, earlier blocks whose inputs that floor changes are
-        re-encoded first (not returned again), so the new block sees the same context `tokenize()` of the
-        audio so far would, and flush() has less to redo; without it, the new block attends to the stale cache.
+        The floor is the max so far - 8. With `self.refresh`, earlier blocks whose inputs that floor changes
+        are re-encoded first (not returned again), so the new block sees the same context `tokenize()` of the
+        audio so far would, and flush() has less to redo; without it, the new block attends to the stale
+        cache.
         """
         tok = self._tok
         c, out = tok.config, []

@@ -1,10 +1,10 @@
 """GLM-4-Voice speech tokenizer: 16 kHz speech -> 12.5 Hz token ids, offline and streamed by 4 s blocks.
 
-Official semantics (docs/speech_tokenizer.md): audio is cut into independent 30 s segments; each is zero-padded to
-a multiple of 1280 samples (one token); log-mel frames are floored at (segment max - 8); the encoder
-(pipeline/tokenizer/whisper_vq.py) is block-causal over 200-frame (4 s) blocks; a segment of N samples gives
-ceil(N / 1280) tokens. Both paths below run the same per-chunk log-mel and per-block encoder calls with the
-same shapes, so a stream's final tokens are the same bits as `tokenize()` of the same audio.
+Official semantics (docs/speech_tokenizer.md): audio is cut into independent 30 s segments; each is
+zero-padded to a multiple of 1280 samples (one token); log-mel frames are floored at (segment max - 8); the
+encoder (pipeline/tokenizer/whisper_vq.py) is block-causal over 200-frame (4 s) blocks; a segment of N samples
+gives ceil(N / 1280) tokens. Both paths below run the same per-chunk log-mel and per-block encoder calls with
+the same shapes, so a stream's final tokens are the same bits as `tokenize()` of the same audio.
 
 Streaming: a block's tokens are returned by `push()` once its 4 s of audio are in, computed with the floor
 known at that time (the max so far) and the cache of earlier blocks. Only the floor is not causal: at the

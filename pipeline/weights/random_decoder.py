@@ -20,7 +20,7 @@ from pipeline.decoder.hift import HiftGenerator
 from pipeline.decoder.model import SpeechDecoder
 
 _CONFIG = """\
-# Random GLM-4-Voice decoder (pipeline.weights.random_decoder.write_random_checkpoint, seed {seed}); official layout.
+# Random GLM-4-Voice decoder (pipeline/weights/random_decoder.py, seed {seed}); official layout.
 __set_seed1: !apply:random.seed [1986]
 sample_rate: 22050
 spk_embed_dim: 192

@@ -63,7 +63,8 @@ def random_glm_tensors(
 def random_voice_lm(
     cfg: LMConfig, device: str | torch.device, dtype: torch.dtype, seed: int = 0, int4: bool = False
 ) -> VoiceLM:
-    """A `VoiceLM` with random weights built directly on `device` (bench, GPU check: no disk, no host copy)."""
+    """A `VoiceLM` with random weights built directly on `device` (bench, GPU check: no disk, no host
+    copy)."""
     dev = torch.device(device)
     tensor_dtype = torch.bfloat16 if int4 else dtype
     model = build_glm_model(

@@ -99,7 +99,8 @@ def select_device(name: str) -> torch.device:
 
 
 def select_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 on GPU (the checkpoint's torch_dtype), float32 on CPU (bf16 matmuls are slow there)."""
+    """`auto`: bfloat16 on GPU (the checkpoint's torch_dtype), float32 on CPU (bf16 matmuls are slow
+    there)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:

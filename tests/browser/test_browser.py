@@ -1,4 +1,5 @@
-"""A real browser calls the server: headless Debian chromium with a fake microphone (tests/helpers/browser_call.py).
+"""A real browser calls the server: headless Debian chromium with a fake microphone
+(tests/helpers/browser_call.py).
 
 Runs inside a network namespace with only loopback (`unshare -n`, `ip link set lo up`) where the machine
 allows it, else on the host's loopback; the test output says which. The screenshot is kept under artifacts/.
@@ -56,7 +57,8 @@ def test_browser_call_end_to_end():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     stats = result["stats"]
     print(
-        f"browser saw: state={stats['state']} inbound energy={stats['energy']:.3f} packets={stats['packets']} "
+        f"browser saw: state={stats['state']} inbound energy={stats['energy']:.3f} "
+        f"packets={stats['packets']} "
         f"latency={result['latency']} screenshot={result['screenshot']}"
     )
     assert "input_audio_buffer.speech_started" in stats["types"], (

@@ -1,6 +1,6 @@
-"""What unmodified Realtime WebRTC clients send and expect (docs/protocol.md, compatibility): the full GA session config, cancel
-followed by clear, the item lifecycle event by event, a cut-off reply whose responder finished first,
-a cross-origin preflight with the client libraries' own headers, and a control connection."""
+"""What unmodified Realtime WebRTC clients send and expect (docs/protocol.md, compatibility): the full GA
+session config, cancel followed by clear, the item lifecycle event by event, a cut-off reply whose responder
+finished first, a cross-origin preflight with the client libraries' own headers, and a control connection."""
 
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ REPLY_SEQUENCE = [
 
 class DeafTurn(Reply):
     """Finishes its whole reply whatever cancel says: the engine that had generated everything before the
-    cancel reached it (a race a real client hit: the reply was complete when the cancel arrived). 100 ms of audio per word."""
+    cancel reached it (a race a real client hit: the reply was complete when the cancel arrived). 100 ms of
+    audio per word."""
 
     def __init__(self) -> None:
         self.reply_id = "deaf"

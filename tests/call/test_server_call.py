@@ -1,4 +1,5 @@
-"""A real call over loopback WebRTC with the echo responder: VAD events, echo by cross-correlation, barge-in."""
+"""A real call over loopback WebRTC with the echo responder: VAD events, echo by cross-correlation,
+barge-in."""
 
 from __future__ import annotations
 
@@ -116,7 +117,8 @@ async def test_barge_in_stops_playback_and_reports_played_ms(echo_server):
         ]
         loudest = max(float(np.abs(f).max()) for f in late)
         print(
-            f"barge-in: last audible frame arrived {(loud[-1] - t_cleared) * 1000:+.0f} ms after the cleared event"
+            f"barge-in: last audible frame arrived {(loud[-1] - t_cleared) * 1000:+.0f} ms after the cleared "
+            "event"
         )
         print(f"barge-in: loudest frame received > 100 ms after output_audio_buffer.cleared: {loudest:.4f}")
         assert loudest < 0.01, "reply audio kept playing after the barge-in"

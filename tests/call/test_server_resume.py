@@ -33,7 +33,8 @@ async def dial(base_url: str, token: str | None = None) -> RealtimeClient:
 
 
 async def drop(running, client: RealtimeClient):
-    """The client's network path goes: its peer connection is closed without a hangup. -> the server's Call."""
+    """The client's network path goes: its peer connection is closed without a hangup. -> the server's
+    Call."""
     call = running.server.calls[client.call_id]
     await client.close()
     await call.closed.wait()

@@ -173,8 +173,8 @@ async def test_server_restart_mid_call_reconnects(demo_dir, script):
 
 
 async def test_network_drop_resumes_the_conversation(echo_server):
-    """Resume (docs/client.md): the client's peer connection dies without a hangup; it reconnects with the resume
-    token from session.created and the server continues the same conversation."""
+    """Resume (docs/client.md): the client's peer connection dies without a hangup; it reconnects with the
+    resume token from session.created and the server continues the same conversation."""
     mic = ScriptedMic()
     call, rec, task = start_call(CallOptions(echo_server.base_url, reconnect_window_s=30.0), mic, Speaker())
     try:

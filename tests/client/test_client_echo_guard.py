@@ -79,7 +79,8 @@ async def test_echo_guard_stops_self_barge_in_and_keeps_real_interruptions(echo_
     assert clean["cut_off"] == "turn_detected"
     print(
         f"echo guard: unguarded reply cut by its own echo: {control['cut_off'] == 'turn_detected'}; guarded: "
-        f"{guarded['cut_off'] is not None}; interruption over the echo kept: {cut['cut_off'] == 'turn_detected'}"
+        f"{guarded['cut_off'] is not None}; interruption over the echo kept: "
+        f"{cut['cut_off'] == 'turn_detected'}"
     )
     print(
         f"echo guard: interruption -> speech_started {guarded_ms:.0f} ms guarded over the echo, "

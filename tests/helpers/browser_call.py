@@ -184,9 +184,11 @@ async def conversation(out_dir: Path) -> dict:
                 dom = await page.evaluate("""() => ({
                   text: document.getElementById('history').innerText,
                   cut: [...document.querySelectorAll('#history li.assistant.cut')].map((li) => ({
-                    heard: li.querySelector('.heard').textContent, unheard: li.querySelector('.unheard').textContent,
+                    heard: li.querySelector('.heard').textContent,
+                    unheard: li.querySelector('.unheard').textContent,
                     unheardOpacity: getComputedStyle(li.querySelector('.unheard')).opacity})),
-                  latencies: [...document.querySelectorAll('#history li.assistant .latency')].map((e) => e.textContent),
+                  latencies: [...document.querySelectorAll('#history li.assistant .latency')]
+                    .map((e) => e.textContent),
                   users: [...document.querySelectorAll('#history li.user')].map((e) => e.textContent)})""")
                 await page.click("#copy-history")
                 clipboard = await page.evaluate("() => navigator.clipboard.readText()")

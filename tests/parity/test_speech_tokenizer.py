@@ -72,8 +72,8 @@ def assert_features_close(ours: np.ndarray, ref: np.ndarray) -> None:
     power, and the log turns it into an absolute feature error that grows as a bin falls below its frame's
     loudest bin (feature units are log10 / 4, so one decade is 0.25). Measured on the fixtures: ~1e-7 in the
     loudest decade on every machine; 6e-8 at the bottom on Intel (MKL), up to 5.9e-5 seven decades down on AMD
-    EPYC (about x2.5 per decade). Bound: 4e-6 * 2.5**decades (>= 8x margin at every depth); bins clamped at the
-    floor (8 decades below the segment's max) are exact on both. Tokens, what the model sees, stay exact.
+    EPYC (about x2.5 per decade). Bound: 4e-6 * 2.5**decades (>= 8x margin at every depth); bins clamped at
+    the floor (8 decades below the segment's max) are exact on both. Tokens, what the model sees, stay exact.
     """
     assert ours.shape == ref.shape
     decades = 4.0 * (ref.max(axis=0, keepdims=True) - ref)  # how far below its frame's loudest bin
@@ -98,8 +98,8 @@ def test_parity_features(tokenizer: SpeechTokenizer, case: dict) -> None:
     ours = tokenizer.features(_wav(case))
     assert len(ours) == official.shape[0] == case["num_30s_segments"]
     for seg, ref in zip(ours, official, strict=True):
-        # The official batch pads every segment to the longest one; the padding frames do not reach the model's
-        # valid tokens, so compare the frames of our own (unpadded-batch) segment.
+        # The official batch pads every segment to the longest one; the padding frames do not reach the
+        # model's valid tokens, so compare the frames of our own (unpadded-batch) segment.
         assert_features_close(seg.numpy(), ref[:, : seg.shape[1]])
 
 
@@ -234,7 +234,7 @@ def test_ema_buffers_are_ignored(tiny_dir: Path, tmp_path: Path) -> None:
     ).tokenize(wav)
 
 
-# -- bad input -------------------------------------------------------------------------------------------------
+# -- bad input -----------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

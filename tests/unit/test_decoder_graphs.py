@@ -44,7 +44,8 @@ def _tokens(n: int, seed: int) -> list[int]:
 def _shapes_run(
     decoder: SpeechDecoder, stream: DecoderStream, tokens: list[int]
 ) -> list[tuple[int, int, bool]]:
-    """(estimator frames, vocoder frames, seam) of each block the stream runs, read from the modules' inputs."""
+    """(estimator frames, vocoder frames, seam) of each block the stream runs, read from the modules'
+    inputs."""
     flow: list[int] = []
     vocoder: list[tuple[int, bool]] = []
     hooks = [

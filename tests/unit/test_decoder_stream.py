@@ -185,8 +185,8 @@ def _estimator_frames_per_block(
 
 
 def test_default_stream_bounds_estimator_work_per_block(decoder: SpeechDecoder) -> None:
-    """Bounded cost (docs/decoder.md): under the official semantics a block's estimator work grows with the reply;
-    the default schedule and prompt window keep it under a bound computed from the settings."""
+    """Bounded cost (docs/decoder.md): under the official semantics a block's estimator work grows with the
+    reply; the default schedule and prompt window keep it under a bound computed from the settings."""
     cap, window = DEFAULT_SCHEDULE[-1], DEFAULT_MAX_PROMPT_TOKENS
     frames = decoder.cfg.flow.frames_for
     tokens = _tokens(sum(DEFAULT_SCHEDULE) + 2 * cap, seed=11)  # two blocks past the growth (kept short: CPU)

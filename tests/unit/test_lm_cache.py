@@ -32,7 +32,8 @@ def _checkpoint(out: Path, *, seed: int = 7, vocab_size: int | None = None, **kw
 
 
 def prefill_to(lm: VoiceLM, cache: LMCache, ids: list[int]) -> torch.Tensor:
-    """What the engine does at a turn start: keep the common prefix, prefill the rest (the last id is re-run)."""
+    """What the engine does at a turn start: keep the common prefix, prefill the rest (the last id is
+    re-run)."""
     keep = min(common_prefix_len(cache.token_ids, ids), len(ids) - 1)
     cache.truncate(keep)
     return lm.prefill(cache, ids[keep:])

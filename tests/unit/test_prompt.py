@@ -138,7 +138,8 @@ def test_history_length_follows_every_change(tok: GLMTokenizer) -> None:
 
 
 def test_fit_drops_many_turns_without_rebuilding_the_history(tok: GLMTokenizer, monkeypatch) -> None:
-    """A flood of typed messages: fitting after 400 turns is one pass, not one id-list rebuild per dropped turn."""
+    """A flood of typed messages: fitting after 400 turns is one pass, not one id-list rebuild per dropped
+    turn."""
     history = DialogueHistory(tok, system_ids=[tok.system_id])
     block = user_turn_ids(tok, text="a fairly long typed message " * 20)
     for _ in range(400):

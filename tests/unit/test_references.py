@@ -53,7 +53,8 @@ def _tracked_text_files() -> list[str]:
 
 
 def _issue_hits(path: str, line: str) -> list[str]:
-    """Issue numbers on a line; in HTML, JS and CSS a `#123` is a colour or a selector, so only words count."""
+    """Issue numbers on a line; in HTML, JS and CSS a `#123` is a colour or a selector, so only words
+    count."""
     hits = [m.group(0) for m in ISSUE.finditer(line)]
     if Path(path).suffix in {".html", ".js"}:
         hits = [h for h in hits if not h.startswith("#")]

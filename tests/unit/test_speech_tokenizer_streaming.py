@@ -152,7 +152,8 @@ def _turns() -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("refresh", [True, False])
 def test_streamed_vs_offline_on_real_speech(tiny: SpeechTokenizer, refresh: bool) -> None:
     """The question is the streaming logic, so a random model is enough: its tokens still depend on the
-    features exactly as the real model's do. Prints how many early tokens the exact end-of-turn pass changed."""
+    features exactly as the real model's do. Prints how many early tokens the exact end-of-turn pass
+    changed."""
     turns = _turns()
     assert max(len(w) for w in turns.values()) > tiny.config.mel.segment_samples
     changed_total = streamed_total = turns_changed = 0
