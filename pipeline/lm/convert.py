@@ -19,7 +19,7 @@ from transformers import GlmConfig, GlmForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-_IGNORED_KEYS = ("transformer.rotary_pos_emb.inv_freq",)  # RoPE table buffer; recomputed (§3.3)
+_IGNORED_KEYS = ("transformer.rotary_pos_emb.inv_freq",)  # RoPE table buffer; recomputed
 # ChatGLM switches this implementation does not carry; any other value changes the maths.
 _REQUIRED = {
     "rmsnorm": True,
@@ -41,7 +41,7 @@ class LMConfig:
     kv_groups: int  # multi_query_group_num: K/V heads shared by num_heads / kv_groups query heads each
     head_dim: int  # kv_channels
     vocab_size: int  # padded_vocab_size: rows of the embedding and output layer
-    seq_length: int  # tokens: RoPE table length = hard context limit of the official code (§3.2)
+    seq_length: int  # tokens: RoPE table length = hard context limit of the official code
     rope_theta: float  # 10000 * rope_ratio
     rms_eps: float  # layernorm_epsilon (3.90625e-08 in glm-4-voice-9b, not GLM-4's 1.5625e-07)
     qkv_bias: bool  # add_qkv_bias
@@ -129,7 +129,7 @@ def chatglm_to_glm(name: str, tensor: torch.Tensor, cfg: LMConfig) -> list[tuple
     out = f"model.layers.{index}."
     if rest.startswith("self_attention.query_key_value."):
         q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.kv_groups * cfg.head_dim
-        q, k, v = tensor.split([q_rows, kv_rows, kv_rows], dim=0)  # rows [Q | K | V], head-major (§3.2)
+        q, k, v = tensor.split([q_rows, kv_rows, kv_rows], dim=0)  # rows [Q | K | V], head-major (docs/lm.md)
         kind = rest.rsplit(".", 1)[1]
         return [
             (f"{out}self_attn.{p}_proj.{kind}", t.contiguous()) for p, t in zip("qkv", (q, k, v), strict=True)
@@ -185,7 +185,8 @@ def iter_checkpoint(path: Path, cfg: LMConfig) -> Iterator[tuple[str, torch.Tens
 
 def _quantized_skeleton(model: GlmForCausalLM) -> None:
     """Swap every decoder-layer Linear for bitsandbytes NF4 (double quant, bf16 compute), as the official
-    `--dtype int4` server does; the embedding and lm_head stay bf16, as bitsandbytes leaves them (§6)."""
+    `--dtype int4` server does; the embedding and lm_head stay bf16, as bitsandbytes leaves them
+    (docs/lm.md)."""
     import bitsandbytes as bnb
 
     for layer in model.model.layers:

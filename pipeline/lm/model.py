@@ -83,7 +83,7 @@ class VoiceLM:
                 raise ImportError(
                     f"{path}: quantization='int4' needs bitsandbytes (pip install bitsandbytes)"
                 ) from err
-        # bf16 is what the official server runs (§3.2). On a CPU float32: the parity precision, and CPUs
+        # bf16 is what the official server runs (docs/lm.md). On a CPU float32: the parity precision, and CPUs
         # without AMX run bf16 matmuls slower (docs/baseline.md). int4 computes in bf16, as the official
         # server.
         if int4 and dtype not in (None, torch.bfloat16):

@@ -33,7 +33,7 @@ MD_LINK = re.compile(r"\]\((?!https?:|#|/)([^)\s#]+)(?:#[^)\s]*)?\)")
 
 OUTSIDE_DOCS = re.compile(
     r"\b(?:DESIGN|REFERENCE|BASELINE|STYLE)\.md\b"  # notes kept outside the repository
-    r"|\bREFERENCE\s*§"
+    r"|\bREFERENCE\s*§|§\s*\d"  # a section of an outside document
     r"|\bBASELINE\b(?!_)"
     r"|(?<![\w-])shared/"
 )
@@ -95,6 +95,7 @@ def test_references_point_inside_the_repository() -> None:
         ("pipeline/lm/prompt.py and pipeline/lm/nope.py", True),
         ("the facts are in REFERENCE.md §4", True),
         ("as REFERENCE §5.5 says", True),
+        ("rows head-major (§3.2)", True),
         ("measured in BASELINE.md", True),
         ("read ../shared/notes", True),
         ("as the brief asks", True),
