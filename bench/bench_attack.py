@@ -49,7 +49,7 @@ async def _serve(port: int) -> None:
 
     from server.app import create_app
     from server.config import load_config
-    from server.connections import start_site
+    from server.edge.connections import start_site
 
     config = load_config(None)
     app = create_app(config)
@@ -194,7 +194,7 @@ async def reproductions(base: str) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
-    from server.rtc import set_host_addresses
+    from server.webrtc.rtc import set_host_addresses
 
     port = free_port()
     demo_dir = Path(tempfile.gettempdir()) / "glm4voice_bench_demo"

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 sys.path.insert(0, str(ROOT))
 
-from server.rtc import set_host_addresses  # noqa: E402
-from server.vad import CHUNK_SAMPLES, SileroVad, VadState  # noqa: E402
+from server.audio.vad import CHUNK_SAMPLES, SileroVad, VadState  # noqa: E402
+from server.webrtc.rtc import set_host_addresses  # noqa: E402
 from tests.helpers.rtc_client import RealtimeClient
 from tests.helpers.speech import synth_speech
 

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_call_path import free_port, machine, pct, wait_healthy
 
 from server.metrics import LoopLagProbe  # noqa: E402
-from server.rtc import set_host_addresses  # noqa: E402
+from server.webrtc.rtc import set_host_addresses  # noqa: E402
 from tests.helpers.rtc_client import RealtimeClient
 from tests.helpers.speech import ENGLISH_SENTENCES, synth_speech
 

@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_call_path import free_port, machine, pct  # noqa: E402
-from server.audio_codecs import encode_wire  # noqa: E402
-from server.rtc import set_host_addresses  # noqa: E402
+from server.audio.codecs import encode_wire  # noqa: E402
+from server.webrtc.rtc import set_host_addresses  # noqa: E402
 from tests.helpers.rtc_client import RealtimeClient  # noqa: E402
 from tests.helpers.speech import synth_speech  # noqa: E402
 

@@ -2,8 +2,8 @@
 
 `Server` is the shared context (server/context.py) plus what starts and stops it: the responder's
 start, the watch on its health, graceful drain and shutdown. The routes live by concern:
-signalling (server/signalling.py), client secrets (server/client_secrets.py), the page and status
-(server/pages.py); CORS and error shapes in server/http_edge.py.
+signalling (server/webrtc/signalling.py), client secrets (server/edge/client_secrets.py), the page and status
+(server/edge/pages.py); CORS and error shapes in server/edge/errors.py.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from pathlib import Path
 from aiohttp import web
 
 from pipeline.responder import Responder
-from server import protocol as P
-from server.client_secrets import ClientSecrets
 from server.config import Config
-from server.connections import check_fd_limit
 from server.context import ServerContext
-from server.http_edge import error_middleware, make_cors_middleware, make_preflight
-from server.pages import Pages
-from server.rtc import set_consent_checks, set_host_addresses
-from server.signalling import Signalling
-from server.websocket import RealtimeSocket
+from server.edge.client_secrets import ClientSecrets
+from server.edge.connections import check_fd_limit
+from server.edge.errors import error_middleware, make_cors_middleware, make_preflight
+from server.edge.pages import Pages
+from server.realtime import protocol as P
+from server.webrtc.rtc import set_consent_checks, set_host_addresses
+from server.webrtc.signalling import Signalling
+from server.websocket.socket import RealtimeSocket
 
 log = logging.getLogger("glm4voice.app")
 ROOT = Path(__file__).resolve().parents[1]

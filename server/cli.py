@@ -39,7 +39,7 @@ async def _serve(config) -> None:
     import signal
 
     from server.app import SERVER_KEY, create_app
-    from server.connections import start_site
+    from server.edge.connections import start_site
 
     log = logging.getLogger("glm4voice")
     app = create_app(config)

@@ -8,14 +8,14 @@ import secrets
 import time
 
 from pipeline.responder import Responder
-from server.auth import Auth
-from server.call import Call
-from server.call_settings import CallSettings
+from server.audio.vad import SileroVad
+from server.call.call import Call
+from server.call.resume import ParkedCalls
+from server.call.settings import CallSettings
 from server.config import Config
-from server.limits import Admission
+from server.edge.auth import Auth
+from server.edge.limits import Admission
 from server.metrics import LoopLagProbe, Metrics
-from server.resume import ParkedCalls
-from server.vad import SileroVad
 
 
 class ServerContext:

@@ -2,7 +2,7 @@
 
 The call id travels in a context variable: `server/app.py` sets it while it answers a call's offer, so
 the tasks aiortc and aioice start for that call (ICE, DTLS, consent checks) inherit it, and
-`server/call.py` runs its own tasks and callbacks under it. `CallIdFilter` copies it onto each record
+`server/call/call.py` runs its own tasks and callbacks under it. `CallIdFilter` copies it onto each record
 (`record.call_id`, "-" outside a call); a record may also bring its own through `extra={"call_id": ...}`
 (the engine thread does, it has no asyncio context).
 
@@ -39,7 +39,9 @@ def call_tag(call_id: str) -> str:
     return hashlib.sha256(call_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
-CALL_ID_IN_TEXT = re.compile(r"rtc_[0-9a-f]{24}")  # server/call.py new_call_id (the access log's hangup URLs)
+CALL_ID_IN_TEXT = re.compile(
+    r"rtc_[0-9a-f]{24}"
+)  # server/call/call.py new_call_id (the access log's hangup URLs)
 
 
 class CallIdFilter(logging.Filter):

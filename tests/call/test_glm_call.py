@@ -191,7 +191,7 @@ async def test_resumed_call_prefills_only_the_new_turn(glm_server, script):
     """Resume (docs/protocol.md): drop the network path mid-conversation (the client's peer connection closed,
     no hangup), reconnect with the resume token: the next turn's prompt holds the earlier turn, and only the
     new user block is prefilled (the KV cache survived the drop)."""
-    from server.resume import RESUME_HEADER
+    from server.call.resume import RESUME_HEADER
 
     tok = glm_server.server.responder.engine.scheduler.m.text
     first = RealtimeClient(glm_server.base_url)

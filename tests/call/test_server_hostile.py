@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from pipeline.responder import AudioChunk, ReplyDone, ResponderSession
-from server import reply_flow
-from server.call_state import CallState
-from server.conversation import Conversation
+from server.call import replies as reply_flow
+from server.call.state import CallState
 from server.metrics import Metrics
+from server.realtime.conversation import Conversation
 from tests.helpers.rtc_client import RealtimeClient, make_offer, start_server
 
 
@@ -74,14 +74,14 @@ class _FailingPeerConnection:
 async def test_close_completes_whatever_fails_inside_it(caplog):
     running = await start_server()
     try:
-        from server.call import Call
+        from server.call.call import Call
 
         server = running.server
         call = Call(
             "rtc_failing_close",
             _FailingPeerConnection(),
             server.responder,
-            server.vad,
+            server.audio.vad,
             server.config,
             server.metrics,
             server.default_settings(),
@@ -388,7 +388,7 @@ def test_fd_limit_check_covers_the_caps():
     import resource
 
     from server.config import load_config
-    from server.connections import check_fd_limit, fds_needed
+    from server.edge.connections import check_fd_limit, fds_needed
 
     config = load_config(
         None, env={}, overrides={"http": {"max_connections": 100}, "limits": {"max_calls": 4}}

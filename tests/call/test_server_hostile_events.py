@@ -21,12 +21,12 @@ import numpy as np
 from aiohttp.test_utils import make_mocked_request
 from aiortc.rtcsctptransport import WEBRTC_STRING
 
-from server import protocol as P
-from server.call_guard import INBOUND_BURST_S, CallGuard
+from server.call.guard import INBOUND_BURST_S, CallGuard
 from server.config import LimitsConfig
-from server.limits import client_address
+from server.edge.limits import client_address
 from server.logs import CallIdFilter, call_tag
-from server.rtc import MAX_CANDIDATES_PER_ADDRESS, filter_remote_candidates
+from server.realtime import protocol as P
+from server.webrtc.rtc import MAX_CANDIDATES_PER_ADDRESS, filter_remote_candidates
 from tests.helpers.rtc_client import FRAME, RATE_48K, MicTrack, RealtimeClient, make_offer, start_server
 
 API_KEY = "sk-test-key-0123456789"
@@ -117,7 +117,7 @@ async def test_each_malformed_event_gets_an_error_and_the_call_goes_on(echo_serv
 async def test_an_event_that_fails_inside_the_handler_is_one_error_and_one_log_line(
     echo_server, monkeypatch, caplog
 ):
-    from server.call import Call
+    from server.call.call import Call
 
     handle = Call.handle_event
 
@@ -456,7 +456,7 @@ async def test_malformed_http_is_one_warning_line_not_a_traceback(echo_server, c
 async def test_a_secret_used_after_expiry_is_expired_not_invalid():
     running = await start_server(overrides={"auth": {"api_key": API_KEY}})
     try:
-        auth = running.server.auth
+        auth = running.server.edge.auth
         async with aiohttp.ClientSession() as http:
             async with http.post(
                 running.base_url + "/v1/realtime/client_secrets",

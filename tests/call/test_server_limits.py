@@ -15,8 +15,8 @@ from aiortc import RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from server.app import Server
-from server.call import Call
-from server.call_guard import CallGuard
+from server.call.call import Call
+from server.call.guard import CallGuard
 from server.config import LimitsConfig, load_config
 from server.echo import EchoResponder
 from tests.helpers.rtc_client import RealtimeClient, start_server
@@ -233,7 +233,7 @@ class FakeChannel:
 async def test_ten_minutes_of_push_to_talk_audio_is_capped(monkeypatch):
     """A 10-minute push-to-talk turn through the real inbound path (converter, VAD, call), unpaced (the
     real-time policing of inbound audio, tested in test_server_hostile_events.py, is widened for it)."""
-    from server import call_guard
+    from server.call import guard as call_guard
 
     monkeypatch.setattr(call_guard, "INBOUND_BURST_S", 700.0)
     config = load_config(
@@ -244,7 +244,7 @@ async def test_ten_minutes_of_push_to_talk_audio_is_capped(monkeypatch):
         "rtc_ten_minutes",
         RTCPeerConnection(),
         server.responder,
-        server.vad,
+        server.audio.vad,
         config,
         server.metrics,
         server.default_settings(),

@@ -1,4 +1,4 @@
-"""Resume after a network drop (server/resume.py), on the echo responder: a dropped call's conversation is
+"""Resume after a network drop (server/call/resume.py), on the echo responder: a dropped call's conversation is
 parked under its resume token and a new offer presenting the token continues it; a hangup does not park;
 unknown, used and expired tokens start fresh with `glm4voice.session.resume_failed`; a parked call holds
 its call slot. The engine side (no re-prefill after a resume) is in tests/call/test_glm_call.py."""
@@ -9,7 +9,7 @@ import asyncio
 
 import aiohttp
 
-from server.resume import RESUME_HEADER
+from server.call.resume import RESUME_HEADER
 from tests.helpers.rtc_client import RealtimeClient, start_server
 
 

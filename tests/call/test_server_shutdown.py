@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from server.logs import call_tag
-from server.rtc import set_host_addresses
+from server.webrtc.rtc import set_host_addresses
 from tests.helpers.rtc_client import RealtimeClient
 from tests.helpers.speech import ENGLISH_SENTENCES, have_speech_tools, synth_speech
 

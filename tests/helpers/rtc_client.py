@@ -22,8 +22,8 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from pipeline.responder import Responder
 from server.app import SERVER_KEY, Server, create_app
 from server.config import load_config
-from server.connections import start_site
-from server.rtc import set_receive_jitter
+from server.edge.connections import start_site
+from server.webrtc.rtc import set_receive_jitter
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"

@@ -17,7 +17,7 @@ import pytest
 import soxr
 from openai import AsyncOpenAI
 
-from server.audio_codecs import decode_wire, encode_wire, wire_rate_hz
+from server.audio.codecs import decode_wire, encode_wire, wire_rate_hz
 from tests.helpers.rtc_client import start_server, xcorr_peak
 from tests.helpers.speech import ENGLISH_SENTENCES, have_speech_tools, synth_speech
 

@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 import soxr
 
+from server.audio.turns import CHUNK_MS, SpeechStarted, SpeechStopped, TurnDetector, TurnSettings
+from server.audio.vad import CHUNK_SAMPLES, SileroVad, VadState
 from server.config import load_config
-from server.media import FRAME_SAMPLES, OUT_RATE_HZ, InboundConverter, OutboundAudioTrack
-from server.turns import CHUNK_MS, SpeechStarted, SpeechStopped, TurnDetector, TurnSettings
-from server.vad import CHUNK_SAMPLES, SileroVad, VadState
+from server.webrtc.media import FRAME_SAMPLES, OUT_RATE_HZ, InboundConverter, OutboundAudioTrack
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_server_never_imports_torch():
     code = (
-        "import sys; import server.app, server.cli, server.call, server.media, server.vad, server.turns, "
+        "import sys; import server.app, server.cli, server.call.call, server.webrtc.media, server.audio.vad, server.audio.turns, "
         "server.echo, server.responders; from server.config import load_config; "
         "from server.app import create_app; create_app(load_config(None, env={}, "
         "overrides={'responder': {'kind': 'echo'}})); "
@@ -220,7 +220,7 @@ def _packet(seq: int, payload: bytes = b"x"):
 
 
 def test_in_order_jitter_buffer_releases_at_once_and_drops_late_packets():
-    from server.rtc import InOrderAudioJitterBuffer
+    from server.webrtc.rtc import InOrderAudioJitterBuffer
 
     buffer = InOrderAudioJitterBuffer()
     released = [buffer.add(_packet(seq))[1] for seq in (65534, 65535, 0, 2)]  # wraps; 1 is lost
@@ -231,7 +231,7 @@ def test_in_order_jitter_buffer_releases_at_once_and_drops_late_packets():
 
 
 def test_remote_candidate_filter_and_offer_checks():
-    from server.rtc import SdpError, check_offer, filter_remote_candidates
+    from server.webrtc.rtc import SdpError, check_offer, filter_remote_candidates
 
     sdp = (
         "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n"

@@ -19,7 +19,7 @@ import numpy as np
 import soxr
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from server.vad import CHUNK_SAMPLES, SAMPLE_RATE_HZ
+from server.audio.vad import CHUNK_SAMPLES, SAMPLE_RATE_HZ
 
 OUT_RATE_HZ = 48_000  # Opus / WebRTC rate
 FRAME_SAMPLES = 960  # 20 ms at 48 kHz: one outbound frame

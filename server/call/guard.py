@@ -1,7 +1,7 @@
 """Per-call limits and liveness: event rate, call duration, idle time, a vanished peer, turn length.
 
 Pure bookkeeping with explicit clocks (`time.monotonic()` seconds), so it is unit-testable; the call's
-watchdog task (server/call.py) asks `check()` twice a second and ends the call with the reason it gives.
+watchdog task (server/call/call.py) asks `check()` twice a second and ends the call with the reason it gives.
 
 - Event rate: a token bucket of `max_events_per_s`, `event_burst` deep. An event over the rate is
   dropped with an `error` (`rate_limited`), at most one such error a second (a flood must not make
@@ -13,7 +13,7 @@ watchdog task (server/call.py) asks `check()` twice a second and ends the call w
 - Peer liveness: a browser sends an audio packet every 20 ms for as long as it is there (a muted
   track sends silence packets). No inbound packet and no data-channel message for `peer_timeout_s`
   once media has flowed means the peer is gone. Peers that send no audio (receive-only) are covered by
-  the ICE consent checks (server/rtc.py: every `consent_interval_s`, `consent_failures` misses end the
+  the ICE consent checks (server/webrtc/rtc.py: every `consent_interval_s`, `consent_failures` misses end the
   call; ~33 s by default, a backstop), which also catch a vanished sender.
 - Idle: no user speech and no client event for `idle_timeout_s` (the assistant talking is not user
   activity, but a reply in progress keeps the call open).
@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from server.config import LimitsConfig
-from server.limits import TokenBucket
+from server.edge.limits import TokenBucket
 
 RATE_ERROR_INTERVAL_S = 1.0
 INBOUND_RATE = (

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.vad import CHUNK_SAMPLES, SAMPLE_RATE_HZ
+from server.audio.vad import CHUNK_SAMPLES, SAMPLE_RATE_HZ
 
 CHUNK_MS = CHUNK_SAMPLES * 1000 / SAMPLE_RATE_HZ  # 32 ms
 HYSTERESIS = 0.15  # silero VADIterator: speech ends below threshold - 0.15

@@ -3,7 +3,7 @@
 Every refusal is an `ApiError`, rendered by `server/app.py` as `{"error": {"type", "code", "message"}}`
 with the right HTTP status. Checks, in the order `admit_call()` runs them: cross-origin pages not on
 the allow-list (403), per-address rate (429), draining for shutdown / engine not ready (503), the
-concurrent-call limit (503). Authentication is `server/auth.py`; token buckets are `TokenBucket`.
+concurrent-call limit (503). Authentication is `server/edge/auth.py`; token buckets are `TokenBucket`.
 """
 
 from __future__ import annotations

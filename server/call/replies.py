@@ -14,12 +14,12 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
 from pipeline.responder import AudioChunk, Reply, ReplyDone, ReplyError, ResponderSession, TextDelta, Timing
-from server import protocol as P
-from server.call_state import CallState
-from server.conversation import Conversation
-from server.media import OutboundAudioTrack
+from server.call.state import CallState
 from server.metrics import Metrics
-from server.protocol import new_id as _new_id
+from server.realtime import protocol as P
+from server.realtime.conversation import Conversation
+from server.realtime.protocol import new_id as _new_id
+from server.webrtc.media import OutboundAudioTrack
 
 # A reply whose audio is all generated ends at the latest this long after its queued audio would have
 # played out: a peer that never reads our track (a sendonly offer, a stalled sender) must not hold the
@@ -63,7 +63,7 @@ class ReplyFlow:
         track: OutboundAudioTrack | None = None,
     ) -> None:
         """`track`: where reply audio goes - the WebRTC track (default) or the WebSocket's delta sender,
-        which has the same interface but no playout (server/websocket.py); only a track that plays
+        which has the same interface but no playout (server/websocket/socket.py); only a track that plays
         out sends the `output_audio_buffer.*` events."""
         self._session = session
         self._metrics = metrics

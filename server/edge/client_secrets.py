@@ -1,14 +1,14 @@
 """`POST /v1/realtime/client_secrets` (Realtime API shape): a short-lived key for one browser, carrying
-the session settings of the calls made with it. The secrets themselves live in `server/auth.py`."""
+the session settings of the calls made with it. The secrets themselves live in `server/edge/auth.py`."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from server import protocol as P
 from server.context import ServerContext
-from server.limits import ApiError, check_origin
-from server.signalling import loads_json, parse_session
+from server.edge.limits import ApiError, check_origin
+from server.realtime import protocol as P
+from server.webrtc.signalling import loads_json, parse_session
 
 
 class ClientSecrets:

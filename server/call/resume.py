@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pipeline.responder import ResponderSession
-from server.conversation import Conversation
 from server.logs import call_tag
+from server.realtime.conversation import Conversation
 
 if TYPE_CHECKING:
-    from server.call_settings import CallSettings
+    from server.call.settings import CallSettings
 
 log = logging.getLogger("glm4voice.resume")
 RESUME_HEADER = "X-GLM4Voice-Resume-Token"

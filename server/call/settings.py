@@ -6,9 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from pipeline.responder import SamplingSettings, SessionSettings
-from server import protocol as P
+from server.audio.turns import TurnSettings
 from server.config import TurnDetectionConfig
-from server.turns import TurnSettings
+from server.realtime import protocol as P
 
 
 @dataclass(frozen=True)

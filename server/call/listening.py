@@ -16,23 +16,23 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from pipeline.responder import ResponderSession
-from server import protocol as P
-from server.call_guard import CallGuard
-from server.call_settings import CallSettings
-from server.call_state import CallState
+from server.audio.echo_guard import EchoGuard
+from server.audio.turns import SpeechStarted, SpeechStopped, TurnDetector
+from server.audio.vad import SileroVad, VadState
+from server.call.guard import CallGuard
+from server.call.replies import ReplyFlow
+from server.call.settings import CallSettings
+from server.call.state import CallState
 from server.config import Config
-from server.echo_guard import EchoGuard
 from server.logs import LogLimiter
-from server.media import InboundConverter, OutboundAudioTrack
 from server.metrics import Metrics
-from server.protocol import new_id as _new_id
-from server.reply_flow import ReplyFlow
-from server.turns import SpeechStarted, SpeechStopped, TurnDetector
-from server.vad import SileroVad, VadState
+from server.realtime import protocol as P
+from server.realtime.protocol import new_id as _new_id
+from server.webrtc.media import InboundConverter, OutboundAudioTrack
 
 
 class Call(Protocol):
-    """What the listening side reads and calls of the call that owns it (server/call.py)."""
+    """What the listening side reads and calls of the call that owns it (server/call/call.py)."""
 
     config: Config
     guard: CallGuard

@@ -1,6 +1,6 @@
 """The Realtime WebSocket transport: `GET /v1/realtime` upgraded, the same events, session and engine as a
 WebRTC call, with the audio in the events (`input_audio_buffer.append` in, `response.output_audio.delta`
-out) in the session's format (server/audio_codecs.py). `?model=` is accepted and ignored.
+out) in the session's format (server/audio/codecs.py). `?model=` is accepted and ignored.
 
 A WebSocket call is a `Call` without a peer connection: the socket's text frames are its data channel,
 a `DeltaSender` is its outbound track (each audio chunk goes out at once; the client plays it), and
@@ -9,7 +9,7 @@ a WebRTC call's; what differs is said where it is done:
 
 - auth: `Authorization: Bearer` or, for browsers (which cannot set headers on a WebSocket), the
   `openai-insecure-api-key.<key>` subprotocol beside `realtime`;
-- barge-in cancels at speech start (server/call.py): the server cannot hear what the client played;
+- barge-in cancels at speech start (server/call/call.py): the server cannot hear what the client played;
 - liveness: the WebSocket's own ping (a peer that sends no audio is not gone);
 - a client that reads too slowly is closed (code 1008) once `MAX_SEND_QUEUE_BYTES` wait for it;
 - appended audio faster than real time (beyond `MAX_AUDIO_AHEAD_S`) is dropped with one error a second.
@@ -33,14 +33,14 @@ import numpy as np
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 
-from server import protocol as P
-from server.audio_codecs import InputDecoder, OutputEncoder, wire_rate_hz
-from server.call import Call, new_call_id
+from server.audio.codecs import InputDecoder, OutputEncoder, wire_rate_hz
+from server.call.call import Call, new_call_id
 from server.context import ServerContext
-from server.limits import ApiError, check_origin
+from server.edge.limits import ApiError, check_origin
 from server.logs import current_call_id
-from server.media import PlayoutStats
-from server.signalling import parse_session
+from server.realtime import protocol as P
+from server.webrtc.media import PlayoutStats
+from server.webrtc.signalling import parse_session
 
 log = logging.getLogger("glm4voice.websocket")
 KEY_PROTOCOL_PREFIX = "openai-insecure-api-key."
@@ -202,7 +202,7 @@ class RealtimeSocket:
         return ws
 
     async def _call(self, request: web.Request) -> web.StreamResponse:
-        """Admission exactly as an offer (server/signalling.py), refused before the upgrade."""
+        """Admission exactly as an offer (server/webrtc/signalling.py), refused before the upgrade."""
         ctx, config = self.ctx, self.ctx.config
         check_origin(request, config)
         ctx.admission.check_rate(request)

@@ -1,6 +1,6 @@
 """The HTTP edge every route goes through: CORS (preflight and headers) and one JSON shape for errors.
 
-Every refusal is an `ApiError` (server/limits.py), rendered as `{"error": {"type", "code", "message"}}`.
+Every refusal is an `ApiError` (server/edge/limits.py), rendered as `{"error": {"type", "code", "message"}}`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import re
 from aiohttp import web
 
 from server.config import HttpConfig
-from server.limits import ApiError, allowed_origin, client_gone
+from server.edge.limits import ApiError, allowed_origin, client_gone
 
 log = logging.getLogger("glm4voice.http")
 

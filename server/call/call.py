@@ -22,20 +22,20 @@ from pipeline.responder import (
     Responder,
     ResponderSession,
 )
-from server import protocol as P
-from server.call_guard import CallGuard
-from server.call_settings import CallSettings
-from server.call_state import CallState
+from server.audio.vad import SileroVad
+from server.call.guard import CallGuard
+from server.call.listening import Listening
+from server.call.replies import ReplyFlow
+from server.call.resume import ParkedCall, ParkedCalls, new_resume_token
+from server.call.settings import CallSettings
+from server.call.state import CallState
 from server.config import Config
-from server.conversation import Conversation
-from server.listening import Listening
 from server.logs import LogLimiter, call_tag, current_call_id, run_as_call
-from server.media import OutboundAudioTrack
 from server.metrics import Metrics
-from server.protocol import new_id as _new_id
-from server.reply_flow import ReplyFlow
-from server.resume import ParkedCall, ParkedCalls, new_resume_token
-from server.vad import SileroVad
+from server.realtime import protocol as P
+from server.realtime.conversation import Conversation
+from server.realtime.protocol import new_id as _new_id
+from server.webrtc.media import OutboundAudioTrack
 
 log = logging.getLogger("glm4voice.call")
 MAX_EVENTS_BEFORE_OPEN = 64  # events queued until the client's data channel opens
@@ -78,8 +78,8 @@ class Call:
         parking: ParkedCalls | None = None,
         resumed: ParkedCall | str | None = None,
     ) -> None:
-        """`pc` None and `track` a delta sender: a WebSocket call (server/websocket.py). `parking`: where a
-        dropped call leaves its conversation (server/resume.py); `resumed`: the conversation this call
+        """`pc` None and `track` a delta sender: a WebSocket call (server/websocket/socket.py). `parking`: where a
+        dropped call leaves its conversation (server/call/resume.py); `resumed`: the conversation this call
         continues, or why the one asked for could not be resumed."""
         self.call_id = call_id
         self.pc = pc

@@ -46,7 +46,7 @@ class ProtocolError(Exception):
 
 
 class NotUtf8Text(bytes):
-    """A data-channel text message whose bytes are not UTF-8 (server/rtc.py hands it over as this)."""
+    """A data-channel text message whose bytes are not UTF-8 (server/webrtc/rtc.py hands it over as this)."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class TurnDetectionUpdate:
     kind: str | None = None  # "server_vad" | "semantic_vad"
     eagerness: str | None = None  # semantic_vad only: low | medium | high | auto
     echo_guard: bool | None = (
-        None  # glm4voice.echo_guard: ignore our own reply coming back (server/echo_guard.py)
+        None  # glm4voice.echo_guard: ignore our own reply coming back (server/audio/echo_guard.py)
     )
 
 

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from server.config import AuthConfig
-from server.limits import ApiError
+from server.edge.limits import ApiError
 
 SECRET_PREFIX = "ek_"
 MAX_LIVE_SECRETS = 100_000  # a bound on memory: minting past it first drops expired ones, then refuses

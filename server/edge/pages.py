@@ -9,7 +9,7 @@ import jinja2
 from aiohttp import web
 
 from server.context import ServerContext
-from server.limits import ApiError
+from server.edge.limits import ApiError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,15 +13,15 @@ import logging
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
-from server import protocol as P
-from server.call import Call, new_call_id
-from server.call_settings import CallSettings
+from server.call.call import Call, new_call_id
+from server.call.resume import RESUME_HEADER, ParkedCall
+from server.call.settings import CallSettings
 from server.config import Config
 from server.context import ServerContext
-from server.limits import ApiError, check_origin, read_form
+from server.edge.limits import ApiError, check_origin, read_form
 from server.logs import current_call_id
-from server.resume import RESUME_HEADER, ParkedCall
-from server.rtc import (
+from server.realtime import protocol as P
+from server.webrtc.rtc import (
     MAX_CANDIDATES_PER_ADDRESS,
     SdpError,
     check_offer,

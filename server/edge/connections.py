@@ -3,7 +3,7 @@ file-descriptor budget they need.
 
 - Header deadline: aiohttp closes a connection that has not sent a complete request head within its
   `keepalive_timeout` (armed at connect, re-armed after each response); we set it to
-  `[http] header_timeout_s`. Body reads are bounded by `[http] body_timeout_s` (server/limits.py).
+  `[http] header_timeout_s`. Body reads are bounded by `[http] body_timeout_s` (server/edge/limits.py).
 - Caps: aiohttp has none. `ConnectionLimits.install()` wraps the aiohttp server's connection hooks (its
   internals, in this one place): a connection over `max_connections_per_address` gets `429
   too_many_connections`, over `max_connections` `503 server_busy`, written at once and closed, so

@@ -13,9 +13,9 @@ from functools import cache
 import numpy as np
 import soxr
 
-from server.media import RESAMPLE_QUALITY
-from server.protocol import PCM_RATE_HZ
-from server.vad import CHUNK_SAMPLES, SAMPLE_RATE_HZ
+from server.audio.vad import CHUNK_SAMPLES, SAMPLE_RATE_HZ
+from server.realtime.protocol import PCM_RATE_HZ
+from server.webrtc.media import RESAMPLE_QUALITY
 
 G711_RATE_HZ = 8_000
 
