@@ -15,6 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from pipeline.responder import Responder
+from server.admission import counting_refusals
 from server.config import Config
 from server.context import ServerContext
 from server.edge.client_secrets import ClientSecrets
@@ -162,8 +163,9 @@ def create_app(config: Config, responder: Responder | None = None) -> web.Applic
     app.router.add_get("/session", pages.session)
     app.router.add_get("/health", pages.health)
     app.router.add_get("/metrics", pages.metrics)
-    app.router.add_get("/v1/realtime", RealtimeSocket(server).handle)  # the WebSocket transport
-    app.router.add_post("/v1/realtime/calls", signalling.create_call)
+    # the doors a call comes in by: the WebSocket transport (and control connections), WebRTC
+    app.router.add_get("/v1/realtime", counting_refusals(server, RealtimeSocket(server).handle))
+    app.router.add_post("/v1/realtime/calls", counting_refusals(server, signalling.create_call))
     app.router.add_post("/v1/realtime/calls/{call_id}/hangup", signalling.hangup)
     app.router.add_post("/v1/realtime/client_secrets", secrets.mint)
     preflight = make_preflight(config.http)

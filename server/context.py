@@ -66,4 +66,4 @@ class ServerContext:
     def forget(self, call: Call) -> None:
         """A call's last act (`Call.close`, in a finally): its slot is free."""
         if self.calls.pop(call.call_id, None) is not None:
-            self.metrics.outbound_underruns += call.track.stats.underruns
+            self.metrics.outbound_underruns += call.transport.audio.stats.underruns

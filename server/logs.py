@@ -74,43 +74,6 @@ class LogLimiter:
         return True, suppressed
 
 
-class QuietBadRequests(logging.Filter):
-    """aiohttp logs a malformed request (a 4xx it answers itself: bad request line, header too long,
-    bad chunking) at ERROR with a traceback. It is the client's fault: one WARNING line, no traceback,
-    rate-limited. Other errors aiohttp logs stay as they are."""
-
-    def __init__(self, limiter: LogLimiter | None = None) -> None:
-        super().__init__()
-        self.limiter = limiter or LogLimiter()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from aiohttp.http_exceptions import HttpProcessingError
-
-        exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, HttpProcessingError) or not 400 <= (exc.code or 0) < 500:
-            return True
-        allow, suppressed = self.limiter.allow()
-        if not allow:
-            return False
-        detail = (str(exc.message or "").splitlines() or [""])[0][:200]
-        what = record.getMessage()
-        record.msg = "%s: %s %s" + (f" ({suppressed} more not logged)" if suppressed else "")
-        record.args = (what, type(exc).__name__, detail)
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
-        record.exc_info, record.exc_text = None, None
-        return True
-
-
-def quiet_library_logs() -> None:
-    """Library loggers that flood or shout about client mistakes (idempotent)."""
-    logging.getLogger("aioice").setLevel(
-        max(logging.getLogger().level, logging.WARNING)
-    )  # per-packet chatter
-    server_log = logging.getLogger("aiohttp.server")
-    if not any(isinstance(f, QuietBadRequests) for f in server_log.filters):
-        server_log.addFilter(QuietBadRequests())
-
-
 class JsonFormatter(logging.Formatter):
     """{"ts", "level", "logger", "call_id", "msg"[, "exc"]} per line."""
 
@@ -138,7 +101,6 @@ def setup_logging(level: str, fmt: str, stream=None) -> logging.Handler:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    quiet_library_logs()
     return handler
 
 

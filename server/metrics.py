@@ -78,9 +78,9 @@ class LoopLagProbe:
 class Metrics:
     calls_total: int = 0
     calls_rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
-    turns_total: int = 0
-    turns_interrupted: int = 0
-    turn_errors: int = 0
+    replies_total: int = 0
+    replies_interrupted: int = 0
+    reply_errors: int = 0
     outbound_underruns: int = 0
     calls_ended: dict[str, int] = field(
         default_factory=dict
@@ -88,7 +88,7 @@ class Metrics:
     events_dropped: int = 0  # data-channel events over the rate limit
     events_failed: int = 0  # data-channel events whose handling raised (answered with server_error)
     inbound_frames_dropped: int = 0  # inbound audio frames over real time
-    turn_latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS_S))
+    reply_latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS_S))
 
     def reject(self, reason: str) -> None:
         self.calls_rejected[reason] = self.calls_rejected.get(reason, 0) + 1
@@ -130,18 +130,18 @@ class Metrics:
             f"glm4voice_inbound_frames_dropped_total {self.inbound_frames_dropped}",
             "# HELP glm4voice_turns_total Assistant replies started.",
             "# TYPE glm4voice_turns_total counter",
-            f"glm4voice_turns_total {self.turns_total}",
+            f"glm4voice_turns_total {self.replies_total}",
             "# HELP glm4voice_turns_interrupted_total Replies cut off by the user.",
             "# TYPE glm4voice_turns_interrupted_total counter",
-            f"glm4voice_turns_interrupted_total {self.turns_interrupted}",
+            f"glm4voice_turns_interrupted_total {self.replies_interrupted}",
             "# HELP glm4voice_turn_errors_total Replies that failed.",
             "# TYPE glm4voice_turn_errors_total counter",
-            f"glm4voice_turn_errors_total {self.turn_errors}",
+            f"glm4voice_turn_errors_total {self.reply_errors}",
             "# HELP glm4voice_outbound_underruns_total Outbound frames sent short while a reply was arriving.",
             "# TYPE glm4voice_outbound_underruns_total counter",
             f"glm4voice_outbound_underruns_total {self.outbound_underruns}",
         ]
-        lines += self.turn_latency.render(
+        lines += self.reply_latency.render(
             "glm4voice_turn_latency_seconds",
             "End of user speech (VAD decision) to the reply's first outbound frame.",
         )

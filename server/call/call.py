@@ -1,8 +1,11 @@
-"""One call: inbound audio -> VAD -> turns -> responder -> outbound track, plus its data channel.
+"""One call: user audio -> VAD -> turns -> responder -> the assistant's audio, plus the Realtime events.
 
-Read it as a pipeline (moshi's server style): the call's `Listening` turns inbound frames into VAD
-decisions and user audio for the responder; its `ReplyFlow` moves each reply's events to the data
-channel and the outbound track. The call itself holds the settings, the client events and the limits.
+Read it as a pipeline (moshi's server style): the call's `Listening` turns user audio into VAD
+decisions and turn audio for the responder; its `ReplyFlow` moves each reply's events and audio to the
+transport. The call itself holds the settings, the client events and the limits. It knows its
+connection only through the `Transport` seam (server/call/transport.py), and a transport drives it
+only through its public methods: `start`, `receive`, `hear`, `audio_arrived`, `connected`, `close`.
+Control connections are observers (`observe`) whose events take the same per-call budget.
 Every way a call can end goes through `close()`, which frees everything whatever fails inside it.
 """
 
@@ -12,10 +15,9 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 
-from aiortc import RTCDataChannel, RTCPeerConnection
-from aiortc.mediastreams import MediaStreamTrack
+import numpy as np
 
 from pipeline.responder import (
     Reply,
@@ -29,16 +31,15 @@ from server.call.replies import ReplyFlow
 from server.call.resume import ParkedCall, ParkedCalls, new_resume_token
 from server.call.settings import CallSettings
 from server.call.state import CallState
+from server.call.transport import Transport
 from server.config import Config
 from server.logs import LogLimiter, call_tag, current_call_id, run_as_call
 from server.metrics import Metrics
 from server.realtime import protocol as P
 from server.realtime.conversation import Conversation
 from server.realtime.protocol import new_id as _new_id
-from server.webrtc.media import OutboundAudioTrack
 
 log = logging.getLogger("glm4voice.call")
-MAX_EVENTS_BEFORE_OPEN = 64  # events queued until the client's data channel opens
 WATCH_INTERVAL_S = 0.5  # how often the watchdog checks duration, idle time and peer liveness
 CLOSING_FLUSH_S = 0.5  # at most this long to get the closing event out before the connection goes
 RESUME_FAILED = {  # glm4voice.session.resume_failed reasons: this call starts a fresh conversation
@@ -47,7 +48,10 @@ RESUME_FAILED = {  # glm4voice.session.resume_failed reasons: this call starts a
     "unknown": "no dropped call holds that resume token",
     "disabled": "this server keeps no dropped calls (limits.resume_window_s = 0)",
 }
-PC_CLOSE_TIMEOUT_S = 5.0  # aiortc's close awaits its transports; a stuck one must not hold the call slot
+CONTROL_ONLY = (
+    "a control connection may send session.update, conversation.item.create, response.create and "
+    "response.cancel"
+)
 
 
 class CallLog(logging.LoggerAdapter):
@@ -67,22 +71,21 @@ class Call:
     def __init__(
         self,
         call_id: str,
-        pc: RTCPeerConnection | None,
+        transport: Transport,
         responder: Responder,
         vad: SileroVad,
         config: Config,
         metrics: Metrics,
         settings: CallSettings,
         on_closed: Callable[[Call], None],
-        track: OutboundAudioTrack | None = None,
         parking: ParkedCalls | None = None,
         resumed: ParkedCall | str | None = None,
     ) -> None:
-        """`pc` None and `track` a delta sender: a WebSocket call (server/websocket/socket.py). `parking`: where a
-        dropped call leaves its conversation (server/call/resume.py); `resumed`: the conversation this call
-        continues, or why the one asked for could not be resumed."""
+        """`parking`: where a dropped call leaves its conversation (server/call/resume.py), if its
+        transport can be resumed; `resumed`: the conversation this call continues, or why the one asked
+        for could not be resumed."""
         self.call_id = call_id
-        self.pc = pc
+        self.transport = transport
         self.config = config
         self.metrics = metrics
         self.settings = settings
@@ -92,71 +95,70 @@ class Call:
         self.close_reason = ""
         self._on_closed = on_closed
         self._responder_name = responder.info().name
-        self._parking = parking
-        self.resume_token = new_resume_token() if parking is not None else None
+        self._parking = parking if transport.resumable else None
+        self.resume_token = new_resume_token() if self._parking is not None else None
         self._resumed = resumed
         if isinstance(resumed, ParkedCall):
             self.session: ResponderSession = resumed.session
             self.session.update(settings.responder_settings())
         else:
             self.session = responder.open_session(call_id, settings.responder_settings())
-        self._channel: RTCDataChannel | None = None
-        self._sink: Callable[[str], None] | None = None  # the WebSocket's send, instead of a data channel
-        self.audio_in: Callable[[bytes], None] | None = None  # the WebSocket's input_audio_buffer.append
-        self.observers: list[Callable[[str], None]] = []  # control connections: a copy of every event
+        self._observers: list[Callable[[str], None]] = []  # control connections: a copy of every event
         self.conversation = resumed.conversation if isinstance(resumed, ParkedCall) else Conversation()
-        self._outbox: list[str] = []
         self._tasks: set[asyncio.Task] = set()
-        self._inbound_attached = False
         self._ending = False  # end() is telling the client; a second reason is not sent
         self.log = CallLog(log, {"call_id": call_id})
         self.replies = ReplyFlow(
             self.session,
             metrics,
             self.send,
-            self._spawn,
+            self.spawn,
             self._reply_phase,
             self.log,
             self.conversation,
-            track,
+            transport.audio,
+            transport.plays_out,
         )
         self.guard = CallGuard(config.limits, self.created_s)
         self._event_failures = LogLimiter()  # a client repeating an event that fails: one line per interval
         self.listening = Listening(self, vad)
-        self._spawn(self._watch(), "watchdog")
+        self.spawn(self._watch(), "watchdog")
 
-    # ----- wiring (called by server/app.py) ---------------------------------------------------------
+    # ----- what a transport calls -------------------------------------------------------------------
 
-    @property
-    def track(self) -> OutboundAudioTrack:
-        """The call's one outbound audio track (signalling adds it to the peer connection)."""
-        return self.replies.track
+    def start(self) -> None:
+        """The transport carries events now: `session.created` (with the resume token), then whether the
+        conversation asked for was resumed."""
+        resume = (
+            {"resume_token": self.resume_token, "resume_window_s": self._parking.window_s}
+            if self._parking is not None
+            else {}
+        )
+        self.send(P.event("session.created", session=self._session_json(), **resume))
+        if isinstance(self._resumed, ParkedCall):
+            self.send(P.event("glm4voice.session.resumed", items=len(self.conversation)))
+        elif self._resumed is not None:
+            self.send(
+                P.event(
+                    "glm4voice.session.resume_failed",
+                    reason=self._resumed,
+                    message=RESUME_FAILED[self._resumed],
+                )
+            )
+        self._resumed = None  # the parked call's objects now belong to this call
 
-    def attach_inbound(self, track: MediaStreamTrack) -> None:
-        if self._inbound_attached:  # one microphone per call; another audio section is ignored
-            return
-        self._inbound_attached = True
-        self._spawn(self.listening.run(track), "recv")
+    def hear(self, chunk: np.ndarray) -> None:
+        """One (512,) float32 16 kHz chunk of user audio."""
+        self.listening.feed_chunk(chunk)
 
-    def attach_channel(self, channel: RTCDataChannel) -> None:
-        if channel.label != "oai-events":
-            self.log.info("ignoring data channel %r", channel.label)
-            return
-        self._channel = channel
-        channel.on("message", self._on_message)
-        if channel.readyState == "open":
-            self._on_channel_open()
-        else:
-            channel.on("open", self._on_channel_open)
+    def audio_arrived(self, duration_s: float) -> bool:
+        """User audio of `duration_s` arrived: False if it runs ahead of real time and is to be dropped."""
+        return self.listening.accept_audio(duration_s)
 
-    def attach_sink(self, sink: Callable[[str], None]) -> None:
-        """A WebSocket call: events go to `sink` (text frames); the session starts now."""
-        self._sink = sink
-        self._on_channel_open()
-
-    @property
-    def replying(self) -> bool:
-        return self.replies.active
+    def observe(self, send: Callable[[str], None]) -> Callable[[], None]:
+        """A control connection gets a copy of every event; returns what stops it."""
+        self._observers.append(send)
+        return lambda: self._observers.remove(send) if send in self._observers else None
 
     def connected(self) -> None:
         if self.state is CallState.CONNECTING:
@@ -170,7 +172,8 @@ class Call:
         if phase is CallState.THINKING or self.state is not CallState.USER_SPEAKING:
             self.state = phase
 
-    def _spawn(self, coro, name: str) -> asyncio.Task:
+    def spawn(self, coro: Coroutine, name: str) -> asyncio.Task:
+        """A task of the call: cancelled when it closes; a failure is logged and sent as an error."""
         task = asyncio.get_running_loop().create_task(
             coro, name=f"call {call_tag(self.call_id)}:{name}", context=run_as_call(self.call_id)
         )
@@ -192,42 +195,9 @@ class Call:
 
     def send(self, message: dict) -> None:
         text = P.dumps(message)
-        for observer in self.observers:
+        for observer in self._observers:
             observer(text)
-        if self._sink is not None:
-            self._sink(text)
-            return
-        channel = self._channel
-        if channel is not None and channel.readyState == "open":
-            channel.send(text)
-        elif len(self._outbox) < MAX_EVENTS_BEFORE_OPEN:
-            self._outbox.append(text)
-
-    def _on_channel_open(self) -> None:
-        resume = (
-            {"resume_token": self.resume_token, "resume_window_s": self._parking.window_s}
-            if self._parking is not None
-            else {}
-        )
-        self.send(P.event("session.created", session=self._session_json(), **resume))
-        if isinstance(self._resumed, ParkedCall):
-            self.send(P.event("glm4voice.session.resumed", items=len(self.conversation)))
-        elif self._resumed is not None:
-            self.send(
-                P.event(
-                    "glm4voice.session.resume_failed",
-                    reason=self._resumed,
-                    message=RESUME_FAILED[self._resumed],
-                )
-            )
-        self._resumed = None  # the parked call's objects now belong to this call
-        outbox, self._outbox = self._outbox, []
-        for text in outbox:
-            if self._sink is not None:
-                self._sink(text)
-            else:
-                assert self._channel is not None
-                self._channel.send(text)
+        self.transport.send(text)
 
     def _session_json(self) -> dict:
         s = self.settings
@@ -244,12 +214,19 @@ class Call:
 
     # ----- client events ---------------------------------------------------------------------------
 
-    def _on_message(self, message: str | bytes) -> None:
-        """aiortc's receive loop calls this (through pyee): whatever goes wrong, nothing may escape into it,
-        or the loop - and with it the call - ends. A failure is one `error` event and a rate-limited log line."""
+    def receive(
+        self,
+        message: str | bytes,
+        only: tuple[type[P.ClientEvent], ...] | None = None,
+        answer: Callable[[dict], None] | None = None,
+    ) -> None:
+        """A client event from the transport (or, `only` the events it may send, from a control
+        connection; `answer`: where its errors go). Whatever goes wrong, nothing escapes into the caller
+        (aiortc's receive loop would end, and the call with it): a failure is one `error` event and a
+        rate-limited log line."""
         token = current_call_id.set(self.call_id)
         try:
-            self._on_message_in_call(message)
+            self._receive(message, only, answer or self.send)
         except Exception:
             self.metrics.events_failed += 1
             allow, suppressed = self._event_failures.allow()
@@ -270,13 +247,18 @@ class Call:
         finally:
             current_call_id.reset(token)
 
-    def _on_message_in_call(self, message: str | bytes) -> None:
+    def _receive(
+        self,
+        message: str | bytes,
+        only: tuple[type[P.ClientEvent], ...] | None,
+        answer: Callable[[dict], None],
+    ) -> None:
         limits = self.config.limits
         accept, complain = self.guard.event_arrived(time.monotonic())
         if not accept:
             self.metrics.events_dropped += 1
             if complain:
-                self.send(
+                answer(
                     P.error_event(
                         "rate_limited",
                         f"more than {limits.max_events_per_s:g} events per second: "
@@ -291,6 +273,8 @@ class Call:
                 max_text_chars=limits.max_text_chars,
                 max_instructions_chars=limits.max_instructions_chars,
             )
+            if only is not None and not isinstance(event, only):
+                raise P.ProtocolError("unsupported_value", CONTROL_ONLY, event.event_id, "type")
             if self._makes_engine_work(event) and not self.guard.expensive_event(time.monotonic()):
                 raise P.ProtocolError(
                     "rate_limited",
@@ -300,7 +284,7 @@ class Call:
                 )
             self.handle_event(event)
         except P.ProtocolError as exc:
-            self.send(P.error_event(exc.code, exc.message, event_id=exc.event_id, param=exc.param))
+            answer(P.error_event(exc.code, exc.message, event_id=exc.event_id, param=exc.param))
 
     def _makes_engine_work(self, event: P.ClientEvent) -> bool:
         """Events that make the engine prefill (a reply; new instructions re-prefill the system prompt):
@@ -348,23 +332,21 @@ class Call:
                 self.session.discard_audio()
                 self.send(P.event("input_audio_buffer.cleared"))
         elif isinstance(event, P.ResponseCancel):
-            if not self.replies.active:
+            if self.replies.current is None:
                 raise P.ProtocolError(
                     "response_cancel_not_active", "there is no active response to cancel", event.event_id
                 )
             self.replies.interrupt("client_cancelled")
         elif isinstance(event, P.OutputAudioClear):  # idempotent: clients send it after every cancel
             self.replies.interrupt("client_cancelled")
-        elif isinstance(event, P.InputAudioAppend):
-            if self.audio_in is None:
-                raise P.ProtocolError(
-                    "unknown_event",
-                    "input_audio_buffer.append is for the WebSocket transport; "
-                    "over WebRTC the audio comes on the track",
-                    event.event_id,
-                    "type",
-                )
-            self.audio_in(event.audio)
+        elif isinstance(event, P.InputAudioAppend):  # a WebSocket transport takes these itself
+            raise P.ProtocolError(
+                "unknown_event",
+                "input_audio_buffer.append is for the WebSocket transport; "
+                "over WebRTC the audio comes on the track",
+                event.event_id,
+                "type",
+            )
         elif isinstance(event, P.ItemRetrieve | P.ItemDelete | P.ItemTruncate):
             self._item_event(event)
         elif isinstance(event, P.Ping):
@@ -412,7 +394,7 @@ class Call:
                 event.event_id,
                 "item_id",
             )
-        if isinstance(ref, int) and self.replies.running:
+        if isinstance(ref, int) and self.replies.generating_items:
             raise P.ProtocolError(
                 "conversation_already_has_active_response",
                 "a response is in progress and may "
@@ -435,7 +417,7 @@ class Call:
             await asyncio.sleep(WATCH_INTERVAL_S)
             ending = self.guard.check(
                 time.monotonic(),
-                replying=self.replies.active,
+                replying=self.replies.current is not None,
                 connected=self.state is not CallState.CONNECTING,
             )
             if ending is not None:
@@ -454,32 +436,8 @@ class Call:
         self._ending = True
         self.metrics.ended(code)
         self.send(P.event("glm4voice.call.closing", reason=code, message=message))
-        await self._flushed(CLOSING_FLUSH_S)
+        await self.transport.flush(CLOSING_FLUSH_S)
         await self.close(code)
-
-    async def _flushed(self, timeout_s: float) -> None:
-        """Wait until the data channel has handed every queued message to the transport (its
-        `bufferedamountlow` event at threshold 0 fires after the SCTP send), at most `timeout_s`."""
-        channel = self._channel
-        if (
-            channel is None
-            or channel.readyState != "open"
-            or channel.bufferedAmount <= channel.bufferedAmountLowThreshold
-        ):
-            return
-        low = asyncio.get_running_loop().create_future()
-
-        def on_low() -> None:
-            if not low.done():
-                low.set_result(None)
-
-        channel.once("bufferedamountlow", on_low)
-        try:
-            await asyncio.wait_for(low, timeout_s)
-        except TimeoutError:
-            self.log.info("closing event not flushed within %.1f s", timeout_s)
-        finally:
-            channel.remove_listener("bufferedamountlow", on_low)
 
     # ----- the one way out -------------------------------------------------------------------------
 
@@ -500,7 +458,7 @@ class Call:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self._step("outbound track", self.track.stop)
+            self._step("outbound audio", self.transport.audio.stop)
             if network_lost and self._parking is not None and self.resume_token is not None:
                 self._step("park", self._park)
             else:
@@ -509,10 +467,9 @@ class Call:
                 except Exception:
                     self.log.exception("responder session close failed")
             try:
-                if self.pc is not None:
-                    await asyncio.wait_for(self.pc.close(), PC_CLOSE_TIMEOUT_S)
-            except Exception as exc:  # TimeoutError included
-                self.log.warning("peer connection close failed: %s", repr(exc))
+                await self.transport.close()
+            except Exception:
+                self.log.exception("closing: the transport failed")
             self._step("listening", self.listening.reset)
         finally:
             try:

@@ -24,10 +24,10 @@ watchdog task (server/call/call.py) asks `check()` twice a second and ends the c
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from server.config import LimitsConfig
-from server.edge.limits import TokenBucket
 
 RATE_ERROR_INTERVAL_S = 1.0
 INBOUND_RATE = (
@@ -35,6 +35,32 @@ INBOUND_RATE = (
 )
 INBOUND_BURST_S = 1.0  # audio a sender may get ahead by: a 1 s network stall delivered at once
 FLOOD_QUIET_S = 1.0  # no drop for this long ends a flood (the next drop starts a new one)
+
+
+@dataclass
+class TokenBucket:
+    """`rate_per_s` tokens a second, at most `burst` banked; `take()` spends `cost` (one) if there is that
+    much. Tokens may be events, or seconds of audio."""
+
+    rate_per_s: float
+    burst: float
+    tokens: float = -1.0
+    t_s: float = 0.0
+
+    def take(self, now_s: float | None = None, cost: float = 1.0) -> bool:
+        now_s = time.monotonic() if now_s is None else now_s
+        if self.tokens < 0:
+            self.tokens, self.t_s = float(self.burst), now_s
+        self.tokens = min(float(self.burst), self.tokens + (now_s - self.t_s) * self.rate_per_s)
+        self.t_s = now_s
+        if self.tokens >= cost:
+            self.tokens -= cost
+            return True
+        return False
+
+    def wait_s(self) -> float:
+        """Seconds until the next token."""
+        return max(0.0, (1.0 - self.tokens) / self.rate_per_s)
 
 
 @dataclass(frozen=True)

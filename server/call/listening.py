@@ -1,9 +1,10 @@
 """A call's inbound side: user audio -> VAD -> turns -> the responder, and the barge-in decision.
 
-The call owns one `Listening` (as it owns a `ReplyFlow`): `run(track)` reads WebRTC frames, the
-WebSocket transport hands chunks to `feed_chunk()`. Each (512,) float32 16 kHz chunk goes through the
-VAD and the turn detector; turn audio goes to the responder up to `max_turn_audio_s`; speech over the
-assistant interrupts it once it has lasted `min_interrupt_ms`.
+The call owns one `Listening` (as it owns a `ReplyFlow`); the transport hands it user audio through
+the call (`Call.audio_arrived`, then `Call.hear` for each chunk). Each (512,) float32 16 kHz chunk goes
+through the echo guard, the VAD and the turn detector; turn audio goes to the responder up to
+`max_turn_audio_s`; speech over the assistant interrupts it once it has lasted `min_interrupt_ms`
+(at once when the client plays the audio itself: we cannot hear what it played).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import time
 from typing import Protocol
 
 import numpy as np
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from pipeline.responder import ResponderSession
 from server.audio.echo_guard import EchoGuard
@@ -23,12 +23,12 @@ from server.call.guard import CallGuard
 from server.call.replies import ReplyFlow
 from server.call.settings import CallSettings
 from server.call.state import CallState
+from server.call.transport import Transport
 from server.config import Config
 from server.logs import LogLimiter
 from server.metrics import Metrics
 from server.realtime import protocol as P
 from server.realtime.protocol import new_id as _new_id
-from server.webrtc.media import InboundConverter, OutboundAudioTrack
 
 
 class Call(Protocol):
@@ -42,9 +42,7 @@ class Call(Protocol):
     session: ResponderSession
     settings: CallSettings
     state: CallState
-
-    @property
-    def track(self) -> OutboundAudioTrack: ...
+    transport: Transport
 
     def send(self, message: dict) -> None: ...
 
@@ -56,7 +54,6 @@ class Listening:
         self._call = call
         self._vad = vad
         self._vad_state = VadState()
-        self._converter = InboundConverter()
         self.detector = TurnDetector(call.settings.turns)
         self._inbound_drops = LogLimiter()  # a sender over real time: one line (and one error) per interval
         self._user_item_id: str | None = None
@@ -64,25 +61,20 @@ class Listening:
         self._turn_samples = 0  # 16 kHz samples pushed to the responder for the pending user turn
         self._turn_capped = False  # the pending turn hit max_turn_audio_s
         self.echo_guard = EchoGuard()
-        if call.replies.buffer_events:  # WebRTC: we send the audio, so we know what may come back
-            call.track.on_frame = self.echo_guard.sent
+        # The audio out reports each frame as it leaves; audio the client plays on its own clock is never
+        # reported, so the guard never judges anything echo there (docs/protocol.md says why).
+        call.transport.audio.on_frame = self.echo_guard.sent
 
-    async def run(self, track: MediaStreamTrack) -> None:
-        """The WebRTC receive loop: frames -> 16 kHz chunks, each policed against real time."""
-        guard = self._call.guard
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            if not guard.inbound_frame(time.monotonic(), frame.samples / frame.sample_rate):
-                self._inbound_dropped()
-                continue
-            for chunk in self._converter.push(frame):  # (512,) float32 16 kHz each
-                self.feed_chunk(chunk)
+    def accept_audio(self, duration_s: float) -> bool:
+        """User audio of `duration_s` arrived: keep it unless it runs ahead of real time (one error and
+        a rate-limited log line for each run of drops)."""
+        if self._call.guard.inbound_frame(time.monotonic(), duration_s):
+            return True
+        self._inbound_dropped()
+        return False
 
     def feed_chunk(self, chunk: np.ndarray) -> None:
-        """One (512,) float32 16 kHz chunk of user audio (either transport) -> VAD -> turns."""
+        """One (512,) float32 16 kHz chunk of user audio -> VAD -> turns."""
         probability = self._vad.probability(self._vad_state, chunk)
         if self._call.settings.turns.echo_guard and self.echo_guard.is_echo(chunk):
             if probability >= self.detector.settings.threshold:
@@ -115,8 +107,7 @@ class Listening:
         self._turn_capped = False
 
     def reset(self) -> None:
-        """The call is closing: the converter's resampler and the VAD's recurrent state go."""
-        self._converter.reset()
+        """The call is closing: the VAD's recurrent state goes."""
         self._vad_state.reset()
 
     def _inbound_dropped(self) -> None:
@@ -172,7 +163,7 @@ class Listening:
         self._user_item_id = _new_id("item")
         call.guard.user_activity(time.monotonic())
         call.state = CallState.USER_SPEAKING
-        self._interrupt_armed = replies.active and call.settings.turns.interrupt_response
+        self._interrupt_armed = replies.current is not None and call.settings.turns.interrupt_response
         call.send(
             P.event(
                 "input_audio_buffer.speech_started",
@@ -180,9 +171,10 @@ class Listening:
                 item_id=self._user_item_id,
             )
         )
-        if self._interrupt_armed and not replies.buffer_events:
-            # WebSocket: the server cannot hear what the client plays, so it cancels at speech start and
-            # the client reports what it played with conversation.item.truncate (as the Realtime API does).
+        if self._interrupt_armed and not call.transport.plays_out:
+            # The client plays the audio: the server cannot hear what it played, so it cancels at speech
+            # start and the client reports what it played with conversation.item.truncate (as the
+            # Realtime API asks of WebSocket clients).
             self._interrupt_armed = False
             replies.interrupt("turn_detected")
 
@@ -212,7 +204,7 @@ class Listening:
                     speech_ms=round(stopped.speech_ms),
                 )
             )
-            call.state = CallState.SPEAKING if call.replies.active else CallState.LISTENING
+            call.state = CallState.SPEAKING if call.replies.current is not None else CallState.LISTENING
             return
         call.session.commit_audio()
         call.user_item_committed(item_id, None)

@@ -1,9 +1,15 @@
-"""The assistant's side of a call: start a reply, move its events to the data channel and the outbound
-track, cut it off (barge-in), report playback and latency, and end a reply whose audio nobody reads.
+"""The assistant's side of a call: start a reply, move its events and audio to the transport, cut it
+off (barge-in), report playback and latency, and end a reply whose audio nobody reads.
 
-An object the call owns (`Call.replies`): it holds the outbound track and the reply in progress, and
-talks back to the call only through what it is given - `send` (a server event), `spawn` (a task of the
-call), `on_phase` (the call's state: thinking / speaking / listening).
+An object the call owns (`Call.replies`): it drives the transport's audio out (server/call/transport.py)
+and holds the reply in progress, and talks back to the call only through what it is given - `send` (a
+server event), `spawn` (a task of the call), `on_phase` (the call's state: thinking / speaking /
+listening).
+
+One word per state of a reply: it is *current* from its start until its audio has played out or it
+is cut off (`current`; `idle` is set while there is none); it is *generating* while the responder still
+produces its events (`generating` for the current one; `generating_items` counts cut ones too, whose
+`response.done` is still to come); an item is *in progress* (the Realtime status) while either holds.
 """
 
 from __future__ import annotations
@@ -15,11 +21,11 @@ from dataclasses import dataclass
 
 from pipeline.responder import AudioChunk, Reply, ReplyDone, ReplyError, ResponderSession, TextDelta, Timing
 from server.call.state import CallState
+from server.call.transport import AudioOut
 from server.metrics import Metrics
 from server.realtime import protocol as P
 from server.realtime.conversation import Conversation
 from server.realtime.protocol import new_id as _new_id
-from server.webrtc.media import OutboundAudioTrack
 
 # A reply whose audio is all generated ends at the latest this long after its queued audio would have
 # played out: a peer that never reads our track (a sendonly offer, a stalled sender) must not hold the
@@ -36,11 +42,11 @@ CANCEL_REASONS = {
 
 
 @dataclass
-class ReplyState:
-    """The assistant reply in progress (generation and/or playback)."""
+class ReplyRecord:
+    """One reply as the server tracks it, from `response.created` to its `response.done` and playout."""
 
     response_id: str
-    turn: Reply
+    reply: Reply
     speech_stopped_s: float | None  # VAD end decision that triggered it (None: response.create)
     timings: dict[str, float]
     item_id: str
@@ -60,11 +66,11 @@ class ReplyFlow:
         on_phase: Callable[[CallState], None],
         log: logging.LoggerAdapter,
         conversation: Conversation,
-        track: OutboundAudioTrack | None = None,
+        audio: AudioOut,
+        plays_out: bool,
     ) -> None:
-        """`track`: where reply audio goes - the WebRTC track (default) or the WebSocket's delta sender,
-        which has the same interface but no playout (server/websocket/socket.py); only a track that plays
-        out sends the `output_audio_buffer.*` events."""
+        """`audio`: where reply audio goes; `plays_out`: it plays on the server's clock, so the
+        `output_audio_buffer.*` events are ours to send (server/call/transport.py)."""
         self._session = session
         self._metrics = metrics
         self._send = send
@@ -72,26 +78,20 @@ class ReplyFlow:
         self._on_phase = on_phase
         self._log = log
         self.conversation = conversation
-        if track is None:
-            track = OutboundAudioTrack()
-        track.on_started, track.on_stopped = self._on_playback_started, self._on_playback_stopped
-        self.track = track
-        self.buffer_events = isinstance(track, OutboundAudioTrack)
-        self.running: set[str] = set()  # assistant items whose reply's events have not ended (cut ones too)
-        self.current: ReplyState | None = None
+        audio.on_started, audio.on_stopped = self._on_playback_started, self._on_playback_stopped
+        self.audio = audio
+        self.plays_out = plays_out
+        self.generating_items: set[str] = set()  # items whose reply is generating (cut ones too)
+        self.current: ReplyRecord | None = None
         self.idle = asyncio.Event()  # set while no reply is in progress (drain waits on it)
         self.idle.set()
         self._playout_timer: asyncio.TimerHandle | None = None
 
     @property
-    def active(self) -> bool:
-        return self.current is not None
-
-    @property
     def generating(self) -> bool:
         return self.current is not None and self.current.generating
 
-    def _set_current(self, reply: ReplyState | None) -> None:
+    def _set_current(self, reply: ReplyRecord | None) -> None:
         if self._playout_timer is not None:
             self._playout_timer.cancel()
             self._playout_timer = None
@@ -107,39 +107,39 @@ class ReplyFlow:
         if self.current is not None:
             self.interrupt("new_turn")
         try:
-            turn = self._session.respond()
-        except Exception as exc:  # a responder refusing a turn must not end the call
+            started = self._session.respond()
+        except Exception as exc:  # a responder refusing a reply must not end the call
             self._log.exception("respond() failed")
-            self._metrics.turn_errors += 1
+            self._metrics.reply_errors += 1
             self._send(
                 P.error_event("responder_error", f"could not start a reply: {exc}", error_type="server_error")
             )
             return
         response_id = _new_id("resp")
         timings = {"speech_stopped": speech_stopped_s} if speech_stopped_s is not None else {}
-        reply = ReplyState(response_id, turn, speech_stopped_s, timings, _new_id("item"))
+        reply = ReplyRecord(response_id, started, speech_stopped_s, timings, _new_id("item"))
         self._set_current(reply)
-        self.running.add(reply.item_id)
-        self.track.begin_reply(response_id)
-        self._metrics.turns_total += 1
+        self.generating_items.add(reply.item_id)
+        self.audio.begin_reply(response_id)
+        self._metrics.replies_total += 1
         self._on_phase(CallState.THINKING)
         ids = {"response_id": response_id, "item_id": reply.item_id, "output_index": 0, "content_index": 0}
         item = P.assistant_item(reply.item_id, "in_progress", None)
         self._send(P.event("response.created", response=P.response_object(response_id, "in_progress")))
         self._send(P.event("response.output_item.added", response_id=response_id, output_index=0, item=item))
-        previous = self.conversation.add(item, turn)
+        previous = self.conversation.add(item, started)
         self._send(P.event("conversation.item.added", previous_item_id=previous, item=item))
         self._send(P.event("response.content_part.added", **ids, part={"type": "audio", "transcript": ""}))
-        self._spawn(self._run_turn(reply), f"turn:{response_id}")
+        self._spawn(self._run_reply(reply), f"reply:{response_id}")
 
-    async def _run_turn(self, reply: ReplyState) -> None:
+    async def _run_reply(self, reply: ReplyRecord) -> None:
         transcript: list[str] = []
         status, details = "completed", None
         try:
-            status, details = await self._pump_turn(reply, transcript)
-        except Exception as exc:  # a broken responder fails this turn only
-            self._log.exception("turn %s failed", reply.response_id)
-            self._metrics.turn_errors += 1
+            status, details = await self._pump_reply(reply, transcript)
+        except Exception as exc:  # a broken responder fails this reply only
+            self._log.exception("reply %s failed", reply.response_id)
+            self._metrics.reply_errors += 1
             status, details = (
                 "failed",
                 {"type": "failed", "error": {"code": "responder_error", "message": str(exc)}},
@@ -148,17 +148,17 @@ class ReplyFlow:
                 P.error_event("responder_error", f"the reply failed: {exc}", error_type="server_error")
             )
         reply.generating = False
-        self.running.discard(reply.item_id)
+        self.generating_items.discard(reply.item_id)
         text = "".join(transcript)
         if self.current is reply:
-            self.track.end_reply()
+            self.audio.end_reply()
             if status == "failed":
-                self.track.clear()
+                self.audio.clear()
         if reply.cancel_reason is not None and status != "failed":
             # Cut off, even when the responder finished before it saw the cancel: the client gets what
             # was heard, never the text of audio it did not hear.
             if status != "cancelled":
-                heard = reply.turn.heard_transcript(reply.played_ms or 0.0)
+                heard = reply.reply.heard_transcript(reply.played_ms or 0.0)
                 text = text if heard is None else heard
             status = "cancelled"
             details = {
@@ -166,19 +166,19 @@ class ReplyFlow:
                 "reason": CANCEL_REASONS.get(reply.cancel_reason, "turn_detected"),
             }
         self._finish_item(reply, status, details, text)
-        audio_pending = self.current is reply and self.track.active
+        audio_pending = self.current is reply and self.audio.active
         if not reply.latency_sent and not audio_pending:  # with audio, it goes out with the first frame
             self._send_latency(reply)
-        if self.current is reply and not self.track.active:
+        if self.current is reply and not self.audio.active:
             self._set_current(None)
             self._on_phase(CallState.LISTENING)
         elif audio_pending:
-            deadline_s = self.track.queued_ms / 1000.0 + PLAYOUT_SLACK_S
+            deadline_s = self.audio.queued_ms / 1000.0 + PLAYOUT_SLACK_S
             self._playout_timer = asyncio.get_running_loop().call_later(
                 deadline_s, self._playout_timed_out, reply
             )
 
-    def _finish_item(self, reply: ReplyState, status: str, details: dict | None, text: str) -> None:
+    def _finish_item(self, reply: ReplyRecord, status: str, details: dict | None, text: str) -> None:
         """The GA closing sequence of a reply's item, then `response.done` with the item in `output`."""
         ids = {
             "response_id": reply.response_id,
@@ -201,27 +201,29 @@ class ReplyFlow:
 
     def in_progress(self, item_id: str) -> bool:
         """The item's reply is generating or playing (or cut off, its end not yet reported)."""
-        return item_id in self.running or (self.current is not None and self.current.item_id == item_id)
+        return item_id in self.generating_items or (
+            self.current is not None and self.current.item_id == item_id
+        )
 
-    def truncate(self, item_id: str, turn: Reply, audio_end_ms: int) -> str | None:
+    def truncate(self, item_id: str, reply: Reply, audio_end_ms: int) -> str | None:
         """The client heard only `audio_end_ms` of an assistant item: cut its reply in the history there
         (the barge-in rule) and the item's transcript with it. Returns the kept transcript (None: unknown,
         or reported with the reply's `response.done`, which is still to come)."""
-        if self.current is not None and self.current.turn is turn:
+        if self.current is not None and self.current.reply is reply:
             self.interrupt("client_cancelled", played_ms=audio_end_ms)
         else:
-            turn.cancel(played_ms=audio_end_ms)
-        if item_id in self.running:
+            reply.cancel(played_ms=audio_end_ms)
+        if item_id in self.generating_items:
             return None
-        heard = turn.heard_transcript(audio_end_ms)
+        heard = reply.heard_transcript(audio_end_ms)
         if heard is not None and self.conversation.get(item_id) is not None:
             self.conversation.replace(P.assistant_item(item_id, "incomplete", heard))
         return heard
 
-    async def _pump_turn(self, reply: ReplyState, transcript: list[str]) -> tuple[str, dict | None]:
-        """Move one reply's events to the data channel and the outbound track until it ends."""
+    async def _pump_reply(self, reply: ReplyRecord, transcript: list[str]) -> tuple[str, dict | None]:
+        """Move one reply's events to the client and its audio out until it ends."""
         status, details = "completed", None
-        async for item in reply.turn.events():
+        async for item in reply.reply.events():
             if isinstance(item, TextDelta):
                 transcript.append(item.text)
                 self._send(
@@ -236,7 +238,7 @@ class ReplyFlow:
                 )
             elif isinstance(item, AudioChunk):
                 if self.current is reply:
-                    self.track.push(item.pcm, item.sample_rate_hz)
+                    self.audio.push(item.pcm, item.sample_rate_hz)
             elif isinstance(item, Timing):
                 reply.timings.setdefault(item.stage, item.t_monotonic_s)
             elif isinstance(item, ReplyDone):
@@ -249,7 +251,7 @@ class ReplyFlow:
                     transcript[:] = [item.text]
                 break
             elif isinstance(item, ReplyError):
-                self._metrics.turn_errors += 1
+                self._metrics.reply_errors += 1
                 status, details = (
                     "failed",
                     {"type": "failed", "error": {"code": item.code, "message": item.message}},
@@ -260,17 +262,17 @@ class ReplyFlow:
 
     def interrupt(self, reason: str, played_ms: float | None = None) -> None:
         """Barge-in, response.cancel, output_audio_buffer.clear or a typed message: stop the reply now.
-        `played_ms`: what the client says it heard (truncate); else what the track sent."""
+        `played_ms`: what the client says it heard (truncate); else what went out."""
         reply = self.current
         if reply is None:
             return
-        sent_ms = self.track.clear()  # the next outbound frame is silence
+        sent_ms = self.audio.clear()  # the next outbound frame is silence
         played_ms = sent_ms if played_ms is None else min(played_ms, sent_ms)
         self._set_current(None)
         reply.cancel_reason, reply.played_ms = reason, played_ms
-        reply.turn.cancel(played_ms=played_ms)
-        self._metrics.turns_interrupted += 1
-        if self.buffer_events:
+        reply.reply.cancel(played_ms=played_ms)
+        self._metrics.replies_interrupted += 1
+        if self.plays_out:
             self._send(P.event("output_audio_buffer.cleared", response_id=reply.response_id))
         self._send(
             P.event(
@@ -287,17 +289,17 @@ class ReplyFlow:
         """The call is closing: cancel the reply in progress, keep what was heard."""
         reply = self.current
         if reply is not None:
-            played_ms = self.track.clear()
+            played_ms = self.audio.clear()
             self._set_current(None)
-            reply.turn.cancel(played_ms=played_ms)
+            reply.reply.cancel(played_ms=played_ms)
 
-    def _playout_timed_out(self, reply: ReplyState) -> None:
+    def _playout_timed_out(self, reply: ReplyRecord) -> None:
         """Nobody read the reply's audio in time: end the reply as if it had played."""
         self._playout_timer = None
         if self.current is not reply:
             return
-        unplayed_ms = self.track.queued_ms
-        played_ms = self.track.clear()
+        unplayed_ms = self.audio.queued_ms
+        played_ms = self.audio.clear()
         self._set_current(None)
         self._log.warning(
             "reply %s: the peer is not reading our audio (%.0f ms unplayed): reply ended",
@@ -314,7 +316,7 @@ class ReplyFlow:
         )
         self._on_phase(CallState.LISTENING)
 
-    # ----- playback (the outbound track's callbacks) ------------------------------------------------
+    # ----- playback (the audio out's callbacks) ----------------------------------------------------
 
     def _on_playback_started(self, response_id: str, t_s: float) -> None:
         reply = self.current
@@ -322,19 +324,19 @@ class ReplyFlow:
             return
         reply.timings.setdefault("first_frame_sent", t_s)
         self._on_phase(CallState.SPEAKING)
-        if self.buffer_events:
+        if self.plays_out:
             self._send(P.event("output_audio_buffer.started", response_id=response_id))
         self._send_latency(reply)
 
     def _on_playback_stopped(self, response_id: str) -> None:
-        if self.buffer_events:
+        if self.plays_out:
             self._send(P.event("output_audio_buffer.stopped", response_id=response_id))
         reply = self.current
         if reply is not None and reply.response_id == response_id and not reply.generating:
             self._set_current(None)
             self._on_phase(CallState.LISTENING)
 
-    def _send_latency(self, reply: ReplyState) -> None:
+    def _send_latency(self, reply: ReplyRecord) -> None:
         reply.latency_sent = True
         origin = (
             reply.speech_stopped_s
@@ -349,7 +351,7 @@ class ReplyFlow:
         }
         first = reply.timings.get("first_frame_sent")
         if reply.speech_stopped_s is not None and first is not None:
-            self._metrics.turn_latency.observe(first - reply.speech_stopped_s)
+            self._metrics.reply_latency.observe(first - reply.speech_stopped_s)
         self._send(
             P.event(
                 "glm4voice.turn.latency",

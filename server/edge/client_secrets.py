@@ -6,9 +6,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from server.context import ServerContext
-from server.edge.limits import ApiError, check_origin
+from server.edge.limits import ApiError, check_origin, loads_json, parse_session
 from server.realtime import protocol as P
-from server.webrtc.signalling import loads_json, parse_session
 
 
 class ClientSecrets:

@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from server.config import Config
-from server.logs import quiet_library_logs
+from server.edge.errors import quiet_library_logs
 
 log = logging.getLogger("glm4voice.connections")
 FDS_PER_CALL = 6  # aiortc: one UDP socket per host candidate and family, the STUN/TURN ones, slack

@@ -9,9 +9,11 @@ import logging
 import re
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from server.config import HttpConfig
 from server.edge.limits import ApiError, allowed_origin, client_gone
+from server.logs import LogLimiter
 
 log = logging.getLogger("glm4voice.http")
 
@@ -98,3 +100,38 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return ApiError(500, "server_error", "internal server error", error_type="server_error").response()
+
+
+class QuietBadRequests(logging.Filter):
+    """aiohttp logs a malformed request (a 4xx it answers itself: bad request line, header too long,
+    bad chunking) at ERROR with a traceback. It is the client's fault: one WARNING line, no traceback,
+    rate-limited. Other errors aiohttp logs stay as they are."""
+
+    def __init__(self, limiter: LogLimiter | None = None) -> None:
+        super().__init__()
+        self.limiter = limiter or LogLimiter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError) or not 400 <= (exc.code or 0) < 500:
+            return True
+        allow, suppressed = self.limiter.allow()
+        if not allow:
+            return False
+        detail = (str(exc.message or "").splitlines() or [""])[0][:200]
+        what = record.getMessage()
+        record.msg = "%s: %s %s" + (f" ({suppressed} more not logged)" if suppressed else "")
+        record.args = (what, type(exc).__name__, detail)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_library_logs() -> None:
+    """Library loggers that flood or shout about client mistakes (idempotent)."""
+    logging.getLogger("aioice").setLevel(
+        max(logging.getLogger().level, logging.WARNING)
+    )  # per-packet chatter
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, QuietBadRequests) for f in server_log.filters):
+        server_log.addFilter(QuietBadRequests())

@@ -9,13 +9,15 @@ concurrent-call limit (503). Authentication is `server/edge/auth.py`; token buck
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from server.call.guard import TokenBucket
 from server.config import Config
+from server.realtime import protocol as P
 
 
 class ApiError(Exception):
@@ -40,32 +42,6 @@ class ApiError(Exception):
     def response(self) -> web.Response:
         body = {"error": {"type": self.error_type, "code": self.code, "message": self.message}}
         return web.json_response(body, status=self.status, headers=self.headers)
-
-
-@dataclass
-class TokenBucket:
-    """`rate_per_s` tokens a second, at most `burst` banked; `take()` spends `cost` (one) if there is that
-    much. Tokens may be events, or seconds of audio."""
-
-    rate_per_s: float
-    burst: float
-    tokens: float = -1.0
-    t_s: float = 0.0
-
-    def take(self, now_s: float | None = None, cost: float = 1.0) -> bool:
-        now_s = time.monotonic() if now_s is None else now_s
-        if self.tokens < 0:
-            self.tokens, self.t_s = float(self.burst), now_s
-        self.tokens = min(float(self.burst), self.tokens + (now_s - self.t_s) * self.rate_per_s)
-        self.t_s = now_s
-        if self.tokens >= cost:
-            self.tokens -= cost
-            return True
-        return False
-
-    def wait_s(self) -> float:
-        """Seconds until the next token."""
-        return max(0.0, (1.0 - self.tokens) / self.rate_per_s)
 
 
 class AddressRateLimiter:
@@ -245,3 +221,28 @@ async def read_form(request: web.Request, limit: int, timeout_s: float):
         RuntimeError,
     ) as exc:  # aiohttp: RuntimeError for an unknown Content-Transfer-Encoding
         raise ApiError(400, "invalid_body", f"the form could not be read: {exc}") from None
+
+
+def parse_session(fields: dict, config: Config) -> P.SessionUpdate:
+    """Session fields from an offer or a client-secret mint, read as a `session.update` would be."""
+    try:
+        update = P.parse_client_event(
+            json.dumps({"type": "session.update", "session": fields}),
+            max_event_bytes=config.http.max_body_bytes,
+            max_text_chars=config.limits.max_text_chars,
+            max_instructions_chars=config.limits.max_instructions_chars,
+        )
+    except P.ProtocolError as exc:
+        raise ApiError(400, exc.code, f"session: {exc.message}") from None
+    except (ValueError, RecursionError):  # a string that does not encode, nesting past the parser's depth
+        raise ApiError(400, "invalid_value", "session: the object cannot be read") from None
+    assert isinstance(update, P.SessionUpdate)
+    return update
+
+
+def loads_json(text: str | bytes, what: str, hint: str = "") -> object:
+    """JSON from a client, or 400: nesting deeper than the parser's recursion limit is invalid too."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "invalid_json", f"{what} is not valid JSON{hint}") from None

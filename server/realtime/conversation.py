@@ -18,17 +18,17 @@ class Conversation:
         self._refs: dict[str, int | Reply] = {}  # item_id -> the item as the responder knows it
         self._user_items = 0  # user items so far: the next one's index for `ResponderSession.delete_item`
 
-    def add(self, item: dict, turn: Reply | None = None) -> str | None:
+    def add(self, item: dict, reply: Reply | None = None) -> str | None:
         """Append an item; returns the id of the item before it (`previous_item_id`). A user item takes the
         next user index (the session counts its `commit_audio` / `add_text` calls the same way); an
-        assistant item is known by its `turn`."""
+        assistant item is known by its `reply`."""
         previous = next(reversed(self._items), None)
         self._items[item["id"]] = item
         if item.get("role") == "user":
             self._refs[item["id"]] = self._user_items
             self._user_items += 1
-        elif turn is not None:
-            self._refs[item["id"]] = turn
+        elif reply is not None:
+            self._refs[item["id"]] = reply
         while len(self._items) > MAX_ITEMS:
             oldest = next(iter(self._items))
             del self._items[oldest]

@@ -12,14 +12,15 @@ import fractions
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import av
 import numpy as np
 import soxr
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from server.audio.codecs import RESAMPLE_QUALITY
 from server.audio.vad import CHUNK_SAMPLES, SAMPLE_RATE_HZ
+from server.call.transport import PlayoutStats
 
 OUT_RATE_HZ = 48_000  # Opus / WebRTC rate
 FRAME_SAMPLES = 960  # 20 ms at 48 kHz: one outbound frame
@@ -27,9 +28,6 @@ FRAME_S = FRAME_SAMPLES / OUT_RATE_HZ
 MAX_LAG_FRAMES = 10  # after a stall longer than this, restart the clock instead of bursting frames
 _TIME_BASE = fractions.Fraction(1, OUT_RATE_HZ)
 _SILENCE = np.zeros((1, FRAME_SAMPLES), np.int16)  # av copies it into each frame
-# soxr "LQ" is 16-bit precision (what Opus carries) and holds back ~6 ms at 48->16 kHz and <1 ms at
-# 22.05->48 kHz; "HQ" holds 21 ms and 33 ms, latency added to every turn end and every reply start.
-RESAMPLE_QUALITY = "LQ"
 
 
 def frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
@@ -78,15 +76,9 @@ class InboundConverter:
         return chunks
 
 
-@dataclass
-class PlayoutStats:
-    frames_sent: int = 0
-    underruns: int = 0  # frames that went out (partly) silent while a reply was still arriving
-    clock_resyncs: int = 0  # the loop stalled more than MAX_LAG_FRAMES frames
-
-
 class OutboundAudioTrack(MediaStreamTrack):
-    """The call's one outbound track: a 20 ms frame every 20 ms on a monotonic clock, silence when idle.
+    """The call's one outbound track (its `AudioOut`, server/call/transport.py): a 20 ms frame every
+    20 ms on a monotonic clock, silence when idle.
 
     A reply is `begin_reply()`, `push()`* at any rate, `end_reply()`. `clear()` drops everything queued
     (the next frame is silence) and returns how much of the reply went out. `on_started(reply_id, t)` fires
@@ -103,9 +95,7 @@ class OutboundAudioTrack(MediaStreamTrack):
         super().__init__()
         self.on_started = on_started
         self.on_stopped = on_stopped
-        self.on_frame: Callable[[np.ndarray], None] | None = (
-            None  # each (960,) frame as it leaves (echo guard)
-        )
+        self.on_frame: Callable[[np.ndarray], None] | None = None  # each (960,) frame as it leaves
         self.stats = PlayoutStats()
         self._queue: deque[np.ndarray] = deque()  # (n,) float32 at 48 kHz
         self._queued_samples = 0

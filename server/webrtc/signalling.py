@@ -7,20 +7,19 @@ fault (`400 invalid_sdp`), and whatever fails, the half-built call is closed and
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
+from server.admission import Admitted, admit, check_door, open_call
 from server.call.call import Call, new_call_id
-from server.call.resume import RESUME_HEADER, ParkedCall
-from server.call.settings import CallSettings
+from server.call.resume import RESUME_HEADER
 from server.config import Config
 from server.context import ServerContext
-from server.edge.limits import ApiError, check_origin, read_form
+from server.edge.limits import ApiError, loads_json, read_form
 from server.logs import current_call_id
-from server.realtime import protocol as P
 from server.webrtc.rtc import (
     MAX_CANDIDATES_PER_ADDRESS,
     SdpError,
@@ -28,34 +27,16 @@ from server.webrtc.rtc import (
     filter_remote_candidates,
     set_receive_jitter,
 )
+from server.webrtc.transport import WebRtcTransport
 
 log = logging.getLogger("glm4voice.signalling")
-MAX_RESUME_TOKEN_CHARS = 256  # ours are 36; anything much longer is not one
 
 
-def parse_session(fields: dict, config: Config) -> P.SessionUpdate:
-    """Session fields from an offer or a client-secret mint, read as a `session.update` would be."""
+def _check_offer(sdp: str) -> None:
     try:
-        update = P.parse_client_event(
-            json.dumps({"type": "session.update", "session": fields}),
-            max_event_bytes=config.http.max_body_bytes,
-            max_text_chars=config.limits.max_text_chars,
-            max_instructions_chars=config.limits.max_instructions_chars,
-        )
-    except P.ProtocolError as exc:
-        raise ApiError(400, exc.code, f"session: {exc.message}") from None
-    except (ValueError, RecursionError):  # a string that does not encode, nesting past the parser's depth
-        raise ApiError(400, "invalid_value", "session: the object cannot be read") from None
-    assert isinstance(update, P.SessionUpdate)
-    return update
-
-
-def loads_json(text: str | bytes, what: str, hint: str = "") -> object:
-    """JSON from a client, or 400: nesting deeper than the parser's recursion limit is invalid too."""
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        raise ApiError(400, "invalid_json", f"{what} is not valid JSON{hint}") from None
+        check_offer(sdp)
+    except SdpError as exc:
+        raise ApiError(400, exc.code, str(exc)) from None
 
 
 class Signalling:
@@ -63,49 +44,21 @@ class Signalling:
         self.ctx = ctx
 
     async def create_call(self, request: web.Request) -> web.Response:
-        try:
-            return await self._create_call(request)
-        except ApiError as exc:
-            self.ctx.metrics.reject(exc.code)
-            raise
-
-    async def _create_call(self, request: web.Request) -> web.Response:
         ctx, config = self.ctx, self.ctx.config
-        check_origin(request, config)
-        ctx.admission.check_rate(request)
-        secret = ctx.auth.authorize_call(request)
+        secret = check_door(ctx, request)
         if request.content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
             sdp, session, as_json, resume_token = await _parse_offer_form(request, config)
         else:
             body = await ctx.admission.read_body(request)
             sdp, session, as_json, resume_token = _parse_offer_body(request.content_type, body)
-        resume_token = resume_token or request.headers.get(RESUME_HEADER) or None
-        if resume_token is not None and not (
-            resume_token.isascii() and len(resume_token) <= MAX_RESUME_TOKEN_CHARS
-        ):
-            raise ApiError(400, "invalid_value", "resume_token must be the string session.created gave")
-        superseded = ctx.call_holding(resume_token) if resume_token is not None else None
-        if superseded is not None:  # the client noticed the drop before we did: that call parks now
-            await superseded.close("the client reconnected (resume)", network_lost=True)
-        # a parked call holds a slot: resuming it takes that slot over
-        resuming = resume_token is not None and ctx.parked.holds(resume_token)
-        ctx.admission.admit_call(
-            request, ctx.occupied_slots() - resuming, ctx.ready(), ctx.not_ready_reason()
-        )
-        try:
-            check_offer(sdp)
-        except SdpError as exc:
-            raise ApiError(400, exc.code, str(exc)) from None
-        resumed: ParkedCall | str | None = None
-        if resume_token is not None:
-            resumed = ctx.parked.take(resume_token) if ctx.parked.window_s > 0 else "disabled"
-        settings = resumed.settings if isinstance(resumed, ParkedCall) else ctx.default_settings()
-        for fields in (
-            secret.session if secret is not None else None,
+        admitted = await admit(
+            ctx,
+            request,
+            secret,
             session,
-        ):  # the secret's, then the offer's
-            if fields:
-                settings = settings.apply(parse_session(fields, config))
+            resume_token or request.headers.get(RESUME_HEADER) or None,
+            check=functools.partial(_check_offer, sdp),
+        )
         sdp, dropped = filter_remote_candidates(
             sdp, config.webrtc.host_addresses, config.webrtc.max_remote_candidates, MAX_CANDIDATES_PER_ADDRESS
         )
@@ -118,8 +71,7 @@ class Signalling:
                 config.webrtc.max_remote_candidates,
                 MAX_CANDIDATES_PER_ADDRESS,
             )
-        answer_sdp, call = await self._answer(sdp, settings, resumed)
-        ctx.metrics.calls_total += 1
+        answer_sdp, call = await self._answer(sdp, admitted)
         location = f"{config.http.public_url.rstrip('/')}/v1/realtime/calls/{call.call_id}"
         if as_json:
             return web.json_response(
@@ -131,41 +83,25 @@ class Signalling:
             status=201, text=answer_sdp, content_type="application/sdp", headers={"Location": location}
         )
 
-    async def _answer(
-        self, sdp: str, settings: CallSettings, resumed: ParkedCall | str | None
-    ) -> tuple[str, Call]:
+    async def _answer(self, sdp: str, admitted: Admitted) -> tuple[str, Call]:
         ctx, w = self.ctx, self.ctx.config.webrtc
         ice = [RTCIceServer(urls=list(w.stun_urls))] if w.stun_urls else []
         if w.turn_urls:
             ice.append(
                 RTCIceServer(urls=list(w.turn_urls), username=w.turn_username, credential=w.turn_credential)
             )
-        call_id = new_call_id()
-        current_call_id.set(call_id)  # this request's context: aiortc's tasks for the call inherit it
         pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
-        parking = ctx.parked if ctx.parked.window_s > 0 else None
-        call = Call(
-            call_id,
-            pc,
-            ctx.responder,
-            ctx.vad,
-            ctx.config,
-            ctx.metrics,
-            settings,
-            ctx.forget,
-            parking=parking,
-            resumed=resumed,
-        )
-        ctx.calls[call_id] = call
+        transport = WebRtcTransport(pc)
+        call = open_call(ctx, new_call_id(), transport, admitted)
 
         @pc.on("track")
         def on_track(track) -> None:
             if track.kind == "audio":
-                call.attach_inbound(track)
+                transport.attach_inbound(track, call)
 
         @pc.on("datachannel")
         def on_datachannel(channel) -> None:
-            call.attach_channel(channel)
+            transport.attach_channel(channel, call)
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
@@ -183,7 +119,7 @@ class Signalling:
                     transceiver.direction = "inactive"  # we answer audio only; no video decoding
             # Our voice goes on the first audio section whatever the client sends us: a `recvonly`
             # client (typed turns, spoken replies) gets no "track" event but still hears the replies.
-            pc.addTrack(call.track)
+            pc.addTrack(transport.audio)
             set_receive_jitter(pc, w.receive_jitter_frames)
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:  # aiortc refuses an offer with whatever it raises: the offer is at fault

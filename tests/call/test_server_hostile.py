@@ -20,6 +20,7 @@ from server.call import replies as reply_flow
 from server.call.state import CallState
 from server.metrics import Metrics
 from server.realtime.conversation import Conversation
+from server.webrtc.media import OutboundAudioTrack
 from tests.helpers.rtc_client import RealtimeClient, make_offer, start_server
 
 
@@ -75,20 +76,21 @@ async def test_close_completes_whatever_fails_inside_it(caplog):
     running = await start_server()
     try:
         from server.call.call import Call
+        from server.webrtc.transport import WebRtcTransport
 
         server = running.server
         call = Call(
             "rtc_failing_close",
-            _FailingPeerConnection(),
+            WebRtcTransport(_FailingPeerConnection()),
             server.responder,
-            server.audio.vad,
+            server.vad,
             server.config,
             server.metrics,
             server.default_settings(),
             server.forget,
         )
         server.calls[call.call_id] = call
-        with caplog.at_level(logging.WARNING, logger="glm4voice.call"):
+        with caplog.at_level(logging.WARNING, logger="glm4voice.webrtc"):
             await call.close("test")
         assert call.closed.is_set() and call.state is CallState.CLOSED
         assert server.calls == {}
@@ -136,7 +138,7 @@ async def test_listen_only_client_hears_replies_that_end(glm_server):
         stopped = await client.wait_for("output_audio_buffer.stopped", 60)
         assert started["response_id"] == stopped["response_id"] == done["response"]["id"]
         call = glm_server.server.calls[client.call_id]
-        assert not call.replying and call.state is CallState.LISTENING
+        assert call.replies.current is None and call.state is CallState.LISTENING
         assert max(float(np.abs(f).max()) for f in client.heard) > 0.01  # the reply was heard
     finally:
         assert await client.hangup() == 200
@@ -186,14 +188,18 @@ async def test_reply_whose_audio_is_never_read_ends(monkeypatch):
         phases.append,
         logging.LoggerAdapter(logging.getLogger("test"), {}),
         Conversation(),
+        OutboundAudioTrack(),
+        plays_out=True,
     )
     flow.start(speech_stopped_s=None)
     await asyncio.gather(*tasks)
-    assert [e["type"] for e in sent if e["type"] == "response.done"] and flow.active  # audio still queued
+    assert [
+        e["type"] for e in sent if e["type"] == "response.done"
+    ] and flow.current is not None  # audio still queued
     await asyncio.wait_for(flow.idle.wait(), 0.1 + 0.3 + 2.0)
     timed_out = [e for e in sent if e["type"] == "glm4voice.output_audio_buffer.timed_out"]
     assert len(timed_out) == 1 and timed_out[0]["unplayed_ms"] == 100 and timed_out[0]["played_ms"] == 0
-    assert phases[-1] is CallState.LISTENING and not flow.active
+    assert phases[-1] is CallState.LISTENING and flow.current is None
 
 
 # ----- item 9: HTTP input that answered 500 ------------------------------------------------------

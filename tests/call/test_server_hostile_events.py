@@ -393,7 +393,7 @@ async def test_an_offer_with_a_thousand_candidates_points_us_at_a_few(echo_serve
             assert r.status == 201, await r.text()
             call_id = r.headers["Location"].rsplit("/", 1)[-1]
         call = echo_server.server.calls[call_id]
-        remote = _remote_candidates(call.pc)
+        remote = _remote_candidates(call.transport.pc)
         cap = echo_server.server.config.webrtc.max_remote_candidates
         assert 0 < len(remote) <= cap
         async with http.post(f"{echo_server.base_url}/v1/realtime/calls/{call_id}/hangup") as r:
@@ -456,7 +456,7 @@ async def test_malformed_http_is_one_warning_line_not_a_traceback(echo_server, c
 async def test_a_secret_used_after_expiry_is_expired_not_invalid():
     running = await start_server(overrides={"auth": {"api_key": API_KEY}})
     try:
-        auth = running.server.edge.auth
+        auth = running.server.auth
         async with aiohttp.ClientSession() as http:
             async with http.post(
                 running.base_url + "/v1/realtime/client_secrets",

@@ -19,6 +19,7 @@ from server.call.call import Call
 from server.call.guard import CallGuard
 from server.config import LimitsConfig, load_config
 from server.echo import EchoResponder
+from server.webrtc.transport import WebRtcTransport
 from tests.helpers.rtc_client import RealtimeClient, start_server
 from tests.helpers.speech import ENGLISH_SENTENCES, have_speech_tools, synth_speech
 
@@ -240,30 +241,31 @@ async def test_ten_minutes_of_push_to_talk_audio_is_capped(monkeypatch):
         None, env={}, overrides={"responder": {"kind": "echo"}, "limits": {"connect_timeout_s": 0}}
     )  # no peer ever connects
     server = Server(config, EchoResponder())
+    transport = WebRtcTransport(RTCPeerConnection())
     call = Call(
         "rtc_ten_minutes",
-        RTCPeerConnection(),
+        transport,
         server.responder,
-        server.audio.vad,
+        server.vad,
         config,
         server.metrics,
         server.default_settings(),
         on_closed=lambda c: None,
     )
     channel = FakeChannel()
-    call.attach_channel(channel)
+    transport.attach_channel(channel, call)
     try:
-        call._on_message(json.dumps({"type": "session.update", "session": {"turn_detection": None}}))
+        call.receive(json.dumps({"type": "session.update", "session": {"turn_detection": None}}))
         noise = np.random.default_rng(0).uniform(-0.3, 0.3, 600 * 48_000).astype(np.float32)
         track = FastTrack(noise)
         t0 = time.monotonic()
-        call.attach_inbound(track)
+        transport.attach_inbound(track, call)
         await asyncio.wait_for(track.done.wait(), 120)
         print(f"10 min of inbound audio processed in {time.monotonic() - t0:.1f} s")
         errors = [e for e in channel.sent if e["type"] == "error"]
         assert [e["error"]["code"] for e in errors] == ["input_audio_too_long"]  # once, not per chunk
         mark = len(channel.sent)
-        call._on_message(json.dumps({"type": "input_audio_buffer.commit"}))
+        call.receive(json.dumps({"type": "input_audio_buffer.commit"}))
         assert "input_audio_buffer.committed" in [e["type"] for e in channel.sent[mark:]]
         user = call.session.history[-1]
         assert user.role == "user" and user.audio_ms == pytest.approx(

@@ -1,9 +1,14 @@
 """The architecture's import rules, read from the source (ast), not from a running interpreter.
 
-- No cycle among the modules of `server/` and `pipeline/`, counting every import: module level, inside
-  functions and under `TYPE_CHECKING` (a cycle hidden in a function is still a knot).
-- `server/` never imports torch: no server module imports it, and nothing it imports at module level
-  reaches it (the engine is loaded lazily, inside `server/responders.py`, in the thread that owns it).
+- No cycle among the modules of `server/`, `pipeline/` and `client/`, counting every import: module
+  level, inside functions and under `TYPE_CHECKING` (a cycle hidden in a function is still a knot).
+- `server/` and `client/` never import torch: no module of theirs imports it, and nothing they import at
+  module level reaches it (the engine is loaded lazily, inside `server/responders.py`, in the thread
+  that owns it).
+- Layers (docs/architecture.md): inside `pipeline/`, nothing below the engine imports `pipeline.engine`;
+  in `server/`, the call (`server/call/`) never reaches a transport (`server/webrtc/`,
+  `server/websocket/`) nor the libraries they are built on, and the protocol and edge-audio packages
+  (`server/realtime/`, `server/audio/`) reach neither the call nor a transport.
 """
 
 from __future__ import annotations
@@ -11,8 +16,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("server", "pipeline")
+PACKAGES = ("server", "pipeline", "client")
+TRANSPORT_LIBRARIES = {"aiortc", "aioice", "aiohttp", "av"}
 
 
 def _module_name(path: Path) -> str:
@@ -129,18 +137,61 @@ def test_cycle_finder_finds_a_cycle() -> None:
     assert _cycles(graph) == [["a", "b", "c"]]
 
 
-def test_server_never_imports_torch() -> None:
-    full = _graph(top_level_only=False)
-    direct = sorted(m for m, deps in full.items() if m.startswith("server") and "torch" in deps)
-    assert not direct, f"server modules importing torch: {direct}"
-    top = _graph(top_level_only=True)
+def _reach(graph: dict[str, set[str]], roots: list[str]) -> dict[str, str]:
+    """Everything `roots` import, directly or not: module or library -> the module that imports it."""
+    via: dict[str, str] = {}
+    todo = list(roots)
     seen: set[str] = set()
-    todo = [m for m in top if m.startswith("server")]
     while todo:
         module = todo.pop()
         if module in seen:
             continue
         seen.add(module)
-        todo += [d for d in top.get(module, ()) if d in top]
-    reaching = sorted(m for m in seen if "torch" in top[m])
-    assert not reaching, f"server/ reaches torch at import time through {reaching}"
+        for dep in graph.get(module, ()):
+            via.setdefault(dep, module)
+            if dep in graph:
+                todo.append(dep)
+    return via
+
+
+def _in(module: str, *packages: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+@pytest.mark.parametrize("package", ["server", "client"])
+def test_never_imports_torch(package: str) -> None:
+    full = _graph(top_level_only=False)
+    direct = sorted(m for m, deps in full.items() if _in(m, package) and "torch" in deps)
+    assert not direct, f"{package} modules importing torch: {direct}"
+    top = _graph(top_level_only=True)
+    via = _reach(top, [m for m in top if _in(m, package)])
+    assert "torch" not in via, f"{package}/ reaches torch at import time through {via.get('torch')}"
+
+
+def test_nothing_below_the_engine_imports_it() -> None:
+    full = _graph(top_level_only=False)
+    below = [m for m in full if _in(m, "pipeline") and not _in(m, "pipeline.engine")]
+    wrong = sorted(f"{m} -> {d}" for m in below for d in full[m] if _in(d, "pipeline.engine"))
+    assert not wrong, f"imports of the engine from below it: {wrong}"
+
+
+@pytest.mark.parametrize(
+    ("layer", "forbidden"),
+    [
+        ("server.call", ("server.webrtc", "server.websocket", "server.edge", *TRANSPORT_LIBRARIES)),
+        ("server.realtime", ("server.call", "server.webrtc", "server.websocket", *TRANSPORT_LIBRARIES)),
+        ("server.audio", ("server.call", "server.webrtc", "server.websocket", *TRANSPORT_LIBRARIES)),
+    ],
+)
+def test_server_layers(layer: str, forbidden: tuple[str, ...]) -> None:
+    """Counting every import, at any depth: a lazy import is still a dependency."""
+    full = _graph(top_level_only=False)
+    via = _reach(full, [m for m in full if _in(m, layer)])
+    wrong = sorted(f"{dep} (imported by {via[dep]})" for dep in via if _in(dep, *forbidden))
+    assert not wrong, f"{layer} reaches {wrong}"
+
+
+def test_layer_check_sees_a_planted_edge() -> None:
+    """The reach used above can fail: an edge two modules away is found with its importer."""
+    graph = {"server.call.a": {"server.call.b"}, "server.call.b": {"aiortc"}}
+    assert _reach(graph, ["server.call.a"]) == {"server.call.b": "server.call.a", "aiortc": "server.call.b"}

@@ -1,0 +1,107 @@
+"""One admission path for every door a call comes in by.
+
+A door (`POST /v1/realtime/calls`: WebRTC, server/webrtc/signalling.py; `GET /v1/realtime`: WebSocket,
+server/websocket/socket.py) reads its request its own way and goes through the same steps, in this
+order: `check_door` (origin, per-address rate, auth), then `admit` (the resume token's form; a live
+call holding that token parks now; the call-slot limit, a resumed conversation taking its parked slot
+over; the door's own check, such as a WebRTC offer's SDP; the parked conversation taken back; the
+settings: the parked call's or the defaults, then the client secret's, then the request's), then
+`open_call` (the `Call` on the door's transport, registered, counted). `counting_refusals` wraps a
+door's handler so that every refusal is counted by its code (/metrics).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from server.call.call import Call
+from server.call.resume import ParkedCall
+from server.call.settings import CallSettings
+from server.call.transport import Transport
+from server.context import ServerContext
+from server.edge.auth import ClientSecret
+from server.edge.limits import ApiError, check_origin, parse_session
+from server.logs import current_call_id
+
+MAX_RESUME_TOKEN_CHARS = 256  # ours are 36; anything much longer is not one
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Admitted:
+    settings: CallSettings
+    resumed: ParkedCall | str | None  # the conversation taken back, or why it could not be (RESUME_FAILED)
+
+
+def counting_refusals(ctx: ServerContext, handler: Handler) -> Handler:
+    @functools.wraps(handler)
+    async def counted(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            ctx.metrics.reject(exc.code)
+            raise
+
+    return counted
+
+
+def check_door(ctx: ServerContext, request: web.Request) -> ClientSecret | None:
+    """Origin, rate and auth: before the door reads more of the request. Returns the client secret used."""
+    check_origin(request, ctx.config)
+    ctx.admission.check_rate(request)
+    return ctx.auth.authorize_call(request)
+
+
+async def admit(
+    ctx: ServerContext,
+    request: web.Request,
+    secret: ClientSecret | None,
+    session: dict | None = None,
+    resume_token: str | None = None,
+    check: Callable[[], None] | None = None,
+) -> Admitted:
+    """May a call start now, and with what: raises `ApiError` if not. `session`: the request's own
+    session fields; `check`: the door's own check of its request, run once the call has a slot."""
+    if resume_token is not None and not (
+        resume_token.isascii() and len(resume_token) <= MAX_RESUME_TOKEN_CHARS
+    ):
+        raise ApiError(400, "invalid_value", "resume_token must be the string session.created gave")
+    superseded = ctx.call_holding(resume_token) if resume_token is not None else None
+    if superseded is not None:  # the client noticed the drop before we did: that call parks now
+        await superseded.close("the client reconnected (resume)", network_lost=True)
+    resuming = resume_token is not None and ctx.parked.holds(resume_token)  # takes its parked slot over
+    ctx.admission.admit_call(request, ctx.occupied_slots() - resuming, ctx.ready(), ctx.not_ready_reason())
+    if check is not None:
+        check()
+    resumed: ParkedCall | str | None = None
+    if resume_token is not None:
+        resumed = ctx.parked.take(resume_token) if ctx.parked.window_s > 0 else "disabled"
+    settings = resumed.settings if isinstance(resumed, ParkedCall) else ctx.default_settings()
+    for fields in (secret.session if secret is not None else None, session):  # the secret's, then ours
+        if fields:
+            settings = settings.apply(parse_session(fields, ctx.config))
+    return Admitted(settings, resumed)
+
+
+def open_call(ctx: ServerContext, call_id: str, transport: Transport, admitted: Admitted) -> Call:
+    """The admitted call on its transport, in the registry (hangup, control connections, drain find it)."""
+    current_call_id.set(call_id)  # this request's context: the tasks started for the call inherit it
+    call = Call(
+        call_id,
+        transport,
+        ctx.responder,
+        ctx.vad,
+        ctx.config,
+        ctx.metrics,
+        admitted.settings,
+        ctx.forget,
+        parking=ctx.parked if ctx.parked.window_s > 0 else None,
+        resumed=admitted.resumed,
+    )
+    ctx.calls[call_id] = call
+    ctx.metrics.calls_total += 1
+    return call

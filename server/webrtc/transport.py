@@ -1,0 +1,116 @@
+"""The WebRTC transport of a call: events on the `oai-events` data channel, the assistant's audio on a
+paced 48 kHz track (server/webrtc/media.py), the user's audio from the peer's Opus track.
+
+Built by server/webrtc/signalling.py, which wires the peer connection's events to it and to the call.
+Events sent before the data channel opens wait (at most `MAX_EVENTS_BEFORE_OPEN`); the call's
+`session.created` goes first when it opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from aiortc import RTCDataChannel, RTCPeerConnection
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from server.webrtc.media import InboundConverter, OutboundAudioTrack
+
+if TYPE_CHECKING:
+    from server.call.call import Call
+
+log = logging.getLogger("glm4voice.webrtc")
+MAX_EVENTS_BEFORE_OPEN = 64  # events queued until the client's data channel opens
+PC_CLOSE_TIMEOUT_S = 5.0  # aiortc's close awaits its transports; a stuck one must not hold the call slot
+
+
+class WebRtcTransport:
+    plays_out = True  # the track is paced on our clock: we know what went out, and when
+    resumable = True
+
+    def __init__(self, pc: RTCPeerConnection) -> None:
+        self.pc = pc
+        self.audio = OutboundAudioTrack()
+        self._channel: RTCDataChannel | None = None
+        self._outbox: list[str] = []
+        self._converter = InboundConverter()
+        self._inbound_attached = False
+
+    # ----- the peer connection's events (wired by signalling) --------------------------------------
+
+    def attach_inbound(self, track: MediaStreamTrack, call: Call) -> None:
+        if self._inbound_attached:  # one microphone per call; another audio section is ignored
+            return
+        self._inbound_attached = True
+        call.spawn(self._receive_audio(track, call), "recv")
+
+    def attach_channel(self, channel: RTCDataChannel, call: Call) -> None:
+        if channel.label != "oai-events":
+            call.log.info("ignoring data channel %r", channel.label)
+            return
+        self._channel = channel
+        channel.on("message", call.receive)
+
+        def opened() -> None:
+            call.start()
+            outbox, self._outbox = self._outbox, []
+            for text in outbox:
+                channel.send(text)
+
+        if channel.readyState == "open":
+            opened()
+        else:
+            channel.on("open", opened)
+
+    async def _receive_audio(self, track: MediaStreamTrack, call: Call) -> None:
+        """The receive loop: 20 ms frames -> 16 kHz chunks, each frame policed against real time."""
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            if not call.audio_arrived(frame.samples / frame.sample_rate):
+                continue
+            for chunk in self._converter.push(frame):  # (512,) float32 16 kHz each
+                call.hear(chunk)
+
+    # ----- the Transport seam -----------------------------------------------------------------------
+
+    def send(self, text: str) -> None:
+        channel = self._channel
+        if channel is not None and channel.readyState == "open":
+            channel.send(text)
+        elif len(self._outbox) < MAX_EVENTS_BEFORE_OPEN:
+            self._outbox.append(text)
+
+    async def flush(self, timeout_s: float) -> None:
+        """Until the data channel has handed every queued message to SCTP (its `bufferedamountlow` event
+        at threshold 0 fires after the send), at most `timeout_s`."""
+        channel = self._channel
+        if (
+            channel is None
+            or channel.readyState != "open"
+            or channel.bufferedAmount <= channel.bufferedAmountLowThreshold
+        ):
+            return
+        low = asyncio.get_running_loop().create_future()
+
+        def on_low() -> None:
+            if not low.done():
+                low.set_result(None)
+
+        channel.once("bufferedamountlow", on_low)
+        try:
+            await asyncio.wait_for(low, timeout_s)
+        except TimeoutError:
+            log.info("closing event not flushed within %.1f s", timeout_s)
+        finally:
+            channel.remove_listener("bufferedamountlow", on_low)
+
+    async def close(self) -> None:
+        self._converter.reset()
+        try:
+            await asyncio.wait_for(self.pc.close(), PC_CLOSE_TIMEOUT_S)
+        except Exception as exc:  # TimeoutError included
+            log.warning("peer connection close failed: %s", repr(exc))
