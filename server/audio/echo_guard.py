@@ -18,7 +18,7 @@ from collections import deque
 
 import numpy as np
 
-WINDOW_S = 0.5  # envelope history compared (issue 14 item 3)
+WINDOW_S = 0.5  # envelope history compared, s
 MAX_DELAY_S = 0.3  # longest echo path considered (device playout + acoustic + network back)
 DELAY_STEP_S = 0.02  # one outbound frame
 CHUNK_S = 0.032  # one inbound VAD chunk (512 samples at 16 kHz)

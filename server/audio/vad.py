@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_RATE_HZ = 16_000  # the model's rate (DESIGN.md frame contract)
+SAMPLE_RATE_HZ = 16_000  # the model's input rate (the frame contract, pipeline/audio_format.py)
 CHUNK_SAMPLES = 512  # silero-vad v5+ takes exactly 512 samples at 16 kHz (32 ms)
 CONTEXT_SAMPLES = 64  # the tail of the previous chunk the model sees in front of each chunk (16 kHz)
 STATE_SHAPE = (2, 1, 128)  # LSTM (h, c) x batch x units of the v5/v6 model

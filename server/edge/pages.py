@@ -11,7 +11,7 @@ from aiohttp import web
 from server.context import ServerContext
 from server.edge.limits import ApiError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Pages:

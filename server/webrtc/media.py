@@ -1,6 +1,6 @@
 """PCM at the WebRTC edge: inbound frames -> 16 kHz mono chunks; replies -> a paced 48 kHz outbound track.
 
-Frame contract (DESIGN.md): aiortc hands us packed s16 stereo 48 kHz frames of 960 samples (20 ms);
+Frame contract (pipeline/audio_format.py): aiortc hands us packed s16 stereo 48 kHz frames of 960 samples (20 ms);
 the VAD and the responder take 16 kHz mono float32; the responder answers at its own rate (22.05 kHz
 from the GLM-4-Voice vocoder, 16 kHz from the echo) and the outbound track resamples to 48 kHz.
 """
