@@ -27,12 +27,14 @@ import logging
 import time
 from collections.abc import Callable
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.http_websocket import WebSocketError
 from multidict import CIMultiDict
 
 from server.admission import admit, check_door, open_call
 from server.audio.codecs import InputDecoder, wire_rate_hz
 from server.call.call import Call, new_call_id
+from server.call.resume import RESUME_HEADER
 from server.context import ServerContext
 from server.edge.limits import ApiError
 from server.realtime import protocol as P
@@ -113,7 +115,8 @@ class RealtimeSocket:
         """Admission as for an offer (server/admission.py), refused before the upgrade."""
         ctx = self.ctx
         secret = check_door(ctx, _with_subprotocol_key(request))
-        admitted = await admit(ctx, request, secret)
+        token = request.headers.get(RESUME_HEADER) or request.query.get("resume_token") or None
+        admitted = await admit(ctx, request, secret, resume_token=token)
         ws = await self._upgrade(request)
         call: Call | None = None
         writer = SocketWriter(ws, lambda: _slow_reader(call, ws))
@@ -124,10 +127,13 @@ class RealtimeSocket:
         decoder, policer = InputDecoder(), AudioPolicer()
         call.connected()
         call.start()
+        lost = False
         try:
-            await _read_until_closed(ws, call, lambda data: _append(call, decoder, policer, data))
+            lost = await _read_until_closed(ws, call, lambda data: _append(call, decoder, policer, data))
         finally:
-            await call.close(call.close_reason or "websocket closed")
+            lost = lost and not writer.overflowed  # a reader too slow was closed by us: not a drop
+            reason = call.close_reason or ("websocket lost" if lost else "websocket closed")
+            await call.close(reason, network_lost=lost)
             writer.stop()
             await asyncio.wait([writer_task], timeout=1.0)
             writer_task.cancel()
@@ -192,9 +198,11 @@ def _append(call: Call, decoder: InputDecoder, policer: AudioPolicer, data: byte
         call.hear(chunk)
 
 
-async def _read_until_closed(ws: web.WebSocketResponse, call: Call, append: Callable[[bytes], None]) -> None:
+async def _read_until_closed(ws: web.WebSocketResponse, call: Call, append: Callable[[bytes], None]) -> bool:
     """The socket's messages into the call until either ends. Appends skip the event-rate bucket (they
-    are policed by audio time instead); everything else is an event as on the data channel."""
+    are policed by audio time instead); everything else is an event as on the data channel. Returns
+    whether the connection was lost (no normal closure from the client, and not its protocol error):
+    then the call's conversation is parked for a resume."""
     closed = asyncio.ensure_future(call.closed.wait())
     try:
         while not ws.closed:
@@ -202,17 +210,22 @@ async def _read_until_closed(ws: web.WebSocketResponse, call: Call, append: Call
             done, _ = await asyncio.wait([receive, closed], return_when=asyncio.FIRST_COMPLETED)
             if closed in done:
                 receive.cancel()
-                return
+                return False
             msg = receive.result()
             if msg.type == WSMsgType.TEXT:
                 _on_text(call, msg.data, append)
             elif msg.type == WSMsgType.BINARY:
                 call.receive(bytes(msg.data))
-            elif msg.type == WSMsgType.ERROR:  # a frame over MAX_MESSAGE_BYTES, a protocol violation
-                call.close_reason = f"websocket error: {ws.exception()!r}"
-                return
-            else:  # CLOSE / CLOSING / CLOSED
-                return
+            elif msg.type == WSMsgType.CLOSE:  # the client's close frame: 1000 ends the call
+                return msg.data != WSCloseCode.OK
+            elif msg.type == WSMsgType.CLOSING:  # we are closing it (a reader too slow)
+                return False
+            elif msg.type == WSMsgType.ERROR and isinstance(ws.exception(), WebSocketError):
+                call.close_reason = f"websocket error: {ws.exception()!r}"  # a frame too big, bad framing
+                return False
+            else:  # the stream ended without a close frame, the connection failed, no pong in time
+                return True
+        return False  # closed by us while a message was handled
     finally:
         closed.cancel()
 

@@ -125,7 +125,7 @@ class SocketWriter:
 
 class WebSocketTransport:
     plays_out = False  # the client plays the deltas; the server cannot know what it has heard
-    resumable = False
+    resumable = True  # a socket lost without a normal closure parks the conversation (socket.py)
 
     def __init__(self, writer: SocketWriter) -> None:
         self.audio = DeltaSender()

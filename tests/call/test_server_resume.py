@@ -1,11 +1,14 @@
 """Resume after a network drop (server/call/resume.py), on the echo responder: a dropped call's conversation is
 parked under its resume token and a new offer presenting the token continues it; a hangup does not park;
 unknown, used and expired tokens start fresh with `glm4voice.session.resume_failed`; a parked call holds
-its call slot. The engine side (no re-prefill after a resume) is in tests/call/test_glm_call.py."""
+its call slot; a WebSocket call follows the same rules (a socket lost without a normal closure parks
+it). The engine side (no re-prefill after a resume) is in tests/call/test_glm_call.py."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 
 import aiohttp
 
@@ -157,3 +160,97 @@ async def test_parked_call_holds_its_slot_and_expires():
 async def _health(base_url: str) -> dict:
     async with aiohttp.ClientSession() as http, http.get(f"{base_url}/health") as r:
         return await r.json()
+
+
+# ----- the WebSocket transport: the same token rules ------------------------------------------------
+
+
+class SocketClient:
+    """A bare Realtime WebSocket client (aiohttp): events in order, typed turns."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.events: list[dict] = []
+
+    async def wait_for(self, kind: str, timeout_s: float = 10.0) -> dict:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                for event in self.events:
+                    if event["type"] == kind:
+                        self.events.remove(event)
+                        return event
+                msg = await self.ws.receive()
+                assert msg.type == aiohttp.WSMsgType.TEXT, msg
+                self.events.append(json.loads(msg.data))
+
+    async def typed_turn(self, text: str) -> dict:
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+        await self.ws.send_json({"type": "conversation.item.create", "item": item})
+        await self.ws.send_json({"type": "response.create"})
+        return await self.wait_for("response.done")
+
+    def drop(self) -> None:
+        """The connection goes without a close frame (a lost network path, a killed client)."""
+        self.ws.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+
+
+async def _socket(http: aiohttp.ClientSession, base_url: str, token: str | None = None) -> SocketClient:
+    ws = await http.ws_connect(f"{base_url}/v1/realtime", headers={RESUME_HEADER: token} if token else {})
+    return SocketClient(ws)
+
+
+async def _the_call_closed(running, call_id: str):
+    call = running.server.calls[call_id]
+    await asyncio.wait_for(call.closed.wait(), 5)
+    return call
+
+
+async def test_websocket_call_resumes_after_its_socket_drops(echo_server):
+    async with aiohttp.ClientSession() as http:
+        first = await _socket(http, echo_server.base_url)
+        created = await first.wait_for("session.created")
+        token = created["resume_token"]
+        assert token and created["resume_window_s"] == 60
+        assert (await first.typed_turn("Remember the word apricot."))["response"]["status"] == "completed"
+        first.drop()
+        old = await _the_call_closed(echo_server, created["session"]["id"])
+        assert old.close_reason == "websocket lost" and not old.session.closed
+        assert len(echo_server.server.parked) == 1
+
+        second = await _socket(http, echo_server.base_url, token)
+        try:
+            new_token = (await second.wait_for("session.created"))["resume_token"]
+            assert (await second.wait_for("glm4voice.session.resumed"))["items"] == 2
+            assert new_token != token and len(echo_server.server.parked) == 0
+            call = next(iter(echo_server.server.calls.values()))
+            assert call.session is old.session
+            done = await second.typed_turn("Which word was it?")
+            assert done["response"]["status"] == "completed"
+            assert [e.role for e in call.session.history] == ["user", "assistant"] * 2
+        finally:
+            await second.ws.close()
+        await asyncio.wait_for(call.closed.wait(), 5)
+        assert call.session.closed and len(echo_server.server.parked) == 0  # a normal closure ends it
+
+        again = await _socket(http, echo_server.base_url, token)  # single use
+        try:
+            await again.wait_for("session.created")
+            assert (await again.wait_for("glm4voice.session.resume_failed"))["reason"] == "already_resumed"
+        finally:
+            await again.ws.close()
+
+
+async def test_websocket_normal_closure_does_not_park(echo_server):
+    async with aiohttp.ClientSession() as http:
+        client = await _socket(http, echo_server.base_url)
+        created = await client.wait_for("session.created")
+        call = echo_server.server.calls[created["session"]["id"]]
+        await client.ws.close()  # code 1000
+        await asyncio.wait_for(call.closed.wait(), 5)
+        assert call.session.closed and len(echo_server.server.parked) == 0
+        late = await _socket(http, echo_server.base_url, created["resume_token"])
+        try:
+            await late.wait_for("session.created")
+            assert (await late.wait_for("glm4voice.session.resume_failed"))["reason"] == "unknown"
+        finally:
+            await late.ws.close()
