@@ -103,5 +103,5 @@ def open_call(ctx: ServerContext, call_id: str, transport: Transport, admitted: 
         resumed=admitted.resumed,
     )
     ctx.calls[call_id] = call
-    ctx.metrics.calls_total += 1
+    ctx.metrics.calls.inc()
     return call

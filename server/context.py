@@ -24,7 +24,9 @@ class ServerContext:
         self.responder = responder
         self.vad = SileroVad()
         self.metrics = Metrics()
-        self.lag = LoopLagProbe(config.metrics.loop_lag_interval_ms / 1000.0, config.metrics.loop_lag_window)
+        self.lag = LoopLagProbe(
+            config.metrics.loop_lag_interval_ms / 1000.0, config.metrics.loop_lag_window, self.metrics.lag
+        )
         self.admission = Admission(config)
         self.auth = Auth(config.auth, config.http.public_url)
         self.calls: dict[str, Call] = {}  # call_id -> Call, so hangup can find its call
@@ -66,4 +68,4 @@ class ServerContext:
     def forget(self, call: Call) -> None:
         """A call's last act (`Call.close`, in a finally): its slot is free."""
         if self.calls.pop(call.call_id, None) is not None:
-            self.metrics.outbound_underruns += call.transport.audio.stats.underruns
+            self.metrics.outbound_underruns.inc(call.transport.audio.stats.underruns)

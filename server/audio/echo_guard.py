@@ -40,7 +40,6 @@ class EchoGuard:
         self._in_rms = deque(maxlen=n_in)
         self._margin = 10 ** (MARGIN_DB / 20)
         self._last_loud_t = -1e9  # send time of the last frame that was not silence
-        self.echo_chunks = 0  # chunks judged echo while VAD called them speech (for the call's figures)
 
     def sent(self, pcm: np.ndarray, t_s: float | None = None) -> None:
         """One outbound frame (any rate) as it leaves for the client."""

@@ -228,7 +228,7 @@ class Call:
         try:
             self._receive(message, only, answer or self.send)
         except Exception:
-            self.metrics.events_failed += 1
+            self.metrics.events_failed.inc()
             allow, suppressed = self._event_failures.allow()
             if allow:
                 self.log.exception(
@@ -256,7 +256,7 @@ class Call:
         limits = self.config.limits
         accept, complain = self.guard.event_arrived(time.monotonic())
         if not accept:
-            self.metrics.events_dropped += 1
+            self.metrics.events_dropped.inc()
             if complain:
                 answer(
                     P.error_event(

@@ -77,8 +77,6 @@ class Listening:
         """One (512,) float32 16 kHz chunk of user audio -> VAD -> turns."""
         probability = self._vad.probability(self._vad_state, chunk)
         if self._call.settings.turns.echo_guard and self.echo_guard.is_echo(chunk):
-            if probability >= self.detector.settings.threshold:
-                self.echo_guard.echo_chunks += 1
             probability = 0.0  # our own reply coming back: silence as far as turns go
         events, audio = self.detector.feed(chunk, probability)
         for item in events:
@@ -111,9 +109,10 @@ class Listening:
         self._vad_state.reset()
 
     def _inbound_dropped(self) -> None:
-        """A frame over real time was dropped (a sender faster than its clock: a flood, or a broken client)."""
+        """Audio over real time was dropped (a sender faster than its clock: a flood, or a broken
+        client)."""
         call = self._call
-        call.metrics.inbound_frames_dropped += 1
+        call.metrics.inbound_frames_dropped.inc()
         allow, suppressed = self._inbound_drops.allow()
         if allow:
             g, flood_s = call.guard, call.config.limits.inbound_flood_s

@@ -110,7 +110,7 @@ class ReplyFlow:
             started = self._session.respond()
         except Exception as exc:  # a responder refusing a reply must not end the call
             self._log.exception("respond() failed")
-            self._metrics.reply_errors += 1
+            self._metrics.reply_errors.inc()
             self._send(
                 P.error_event("responder_error", f"could not start a reply: {exc}", error_type="server_error")
             )
@@ -121,7 +121,7 @@ class ReplyFlow:
         self._set_current(reply)
         self.generating_items.add(reply.item_id)
         self.audio.begin_reply(response_id)
-        self._metrics.replies_total += 1
+        self._metrics.replies.inc()
         self._on_phase(CallState.THINKING)
         ids = {"response_id": response_id, "item_id": reply.item_id, "output_index": 0, "content_index": 0}
         item = P.assistant_item(reply.item_id, "in_progress", None)
@@ -139,7 +139,7 @@ class ReplyFlow:
             status, details = await self._pump_reply(reply, transcript)
         except Exception as exc:  # a broken responder fails this reply only
             self._log.exception("reply %s failed", reply.response_id)
-            self._metrics.reply_errors += 1
+            self._metrics.reply_errors.inc()
             status, details = (
                 "failed",
                 {"type": "failed", "error": {"code": "responder_error", "message": str(exc)}},
@@ -251,7 +251,7 @@ class ReplyFlow:
                     transcript[:] = [item.text]
                 break
             elif isinstance(item, ReplyError):
-                self._metrics.reply_errors += 1
+                self._metrics.reply_errors.inc()
                 status, details = (
                     "failed",
                     {"type": "failed", "error": {"code": item.code, "message": item.message}},
@@ -271,7 +271,7 @@ class ReplyFlow:
         self._set_current(None)
         reply.cancel_reason, reply.played_ms = reason, played_ms
         reply.reply.cancel(played_ms=played_ms)
-        self._metrics.replies_interrupted += 1
+        self._metrics.replies_interrupted.inc()
         if self.plays_out:
             self._send(P.event("output_audio_buffer.cleared", response_id=reply.response_id))
         self._send(

@@ -23,9 +23,7 @@ import numpy as np
 
 @dataclass
 class PlayoutStats:
-    frames_sent: int = 0
     underruns: int = 0  # frames that went out (partly) silent while a reply was still arriving
-    clock_resyncs: int = 0  # the sender's loop stalled and its clock restarted
 
 
 class AudioOut(Protocol):

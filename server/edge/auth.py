@@ -121,7 +121,8 @@ class Auth:
         )
 
     def mint(self, body: dict) -> ClientSecret:
-        """`body` is the Realtime request: {"expires_after": {"anchor": "created_at", "seconds": N}, "session": {}}."""
+        """`body` is the Realtime request:
+        {"expires_after": {"anchor": "created_at", "seconds": N}, "session": {}}."""
         seconds = self.config.client_secret_ttl_s
         expires_after = body.get("expires_after")
         if expires_after is not None:

@@ -1,4 +1,5 @@
-"""What a browser or an operator reads: the page, `/session` (ICE servers, defaults), `/health`, `/metrics`."""
+"""What a browser or an operator reads: the page, `/session` (ICE servers, defaults), `/health`,
+`/metrics`."""
 
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ class Pages:
         return web.json_response(body, status=200 if ready and not ctx.admission.draining else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        text = self.ctx.metrics.render(len(self.ctx.calls), self.ctx.lag)
+        text = self.ctx.metrics.render(len(self.ctx.calls))
         return web.Response(
             text=text,
             content_type="text/plain",

@@ -134,7 +134,9 @@ class ItemTruncate:
 
 
 @dataclass(frozen=True)
-class InputAudioAppend:  # WebSocket transport only: `audio` is the decoded bytes, in the session's input format
+class InputAudioAppend:
+    """WebSocket transport only: `audio` is the decoded bytes, in the session's input format."""
+
     event_id: str | None
     audio: bytes
 

@@ -1,8 +1,9 @@
 """PCM at the WebRTC edge: inbound frames -> 16 kHz mono chunks; replies -> a paced 48 kHz outbound track.
 
-Frame contract (pipeline/audio_format.py): aiortc hands us packed s16 stereo 48 kHz frames of 960 samples (20 ms);
-the VAD and the responder take 16 kHz mono float32; the responder answers at its own rate (22.05 kHz
-from the GLM-4-Voice vocoder, 16 kHz from the echo) and the outbound track resamples to 48 kHz.
+Frame contract (pipeline/audio_format.py): aiortc hands us packed s16 stereo 48 kHz frames of 960
+samples (20 ms); the VAD and the responder take 16 kHz mono float32; the responder answers at its own
+rate (22.05 kHz from the GLM-4-Voice vocoder, 16 kHz from the echo) and the outbound track resamples to
+48 kHz.
 """
 
 from __future__ import annotations
@@ -209,7 +210,6 @@ class OutboundAudioTrack(MediaStreamTrack):
         if due > now:
             await asyncio.sleep(due - now)
         elif now - due > MAX_LAG_FRAMES * FRAME_S:
-            self.stats.clock_resyncs += 1
             self._clock_start = now - self._frame_index * FRAME_S
 
     async def recv(self) -> av.AudioFrame:
@@ -239,5 +239,4 @@ class OutboundAudioTrack(MediaStreamTrack):
         frame.sample_rate = OUT_RATE_HZ
         frame.pts = self._frame_index * FRAME_SAMPLES
         frame.time_base = _TIME_BASE
-        self.stats.frames_sent += 1
         return frame

@@ -64,8 +64,8 @@ class Signalling:
         )
         if dropped:
             log.debug(
-                "dropped %d remote candidates (unreachable from %s, or over the caps of %d per offer and %d per "
-                "address)",
+                "dropped %d remote candidates (unreachable from %s, or over the caps of %d per offer "
+                "and %d per address)",
                 dropped,
                 config.webrtc.host_addresses,
                 config.webrtc.max_remote_candidates,

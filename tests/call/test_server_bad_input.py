@@ -277,9 +277,9 @@ async def test_admission_limit_answers_503_with_retry_after():
         assert (
             health["ready"] is True and health["active_calls"] == 1 and health["responder"]["name"] == "echo"
         )
-        assert "glm4voice_active_calls 1" in metrics
+        assert "glm4voice_active_calls 1.0" in metrics
         assert "glm4voice_event_loop_lag_seconds_count" in metrics
-        assert 'glm4voice_calls_rejected_total{reason="server_full"} 1' in metrics
+        assert 'glm4voice_calls_rejected_total{reason="server_full"} 1.0' in metrics
         await first.hangup()
         await asyncio.sleep(0)
         assert running.server.calls == {}

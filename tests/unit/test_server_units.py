@@ -206,7 +206,6 @@ async def test_outbound_track_does_not_burst_after_a_stall():
     t0 = time.monotonic()
     for _ in range(5):
         await track.recv()
-    assert track.stats.clock_resyncs == 1
     assert time.monotonic() - t0 >= 0.07  # paced again right away, not 25 frames at once
     await asyncio.sleep(0)
 
