@@ -51,7 +51,14 @@ class EngineConfig:
     )
     max_pending_tokens: int = 8192  # their prompt tokens, per call; past it the turn fails (input_too_large)
     decode_mode: str = (
-        "auto"  # LM decode step: auto (cudagraph on CUDA, else eager) | eager | compile | cudagraph
+        "auto"  # LM decode step: auto (compile+cudagraph on CUDA, else eager) | eager | compile | cudagraph
+    )
+    compile_budget_s: float = (
+        120.0  # bound of the decode step's compile at warm-up: a cold cache compiles every kernel once, and
+        # batch buckets not reached in time keep the eager step (docs/lm.md, Compiled decode step)
+    )
+    compile_cache_dir: str = (
+        ""  # inductor's on-disk artefacts (TORCHINDUCTOR_CACHE_DIR); "" = torch's default
     )
     cpu_threads: int = (
         0  # torch intra-op threads on CPU; 0 = auto (1 for a LM under 50 M params, else torch default)

@@ -16,6 +16,7 @@ from pipeline.decoder.graphs import prepare_graphs
 from pipeline.decoder.model import SpeechDecoder
 from pipeline.decoder.stream import DecoderStream
 from pipeline.engine.config import EngineConfig
+from pipeline.lm.compiled import compile_decode
 from pipeline.lm.kv_cache import slot_bytes
 from pipeline.lm.model import VoiceLM
 from pipeline.lm.text_tokenizer import GLMTokenizer
@@ -83,22 +84,10 @@ def warm_up(m: Models, cfg: EngineConfig) -> None:
         plan.check()
         lm.reserve_caches(cfg.max_calls, cfg.context_tokens)  # fixed: one slot per admitted call, never grown
         device = m.weights.device
-        mode = (
-            cfg.decode_mode
-            if cfg.decode_mode != "auto"
-            else ("cudagraph" if device.type == "cuda" else "eager")
-        )
-        lm.set_decode_mode(mode)
+        auto = "compile+cudagraph" if device.type == "cuda" else "eager"
+        lm.set_decode_mode(auto if cfg.decode_mode == "auto" else cfg.decode_mode)
+        prepare_decode(lm, min(cfg.max_calls_batched, cfg.max_calls), cfg)
         _warm_up_lm(lm, text)
-        if lm.decode_mode == "cudagraph":
-            t1 = time.monotonic()
-            n = lm.capture_graphs(min(cfg.max_calls_batched, cfg.max_calls))
-            log.info(
-                "captured %d CUDA graphs of the decode step in %.1f s (mode now %s)",
-                n,
-                time.monotonic() - t1,
-                lm.decode_mode,
-            )
     if (
         m.weights.device.type == "cuda"
     ):  # the decoder's full blocks as CUDA graphs (pipeline/decoder/graphs.py)
@@ -107,6 +96,23 @@ def warm_up(m: Models, cfg: EngineConfig) -> None:
     stream.push([0] * cfg.first_block_tokens)
     stream.finish()
     log.info("warm-up done in %.2f s", time.monotonic() - t0)
+
+
+def prepare_decode(lm: VoiceLM, max_batch: int, cfg: EngineConfig) -> None:
+    """Compile the decode step (bounded by `compile_budget_s`) and capture its graphs, as the mode asks;
+    each falls back to the step before it (pipeline/lm/compiled.py), printed."""
+    if lm.decode_mode.startswith("compile"):
+        report = compile_decode(lm, max_batch, cfg.compile_budget_s, cfg.compile_cache_dir)
+        log.info("%s (mode now %s)", report.describe(), lm.decode_mode)
+    if "cudagraph" in lm.decode_mode:
+        t1 = time.monotonic()
+        n = lm.capture_graphs(max_batch)
+        log.info(
+            "captured %d CUDA graphs of the decode step in %.1f s (mode now %s)",
+            n,
+            time.monotonic() - t1,
+            lm.decode_mode,
+        )
 
 
 def _warm_up_lm(lm: VoiceLM, text: GLMTokenizer) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,9 +34,42 @@ DEFAULT_SLOTS = 4  # KV slots before the engine reserves its own (tests, benches
 # gathering would move more bytes: a gather reads and writes B rows then SDPA reads them again (3 B row
 # reads), the whole pool costs one read of every slot.
 GATHER_COST_FACTOR = 3
-DECODE_MODES = ("eager", "compile", "cudagraph", "compile+cudagraph")
+DECODE_MODES = ("eager", "compile", "cudagraph", "compile+cudagraph")  # compile: pipeline/lm/compiled.py
 
 AttendFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]  # (layer, q, new k, new v) -> attention output
+
+
+def attention_inputs(
+    layer: torch.nn.Module, x: Tensor, cos: Tensor, sin: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A layer's input norm, q/k/v projections and RoPE on x (B, T, H): q (B, Hq, T, D), k and v (B, G, T, D)."""
+    attn = layer.self_attn
+    B, T, _ = x.shape
+    D = attn.head_dim
+    h = layer.input_layernorm(x)
+    q = attn.q_proj(h).view(B, T, -1, D).transpose(1, 2)  # (B, Hq, T, D)
+    k = attn.k_proj(h).view(B, T, -1, D).transpose(1, 2)  # (B, G, T, D)
+    v = attn.v_proj(h).view(B, T, -1, D).transpose(1, 2)  # (B, G, T, D)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)  # half of each head, interleaved pairs
+    return q, k, v
+
+
+def layer_output(layer: torch.nn.Module, x: Tensor, o: Tensor) -> Tensor:
+    """The rest of a layer after attention: output projection, residual, post-attention norm, MLP, residual."""
+    x = x + layer.self_attn.o_proj(o)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+@dataclass(frozen=True)
+class Regions:
+    """What a layer computes around its attention: transformers' modules as they are (EAGER_REGIONS) or the
+    same functions compiled by inductor for one decode batch bucket (pipeline/lm/compiled.py)."""
+
+    attention_inputs: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    layer_output: Callable[..., Tensor]
+
+
+EAGER_REGIONS = Regions(attention_inputs, layer_output)
 
 
 class VoiceLM:
@@ -53,7 +87,9 @@ class VoiceLM:
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.device, self.dtype, self.quantization = device, dtype, quantization
         self.decode_mode = "eager"
-        self._decode_fn: Callable[..., Tensor] = self._decode_forward
+        self.step_regions: dict[
+            int, Regions
+        ] = {}  # batch bucket -> compiled regions (pipeline/lm/compiled.py)
         self._graphs: dict[
             tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]
         ] = {}  # (rows, attend) -> graph
@@ -218,26 +254,23 @@ class VoiceLM:
     def _rope(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         return self.model.model.rotary_emb(x, positions)  # cos, sin: (B, T, rotary dims) in x's dtype
 
-    def _layer(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, attend: AttendFn) -> Tensor:
-        """One decoder layer on x (B, T, H); `attend` stores the new K/V and attends.
+    def _layer(
+        self, i: int, x: Tensor, cos: Tensor, sin: Tensor, attend: AttendFn, regions: Regions
+    ) -> Tensor:
+        """One decoder layer on x (B, T, H); `attend` stores the new K/V and attends; `regions` computes the
+        rest (transformers' modules, or their compiled form: pipeline/lm/compiled.py).
 
         GQA without copying K/V: the r = heads/groups query heads of a group are folded into the
         query-length axis, so each group attends once.
         """
-        layer = self.model.model.layers[i]
-        attn, cfg = layer.self_attn, self.config
+        layer, cfg = self.model.model.layers[i], self.config
         B, T, _ = x.shape
         G, r, D = cfg.kv_groups, cfg.num_heads // cfg.kv_groups, cfg.head_dim
-        h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(B, T, -1, D).transpose(1, 2)  # (B, Hq, T, D)
-        k = attn.k_proj(h).view(B, T, -1, D).transpose(1, 2)  # (B, G, T, D)
-        v = attn.v_proj(h).view(B, T, -1, D).transpose(1, 2)  # (B, G, T, D)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)  # half of each head, interleaved pairs
+        q, k, v = regions.attention_inputs(layer, x, cos, sin)  # (B, Hq, T, D), (B, G, T, D) x 2
         q = q.reshape(B, G, r * T, D)  # query head g*r + j -> group g (ChatGLM grouping, docs/lm.md)
         o = attend(i, q, k, v)  # (B, G, r*T, D)
         o = o.reshape(B, G * r, T, D).transpose(1, 2).reshape(B, T, G * r * D)  # (B, T, Hq*D)
-        x = x + attn.o_proj(o)
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        return regions.layer_output(layer, x, o)
 
     def _prefill_forward(self, slot: int, start: int, ids: Tensor) -> Tensor:
         """ids (T,) at positions start..start+T-1 of `slot`; returns hidden (T, H) before the final norm."""
@@ -258,22 +291,26 @@ class VoiceLM:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
         for i in range(self.config.num_layers):
-            x = self._layer(i, x, cos, sin, attend)
+            x = self._layer(i, x, cos, sin, attend, EAGER_REGIONS)
         return x[0]
 
     def whole_pool_attention(self, rows: int) -> bool:
         """Attend over every slot (views) rather than gather `rows` slots' KV (copies): fewer bytes moved."""
         return GATHER_COST_FACTOR * rows >= self.pool.capacity + 1
 
-    def _decode_forward(self, ids: Tensor, slots: Tensor, pos: Tensor, attend_tokens: int) -> Tensor:
+    def _decode_forward(
+        self, ids: Tensor, slots: Tensor, pos: Tensor, attend_tokens: int, regions: Regions | None = None
+    ) -> Tensor:
         """ids, slots, pos: (B,). One token per row at its own position; logits (B, V) float32.
 
         Fixed shapes for a given (B, attend_tokens); only device ops (no .item()), so it can be graphed.
+        `regions`: default the batch bucket's compiled regions when compiled (`step_regions`), else eager.
         Padding rows point at the pool's scratch slot. Two attention layouts, same maths: gather the rows'
         KV (B, G, S, D) (copies, cheap for a few rows), or scatter the queries into a (slots, G, r, D) grid
         and attend over the pool's own buffers (views: no KV copy, every slot read once).
         """
         S = attend_tokens
+        regions = regions or self.step_regions.get(ids.shape[0], EAGER_REGIONS)
         x = self.model.model.embed_tokens(ids)[:, None]  # (B, 1, H)
         cos, sin = self._rope(x, pos[:, None])
         whole_pool = self.whole_pool_attention(ids.shape[0])
@@ -300,31 +337,26 @@ class VoiceLM:
             return out[slots]  # (B, G, r, D)
 
         for i in range(self.config.num_layers):
-            x = self._layer(i, x, cos, sin, attend)
+            x = self._layer(i, x, cos, sin, attend, regions)
         return self.model.lm_head(self.model.model.norm(x[:, 0])).float()
 
     # --- compiled / graphed decode --------------------------------------------------------------------------
     def set_decode_mode(self, mode: str) -> None:
-        """'eager'; 'cudagraph' (graphs from `capture_graphs`, CUDA only); 'compile' / 'compile+cudagraph'
-        (torch.compile, kept out of the default and of bench/gpu_check.py: one recompile per (batch,
-        bucket))."""
+        """'eager'; 'compile' (each batch bucket's regions compiled by pipeline/lm/compiled.py
+        `compile_decode`); 'cudagraph' (one CUDA graph per (batch, key bucket) from `capture_graphs`, CUDA
+        only); 'compile+cudagraph' (both: the compiled regions captured in those graphs). Drops graphs and
+        compiled regions."""
         if mode not in DECODE_MODES:
             raise ValueError(f"decode mode {mode!r}: expected one of {DECODE_MODES}")
         if "cudagraph" in mode and self.device.type != "cuda":
             raise ValueError(f"decode mode {mode!r} needs a CUDA device, the model is on {self.device}")
         self.decode_mode = mode
         self._graphs.clear()
-        if mode.startswith("compile"):
-            dynamo = (
-                torch._dynamo.config
-            )  # one variant per (batch bucket, key bucket), past dynamo's default 8
-            dynamo.recompile_limit = max(dynamo.recompile_limit, 128)
-            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 512)
-            self._decode_fn = torch.compile(
-                self._decode_forward, dynamic=False, mode="reduce-overhead" if "cudagraph" in mode else None
-            )
-        else:
-            self._decode_fn = self._decode_forward
+        self.step_regions.clear()
+
+    def batch_buckets(self, max_batch: int) -> list[int]:
+        """Batch buckets a step of up to `max_batch` calls (at most the pool's slots) runs in, smallest first."""
+        return [b for b in BATCH_BUCKETS if b <= batch_bucket(min(max_batch, self.pool.capacity))]
 
     def attend_buckets(self) -> list[int]:
         """Key-length buckets of a decode step: 256, 512, ... doubling up to the slot size."""
@@ -337,45 +369,50 @@ class VoiceLM:
     @torch.inference_mode()
     def capture_graphs(self, max_batch: int) -> int:
         """Capture every (batch bucket <= max_batch, key bucket) decode step now (warm-up, before serving),
-        in one shared memory pool, largest first; returns the number of graphs. A failed capture turns
-        graphs off for good (logged once; eager from then on), never a retry per step."""
-        if self.decode_mode != "cudagraph" or self._graphs_failed:
+        in one shared memory pool, largest first; returns the number of graphs. A failed capture with compiled
+        regions retries with the eager ones; a failed eager capture turns graphs off for good (logged once;
+        eager from then on), never a retry per step."""
+        if "cudagraph" not in self.decode_mode or self._graphs_failed:
             return 0
         self._graphs.clear()
-        rows_all = [b for b in BATCH_BUCKETS if b <= batch_bucket(min(max_batch, self.pool.capacity))]
+        rows_all = self.batch_buckets(max_batch)
         stage = self._stage
-        (
-            stage[0].zero_(),
-            stage[1].fill_(self.pool.scratch_slot),
-            stage[2].zero_(),
-        )  # graph warm-ups write scratch
-        pool = torch.cuda.graph_pool_handle()
+        stage[0].zero_(), stage[1].fill_(self.pool.scratch_slot), stage[2].zero_()  # warm-ups write scratch
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         try:
-            with torch.cuda.stream(side):
-                for rows in reversed(rows_all):
-                    for attend in reversed(self.attend_buckets()):
-                        self._decode_forward(*stage[:, :rows], attend)  # kernels chosen, workspaces allocated
-                        graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(
-                            graph, pool=pool, stream=side, capture_error_mode="thread_local"
-                        ):
-                            out = self._decode_forward(*stage[:, :rows], attend)
-                        self._graphs[(rows, attend)] = (graph, out)
-        except Exception:  # noqa: BLE001 - serving goes on eager
-            log.exception("CUDA graph capture failed: decode steps run eager from now on")
+            self._capture_all(rows_all, side)
+        except Exception:  # noqa: BLE001 - serving goes on with today's step
             self._graphs.clear()
+            if self.step_regions:
+                log.exception(
+                    "CUDA graph capture of the compiled decode step failed: capturing the eager step"
+                )
+                self.step_regions.clear()
+                self.decode_mode = "cudagraph"
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                return self.capture_graphs(max_batch)
+            log.exception("CUDA graph capture failed: decode steps run eager from now on")
             self._graphs_failed = True
             self.decode_mode = "eager"
         torch.cuda.current_stream(self.device).wait_stream(side)
         return len(self._graphs)
 
+    def _capture_all(self, rows_all: list[int], side: torch.cuda.Stream) -> None:
+        pool, stage = torch.cuda.graph_pool_handle(), self._stage
+        with torch.cuda.stream(side):
+            for rows in reversed(rows_all):
+                for attend in reversed(self.attend_buckets()):
+                    self._decode_forward(*stage[:, :rows], attend)  # kernels chosen, workspaces allocated
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+                        out = self._decode_forward(*stage[:, :rows], attend)
+                    self._graphs[(rows, attend)] = (graph, out)
+
     def _run_decode(self, rows: int, attend: int) -> Tensor:
         ids, slots, pos = self._stage[:, :rows]
-        if self.decode_mode != "cudagraph":
-            out = self._decode_fn(ids, slots, pos, attend)
-            return out.clone() if self.decode_mode == "compile+cudagraph" else out
+        if "cudagraph" not in self.decode_mode:
+            return self._decode_forward(ids, slots, pos, attend)
         entry = self._graphs.get((rows, attend))
         if entry is None:  # never captured while serving: a capture stalls every call
             if not self._graph_miss_logged:
