@@ -41,6 +41,20 @@ def test_gpu_check_tiny_runs_every_section(tmp_path: Path) -> None:
         for key, case in sections["parity"]["figures"].items()
         if key.startswith("lm_case")
     )
-    assert {"100", "500", "2000"} <= set(sections["lm"]["figures"]["prefill_ms"])
+    lm = sections["lm"]["figures"]
+    assert {"100", "500", "2000"} <= set(lm["prefill_ms"])
+    assert set(lm["decode"]["1"]) == {"eager", "compile"}  # the compiled step measured beside the eager one
+    assert lm["compile"]["buckets"] == [1] and lm["compile"]["stopped"] == ""
+    assert lm["compile_warm_cache"]["buckets"] == [1], lm["compile_warm_cache"]
+    assert (
+        lm["compile_warm_cache"]["cache"].get("fxgraph_cache_hit", 0) > 0
+    )  # the new process loaded, not compiled
+    precision = sections["stages"]["figures"]["precision_parity_fixtures"]
+    assert precision["tokenizer_fp32_equals_fixture"]
+    assert set(precision["decoder_bf16_vs_fp32"]) >= {"mel_rel_rms", "audio_rel_rms"}
     engine = sections["engine"]["figures"]
     assert engine["calls_1"]["turns"] == 3 and engine["calls_1"]["audio_s_per_reply"] > 1.0
+    assert len(engine["calls_4"]["per_call"]) == 4
+    budget = engine["first_audio_budget_1_call_ms"]
+    parts = ("prefill", "text_steps", "speech_steps_est", "first_block_est", "send")
+    assert abs(sum(budget[k] for k in parts) - budget["total"]) < 1.0, budget  # the parts add up
