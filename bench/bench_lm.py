@@ -268,7 +268,21 @@ def gpu_bench(args: argparse.Namespace) -> None:
     )
 
 
+def use_mode(lm: VoiceLM, mode: str, max_batch: int = 16) -> None:
+    """`mode` prepared as the engine's warm-up does: compiled regions, then graphs (pipeline/engine/models.py)."""
+    from pipeline.lm.compiled import compile_decode
+
+    lm.set_decode_mode(mode)
+    if mode.startswith("compile"):
+        print(compile_decode(lm, max_batch, budget_s=600).describe())
+    if "cudagraph" in mode:
+        lm.capture_graphs(max_batch)
+    if lm.decode_mode != mode:
+        raise RuntimeError(f"fell back to {lm.decode_mode} (see the log)")
+
+
 def gpu_bf16(lm: VoiceLM, peak: float | None, args: argparse.Namespace) -> None:
+    lm.reserve_caches(16)  # batch 16 below
     gb = weight_bytes(lm) / 1e9
     floor = f", memory floor {gb / peak * 1e3:.2f} ms at {peak:.0f} GB/s" if peak else ""
     print(
@@ -282,7 +296,7 @@ def gpu_bf16(lm: VoiceLM, peak: float | None, args: argparse.Namespace) -> None:
     best_mode, best = "eager", float("inf")
     for mode in ("eager", "compile", "cudagraph", "compile+cudagraph"):
         try:
-            lm.set_decode_mode(mode)
+            use_mode(lm, mode)
             s = decode_s(lm, 100, args.steps)
         except Exception as err:  # report and go on: one failing backend must not hide the others
             print(f"decode batch 1 [{mode}]: failed: {type(err).__name__}: {err}")
@@ -295,7 +309,7 @@ def gpu_bf16(lm: VoiceLM, peak: float | None, args: argparse.Namespace) -> None:
         )
         if s < best:
             best_mode, best = mode, s
-    lm.set_decode_mode(best_mode)
+    use_mode(lm, best_mode)
     for batch in (4, 8, 16):
         s = decode_s(lm, 100, args.steps, batch)
         print(

@@ -728,26 +728,26 @@ def full_size_models(check: Check):
     script)."""
     from pipeline.engine.models import Models
     from pipeline.lm.text_tokenizer import GLMTokenizer
-    from pipeline.weights.resolve import ResolvedWeights
+    from pipeline.weights.resolve import ResolvedWeights, decoder_dtype
 
     root = demo_root()
     script = json.loads((root / "demo_script.json").read_text())
     lm = random_voice_lm(FULL_SIZE, check.device, torch.bfloat16)
     install_chain(lm, script)
     text = GLMTokenizer.from_pretrained(root / "glm-4-voice-9b")
-    weights = ResolvedWeights(
+    weights = ResolvedWeights(  # the engine's default dtypes (pipeline/weights/resolve.py)
         kind="random-full-size",
         tokenizer_dir=root / "glm-4-voice-tokenizer",
         lm_dir=root / "glm-4-voice-9b",
         decoder_dir=root / "glm-4-voice-decoder",
         device=check.device,
         lm_dtype=torch.bfloat16,
-        stage_dtype=torch.float32,
+        tokenizer_dtype=torch.float32,
+        decoder_dtype=decoder_dtype(check.device),
         quantization="",
     )
-    return Models(
-        weights, speech_tokenizer(check, torch.float32), lm, text, speech_decoder(check, torch.float32)
-    )
+    tokenizer = speech_tokenizer(check, weights.tokenizer_dtype)
+    return Models(weights, tokenizer, lm, text, speech_decoder(check, weights.decoder_dtype))
 
 
 async def one_turn(session, text: str) -> dict:
@@ -897,7 +897,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=300.0, help="seconds for all sections together")
     parser.add_argument("--only", default="", help="comma-separated sections (default: all)")
     parser.add_argument(
-        "--compile-budget-s", type=float, default=90.0, help="bound of each compile warm-up (LM, engine)"
+        "--compile-budget-s", type=float, default=60.0, help="bound of each compile warm-up (LM, engine)"
     )
     parser.add_argument(
         "--compile-probe", action="store_true", help=argparse.SUPPRESS

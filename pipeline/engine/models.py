@@ -44,7 +44,7 @@ def load_models(cfg: EngineConfig) -> Models:
         torch.cuda.set_device(weights.device)  # this thread's streams, graphs and "current device" are ours
     t0 = time.monotonic()
     tokenizer = SpeechTokenizer.from_pretrained(
-        weights.tokenizer_dir, device=weights.device, dtype=weights.stage_dtype
+        weights.tokenizer_dir, device=weights.device, dtype=weights.tokenizer_dtype
     )
     lm = None
     if cfg.lm_backend != "vllm":  # with vLLM only the text tokenizer of the LM folder is loaded here
@@ -60,7 +60,7 @@ def load_models(cfg: EngineConfig) -> Models:
         else GLMTokenizer.from_pretrained(weights.lm_dir)
     )
     decoder = SpeechDecoder.from_pretrained(
-        weights.decoder_dir, device=weights.device, dtype=weights.stage_dtype
+        weights.decoder_dir, device=weights.device, dtype=weights.decoder_dtype
     )
     num_params = sum(p.numel() for p in lm.model.parameters()) if lm is not None else 0
     if weights.device.type == "cpu":
