@@ -852,6 +852,7 @@ async def drive_engine(check: Check, fig: dict) -> None:
                 "first_pcm_ms_p95": percentile(first, 95),
                 "worst_gap_ms": round(max(x["worst_gap_ms"] for x in results), 1),
                 "every_call_ahead_of_playback": all(x["worst_gap_ms"] <= 0.0 for x in results),
+                "every_gap_within_100ms": all(x["worst_gap_ms"] <= 100.0 for x in results),  # the target
                 "audio_s_per_reply": round(statistics.mean(x["audio_s"] for x in results), 2),
                 "per_call": [
                     {
