@@ -14,9 +14,11 @@ Flow of one user turn and its reply, as the server drives it:
     reply.cancel(played_ms=...)                                 # barge-in: stop; keep only what was heard
     await session.close()                                       # hangup: frees every resource of the call
 
-`add_text()` is a typed user message (GLM-4-Voice takes text turns too); `discard_audio()` drops speech the
-VAD judged too short; `delete_item()` removes a user item or an ended reply from the history. Everything here
-is torch-free on purpose.
+`add_text()` is a typed user message (GLM-4-Voice takes text turns too); `add_message()` a text message
+of any role, at the end or after a given item; `discard_audio()` drops speech the VAD judged too short;
+`delete_item()` removes an item or an ended reply from the history. `respond()` with nothing pending
+answers the conversation as it stands (a greeting, a follow-up); `ReplyOptions` hold what applies to one
+reply only. Everything here is torch-free on purpose.
 """
 
 from __future__ import annotations
@@ -44,6 +46,19 @@ class SessionSettings:
 
     instructions: str = ""  # persona / emotion / dialect / speed, free text
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+
+
+@dataclass(frozen=True)
+class ReplyOptions:
+    """What a client may set for one reply only (`response.create`'s `response`)."""
+
+    instructions: str | None = (
+        None  # in place of the session's instructions, for this reply; None: the session's
+    )
+
+
+MESSAGE_ROLES = ("user", "system", "developer", "assistant")  # add_message's roles
+START = "start"  # add_message(after=START): before every other item of the conversation
 
 
 # ----- events a reply yields (all plain data, safe to move across threads) -----------------------------
@@ -143,19 +158,32 @@ class ResponderSession(abc.ABC):
     def add_text(self, text: str) -> None:
         """A typed user message becomes a user item."""
 
+    def add_message(self, role: str, text: str, after: int | Reply | str | None = None) -> None:
+        """A text message of `role` (one of MESSAGE_ROLES) becomes an item, the session's next index.
+
+        `after`: None puts it at the end (answered by the next reply, like `add_text`); START before every
+        other item; an item (its index, or its Reply) right after that item, also in the history the
+        model already holds. A responder that takes only user text at the end keeps this default.
+        """
+        if role == "user" and after is None:
+            self.add_text(text)
+            return
+        raise NotImplementedError(f"{type(self).__name__} takes only user messages at the end")
+
     def delete_item(self, item: int | Reply) -> None:
         """An item leaves the conversation the model sees (`conversation.item.delete`). Never blocks.
 
-        `item`: a user item by its index - 0-based, counting every `commit_audio()` and `add_text()` of
-        the session, whether or not it gave the model any input - or a reply (its Reply) that has ended.
-        The input of a reply in progress cannot be deleted (the server refuses it). A responder that
-        cannot edit its history keeps this default.
+        `item`: a message item by its index - 0-based, counting every `commit_audio()`, `add_text()` and
+        `add_message()` of the session, whether or not it gave the model any input - or a reply (its
+        Reply) that has ended. The input of a reply in progress cannot be deleted (the server refuses
+        it). A responder that cannot edit its history keeps this default.
         """
         raise NotImplementedError(f"{type(self).__name__} cannot delete conversation items")
 
     @abc.abstractmethod
-    def respond(self) -> Reply:
-        """Start the assistant's reply to the pending user item(s)."""
+    def respond(self, options: ReplyOptions | None = None) -> Reply:
+        """Start the assistant's reply to the pending item(s); with none, to the conversation as it stands
+        (a greeting, a follow-up). `options` apply to this reply only."""
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -22,6 +22,7 @@ from pipeline.responder import (
     Reply,
     ReplyDone,
     ReplyEvent,
+    ReplyOptions,
     Responder,
     ResponderInfo,
     ResponderSession,
@@ -137,7 +138,8 @@ class EchoSession(ResponderSession):
         else:
             raise TypeError(f"not an item of this session: {item!r}")
 
-    def respond(self) -> Reply:
+    def respond(self, options: ReplyOptions | None = None) -> Reply:
+        """Echo has nothing to instruct: `options` change nothing."""
         pending, self._pending = self._pending, []
         return EchoReply(self, [p for _, p in pending])
 

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.engine.dialogue import Dialogue, heard_prefix_len
-from pipeline.engine.reply import ReplyState, UserItem
-from pipeline.lm.prompt import user_turn_ids
+from pipeline.engine.reply import InputItem, ReplyState
+from pipeline.lm.prompt import message_block_ids, user_block_ids
 from pipeline.responder import ReplyError, SessionSettings
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ class Commit(Command):
         d.tokens_ready_t = time.monotonic()
         if tokens and d.pending.has_room():
             d.pending.add(
-                UserItem(user_turn_ids(s.m.text, speech_tokens=tokens), speech_input=True, key=self.key)
+                InputItem(user_block_ids(s.m.text, speech_tokens=tokens), speech_input=True, key=self.key)
             )
 
 
@@ -122,19 +122,33 @@ class Discard(Command):
 
 @dataclass(frozen=True)
 class AddText(Command):
+    """A text item: a typed user message, or a system / developer / assistant message. At the end (pending
+    until a reply takes it), first (`at_start`), or right after the item named `after`; an item placed
+    in the history is prefilled again by the prefix rule."""
+
     dialogue: Dialogue
     text: str
-    key: int | None = None  # the session's index of the user item
+    key: int | None = None  # the session's index of the item
+    role: str = "user"
+    after: int | str | None = None  # an item's key (a user/message index, or a reply's id)
+    at_start: bool = False
 
     def apply(self, s: Scheduler) -> None:
+        s.guarded(self.dialogue, self._add, s)
+
+    def _add(self, s: Scheduler) -> None:
         d = self.dialogue
         if d.closed or not self.text.strip() or not d.pending.has_room():  # no room: not even tokenised
             return
-        d.pending.add(
-            UserItem(
-                user_turn_ids(s.m.text, text=self.text), speech_input=False, text=self.text, key=self.key
-            )
+        user = self.role == "user"
+        item = InputItem(
+            message_block_ids(s.m.text, self.role, self.text),
+            speech_input=False if user else None,
+            text=self.text,
+            key=self.key,
         )
+        if d.add_item(item, self.after, self.at_start):
+            _history_edited(s, d)
 
 
 @dataclass(frozen=True)
@@ -160,10 +174,7 @@ class Respond(Command):
                 )
             )
             return
-        if not pending.items:
-            reply.emit(ReplyError("no user input to respond to (speak or type first)", code="no_input"))
-            return
-        reply.items = pending.take()
+        reply.items = pending.take()  # none: the reply answers the conversation as it stands
         reply.time.tokens_ready_t, d.tokens_ready_t = d.tokens_ready_t, None
         reply.audio.sample_rate_hz = s.m.decoder.sample_rate_hz
         d.reply = reply
@@ -194,12 +205,12 @@ class Cancel(Command):
 
 @dataclass(frozen=True)
 class DeleteItem(Command):
-    """`conversation.item.delete`: a user item (by its key) or an ended reply leaves the history; the
-    context follows by the prefix rule. A reply cancelled but not yet stopped is stopped first, so that
-    what it keeps is in the history before the edit."""
+    """`conversation.item.delete`: a user or message item (by its key) or an ended reply leaves the
+    history; the context follows by the prefix rule. A reply cancelled but not yet stopped is stopped
+    first, so that what it keeps is in the history before the edit."""
 
     dialogue: Dialogue
-    user_key: int | None = None
+    item_key: int | None = None
     reply: ReplyState | None = None
 
     def apply(self, s: Scheduler) -> None:
@@ -211,9 +222,7 @@ class DeleteItem(Command):
             return
         if d.reply is not None and d.reply.cancel_event.is_set():
             s.cancel(d)
-        changed = (
-            d.delete_user_item(self.user_key) if self.user_key is not None else d.delete_reply(self.reply)
-        )
+        changed = d.delete_item(self.item_key) if self.item_key is not None else d.delete_reply(self.reply)
         if changed:
             _history_edited(s, d)
 

@@ -2,9 +2,10 @@
 input, the reply in progress, and the token source's per-call context (KV cache, prompt in progress).
 
 Everything here is touched only by the engine thread (the call's session object on the asyncio
-side just sends commands). The history is a `pipeline.lm.prompt.DialogueHistory` (system block + whole
-turns as ids). The token source keeps its context a prefix of the history (pipeline/engine/token_source.py):
-the next turn's prompt is the history plus the new user block(s), and only what differs from the
+side just sends commands). The history is a `pipeline.lm.history.DialogueHistory` (system block + the
+conversation's items as ids). The token source keeps its context a prefix of the history
+(pipeline/engine/token_source.py): the next reply's prompt is the history plus the pending items and the
+reply's header, and only what differs from the
 context is prefilled, so turn 2 prefills only its new tokens and an early prefill of the user's first
 4 s blocks is reused when those tokens stand.
 
@@ -19,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from pipeline.audio_format import SPEECH_TOKEN_MS
-from pipeline.engine.reply import ReplyState, UserItem
-from pipeline.lm.prompt import DialogueHistory
+from pipeline.engine.reply import InputItem, ReplyState
+from pipeline.lm.history import MESSAGE, USER, DialogueHistory, Segment
 from pipeline.responder import SessionSettings
 
 if TYPE_CHECKING:
@@ -32,12 +33,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class PendingInput:
-    """User messages waiting for a reply, bounded: past either limit everything pending is dropped and
-    the next reply fails with `input_too_large` (the work a caller can queue stays bounded)."""
+    """Items waiting for a reply (user turns, text messages), bounded: past either limit everything pending
+    is dropped and the next reply fails with `input_too_large` (the work a caller can queue stays bounded)."""
 
     max_items: int
     max_tokens: int
-    items: list[UserItem] = field(default_factory=list)
+    items: list[InputItem] = field(default_factory=list)
     tokens: int = 0
     overflowed: bool = False
 
@@ -47,20 +48,24 @@ class PendingInput:
             self._overflow()
         return not self.overflowed
 
-    def add(self, item: UserItem) -> None:
+    def add(self, item: InputItem, index: int | None = None) -> None:
+        """Append `item`, or insert it at `index`."""
         if not self.has_room():
             return
         if self.tokens + len(item.block_ids) > self.max_tokens:
             self._overflow()
             return
-        self.items.append(item)
+        self.items.insert(len(self.items) if index is None else index, item)
         self.tokens += len(item.block_ids)
 
-    def take(self) -> list[UserItem]:
+    def index_of(self, key: int) -> int | None:
+        return next((i for i, item in enumerate(self.items) if item.key == key), None)
+
+    def take(self) -> list[InputItem]:
         items, self.items, self.tokens, self.overflowed = self.items, [], 0, False
         return items
 
-    def put_back(self, items: list[UserItem]) -> None:
+    def put_back(self, items: list[InputItem]) -> None:
         """Input of a reply cancelled before it started: it is answered by the next one."""
         self.items = items + self.items
         self.tokens = sum(len(i.block_ids) for i in self.items)
@@ -125,67 +130,89 @@ class Dialogue:
     reply: ReplyState | None = None
     last_reply: ReplyState | None = None  # the newest ended reply (a barge-in may still trim it)
     turn_prefilled_tokens: list[int] = field(default_factory=list)  # per reply: ids its prompt prefilled
-    turn_prompt_lengths: list[int] = field(default_factory=list)  # per reply: history + user block, ids
+    turn_prompt_lengths: list[int] = field(default_factory=list)  # per reply: its whole prompt, ids
+    speech_input: bool = True  # the system prompt's input mode; a reply without a user item keeps it
     closed: bool = False
 
     def end_reply(self, keep_generated: int) -> None:
-        """Close the reply: the history takes the first `keep_generated` generated ids after its prompt."""
+        """Close the reply: its segment in the history takes the first `keep_generated` generated ids."""
         reply, self.reply = self.reply, None
-        if reply is None or not reply.started:
+        if reply is None or not reply.started or self.history.position(reply.gen.reply_segment) is None:
             return
-        self.history.add_reply(reply.gen.generated_ids[:keep_generated])
+        self.history.extend_reply(reply.gen.reply_segment, reply.gen.generated_ids[:keep_generated])
         reply.gen.kept_ids = keep_generated
-        reply.gen.turn_key = self.history.keys[-1]
         self.last_reply = reply
 
     def trim_reply(self, reply: ReplyState, keep_generated: int) -> bool:
         """An ended reply was cut off at what the user heard (a barge-in while its audio played, or the
         client's truncate of any earlier reply): cut its ids in the history back. Returns whether the
         history changed."""
-        index = None if reply.gen.turn_key is None else self.history.turn_of(reply.gen.turn_key)
-        if index is None or keep_generated >= reply.gen.kept_ids:
+        segment = reply.gen.reply_segment
+        if segment is None or self.history.position(segment) is None or keep_generated >= reply.gen.kept_ids:
             return False
-        self.history.cut_turn(index, reply.gen.kept_ids - keep_generated)
+        self.history.cut_reply(segment, reply.gen.kept_ids - keep_generated)
         reply.gen.kept_ids = keep_generated
         return True
 
-    def delete_user_item(self, key: int) -> bool:
-        """The user item `key` leaves: from the pending input, or its content from the history. The input
+    def add_item(self, item: InputItem, after: int | str | None, at_start: bool) -> bool:
+        """A new item: at the end (pending, `after` None), first in the conversation (`at_start`), or right
+        after the item named `after` (pending or in the history; one the engine no longer holds: at the
+        end). Returns whether the history changed."""
+        pending = self.pending
+        if not at_start and after is not None:
+            index = pending.index_of(after) if isinstance(after, int) else None
+            if index is not None:
+                pending.add(item, index + 1)
+                return False
+            index = self.history.index_of(after)
+        else:
+            index = -1 if at_start else None
+        if index is None:
+            pending.add(item)
+            return False
+        kind = USER if item.speech_input is not None else MESSAGE
+        self.history.insert(index + 1, Segment(kind, list(item.block_ids), item.key))
+        return True
+
+    def delete_item(self, key: int) -> bool:
+        """The user or message item `key` leaves: from the pending input, or from the history. The input
         of the reply in progress stays (the server refuses that). Returns whether the history changed."""
-        kept = [item for item in self.pending.items if item.key != key]
-        if len(kept) != len(self.pending.items):
+        index = self.pending.index_of(key)
+        if index is not None:
+            kept = self.pending.items[:index] + self.pending.items[index + 1 :]
             self.pending.items = []
             self.pending.put_back(kept)
             return False
-        index = self.history.turn_of(key)
-        if index is None or (self._editing_reply() and index >= self.reply.gen.turns_before):
+        index = self.history.index_of(key)
+        if index is None or (
+            self._editing_reply() and self.history.segments[index] in self.reply.gen.segments
+        ):
             return False
-        turns = len(self.history.turns)
-        self.history.remove_user(index)
-        if self._editing_reply() and len(self.history.turns) < turns:
-            self.reply.gen.turns_before -= 1
+        self.history.remove_item(index)
         return True
 
     def delete_reply(self, reply: ReplyState) -> bool:
         """An ended reply leaves the history. Returns whether the history changed."""
-        index = None if reply.gen.turn_key is None else self.history.turn_of(reply.gen.turn_key)
+        index = None if reply.gen.reply_segment is None else self.history.position(reply.gen.reply_segment)
         if reply is self.reply or index is None:
             return False
-        turns = len(self.history.turns)
         self.history.remove_reply(index)
-        reply.gen.kept_ids, reply.gen.turn_key = 0, None
-        if self._editing_reply() and len(self.history.turns) < turns:
-            self.reply.gen.turns_before -= 1
+        reply.gen.kept_ids = 0
         return True
 
     def _editing_reply(self) -> bool:
-        """A reply's prompt is in the history: edits before its turns shift them."""
+        """A reply's prompt is in the history: its own items cannot leave."""
         return self.reply is not None and self.reply.started
 
+    def undo_start(self, reply: ReplyState) -> None:
+        """What the reply's start added to the history leaves again (its input and its header)."""
+        for segment in reply.gen.segments:
+            self.history.remove(segment)
+
     def abandon_reply(self) -> None:
-        """A failed reply leaves no trace: the history goes back to before its user block(s)."""
+        """A failed reply leaves no trace: its input and its header leave the history."""
         if self.reply is not None and self.reply.started:
-            self.history.keep_turns(self.reply.gen.turns_before)
+            self.undo_start(self.reply)
         self.reply = None
 
     def release(self) -> None:

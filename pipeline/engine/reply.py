@@ -18,17 +18,19 @@ if TYPE_CHECKING:  # keep the asyncio side's imports free of torch
     import torch
 
     from pipeline.decoder.stream import DecoderStream
+    from pipeline.lm.history import Segment
     from pipeline.lm.prompt import StreamParser
 
 
 @dataclass
-class UserItem:
-    """One pending user message, already as its prompt block (`user_turn_ids`)."""
+class InputItem:
+    """One pending conversation item, already as its prompt block: a user turn (`user_block_ids`) or a
+    text message of another role (`message_block_ids`)."""
 
     block_ids: list[int]
-    speech_input: bool  # speech tokens (else typed text): decides the system prompt
+    speech_input: bool | None  # a user item: speech tokens (True) or typed text (False); None: another role
     text: str | None = None  # the typed text, if any
-    key: int | None = None  # the session's index of this user item (`ResponderSession.delete_item`)
+    key: int | None = None  # the session's index of this item (`ResponderSession.delete_item`)
 
 
 @dataclass
@@ -54,14 +56,14 @@ class Timeline:
 class Generation:
     """What the LM produced for this reply (the token source fills it one id per step)."""
 
-    prompt_ids: list[int] = field(default_factory=list)  # history + this turn's user block(s); set at start
-    turns_before: int = 0  # history turns before this reply's user block(s) (to undo a failed reply)
+    prompt_ids: list[int] = field(default_factory=list)  # history + this reply's input + header; set at start
+    segments: list[Segment] = field(default_factory=list)  # what the start added to the history (to undo it)
+    reply_segment: Segment | None = None  # the reply in the history: header + the kept ids
     prompt_done: bool = False  # the whole prompt is in the LM's context: ids can come
     generated_ids: list[int] = field(default_factory=list)  # sampled ids, stop token excluded
     next_id: int | None = None  # sampled, not yet fed back to the LM (the next step feeds it)
     finish_reason: str | None = None  # "stop" | "length" once generation ended (audio may be pending)
     kept_ids: int = 0  # generated ids the history kept when the reply ended
-    turn_key: int | None = None  # the history turn that holds the kept ids (its user item's key)
     parser: StreamParser | None = None
     generator: torch.Generator | None = None  # this reply's sampling noise
 
@@ -86,7 +88,8 @@ class ReplyState:
     emit: Callable[[ReplyEvent], None]  # thread-safe delivery into the call's asyncio queue
     sampling: SamplingSettings
     max_new_tokens: int
-    items: list[UserItem] = field(default_factory=list)  # the pending input this reply answers
+    instructions: str | None = None  # this reply's, in place of the session's (None: the session's)
+    items: list[InputItem] = field(default_factory=list)  # the pending input this reply answers (may be none)
     cancel_event: threading.Event = field(default_factory=threading.Event)
     played_ms: float | None = None  # written by the asyncio side before it sets cancel_event
     time: Timeline = field(default_factory=Timeline)

@@ -22,7 +22,8 @@ from pipeline.engine.config import EngineConfig
 from pipeline.engine.dialogue import Dialogue, heard_prefix_len
 from pipeline.engine.models import Models, new_decoder_stream
 from pipeline.engine.token_source import LocalLM, TokenSource
-from pipeline.lm.prompt import DialogueHistory, StreamParser, system_block_ids, user_turn_ids
+from pipeline.lm.history import MESSAGE, USER, DialogueHistory, Segment
+from pipeline.lm.prompt import StreamParser, system_block_ids, user_block_ids
 from pipeline.responder import ReplyDone, ReplyError, TextDelta, Timing
 from pipeline.tokenizer.stream import TokenizerStream
 
@@ -149,24 +150,36 @@ class Scheduler:
     # ----- prompts ------------------------------------------------------------------------------------
 
     def _start_reply(self, d: Dialogue) -> None:
-        """The reply's prompt: the history + one user block per pending item, fitted to the context."""
+        """The reply's prompt: the history + the pending items + the reply's header, fitted to the context.
+        With no user item the system block keeps its input mode; the reply's own instructions, if any,
+        stand in the system block for this reply only (the prefix rule re-prefills what follows it)."""
         reply, history = d.reply, d.history
         reply.emit(Timing("tokens_ready", reply.time.tokens_ready_t or time.monotonic()))
+        speech = [item.speech_input for item in reply.items if item.speech_input is not None]
+        if speech:
+            d.speech_input = speech[-1]
+        instructions = d.settings.instructions if reply.instructions is None else reply.instructions
         history.set_system(
-            system_block_ids(
-                self.m.text, speech_input=reply.items[-1].speech_input, instructions=d.settings.instructions
-            )
+            system_block_ids(self.m.text, speech_input=d.speech_input, instructions=instructions)
         )
-        for item in reply.items:
-            history.append_user_block(item.block_ids, key=item.key)
+        reply.gen.segments = [
+            history.append(
+                Segment(USER if item.speech_input is not None else MESSAGE, item.block_ids, item.key)
+            )
+            for item in reply.items
+        ]
+        reply.gen.reply_segment = history.begin_reply(reply.reply_id)
+        reply.gen.segments.append(reply.gen.reply_segment)
         context = self._context_tokens()
         try:
-            history.fit(context, reserve_tokens=min(reply.max_new_tokens, context // 4))
-        except ValueError:  # even the newest turn does not fit: this reply's blocks leave again
-            history.keep_turns(max(0, len(history.turns) - len(reply.items)))
+            history.fit(
+                context,
+                reserve_tokens=min(reply.max_new_tokens, context // 4),
+                keep_last=len(reply.gen.segments),
+            )
+        except ValueError:  # even this reply's input does not fit: it leaves again
+            d.undo_start(reply)
             raise
-        # fit may drop old turns (and this reply's older items): the newest turns are this reply's
-        reply.gen.turns_before = max(0, len(history.turns) - len(reply.items))
         reply.gen.prompt_ids = history.ids()
         reply.gen.parser = StreamParser(self.m.text)
         reply.audio.stream = new_decoder_stream(self.m.decoder, self.cfg)
@@ -197,7 +210,7 @@ class Scheduler:
     def _partial_prompt(self, d: Dialogue) -> list[int]:
         """The prompt as it will start once the user's speech is committed, up to its last final token."""
         tok = self.m.text
-        block = user_turn_ids(tok, speech_tokens=d.partial_audio_tokens)
+        block = user_block_ids(tok, speech_tokens=d.partial_audio_tokens)
         block = block[: block.index(tok.end_of_audio_id)]  # the speech goes on: stop before <|end_of_audio|>
         system = system_block_ids(tok, speech_input=True, instructions=d.settings.instructions)
         turns = d.history.ids()[len(d.history.system_ids) :]
@@ -289,7 +302,7 @@ class Scheduler:
         reply = d.reply
         if not reply.gen.prompt_done:
             if reply.started:
-                d.history.keep_turns(reply.gen.turns_before)
+                d.undo_start(reply)
                 self.source.rewind(d)
             d.pending.put_back(reply.items)
             d.reply = None

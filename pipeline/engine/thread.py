@@ -48,10 +48,13 @@ from pipeline.engine.config import EngineConfig, VLLMConfig
 from pipeline.engine.dialogue import Dialogue, PendingInput, heard_prefix_len
 from pipeline.engine.reply import ReplyState
 from pipeline.responder import (
+    MESSAGE_ROLES,
+    START,
     Reply,
     ReplyDone,
     ReplyError,
     ReplyEvent,
+    ReplyOptions,
     Responder,
     ResponderInfo,
     ResponderSession,
@@ -127,7 +130,7 @@ class EngineSession(ResponderSession):
         self._loop = loop
         self._settings = dialogue.settings
         self._reply_count = itertools.count(1)
-        self._user_items = itertools.count()  # each commit_audio / add_text is the next user item
+        self._items = itertools.count()  # each commit_audio / add_text / add_message is the next item
         self._current: EngineReply | None = None
 
     @property
@@ -146,23 +149,36 @@ class EngineSession(ResponderSession):
         self._engine.send(PushAudio(self._dialogue, pcm))
 
     def commit_audio(self) -> None:
-        self._engine.send(Commit(self._dialogue, next(self._user_items)))
+        self._engine.send(Commit(self._dialogue, next(self._items)))
 
     def discard_audio(self) -> None:
         self._engine.send(Discard(self._dialogue))
 
     def add_text(self, text: str) -> None:
-        self._engine.send(AddText(self._dialogue, text, next(self._user_items)))
+        self._engine.send(AddText(self._dialogue, text, next(self._items)))
+
+    def add_message(self, role: str, text: str, after: int | Reply | str | None = None) -> None:
+        if role not in MESSAGE_ROLES:
+            raise ValueError(f"unknown role {role!r}")
+        if isinstance(after, EngineReply):
+            after = after.reply_id  # its segment in the history is named by the reply's id
+        elif not (after is None or after == START or isinstance(after, int)):
+            raise TypeError(f"not an item of this session: {after!r}")
+        key = next(self._items)
+        at_start = after == START
+        self._engine.send(
+            AddText(self._dialogue, text, key, role, None if at_start else after, at_start=at_start)
+        )
 
     def delete_item(self, item: int | Reply) -> None:
         if isinstance(item, EngineReply):
             self._engine.send(DeleteItem(self._dialogue, reply=item._reply))
         elif isinstance(item, int):
-            self._engine.send(DeleteItem(self._dialogue, user_key=item))
+            self._engine.send(DeleteItem(self._dialogue, item_key=item))
         else:
             raise TypeError(f"not an item of this session: {item!r}")
 
-    def respond(self) -> Reply:
+    def respond(self, options: ReplyOptions | None = None) -> Reply:
         events: asyncio.Queue = asyncio.Queue()
         sampling = self._settings.sampling
         cfg = self._engine.config
@@ -171,6 +187,7 @@ class EngineSession(ResponderSession):
             emit=_deliver(self._loop, events),
             sampling=sampling,
             max_new_tokens=max(1, min(sampling.max_new_tokens, cfg.max_new_tokens)),
+            instructions=None if options is None else options.instructions,
         )
         self._current = EngineReply(
             self._dialogue, reply, events, self._engine.send, lambda: self._engine.scheduler.m.text

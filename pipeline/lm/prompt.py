@@ -1,15 +1,13 @@
-"""Prompt of the official demo (docs/lm.md) as token ids, the dialogue history, and the stream parser.
+"""Prompt of the official demo (docs/lm.md, "Prompt") as token ids, and the stream parser.
 
-Torch-free. The history is kept as token ids: the user's speech tokens and the assistant's generated
-text+speech ids exactly as the model produced them (the official demo re-tokenises decoded text, which
-is not guaranteed to give back the same ids; ours never re-tokenises).
+Torch-free. The conversation's history as ids is `pipeline/lm/history.py`.
 """
 
 from __future__ import annotations
 
 import codecs
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pipeline.lm.text_tokenizer import GLMTokenizer
 
@@ -36,10 +34,10 @@ def system_block_ids(tok: GLMTokenizer, *, speech_input: bool, instructions: str
     return [*tok.prefix_ids, tok.system_id, *tok.encode("\n" + system)]
 
 
-def user_turn_ids(
+def user_block_ids(
     tok: GLMTokenizer, *, speech_tokens: list[int] | None = None, text: str | None = None
 ) -> list[int]:
-    """`<|user|>\\n{speech or text}<|assistant|>streaming_transcription\\n`."""
+    """`<|user|>\\n{speech or text}`: a user item."""
     if (speech_tokens is None) == (text is None):
         raise ValueError("a user turn is either speech tokens or text")
     if speech_tokens is not None:
@@ -47,125 +45,29 @@ def user_turn_ids(
         content = tok.encode("\n") + audio
     else:
         content = tok.encode("\n" + text)  # one BPE segment, as in the official prompt string
-    return [tok.user_id, *content, tok.assistant_id, *tok.encode(ASSISTANT_METADATA)]
+    return [tok.user_id, *content]
 
 
-@dataclass
-class DialogueHistory:
-    """One call's conversation as token ids: the system block, then whole turns (user block + reply).
+def reply_header_ids(tok: GLMTokenizer) -> list[int]:
+    """`<|assistant|>streaming_transcription\\n`: what every reply's prompt ends with."""
+    return [tok.assistant_id, *tok.encode(ASSISTANT_METADATA)]
 
-    `length` is kept as turns change, so appending a turn and fitting the context cost what they add or
-    drop, not the whole history (`ids()` builds the full list once, for a prefill). Each turn also has a
-    `key` (the user item it starts with, as the caller names it; None if unnamed) and the length of its
-    user content, so one item can leave (`remove_user`, `remove_reply`): a turn is
-    `<|user|>\\n{content}` + the assistant header `<|assistant|>streaming_transcription\\n` + the reply.
-    """
 
-    tokenizer: GLMTokenizer
-    system_ids: list[int] = field(default_factory=list)
-    turns: list[list[int]] = field(default_factory=list)  # each: user_turn_ids(...) + the reply's ids
-    keys: list[int | None] = field(default_factory=list)  # per turn: its user item's key
-    user_lens: list[int] = field(default_factory=list)  # per turn: ids of its user content (0: deleted)
+def user_turn_ids(
+    tok: GLMTokenizer, *, speech_tokens: list[int] | None = None, text: str | None = None
+) -> list[int]:
+    """`<|user|>\\n{speech or text}<|assistant|>streaming_transcription\\n`."""
+    return user_block_ids(tok, speech_tokens=speech_tokens, text=text) + reply_header_ids(tok)
 
-    def __post_init__(self) -> None:
-        self._length = len(self.system_ids) + sum(len(t) for t in self.turns)
-        self._header = [self.tokenizer.assistant_id, *self.tokenizer.encode(ASSISTANT_METADATA)]
-        if len(self.keys) != len(self.turns):  # turns given without their layout: whole user blocks, unnamed
-            self.keys = [None] * len(self.turns)
-            self.user_lens = [len(t) - len(self._header) for t in self.turns]
 
-    @property
-    def length(self) -> int:
-        return self._length
-
-    def ids(self) -> list[int]:
-        return [t for ids in (self.system_ids, *self.turns) for t in ids]
-
-    def set_system(self, system_ids: list[int]) -> None:
-        """Replace the system block (input mode or instructions changed: the cache re-prefills from there)."""
-        if self.system_ids and system_ids != self.system_ids:
-            log.info(
-                "system block changed (input mode or instructions): the whole history is prefilled again"
-            )
-        self._length += len(system_ids) - len(self.system_ids)
-        self.system_ids = list(system_ids)
-
-    def append_user_block(self, user_ids: list[int], key: int | None = None) -> None:
-        """A new turn that starts with the user's block (`user_turn_ids`); `key` names its user item."""
-        self.turns.append(list(user_ids))
-        self.keys.append(key)
-        self.user_lens.append(len(user_ids) - len(self._header))
-        self._length += len(user_ids)
-
-    def add_reply(self, reply_ids: list[int]) -> None:
-        """The assistant's ids of the current turn, without the stop token (as the official history)."""
-        if not self.turns:
-            raise ValueError("add_reply before a user block")
-        kept = [t for t in reply_ids if t not in self.tokenizer.stop_ids]
-        self.turns[-1].extend(kept)
-        self._length += len(kept)
-
-    def turn_of(self, key: int) -> int | None:
-        """Index of the turn whose user item is `key` (None: never added, dropped or deleted)."""
-        return self.keys.index(key) if key in self.keys else None
-
-    def reply_len(self, index: int) -> int:
-        return len(self.turns[index]) - self.user_lens[index] - len(self._header)
-
-    def cut_turn(self, index: int, remove_tokens: int) -> None:
-        """Remove the last `remove_tokens` ids of turn `index`'s reply (a reply trimmed to what was heard)."""
-        remove_tokens = min(remove_tokens, self.reply_len(index))
-        if remove_tokens > 0:
-            del self.turns[index][-remove_tokens:]
-            self._length -= remove_tokens
-
-    def remove_user(self, index: int) -> None:
-        """The user item of turn `index` leaves: its content goes; the assistant header stays with the
-        reply that follows it, if any (else the whole turn goes)."""
-        if self.reply_len(index) == 0:
-            self._remove_turn(index)
-            return
-        del self.turns[index][: self.user_lens[index]]
-        self._length -= self.user_lens[index]
-        self.user_lens[index] = 0
-
-    def remove_reply(self, index: int) -> None:
-        """The reply of turn `index` leaves (the whole turn if its user content left already)."""
-        if self.user_lens[index] == 0:
-            self._remove_turn(index)
-        else:
-            self.cut_turn(index, self.reply_len(index))
-
-    def _remove_turn(self, index: int) -> None:
-        self._length -= len(self.turns[index])
-        del self.turns[index], self.keys[index], self.user_lens[index]
-
-    def keep_turns(self, n_turns: int) -> None:
-        """Keep the first `n_turns` turns (a failed reply's user blocks leave)."""
-        self._length -= sum(len(t) for t in self.turns[n_turns:])
-        del self.turns[n_turns:], self.keys[n_turns:], self.user_lens[n_turns:]
-
-    def fit(self, max_tokens: int, reserve_tokens: int = 0) -> int:
-        """Drop the oldest whole turns (never the newest) until ids + `reserve_tokens` fit `max_tokens`.
-
-        Returns how many turns were dropped (and logs it); the caller re-prefills from the first changed
-        id. Raises ValueError if even the system block and the newest turn do not fit.
-        """
-        dropped = 0
-        while self._length + reserve_tokens > max_tokens and dropped < len(self.turns) - 1:
-            self._length -= len(self.turns[dropped])
-            dropped += 1
-        del self.turns[:dropped], self.keys[:dropped], self.user_lens[:dropped]
-        if self._length + reserve_tokens > max_tokens:
-            raise ValueError(
-                f"the system block and the newest turn ({self._length} tokens) + {reserve_tokens} "
-                f"reserved do not fit the {max_tokens}-token context"
-            )
-        if dropped:
-            log.warning(
-                "context full: dropped the %d oldest turn(s); %d tokens remain", dropped, self._length
-            )
-        return dropped
+def message_block_ids(tok: GLMTokenizer, role: str, text: str) -> list[int]:
+    """A text message of another role in GLM-4's chat format (docs/lm.md, "Conversation items"):
+    `<|system|>\\n{text}` for system and developer, `<|assistant|>\\n{text}` for assistant text (no
+    `streaming_transcription`: it is text, not interleaved speech), `<|user|>\\n{text}` for user."""
+    if role == "user":
+        return user_block_ids(tok, text=text)
+    role_id = {"system": tok.system_id, "developer": tok.system_id, "assistant": tok.assistant_id}[role]
+    return [role_id, *tok.encode("\n" + text)]
 
 
 @dataclass(frozen=True)

@@ -292,13 +292,6 @@ async def test_instructions_and_sampling_reach_the_model(responder, sched, monke
     await session.close()
 
 
-async def test_respond_without_input_is_an_error(responder):
-    session = responder.open_session("empty", SessionSettings())
-    events = await collect(session.respond())
-    assert len(events) == 1 and isinstance(events[0], ReplyError) and events[0].code == "no_input"
-    await session.close()
-
-
 def test_info_reports_demo_weights(responder):
     info = responder.info()
     assert info.ready and info.name == "glm4voice"

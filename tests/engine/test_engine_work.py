@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.engine.config import EngineConfig
 from pipeline.engine.thread import GLMVoiceResponder
+from pipeline.lm.history import USER
 from pipeline.lm.prompt import system_block_ids, user_turn_ids
 from pipeline.responder import ReplyDone, ReplyError, SessionSettings, TextDelta
 from tests.engine.test_engine import check_complete_reply, collect
@@ -125,7 +126,7 @@ async def test_pending_input_is_bounded(responder, script, monkeypatch):
     for i in range(MAX_ITEMS):
         session.add_text(f"message {i}")
     check_complete_reply(await collect(session.respond()), script, tok)
-    assert len(session.dialogue.history.turns) == MAX_ITEMS
+    assert sum(s.kind == USER for s in session.dialogue.history.segments) == MAX_ITEMS
     session.add_text("one more")
     events = await collect(session.respond())
     assert isinstance(events[-1], ReplyDone) and events[-1].reason == "stop"

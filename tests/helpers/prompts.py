@@ -1,10 +1,11 @@
 """A user turn appended to a history the way the engine's scheduler does it (pipeline/engine/scheduler.py
-`_start_reply`): the system block for the turn's input mode, then the user block; the prompt is the whole
-history."""
+`_start_reply`): the system block for the turn's input mode, the user item, then the reply's header; the
+prompt is the whole history."""
 
 from __future__ import annotations
 
-from pipeline.lm.prompt import DialogueHistory, system_block_ids, user_turn_ids
+from pipeline.lm.history import USER, DialogueHistory, Segment
+from pipeline.lm.prompt import system_block_ids, user_block_ids
 from pipeline.lm.text_tokenizer import GLMTokenizer
 
 
@@ -15,12 +16,13 @@ def start_turn(
     text: str | None = None,
     instructions: str | None = None,
 ) -> list[int]:
-    """Append a user turn; returns the prompt ids the LM reads for its reply."""
+    """Append a user turn; returns the prompt ids the LM reads for its reply (`add_reply` adds the reply)."""
     speech_input = speech_tokens is not None
     history.set_system(
         system_block_ids(history.tokenizer, speech_input=speech_input, instructions=instructions)
     )
-    history.append_user_block(user_turn_ids(history.tokenizer, speech_tokens=speech_tokens, text=text))
+    history.append(Segment(USER, user_block_ids(history.tokenizer, speech_tokens=speech_tokens, text=text)))
+    history.begin_reply()
     return history.ids()
 
 

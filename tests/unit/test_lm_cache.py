@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.lm.history import DialogueHistory
 from pipeline.lm.kv_cache import ContextFullError, LMCache, PoolFullError, common_prefix_len
 from pipeline.lm.model import VoiceLM
-from pipeline.lm.prompt import DialogueHistory
 from pipeline.lm.sampling import sample_logits
 from pipeline.lm.text_tokenizer import GLMTokenizer
 from pipeline.weights.random_lm import write_random_checkpoint
@@ -202,7 +202,7 @@ def test_context_full_and_dropping_oldest_turns(tmp_path: Path) -> None:
         history.add_reply([lm.tokenizer.audio_id(1)] * 4)
     before = len(history.ids())
     reserve = lm.max_context_tokens - before + 1  # one token too many: the oldest turn must go
-    assert history.fit(lm.max_context_tokens, reserve_tokens=reserve) == 1
+    assert history.fit(lm.max_context_tokens, reserve_tokens=reserve) == 2  # the user item and its reply
     assert len(history.turns) == 2 and len(history.ids()) + reserve <= lm.max_context_tokens
     assert history.ids()[: len(history.system_ids)] == history.system_ids
     logits = prefill_to(lm, cache, history.ids())  # re-prefilled after the drop

@@ -6,12 +6,15 @@ import base64
 
 import pytest
 
+from pipeline.lm.history import MESSAGE, USER, DialogueHistory, Segment
 from pipeline.lm.prompt import (
     ASSISTANT_METADATA,
     SYSTEM_PROMPT_AUDIO,
     SYSTEM_PROMPT_TEXT,
-    DialogueHistory,
     StreamParser,
+    message_block_ids,
+    reply_header_ids,
+    user_block_ids,
     user_turn_ids,
 )
 from pipeline.lm.text_tokenizer import GLMTokenizer
@@ -114,10 +117,10 @@ def test_fit_keeps_system_and_newest_turn(tok: GLMTokenizer) -> None:
     turn_len = len(history.turns[-1])
     total = len(history.ids())
     assert history.fit(total) == 0
-    assert history.fit(total - 1) == 1 and len(history.turns) == 3
-    assert history.fit(len(history.system_ids) + turn_len) == 2 and len(history.turns) == 1
+    assert history.fit(total - 1) == 2 and len(history.turns) == 3  # a whole turn: user item and reply
+    assert history.fit(len(history.system_ids) + turn_len, keep_last=2) == 4 and len(history.turns) == 1
     with pytest.raises(ValueError, match="do not fit"):
-        history.fit(len(history.system_ids) + turn_len - 1)
+        history.fit(len(history.system_ids) + turn_len - 1, keep_last=2)
 
 
 def test_history_length_follows_every_change(tok: GLMTokenizer) -> None:
@@ -125,16 +128,19 @@ def test_history_length_follows_every_change(tok: GLMTokenizer) -> None:
     start_turn(history, text="first")
     history.add_reply([*tok.encode("sure"), tok.audio_id(3), tok.user_id])  # the stop id is not kept
     history.set_system(history.system_ids + tok.encode(" be brief"))
-    history.append_user_block(user_turn_ids(tok, speech_tokens=[1, 2]))
-    history.add_reply([tok.audio_id(4)] * 5)
+    history.append(Segment(USER, user_block_ids(tok, speech_tokens=[1, 2]), key=1))
+    reply = history.begin_reply("r2")
+    history.extend_reply(reply, [tok.audio_id(4)] * 5)
     assert history.length == len(history.ids())
-    history.cut_turn(len(history.turns) - 1, 3)  # a reply trimmed to what was heard
+    history.cut_reply(reply, 3)
     assert history.length == len(history.ids()) and history.turns[-1][-2:] == [tok.audio_id(4)] * 2
-    history.keep_turns(1)
-    assert history.length == len(history.ids()) and len(history.turns) == 1
-    history.append_user_block(user_turn_ids(tok, text="again"))
-    history.fit(history.length - 1)
-    assert history.length == len(history.ids()) and len(history.turns) == 1
+    history.insert(0, Segment(MESSAGE, message_block_ids(tok, "system", "Be kind."), key=2))
+    assert history.length == len(history.ids())
+    history.remove(reply)
+    assert history.length == len(history.ids()) and len(history.turns) == 2
+    history.append(Segment(USER, user_block_ids(tok, text="again")))
+    assert history.fit(history.length - 1) == 1  # the oldest item: the system message
+    assert history.length == len(history.ids()) and history.segments[0].kind == USER
 
 
 def test_fit_drops_many_turns_without_rebuilding_the_history(tok: GLMTokenizer, monkeypatch) -> None:
@@ -143,7 +149,7 @@ def test_fit_drops_many_turns_without_rebuilding_the_history(tok: GLMTokenizer, 
     history = DialogueHistory(tok, system_ids=[tok.system_id])
     block = user_turn_ids(tok, text="a fairly long typed message " * 20)
     for _ in range(400):
-        history.append_user_block(block)
+        history.append(Segment(USER, block))
     rebuilt = []
     monkeypatch.setattr(DialogueHistory, "ids", lambda self: rebuilt.append(1) or [])
     assert history.fit(1 + 2 * len(block)) == 398
@@ -151,22 +157,40 @@ def test_fit_drops_many_turns_without_rebuilding_the_history(tok: GLMTokenizer, 
 
 
 def test_history_items_leave_by_key(tok: GLMTokenizer) -> None:
-    """remove_user keeps the reply behind its assistant header; remove_reply drops the reply, and a turn
-    with neither user content nor reply goes; turns keep their keys through every edit."""
+    """remove_item keeps the reply behind its assistant header; remove_reply drops the reply's ids (its
+    header stays behind a user item), and a header with neither user item nor ids goes."""
     history = DialogueHistory(tok)
-    header = [tok.assistant_id, *tok.encode(ASSISTANT_METADATA)]
-    blocks = [user_turn_ids(tok, text=t) for t in ("one", "two", "three")]
+    header = reply_header_ids(tok)
+    assert header == [tok.assistant_id, *tok.encode(ASSISTANT_METADATA)]
+    blocks = [user_block_ids(tok, text=t) for t in ("one", "two", "three")]
     reply = [*tok.encode("sure"), tok.audio_id(5), tok.audio_id(6)]
     for key, block in enumerate(blocks):
-        history.append_user_block(block, key=key)
-        history.add_reply(reply)
-    history.remove_user(history.turn_of(0))
+        history.append(Segment(USER, block, key))
+        history.extend_reply(history.begin_reply(f"r{key}"), reply)
+    history.remove_item(history.index_of(0))
     assert history.turns[0] == header + reply and history.length == len(history.ids())
-    history.remove_reply(history.turn_of(0))  # nothing of turn 0 is left
-    assert history.keys == [1, 2] and history.turns == [blocks[1] + reply, blocks[2] + reply]
-    history.cut_turn(history.turn_of(1), 2)
-    history.remove_reply(history.turn_of(2))
-    assert history.turns == [blocks[1] + reply[:-2], blocks[2]] and history.length == len(history.ids())
-    history.cut_turn(history.turn_of(2), 5)  # never into the user block
-    history.remove_user(history.turn_of(2))  # no reply: the whole turn goes
-    assert history.keys == [1] and history.turn_of(2) is None and history.length == len(history.ids())
+    history.remove_reply(history.index_of("r0"))  # nothing of turn 0 is left
+    assert [s.key for s in history.segments] == [1, "r1", 2, "r2"]
+    assert history.turns == [blocks[1] + header + reply, blocks[2] + header + reply]
+    history.cut_reply(history.segments[history.index_of("r1")], 2)
+    history.remove_reply(history.index_of("r2"))
+    assert history.turns == [blocks[1] + header + reply[:-2], blocks[2] + header]
+    assert history.length == len(history.ids())
+    history.cut_reply(history.segments[history.index_of("r2")], 5)  # never into the header
+    history.remove_item(history.index_of(2))  # its reply kept nothing: it goes too
+    assert [s.key for s in history.segments] == [1, "r1"] and history.length == len(history.ids())
+
+
+def test_message_items_in_glm_chat_format(tok: GLMTokenizer) -> None:
+    """System and developer text is a `<|system|>` block, assistant text an `<|assistant|>` turn without
+    the interleaved-output metadata, user text the official user block; inserted items keep their place."""
+    assert tok.decode(message_block_ids(tok, "system", "Be brief.")) == "<|system|>\nBe brief."
+    assert message_block_ids(tok, "developer", "Be brief.") == message_block_ids(tok, "system", "Be brief.")
+    assert tok.decode(message_block_ids(tok, "assistant", "Hello!")) == "<|assistant|>\nHello!"
+    assert message_block_ids(tok, "user", "Hi") == user_block_ids(tok, text="Hi")
+    history = DialogueHistory(tok)
+    start_turn(history, text="first")
+    history.add_reply(tok.encode("ok"))
+    history.insert(1, Segment(MESSAGE, message_block_ids(tok, "system", "Note."), key=7))
+    text = tok.decode(history.ids()[len(history.system_ids) :])
+    assert text == "<|user|>\nfirst<|system|>\nNote.<|assistant|>streaming_transcription\nok"
