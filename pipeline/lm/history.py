@@ -9,7 +9,8 @@ one `Segment`, and the prompt is their concatenation (docs/lm.md, "Conversation 
     reply     <|assistant|>streaming_transcription\\n{generated ids}
     message   <|system|>\\n{text} (system, developer) or <|assistant|>\\n{text} (assistant text)
 
-so a user item and the reply to it are exactly the official turn `<|user|>\\n…<|assistant|>streaming_transcription\\n…`.
+so a user item and the reply to it are exactly the official turn
+`<|user|>\\n…<|assistant|>streaming_transcription\\n…`.
 """
 
 from __future__ import annotations
