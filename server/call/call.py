@@ -20,7 +20,9 @@ from collections.abc import Callable, Coroutine
 import numpy as np
 
 from pipeline.responder import (
+    START,
     Reply,
+    ReplyOptions,
     Responder,
     ResponderSession,
 )
@@ -228,24 +230,30 @@ class Call:
         try:
             self._receive(message, only, answer or self.send)
         except Exception:
-            self.metrics.events_failed.inc()
-            allow, suppressed = self._event_failures.allow()
-            if allow:
-                self.log.exception(
-                    "client event failed%s", f" ({suppressed} more since the last line)" if suppressed else ""
-                )
-            try:
-                self.send(
-                    P.error_event(
-                        "server_error",
-                        "the event could not be handled; the call goes on",
-                        error_type="server_error",
-                    )
-                )
-            except Exception:  # the channel itself is failing; the close path will notice
-                pass
+            self._event_failed(None, answer or self.send)
         finally:
             current_call_id.reset(token)
+
+    def _event_failed(self, event_id: str | None, answer: Callable[[dict], None]) -> None:
+        """Handling a client event raised (a bug): `error server_error` naming the event, one log line
+        per interval; the call goes on."""
+        self.metrics.events_failed.inc()
+        allow, suppressed = self._event_failures.allow()
+        if allow:
+            self.log.exception(
+                "client event failed%s", f" ({suppressed} more since the last line)" if suppressed else ""
+            )
+        try:
+            answer(
+                P.error_event(
+                    "server_error",
+                    "the event could not be handled; the call goes on",
+                    event_id=event_id,
+                    error_type="server_error",
+                )
+            )
+        except Exception:  # the channel itself is failing; the close path will notice
+            pass
 
     def _receive(
         self,
@@ -285,6 +293,8 @@ class Call:
             self.handle_event(event)
         except P.ProtocolError as exc:
             answer(P.error_event(exc.code, exc.message, event_id=exc.event_id, param=exc.param))
+        except Exception:
+            self._event_failed(event.event_id, answer)
 
     def _makes_engine_work(self, event: P.ClientEvent) -> bool:
         """Events that make the engine prefill (a reply; new instructions re-prefill the system prompt):
@@ -303,19 +313,16 @@ class Call:
             self.session.update(self.settings.responder_settings())
             self.send(P.event("session.updated", session=self._session_json()))
         elif isinstance(event, P.ItemCreate):
-            self.replies.interrupt("user_message")
-            if self.config.logging.log_user_content:
-                self.log.info("user text: %r", event.text)
-            self.session.add_text(event.text)
-            self.user_item_committed(None, event.text)
+            self._create_item(event)
         elif isinstance(event, P.ResponseCreate):
             if self.replies.generating:
                 raise P.ProtocolError(
                     "conversation_already_has_active_response",
-                    "a response is in progress: send response.cancel first",
+                    "Conversation already has an active response in progress: send response.cancel first",
                     event.event_id,
                 )
-            self.replies.start(speech_stopped_s=None)
+            options = None if event.instructions is None else ReplyOptions(instructions=event.instructions)
+            self.replies.start(None, options, event.metadata, event.event_id)
         elif isinstance(event, P.InputAudioCommit | P.InputAudioClear):
             if self.settings.turns.enabled:
                 raise P.ProtocolError(
@@ -334,7 +341,9 @@ class Call:
         elif isinstance(event, P.ResponseCancel):
             if self.replies.current is None:
                 raise P.ProtocolError(
-                    "response_cancel_not_active", "there is no active response to cancel", event.event_id
+                    "response_cancel_not_active",
+                    "Cancellation failed: no active response found",
+                    event.event_id,
                 )
             self.replies.interrupt("client_cancelled")
         elif isinstance(event, P.OutputAudioClear):  # idempotent: clients send it after every cancel
@@ -352,6 +361,44 @@ class Call:
         elif isinstance(event, P.Ping):
             self.send(P.event("glm4voice.pong", ping_event_id=event.event_id))
 
+    def _create_item(self, event: P.ItemCreate) -> None:
+        """A text message of any role, at the end or where `previous_item_id` says. A user message cuts
+        off the reply playing (the user spoke); text of another role (a system note, a tool result, a
+        synced history) goes in without interrupting."""
+        item_id, previous = event.item_id, event.previous_item_id
+        if item_id is not None and self.conversation.get(item_id) is not None:
+            raise P.ProtocolError(
+                "item_create_duplicate_item_id",
+                f"an item with id {item_id!r} is already in the conversation",
+                event.event_id,
+                "item.id",
+            )
+        if previous is not None and previous != P.ROOT and self.conversation.get(previous) is None:
+            raise P.ProtocolError(
+                "item_create_invalid_previous_item_id",
+                f"previous_item_id {previous!r} is not in the conversation: the item was not added",
+                event.event_id,
+                "previous_item_id",
+            )
+        if previous == self.conversation.last_id():
+            previous = None  # right after the last item: at the end
+        after = None if previous is None else START if previous == P.ROOT else self.conversation.ref(previous)
+        if event.role == "user":
+            self.replies.interrupt("user_message")
+            if self.config.logging.log_user_content:
+                self.log.info("user text: %r", event.text)
+        try:
+            if event.role == "user" and after is None:
+                self.session.add_text(event.text)
+            else:
+                self.session.add_message(event.role, event.text, after)
+        except NotImplementedError as exc:
+            raise P.ProtocolError("unsupported_value", str(exc), event.event_id, "item.role") from None
+        item = P.message_item(item_id or _new_id("item"), event.role, event.text)
+        previous_id = self.conversation.add(item, after=previous)
+        self.send(P.event("conversation.item.added", previous_item_id=previous_id, item=item))
+        self.send(P.event("conversation.item.done", previous_item_id=previous_id, item=item))
+
     def user_item_committed(self, item_id: str | None, text: str | None) -> None:
         """A user item is final: spoken (committed, transcript null) or typed. GA lifecycle events."""
         item = P.user_item(item_id or _new_id("item"), text)
@@ -364,8 +411,14 @@ class Call:
     def _item_event(self, event: P.ItemRetrieve | P.ItemDelete | P.ItemTruncate) -> None:
         item = self.conversation.get(event.item_id)
         if item is None:
+            kind = {P.ItemRetrieve: "retrieve", P.ItemDelete: "delete", P.ItemTruncate: "truncate"}[
+                type(event)
+            ]
             raise P.ProtocolError(
-                "item_not_found", f"no item {event.item_id!r} in this conversation", event.event_id, "item_id"
+                f"item_{kind}_invalid_item_id",
+                f"Item with item_id {event.item_id!r} not found in this conversation",
+                event.event_id,
+                "item_id",
             )
         if isinstance(event, P.ItemRetrieve):
             self.send(P.event("conversation.item.retrieved", item=item))

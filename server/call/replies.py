@@ -19,7 +19,16 @@ import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
-from pipeline.responder import AudioChunk, Reply, ReplyDone, ReplyError, ResponderSession, TextDelta, Timing
+from pipeline.responder import (
+    AudioChunk,
+    Reply,
+    ReplyDone,
+    ReplyError,
+    ReplyOptions,
+    ResponderSession,
+    TextDelta,
+    Timing,
+)
 from server.call.state import CallState
 from server.call.transport import AudioOut
 from server.metrics import Metrics
@@ -31,6 +40,7 @@ from server.realtime.protocol import new_id as _new_id
 # played out: a peer that never reads our track (a sendonly offer, a stalled sender) must not hold the
 # call "replying" - which keeps idle_timeout from ever firing - until max_call_duration.
 PLAYOUT_SLACK_S = 2.0
+CLIENT_CAUSED = {"input_too_large"}  # reply errors that are the client's doing (the rest: the server's)
 # Why a reply was cut off -> Realtime's `status_details.reason` (a typed message is the client's doing,
 # a new spoken turn the user's).
 CANCEL_REASONS = {
@@ -54,6 +64,8 @@ class ReplyRecord:
     latency_sent: bool = False
     cancel_reason: str | None = None  # set when the reply is cut off (interrupt)
     played_ms: float | None = None  # what was heard at the cut
+    metadata: dict | None = None  # the client's, from response.create: on response.created and .done
+    event_id: str | None = None  # the response.create that asked for it: named by the reply's errors
 
 
 class ReplyFlow:
@@ -103,21 +115,42 @@ class ReplyFlow:
 
     # ----- replies ---------------------------------------------------------------------------------
 
-    def start(self, speech_stopped_s: float | None) -> None:
+    def start(
+        self,
+        speech_stopped_s: float | None,
+        options: ReplyOptions | None = None,
+        metadata: dict | None = None,
+        event_id: str | None = None,
+    ) -> None:
+        """A reply to what is pending, or to the conversation as it stands; `options`, `metadata` and
+        `event_id` come from the response.create that asked for it (None: VAD started it)."""
         if self.current is not None:
             self.interrupt("new_turn")
         try:
-            started = self._session.respond()
+            started = self._session.respond(options) if options is not None else self._session.respond()
         except Exception as exc:  # a responder refusing a reply must not end the call
             self._log.exception("respond() failed")
             self._metrics.reply_errors.inc()
             self._send(
-                P.error_event("responder_error", f"could not start a reply: {exc}", error_type="server_error")
+                P.error_event(
+                    "responder_error",
+                    f"could not start a reply: {exc}",
+                    event_id=event_id,
+                    error_type="server_error",
+                )
             )
             return
         response_id = _new_id("resp")
         timings = {"speech_stopped": speech_stopped_s} if speech_stopped_s is not None else {}
-        reply = ReplyRecord(response_id, started, speech_stopped_s, timings, _new_id("item"))
+        reply = ReplyRecord(
+            response_id,
+            started,
+            speech_stopped_s,
+            timings,
+            _new_id("item"),
+            metadata=metadata,
+            event_id=event_id,
+        )
         self._set_current(reply)
         self.generating_items.add(reply.item_id)
         self.audio.begin_reply(response_id)
@@ -125,7 +158,8 @@ class ReplyFlow:
         self._on_phase(CallState.THINKING)
         ids = {"response_id": response_id, "item_id": reply.item_id, "output_index": 0, "content_index": 0}
         item = P.assistant_item(reply.item_id, "in_progress", None)
-        self._send(P.event("response.created", response=P.response_object(response_id, "in_progress")))
+        created = P.response_object(response_id, "in_progress", metadata=metadata)
+        self._send(P.event("response.created", response=created))
         self._send(P.event("response.output_item.added", response_id=response_id, output_index=0, item=item))
         previous = self.conversation.add(item, started)
         self._send(P.event("conversation.item.added", previous_item_id=previous, item=item))
@@ -145,7 +179,12 @@ class ReplyFlow:
                 {"type": "failed", "error": {"code": "responder_error", "message": str(exc)}},
             )
             self._send(
-                P.error_event("responder_error", f"the reply failed: {exc}", error_type="server_error")
+                P.error_event(
+                    "responder_error",
+                    f"the reply failed: {exc}",
+                    event_id=reply.event_id,
+                    error_type="server_error",
+                )
             )
         reply.generating = False
         self.generating_items.discard(reply.item_id)
@@ -196,7 +235,10 @@ class ReplyFlow:
         self.conversation.replace(item)
         self._send(P.event("conversation.item.done", item=item))
         self._send(
-            P.event("response.done", response=P.response_object(reply.response_id, status, details, [item]))
+            P.event(
+                "response.done",
+                response=P.response_object(reply.response_id, status, details, [item], reply.metadata),
+            )
         )
 
     def in_progress(self, item_id: str) -> bool:
@@ -256,7 +298,10 @@ class ReplyFlow:
                     "failed",
                     {"type": "failed", "error": {"code": item.code, "message": item.message}},
                 )
-                self._send(P.error_event(item.code, item.message, error_type="server_error"))
+                error_type = "invalid_request_error" if item.code in CLIENT_CAUSED else "server_error"
+                self._send(
+                    P.error_event(item.code, item.message, event_id=reply.event_id, error_type=error_type)
+                )
                 break
         return status, details
 

@@ -2,12 +2,13 @@
 
 Only bookkeeping for the events (`previous_item_id`, `conversation.item.retrieve`, `.delete`,
 `.truncate`); what the model keeps is the responder's history, which the call edits through the
-responder contract.
+responder contract. Items keep the client's ids when it names them.
 """
 
 from __future__ import annotations
 
 from pipeline.responder import Reply
+from server.realtime.protocol import ROOT
 
 MAX_ITEMS = 1_000  # a long call's oldest items leave the record (retrieve then says not found)
 
@@ -16,24 +17,35 @@ class Conversation:
     def __init__(self) -> None:
         self._items: dict[str, dict] = {}  # item_id -> item object, in conversation order
         self._refs: dict[str, int | Reply] = {}  # item_id -> the item as the responder knows it
-        self._user_items = 0  # user items so far: the next one's index for `ResponderSession.delete_item`
+        self._messages = 0  # message items so far: the next one's index for the responder session
 
-    def add(self, item: dict, reply: Reply | None = None) -> str | None:
-        """Append an item; returns the id of the item before it (`previous_item_id`). A user item takes the
-        next user index (the session counts its `commit_audio` / `add_text` calls the same way); an
-        assistant item is known by its `reply`."""
-        previous = next(reversed(self._items), None)
-        self._items[item["id"]] = item
-        if item.get("role") == "user":
-            self._refs[item["id"]] = self._user_items
-            self._user_items += 1
-        elif reply is not None:
+    def add(self, item: dict, reply: Reply | None = None, after: str | None = None) -> str | None:
+        """Add an item at the end, first (`after` ROOT) or right after the item `after` (which must be
+        here); returns the id of the item before it (`previous_item_id`). A message item (user or any
+        text) takes the next index - the session counts its `commit_audio` / `add_text` / `add_message`
+        calls the same way; an assistant reply is known by its `reply`."""
+        ids = list(self._items)
+        index = len(ids) if after is None else 0 if after == ROOT else ids.index(after) + 1
+        previous = ids[index - 1] if index > 0 else None
+        if index == len(ids):
+            self._items[item["id"]] = item
+        else:
+            order = [*ids[:index], item["id"], *ids[index:]]
+            self._items[item["id"]] = item
+            self._items = {item_id: self._items[item_id] for item_id in order}
+        if reply is not None:
             self._refs[item["id"]] = reply
+        else:
+            self._refs[item["id"]] = self._messages
+            self._messages += 1
         while len(self._items) > MAX_ITEMS:
             oldest = next(iter(self._items))
             del self._items[oldest]
             self._refs.pop(oldest, None)
         return previous
+
+    def last_id(self) -> str | None:
+        return next(reversed(self._items), None)
 
     def replace(self, item: dict) -> None:
         if item["id"] in self._items:
@@ -43,7 +55,7 @@ class Conversation:
         return self._items.get(item_id)
 
     def ref(self, item_id: str) -> int | Reply | None:
-        """What `ResponderSession.delete_item` takes for this item (a user index or a Reply)."""
+        """What `ResponderSession.delete_item` takes for this item (a message index or a Reply)."""
         return self._refs.get(item_id)
 
     def remove(self, item_id: str) -> dict | None:

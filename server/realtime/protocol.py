@@ -108,10 +108,21 @@ class SessionUpdate:
     ignored: tuple[str, ...] = ()  # fields accepted but not honoured (docs/protocol.md, Compatibility)
 
 
+ROOT = "root"  # previous_item_id: before every other item
+MAX_ITEM_ID_CHARS = 32  # client item ids: the Realtime API's limit
+_ITEM_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+ITEM_ROLES = ("user", "system", "developer", "assistant")
+_TEXT_PARTS = ("input_text", "text", "output_text")
+MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512  # the API's metadata
+
+
 @dataclass(frozen=True)
 class ItemCreate:
     event_id: str | None
     text: str
+    role: str = "user"  # one of ITEM_ROLES
+    item_id: str | None = None  # the client's id (validated); None: the server names it
+    previous_item_id: str | None = None  # None: at the end; ROOT: first; else right after that item
 
 
 @dataclass(frozen=True)
@@ -144,6 +155,8 @@ class InputAudioAppend:
 @dataclass(frozen=True)
 class ResponseCreate:
     event_id: str | None
+    instructions: str | None = None  # this reply's, in place of the session's
+    metadata: dict | None = None  # echoed on response.created and response.done
 
 
 @dataclass(frozen=True)
@@ -405,12 +418,14 @@ def _parse_item_create(event: dict, event_id: str | None, max_text_chars: int) -
         raise ProtocolError(
             "missing_required_parameter", "conversation.item.create needs an 'item' object", event_id, "item"
         )
-    if item.get("type", "message") != "message" or item.get("role") != "user":
+    role = item.get("role")
+    if item.get("type", "message") != "message" or role not in ITEM_ROLES:
         raise ProtocolError(
             "unsupported_value",
-            "only user messages can be created (type 'message', role 'user')",
+            "only messages can be created (type 'message', role 'user', 'system', 'developer' or "
+            "'assistant'; no function calls: this model has no tools)",
             event_id,
-            "item.role",
+            "item.role" if item.get("type", "message") == "message" else "item.type",
         )
     content = item.get("content")
     if not isinstance(content, list) or not content:
@@ -421,12 +436,12 @@ def _parse_item_create(event: dict, event_id: str | None, max_text_chars: int) -
     for part in content:
         if (
             not isinstance(part, dict)
-            or part.get("type") not in ("input_text", "text")
+            or part.get("type") not in _TEXT_PARTS
             or not isinstance(part.get("text"), str)
         ):  # a tuple: an unhashable type ([] or {}) is just unequal
             raise ProtocolError(
                 "unsupported_value",
-                "item.content parts must be {type: 'input_text', text: str}",
+                "item.content parts must be {type: 'input_text' | 'text' | 'output_text', text: str}",
                 event_id,
                 "item.content",
             )
@@ -441,7 +456,89 @@ def _parse_item_create(event: dict, event_id: str | None, max_text_chars: int) -
             event_id,
             "item.content",
         )
-    return ItemCreate(event_id, text)
+    item_id = None if item.get("id") is None else _client_item_id(item["id"], event_id)
+    previous = event.get("previous_item_id")
+    if previous is not None:
+        previous = _text(previous, "previous_item_id", event_id)
+    return ItemCreate(event_id, text, role, item_id, previous)
+
+
+def _client_item_id(value: object, event_id: str | None) -> str:
+    """A client-chosen item id: it comes back in events and names the item in later client events."""
+    item_id = _text(value, "item.id", event_id)
+    if len(item_id) > MAX_ITEM_ID_CHARS:
+        raise ProtocolError(
+            "string_above_max_length",
+            f"item.id is {len(item_id)} characters; the limit is {MAX_ITEM_ID_CHARS}",
+            event_id,
+            "item.id",
+        )
+    if not item_id or not set(item_id) <= _ITEM_ID_CHARS or item_id == ROOT:
+        raise ProtocolError(
+            "invalid_value",
+            "item.id must be letters, digits, '_' or '-' (and not 'root')",
+            event_id,
+            "item.id",
+        )
+    return item_id
+
+
+def _parse_response_create(event: dict, event_id: str | None, max_instructions_chars: int) -> ResponseCreate:
+    """`response`: `instructions` and `metadata` are honoured; `conversation` must be 'auto' (an
+    out-of-band reply is refused); every other field is accepted and ignored."""
+    response = event.get("response")
+    if response is None:
+        return ResponseCreate(event_id)
+    if not isinstance(response, dict):
+        raise ProtocolError("invalid_value", "response must be an object", event_id, "response")
+    if response.get("conversation", "auto") != "auto":
+        raise ProtocolError(
+            "unsupported_value",
+            "response.conversation must be 'auto': out-of-band replies (conversation 'none') are not "
+            "supported; every reply joins the conversation",
+            event_id,
+            "response.conversation",
+        )
+    instructions = response.get("instructions")
+    if instructions is not None:
+        instructions = _text(instructions, "response.instructions", event_id)
+        if len(instructions) > max_instructions_chars:
+            raise ProtocolError(
+                "string_above_max_length",
+                f"instructions are {len(instructions)} characters; the limit is {max_instructions_chars}",
+                event_id,
+                "response.instructions",
+            )
+    return ResponseCreate(event_id, instructions, _metadata(response.get("metadata"), event_id))
+
+
+def _metadata(value: object, event_id: str | None) -> dict | None:
+    """Up to 16 string pairs (keys up to 64 characters, values up to 512), as the API's `metadata`."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > MAX_METADATA_PAIRS:
+        raise ProtocolError(
+            "invalid_value",
+            f"response.metadata must be an object of at most {MAX_METADATA_PAIRS} string pairs",
+            event_id,
+            "response.metadata",
+        )
+    for key, item in value.items():
+        if (
+            not isinstance(item, str)
+            or len(key) > MAX_METADATA_KEY_CHARS
+            or len(item) > MAX_METADATA_VALUE_CHARS
+        ):
+            raise ProtocolError(
+                "invalid_value",
+                f"response.metadata: keys up to {MAX_METADATA_KEY_CHARS} characters, values strings up to "
+                f"{MAX_METADATA_VALUE_CHARS}",
+                event_id,
+                "response.metadata",
+            )
+        _text(key, "response.metadata", event_id)
+        _text(item, "response.metadata", event_id)
+    return dict(value)
 
 
 def _item_id(event: dict, event_id: str | None) -> str:
@@ -530,7 +627,7 @@ def parse_client_event(
     if kind == "conversation.item.create":
         return _parse_item_create(event, event_id, max_text_chars)
     if kind == "response.create":
-        return ResponseCreate(event_id)
+        return _parse_response_create(event, event_id, max_instructions_chars)
     if kind == "response.cancel":
         return ResponseCancel(event_id)
     if kind == "output_audio_buffer.clear":
@@ -605,16 +702,19 @@ def session_object(
 def user_item(item_id: str, text: str | None) -> dict:
     """A completed user message: typed (`input_text`) or spoken (`input_audio`, transcript null: we do
     not transcribe the user)."""
-    part = (
-        {"type": "input_text", "text": text}
-        if text is not None
-        else {"type": "input_audio", "transcript": None}
-    )
+    if text is None:
+        return {**message_item(item_id, "user", ""), "content": [{"type": "input_audio", "transcript": None}]}
+    return message_item(item_id, "user", text)
+
+
+def message_item(item_id: str, role: str, text: str) -> dict:
+    """A completed text message a client created: `output_text` for an assistant, else `input_text`."""
+    part = {"type": "output_text" if role == "assistant" else "input_text", "text": text}
     return {
         "id": item_id,
         "object": "realtime.item",
         "type": "message",
-        "role": "user",
+        "role": role,
         "status": "completed",
         "content": [part],
     }
@@ -634,14 +734,20 @@ def assistant_item(item_id: str, status: str, transcript: str | None) -> dict:
 
 
 def response_object(
-    response_id: str, status: str, status_details: dict | None = None, output: list[dict] | None = None
+    response_id: str,
+    status: str,
+    status_details: dict | None = None,
+    output: list[dict] | None = None,
+    metadata: dict | None = None,
 ) -> dict:
+    """`metadata`: the client's, from response.create (echoed on response.created and response.done)."""
     return {
         "object": "realtime.response",
         "id": response_id,
         "status": status,
         "status_details": status_details,
         "output": output or [],
+        "metadata": metadata,
     }
 
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 import numpy as np
 import pytest
 
-from server.call import Call
+from server.call.call import Call
 from tests.helpers.rtc_client import RunningServer, start_server
 from tests.helpers.speech import have_speech_tools, synth_speech
 

@@ -25,18 +25,26 @@ FRAME_MS = 20
 
 
 async def play(generation: llm.GenerationCreatedEvent, stop_after_audio_ms: float | None = None) -> dict:
-    """Read a generation as the agent's audio output would: every message's text and audio, to its end
-    (or, with `stop_after_audio_ms`, until that much audio arrived: the rest is left unread)."""
-    audio_ms, text, ids = 0.0, [], []
+    """Read a generation as the agent's audio output would: every message's audio and text, to its end
+    (which the plugin reaches on response.done); with `stop_after_audio_ms`, only until that much audio
+    arrived (`drain` reads the rest)."""
+    heard = {"audio_ms": 0.0, "text": "", "messages": []}
     async for message in generation.message_stream:
-        ids.append(message.message_id)
+        heard["messages"].append(message)
         async for frame in message.audio_stream:
-            audio_ms += 1000.0 * frame.samples_per_channel / frame.sample_rate
-            if stop_after_audio_ms is not None and audio_ms >= stop_after_audio_ms:
-                return {"audio_ms": audio_ms, "text": "", "message_ids": ids}
-        async for delta in message.text_stream:
-            text.append(str(delta))
-    return {"audio_ms": audio_ms, "text": "".join(text), "message_ids": ids}
+            heard["audio_ms"] += 1000.0 * frame.samples_per_channel / frame.sample_rate
+            if stop_after_audio_ms is not None and heard["audio_ms"] >= stop_after_audio_ms:
+                return heard
+        heard["text"] += "".join([str(delta) async for delta in message.text_stream])
+    return heard
+
+
+async def drain(generation: llm.GenerationCreatedEvent, heard: dict) -> None:
+    """The rest of a generation `play` stopped reading, to its end."""
+    for message in heard["messages"]:
+        [_ async for _ in message.audio_stream]
+        [_ async for _ in message.text_stream]
+    [_ async for _ in generation.message_stream]
 
 
 async def speak(session, pcm16: bytes) -> None:
@@ -106,12 +114,13 @@ async def test_livekit_realtime_session(glm_ws, sent, caplog):
         await generations.get()
         heard = await asyncio.wait_for(play(reply, stop_after_audio_ms=200.0), REPLY_TIMEOUT_S)
         session.interrupt()
-        session.truncate(message_id=heard["message_ids"][0], modalities=["audio", "text"], audio_end_ms=200)
-        await sent.until(
-            lambda: len(sent.of_type("response.done")) == 4, REPLY_TIMEOUT_S, "the cut reply's end"
-        )
+        message_id = heard["messages"][0].message_id
+        session.truncate(message_id=message_id, modalities=["audio", "text"], audio_end_ms=200)
+        await asyncio.wait_for(drain(reply, heard), REPLY_TIMEOUT_S)  # the plugin saw response.done
         await sent.until(lambda: sent.of_type("conversation.item.truncated"), REPLY_TIMEOUT_S, "the truncate")
         check("interrupt")
+        assert sent.of_type("response.done")[-1]["response"]["status"] in ("cancelled", "completed")
+        assert not session.has_active_generation
     finally:
         await session.aclose()
         await model.aclose()
