@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.audio_format import MODEL_INPUT_RATE_HZ
 from pipeline.responder import (
+    START,
     AudioChunk,
     Reply,
     ReplyDone,
@@ -37,10 +38,10 @@ _reply_ids = itertools.count(1)
 
 @dataclass
 class HistoryEntry:
-    role: str  # "user" | "assistant"
+    role: str  # "user" | "assistant" | "system" | "developer"
     text: str
     audio_ms: float  # user: what was heard; assistant: what was played
-    key: int | None = None  # user: the session's index of the item (`delete_item`)
+    key: int | None = None  # a message item: the session's index of the item (`delete_item`); a reply: None
 
 
 class EchoReply(Reply):
@@ -99,7 +100,7 @@ class EchoSession(ResponderSession):
     history: list[HistoryEntry] = field(default_factory=list)
     _audio: list[np.ndarray] = field(default_factory=list)  # pushed, not committed
     _pending: list[tuple[int, np.ndarray | str]] = field(default_factory=list)  # (key, item) awaiting a reply
-    _user_items: int = 0  # each commit_audio / add_text is the next user item (its key)
+    _user_items: int = 0  # each commit_audio / add_text / add_message is the next item (its key)
     closed: bool = False
 
     def update(self, settings: SessionSettings) -> None:
@@ -128,13 +129,29 @@ class EchoSession(ResponderSession):
         self._pending.append((key, text))
         self.history.append(HistoryEntry("user", text, 0.0, key))
 
+    def add_message(self, role: str, text: str, after: int | Reply | str | None = None) -> None:
+        """Every role is kept in the history at its place; only user text is echoed (by the next reply)."""
+        key = self._next_key()
+        if role == "user":
+            self._pending.append((key, text))
+        if after is None:
+            index = len(self.history)
+        elif after == START:
+            index = 0
+        else:  # right after that item (a reply by its entry); one no longer here: at the end
+            match = (
+                (lambda e: e is after._entry) if isinstance(after, EchoReply) else (lambda e: e.key == after)
+            )
+            index = next((i + 1 for i, e in enumerate(self.history) if match(e)), len(self.history))
+        self.history.insert(index, HistoryEntry(role, text, 0.0, key))
+
     def delete_item(self, item: int | Reply) -> None:
         if isinstance(item, EchoReply):
             item.deleted = True
             self.history = [e for e in self.history if e is not item._entry]
         elif isinstance(item, int):
             self._pending = [(key, p) for key, p in self._pending if key != item]
-            self.history = [e for e in self.history if e.role != "user" or e.key != item]
+            self.history = [e for e in self.history if e.key != item]
         else:
             raise TypeError(f"not an item of this session: {item!r}")
 

@@ -163,13 +163,16 @@ async def test_data_channel_errors_and_text_turn(server):
                 ),
                 "invalid_value",
             ),
-            (json.dumps({"type": "conversation.item.retrieve", "item_id": "item_nope"}), "item_not_found"),
+            (
+                json.dumps({"type": "conversation.item.retrieve", "item_id": "item_nope"}),
+                "item_retrieve_invalid_item_id",
+            ),
             (json.dumps({"type": "session.update", "session": {"temperature": "hot"}}), "invalid_value"),
             (
                 json.dumps(
                     {
                         "type": "conversation.item.create",
-                        "item": {"type": "message", "role": "assistant", "content": []},
+                        "item": {"type": "function_call", "name": "lookup", "arguments": "{}"},
                     }
                 ),
                 "unsupported_value",

@@ -69,7 +69,7 @@ async def test_delete_and_truncate_older_items_echo(echo_ws):
             error = await _request(
                 conn, s, {"type": "conversation.item.retrieve", "item_id": user_a}, "error"
             )
-            assert error["error"]["code"] == "item_not_found"
+            assert error["error"]["code"] == "item_retrieve_invalid_item_id"
             assert [(h.role, h.text) for h in session.history if h.role == "user"] == [("user", "bananas")]
 
             # truncate an assistant item that is not the latest: its reply keeps what was heard
@@ -105,7 +105,10 @@ async def test_delete_and_truncate_older_items_echo(echo_ws):
                 "error",
             )
             assert error["error"]["code"] == "invalid_value"  # a user item has no audio of ours to cut
-            assert [e["error"]["code"] for e in s.of_type("error")] == ["item_not_found", "invalid_value"]
+            assert [e["error"]["code"] for e in s.of_type("error")] == [
+                "item_retrieve_invalid_item_id",
+                "invalid_value",
+            ]
         finally:
             s.close()
 
