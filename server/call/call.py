@@ -271,6 +271,7 @@ class Call:
                         "rate_limited",
                         f"more than {limits.max_events_per_s:g} events per second: "
                         f"events are being dropped ({self.guard.events_dropped} so far)",
+                        event_id=P.peek_event_id(message),  # the dropped event that complains
                     )
                 )
             return
@@ -451,7 +452,7 @@ class Call:
             raise P.ProtocolError(
                 "conversation_already_has_active_response",
                 "a response is in progress and may "
-                "be answering this item: delete user items after its response.done",
+                "be answering this item: delete message items after its response.done",
                 event.event_id,
                 "item_id",
             )

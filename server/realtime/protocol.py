@@ -582,6 +582,17 @@ def _parse_item_event(kind: str, event: dict, event_id: str | None) -> ClientEve
     return ItemTruncate(event_id, item_id, end_ms)
 
 
+def peek_event_id(message: str | bytes) -> str | None:
+    """The `event_id` of a message not otherwise read (an event dropped over the rate), if it has one."""
+    if not isinstance(message, str):
+        return None
+    try:
+        event_id = json.loads(message).get("event_id")
+    except (ValueError, RecursionError, AttributeError):
+        return None
+    return event_id if isinstance(event_id, str) and _encodes(event_id) else None
+
+
 def parse_client_event(
     message: str | bytes,
     *,

@@ -129,7 +129,7 @@ class RealtimeSocket:
         call.start()
         lost = False
         try:
-            lost = await _read_until_closed(ws, call, lambda data: _append(call, decoder, policer, data))
+            lost = await _read_until_closed(ws, call, lambda event: _append(call, decoder, policer, event))
         finally:
             lost = lost and not writer.overflowed  # a reader too slow was closed by us: not a drop
             reason = call.close_reason or ("websocket lost" if lost else "websocket closed")
@@ -180,8 +180,8 @@ def _slow_reader(call: Call | None, ws: web.WebSocketResponse) -> None:
     asyncio.ensure_future(ws.close(code=1008, message=b"slow_reader: the client does not read its events"))
 
 
-def _append(call: Call, decoder: InputDecoder, policer: AudioPolicer, data: bytes) -> None:
-    fmt = call.settings.input_format
+def _append(call: Call, decoder: InputDecoder, policer: AudioPolicer, event: P.InputAudioAppend) -> None:
+    data, fmt = event.audio, call.settings.input_format
     bytes_per_sample = 2 if fmt == "audio/pcm" else 1
     keep, complain = policer.accept(time.monotonic(), len(data) / bytes_per_sample / wire_rate_hz(fmt))
     if not keep:
@@ -191,6 +191,7 @@ def _append(call: Call, decoder: InputDecoder, policer: AudioPolicer, data: byte
                     "input_audio_too_fast",
                     f"appended audio is more than {MAX_AUDIO_AHEAD_S:g} s "
                     "ahead of real time: the excess is dropped",
+                    event_id=event.event_id,
                 )
             )
         return
@@ -198,7 +199,9 @@ def _append(call: Call, decoder: InputDecoder, policer: AudioPolicer, data: byte
         call.hear(chunk)
 
 
-async def _read_until_closed(ws: web.WebSocketResponse, call: Call, append: Callable[[bytes], None]) -> bool:
+async def _read_until_closed(
+    ws: web.WebSocketResponse, call: Call, append: Callable[[P.InputAudioAppend], None]
+) -> bool:
     """The socket's messages into the call until either ends. Appends skip the event-rate bucket (they
     are policed by audio time instead); everything else is an event as on the data channel. Returns
     whether the connection was lost (no normal closure from the client, and not its protocol error):
@@ -230,7 +233,7 @@ async def _read_until_closed(ws: web.WebSocketResponse, call: Call, append: Call
         closed.cancel()
 
 
-def _on_text(call: Call, text: str, append: Callable[[bytes], None]) -> None:
+def _on_text(call: Call, text: str, append: Callable[[P.InputAudioAppend], None]) -> None:
     try:
         kind = json.loads(text).get("type") if text.lstrip().startswith("{") else None
     except (ValueError, RecursionError):
@@ -251,7 +254,7 @@ def _on_text(call: Call, text: str, append: Callable[[bytes], None]) -> None:
         call.send(P.error_event(exc.code, exc.message, event_id=exc.event_id, param=exc.param))
         return
     if isinstance(event, P.InputAudioAppend):
-        append(event.audio)
+        append(event)
     else:  # a "type" the JSON peek read differently from the parser
         call.receive(text)
 
