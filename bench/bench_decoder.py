@@ -14,11 +14,17 @@ channels with 12 mid blocks (111.2 M params), HiFT base 512 with 8 harmonics (20
      pipeline/decoder/graphs.py (CUDA graphs on CUDA; on the CPU their static-buffer path, uncaptured:
      a sanity check of its overhead), interleaved, --repeats each: seconds per block and the largest
      audio difference (same draws).
+  5. `--batch`: --batch-size replies' next blocks (8 first blocks of 10 tokens by default) decoded as one
+     batch (pipeline/decoder/batch.py `decode_blocks`) against the same blocks one by one, in one
+     process, interleaved, --repeats each: both times (medians), the ratio, the largest audio difference. Replies
+     can first be given histories (`--batch-prompts 0,30`: cycled over the replies, decoded untimed), so the
+     timed blocks differ in size and the batch is padded.
 
     .venv/bin/python bench/bench_decoder.py --quick          # ~5-10 min on 2 CPU threads
     .venv/bin/python bench/bench_decoder.py --long           # ~8 min on 2 CPU threads
     .venv/bin/python bench/bench_decoder.py --device cuda --dtype bfloat16 --quick --long
     .venv/bin/python bench/bench_decoder.py --graphs --graph-blocks 4 --repeats 2   # ~1 min on 2 CPU threads
+    .venv/bin/python bench/bench_decoder.py --batch --repeats 2 --threads 1    # ~2 min on a loaded CPU thread
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.decoder.batch import BlockJob, decode_blocks, decode_one  # noqa: E402
 from pipeline.decoder.graphs import prepare_graphs  # noqa: E402
 from pipeline.decoder.model import SpeechDecoder  # noqa: E402
 from pipeline.decoder.stream import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_SCHEDULE, DecoderStream, synthesize  # noqa: E402
@@ -315,6 +322,47 @@ def graphs_vs_eager(dec: SpeechDecoder, blocks: int, repeats: int) -> None:
     )
 
 
+def _sync(dec: SpeechDecoder) -> None:
+    if dec.device.type == "cuda":
+        torch.cuda.synchronize(dec.device)
+
+
+def batch_vs_alone(dec: SpeechDecoder, size: int, prompts: list[int], repeats: int) -> None:
+    rng = np.random.default_rng(3)
+    histories = [rng.integers(0, dec.num_tokens, prompts[k % len(prompts)]).tolist() for k in range(size)]
+    blocks = [rng.integers(0, dec.num_tokens, 200).tolist() for _ in range(size)]
+
+    def jobs() -> list[BlockJob]:
+        streams = [DecoderStream(dec, seed=k) for k in range(size)]
+        for stream, history in zip(streams, histories, strict=True):
+            stream.push(history)  # untimed: the reply so far
+        return [BlockJob(s, b[: s.tokens_to_next_block], False) for s, b in zip(streams, blocks, strict=True)]
+
+    print(
+        f"\n{size} replies' next blocks ({[len(j.tokens) for j in jobs()]} tokens after "
+        f"{[len(h) for h in histories]}), one batch vs one by one, {repeats} runs each, interleaved"
+    )
+    secs: dict[str, list[float]] = {"alone": [], "batch": []}
+    audio: dict[str, list] = {}
+    for _ in range(repeats):
+        for name in secs:
+            todo = jobs()
+            _sync(dec)
+            t0 = time.perf_counter()
+            out = decode_blocks(todo) if name == "batch" else [decode_one(j) for j in todo]
+            _sync(dec)
+            secs[name].append(time.perf_counter() - t0)
+            audio[name] = out
+            print(f"  {name}: {secs[name][-1]:.2f} s", flush=True)
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(audio["batch"], audio["alone"], strict=True))
+    alone, batch = statistics.median(secs["alone"]), statistics.median(secs["batch"])
+    print(
+        f"  one by one {alone:.2f} s, one batch {batch:.2f} s (medians): "
+        f"one by one / batch = {alone / batch:.2f}"
+    )
+    print(f"  audio max abs difference batch vs one by one: {diff:.2e}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -328,6 +376,11 @@ def main(argv: list[str] | None = None) -> None:
         "--graphs", action="store_true", help="only eager vs pipeline/decoder/graphs.py per block"
     )
     ap.add_argument("--graph-blocks", type=int, default=6, help="full blocks for --graphs")
+    ap.add_argument("--batch", action="store_true", help="only a batch of blocks vs the same one by one")
+    ap.add_argument("--batch-size", type=int, default=8, help="replies (blocks) for --batch")
+    ap.add_argument(
+        "--batch-prompts", default="0", help="tokens each reply has already decoded, cycled (--batch)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dec = random_decoder(seed=0, device=args.device, dtype=getattr(torch, args.dtype))
@@ -340,6 +393,9 @@ def main(argv: list[str] | None = None) -> None:
     synthesize(dec, list(range(10)))  # warm-up
     if args.graphs:
         return graphs_vs_eager(dec, args.graph_blocks, args.repeats)
+    if args.batch:
+        prompts = [int(n) for n in args.batch_prompts.split(",")]
+        return batch_vs_alone(dec, args.batch_size, prompts, args.repeats)
     if not (args.quick or args.long):
         offline(dec, clock, 10, args.repeats)
     if args.quick or not args.long:

@@ -24,6 +24,10 @@ class Draws(Protocol):
 
     def source_noise(self, sines: int, samples: int) -> torch.Tensor: ...  # (1, sines, samples) N(0, 1)
 
+    def snapshot(self) -> object: ...  # where the draws stand now, for `restore`
+
+    def restore(self, snapshot: object) -> None: ...  # draw again from there (a batch that failed)
+
 
 class OfficialDraws:
     """The official recipe on private generators: reseeded to 42 at every block; flow noise and source
@@ -59,6 +63,14 @@ class OfficialDraws:
 
     def source_noise(self, sines: int, samples: int) -> torch.Tensor:
         return torch.randn((1, sines, samples), generator=self.dev, device=self.device)
+
+    def snapshot(self) -> object:
+        return self.cpu.get_state(), self.dev.get_state(), self._phase
+
+    def restore(self, snapshot: object) -> None:
+        cpu, dev, self._phase = snapshot  # type: ignore[misc]
+        self.cpu.set_state(cpu)
+        self.dev.set_state(dev)
 
 
 class SeededDraws(OfficialDraws):
@@ -104,6 +116,13 @@ class QueuedDraws:
                 f"QueuedDraws: block {self.index} {name} has shape {tuple(tensor.shape)}, need {shape}"
             )
         return tensor
+
+    def snapshot(self) -> object:
+        return self.index, self.fallback.snapshot()
+
+    def restore(self, snapshot: object) -> None:
+        self.index, fallback = snapshot  # type: ignore[misc]
+        self.fallback.restore(fallback)
 
     def flow_noise(self, frames: int) -> torch.Tensor:
         return self._take("z", (1, self.fallback.mel_bins, frames), self.fallback.flow_noise(frames))

@@ -18,9 +18,11 @@ from torch import nn
 
 from pipeline.decoder.flow_encoder import EncoderCache, EncoderConfig, FlowEncoder, LengthRegulator
 from pipeline.decoder.flow_estimator import Estimator, EstimatorConfig
+from pipeline.decoder.padding import host_values, length_mask, pad_frames
 
 EULER_STEPS = 10  # `n_timesteps=10`, hard-coded in the official flow.inference (docs/decoder.md)
-Sampler = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (mu, cond, noise) -> mel
+# (mu, cond, noise, lengths or None) -> mel: FlowModel.sample or its CUDA-graph replay
+Sampler = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,17 @@ class FlowTrace:
 
 
 @dataclass
+class FlowRow:
+    """One reply's block for the flow: the official `flow.inference` arguments."""
+
+    tokens: torch.Tensor  # (T,) int64 on the model device: prompt tokens + the block's tokens
+    prompt_mel: torch.Tensor  # (1, 80, P) fed-back mel, model dtype
+    noise: torch.Tensor  # (1, 80, F) N(0, 1) over every frame, the prompt's included
+    cache: FlowCache | None  # the stream's encoder cache (grows in place), None = re-encode
+    max_prompt_frames: int | None  # the estimator's prompt window (None = the whole prompt)
+
+
+@dataclass
 class FlowCache:
     """Per-stream flow state: the encoder's completed blocks, projected (see flow_encoder)."""
 
@@ -129,19 +142,29 @@ class FlowModel(nn.Module):
 
     def mu(
         self,
-        tokens: torch.Tensor,
-        frames: int,
-        cache: FlowCache | None = None,
+        rows: list[FlowRow],
         trace: FlowTrace | None = None,
-    ) -> torch.Tensor:
-        """tokens (T,) int64 [prompt | new] on the model device -> mu (1, 80, frames)."""
-        emb = self.input_embedding(tokens.clamp(min=0))  # (T, input_size)
-        h = self.encoder(emb, cache.encoder if cache is not None else None)  # (T, D)
-        proj = self.encoder_proj(h)  # (T, 80)
-        mu = self.length_regulator(proj.unsqueeze(0), frames)  # (1, 80, F)
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each row's tokens -> mu (B, 80, max F), right-padded, and the rows' frame counts (None when equal).
+
+        The encoder and the length regulator run as right-padded batches; the projection is resized to each
+        row's frame count."""
+        embs = [self.input_embedding(row.tokens.clamp(min=0)) for row in rows]  # (T, input_size) each
+        hs = self.encoder.forward_rows(
+            embs, [row.cache.encoder if row.cache is not None else None for row in rows]
+        )
+        resized = []
+        for row, h in zip(rows, hs, strict=True):  # h (T, D)
+            proj = self.encoder_proj(h)  # (T, 80)
+            resized.append(self.length_regulator.resize(proj.unsqueeze(0), row.noise.shape[-1]))
+            if trace is not None:
+                trace.encoder_out, trace.encoder_proj_out = h, proj
+        x = pad_frames(resized)  # (B, 80, F)
+        lengths = _lengths([r.shape[-1] for r in resized], x.device)
+        mu = self.length_regulator(x, None if lengths is None else length_mask(lengths, x.shape[-1]))
         if trace is not None:
-            trace.encoder_out, trace.encoder_proj_out, trace.mu = h, proj, mu
-        return mu
+            trace.mu = mu
+        return mu, lengths
 
     def _steps_on(self, device: torch.device, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(time embedding, dt) per Euler step on the device: the same every block, made once."""
@@ -154,48 +177,58 @@ class FlowModel(nn.Module):
             ]
         return self._steps[key]
 
-    def sample(self, mu: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def sample(
+        self, mu: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Euler ODE from noise (B, 80, F) with guidance; mu, cond (B, 80, F) -> mel (B, 80, F).
 
-        B streams of equal length (batched first blocks) run as one estimator batch of 2B: the B
-        conditioned rows, then the B guidance rows that see zeros."""
+        B rows (one per reply) run as one estimator batch of 2B: the B conditioned rows, then the B guidance
+        rows that see zeros. `lengths` (B,): rows right-padded to F (None: every row is F frames)."""
         est = self.decoder.estimator
         batch, frames = mu.shape[0], mu.shape[-1]
         spks = self.spk_embed_affine_layer.bias.view(1, -1, 1).expand(batch, -1, frames)  # zero x-vector
         rows = torch.cat([mu, spks, cond], dim=1)  # (B, 240, F)
         rows = torch.cat([rows, torch.zeros_like(rows)])  # guidance rows see zeros: one batch of 2B
+        both = None if lengths is None else lengths.repeat(2)
         x = noise
         w = self.cfg.cfg_rate
         for temb, dt in self._steps_on(mu.device, mu.dtype):
-            v = est(torch.cat([x.repeat(2, 1, 1), rows], dim=1), temb)  # (2B, 80, F)
+            v = est(torch.cat([x.repeat(2, 1, 1), rows], dim=1), temb, both)  # (2B, 80, F)
             x = x + dt * ((1.0 + w) * v[:batch] - w * v[batch:])
         return x
 
     def inference(
-        self,
-        tokens: torch.Tensor,
-        prompt_mel: torch.Tensor,
-        noise: torch.Tensor,
-        cache: FlowCache | None = None,
-        trace: FlowTrace | None = None,
-        max_prompt_frames: int | None = None,
-        sample: Sampler | None = None,
-    ) -> torch.Tensor:
-        """tokens (T,) = prompt + new; prompt_mel (1, 80, P); noise (1, 80, F) -> new mel (1, 80, F - P).
+        self, rows: list[FlowRow], trace: FlowTrace | None = None, sample: Sampler | None = None
+    ) -> list[torch.Tensor]:
+        """Each row's new mel (1, 80, F - P): one `flow.inference` per row, run as one padded batch.
 
-        `max_prompt_frames` (opt-in, not official): the estimator sees at most this many prompt frames
-        (the encoder and regulator still see the whole reply); the noise keeps its frame positions.
-        `sample`: runs the Euler loop in place of `self.sample` (the CUDA-graph replay,
+        A row's window (`max_prompt_frames`, opt-in, not official): the estimator sees at most that many
+        prompt frames (the encoder and regulator still see the whole reply); the noise keeps its frame
+        positions. `sample`: runs the Euler loop in place of `self.sample` (the CUDA-graph replay,
         pipeline/decoder/graphs.py)."""
-        frames = noise.shape[-1]
-        prompt_frames = prompt_mel.shape[-1]
-        if prompt_frames >= frames:
-            raise ValueError(f"prompt mel has {prompt_frames} frames but the tokens give only {frames}")
-        mu = self.mu(tokens, frames, cache, trace)
-        cond = torch.zeros_like(mu)
-        cond[:, :, :prompt_frames] = prompt_mel
-        start = 0
-        if max_prompt_frames is not None and prompt_frames > max_prompt_frames:
-            start = prompt_frames - max_prompt_frames
-        mel = (sample or self.sample)(mu[:, :, start:], cond[:, :, start:], noise[:, :, start:].to(mu.dtype))
-        return mel[:, :, prompt_frames - start :]
+        for row in rows:
+            if row.prompt_mel.shape[-1] >= row.noise.shape[-1]:
+                raise ValueError(
+                    f"prompt mel has {row.prompt_mel.shape[-1]} frames but the tokens give only "
+                    f"{row.noise.shape[-1]}"
+                )
+        mu, _ = self.mu(rows, trace)  # (B, 80, max F)
+        windows, mus, conds, noises = [], [], [], []
+        for b, row in enumerate(rows):
+            frames, prompt = row.noise.shape[-1], row.prompt_mel.shape[-1]
+            window = prompt if row.max_prompt_frames is None else min(prompt, row.max_prompt_frames)
+            start = prompt - window
+            cond = torch.zeros_like(mu[b : b + 1, :, :frames])
+            cond[:, :, :prompt] = row.prompt_mel
+            mus.append(mu[b : b + 1, :, start:frames])
+            conds.append(cond[:, :, start:])
+            noises.append(row.noise[:, :, start:].to(mu.dtype))
+            windows.append(window)
+        lengths = _lengths([m.shape[-1] for m in mus], mu.device)
+        mel = (sample or self.sample)(pad_frames(mus), pad_frames(conds), pad_frames(noises), lengths)
+        return [mel[b : b + 1, :, w : m.shape[-1]] for b, (w, m) in enumerate(zip(windows, mus, strict=True))]
+
+
+def _lengths(frames: list[int], device: torch.device) -> torch.Tensor | None:
+    """Rows' frame counts as a tensor, or None when they are all equal (no padding, the plain ops)."""
+    return None if len(set(frames)) == 1 else host_values(frames, device)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.decoder.padding import group_norm, host_values, zero_padding
+
 
 @dataclass(frozen=True)
 class EncoderConfig:
@@ -92,7 +94,7 @@ class _RelAttention(nn.Module):
         self.pos_bias_v = nn.Parameter(torch.zeros(h, self.d_k))
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(x.shape[0], self.h, self.d_k).transpose(0, 1)  # (T, D) -> (H, T, dk)
+        return x.view(*x.shape[:-1], self.h, self.d_k).transpose(-3, -2)  # (..., T, D) -> (..., H, T, dk)
 
     def forward(
         self,
@@ -103,15 +105,17 @@ class _RelAttention(nn.Module):
         rel_index: torch.Tensor,
         mask: torch.Tensor,
     ) -> torch.Tensor:
-        """x (Tq, D) queries' inputs; k, v (H, Tk, dk) all keys; pos (2Tk-1, D); rel_index, mask (Tq, Tk)."""
-        q = self.linear_q(x).view(x.shape[0], self.h, self.d_k)  # (Tq, H, dk)
+        """x (B, Tq, D) queries' inputs; k, v (B, H, Tk, dk) all keys; pos (2Tk-1, D); rel_index, mask
+        (B, Tq, Tk)."""
+        b, tq, _ = x.shape
+        q = self.linear_q(x).view(b, tq, self.h, self.d_k)  # (B, Tq, H, dk)
         p = self.heads(self.linear_pos(pos))  # (H, 2Tk-1, dk)
-        ac = torch.matmul((q + self.pos_bias_u).transpose(0, 1), k.transpose(-2, -1))  # (H, Tq, Tk)
-        bd = torch.matmul((q + self.pos_bias_v).transpose(0, 1), p.transpose(-2, -1))  # (H, Tq, 2Tk-1)
-        bd = torch.gather(bd, 2, rel_index.expand(self.h, -1, -1))  # ESPnet rel_shift as an index
-        scores = ((ac + bd) / math.sqrt(self.d_k)).masked_fill(~mask, -float("inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1), v)  # (H, Tq, dk)
-        return self.linear_out(out.transpose(0, 1).reshape(x.shape[0], -1))  # (Tq, D)
+        ac = torch.matmul((q + self.pos_bias_u).transpose(1, 2), k.transpose(-2, -1))  # (B, H, Tq, Tk)
+        bd = torch.matmul((q + self.pos_bias_v).transpose(1, 2), p.transpose(-2, -1))  # (B, H, Tq, 2Tk-1)
+        bd = torch.gather(bd, 3, rel_index.unsqueeze(1).expand(-1, self.h, -1, -1))  # ESPnet rel_shift
+        scores = ((ac + bd) / math.sqrt(self.d_k)).masked_fill(~mask.unsqueeze(1), -float("inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1), v)  # (B, H, Tq, dk)
+        return self.linear_out(out.transpose(1, 2).reshape(b, tq, -1))  # (B, Tq, D)
 
 
 class _FeedForward(nn.Module):
@@ -166,35 +170,65 @@ class FlowEncoder(nn.Module):
 
         With a cache, only tokens from `cache.length_tokens` on are computed; the cache then grows to
         the last complete block. Without one, everything is computed (the official path)."""
-        total = emb.shape[0]
-        start = cache.length_tokens if cache is not None else 0
-        device = emb.device
-        qi = torch.arange(start, total, device=device).unsqueeze(1)  # (Tq, 1) absolute query index
-        kj = torch.arange(total, device=device).unsqueeze(0)  # (1, Tk)
+        return self.forward_rows([emb], [cache])[0]
+
+    def forward_rows(self, embs: list[torch.Tensor], caches: list[EncoderCache | None]) -> list[torch.Tensor]:
+        """Several sequences (one per reply, each with its own cache or none) as one right-padded batch:
+        queries are each row's uncached tokens, keys its cached + new ones, padded keys masked."""
+        totals = [e.shape[0] for e in embs]
+        starts = [c.length_tokens if c is not None else 0 for c in caches]
+        news = [t - s for t, s in zip(totals, starts, strict=True)]
+        tq, tk, device = max(news), max(totals), embs[0].device
+        qi = host_values(starts, device).unsqueeze(1) + torch.arange(tq, device=device)  # (B, Tq)
+        qi, kj = qi.unsqueeze(2), torch.arange(tk, device=device)  # (B, Tq, 1) absolute query index, (Tk,)
         block = self.cfg.block_size_tokens
-        mask = (kj <= qi) | (kj // block == qi // block)  # (Tq, Tk) block-causal grid
-        rel_index = (total - 1 - qi + kj).unsqueeze(0)  # (1, Tq, Tk) row of relative position qi - kj
-        pos = self._positions(total).to(emb.dtype)
-        x = self.embed.out(emb[start:]) * math.sqrt(self.cfg.d_model)  # (Tq, D)
-        new_keys, new_values = [], []
+        mask = (kj <= qi) | (kj // block == qi // block)  # (B, Tq, Tk) block-causal grid
+        if len(set(totals)) > 1:
+            mask = mask & (kj < host_values(totals, device).view(-1, 1, 1))  # a row's own keys
+        rel_index = (tk - 1 - qi + kj).clamp(min=0)  # (B, Tq, Tk) row of relative position qi - kj
+        # (clamped: only a padded query past the longest row's end reaches below 0; its output is dropped)
+        pos = self._positions(tk).to(embs[0].dtype)
+        rows = [F.pad(e[s:], (0, 0, 0, tq - n)) for e, s, n in zip(embs, starts, news, strict=True)]
+        x = self.embed.out(torch.stack(rows)) * math.sqrt(self.cfg.d_model)  # (B, Tq, D)
+        new_keys: list[list[torch.Tensor]] = [[] for _ in embs]  # per row, per layer (H, T, dk)
+        new_values: list[list[torch.Tensor]] = [[] for _ in embs]
         for i, layer in enumerate(self.encoders):
             attn = layer.self_attn
             h = layer.norm_mha(x)
-            k, v = attn.heads(attn.linear_k(h)), attn.heads(attn.linear_v(h))  # (H, Tq, dk)
-            if cache is not None and start > 0:
-                k = torch.cat([cache.keys[i], k], dim=1)
-                v = torch.cat([cache.values[i], v], dim=1)
-            new_keys.append(k)
-            new_values.append(v)
+            k, v = attn.heads(attn.linear_k(h)), attn.heads(attn.linear_v(h))  # (B, H, Tq, dk)
+            for b, (cache, s, n) in enumerate(zip(caches, starts, news, strict=True)):
+                row_k, row_v = k[b, :, :n], v[b, :, :n]
+                if cache is not None and s > 0:
+                    row_k = torch.cat([cache.keys[i], row_k], dim=1)
+                    row_v = torch.cat([cache.values[i], row_v], dim=1)
+                new_keys[b].append(row_k)
+                new_values[b].append(row_v)
+            k = torch.stack([F.pad(r[i], (0, 0, 0, tk - r[i].shape[1])) for r in new_keys])  # (B, H, Tk, dk)
+            v = torch.stack([F.pad(r[i], (0, 0, 0, tk - r[i].shape[1])) for r in new_values])
             x = x + attn(h, k, v, pos, rel_index, mask)
             x = x + layer.feed_forward(layer.norm_ff(x))
-        out = self.after_norm(x)  # (Tq, D)
+        out = self.after_norm(x)  # (B, Tq, D)
+        return [
+            self._update(cache, out[b, :n], new_keys[b], new_values[b], total)
+            for b, (cache, n, total) in enumerate(zip(caches, news, totals, strict=True))
+        ]
+
+    def _update(
+        self,
+        cache: EncoderCache | None,
+        out: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        total: int,
+    ) -> torch.Tensor:
+        """One row's encodings (T, D) of the whole sequence; its cache grows to the last complete block."""
         if cache is None:
             return out
+        start = cache.length_tokens
         full = out if cache.outputs is None or start == 0 else torch.cat([cache.outputs, out], dim=0)
-        done = (total // block) * block
-        cache.keys = [k[:, :done] for k in new_keys]
-        cache.values = [v[:, :done] for v in new_values]
+        done = (total // self.cfg.block_size_tokens) * self.cfg.block_size_tokens
+        cache.keys = [k[:, :done] for k in keys]
+        cache.values = [v[:, :done] for v in values]
         cache.outputs, cache.length_tokens = full[:done], done
         return full
 
@@ -212,7 +246,14 @@ class LengthRegulator(nn.Module):
         layers.append(nn.Conv1d(channels, channels, 1, 1))
         self.model = nn.Sequential(*layers)
 
-    def forward(self, h: torch.Tensor, frames: int) -> torch.Tensor:
-        """h (B, T, C) projected encodings -> mu (B, C, frames) (GroupNorm is per row)."""
-        x = F.interpolate(h.transpose(1, 2).contiguous(), size=frames, mode="nearest")  # (1, C, frames)
-        return self.model(x)
+    @staticmethod
+    def resize(h: torch.Tensor, frames: int) -> torch.Tensor:
+        """h (1, T, C) projected encodings -> (1, C, frames), nearest."""
+        return F.interpolate(h.transpose(1, 2).contiguous(), size=frames, mode="nearest")
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, F) resized encodings, right-padded rows with mask (B, 1, F) -> mu (B, C, F)."""
+        layers = list(self.model)
+        for conv, norm, act in zip(layers[0:-1:3], layers[1:-1:3], layers[2:-1:3], strict=True):
+            x = act(group_norm(conv(zero_padding(x, mask)), norm, mask))
+        return layers[-1](x)

@@ -5,6 +5,10 @@ block that halves time, one that keeps it, `num_mid_blocks` at half rate, two up
 block is a ResNet1D + `n_blocks` full (non-causal) transformer blocks. The official float 0/1 attention
 mask is added to the scores as +1 everywhere for an unpadded batch (softmax-invariant), and every
 `* mask` multiplies by ones, so both are left out. Guidance runs as one batch of two.
+
+Rows of different lengths (several replies' blocks in one batch) are right-padded and carry their lengths:
+every convolution's input is zeroed past a row's length, GroupNorm and attention see only its real frames
+(pipeline/decoder/padding.py), so each row gets what it would get alone.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.decoder.padding import group_norm, length_mask, zero_padding
 
 
 @dataclass(frozen=True)
@@ -68,8 +74,9 @@ class _Block1D(nn.Module):
         super().__init__()
         self.block = nn.Sequential(nn.Conv1d(dim, dim_out, 3, padding=1), nn.GroupNorm(8, dim_out), nn.Mish())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        conv, norm, act = self.block
+        return act(group_norm(conv(zero_padding(x, mask)), norm, mask))
 
 
 class _Resnet(nn.Module):
@@ -79,9 +86,9 @@ class _Resnet(nn.Module):
         self.block1, self.block2 = _Block1D(dim, dim_out), _Block1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.block1(x) + self.mlp(temb).unsqueeze(-1)  # (B, C, T) + (1, C, 1)
-        return self.block2(h) + self.res_conv(x)
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.block1(x, mask) + self.mlp(temb).unsqueeze(-1)  # (B, C, T) + (1, C, 1)
+        return self.block2(h, mask) + self.res_conv(x)
 
 
 class _Attention(nn.Module):
@@ -93,10 +100,11 @@ class _Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
+        """x (B, T, C); keys (B, 1, 1, T) bool: the real frames each row attends to (None: all)."""
         b, t, _ = x.shape
         q, k, v = (f(x).view(b, t, self.heads, -1).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)  # (B, H, T, hd)
         return self.to_out[0](out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -124,8 +132,8 @@ class _TransformerBlock(nn.Module):
         self.norm1, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn1, self.ff = _Attention(dim, heads, head_dim), _FeedForward(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), keys)
         return x + self.ff(self.norm3(x))
 
 
@@ -184,23 +192,32 @@ class Estimator(nn.Module):
         return self.time_mlp(time_embedding(t, self.cfg.in_channels).to(self.final_proj.weight.dtype))
 
     @staticmethod
-    def _transformers(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    def _transformers(blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        keys = None if mask is None else mask.unsqueeze(1)  # (B, 1, 1, T)
         x = x.transpose(1, 2)  # (B, C, T) -> (B, T, C)
         for block in blocks:
-            x = block(x)
+            x = block(x, keys)
         return x.transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """x (B, 320, T) stacked inputs, temb (1, time_dim) -> velocity (B, 80, T)."""
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, 320, T) stacked inputs, temb (1, time_dim), lengths (B,) real frames of each row (None: all
+        T) -> velocity (B, 80, T)."""
+        masks: list[torch.Tensor | None] = []  # per U-Net level (time halves from one to the next)
+        frames = x.shape[-1]
+        for _ in self.cfg.channels:
+            masks.append(None if lengths is None else length_mask(lengths, frames))
+            frames, lengths = (frames + 1) // 2, None if lengths is None else (lengths + 1) // 2
         skips = []
-        for resnet, blocks, resample in self.down_blocks:
-            x = self._transformers(blocks, resnet(x, temb))
+        for level, (resnet, blocks, resample) in enumerate(self.down_blocks):
+            x = self._transformers(blocks, resnet(x, temb, masks[level]), masks[level])
             skips.append(x)
-            x = resample(x)  # first: (B, C, ceil(T/2))
+            x = resample(zero_padding(x, masks[level]))  # first: (B, C, ceil(T/2))
         for resnet, blocks in self.mid_blocks:
-            x = self._transformers(blocks, resnet(x, temb))
-        for resnet, blocks, resample in self.up_blocks:
-            skip = skips.pop()
+            x = self._transformers(blocks, resnet(x, temb, masks[-1]), masks[-1])
+        for i, (resnet, blocks, resample) in enumerate(self.up_blocks):
+            skip, mask = skips.pop(), masks[len(masks) - 1 - i]
             x = torch.cat([x[:, :, : skip.shape[-1]], skip], dim=1)  # (B, 2C, T_level)
-            x = resample(self._transformers(blocks, resnet(x, temb)))
-        return self.final_proj(self.final_block(x))
+            x = resample(zero_padding(self._transformers(blocks, resnet(x, temb, mask), mask), mask))
+        return self.final_proj(self.final_block(x, masks[0]))

@@ -10,6 +10,12 @@ copied into the graph's static buffers, so each stream keeps its own draws (the 
 holds); the outputs are copied out, since the next replay overwrites them. On the CPU the same
 static-buffer path runs eagerly (`capture=False`): tests/unit/test_decoder_graphs.py proves it equals the
 normal path; only the capture itself needs CUDA.
+
+Batches of several replies' blocks (pipeline/decoder/batch.py) replay graphs recorded per (batch bucket, shape
+bucket): a batch of B rows runs in the smallest recorded batch size >= B (unused rows are zeros at full
+length), its rows right-padded to the smallest recorded frame count >= its longest row, every row's real
+length an input of the graph (the masks of pipeline/decoder/padding.py are computed inside it). The frame
+buckets are the full blocks' shapes, so finalising blocks and tail flushes of a batch fit one too.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pipeline.decoder.stream import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_SCHEDULE,
 log = logging.getLogger(__name__)
 
 REPLY_TOKENS = 1500  # shapes are enumerated for replies up to 2 minutes of speech (12.5 tokens/s)
+BATCH_BUCKETS = (2, 4, 8)  # batch sizes recorded for batches of several replies, up to batch.MAX_BATCH
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,19 @@ def block_shapes(decoder: SpeechDecoder, settings: StreamSettings, reply_tokens:
         shapes.append(BlockShape(window + new, vocoded, bool(shapes)))
         prompt += vocoded if settings.legacy_prompt else new - hold
     return shapes
+
+
+def _pad_to(x: torch.Tensor, rows: int, frames: int | None) -> torch.Tensor:
+    """x (B, ..., T) -> (rows, ..., frames) with zeros after (frames None: keep T)."""
+    out = x.new_zeros((rows, *x.shape[1:-1], x.shape[-1] if frames is None else frames))
+    out[: x.shape[0], ..., : x.shape[-1]] = x
+    return out
+
+
+def _lengths_to(lengths: torch.Tensor | None, x: torch.Tensor, rows: int, frames: int) -> torch.Tensor:
+    """The rows' real frames (lengths, or all of x's when None), then `frames` for each unused row."""
+    real = lengths if lengths is not None else torch.full((x.shape[0],), x.shape[-1], device=x.device)
+    return torch.cat([real, torch.full((rows - x.shape[0],), frames, device=x.device, dtype=real.dtype)])
 
 
 def _signature(args: tuple[torch.Tensor | None, ...]) -> tuple:
@@ -103,11 +123,13 @@ class DecoderGraphs:
         self.decoder = decoder
         self._flow: dict[tuple, _Recorded] = {}
         self._vocoder: dict[tuple, _Recorded] = {}
+        self._flow_batch: dict[tuple[int, int], _Recorded] = {}  # (batch, frames): padded rows with lengths
+        self._vocoder_batch: dict[tuple[int, int], _Recorded] = {}
         self.captured = False
         self.replays = self.eager_runs = 0  # calls served by a recorded shape / by the plain modules
 
     def __len__(self) -> int:
-        return len(self._flow) + len(self._vocoder)
+        return len(self._flow) + len(self._vocoder) + len(self._flow_batch) + len(self._vocoder_batch)
 
     def add(self, shape: BlockShape) -> None:
         """Static buffers for one block shape (batch of one stream)."""
@@ -128,6 +150,31 @@ class DecoderGraphs:
         if _signature(vocoder_args) not in self._vocoder:
             self._vocoder[_signature(vocoder_args)] = _Recorded(dec.hift, vocoder_args)
 
+    def add_batch(self, batch: int, shape: BlockShape) -> None:
+        """Static buffers for `batch` right-padded rows of up to this shape's frames, lengths as inputs."""
+        dec = self.decoder
+        bins, sines = dec.cfg.flow.mel_bins, dec.cfg.hift.nb_harmonics + 1
+        f32 = {"device": dec.device, "dtype": torch.float32}
+        lengths = torch.zeros(batch, device=dec.device, dtype=torch.long)
+        if (batch, shape.flow_frames) not in self._flow_batch:
+            mel = torch.zeros(batch, bins, shape.flow_frames, device=dec.device, dtype=dec.dtype)
+            entry = _Recorded(lambda *a: (dec.flow.sample(*a),), (mel, mel, mel, lengths))
+            entry.inputs[3].fill_(shape.flow_frames)  # full rows until a batch is copied in
+            self._flow_batch[batch, shape.flow_frames] = entry
+        if (batch, shape.vocoder_frames) not in self._vocoder_batch:
+            samples = shape.vocoder_frames * dec.cfg.hift.samples_per_frame
+            args = (
+                torch.zeros(batch, bins, shape.vocoder_frames, device=dec.device, dtype=dec.dtype),
+                torch.zeros(batch, sines, 1, **f32),
+                torch.zeros(batch, sines, samples, **f32),
+                torch.zeros(batch, 1, dec.cfg.source_cache_samples, **f32),
+                lengths,
+                torch.zeros(batch, 1, 1, device=dec.device, dtype=torch.bool),
+            )
+            entry = _Recorded(dec.hift, args)
+            entry.inputs[4].fill_(shape.vocoder_frames)
+            self._vocoder_batch[batch, shape.vocoder_frames] = entry
+
     def capture(self) -> None:
         """Record every shape now (CUDA, warm-up), largest first, in one memory pool shared by the graphs
         (they replay one at a time on the engine thread's stream)."""
@@ -138,31 +185,94 @@ class DecoderGraphs:
             for table in (self._flow, self._vocoder):
                 for key in sorted(table, key=lambda k: -k[0][0][-1]):  # largest frame count first
                     table[key].capture(pool, side)
+            for batched in (self._flow_batch, self._vocoder_batch):
+                for key in sorted(batched, key=lambda k: (-k[0], -k[1])):  # largest first
+                    batched[key].capture(pool, side)
         torch.cuda.current_stream(device).wait_stream(side)
         self.captured = True
 
-    def sample(self, mu: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """`FlowModel.sample`, replayed when its shape was recorded."""
-        entry = self._flow.get(_signature((mu, cond, noise)))
+    @staticmethod
+    def _bucket(table: dict[tuple[int, int], _Recorded], batch: int, frames: int) -> _Recorded | None:
+        """The smallest recorded (batch, frames) that holds `batch` rows of up to `frames` frames."""
+        fits = [key for key in table if key[0] >= batch and key[1] >= frames]
+        return table[min(fits)] if fits else None
+
+    def sample(
+        self, mu: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`FlowModel.sample`, replayed when its shape (one row) or its bucket (a batch) was recorded."""
+        if mu.shape[0] > 1:
+            entry = self._bucket(self._flow_batch, mu.shape[0], mu.shape[-1])
+            if entry is not None:
+                self.replays += 1
+                frames = entry.inputs[0].shape[-1]
+                padded = [_pad_to(x, entry.inputs[0].shape[0], frames) for x in (mu, cond, noise)]
+                out = entry(*padded, _lengths_to(lengths, mu, entry.inputs[0].shape[0], frames))[0]
+                return out[: mu.shape[0], :, : mu.shape[-1]]
+        entry = self._flow.get(_signature((mu, cond, noise))) if lengths is None else None
         if entry is None:
             self.eager_runs += 1
-            return self.decoder.flow.sample(mu, cond, noise)
+            return self.decoder.flow.sample(mu, cond, noise, lengths)
         self.replays += 1
         return entry(mu, cond, noise)[0]
 
     def vocode(
-        self, mel: torch.Tensor, phase: torch.Tensor, noise: torch.Tensor, cache_source: torch.Tensor | None
+        self,
+        mel: torch.Tensor,
+        phase: torch.Tensor,
+        noise: torch.Tensor,
+        cache_source: torch.Tensor | None,
+        lengths: torch.Tensor | None = None,
+        seam: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`HiftGenerator.forward` (audio, source, f0), replayed when its shape was recorded."""
+        """`HiftGenerator.forward` (audio, source, f0), replayed when its shape (one row) or its bucket (a
+        batch) was recorded."""
         if cache_source is not None and cache_source.shape[-1] == 0:
             cache_source = None  # the module treats an empty seam as none
-        entry = self._vocoder.get(_signature((mel, phase, noise, cache_source)))
+        if mel.shape[0] > 1:
+            entry = self._bucket(self._vocoder_batch, mel.shape[0], mel.shape[-1])
+            if entry is not None:
+                return self._vocode_batch(entry, mel, phase, noise, cache_source, lengths, seam)
+        entry = None
+        if lengths is None and seam is None:
+            entry = self._vocoder.get(_signature((mel, phase, noise, cache_source)))
         if entry is None:
             self.eager_runs += 1
-            return self.decoder.hift(mel, phase, noise, cache_source)
+            return self.decoder.hift(mel, phase, noise, cache_source, lengths, seam)
         self.replays += 1
         audio, source, f0 = entry(mel, phase, noise, cache_source)
         return audio, source, f0
+
+    def _vocode_batch(
+        self,
+        entry: _Recorded,
+        mel: torch.Tensor,
+        phase: torch.Tensor,
+        noise: torch.Tensor,
+        cache_source: torch.Tensor | None,
+        lengths: torch.Tensor | None,
+        seam: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows, frames = entry.inputs[0].shape[0], entry.inputs[0].shape[-1]
+        b, t, spf = mel.shape[0], mel.shape[-1], self.decoder.cfg.hift.samples_per_frame
+        n = entry.inputs[3].shape[-1]
+        if cache_source is None:  # no row has a seam
+            cache_source, seam = (
+                torch.zeros(b, 1, n, device=mel.device),
+                torch.zeros(b, 1, 1, dtype=torch.bool),
+            )
+        elif seam is None:  # every row has one
+            seam = torch.ones(b, 1, 1, dtype=torch.bool, device=mel.device)
+        self.replays += 1
+        audio, source, f0 = entry(
+            _pad_to(mel, rows, frames),
+            _pad_to(phase, rows, None),
+            _pad_to(noise, rows, frames * spf),
+            _pad_to(cache_source, rows, None),
+            _lengths_to(lengths, mel, rows, frames),
+            _pad_to(seam, rows, None),
+        )
+        return audio[:b, : t * spf], source[:b, :, : t * spf], f0[:b, :t]
 
 
 @torch.inference_mode()
@@ -173,10 +283,11 @@ def prepare_graphs(
     legacy_prompt: bool = False,
     reply_tokens: int = REPLY_TOKENS,
     capture: bool | None = None,
+    batch_sizes: tuple[int, ...] = BATCH_BUCKETS,
 ) -> DecoderGraphs | None:
     """Static buffers (and, on CUDA, graphs) for the full blocks of streams with these settings (those of
-    `DecoderStream`); sets and returns `decoder.graphs`. `capture=None`: capture on CUDA only. A failed
-    capture leaves the decoder eager (`decoder.graphs = None`, logged once)."""
+    `DecoderStream`), one row and `batch_sizes` rows; sets and returns `decoder.graphs`. `capture=None`:
+    capture on CUDA only. A failed capture leaves the decoder eager (`decoder.graphs = None`, logged once)."""
     settings = StreamSettings.build(schedule, legacy_prompt, True, max_prompt_tokens, decoder.cfg)
     if settings.max_prompt_frames is None:  # unbounded prompt: every block has a new, larger shape
         reply_tokens = min(reply_tokens, sum(settings.schedule))  # the growing blocks only
@@ -184,6 +295,8 @@ def prepare_graphs(
     graphs = DecoderGraphs(decoder)
     for shape in block_shapes(decoder, settings, reply_tokens):
         graphs.add(shape)
+        for batch in batch_sizes:
+            graphs.add_batch(batch, shape)
     t0 = time.monotonic()
     decoder.graphs = None
     if capture:

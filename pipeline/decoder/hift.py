@@ -5,6 +5,10 @@ The official `HiFTGenerator.inference` (docs/decoder.md). F0 from a conv predict
 transposed-conv generator whose output is a magnitude/phase spectrogram inverted by an ISTFT (n_fft 16, hop
 4). Weight norm is folded into plain weights at load (pipeline/decoder/model.py). Random draws come from the
 caller (`Draws`). The STFT, ISTFT and the sine source run in float32 whatever the module dtype.
+
+Several replies' mels of different lengths run as one right-padded batch with their lengths: convolutions
+read zeros past a row's end, the STFT reflects each row at its own end, the ISTFT overlap-adds only a row's
+own frames (pipeline/decoder/padding.py), so each row gets what it would get alone.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.decoder.padding import length_mask, zero_padding
 
 
 @dataclass(frozen=True)
@@ -99,11 +105,11 @@ class _ResBlock(nn.Module):
         self.activations1 = nn.ModuleList(_Snake(channels) for _ in dilations)
         self.activations2 = nn.ModuleList(_Snake(channels) for _ in dilations)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         for c1, c2, a1, a2 in zip(
             self.convs1, self.convs2, self.activations1, self.activations2, strict=True
         ):
-            x = c2(a2(c1(a1(x)))) + x
+            x = c2(zero_padding(a2(c1(zero_padding(a1(x), mask))), mask)) + x
         return x
 
 
@@ -118,8 +124,11 @@ class _F0Predictor(nn.Module):
         self.condnet = nn.Sequential(*layers)
         self.classifier = nn.Linear(channels, 1)
 
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        return torch.abs(self.classifier(self.condnet(mel).transpose(1, 2)).squeeze(-1))  # (1, T)
+    def forward(self, mel: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = mel
+        for conv, act in zip(self.condnet[0::2], self.condnet[1::2], strict=True):
+            x = act(conv(zero_padding(x, mask)))
+        return torch.abs(self.classifier(x.transpose(1, 2)).squeeze(-1))  # (B, T)
 
 
 class _Source(nn.Module):
@@ -175,12 +184,12 @@ class HiftGenerator(nn.Module):
             )
 
     def source(self, f0: torch.Tensor, phase: torch.Tensor, sine_noise: torch.Tensor) -> torch.Tensor:
-        """f0 (1, T) Hz; phase (1, H+1, 1) raw U(-pi, pi) draws; sine_noise (1, H+1, 256T) N(0, 1) draws
-        -> source (1, 1, 256T), float32."""
+        """f0 (B, T) Hz; phase (B, H+1, 1) raw U(-pi, pi) draws; sine_noise (B, H+1, 256T) N(0, 1) draws
+        -> source (B, 1, 256T), float32 (causal in time: a row's padding never reaches its samples)."""
         cfg = self.cfg
         f0 = (
-            f0.float().unsqueeze(-1).expand(-1, -1, cfg.samples_per_frame).reshape(1, 1, -1)
-        )  # (1, 1, L) nearest
+            f0.float().unsqueeze(-1).expand(-1, -1, cfg.samples_per_frame).reshape(f0.shape[0], 1, -1)
+        )  # (B, 1, L) nearest
         harmonics = torch.arange(1, cfg.nb_harmonics + 2, device=f0.device, dtype=torch.float32).view(
             1, -1, 1
         )
@@ -195,43 +204,78 @@ class HiftGenerator(nn.Module):
         w, b = self.m_source.l_linear.weight.float(), self.m_source.l_linear.bias.float()
         return torch.tanh(F.linear(sines.transpose(1, 2), w, b)).transpose(1, 2)  # (1, 1, L)
 
-    def decode(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        """mel (1, 80, T), source (1, 1, 256T) float32 -> audio (1, 256T) float32 in [-0.99, 0.99]."""
+    def _stft(self, source: torch.Tensor, samples: torch.Tensor | None) -> torch.Tensor:
+        """source (B, 1, L) -> (B, n_fft + 2, L / hop + 1) real and imaginary parts, `torch.stft(center=True)`
+        with each row reflected at its own end (`samples` (B,): its real length; None: all L)."""
+        cfg, half = self.cfg, self.cfg.n_fft // 2
+        x = source.squeeze(1)  # (B, L)
+        if samples is None:
+            spec = torch.stft(x, cfg.n_fft, cfg.hop, cfg.n_fft, window=self.stft_window, return_complex=True)
+        else:
+            i = torch.arange(-half, x.shape[-1] + half, device=x.device).unsqueeze(0)  # (1, L + n_fft)
+            end = samples.unsqueeze(1) - 1
+            i = torch.where(i < 0, -i, torch.where(i > end, 2 * end - i, i)).clamp(0, x.shape[-1] - 1)
+            x = torch.gather(x, 1, i.expand(x.shape[0], -1))  # (B, L + n_fft): reflect-padded per row
+            spec = torch.stft(
+                x, cfg.n_fft, cfg.hop, cfg.n_fft, window=self.stft_window, center=False, return_complex=True
+            )
+        spec = torch.view_as_real(spec)  # (B, F, frames, 2)
+        return torch.cat([spec[..., 0], spec[..., 1]], dim=1)  # (B, 2F, frames)
+
+    def decode(
+        self, mel: torch.Tensor, source: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """mel (B, 80, T), source (B, 1, 256T) float32, lengths (B,) real mel frames (None: all T)
+        -> audio (B, 256T) float32 in [-0.99, 0.99] (a row's audio past 256 * its length is padding)."""
         cfg = self.cfg
-        spec = torch.stft(
-            source.squeeze(1), cfg.n_fft, cfg.hop, cfg.n_fft, window=self.stft_window, return_complex=True
-        )
-        spec = torch.view_as_real(spec)  # (1, F, frames, 2)
-        s_stft = torch.cat([spec[..., 0], spec[..., 1]], dim=1).to(mel.dtype)  # (1, 2F, frames)
-        x = self.conv_pre(mel)
-        kernels = len(cfg.resblock_kernels)
-        for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, cfg.lrelu_slope))
-            if i == len(self.ups) - 1:
+        samples = None if lengths is None else lengths * cfg.samples_per_frame
+        s_stft = self._stft(source, samples).to(mel.dtype)  # (B, n_fft + 2, 64T + 1)
+        mask = None if lengths is None else length_mask(lengths, mel.shape[-1])
+        x = self.conv_pre(zero_padding(mel, mask))
+        kernels, rate = len(cfg.resblock_kernels), lengths
+        for i, (up, u) in enumerate(zip(self.ups, cfg.upsample_rates, strict=True)):
+            x = up(zero_padding(F.leaky_relu(x, cfg.lrelu_slope), mask))
+            last = i == len(self.ups) - 1
+            if last:
                 x = F.pad(x, (1, 0), mode="reflect")
-            x = x + self.source_resblocks[i](self.source_downs[i](s_stft))
-            xs = self.resblocks[i * kernels](x)
+            if rate is not None:
+                rate = rate * u + int(last)  # the STFT frame count: 64T + 1 after the last
+                mask = length_mask(rate, x.shape[-1])
+            down = self.source_downs[i](zero_padding(s_stft, self._frame_mask(samples, s_stft)))
+            x = x + self.source_resblocks[i](down, mask)
+            xs = self.resblocks[i * kernels](x, mask)
             for j in range(1, kernels):
-                xs = xs + self.resblocks[i * kernels + j](x)
+                xs = xs + self.resblocks[i * kernels + j](x, mask)
             x = xs / kernels
-        x = self.conv_post(F.leaky_relu(x)).float()  # default slope 0.01, as the official
+        x = self.conv_post(zero_padding(F.leaky_relu(x), mask)).float()  # default slope 0.01, as the official
         half = cfg.n_fft // 2 + 1
         magnitude = torch.clip(torch.exp(x[:, :half]), max=1e2)
         phase = torch.sin(x[:, half:])
         spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-        return torch.clamp(self.istft(spec), -cfg.audio_limit, cfg.audio_limit)
+        return torch.clamp(self.istft(spec, mask), -cfg.audio_limit, cfg.audio_limit)
 
-    def istft(self, spec: torch.Tensor) -> torch.Tensor:
-        """spec (1, n_fft/2 + 1, frames) complex -> (1, hop * (frames - 1)): `torch.istft(center=True)`
+    def _frame_mask(self, samples: torch.Tensor | None, spec: torch.Tensor) -> torch.Tensor | None:
+        """(B, 1, frames) True on the STFT frames of each row's real samples (L / hop + 1 of them)."""
+        return None if samples is None else length_mask(samples // self.cfg.hop + 1, spec.shape[-1])
+
+    def istft(self, spec: torch.Tensor, frames_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """spec (B, n_fft/2 + 1, frames) complex -> (B, hop * (frames - 1)): `torch.istft(center=True)`
         without its host-side window check (an `.item()`, which a CUDA graph cannot record), same ops
         otherwise (equal up to float rounding, ~1e-7). The window's overlap-add never vanishes (checked at
-        init)."""
+        init).
+        `frames_mask` (B, 1, frames): each row overlap-adds (and normalises by) its own frames only."""
         cfg, window = self.cfg, self.stft_window
         frames = spec.shape[-1]
         y = torch.fft.irfft(spec.transpose(1, 2), cfg.n_fft, dim=-1).transpose(1, 2) * window.view(1, -1, 1)
+        weights = window.square().view(1, -1, 1).expand(1, -1, frames)
+        if frames_mask is not None:
+            y, weights = (
+                zero_padding(y, frames_mask),
+                zero_padding(weights.expand(y.shape[0], -1, -1), frames_mask),
+            )
         size, kernel, stride = (1, cfg.n_fft + cfg.hop * (frames - 1)), (1, cfg.n_fft), (1, cfg.hop)
-        y = F.fold(y, size, kernel, stride=stride)  # overlap-add: (1, 1, 1, samples)
-        envelope = F.fold(window.square().view(1, -1, 1).expand(1, -1, frames), size, kernel, stride=stride)
+        y = F.fold(y, size, kernel, stride=stride)  # overlap-add: (B, 1, 1, samples)
+        envelope = F.fold(weights, size, kernel, stride=stride)
         half = cfg.n_fft // 2
         return (y / envelope)[:, 0, 0, half:-half]
 
@@ -241,12 +285,20 @@ class HiftGenerator(nn.Module):
         phase: torch.Tensor,
         sine_noise: torch.Tensor,
         cache_source: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        seam: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """mel (1, 80, T) -> (audio (1, 256T), source (1, 1, 256T), f0 (1, T)).
+        """mel (B, 80, T) -> (audio (B, 256T), source (B, 1, 256T), f0 (B, T)).
 
-        `cache_source` (1, 1, n) overwrites the first n source samples (the official seam fix)."""
-        f0 = self.f0_predictor(mel)
+        `cache_source` (B, 1, n) overwrites the first n source samples (the official seam fix), of the rows
+        where `seam` (B, 1, 1) bool is set (None: every row). `lengths` (B,): right-padded rows' mel
+        frames."""
+        mask = None if lengths is None else length_mask(lengths, mel.shape[-1])
+        f0 = self.f0_predictor(mel, mask)
         source = self.source(f0, phase, sine_noise)
         if cache_source is not None and cache_source.shape[-1] > 0:
-            source[:, :, : cache_source.shape[-1]] = cache_source
-        return self.decode(mel, source), source, f0
+            n = cache_source.shape[-1]
+            source[:, :, :n] = (
+                cache_source if seam is None else torch.where(seam, cache_source, source[:, :, :n])
+            )
+        return self.decode(mel, source, lengths), source, f0

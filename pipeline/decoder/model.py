@@ -8,6 +8,7 @@ modules, in eval mode. `SpeechDecoder` is shared and stateless; a reply's state 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -15,19 +16,39 @@ import numpy as np
 import torch
 
 from pipeline.decoder.config import DecoderConfig
-from pipeline.decoder.flow import FlowModel
+from pipeline.decoder.flow import FlowModel, FlowRow, FlowTrace
 from pipeline.decoder.hift import HiftGenerator
+from pipeline.decoder.padding import host_values, pad_frames
 
 
 class BlockGraphs(Protocol):
     """Recorded CUDA graphs of a block's launch-heavy parts (pipeline/decoder/graphs.py `DecoderGraphs`, which
-    imports this module: the decoder knows them only by this shape)."""
+    imports this module: the decoder knows them only by this shape). Arguments as `FlowModel.sample` and
+    `HiftGenerator.forward`."""
 
-    def sample(self, mu: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
+    def sample(
+        self, mu: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, lengths: torch.Tensor | None
+    ) -> torch.Tensor: ...
 
     def vocode(
-        self, mel: torch.Tensor, phase: torch.Tensor, noise: torch.Tensor, cache_source: torch.Tensor | None
+        self,
+        mel: torch.Tensor,
+        phase: torch.Tensor,
+        noise: torch.Tensor,
+        cache_source: torch.Tensor | None,
+        lengths: torch.Tensor | None,
+        seam: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class VocodeRow:
+    """One reply's block for the vocoder: the official `hift.inference` arguments with its draws."""
+
+    mel: torch.Tensor  # (1, 80, T) float32
+    phase: torch.Tensor  # (1, harmonics + 1, 1) U(-pi, pi) draws
+    noise: torch.Tensor  # (1, harmonics + 1, 256T) N(0, 1) draws
+    cache_source: torch.Tensor | None  # (1, 1, 256) the previous block's last source samples (the seam)
 
 
 # ---------------------------------------------------------------- checkpoint files
@@ -136,6 +157,40 @@ class SpeechDecoder:
     def num_tokens(self) -> int:
         """Speech vocabulary size (flow.vocab_size); valid ids are 0 .. num_tokens - 1."""
         return self.cfg.flow.vocab_size
+
+    def flow_mels(self, rows: list[FlowRow], trace: FlowTrace | None = None) -> list[torch.Tensor]:
+        """Each row's new mel (1, 80, F - P), model dtype; all rows as one batch (CUDA graphs when
+        recorded)."""
+        if not rows:
+            return []
+        return self.flow.inference(rows, trace, self.graphs.sample if self.graphs is not None else None)
+
+    def vocode(self, rows: list[VocodeRow]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Each row's (audio (1, 256T) float32, source (1, 1, 256T), f0 (1, T)); all rows as one right-padded
+        batch with their lengths (CUDA graphs when recorded)."""
+        if not rows:
+            return []
+        frames = [row.mel.shape[-1] for row in rows]
+        seams = [row.cache_source is not None and row.cache_source.shape[-1] > 0 for row in rows]
+        cache_source = None
+        if any(seams):
+            n = next(row.cache_source.shape[-1] for row, seam in zip(rows, seams, strict=True) if seam)
+            blank = torch.zeros(1, 1, n, device=self.device)
+            cache_source = torch.cat(
+                [r.cache_source if seam else blank for r, seam in zip(rows, seams, strict=True)]
+            )
+        seam = None if all(seams) or not any(seams) else host_values(seams, self.device).view(-1, 1, 1)
+        lengths = None if len(set(frames)) == 1 else host_values(frames, self.device)
+        mel = pad_frames([row.mel for row in rows]).to(self.dtype)  # (B, 80, T)
+        noise = pad_frames([row.noise for row in rows])  # (B, harmonics + 1, 256T)
+        phase = torch.cat([row.phase for row in rows])
+        vocoder = self.graphs.vocode if self.graphs is not None else self.hift
+        audio, source, f0 = vocoder(mel, phase, noise, cache_source, lengths, seam)
+        spf = self.cfg.hift.samples_per_frame
+        return [
+            (audio[b : b + 1, : t * spf], source[b : b + 1, :, : t * spf], f0[b : b + 1, :t])
+            for b, t in enumerate(frames)
+        ]
 
     def check_tokens(self, tokens: list[int]) -> list[int]:
         out = []

@@ -26,8 +26,8 @@ import torch
 
 from pipeline.decoder.config import DecoderConfig
 from pipeline.decoder.draws import Draws, OfficialDraws, SeededDraws
-from pipeline.decoder.flow import FlowCache, FlowTrace
-from pipeline.decoder.model import SpeechDecoder
+from pipeline.decoder.flow import FlowCache, FlowRow, FlowTrace
+from pipeline.decoder.model import SpeechDecoder, VocodeRow
 
 # 10 first: the paper's "as few as 10 audio tokens" (first audio); then doubling while the stream gets
 # ahead of playback, as the official demo grows its blocks; capped at 80 tokens (6.4 s of audio) so one
@@ -87,6 +87,15 @@ class StreamState:
         self.prompt_mel = self.mel_overlap = self.cache_mel = self.cache_source = None
         self.blocks_done, self.finished = 0, False
         self.flow_cache.reset()
+
+
+@dataclass(frozen=True)
+class BlockStep:
+    """One block of a stream: its tokens (None: only the held-back tail is left to vocode) and whether
+    it ends the reply."""
+
+    tokens: list[int] | None
+    finalize: bool
 
 
 @dataclass
@@ -149,6 +158,26 @@ class DecoderStream:
         sched = self.settings.schedule
         return sched[min(self.state.blocks_done, len(sched) - 1)]
 
+    def plan(self, tokens: list[int], finish: bool) -> tuple[list[BlockStep], list[int]]:
+        """The blocks that `push(tokens)` (then `finish()` when `finish`) would decode, in order, and the
+        tokens left pending after them, without decoding anything or changing the stream
+        (pipeline/decoder/batch.py runs them for many streams; the same errors as `push`)."""
+        st = self.state
+        if st.finished and tokens:
+            raise RuntimeError("DecoderStream.push after finish(); call reset() for a new reply")
+        pending, steps = st.pending + self.decoder.check_tokens(tokens), []
+        sched = self.settings.schedule
+        while len(pending) >= (size := sched[min(st.blocks_done + len(steps), len(sched) - 1)]):
+            steps.append(BlockStep(pending[:size], finalize=False))
+            pending = pending[size:]
+        if finish and not st.finished:
+            if pending:
+                steps.append(BlockStep(pending, finalize=True))
+            elif steps or st.mel_overlap is not None:
+                steps.append(BlockStep(None, finalize=True))  # vocode the held-back frames
+            pending = []
+        return steps, pending
+
     def push(self, tokens: list[int]) -> np.ndarray:
         """Add speech tokens; returns the audio that became final (possibly empty). A block is decoded
         as soon as it is complete (the official loop waits for one more token)."""
@@ -169,102 +198,123 @@ class DecoderStream:
             return np.zeros(0, dtype=np.float32)
         if self.state.pending:
             out = self.decode_block(self.state.pending, finalize=True).audio
+        elif self.state.mel_overlap is not None:
+            out = run_blocks(self.decoder, [(self, self.state, BlockStep(None, finalize=True))])[0].audio
         else:
-            out = self._flush_tail()
+            out = np.zeros(0, dtype=np.float32)
         self.state.pending, self.state.finished = [], True
         return out
 
-    @torch.inference_mode()
-    def _flush_tail(self) -> np.ndarray:
-        st = self.state
-        if st.mel_overlap is None:
-            return np.zeros(0, dtype=np.float32)
-        self.draws.begin_block()
-        audio, _, _ = self._vocode(torch.cat([st.cache_mel, st.mel_overlap], dim=2), None)
-        st.mel_overlap = st.cache_mel = st.cache_source = None
-        st.finished = True
-        return audio[0].float().cpu().numpy()
-
-    @torch.inference_mode()
     def decode_block(self, tokens: list[int], finalize: bool, trace: bool = False) -> BlockOutput:
         """One official `token2wav` call on `tokens` with the reply so far as prompt."""
-        st = self.state
         tokens = self.decoder.check_tokens(tokens)
         if not tokens:
             raise ValueError("decoder block is empty: give at least one speech token")
-        if st.finished:
+        if self.state.finished:
             raise RuntimeError("DecoderStream already finished; call reset() for a new reply")
+        (out,) = run_blocks(self.decoder, [(self, self.state, BlockStep(tokens, finalize))], trace)
+        return out
+
+    # ---- one block in three parts around the model calls (run_blocks batches those across streams)
+    def flow_row(self, st: StreamState, step: BlockStep) -> FlowRow | None:
+        """Start the block: its draws begin; the flow's inputs (None for the tail flush)."""
         self.draws.begin_block()
-        flow_trace = FlowTrace() if trace else None
-        mel = self._flow_mel(st.prompt_tokens + tokens, flow_trace)  # (1, 80, new frames) float32
-        flow_mel = mel.clone() if trace else None
-        audio, mel, fresh, vocoder_trace = self._seam_and_vocode(mel, finalize, trace)
-        fed_back = mel if self.settings.legacy_prompt else fresh
-        st.prompt_mel = fed_back if st.prompt_mel is None else torch.cat([st.prompt_mel, fed_back], dim=2)
-        st.prompt_tokens = st.prompt_tokens + tokens
-        st.blocks_done += 1
-        out = BlockOutput(audio[0].float().cpu().numpy(), mel, flow_mel)  # the block's one device->host copy
+        if step.tokens is None:
+            return None
+        dec, all_tokens = self.decoder, st.prompt_tokens + step.tokens
+        noise = self.draws.flow_noise(dec.cfg.flow.frames_for(len(all_tokens)))  # (1, 80, F) incl. prompt
+        prompt_mel = st.prompt_mel if st.prompt_mel is not None else noise[:, :, :0]
+        return FlowRow(
+            torch.tensor(all_tokens, dtype=torch.long).to(dec.device),
+            prompt_mel.to(device=dec.device, dtype=dec.dtype),
+            noise.to(dec.device),
+            st.flow_cache if self.settings.cache_encoder else None,
+            self.settings.max_prompt_frames,
+        )
+
+    def vocode_row(
+        self, st: StreamState, step: BlockStep, mel: torch.Tensor | None
+    ) -> tuple[VocodeRow, torch.Tensor | None]:
+        """Cross-fade, seam frame and hold-back of the flow's new mel (1, 80, F - P) -> the vocoder's
+        inputs with this block's draws, and the block's fresh frames (its mel without the seam frame and
+        the held-back ones). The tail flush vocodes the held-back frames."""
+        cfg = self.decoder.cfg
+        n = cfg.mel_overlap_frames
+        if mel is None:
+            return self._vocode_row(torch.cat([st.cache_mel, st.mel_overlap], dim=2), None), None
+        mel = mel.float()
+        if st.mel_overlap is not None:  # Hamming cross-fade, float64 as the official numpy window
+            faded = mel[:, :, :n].double() * self._fade[:n] + st.mel_overlap.double() * self._fade[n:]
+            mel[:, :, :n] = faded.float()
+        fresh = mel if step.finalize else mel[:, :, :-n]  # this block's frames without the seam frame
+        if st.cache_mel is not None:
+            mel = torch.cat([st.cache_mel, mel], dim=2)  # (1, 80, 1 + frames)
+        if not step.finalize:
+            st.mel_overlap, mel = mel[:, :, -n:], mel[:, :, :-n]
+        return self._vocode_row(mel, st.cache_source), fresh
+
+    def _vocode_row(self, mel: torch.Tensor, cache_source: torch.Tensor | None) -> VocodeRow:
+        dec = self.decoder
+        sines = dec.cfg.hift.nb_harmonics + 1
+        phase = self.draws.source_phase(sines)
+        noise = self.draws.source_noise(sines, mel.shape[-1] * dec.cfg.hift.samples_per_frame)
+        return VocodeRow(mel, phase, noise, cache_source)
+
+    def end_block(
+        self,
+        st: StreamState,
+        step: BlockStep,
+        row: VocodeRow,
+        fresh: torch.Tensor | None,
+        audio: torch.Tensor,
+        source: torch.Tensor,
+    ) -> np.ndarray:
+        """The vocoder's audio (1, S) and source (1, 1, S) -> the block's final audio; the state moves on."""
+        cfg = self.decoder.cfg
+        if step.finalize:
+            st.mel_overlap = st.cache_mel = st.cache_source = None
+            st.finished = True
+        else:
+            st.cache_mel = row.mel[:, :, -cfg.mel_cache_frames :]
+            st.cache_source = source[:, :, -cfg.source_cache_samples :]
+            audio = audio[:, : -cfg.source_cache_samples]  # re-made by the next block
+        if step.tokens is not None:
+            fed_back = row.mel if self.settings.legacy_prompt else fresh
+            st.prompt_mel = fed_back if st.prompt_mel is None else torch.cat([st.prompt_mel, fed_back], dim=2)
+            st.prompt_tokens = st.prompt_tokens + step.tokens
+            st.blocks_done += 1
+        return audio[0].float().cpu().numpy()  # the block's one device->host copy
+
+
+@torch.inference_mode()
+def run_blocks(
+    decoder: SpeechDecoder, blocks: list[tuple[DecoderStream, StreamState, BlockStep]], trace: bool = False
+) -> list[BlockOutput]:
+    """One block of each stream, moving each given state: the flow of all of them as one batch, then the
+    vocoder of all of them as one batch (the same path for one stream and for many). `trace` (one block):
+    the intermediates the parity tests compare."""
+    flow_trace = FlowTrace() if trace else None
+    flow_rows = [stream.flow_row(st, step) for stream, st, step in blocks]
+    mels = iter(decoder.flow_mels([r for r in flow_rows if r is not None], flow_trace))
+    new_mels = [None if r is None else next(mels) for r in flow_rows]
+    flow_mels = [None if m is None else m.clone() for m in new_mels] if trace else [None] * len(blocks)
+    rows = [s.vocode_row(st, step, m) for (s, st, step), m in zip(blocks, new_mels, strict=True)]
+    vocoded = decoder.vocode([row for row, _ in rows])
+    outs = []
+    for (stream, st, step), (row, fresh), (audio, source, f0), flow_mel in zip(
+        blocks, rows, vocoded, flow_mels, strict=True
+    ):
+        out = BlockOutput(stream.end_block(st, step, row, fresh, audio, source), row.mel, flow_mel)
         if flow_trace is not None:
             out.trace = {
                 "encoder_out": flow_trace.encoder_out,
                 "encoder_proj_out": flow_trace.encoder_proj_out,
                 "mu": flow_trace.mu,
-                **vocoder_trace,
+                "f0": f0,
+                "source": source,
             }
-        return out
-
-    def _flow_mel(self, all_tokens: list[int], trace: FlowTrace | None) -> torch.Tensor:
-        """Flow over prompt + new tokens, conditioned on the fed-back mel -> new frames (1, 80, F - P)."""
-        dec, st = self.decoder, self.state
-        noise = self.draws.flow_noise(dec.cfg.flow.frames_for(len(all_tokens)))  # (1, 80, F) incl. prompt
-        prompt_mel = st.prompt_mel if st.prompt_mel is not None else noise[:, :, :0]
-        ids = torch.tensor(all_tokens, dtype=torch.long).to(dec.device)
-        mel = dec.flow.inference(
-            ids,
-            prompt_mel.to(device=dec.device, dtype=dec.dtype),
-            noise.to(dec.device),
-            st.flow_cache if self.settings.cache_encoder else None,
-            trace,
-            self.settings.max_prompt_frames,
-            dec.graphs.sample if dec.graphs is not None else None,
-        )
-        return mel.float()
-
-    def _seam_and_vocode(
-        self, mel: torch.Tensor, finalize: bool, trace: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Cross-fade, seam frame, hold-back and vocoder -> (audio (1, S), vocoder mel, fresh mel, trace)."""
-        st, cfg = self.state, self.decoder.cfg
-        n = cfg.mel_overlap_frames
-        if st.mel_overlap is not None:  # Hamming cross-fade, float64 as the official numpy window
-            faded = mel[:, :, :n].double() * self._fade[:n] + st.mel_overlap.double() * self._fade[n:]
-            mel[:, :, :n] = faded.float()
-        fresh = mel if finalize else mel[:, :, :-n]  # this block's frames without the seam frame
-        if st.cache_mel is not None:
-            mel = torch.cat([st.cache_mel, mel], dim=2)  # (1, 80, 1 + frames)
-        if not finalize:
-            st.mel_overlap, mel = mel[:, :, -n:], mel[:, :, :-n]
-        audio, source, f0 = self._vocode(mel, st.cache_source)
-        if finalize:
-            st.mel_overlap = st.cache_mel = st.cache_source = None
-            st.finished = True
-        else:
-            st.cache_mel = mel[:, :, -cfg.mel_cache_frames :]
-            st.cache_source = source[:, :, -cfg.source_cache_samples :]
-            audio = audio[:, : -cfg.source_cache_samples]  # re-made by the next block
-        return audio, mel, fresh, ({"f0": f0, "source": source} if trace else {})
-
-    def _vocode(
-        self, mel: torch.Tensor, cache_source: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """mel (1, 80, T) float32 -> (audio (1, 256T), source (1, 1, 256T), f0 (1, T)) with this block's
-        draws."""
-        dec = self.decoder
-        sines = dec.cfg.hift.nb_harmonics + 1
-        phase = self.draws.source_phase(sines)
-        noise = self.draws.source_noise(sines, mel.shape[-1] * dec.cfg.hift.samples_per_frame)
-        vocoder = dec.graphs.vocode if dec.graphs is not None else dec.hift
-        return vocoder(mel.to(dec.dtype), phase, noise, cache_source)
+        outs.append(out)
+    return outs
 
 
 def synthesize(

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.decoder.batch import BlockJob, decode_blocks, decode_one
 from pipeline.decoder.draws import OfficialDraws, QueuedDraws
 from pipeline.decoder.model import SpeechDecoder
 from pipeline.decoder.stream import DecoderStream, synthesize
@@ -196,3 +197,31 @@ def test_corrected_prompt_stays_aligned_with_tokens(decoder: SpeechDecoder, case
         frames = decoder.cfg.flow.frames_for(fixed.tokens_decoded)
         assert fixed.state.prompt_mel.shape[-1] == frames - decoder.cfg.mel_overlap_frames
         assert legacy.state.prompt_mel.shape[-1] == frames - decoder.cfg.mel_overlap_frames + i
+
+
+def test_batched_blocks_equal_blocks_alone(decoder: SpeechDecoder, caplog: pytest.LogCaptureFixture) -> None:
+    """Every stream case's calls, in the official settings (injected draws) and in ours, decoded as one batch
+    per round (pipeline/decoder/batch.py) against the same calls decoded stream by stream."""
+    cases = [json.loads((DEC_DIR / c / "case.json").read_text()) | {"name": c} for c in _stream_cases()]
+    assert cases, "no stream case in the decoder fixture"
+
+    def streams() -> list[tuple[DecoderStream, list[list[int]]]]:
+        made = []
+        for spec in cases:
+            calls = [c["tts_token"] for c in spec["calls"]]
+            official = dict(schedule=tuple(spec["schedule"]), legacy_prompt=True, max_prompt_tokens=None)
+            made.append(
+                (DecoderStream(decoder, draws=_call_draws(spec["name"], spec["calls"]), **official), calls)
+            )
+            made.append((DecoderStream(decoder), calls))
+        return made
+
+    batched, alone = streams(), streams()
+    for r in range(max(len(calls) for _, calls in batched)):
+        jobs = [(k, calls[r], r == len(calls) - 1) for k, (_, calls) in enumerate(batched) if r < len(calls)]
+        results = decode_blocks([BlockJob(batched[k][0], tokens, fin) for k, tokens, fin in jobs])
+        for (k, tokens, fin), got in zip(jobs, results, strict=True):
+            expect = decode_one(BlockJob(alone[k][0], tokens, fin))
+            assert isinstance(got, np.ndarray) and got.shape == expect.shape, f"round {r} stream {k}"
+            assert got.size == 0 or float(np.abs(got - expect).max()) <= 1e-5, f"round {r} stream {k}"
+    assert not [rec for rec in caplog.records if rec.name == "pipeline.decoder.batch"], "a batch fell back"
