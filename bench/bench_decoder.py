@@ -16,9 +16,9 @@ channels with 12 mid blocks (111.2 M params), HiFT base 512 with 8 harmonics (20
      audio difference (same draws).
   5. `--batch`: --batch-size replies' next blocks (8 first blocks of 10 tokens by default) decoded as one
      batch (pipeline/decoder/batch.py `decode_blocks`) against the same blocks one by one, in one
-     process, interleaved, --repeats each: both times (medians), the ratio, the largest audio difference. Replies
-     can first be given histories (`--batch-prompts 0,30`: cycled over the replies, decoded untimed), so the
-     timed blocks differ in size and the batch is padded.
+     process, interleaved, --repeats each: both times (medians), the ratio, the largest audio difference.
+     Replies can first be given histories (`--batch-prompts 0,30`: cycled over the replies, decoded
+     untimed), so the timed blocks differ in size and the batch is padded.
 
     .venv/bin/python bench/bench_decoder.py --quick          # ~5-10 min on 2 CPU threads
     .venv/bin/python bench/bench_decoder.py --long           # ~8 min on 2 CPU threads
