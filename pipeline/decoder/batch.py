@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 # ready blocks of a GPU's concurrent calls at the 80-token block cap (6.4 s of audio per block) without
 # holding the first one up by more than one batch.
 MAX_BATCH = 8
+# Device types where jobs whose blocks differ in size pad into one batch. A GPU runs a block in about the same
+# time whatever its frame count (launch-bound, docs/decoder.md "Figures"), so padding is nearly free there; a
+# CPU is compute-bound and pays for every padded frame (measured slower than one by one, docs/decoder.md
+# "Batched blocks"), so there only jobs whose first blocks have the same frame count share a batch.
+PADDED_DEVICES = frozenset({"cuda"})
 
 
 @dataclass(frozen=True)
@@ -85,8 +90,7 @@ def decode_blocks(jobs: Sequence[BlockJob]) -> list[np.ndarray | Exception]:
             continue
         planned.append(_Planned(i, job, steps, pending))
     idle = [p for p in planned if not p.steps]  # tokens buffered, nothing to decode yet
-    busy = [p for p in planned if p.steps]
-    for chunk in [idle] + [busy[k : k + MAX_BATCH] for k in range(0, len(busy), MAX_BATCH)]:
+    for chunk in [idle] + _batches([p for p in planned if p.steps]):
         try:
             pcm: list[np.ndarray | Exception] = list(_decode_batch(chunk))
         except Exception:  # noqa: BLE001 - find the failing job: each alone, from the rewound state
@@ -97,6 +101,16 @@ def decode_blocks(jobs: Sequence[BlockJob]) -> list[np.ndarray | Exception]:
         for p, out in zip(chunk, pcm, strict=True):
             results[p.index] = out
     return results
+
+
+def _batches(busy: list[_Planned]) -> list[list[_Planned]]:
+    """The jobs in batches of at most MAX_BATCH, in job order (the first job's batch first); on devices
+    outside PADDED_DEVICES one batch per frame count of the jobs' first blocks."""
+    groups: dict[int, list[_Planned]] = {}
+    for p in busy:
+        pads = p.job.stream.decoder.device.type in PADDED_DEVICES
+        groups.setdefault(0 if pads else p.job.stream.estimator_frames(p.steps[0]), []).append(p)
+    return [g[k : k + MAX_BATCH] for g in groups.values() for k in range(0, len(g), MAX_BATCH)]
 
 
 def _copy(state: StreamState) -> StreamState:

@@ -178,6 +178,16 @@ class DecoderStream:
             pending = []
         return steps, pending
 
+    def estimator_frames(self, step: BlockStep) -> int:
+        """Frames the Euler loop integrates for this stream's next block `step` (0 for the tail flush)."""
+        if step.tokens is None:
+            return 0
+        st, cfg = self.state, self.decoder.cfg
+        frames = cfg.flow.frames_for(len(st.prompt_tokens) + len(step.tokens))
+        prompt = 0 if st.prompt_mel is None else st.prompt_mel.shape[-1]
+        limit = self.settings.max_prompt_frames
+        return frames - prompt + (prompt if limit is None else min(prompt, limit))
+
     def push(self, tokens: list[int]) -> np.ndarray:
         """Add speech tokens; returns the audio that became final (possibly empty). A block is decoded
         as soon as it is complete (the official loop waits for one more token)."""

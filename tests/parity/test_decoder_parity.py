@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.decoder import batch
 from pipeline.decoder.batch import BlockJob, decode_blocks, decode_one
 from pipeline.decoder.draws import OfficialDraws, QueuedDraws
 from pipeline.decoder.model import SpeechDecoder
@@ -199,9 +200,14 @@ def test_corrected_prompt_stays_aligned_with_tokens(decoder: SpeechDecoder, case
         assert legacy.state.prompt_mel.shape[-1] == frames - decoder.cfg.mel_overlap_frames + i
 
 
-def test_batched_blocks_equal_blocks_alone(decoder: SpeechDecoder, caplog: pytest.LogCaptureFixture) -> None:
+def test_batched_blocks_equal_blocks_alone(
+    decoder: SpeechDecoder, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every stream case's calls, in the official settings (injected draws) and in ours, decoded as one batch
     per round (pipeline/decoder/batch.py) against the same calls decoded stream by stream."""
+    monkeypatch.setattr(
+        batch, "PADDED_DEVICES", frozenset({"cpu", "cuda"})
+    )  # blocks of any size in one batch
     cases = [json.loads((DEC_DIR / c / "case.json").read_text()) | {"name": c} for c in _stream_cases()]
     assert cases, "no stream case in the decoder fixture"
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.decoder import batch
 from pipeline.decoder.batch import MAX_BATCH, BlockJob, decode_blocks, decode_one
 from pipeline.decoder.draws import SeededDraws
 from pipeline.decoder.model import SpeechDecoder
@@ -57,6 +58,12 @@ def batched_only(caplog: pytest.LogCaptureFixture):
     assert not [r for r in caplog.records if r.name == "pipeline.decoder.batch"], "a batch fell back"
 
 
+@pytest.fixture
+def padded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of different sizes pad into one batch on the CPU too (as on a GPU): the path under test."""
+    monkeypatch.setattr(batch, "PADDED_DEVICES", frozenset({"cpu", "cuda"}))
+
+
 def _tokens(rng: np.random.Generator, n: int) -> list[int]:
     return rng.integers(0, VOCAB, n).tolist()
 
@@ -93,17 +100,21 @@ def _run_script(
     return heard
 
 
-def test_a_batch_of_mixed_blocks_equals_each_block_alone(decoder: SpeechDecoder, batched_only: None) -> None:
+def test_a_batch_of_mixed_blocks_equals_each_block_alone(
+    decoder: SpeechDecoder, batched_only: None, padded: None
+) -> None:
     heard = _run_script(decoder)
     assert any(p.size for rnd in heard for p in rnd)  # the script makes audio
     assert heard[3][1].size > 0  # the tail-only flush vocoded held-back frames
 
 
-def test_results_follow_the_job_order(decoder: SpeechDecoder, batched_only: None) -> None:
+def test_results_follow_the_job_order(decoder: SpeechDecoder, batched_only: None, padded: None) -> None:
     _run_script(decoder, order=lambda ks: ks[::-1])
 
 
-def test_padded_batch_gives_each_row_its_own_audio(decoder: SpeechDecoder, batched_only: None) -> None:
+def test_padded_batch_gives_each_row_its_own_audio(
+    decoder: SpeechDecoder, batched_only: None, padded: None
+) -> None:
     """Rows of very different lengths in one batch (first block next to a long reply's block)."""
     rng = np.random.default_rng(9)
     long_alone, long_batched = (DecoderStream(decoder, max_prompt_tokens=None) for _ in range(2))
@@ -173,3 +184,23 @@ def test_more_jobs_than_the_bound_run_in_several_batches(decoder: SpeechDecoder,
     results = decode_blocks([BlockJob(s, t, True) for s, t in zip(batched, tokens, strict=True)])
     for k, (s, t) in enumerate(zip(alone, tokens, strict=True)):
         _assert_same(results[k], decode_one(BlockJob(s, t, True)), f"stream {k}")
+
+
+def test_on_the_cpu_only_blocks_of_one_size_share_a_batch(
+    decoder: SpeechDecoder, batched_only: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows: list[int] = []
+    real = batch.run_blocks
+    monkeypatch.setattr(
+        batch, "run_blocks", lambda dec, blocks: rows.append(len(blocks)) or real(dec, blocks)
+    )
+    rng = np.random.default_rng(6)
+    twins = [[DecoderStream(decoder, seed=s) for s in range(4)] for _ in range(2)]
+    history = _tokens(rng, 10)
+    for streams in twins:
+        streams[1].push(history)  # its next block has 20 tokens; the others' first blocks 10
+    tokens = [_tokens(rng, s.tokens_to_next_block) for s in twins[0]]
+    results = decode_blocks([BlockJob(s, t, False) for s, t in zip(twins[0], tokens, strict=True)])
+    assert sorted(rows) == [1, 3]
+    for k, (s, t) in enumerate(zip(twins[1], tokens, strict=True)):
+        _assert_same(results[k], decode_one(BlockJob(s, t, False)), f"stream {k}")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.decoder import batch
 from pipeline.decoder.batch import BlockJob, decode_blocks
 from pipeline.decoder.graphs import block_shapes, prepare_graphs
 from pipeline.decoder.model import SpeechDecoder
@@ -172,12 +173,13 @@ def _batched_rounds(decoder: SpeechDecoder, rounds: int = 3) -> list[list[np.nda
 
 
 def test_batch_buckets_through_static_buffers_equal_the_eager_batch(
-    eager_after: SpeechDecoder, caplog: pytest.LogCaptureFixture
+    eager_after: SpeechDecoder, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Batches padded to a recorded (batch, frames) bucket, unused rows included, give the eager batch's
     audio."""
     decoder = eager_after
     decoder.graphs = None
+    monkeypatch.setattr(batch, "PADDED_DEVICES", frozenset({"cpu"}))  # padded batches, as on a GPU
     eager = _batched_rounds(decoder)
     graphs = prepare_graphs(decoder, capture=False)
     assert graphs is not None and graphs.eager_runs == 0
