@@ -440,14 +440,15 @@ class Call:
                 )
             )
             return
-        if isinstance(ref, Reply) and self.replies.in_progress(event.item_id):
+        current = self.replies.current
+        if isinstance(ref, Reply) and current is not None and current.item_id == event.item_id:
             raise P.ProtocolError(
                 "invalid_value",
                 "this item's response is in progress (generating or playing): "
                 "cancel it first (response.cancel), then delete the item",
                 event.event_id,
                 "item_id",
-            )
+            )  # once cut off it may go at once: the responder stops it before it edits the history
         if isinstance(ref, int) and self.replies.generating_items:
             raise P.ProtocolError(
                 "conversation_already_has_active_response",

@@ -241,12 +241,6 @@ class ReplyFlow:
             )
         )
 
-    def in_progress(self, item_id: str) -> bool:
-        """The item's reply is generating or playing (or cut off, its end not yet reported)."""
-        return item_id in self.generating_items or (
-            self.current is not None and self.current.item_id == item_id
-        )
-
     def truncate(self, item_id: str, reply: Reply, audio_end_ms: int) -> str | None:
         """The client heard only `audio_end_ms` of an assistant item: cut its reply in the history there
         (the barge-in rule) and the item's transcript with it. Returns the kept transcript (None: unknown,

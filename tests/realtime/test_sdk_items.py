@@ -238,3 +238,39 @@ async def test_items_placed_mid_conversation_reach_the_glm_prompt(glm_ws):
             assert prompt[: len(want_start)] == want_start and prompt[-len(header) :] == header
         finally:
             s.close()
+
+
+async def test_a_cut_reply_can_be_deleted_at_once(glm_ws):
+    """An agent that interrupts a reply before any of it played deletes its item right after
+    `response.cancel` (LiveKit's truncate at 0 ms): deleted without an error, and its ids gone from the
+    model's history; a reply still current is refused."""
+    async with _client(glm_ws).realtime.connect(model="gpt-realtime") as conn:
+        s = Session(conn)
+        try:
+            await s.wait_for("session.created", 5)
+            await conn.conversation.item.create(item=_message("user", "Tell me a story.", "user_a"))
+            mark = len(s.events)
+            await conn.response.create()
+            item_id = (await s.wait_for("response.output_item.added", 30, after=mark))["item"]["id"]
+            await s.wait_for("response.output_audio.delta", 30, after=mark)  # some of it is in the history
+            refused = await _send(conn, s, {"type": "conversation.item.delete", "item_id": item_id}, "error")
+            assert refused["error"]["code"] == "invalid_value"
+            await conn.send({"type": "response.cancel"})
+            deleted = await _send(
+                conn, s, {"type": "conversation.item.delete", "item_id": item_id}, "conversation.item.deleted"
+            )
+            assert deleted["item_id"] == item_id
+            assert (await s.wait_for("response.done", 60, after=mark))["response"]["status"] == "cancelled"
+            assert [e["error"]["code"] for e in s.of_type("error")] == ["invalid_value"]
+
+            from pipeline.lm.prompt import user_turn_ids
+
+            await glm_ws.server.responder.engine.settled()
+            call = next(iter(glm_ws.server.calls.values()))
+            tok = glm_ws.server.responder.engine.scheduler.m.text
+            d = call.session.dialogue
+            # the reply's ids left; its header stays behind the user item (docs/lm.md)
+            rest = d.history.ids()[len(d.history.system_ids) :]
+            assert rest == user_turn_ids(tok, text="Tell me a story.")
+        finally:
+            s.close()
