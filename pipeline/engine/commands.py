@@ -254,19 +254,6 @@ class Close(Command):
 
 
 @dataclass(frozen=True)
-class Settle(Command):
-    """Resolve `done` once the engine has nothing left to compute (tests, benches, drain)."""
-
-    done: concurrent.futures.Future
-
-    def apply(self, s: Scheduler) -> None:
-        s.settle_waiters.append(self.done)
-
-    def unanswered(self) -> None:
-        _resolve(self.done)
-
-
-@dataclass(frozen=True)
 class Stop(Command):
     def apply(self, s: Scheduler) -> None:
         s.shutdown()

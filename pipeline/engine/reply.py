@@ -1,6 +1,8 @@
 """One assistant reply in progress (one `Reply`), grouped by concern: what was asked, when each stage
-happened, what the LM produced, and the speech on its way to PCM. Touched only by the engine thread,
-except `cancel_event` and `played_ms`, which the asyncio side sets (in that order) on a barge-in.
+happened, what the LM produced, and the speech on its way to PCM. Touched only by the engine's LM thread,
+except `cancel_event` and `played_ms`, which the asyncio side sets (in that order) on a barge-in, and
+`audio.stream`, the decoder worker's. `cancel_event` also means "no more output": the LM thread sets it
+when it ends a reply early (hangup, failure, shutdown), the worker and the delivery then drop its audio.
 """
 
 from __future__ import annotations
@@ -70,12 +72,16 @@ class Generation:
 
 @dataclass
 class AudioOut:
-    """Speech values on their way to PCM through the reply's decoder stream."""
+    """Speech values on their way to PCM. The LM thread owns every field but `stream`, which the decoder
+    worker makes on the reply's first block and alone uses (pipeline/engine/decoder_worker.py)."""
 
     stream: DecoderStream | None = None
     buffer: list[int] = field(default_factory=list)  # speech values waiting for the next block
-    tokens_decoded: int = 0
-    samples: int = 0  # PCM samples handed to the server
+    next_block_tokens: int = 0  # speech values the stream wants for its next block (set at the start)
+    in_flight: bool = False  # a block of this reply is with the decoder worker (one at a time: in order)
+    finished: bool = False  # the block with the stream's tail went to the worker
+    tokens_decoded: int = 0  # speech values handed to the worker
+    samples: int = 0  # PCM samples the worker emitted (counted when its report arrives)
     sample_rate_hz: int = DECODER_RATE_HZ
 
     def produced_ms(self) -> float:

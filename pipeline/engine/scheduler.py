@@ -1,13 +1,14 @@
-"""The engine thread's work loop: every call's turns, interleaved at token granularity.
+"""The engine's LM thread and its work loop: every call's turns, interleaved at token granularity.
 
 One step = cancellations -> new turns' prompts -> one bounded prefill chunk per prompting call -> one
-batched next-id step over every generating reply (pipeline/engine/token_source.py) -> decoder blocks
-that are ready (pipeline/engine/decoding.py) -> early prefill when nothing else waits. Priorities
-(docs/engine.md): a turn with no audio yet goes first (time to first audio), then the stream
-whose audio is least ahead of its playback. A long prompt never stalls the others: it goes in
-`prefill_chunk_tokens` per step, with every other call's decode step and decoder block between.
-All state of a call lives in its `Dialogue`; an exception in one call's work ends that call's turn
-with a ReplyError and leaves every other call alone.
+batched next-id step over every generating reply (pipeline/engine/token_source.py) -> ready decoder
+blocks handed to the decoder worker (pipeline/engine/decoding.py, decoder_worker.py), which decodes them
+on its own thread while the LM steps on -> early prefill when nothing else waits. Priorities (docs/engine.md):
+a reply with no audio yet goes first (time to first audio), then the stream whose audio is least ahead of
+its playback. A long prompt never stalls the others: it goes in `prefill_chunk_tokens` per step, with
+every other call's decode step between. All state of a call lives in its `Dialogue`; an exception in one
+call's work (its decoder blocks included) ends that call's reply with a ReplyError and leaves every other
+call alone.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable
 
 from pipeline.engine import decoding
 from pipeline.engine.config import EngineConfig
+from pipeline.engine.decoder_worker import BlockDone, DecoderWorker
 from pipeline.engine.dialogue import Dialogue, heard_prefix_len
 from pipeline.engine.models import Models, new_decoder_stream
 from pipeline.engine.token_source import LocalLM, TokenSource
@@ -29,6 +31,7 @@ from pipeline.tokenizer.stream import TokenizerStream
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 30.0  # an idle engine wakes on commands; the deadline only bounds a lost wake-up
+DECODER_STOP_S = 10.0  # a running decoder batch finishes before the worker stops
 
 
 class Scheduler:
@@ -41,13 +44,25 @@ class Scheduler:
         self.source: TokenSource = source or LocalLM(models.lm, cfg.prefill_chunk_tokens)
         self.dialogues: list[Dialogue] = []
         self.counters = {"decoder_blocks": 0, "turns_done": 0, "turn_errors": 0}
-        self.settle_waiters: list = []  # futures resolved when no work is left
+        self.decoder = DecoderWorker(
+            lambda: new_decoder_stream(models.decoder, cfg),
+            inbox.put,
+            models.decoder.device,
+            max_blocks=cfg.max_calls_batched,
+        )
         self.running = True
 
     # ----- loop ---------------------------------------------------------------------------------------
 
     def run(self) -> None:
         """Serve until a stop command. Waits on the inbox only when there is nothing to compute."""
+        self.decoder.start()
+        try:
+            self._loop()
+        finally:
+            self.decoder.stop(DECODER_STOP_S)
+
+    def _loop(self) -> None:
         while self.running:
             try:
                 command = self.inbox.get(timeout=IDLE_WAIT_S) if not self.busy() else self.inbox.get_nowait()
@@ -62,32 +77,23 @@ class Scheduler:
             if not self.running:
                 return
             self.step()
-            if self.settle_waiters and self.idle():
-                for done in self.settle_waiters:
-                    done.set_result(None)
-                self.settle_waiters.clear()
 
     def busy(self) -> bool:
-        return any(self._has_work(d) for d in self.dialogues)
-
-    def idle(self) -> bool:
-        """No reply in progress and no prompt work left (a reply waiting on a remote source is not idle)."""
-        return not any(
-            d.reply is not None or d.early_prefill_wanted or self.source.prefilling(d) for d in self.dialogues
-        )
+        return any(self._has_work(d) for d in self.dialogues) or bool(self._blocks_to_hand_over())
 
     def _has_work(self, d: Dialogue) -> bool:
-        """Something to compute now; a reply whose next id is still on its way (a remote source) is not."""
+        """Something to compute now (a ready decoder block counts in `busy`). A reply whose next id is still
+        on its way (a remote source) or whose generation ended (its blocks are the worker's) is not."""
         if d.early_prefill_wanted:
             return True
         if d.reply is None:
             return self.source.prefilling(d) and not self.source.waiting(d)
         reply = d.reply
-        return (
-            not self.source.waiting(d)
-            or reply.cancel_event.is_set()
-            or (reply.started and decoding.block_ready(reply))
-        )
+        if reply.cancel_event.is_set() or not reply.started:
+            return True
+        if self.source.waiting(d):
+            return False
+        return not reply.gen.prompt_done or reply.generating
 
     def step(self) -> None:
         for d in self._active():
@@ -100,7 +106,7 @@ class Scheduler:
             if not d.reply.gen.prompt_done:
                 self.guarded(d, self._advance_prompt, d)
         self._next_ids()
-        self._decode_audio()
+        self._hand_over_blocks()
         if self.inbox.empty():
             for d in self.dialogues:
                 if d.reply is None:
@@ -123,6 +129,7 @@ class Scheduler:
             if d.history is not None:
                 self.source.rewind(d)
             if reply is not None:
+                reply.cancel_event.set()  # a block of it still with the decoder worker emits nothing
                 reply.emit(ReplyError(f"{type(exc).__name__}: {exc}"))
 
     # ----- calls --------------------------------------------------------------------------------------
@@ -136,6 +143,7 @@ class Scheduler:
     def close(self, d: Dialogue) -> None:
         reply, d.reply = d.reply, None
         if reply is not None:
+            reply.cancel_event.set()
             reply.emit(ReplyDone("cancelled"))
         self.source.close(d)
         d.release()
@@ -182,7 +190,7 @@ class Scheduler:
             raise
         reply.gen.prompt_ids = history.ids()
         reply.gen.parser = StreamParser(self.m.text)
-        reply.audio.stream = new_decoder_stream(self.m.decoder, self.cfg)
+        reply.audio.next_block_tokens = self.cfg.decoder_schedule()[0]  # the stream's first block
         self.source.begin(d, reply.gen.prompt_ids, for_reply=True)
 
     def _advance_prompt(self, d: Dialogue) -> None:
@@ -267,23 +275,36 @@ class Scheduler:
 
     # ----- audio --------------------------------------------------------------------------------------
 
-    def _decode_audio(self) -> None:
-        """Ready decoder blocks, most urgent first; a new command (turn, cancel) goes before the next one."""
-        for d in decoding.blocks_in_order(self._active(), self.cfg, time.monotonic()):
-            if d.reply is None or d.reply.cancel_event.is_set():
-                continue
-            self.guarded(d, self._decode_block, d)
-            if not self.inbox.empty():
-                return
+    def _blocks_to_hand_over(self) -> list[Dialogue]:
+        return decoding.blocks_in_order(self._active(), self.cfg, time.monotonic())
 
-    def _decode_block(self, d: Dialogue) -> None:
-        """Decode the reply's buffered values, emit the audio, and finish the reply when generation ended."""
-        reply = d.reply
-        if reply.audio.buffer:
-            self.counters["decoder_blocks"] += 1
-        decoding.decode_block(reply)
-        if reply.gen.finish_reason is not None:
+    def _hand_over_blocks(self) -> None:
+        """Ready decoder blocks go to the worker's queue, most urgent first; the LM does not wait for them."""
+        for d in self._blocks_to_hand_over():
+            block = decoding.take_block(d.reply)
+            if block.tokens:
+                self.counters["decoder_blocks"] += 1
+            self.decoder.submit(block)
+
+    def block_done(self, done: BlockDone) -> None:
+        """The worker's report on a block: count its audio, then finish or fail the reply, or hand over
+        its next block. A reply that ended meanwhile (cancelled, closed, failed) is not touched."""
+        d = next((d for d in self.dialogues if d.reply is done.reply), None)
+        if d is None:
+            return
+        reply, audio = done.reply, done.reply.audio
+        audio.in_flight = False
+        if done.error is not None:
+            self.guarded(d, _raise, done.error)
+            return
+        audio.samples += done.samples
+        audio.next_block_tokens = done.next_block_tokens
+        if done.first_pcm_t is not None:
+            reply.time.stages.setdefault("first_pcm", done.first_pcm_t)
+        if done.finish:
             self._finish(d, reply.gen.finish_reason, len(reply.gen.generated_ids))
+        else:
+            self._hand_over_blocks()
 
     # ----- end of a reply -----------------------------------------------------------------------------
 
@@ -297,9 +318,11 @@ class Scheduler:
 
     def cancel(self, d: Dialogue) -> None:
         """Barge-in: stop now; the history keeps what the user heard (see dialogue.heard_prefix_len).
+        The reply's block with the decoder worker (queued or running) emits nothing more.
 
         Before the prompt is in, nothing was said: the input goes back to pending for the next turn."""
         reply = d.reply
+        reply.cancel_event.set()  # set already on a barge-in; a reply replaced by a new one stops here
         if not reply.gen.prompt_done:
             if reply.started:
                 d.undo_start(reply)
@@ -315,4 +338,13 @@ class Scheduler:
         self._finish(d, "cancelled", keep)
 
     def stats(self) -> dict:
-        return {"calls": len(self.dialogues), **self.counters, **self.source.counters}
+        return {
+            "calls": len(self.dialogues),
+            **self.counters,
+            **self.decoder.counters,
+            **self.source.counters,
+        }
+
+
+def _raise(exc: Exception) -> None:
+    raise exc

@@ -1,16 +1,17 @@
-"""The GLM-4-Voice responder: one engine thread owns the three models and serves every call.
+"""The GLM-4-Voice responder: the engine's LM thread owns the models and serves every call; its decoder
+worker thread turns ready decoder blocks into audio beside it (docs/engine.md).
 
 Calls talk to the engine through one command queue (`queue.SimpleQueue`, never blocking the asyncio
-loop); the engine answers through each turn's asyncio queue with `loop.call_soon_threadsafe`. The
-engine thread waits on its queue when idle and otherwise loops over steps (pipeline.engine.scheduler):
+loop); the engine answers through each reply's asyncio queue with `loop.call_soon_threadsafe`. The
+LM thread waits on its queue when idle and otherwise loops over steps (pipeline.engine.scheduler):
 
     commands -> cancellations -> new turns' prompts, one bounded prefill chunk per call
-             -> ONE batched next-id step -> decoder blocks -> early prefill when idle
+             -> ONE batched next-id step -> ready decoder blocks to the worker -> early prefill when idle
 
 so turns of different calls interleave at token granularity and share one forward pass, a new turn's
 prefill and first decoder block go before older turns' work (time to first audio first), and older
 streams are ordered by how far their audio is ahead of playback. Commands (pipeline/engine/commands.py)
-carry their own handlers.
+carry their own handlers; the decoder worker reports each block on the same queue.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from pipeline.engine.commands import (
     Open,
     PushAudio,
     Respond,
-    Settle,
     Stop,
     Update,
     Wake,
@@ -71,12 +71,18 @@ log = logging.getLogger(__name__)
 # ----- asyncio-side objects ---------------------------------------------------------------------------
 
 
-def _deliver(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
-    """A thread-safe `emit` into one turn's asyncio queue (dropped if the loop is gone)."""
+def _deliver(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, cancelled: threading.Event):
+    """A thread-safe `emit` into one reply's asyncio queue (dropped if the loop is gone). Once the reply is
+    cancelled only its end event goes in: `cancel()` runs on the loop, so no audio, text or timing of
+    the reply reaches the queue after it, whichever engine thread made it and when."""
+
+    def put(event: ReplyEvent) -> None:
+        if not cancelled.is_set() or isinstance(event, ReplyDone | ReplyError):
+            events.put_nowait(event)
 
     def emit(event: ReplyEvent) -> None:
         try:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            loop.call_soon_threadsafe(put, event)
         except RuntimeError:  # loop closed: the call is gone, nobody reads this turn any more
             pass
 
@@ -180,14 +186,16 @@ class EngineSession(ResponderSession):
 
     def respond(self, options: ReplyOptions | None = None) -> Reply:
         events: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
         sampling = self._settings.sampling
         cfg = self._engine.config
         reply = ReplyState(
             reply_id=f"{self._dialogue.call_id}-reply{next(self._reply_count)}",
-            emit=_deliver(self._loop, events),
+            emit=_deliver(self._loop, events, cancelled),
             sampling=sampling,
             max_new_tokens=max(1, min(sampling.max_new_tokens, cfg.max_new_tokens)),
             instructions=None if options is None else options.instructions,
+            cancel_event=cancelled,
         )
         self._current = EngineReply(
             self._dialogue, reply, events, self._engine.send, lambda: self._engine.scheduler.m.text
@@ -234,7 +242,7 @@ class EngineThread:
 
     def send(self, command: Command) -> None:
         self._inbox.put(command)
-        if self._finished:  # nobody will run it: answer it now (close, settle, respond)
+        if self._finished:  # nobody will run it: answer it now (close, respond)
             self._answer_leftovers()
 
     def start(self) -> concurrent.futures.Future:
@@ -243,12 +251,6 @@ class EngineThread:
 
     def join(self, timeout_s: float) -> None:
         self._thread.join(timeout_s)
-
-    async def settled(self) -> None:
-        """Wait until the engine has no work in progress (every reply done, early prefills made)."""
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        self.send(Settle(done))
-        await asyncio.wrap_future(done)
 
     def _main(self) -> None:
         from pipeline.engine.models import describe, load_models, warm_up
@@ -292,6 +294,7 @@ class EngineThread:
         for d in list(self.scheduler.dialogues):
             reply, d.reply = d.reply, None
             if reply is not None:
+                reply.cancel_event.set()
                 reply.emit(ENGINE_STOPPED)
 
     def _answer_leftovers(self) -> None:

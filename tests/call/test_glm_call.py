@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.lm.prompt import user_turn_ids
 from pipeline.weights.demo import MESSAGE
+from tests.helpers.engine import settled
 from tests.helpers.rtc_client import RealtimeClient
 from tests.helpers.speech import have_speech_tools, synth_speech
 
@@ -131,7 +132,7 @@ async def test_barge_in_keeps_only_what_was_played(glm_server, script):
         assert 500 < played_ms < 6000
         # the interruption is the next turn; once it has started, turn 1 in the history is what was heard
         await client.wait_for("response.created", 20, after=mark)
-        await glm_server.server.responder.engine.settled()
+        await settled(glm_server.server.responder.engine)
         turn1 = session.dialogue.history.turns[0]
         header = [tok.assistant_id, *tok.encode("streaming_transcription\n")]
         # the event rounds played_ms to whole ms; the engine got the exact value: accept either side
@@ -214,7 +215,7 @@ async def test_resumed_call_prefills_only_the_new_turn(glm_server, script):
     old = glm_server.server.calls[first.call_id]
     await first.close()  # the network path goes: no hangup
     await old.closed.wait()
-    await glm_server.server.responder.engine.settled()
+    await settled(glm_server.server.responder.engine)
     d = session.dialogue
     assert not d.closed and len(d.history.turns) == 1
     kept_ids = len(d.history.ids())

@@ -21,6 +21,7 @@ from pipeline.engine.config import EngineConfig
 from pipeline.engine.thread import GLMVoiceResponder
 from pipeline.responder import ReplyDone, SessionSettings
 from server.logs import call_tag, setup_logging
+from tests.helpers.engine import settled
 from tests.helpers.rtc_client import RealtimeClient, start_server
 
 
@@ -168,7 +169,7 @@ async def _leak_run(running, calls: int, warmup: int = 3) -> None:
             if not running.server.calls and engine.scheduler.stats()["calls"] == 0:
                 break
             await asyncio.sleep(0.1)
-        await engine.settled()
+        await settled(engine)
         await asyncio.sleep(0.5)  # aiortc's transports finish closing
 
     for i in range(warmup):

@@ -24,6 +24,7 @@ from pipeline.responder import (
     Timing,
 )
 from pipeline.weights.demo import MESSAGE
+from tests.helpers.engine import settled
 from tests.helpers.speech import have_speech_tools, synth_speech
 
 STAGES = ["tokens_ready", "prefill_done", "first_text_token", "first_speech_token", "first_pcm"]
@@ -116,7 +117,7 @@ async def test_spoken_turn_with_early_prefill(responder, sched, script):
     for start in range(0, speech.size, 512):  # VAD-sized chunks
         session.push_audio(speech[start : start + 512])
         if start <= half < start + 512:
-            await responder.engine.settled()  # the engine caught up with the audio so far
+            await settled(responder.engine)  # the engine caught up with the audio so far
             assert sched.stats()["prefilled_tokens"] > prefilled_before  # early prefill happened
     session.commit_audio()
     events = await collect(session.respond())
@@ -221,14 +222,18 @@ async def test_hangup_mid_reply_frees_the_cache(responder, sched):
 
 async def test_exception_in_one_call_reaches_only_that_call(responder, sched, script, monkeypatch):
     tok = sched.m.text
-    real = sched._decode_block
+    worker = sched.decoder
+    real = worker.decode_blocks
 
-    def failing(d):
-        if d.call_id == "faulty":
-            raise RuntimeError("injected decoder fault")
-        return real(d)
+    def failing(jobs):
+        faulty = {id(d.reply.audio.stream) for d in sched.dialogues if d.call_id == "faulty" and d.reply}
+        results = real(jobs)
+        return [
+            RuntimeError("injected decoder fault") if id(job.stream) in faulty else result
+            for job, result in zip(jobs, results, strict=True)
+        ]
 
-    monkeypatch.setattr(sched, "_decode_block", failing)
+    monkeypatch.setattr(worker, "decode_blocks", failing)
     good, bad = (responder.open_session(c, SessionSettings()) for c in ("healthy", "faulty"))
     good.add_text("Hi.")
     bad.add_text("Hi.")
@@ -238,7 +243,7 @@ async def test_exception_in_one_call_reaches_only_that_call(responder, sched, sc
     assert not any(isinstance(e, AudioChunk) for e in bad_events)
     assert bad.dialogue.history.turns == []  # the failed turn left no trace
     check_cache_matches_history(bad.dialogue)
-    monkeypatch.setattr(sched, "_decode_block", real)
+    monkeypatch.setattr(worker, "decode_blocks", real)
     bad.add_text("Hi again.")
     check_complete_reply(await collect(bad.respond()), script, tok)  # the call recovers
     await good.close()
@@ -309,7 +314,7 @@ async def test_barge_in_after_generation_ended_trims_the_history(responder, sche
     events = await collect(turn)
     assert events[-1].reason == "stop"
     turn.cancel(played_ms=1500.0)  # the user talked over the reply 1.5 s into its playback
-    await responder.engine.settled()
+    await settled(responder.engine)
     d = session.dialogue
     assert d.history.turns[-1] == user_turn_ids(tok, text="Say it all.") + heard_ids(
         script["reply_ids"], tok, 1500.0
@@ -333,7 +338,7 @@ async def test_truncate_after_a_cut_cuts_further_and_reports_the_heard_transcrip
     turn.cancel(played_ms=2000.0)  # the server's cut at speech start
     turn.cancel(played_ms=2500.0)  # a longer report cannot un-cut
     turn.cancel(played_ms=900.0)  # the client played only 0.9 s
-    await responder.engine.settled()
+    await settled(responder.engine)
     d = session.dialogue
     kept = heard_ids(script["reply_ids"], tok, 900.0)
     assert d.history.turns[-1] == user_turn_ids(tok, text="Say it all.") + kept
@@ -362,7 +367,7 @@ async def test_delete_user_item_leaves_the_next_prompt_and_the_cache_follows(res
     assert d.history.ids() == system + block_a + reply + block_b + reply
 
     session.delete_item(0)
-    await responder.engine.settled()
+    await settled(responder.engine)
     header = [tok.assistant_id, *tok.encode(ASSISTANT_METADATA)]
     assert d.history.ids() == system + header + reply + block_b + reply
     check_cache_matches_history(d)
@@ -398,7 +403,7 @@ async def test_delete_reply_and_truncate_an_older_reply(responder, sched, script
     block_a, block_b = user_turn_ids(tok, text="Question A."), user_turn_ids(tok, text="Question B.")
 
     turn_a.cancel(played_ms=900.0)  # the client reports it played 0.9 s of the older reply
-    await responder.engine.settled()
+    await settled(responder.engine)
     kept_a = heard_ids(reply, tok, 900.0)
     assert len(kept_a) < len(reply)
     assert d.history.turns == [block_a + kept_a, block_b + reply]
@@ -406,7 +411,7 @@ async def test_delete_reply_and_truncate_an_older_reply(responder, sched, script
     assert turn_a.heard_transcript(900.0) == tok.decode([i for i in kept_a if not tok.is_audio(i)])
 
     session.delete_item(turn_b)
-    await responder.engine.settled()
+    await settled(responder.engine)
     assert d.history.turns == [block_a + kept_a, block_b]
     check_cache_matches_history(d)
 

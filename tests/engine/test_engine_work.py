@@ -13,6 +13,7 @@ from pipeline.lm.history import USER
 from pipeline.lm.prompt import system_block_ids, user_turn_ids
 from pipeline.responder import ReplyDone, ReplyError, SessionSettings, TextDelta
 from tests.engine.test_engine import check_complete_reply, collect
+from tests.helpers.engine import settled
 
 CHUNK_TOKENS = 32
 MAX_ITEMS = 8
@@ -118,7 +119,7 @@ async def test_pending_input_is_bounded(responder, script, monkeypatch):
     events = await collect(session.respond())
     assert len(events) == 1 and isinstance(events[0], ReplyError) and events[0].code == "input_too_large"
     assert len(encoded_long) <= MAX_ITEMS  # messages past the bound are not even tokenised
-    await responder.engine.settled()
+    await settled(responder.engine)
     assert sched.stats()["prefilled_tokens"] == prefilled  # no prefill for the rejected input
     assert session.dialogue.history.turns == [] and session.dialogue.pending.items == []
 
@@ -157,7 +158,7 @@ async def test_early_prefill_never_passes_the_context(demo_dir, script):
         )
         for start in range(0, speech.size, 512):
             session.push_audio(speech[start : start + 512])
-        await responder.engine.settled()
+        await settled(responder.engine)
         assert sched.stats()["turn_errors"] == errors
         assert sched.stats()["prefilled_tokens"] == prefilled  # nothing prefilled that fit() would discard
         session.commit_audio()

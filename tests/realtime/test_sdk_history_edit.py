@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from server.echo import EchoResponder
+from tests.helpers.engine import settled
 from tests.helpers.rtc_client import start_server
 from tests.realtime.test_sdk_websocket import API_KEY, Session, _client
 
@@ -143,7 +144,7 @@ async def test_delete_user_item_leaves_the_glm_prompt(glm_ws):
             await s.wait_for("response.done", 60, after=mark)
 
             call = next(iter(glm_ws.server.calls.values()))
-            await glm_ws.server.responder.engine.settled()
+            await settled(glm_ws.server.responder.engine)
             d = call.session.dialogue
             tok = glm_ws.server.responder.engine.scheduler.m.text
             prompt = d.last_reply.gen.prompt_ids
