@@ -78,6 +78,7 @@ class DecoderWorker:
         self.decode_blocks: DecodeBlocks = decode_blocks
         self.device = device
         self.max_blocks = max_blocks
+        self.cpu_threads = torch.get_num_threads()  # the LM thread's setting (pipeline/engine/models.py)
         self.counters = {"decoder_batches": 0, "decoder_batched_blocks": 0, "decoder_dropped_blocks": 0}
         self._queue: list[Block] = []
         self._wake = threading.Condition()
@@ -122,6 +123,7 @@ class DecoderWorker:
     def _device_stream(self):
         """On CUDA the worker's kernels go on a stream of their own, beside the LM's."""
         if self.device.type != "cuda":
+            torch.set_num_threads(self.cpu_threads)  # a per-thread setting in torch's CPU thread pool
             yield
             return
         torch.cuda.set_device(self.device)
