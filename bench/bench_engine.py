@@ -13,15 +13,22 @@ Modes:
                          here from .venv-vllm on the demo LM, `make vllm-venv`) after the local ones, plus
                          the per-token time of the LM alone: local VoiceLM vs vLLM's HTTP stream.
 
+  --baseline-tree DIR    engine mode: the same run twice, one after the other, in child processes: first
+                         the engine of DIR (a worktree of an older commit, e.g. `git worktree add
+                         /tmp/old-engine <commit>`), then this tree's; prints both and the ratios of
+                         p95 first audio and worst playout gap (new / old).
+
   --write-fullsize DIR   write full-size random checkpoints of all three stages (bf16 LM, ~19 GB) shaped
                          like the demo weights (a scripted 13/26 reply that stops), for `engine` mode.
 
 Examples:
   .venv/bin/python bench/bench_engine.py                         # webrtc, 1 and 8 calls, 30 turns
-  .venv/bin/python bench/bench_engine.py --mode engine --calls 1 4 16 .venv/bin/python bench/bench_engine.py
-  --mode engine --lm-backend vllm --calls 1 8 --turns 5 .venv/bin/python bench/bench_engine.py
-  --write-fullsize /data/rand && \\ .venv/bin/python bench/bench_engine.py --mode engine --weights /data/rand
-  --device cuda --dtype bfloat16 --calls 1 4 16
+  .venv/bin/python bench/bench_engine.py --mode engine --calls 1 4 16
+  .venv/bin/python bench/bench_engine.py --mode engine --calls 8 --turns 2 --baseline-tree /tmp/old-engine
+  .venv/bin/python bench/bench_engine.py --mode engine --lm-backend vllm --calls 1 8 --turns 5
+  .venv/bin/python bench/bench_engine.py --write-fullsize /data/rand && \\
+  .venv/bin/python bench/bench_engine.py --mode engine --weights /data/rand --device cuda \\
+      --dtype bfloat16 --calls 1 4 16
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -40,7 +48,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+TREE = Path(os.environ.get("BENCH_ENGINE_TREE", ROOT))  # whose engine runs (set by --baseline-tree)
+sys.path.insert(0, str(TREE))
 
 
 from pipeline.engine.config import EngineConfig  # noqa: E402
@@ -64,14 +73,12 @@ def machine() -> str:
         )
     except (OSError, StopIteration):
         cpu = platform.processor()
-    import os
-
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ["git", "rev-parse", "--short", "HEAD"], cwd=TREE, capture_output=True, text=True
     ).stdout.strip()
     return (
         f"{cpu}, {os.cpu_count()} cores, {gpu}; load avg {load:.1f}; "
@@ -121,6 +128,7 @@ async def engine_call(responder, name: str, speech: np.ndarray, turns: int, out:
         turn = session.respond()
         times: dict[str, float] = {}
         produced_ms, min_lead_ms = 0.0, float("inf")
+        plays_until, worst_gap_ms = None, 0.0  # playback from the first chunk on, pausing when it runs dry
         async for event in turn.events():
             now = time.monotonic()
             if isinstance(event, Timing):
@@ -129,6 +137,10 @@ async def engine_call(responder, name: str, speech: np.ndarray, turns: int, out:
                 if "first_pcm" in times:  # lead of produced audio over playback started at first PCM
                     min_lead_ms = min(min_lead_ms, produced_ms - (now - times["first_pcm"]) * 1000)
                 produced_ms += 1000 * event.pcm.size / event.sample_rate_hz
+                duration_s = event.pcm.size / event.sample_rate_hz
+                if plays_until is not None and now > plays_until:
+                    worst_gap_ms = max(worst_gap_ms, (now - plays_until) * 1000)
+                plays_until = max(plays_until or now, now) + duration_s
             elif isinstance(event, ReplyError):
                 raise RuntimeError(event.message)
             elif isinstance(event, ReplyDone):
@@ -138,6 +150,7 @@ async def engine_call(responder, name: str, speech: np.ndarray, turns: int, out:
             for stage, t in times.items():
                 out["stages"].setdefault(stage, []).append((t - t_commit) * 1000)
             out["leads"].append(min_lead_ms)
+            out["gaps"].append(worst_gap_ms)
     await session.close()
 
 
@@ -154,17 +167,60 @@ async def run_engine(args, cfg: EngineConfig | None = None, vllm=None, label: st
         raise RuntimeError(f"{label} not ready: {responder.info().details}")
     print(f"\n{label} ready in {time.monotonic() - t0:.1f} s: {responder.info().details}")
     speech = user_speech()
+    results = []
     for calls in args.calls:
-        out: dict = {"totals": [], "stages": {}, "leads": []}
+        out: dict = {"totals": [], "stages": {}, "leads": [], "gaps": []}
         turns = max(1, args.turns // calls) if args.split_turns else args.turns
+        t0 = time.monotonic()
         await asyncio.gather(*(engine_call(responder, f"c{i}", speech, turns, out) for i in range(calls)))
+        took_s = time.monotonic() - t0
         report(f"{label}, {calls} concurrent call(s): commit -> first PCM", out["totals"], out["stages"])
         behind = sum(1 for lead in out["leads"] if lead < 0)
         print(
             f"    real time: lowest lead of produced audio over playback {min(out['leads']):.0f} ms; "
-            f"{behind}/{len(out['leads'])} replies fell behind playback at some chunk"
+            f"{behind}/{len(out['leads'])} replies fell behind playback at some chunk; worst playout gap "
+            f"after the first chunk {max(out['gaps']):.0f} ms; {took_s:.0f} s in all"
+        )
+        results.append(
+            {
+                "calls": calls,
+                "replies": len(out["totals"]),
+                "first_pcm_p50_ms": pct(out["totals"], 0.5),
+                "first_pcm_p95_ms": pct(out["totals"], 0.95),
+                "worst_gap_ms": max(out["gaps"]),
+                "replies_behind": behind,
+                "took_s": took_s,
+            }
         )
     await responder.stop()
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"machine": machine(), "results": results}))
+
+
+def run_baseline_comparison(args) -> None:
+    """The engine of `--baseline-tree`, then this tree's, each in a child process of this script."""
+    runs = {}
+    for name, tree in (("old", Path(args.baseline_tree).resolve()), ("new", ROOT)):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "result.json"
+            cmd = [sys.executable, __file__, "--mode", "engine", "--turns", str(args.turns)]
+            cmd += ["--calls", *map(str, args.calls), "--demo-dir", args.demo_dir, "--json-out", str(out)]
+            print(f"\n===== {name} design: {tree}", flush=True)
+            subprocess.run(cmd, env={**os.environ, "BENCH_ENGINE_TREE": str(tree)}, check=True)
+            runs[name] = json.loads(out.read_text())
+    print("\n===== old vs new (commit -> first PCM; worst playout gap after a reply's first chunk)")
+    for name in runs:
+        print(f"  {name}: {runs[name]['machine']}")
+    for old, new in zip(runs["old"]["results"], runs["new"]["results"], strict=True):
+        print(f"  {old['calls']} concurrent calls, {old['replies']} / {new['replies']} replies:")
+        for key, label in (
+            ("first_pcm_p50_ms", "first audio p50"),
+            ("first_pcm_p95_ms", "first audio p95"),
+            ("worst_gap_ms", "worst playout gap"),
+            ("took_s", "wall time (s)"),
+        ):
+            ratio = new[key] / old[key] if old[key] else float("nan")
+            print(f"    {label:<20} old {old[key]:9.1f}   new {new[key]:9.1f}   new/old {ratio:.2f}")
 
 
 def lm_token_ms(lm_dir: Path, client, model: str, tokens: int = 64) -> tuple[float, float]:
@@ -352,6 +408,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--write-fullsize", metavar="DIR", help="write full-size random weights to DIR and exit")
+    p.add_argument("--baseline-tree", metavar="DIR", help="engine mode: DIR's engine, then this one's")
+    p.add_argument("--json-out", metavar="FILE", help="engine mode: write the figures to FILE as JSON")
     p.add_argument(
         "--lm-backend",
         choices=["local", "vllm"],
@@ -364,6 +422,11 @@ def main() -> None:
         return
     if args.calls is None:
         args.calls = [1, 4, 16] if args.device.startswith("cuda") else [1, 8]
+    if args.baseline_tree:
+        if args.mode != "engine" or args.weights or args.lm_backend != "local":
+            p.error("--baseline-tree runs --mode engine on the demo weights")
+        run_baseline_comparison(args)
+        return
     print(f"machine: {machine()}")
     if args.lm_backend == "vllm":
         if args.mode != "engine" or args.weights:
