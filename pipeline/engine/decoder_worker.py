@@ -131,14 +131,18 @@ class DecoderWorker:
             yield
 
     def _take(self) -> list[Block] | None:
-        """Every queued block up to `max_blocks`, most urgent first; None once stopping."""
+        """The next batch, most urgent first, at most `max_blocks`; None once stopping. While some reply
+        waits for its first audio, its first block goes in a batch of first blocks only: they are the
+        shortest (`first_block_tokens`), and a batch costs as much as its longest block."""
         with self._wake:
             while not self._queue and not self._stopping:
                 self._wake.wait(IDLE_WAIT_S)
             if self._stopping:
                 return None
             self._queue.sort(key=lambda b: (b.dry_at_s, b.reply.time.started_t))
-            batch, self._queue = self._queue[: self.max_blocks], self._queue[self.max_blocks :]
+            firsts = self._queue[0].first_audio
+            batch = [b for b in self._queue if b.first_audio or not firsts][: self.max_blocks]
+            self._queue = [b for b in self._queue if all(b is not x for x in batch)]
             return batch
 
     def _run(self, batch: list[Block]) -> None:

@@ -329,3 +329,34 @@ async def test_shutdown_with_blocks_queued(demo_dir, monkeypatch):
     assert b_reply._reply.audio.stream is None  # the queued block was dropped
     assert not r.engine.alive and not sched.decoder._thread.is_alive()
     assert not r.info().ready
+
+
+def test_the_worker_takes_first_blocks_alone_then_the_least_ahead():
+    """The worker's batches: first blocks (no audio yet) before any other and in batches of their own,
+    oldest reply first; then the streams whose playback runs dry soonest; never more than the bound."""
+    import math
+
+    import torch
+
+    from pipeline.engine.decoder_worker import Block, DecoderWorker
+    from pipeline.engine.reply import ReplyState
+
+    worker = DecoderWorker(new_stream=None, report=None, device=torch.device("cpu"), max_blocks=2)
+
+    def block(name: str, dry_at_s: float) -> Block:
+        reply = ReplyState(name, emit=lambda e: None, sampling=SamplingSettings(), max_new_tokens=1)
+        first = dry_at_s == -math.inf
+        return Block(
+            reply, tokens=(1,) * (10 if first else 40), finish=False, first_audio=first, dry_at_s=dry_at_s
+        )
+
+    blocks = [block("late", 9.0), block("new1", -math.inf), block("soon", 5.0)]
+    blocks += [block("new2", -math.inf), block("new3", -math.inf)]
+    for b in blocks:
+        worker.submit(b)
+    names = lambda batch: [b.reply.reply_id for b in batch]  # noqa: E731
+    assert names(worker._take()) == ["new1", "new2"]
+    assert names(worker._take()) == ["new3"]
+    assert names(worker._take()) == ["soon", "late"]
+    worker.stop(1.0)
+    assert worker._take() is None
