@@ -19,7 +19,9 @@ class EngineConfig:
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "float32", "bfloat16", "float16"
     quantization: str = ""  # "" or "int4" (bitsandbytes NF4, as the official server's --dtype int4)
-    max_calls_batched: int = 16  # decode-step batch slots (calls whose tokens share one forward)
+    max_calls_batched: int = (
+        16  # LM decode-step rows (calls sharing one forward) and decoder blocks per batch
+    )
     max_calls: int = (
         16  # LM KV slots reserved at start, one per open call (the server passes [limits].max_calls)
     )

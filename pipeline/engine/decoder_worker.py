@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from pipeline.decoder.stream import DecoderStream
 from pipeline.engine.commands import Command
 from pipeline.engine.reply import ReplyState
 from pipeline.responder import AudioChunk, Timing
+
+if TYPE_CHECKING:
+    from pipeline.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 30.0  # an idle worker wakes on `submit`; the deadline only bounds a lost wake-up
@@ -59,7 +63,7 @@ class BlockDone(Command):
     finish: bool = False  # the block ended the stream: the reply is complete
     error: Exception | None = None  # the block failed: the reply fails, every other goes on
 
-    def apply(self, s) -> None:
+    def apply(self, s: Scheduler) -> None:
         s.block_done(self)
 
 
@@ -99,7 +103,7 @@ class DecoderWorker:
             self._stopping = True
             self._queue.clear()
             self._wake.notify()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
+        if self._thread.is_alive():
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 log.warning("decoder worker did not stop within %.0f s", timeout_s)
