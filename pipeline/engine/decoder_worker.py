@@ -22,19 +22,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from pipeline.decoder.batch import BlockJob, decode_blocks
 from pipeline.decoder.stream import DecoderStream
-from pipeline.engine.commands import Command
 from pipeline.engine.reply import ReplyState
 from pipeline.responder import AudioChunk, Timing
-
-if TYPE_CHECKING:
-    from pipeline.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 30.0  # an idle worker wakes on `submit`; the deadline only bounds a lost wake-up
@@ -52,9 +48,16 @@ class Block:
     dry_at_s: float  # urgency: when the reply's playback runs out (monotonic s); -inf while it has no audio
 
 
+class BlockSink(Protocol):
+    """The LM thread's side of a `BlockDone` (pipeline/engine/scheduler.py)."""
+
+    def block_done(self, done: BlockDone) -> None: ...
+
+
 @dataclass(frozen=True)
-class BlockDone(Command):
-    """A block's outcome, from the worker to the LM thread (applied between its steps)."""
+class BlockDone:
+    """A block's outcome, from the worker to the LM thread: it travels on the engine's command queue and is
+    applied between steps like a command (pipeline/engine/commands.py), which is why it has `apply`."""
 
     reply: ReplyState
     samples: int = 0  # PCM samples emitted
@@ -63,8 +66,11 @@ class BlockDone(Command):
     finish: bool = False  # the block ended the stream: the reply is complete
     error: Exception | None = None  # the block failed: the reply fails, every other goes on
 
-    def apply(self, s: Scheduler) -> None:
+    def apply(self, s: BlockSink) -> None:
         s.block_done(self)
+
+    def unanswered(self) -> None:
+        """The engine stopped first: nobody waits on a block's report."""
 
 
 class DecoderWorker:
