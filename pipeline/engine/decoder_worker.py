@@ -141,17 +141,17 @@ class DecoderWorker:
             yield
 
     def _take(self) -> list[Block] | None:
-        """The next batch, most urgent first, at most `max_blocks`; None once stopping. While some reply
-        waits for its first audio, its first block goes in a batch of first blocks only: they are the
-        shortest (`first_block_tokens`), and a batch costs as much as its longest block."""
+        """The next batch: the most urgent block, then the other queued blocks in urgency order that are no
+        longer than it, at most `max_blocks`; None once stopping. A batch costs about as much as its longest
+        block, so nothing longer rides along with an urgent short one (a first block: `first_block_tokens`)."""
         with self._wake:
             while not self._queue and not self._stopping:
                 self._wake.wait(IDLE_WAIT_S)
             if self._stopping:
                 return None
             self._queue.sort(key=lambda b: (b.dry_at_s, b.reply.time.started_t))
-            firsts = self._queue[0].first_audio
-            batch = [b for b in self._queue if b.first_audio or not firsts][: self.max_blocks]
+            longest = len(self._queue[0].tokens)
+            batch = [b for b in self._queue if len(b.tokens) <= longest][: self.max_blocks]
             self._queue = [b for b in self._queue if all(b is not x for x in batch)]
             return batch
 

@@ -331,9 +331,10 @@ async def test_shutdown_with_blocks_queued(demo_dir, monkeypatch):
     assert not r.info().ready
 
 
-def test_the_worker_takes_first_blocks_alone_then_the_least_ahead():
-    """The worker's batches: first blocks (no audio yet) before any other and in batches of their own,
-    oldest reply first; then the streams whose playback runs dry soonest; never more than the bound."""
+def test_the_worker_batches_the_most_urgent_block_with_no_longer_ones():
+    """The worker's batches: first blocks (no audio yet) before any other, oldest reply first; then the
+    stream whose playback runs dry soonest, with the queued blocks no longer than its block; never more
+    than the bound."""
     import math
 
     import torch
@@ -341,22 +342,22 @@ def test_the_worker_takes_first_blocks_alone_then_the_least_ahead():
     from pipeline.engine.decoder_worker import Block, DecoderWorker
     from pipeline.engine.reply import ReplyState
 
-    worker = DecoderWorker(new_stream=None, report=None, device=torch.device("cpu"), max_blocks=2)
+    worker = DecoderWorker(new_stream=None, report=None, device=torch.device("cpu"), max_blocks=3)
 
-    def block(name: str, dry_at_s: float) -> Block:
+    def block(name: str, dry_at_s: float, tokens: int) -> Block:
         reply = ReplyState(name, emit=lambda e: None, sampling=SamplingSettings(), max_new_tokens=1)
         first = dry_at_s == -math.inf
-        return Block(
-            reply, tokens=(1,) * (10 if first else 40), finish=False, first_audio=first, dry_at_s=dry_at_s
-        )
+        return Block(reply, (1,) * tokens, finish=False, first_audio=first, dry_at_s=dry_at_s)
 
-    blocks = [block("late", 9.0), block("new1", -math.inf), block("soon", 5.0)]
-    blocks += [block("new2", -math.inf), block("new3", -math.inf)]
+    blocks = [block("late", 9.0, 40), block("new1", -math.inf, 10), block("soon", 5.0, 40)]
+    blocks += [block("long", 7.0, 80), block("new2", -math.inf, 10), block("new3", -math.inf, 10)]
+    blocks += [block("new4", -math.inf, 10)]
     for b in blocks:
         worker.submit(b)
     names = lambda batch: [b.reply.reply_id for b in batch]  # noqa: E731
-    assert names(worker._take()) == ["new1", "new2"]
-    assert names(worker._take()) == ["new3"]
-    assert names(worker._take()) == ["soon", "late"]
+    assert names(worker._take()) == ["new1", "new2", "new3"]
+    assert names(worker._take()) == ["new4"]  # first blocks: the longer blocks wait
+    assert names(worker._take()) == ["soon", "late"]  # "long" is more urgent than "late" but longer
+    assert names(worker._take()) == ["long"]
     worker.stop(1.0)
     assert worker._take() is None
