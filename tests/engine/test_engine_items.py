@@ -19,6 +19,7 @@ from pipeline.lm.prompt import (
 )
 from pipeline.responder import START, ReplyOptions, SessionSettings
 from tests.engine.test_engine import check_cache_matches_history, check_complete_reply, collect
+from tests.helpers.engine import settled
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ async def test_greeting_without_input_uses_its_own_instructions_once(responder, 
     prompt = d.last_reply.gen.prompt_ids
     assert prompt == session_system + header + script["reply_ids"] + user_block_ids(tok, text="Hi.") + header
     assert "Greet the user." not in tok.decode(prompt)
-    await responder.engine.settled()
+    await settled(responder.engine)
     check_cache_matches_history(d)
     await session.close()
 
@@ -114,7 +115,7 @@ async def test_items_placed_after_an_item_and_deleted_again(responder, tok, scri
     session.add_message("system", "Mind the units.", after=0)  # item 1: between A and its reply
     session.add_message("assistant", "Noted.", after=turn_a)  # item 2: after A's reply
     session.add_message("developer", "Stay polite.", after=START)  # item 3: first of all
-    await responder.engine.settled()
+    await settled(responder.engine)
     sys_1 = message_block_ids(tok, "system", "Mind the units.")
     asst_2 = message_block_ids(tok, "assistant", "Noted.")
     dev_3 = message_block_ids(tok, "developer", "Stay polite.")
@@ -139,7 +140,7 @@ async def test_items_placed_after_an_item_and_deleted_again(responder, tok, scri
         + header
     )
     assert d.last_reply.gen.prompt_ids == want
-    await responder.engine.settled()
+    await settled(responder.engine)
     check_cache_matches_history(d)
     await session.close()
 
@@ -162,7 +163,7 @@ async def test_message_items_of_a_reply_in_progress_stay(responder, tok, script)
 
     await asyncio.wait_for(edit_when_started(), 60)
     check_complete_reply(events, script, tok)
-    await responder.engine.settled()
+    await settled(responder.engine)
     d = session.dialogue
     want = (
         system_block_ids(tok, speech_input=False)
