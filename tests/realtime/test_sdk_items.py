@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers.engine import settled
 from tests.helpers.rtc_client import start_server
 from tests.realtime.test_sdk_websocket import API_KEY, Session, _client
 
@@ -265,7 +266,7 @@ async def test_a_cut_reply_can_be_deleted_at_once(glm_ws):
 
             from pipeline.lm.prompt import user_turn_ids
 
-            await glm_ws.server.responder.engine.settled()
+            await settled(glm_ws.server.responder.engine)
             call = next(iter(glm_ws.server.calls.values()))
             tok = glm_ws.server.responder.engine.scheduler.m.text
             d = call.session.dialogue
