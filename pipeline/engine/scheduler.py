@@ -162,8 +162,8 @@ class Scheduler:
         With no user item the system block keeps its input mode; the reply's own instructions, if any,
         stand in the system block for this reply only (the prefix rule re-prefills what follows it)."""
         reply, history = d.reply, d.history
-        reply.emit(Timing("tokens_ready", reply.time.tokens_ready_t or time.monotonic()))
         speech = [item.speech_input for item in reply.items if item.speech_input is not None]
+        before = (list(history.system_ids), d.speech_input)
         if speech:
             d.speech_input = speech[-1]
         instructions = d.settings.instructions if reply.instructions is None else reply.instructions
@@ -179,15 +179,26 @@ class Scheduler:
         reply.gen.reply_segment = history.begin_reply(reply.reply_id)
         reply.gen.segments.append(reply.gen.reply_segment)
         context = self._context_tokens()
-        try:
-            history.fit(
-                context,
-                reserve_tokens=min(reply.max_new_tokens, context // 4),
-                keep_last=len(reply.gen.segments),
-            )
-        except ValueError:  # even this reply's input does not fit: it leaves again
+        reserve = min(reply.max_new_tokens, context // 4)
+        # fit() drops old items but never the system block nor this reply's: when even those do not fit
+        # (instructions and input each within its own limit, not both), the input is refused before fit()
+        # drops anything, and the history is left as it was.
+        kept = len(history.system_ids) + sum(len(segment.ids) for segment in reply.gen.segments)
+        if kept + reserve > context:
             d.undo_start(reply)
-            raise
+            history.set_system(before[0])
+            d.speech_input, d.reply = before[1], None
+            reply.emit(
+                ReplyError(
+                    f"the instructions and this reply's input ({kept} tokens with the system prompt) + "
+                    f"{reserve} reserved for the reply do not fit the {context}-token context; the input "
+                    "was dropped",
+                    code="input_too_large",
+                )
+            )
+            return
+        reply.emit(Timing("tokens_ready", reply.time.tokens_ready_t or time.monotonic()))
+        history.fit(context, reserve_tokens=reserve, keep_last=len(reply.gen.segments))
         reply.gen.prompt_ids = history.ids()
         reply.gen.parser = StreamParser(self.m.text)
         reply.audio.next_block_tokens = self.cfg.decoder_schedule()[0]  # the stream's first block

@@ -167,3 +167,48 @@ async def test_early_prefill_never_passes_the_context(demo_dir, script):
         await session.close()
     finally:
         await responder.stop()
+
+
+async def test_instructions_and_input_over_the_context_fail_cleanly(demo_dir, script, caplog):
+    """Instructions and a typed message, each within its own limit but together over the context: the
+    reply fails with `input_too_large` (no traceback), the history is kept, the call goes on."""
+    context = 600
+    responder = GLMVoiceResponder(
+        EngineConfig(demo_weights_dir=str(demo_dir), device="cpu", context_tokens=context)
+    )
+    await responder.start()
+    try:
+        sched = responder.engine.scheduler
+        tok = sched.m.text
+        reserve = min(sched.cfg.max_new_tokens, context // 4)
+        room = context - reserve - len(system_block_ids(tok, speech_input=False))
+        words = 1
+        while len(user_turn_ids(tok, text=_long_text(words))) < room * 2 // 3:
+            words += 1
+        text = _long_text(words)
+        instructions = _long_text(words)  # each alone fits the room left for the system block and input
+        assert len(system_block_ids(tok, speech_input=False, instructions=instructions)) + reserve < context
+        assert len(user_turn_ids(tok, text=text)) < room
+        session = responder.open_session("over", SessionSettings())
+        session.add_text("Hi.")
+        check_complete_reply(await collect(session.respond()), script, tok)
+        history = list(session.dialogue.history.ids())
+        errors = sched.stats()["turn_errors"]
+
+        session.update(SessionSettings(instructions=instructions))
+        session.add_text(text)
+        with caplog.at_level("WARNING"):
+            events = await collect(session.respond())
+        assert len(events) == 1 and isinstance(events[0], ReplyError), events
+        assert events[0].code == "input_too_large"
+        assert not [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info]
+        assert sched.stats()["turn_errors"] == errors
+        assert session.dialogue.history.ids() == history  # nothing dropped, nothing added
+        assert session.dialogue.pending.items == []
+
+        session.update(SessionSettings())  # the call goes on
+        session.add_text("And now?")
+        check_complete_reply(await collect(session.respond()), script, tok)
+        await session.close()
+    finally:
+        await responder.stop()
