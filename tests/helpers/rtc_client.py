@@ -144,6 +144,7 @@ class RealtimeClient:
     offer_to_connected_ms: float = 0.0
     answer_sdp: str = ""
     headers: dict = field(default_factory=dict)  # e.g. Authorization for the call offer
+    local_address: str = ""  # offers and hangups from this address (another 127.x.y.z: another client)
 
     def __post_init__(self) -> None:
         self._new_event = asyncio.Event()
@@ -178,7 +179,7 @@ class RealtimeClient:
 
         await self.pc.setLocalDescription(await self.pc.createOffer())
         t0 = time.monotonic()
-        async with aiohttp.ClientSession() as http:
+        async with self._http() as http:
             if as_json:
                 body = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
                 if session is not None:
@@ -263,8 +264,12 @@ class RealtimeClient:
         frames = [f for f, t in zip(self.heard, self.heard_times, strict=True) if t >= since_s]
         return np.concatenate(frames) if frames else np.zeros(0, np.float32)
 
+    def _http(self) -> aiohttp.ClientSession:
+        local = aiohttp.TCPConnector(local_addr=(self.local_address, 0)) if self.local_address else None
+        return aiohttp.ClientSession(connector=local)
+
     async def hangup(self) -> int:
-        async with aiohttp.ClientSession() as http:
+        async with self._http() as http:
             async with http.post(f"{self.base_url}{self.location}/hangup") as r:
                 status = r.status
         await self.close()
