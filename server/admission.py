@@ -2,12 +2,15 @@
 
 A door (`POST /v1/realtime/calls`: WebRTC, server/webrtc/signalling.py; `GET /v1/realtime`: WebSocket,
 server/websocket/socket.py) reads its request its own way and goes through the same steps, in this
-order: `check_door` (origin, per-address rate, auth), then `admit` (the resume token's form; a live
-call holding that token parks now; the call-slot limit, a resumed conversation taking its parked slot
-over; the door's own check, such as a WebRTC offer's SDP; the parked conversation taken back; the
-settings: the parked call's or the defaults, then the client secret's, then the request's), then
-`open_call` (the `Call` on the door's transport, registered, counted). `counting_refusals` wraps a
-door's handler so that every refusal is counted by its code (/metrics).
+order: `check_door` (origin, per-address rate, auth), then `admit`, then `open_call` (the `Call` on
+the door's transport, registered, counted). `admit` checks everything before it changes anything, so
+a refused request - a resume included - leaves every live and parked call as it was: the resume
+token's form; the live-call limit (parked calls do not count: they yield, and a live call holding the
+token hands its slot over); the door's own check (a WebRTC offer's SDP, and for a resume whether
+aiortc can answer it); the session fields of the client secret and of the request. Only then: a live
+call holding the token parks, the parked conversation is taken back, and if live and parked calls
+hold every KV slot the oldest other parked call is closed. `counting_refusals` wraps a door's handler
+so that every refusal is counted by its code (/metrics).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from server.call.settings import CallSettings
 from server.call.transport import Transport
 from server.context import ServerContext
 from server.edge.auth import ClientSecret
-from server.edge.limits import ApiError, check_origin, parse_session
+from server.edge.limits import ApiError, check_origin, client_address, parse_session
 from server.logs import current_call_id
 
 MAX_RESUME_TOKEN_CHARS = 256  # ours are 36; anything much longer is not one
@@ -35,6 +38,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Admitted:
     settings: CallSettings
     resumed: ParkedCall | str | None  # the conversation taken back, or why it could not be (RESUME_FAILED)
+    address: str = ""  # the client's, as the limits count it
 
 
 def counting_refusals(ctx: ServerContext, handler: Handler) -> Handler:
@@ -62,29 +66,38 @@ async def admit(
     secret: ClientSecret | None,
     session: dict | None = None,
     resume_token: str | None = None,
-    check: Callable[[], None] | None = None,
+    check: Callable[[], Awaitable[None]] | None = None,
 ) -> Admitted:
-    """May a call start now, and with what: raises `ApiError` if not. `session`: the request's own
-    session fields; `check`: the door's own check of its request, run once the call has a slot."""
+    """May a call start now, and with what: raises `ApiError` if not, having changed nothing.
+    `session`: the request's own session fields; `check`: the door's own check of its request."""
     if resume_token is not None and not (
         resume_token.isascii() and len(resume_token) <= MAX_RESUME_TOKEN_CHARS
     ):
         raise ApiError(400, "invalid_value", "resume_token must be the string session.created gave")
     superseded = ctx.call_holding(resume_token) if resume_token is not None else None
+    live = len(ctx.calls) - (superseded is not None)  # a live call holding the token hands its slot over
+    ctx.admission.admit_call(request, live, ctx.ready(), ctx.not_ready_reason())
+    if check is not None:
+        await check()
+    updates = [  # the secret's, then the request's: read now, so that bad fields change nothing
+        parse_session(fields, ctx.config)
+        for fields in (secret.session if secret is not None else None, session)
+        if fields
+    ]
     if superseded is not None:  # the client noticed the drop before we did: that call parks now
         await superseded.close("the client reconnected (resume)", network_lost=True)
-    resuming = resume_token is not None and ctx.parked.holds(resume_token)  # takes its parked slot over
-    ctx.admission.admit_call(request, ctx.occupied_slots() - resuming, ctx.ready(), ctx.not_ready_reason())
-    if check is not None:
-        check()
     resumed: ParkedCall | str | None = None
     if resume_token is not None:
         resumed = ctx.parked.take(resume_token) if ctx.parked.window_s > 0 else "disabled"
+    while ctx.occupied_slots() >= ctx.config.limits.max_calls and await ctx.parked.make_room(resume_token):
+        pass  # parked calls yield their KV slots to live ones
     settings = resumed.settings if isinstance(resumed, ParkedCall) else ctx.default_settings()
-    for fields in (secret.session if secret is not None else None, session):  # the secret's, then ours
-        if fields:
-            settings = settings.apply(parse_session(fields, ctx.config))
-    return Admitted(settings, resumed)
+    for update in updates:
+        settings = settings.apply(update)
+    http = ctx.config.http
+    return Admitted(
+        settings, resumed, client_address(request, http.trust_forwarded_for, http.trusted_proxy_hops)
+    )
 
 
 def open_call(ctx: ServerContext, call_id: str, transport: Transport, admitted: Admitted) -> Call:
@@ -101,6 +114,7 @@ def open_call(ctx: ServerContext, call_id: str, transport: Transport, admitted: 
         ctx.forget,
         parking=ctx.parked if ctx.parked.window_s > 0 else None,
         resumed=admitted.resumed,
+        address=admitted.address,
     )
     ctx.calls[call_id] = call
     ctx.metrics.calls.inc()

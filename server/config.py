@@ -113,6 +113,8 @@ class LimitsConfig:
     resume_window_s: float = (
         60.0  # a dropped WebRTC call's conversation is kept this long for a resume; 0 = off
     )
+    max_parked_calls: int = 8  # dropped calls kept for a resume, in all; past it the oldest is closed
+    max_parked_per_address: int = 2  # of those, per client address; past it that address's oldest goes
     connect_timeout_s: float = 20.0  # an answered offer whose peer has not connected by then is dropped
 
 

@@ -30,7 +30,11 @@ class ServerContext:
         self.admission = Admission(config)
         self.auth = Auth(config.auth, config.http.public_url)
         self.calls: dict[str, Call] = {}  # call_id -> Call, so hangup can find its call
-        self.parked = ParkedCalls(config.limits.resume_window_s)  # dropped calls' conversations, for a resume
+        self.parked = ParkedCalls(  # dropped calls' conversations, for a resume
+            config.limits.resume_window_s,
+            config.limits.max_parked_calls,
+            config.limits.max_parked_per_address,
+        )
         self.started_s = time.monotonic()
         self.start_error: str | None = None  # the responder failed to start (or died): why
 
@@ -47,7 +51,8 @@ class ServerContext:
         return info.details.get("error")
 
     def occupied_slots(self) -> int:
-        """Call slots in use: live calls and parked conversations (each holds a KV slot)."""
+        """KV slots in use: live calls and parked conversations (a new call closes a parked one for its
+        slot: server/admission.py)."""
         return len(self.calls) + len(self.parked)
 
     def call_holding(self, resume_token: str) -> Call | None:

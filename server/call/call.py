@@ -49,6 +49,7 @@ RESUME_FAILED = {  # glm4voice.session.resume_failed reasons: this call starts a
     "already_resumed": "that resume token was used already (each is good for one reconnect)",
     "unknown": "no dropped call holds that resume token",
     "disabled": "this server keeps no dropped calls (limits.resume_window_s = 0)",
+    "evicted": "the dropped call was closed to make room (for new calls, or its address parked too many)",
 }
 CONTROL_ONLY = (
     "a control connection may send session.update, conversation.item.create, response.create and "
@@ -82,11 +83,13 @@ class Call:
         on_closed: Callable[[Call], None],
         parking: ParkedCalls | None = None,
         resumed: ParkedCall | str | None = None,
+        address: str = "",
     ) -> None:
         """`parking`: where a dropped call leaves its conversation (server/call/resume.py), if its
         transport can be resumed; `resumed`: the conversation this call continues, or why the one asked
-        for could not be resumed."""
+        for could not be resumed; `address`: the client's (parked calls are capped per address)."""
         self.call_id = call_id
+        self.address = address
         self.transport = transport
         self.config = config
         self.metrics = metrics
@@ -106,6 +109,7 @@ class Call:
         else:
             self.session = responder.open_session(call_id, settings.responder_settings())
         self._observers: list[Callable[[str], None]] = []  # control connections: a copy of every event
+        self._cut_ms: dict[str, int] = {}  # assistant item -> the audio_end_ms it was truncated to
         self.conversation = resumed.conversation if isinstance(resumed, ParkedCall) else Conversation()
         self._tasks: set[asyncio.Task] = set()
         self._ending = False  # end() is telling the client; a second reason is not sent
@@ -287,7 +291,7 @@ class Call:
             if self._makes_engine_work(event) and not self.guard.expensive_event(time.monotonic()):
                 raise P.ProtocolError(
                     "rate_limited",
-                    f"response.create and instructions changes are limited to "
+                    f"response.create, instructions changes, truncates and deletes are limited to "
                     f"{limits.max_expensive_events_per_s:g} per second: this one was dropped",
                     event.event_id,
                 )
@@ -298,9 +302,10 @@ class Call:
             self._event_failed(event.event_id, answer)
 
     def _makes_engine_work(self, event: P.ClientEvent) -> bool:
-        """Events that make the engine prefill (a reply; new instructions re-prefill the system prompt):
-        charged against their own, lower rate, so one caller cannot keep the shared engine busy."""
-        if isinstance(event, P.ResponseCreate):
+        """Events that make the engine prefill (a reply; new instructions re-prefill the system prompt; a
+        truncate or delete re-prefills the history after the edit): charged against their own, lower
+        rate, whatever door they come by, so one caller cannot keep the shared engine busy."""
+        if isinstance(event, P.ResponseCreate | P.ItemTruncate | P.ItemDelete):
             return True
         return isinstance(event, P.SessionUpdate) and event.instructions not in (
             None,
@@ -430,6 +435,15 @@ class Call:
                 raise P.ProtocolError(
                     "invalid_value", "only assistant items can be truncated", event.event_id, "item_id"
                 )
+            cut_ms = self._cut_ms.get(event.item_id)
+            if cut_ms is not None and event.audio_end_ms >= cut_ms:
+                raise P.ProtocolError(
+                    "invalid_value",
+                    f"the item was truncated at {cut_ms} ms already; a truncate can only shorten it",
+                    event.event_id,
+                    "audio_end_ms",
+                )
+            self._cut_ms[event.item_id] = event.audio_end_ms
             self.replies.truncate(event.item_id, ref, event.audio_end_ms)
             self.send(
                 P.event(
@@ -463,6 +477,7 @@ class Call:
             except NotImplementedError as exc:
                 raise P.ProtocolError("unsupported_value", str(exc), event.event_id, "item_id") from None
         self.conversation.remove(event.item_id)
+        self._cut_ms.pop(event.item_id, None)
         self.send(P.event("conversation.item.deleted", item_id=event.item_id))
 
     # ----- limits and liveness ---------------------------------------------------------------------
@@ -478,6 +493,8 @@ class Call:
             if ending is not None:
                 self.log.info("ending call: %s (%s)", ending.code, ending.message)
                 if ending.notify:
+                    if ending.client_fault:
+                        self.send(P.error_event(ending.code, ending.message))
                     await self.end(ending.code, ending.message)
                 else:
                     self.metrics.ended(ending.code)
@@ -536,7 +553,8 @@ class Call:
         """The session (history, KV cache) waits for a resume; a half-spoken user turn is not kept."""
         self.session.discard_audio()
         self._parking.park(
-            self.resume_token, ParkedCall(self.session, self.conversation, self.settings, self.call_id)
+            self.resume_token,
+            ParkedCall(self.session, self.conversation, self.settings, self.call_id, self.address),
         )
 
     def _step(self, what: str, step: Callable[[], object]) -> None:

@@ -7,9 +7,15 @@ watchdog task (server/call/call.py) asks `check()` twice a second and ends the c
   dropped with an `error` (`rate_limited`), at most one such error a second (a flood must not make
   us flood back). Events that make the shared engine work (`response.create`, new instructions) also
   take from a second bucket, `max_expensive_events_per_s`, `expensive_event_burst` deep.
+  `conversation.item.truncate` and `conversation.item.delete` are expensive too: each edit of the
+  history makes the engine prefill what follows the edit again.
 - Inbound media: audio may arrive ahead of real time by at most `INBOUND_BURST_S` (a network stall
   catching up); frames past that are dropped before the resampler and the VAD, and a sender still
   over real time after `inbound_flood_s` of drops has its call ended (`inbound_flood`).
+- WebSocket messages, appends (`input_audio_buffer.append`) included, are policed by count
+  (`MAX_MESSAGES_PER_S`) and by bytes (`MAX_MESSAGE_BYTES_PER_S`) before they are parsed; appends
+  then by audio time (server/websocket/socket.py), other events by the event rate. A message dropped
+  unread is a drop of the same flood rule as audio: `inbound_flood_s` of drops end the call.
 - Peer liveness: a browser sends an audio packet every 20 ms for as long as it is there (a muted
   track sends silence packets). No inbound packet and no data-channel message for `peer_timeout_s`
   once media has flowed means the peer is gone. Peers that send no audio (receive-only) are covered by
@@ -35,6 +41,10 @@ INBOUND_RATE = (
 )
 INBOUND_BURST_S = 1.0  # audio a sender may get ahead by: a 1 s network stall delivered at once
 FLOOD_QUIET_S = 1.0  # no drop for this long ends a flood (the next drop starts a new one)
+MAX_MESSAGES_PER_S = 100.0  # WebSocket messages a second: clients append every 20-100 ms, plus events
+MESSAGE_BURST = 200  # messages at once above that rate (a client catching up after a stall)
+MAX_MESSAGE_BYTES_PER_S = 256 << 10  # WebSocket bytes a second: 4x real-time 24 kHz PCM in base64
+MESSAGE_BYTES_BURST = 2 << 20  # bytes at once above that rate: two of the largest messages
 
 
 @dataclass
@@ -68,6 +78,7 @@ class Ending:
     code: str  # max_duration | idle_timeout | peer_gone | connect_timeout | inbound_flood
     message: str
     notify: bool  # whether the peer can still be told (not when it is gone)
+    client_fault: bool = False  # the client broke a limit: it also gets an `error` event with the code
 
 
 class CallGuard:
@@ -86,6 +97,10 @@ class CallGuard:
         self.inbound_dropped_s = 0.0  # audio dropped, s
         self.flood_since_s: float | None = None  # first drop of the current run of drops
         self.last_drop_s = float("-inf")
+        self.messages = TokenBucket(MAX_MESSAGES_PER_S, MESSAGE_BURST)
+        self.message_bytes = TokenBucket(MAX_MESSAGE_BYTES_PER_S, MESSAGE_BYTES_BURST)
+        self.messages_dropped = 0
+        self._last_append_error_s = -RATE_ERROR_INTERVAL_S
 
     def inbound_frame(self, now_s: float, duration_s: float) -> bool:
         """An inbound audio frame of `duration_s` arrived: -> keep it (False: over real time, drop it)."""
@@ -94,9 +109,31 @@ class CallGuard:
             return True
         self.inbound_frames_dropped += 1
         self.inbound_dropped_s += duration_s
+        self.dropped(now_s)
+        return False
+
+    def dropped(self, now_s: float) -> None:
+        """Inbound audio (a frame, an append) was dropped: one more drop of the current flood."""
         if now_s - self.last_drop_s >= FLOOD_QUIET_S:
             self.flood_since_s = now_s
         self.last_drop_s = now_s
+
+    def message_arrived(self, now_s: float, n_bytes: int) -> bool:
+        """A WebSocket message of `n_bytes` arrived: -> read it (False: over the count or byte rate; it is
+        dropped unread and counts as a flood drop)."""
+        self.last_event_s = now_s
+        if self.messages.take(now_s) and self.message_bytes.take(now_s, n_bytes):
+            return True
+        self.messages_dropped += 1
+        self.dropped(now_s)
+        return False
+
+    def append_error_due(self, now_s: float) -> bool:
+        """Whether a refused or malformed append gets its `error` now: at most one a second (a flood of
+        bad appends must not make us flood back)."""
+        if now_s - self._last_append_error_s >= RATE_ERROR_INTERVAL_S:
+            self._last_append_error_s = now_s
+            return True
         return False
 
     def expensive_event(self, now_s: float) -> bool:
@@ -146,6 +183,7 @@ class CallGuard:
                 "inbound_flood",
                 f"inbound audio faster than real time for {self.last_drop_s - self.flood_since_s:.0f} s",
                 True,
+                client_fault=True,
             )
         if lim.idle_timeout_s and not replying and now_s - self.last_activity_s >= lim.idle_timeout_s:
             return Ending("idle_timeout", f"no speech and no events for {lim.idle_timeout_s:g} s", True)

@@ -33,6 +33,8 @@ class ClientSecrets:
             if not isinstance(data["session"], dict):
                 raise ApiError(400, "invalid_value", "session must be an object")
             settings = settings.apply(parse_session(data["session"], ctx.config))
+        if isinstance(data.get("session"), dict):  # the secret keeps what its calls will read, no more
+            data = {**data, "session": P.used_session_fields(data["session"])}
         secret = ctx.auth.mint(data)
         session = P.session_object(
             "",

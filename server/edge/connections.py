@@ -25,6 +25,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from server.config import Config
 from server.edge.errors import quiet_library_logs
+from server.logs import LogLimiter
 
 log = logging.getLogger("glm4voice.connections")
 FDS_PER_CALL = 6  # aiortc: one UDP socket per host candidate and family, the STUN/TURN ones, slack
@@ -56,6 +57,7 @@ class ConnectionLimits:
         self.per_address: Counter[str] = Counter()
         self._address: dict[RequestHandler, str] = {}
         self.refused = 0
+        self._refusal_lines = LogLimiter()
 
     @property
     def total(self) -> int:
@@ -103,19 +105,23 @@ class ConnectionLimits:
             self.per_address[address] += 1
             return
         self.refused += 1
-        if self.refused == 1 or self.refused % 1000 == 0:
+        allow, _ = self._refusal_lines.allow()
+        if allow:
             log.warning(
-                "connection from %s refused (%d so far): per address %d/%d, total %d/%d",
+                "connection from %s refused (%d so far; one line per %g s): per address %d/%d, total %d/%d",
                 address,
                 self.refused,
+                self._refusal_lines.interval_s,
                 self.per_address[address],
                 self.max_per_address,
                 self.total,
                 self.max_total,
             )
         transport.write(refusal)
-        handler.force_close()
-        transport.close()
+        # aiohttp starts the handler's request loop right after this hook, and that loop needs the
+        # connection open: it is told to read nothing (it returns at once), and the socket closes after.
+        handler._force_close = True
+        asyncio.get_running_loop().call_later(0, transport.close)
 
 
 def fds_needed(config: Config) -> int:

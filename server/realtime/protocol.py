@@ -331,6 +331,47 @@ def _parse_format(value: object, name: str, event_id: str | None) -> str:
     return value["type"]
 
 
+_TURN_DETECTION_FIELDS = {
+    "type",
+    "threshold",
+    "prefix_padding_ms",
+    "silence_duration_ms",
+    "create_response",
+    "interrupt_response",
+    "eagerness",
+}
+
+
+def used_session_fields(session: dict) -> dict:
+    """`session` without the fields we ignore (what a client secret keeps: the request's whole object
+    may be ~1 MB of Python objects for a 64 KB body)."""
+
+    def turns(td: object) -> object:
+        if not isinstance(td, dict):
+            return td
+        kept = {k: v for k, v in td.items() if k in _TURN_DETECTION_FIELDS}
+        if isinstance(td.get("glm4voice"), dict) and "echo_guard" in td["glm4voice"]:
+            kept["glm4voice"] = {"echo_guard": td["glm4voice"]["echo_guard"]}
+        return kept
+
+    kept = {k: v for k, v in session.items() if k in _USED_FIELDS}
+    if "turn_detection" in kept:
+        kept["turn_detection"] = turns(kept["turn_detection"])
+    if isinstance(kept.get("audio"), dict):
+        audio = {k: v for k, v in kept["audio"].items() if f"audio.{k}" in _USED_FIELDS}
+        for side in ("input", "output"):
+            if isinstance(audio.get(side), dict):
+                audio[side] = {k: v for k, v in audio[side].items() if f"audio.{side}.{k}" in _USED_FIELDS}
+                if "turn_detection" in audio[side]:
+                    audio[side]["turn_detection"] = turns(audio[side]["turn_detection"])
+                if isinstance(audio[side].get("format"), dict):
+                    audio[side]["format"] = {
+                        k: v for k, v in audio[side]["format"].items() if k in ("type", "rate")
+                    }
+        kept["audio"] = audio
+    return kept
+
+
 def _ignored_fields(session: dict) -> tuple[str, ...]:
     ignored = [key for key in session if key not in _USED_FIELDS]
     audio = session.get("audio") if isinstance(session.get("audio"), dict) else {}
@@ -397,7 +438,9 @@ def _parse_session_update(event: dict, event_id: str | None, max_instructions_ch
     if "top_k" in session:
         sampling["top_k"] = int(_number(session["top_k"], "top_k", event_id, 0, 100_000))
     for key in ("max_output_tokens", "max_response_output_tokens"):
-        if key in session and session[key] != "inf":
+        if key in session and session[key] == "inf":  # no limit of the client's: ours, the default
+            sampling["max_new_tokens"] = SamplingSettings.max_new_tokens
+        elif key in session:
             sampling["max_new_tokens"] = int(
                 _number(session[key], key, event_id, 1, SamplingSettings.max_new_tokens)
             )

@@ -32,11 +32,24 @@ from server.webrtc.transport import WebRtcTransport
 log = logging.getLogger("glm4voice.signalling")
 
 
-def _check_offer(sdp: str) -> None:
+async def _check_offer(sdp: str, resuming: bool) -> None:
+    """Our checks of the offer; for a resume also aiortc's own reading of it, on a peer connection thrown
+    away, so that an offer aiortc refuses is refused before the resume takes the parked conversation."""
     try:
         check_offer(sdp)
     except SdpError as exc:
         raise ApiError(400, exc.code, str(exc)) from None
+    if not resuming:
+        return
+    pc = RTCPeerConnection()
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+    except Exception as exc:  # aiortc refuses an offer with whatever it raises: the offer is at fault
+        raise ApiError(
+            400, "invalid_sdp", f"the SDP offer could not be answered: {exc or type(exc).__name__}"
+        ) from None
+    finally:
+        await pc.close()
 
 
 class Signalling:
@@ -51,13 +64,14 @@ class Signalling:
         else:
             body = await ctx.admission.read_body(request)
             sdp, session, as_json, resume_token = _parse_offer_body(request.content_type, body)
+        resume_token = resume_token or request.headers.get(RESUME_HEADER) or None
         admitted = await admit(
             ctx,
             request,
             secret,
             session,
-            resume_token or request.headers.get(RESUME_HEADER) or None,
-            check=functools.partial(_check_offer, sdp),
+            resume_token,
+            check=functools.partial(_check_offer, sdp, resume_token is not None),
         )
         sdp, dropped = filter_remote_candidates(
             sdp, config.webrtc.host_addresses, config.webrtc.max_remote_candidates, MAX_CANDIDATES_PER_ADDRESS

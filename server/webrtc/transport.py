@@ -3,7 +3,9 @@ paced 48 kHz track (server/webrtc/media.py), the user's audio from the peer's Op
 
 Built by server/webrtc/signalling.py, which wires the peer connection's events to it and to the call.
 Events sent before the data channel opens wait (at most `MAX_EVENTS_BEFORE_OPEN`); the call's
-`session.created` goes first when it opens.
+`session.created` goes first when it opens. Data channels with another label are closed at once; the
+first `LOGGED_CHANNELS` are logged (label cut to `LOGGED_LABEL_CHARS`), and a call that opens more than
+`MAX_OTHER_CHANNELS` is ended (`too_many_channels`): a label is the client's text, up to 64 KiB each.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("glm4voice.webrtc")
 MAX_EVENTS_BEFORE_OPEN = 64  # events queued until the client's data channel opens
 PC_CLOSE_TIMEOUT_S = 5.0  # aiortc's close awaits its transports; a stuck one must not hold the call slot
+MAX_OTHER_CHANNELS = 16  # data channels not named oai-events, per call: past it the call is ended
+LOGGED_CHANNELS = 2  # of those, how many get a log line
+LOGGED_LABEL_CHARS = 40  # of a label, what a log line shows
 
 
 class WebRtcTransport:
@@ -36,6 +41,7 @@ class WebRtcTransport:
         self._outbox: list[str] = []
         self._converter = InboundConverter()
         self._inbound_attached = False
+        self._other_channels = 0
 
     # ----- the peer connection's events (wired by signalling) --------------------------------------
 
@@ -45,9 +51,29 @@ class WebRtcTransport:
         self._inbound_attached = True
         call.spawn(self._receive_audio(track, call), "recv")
 
+    def _refuse_channel(self, channel: RTCDataChannel, call: Call) -> None:
+        """Another label: closed at once; a few log lines with the label cut; too many end the call."""
+        self._other_channels += 1
+        channel.close()
+        if self._other_channels <= LOGGED_CHANNELS:
+            label = channel.label[:LOGGED_LABEL_CHARS] + (
+                "..." if len(channel.label) > LOGGED_LABEL_CHARS else ""
+            )
+            call.log.info(
+                "closed data channel %r (%d characters): only oai-events is read", label, len(channel.label)
+            )
+        if self._other_channels == MAX_OTHER_CHANNELS + 1:
+            call.log.info("more than %d other data channels: ending the call", MAX_OTHER_CHANNELS)
+            call.spawn(
+                call.end(
+                    "too_many_channels", f"more than {MAX_OTHER_CHANNELS} data channels besides oai-events"
+                ),
+                "end",
+            )
+
     def attach_channel(self, channel: RTCDataChannel, call: Call) -> None:
         if channel.label != "oai-events":
-            call.log.info("ignoring data channel %r", channel.label)
+            self._refuse_channel(channel, call)
             return
         self._channel = channel
         channel.on("message", call.receive)

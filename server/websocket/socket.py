@@ -12,7 +12,11 @@ a WebRTC call's; what differs is said where it is done:
   played;
 - liveness: the WebSocket's own ping (a peer that sends no audio is not gone);
 - a client that reads too slowly is closed (code 1008) once `MAX_SEND_QUEUE_BYTES` wait for it;
-- appended audio faster than real time (beyond `MAX_AUDIO_AHEAD_S`) is dropped with one error a second.
+- every message is counted, by number and bytes, before it is read (server/call/guard.py); appended
+  audio faster than real time (beyond `MAX_AUDIO_AHEAD_S`) is dropped; either kind of drop, and a
+  malformed append, gets one error a second, and drops for `inbound_flood_s` end the call as they end
+  a WebRTC call that floods: an `error` and `glm4voice.call.closing` (`inbound_flood`), then the socket
+  closes with code 1008 and the reason.
 
 `GET /v1/realtime?call_id=rtc_...` with the API key is a control connection to a live call: it
 receives the call's events and may send `session.update`, `conversation.item.create`,
@@ -34,6 +38,7 @@ from multidict import CIMultiDict
 from server.admission import admit, check_door, open_call
 from server.audio.codecs import InputDecoder, wire_rate_hz
 from server.call.call import Call, new_call_id
+from server.call.guard import MAX_MESSAGE_BYTES_PER_S, MAX_MESSAGES_PER_S
 from server.call.resume import RESUME_HEADER
 from server.context import ServerContext
 from server.edge.limits import ApiError
@@ -45,6 +50,7 @@ KEY_PROTOCOL_PREFIX = "openai-insecure-api-key."
 MAX_MESSAGE_BYTES = 1 << 20  # one append: ~16 s of 24 kHz PCM in base64; anything larger is refused
 MAX_AUDIO_AHEAD_S = 10.0  # appended audio may run this far ahead of the wall clock (a client's buffer)
 HEARTBEAT_S = 10.0  # WebSocket ping; no pong within half of it closes the connection
+MAX_CLOSE_REASON_BYTES = 123  # what a WebSocket close frame can carry (RFC 6455 section 5.5)
 CONTROL_EVENTS = (P.SessionUpdate, P.ItemCreate, P.ResponseCreate, P.ResponseCancel)
 
 
@@ -55,18 +61,15 @@ class AudioPolicer:
     def __init__(self) -> None:
         self._start_s: float | None = None
         self._audio_s = 0.0
-        self._last_error_s = -1.0
 
-    def accept(self, now_s: float, duration_s: float) -> tuple[bool, bool]:
-        """-> (keep the audio, send an error now)."""
+    def accept(self, now_s: float, duration_s: float) -> bool:
+        """-> keep the audio."""
         if self._start_s is None:
             self._start_s = now_s
         if self._audio_s + duration_s - (now_s - self._start_s) > MAX_AUDIO_AHEAD_S:
-            complain = now_s - self._last_error_s >= 1.0
-            self._last_error_s = now_s if complain else self._last_error_s
-            return False, complain
+            return False
         self._audio_s += duration_s
-        return True, False
+        return True
 
 
 def _subprotocols(request: web.Request) -> list[str]:
@@ -131,12 +134,16 @@ class RealtimeSocket:
         try:
             lost = await _read_until_closed(ws, call, lambda event: _append(call, decoder, policer, event))
         finally:
+            ended_by_server = call.closed.is_set()
             lost = lost and not writer.overflowed  # a reader too slow was closed by us: not a drop
             reason = call.close_reason or ("websocket lost" if lost else "websocket closed")
             await call.close(reason, network_lost=lost)
             writer.stop()
             await asyncio.wait([writer_task], timeout=1.0)
             writer_task.cancel()
+            if ended_by_server:  # a limit ended the call: the close frame says which
+                reason = call.close_reason.encode("utf-8", "replace")[:MAX_CLOSE_REASON_BYTES]
+                await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=reason)
             await ws.close()
         return ws
 
@@ -183,9 +190,10 @@ def _slow_reader(call: Call | None, ws: web.WebSocketResponse) -> None:
 def _append(call: Call, decoder: InputDecoder, policer: AudioPolicer, event: P.InputAudioAppend) -> None:
     data, fmt = event.audio, call.settings.input_format
     bytes_per_sample = 2 if fmt == "audio/pcm" else 1
-    keep, complain = policer.accept(time.monotonic(), len(data) / bytes_per_sample / wire_rate_hz(fmt))
-    if not keep:
-        if complain:
+    now_s = time.monotonic()
+    if not policer.accept(now_s, len(data) / bytes_per_sample / wire_rate_hz(fmt)):
+        call.guard.dropped(now_s)
+        if call.guard.append_error_due(now_s):
             call.send(
                 P.error_event(
                     "input_audio_too_fast",
@@ -218,7 +226,8 @@ async def _read_until_closed(
             if msg.type == WSMsgType.TEXT:
                 _on_text(call, msg.data, append)
             elif msg.type == WSMsgType.BINARY:
-                call.receive(bytes(msg.data))
+                if _charged(call, time.monotonic(), len(msg.data)):
+                    call.receive(bytes(msg.data))
             elif msg.type == WSMsgType.CLOSE:  # the client's close frame: 1000 ends the call
                 return msg.data != WSCloseCode.OK
             elif msg.type == WSMsgType.CLOSING:  # we are closing it (a reader too slow)
@@ -233,7 +242,25 @@ async def _read_until_closed(
         closed.cancel()
 
 
+def _charged(call: Call, now_s: float, n_bytes: int) -> bool:
+    """Every message takes from the call's message and byte budget before it is read (False: dropped)."""
+    if call.guard.message_arrived(now_s, n_bytes):
+        return True
+    if call.guard.append_error_due(now_s):
+        call.send(
+            P.error_event(
+                "rate_limited",
+                f"more than {MAX_MESSAGES_PER_S:g} messages or {MAX_MESSAGE_BYTES_PER_S >> 10} KiB a "
+                f"second: messages are being dropped unread ({call.guard.messages_dropped} so far)",
+            )
+        )
+    return False
+
+
 def _on_text(call: Call, text: str, append: Callable[[P.InputAudioAppend], None]) -> None:
+    now_s = time.monotonic()
+    if not _charged(call, now_s, len(text)):
+        return
     try:
         kind = json.loads(text).get("type") if text.lstrip().startswith("{") else None
     except (ValueError, RecursionError):
@@ -251,7 +278,8 @@ def _on_text(call: Call, text: str, append: Callable[[P.InputAudioAppend], None]
             max_audio_event_bytes=MAX_MESSAGE_BYTES,
         )
     except P.ProtocolError as exc:
-        call.send(P.error_event(exc.code, exc.message, event_id=exc.event_id, param=exc.param))
+        if call.guard.append_error_due(now_s):  # one a second: a flood of bad appends gets no flood back
+            call.send(P.error_event(exc.code, exc.message, event_id=exc.event_id, param=exc.param))
         return
     if isinstance(event, P.InputAudioAppend):
         append(event)

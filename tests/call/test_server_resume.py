@@ -1,19 +1,21 @@
 """Resume after a network drop (server/call/resume.py), on the echo responder: a dropped call's conversation is
 parked under its resume token and a new offer presenting the token continues it; a hangup does not park;
-unknown, used and expired tokens start fresh with `glm4voice.session.resume_failed`; a parked call holds
-its call slot; a WebSocket call follows the same rules (a socket lost without a normal closure parks
-it). The engine side (no re-prefill after a resume) is in tests/call/test_glm_call.py."""
+unknown, used and expired tokens start fresh with `glm4voice.session.resume_failed`; parked calls yield
+their slots to new calls and are capped per address; a refused resume changes nothing; a WebSocket call
+follows the same rules (a socket lost without a normal closure parks it). The engine side (no re-prefill
+after a resume) is in tests/call/test_glm_call.py."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 
 import aiohttp
 
 from server.call.resume import RESUME_HEADER
-from tests.helpers.rtc_client import RealtimeClient, start_server
+from tests.helpers.rtc_client import RealtimeClient, make_offer, start_server
 
 
 async def typed_turn(client: RealtimeClient, text: str) -> dict:
@@ -119,20 +121,13 @@ async def test_reconnect_before_the_drop_is_noticed_takes_the_call_over(echo_ser
         await first.close()
 
 
-async def test_parked_call_holds_its_slot_and_expires():
+async def test_parked_call_expires():
     running = await start_server(overrides={"limits": {"max_calls": 1, "resume_window_s": 1.0}})
     try:
         first = await dial(running.base_url)
         token = first.of_type("session.created")[0]["resume_token"]
         old = await drop(running, first)
-        async with aiohttp.ClientSession() as http:  # the parked conversation holds the only slot
-            async with http.post(
-                f"{running.base_url}/v1/realtime/calls",
-                data="v=0\r\n",
-                headers={"Content-Type": "application/sdp"},
-            ) as r:
-                assert r.status == 503 and (await r.json())["error"]["code"] == "server_full"
-        resumed = await dial(running.base_url, token)  # ... which its resume takes over
+        resumed = await dial(running.base_url, token)  # the parked conversation takes the one slot back
         await resumed.wait_for("glm4voice.session.resumed", 5)
         token = resumed.of_type("session.created")[0]["resume_token"]
         await drop(running, resumed)
@@ -155,6 +150,63 @@ async def test_parked_call_holds_its_slot_and_expires():
             await late.hangup()
     finally:
         await running.runner.cleanup()
+
+
+async def test_parked_calls_yield_to_live_ones_and_are_capped_per_address():
+    """Callers that vanished never lock out new ones: a parked call gives its slot to a new call, and one
+    address keeps at most `max_parked_per_address` parked calls (the oldest goes)."""
+    limits = {"max_calls": 2, "max_parked_per_address": 1, "resume_window_s": 60.0}
+    running = await start_server(overrides={"limits": limits})
+    try:
+        tokens = []
+        for _ in range(2):  # one address fills both slots, then vanishes
+            client = await dial(running.base_url)
+            tokens.append(client.of_type("session.created")[0]["resume_token"])
+            await drop(running, client)
+        assert len(running.server.parked) == 1  # the second drop closed the first parked call
+        assert running.server.parked.holds(tokens[1]) and not running.server.parked.holds(tokens[0])
+        others = []
+        for address in ("127.0.0.2", "127.0.0.3"):  # both slots for new callers: the parked call yields
+            others.append(RealtimeClient(running.base_url, local_address=address))
+            await others[-1].connect()
+        assert len(running.server.parked) == 0 and len(running.server.calls) == 2
+        await others[0].hangup()
+        for token in tokens:
+            late = await dial(running.base_url, token)
+            assert (await late.wait_for("glm4voice.session.resume_failed", 5))["reason"] == "evicted"
+            await late.hangup()
+        await others[1].hangup()
+    finally:
+        await running.runner.cleanup()
+
+
+async def test_a_refused_resume_changes_nothing(echo_server):
+    """An offer refused by our SDP checks carrying a live call's token leaves that call live; an offer that
+    only aiortc refuses carrying a parked call's token leaves the conversation parked for a good resume."""
+    live = await dial(echo_server.base_url)
+    token = live.of_type("session.created")[0]["resume_token"]
+    offer = await make_offer()
+    no_fingerprint = re.sub(r"^a=fingerprint:.*\r\n", "", offer, flags=re.MULTILINE)
+    aiortc_refuses = offer.replace("a=setup:actpass", "a=setup:bogus")
+    assert aiortc_refuses != offer
+    async with aiohttp.ClientSession() as http:
+        for sdp in (no_fingerprint, aiortc_refuses):
+            body = {"sdp": sdp, "type": "offer", "resume_token": token}
+            async with http.post(f"{echo_server.base_url}/v1/realtime/calls", json=body) as r:
+                assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_sdp"
+        assert live.call_id in echo_server.server.calls
+        assert not echo_server.server.calls[live.call_id].closed.is_set()
+        await typed_turn(live, "Still here.")
+        await drop(echo_server, live)
+        body = {"sdp": aiortc_refuses, "type": "offer", "resume_token": token}
+        async with http.post(f"{echo_server.base_url}/v1/realtime/calls", json=body) as r:
+            assert r.status == 400
+        assert echo_server.server.parked.holds(token)
+    resumed = await dial(echo_server.base_url, token)
+    try:
+        await resumed.wait_for("glm4voice.session.resumed", 5)
+    finally:
+        await resumed.hangup()
 
 
 async def _health(base_url: str) -> dict:
