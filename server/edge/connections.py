@@ -118,10 +118,16 @@ class ConnectionLimits:
                 self.max_total,
             )
         transport.write(refusal)
-        # aiohttp starts the handler's request loop right after this hook, and that loop needs the
-        # connection open: it is told to read nothing (it returns at once), and the socket closes after.
+        # Closed now: the request head may be on its way, and a socket closed with unread input resets
+        # the connection (the client could lose the refusal). aiohttp starts the handler's request
+        # loop after this hook, and that loop needs the handler still connected (else an assertion
+        # and a traceback per refusal): the loop is told to read nothing, the transport's close goes to
+        # a stand-in protocol, and the handler is released once its loop has started.
         handler._force_close = True
-        asyncio.get_running_loop().call_later(0, transport.close)
+        transport.set_protocol(asyncio.Protocol())
+        transport.close()
+        loop = asyncio.get_running_loop()
+        loop.call_soon(loop.call_soon, handler.connection_lost, None)
 
 
 def fds_needed(config: Config) -> int:
