@@ -13,9 +13,11 @@ watchdog task (server/call/call.py) asks `check()` twice a second and ends the c
   catching up); frames past that are dropped before the resampler and the VAD, and a sender still
   over real time after `inbound_flood_s` of drops has its call ended (`inbound_flood`).
 - WebSocket messages, appends (`input_audio_buffer.append`) included, are policed by count
-  (`MAX_MESSAGES_PER_S`) and by bytes (`MAX_MESSAGE_BYTES_PER_S`) before they are parsed; appends
-  then by audio time (server/websocket/socket.py), other events by the event rate. A message dropped
-  unread is a drop of the same flood rule as audio: `inbound_flood_s` of drops end the call.
+  (`MAX_MESSAGES_PER_S`) and by bytes (`MAX_MESSAGE_BYTES_PER_S`) before they are parsed: once either
+  budget is spent the socket is not read until it refills (TCP holds the client back), and a message
+  over the byte budget is dropped unread; appends then by audio time (server/websocket/socket.py),
+  other events by the event rate. Waits and drops count for the same flood rule as audio:
+  `inbound_flood_s` of them end the call.
 - Peer liveness: a browser sends an audio packet every 20 ms for as long as it is there (a muted
   track sends silence packets). No inbound packet and no data-channel message for `peer_timeout_s`
   once media has flowed means the peer is gone. Peers that send no audio (receive-only) are covered by
@@ -54,12 +56,12 @@ class TokenBucket:
 
     rate_per_s: float
     burst: float
-    tokens: float = -1.0
+    tokens: float | None = None  # None: full at the first take
     t_s: float = 0.0
 
     def take(self, now_s: float | None = None, cost: float = 1.0) -> bool:
         now_s = time.monotonic() if now_s is None else now_s
-        if self.tokens < 0:
+        if self.tokens is None:
             self.tokens, self.t_s = float(self.burst), now_s
         self.tokens = min(float(self.burst), self.tokens + (now_s - self.t_s) * self.rate_per_s)
         self.t_s = now_s
@@ -67,6 +69,19 @@ class TokenBucket:
             self.tokens -= cost
             return True
         return False
+
+    def spend(self, now_s: float, cost: float) -> bool:
+        """Spend `cost` whether or not there is that much (the bucket goes into debt, at most `burst`
+        deep): -> whether there was."""
+        enough = self.take(now_s, cost)
+        if not enough:
+            self.tokens = max(-float(self.burst), self.tokens - cost)
+        return enough
+
+    def available(self, now_s: float) -> float:
+        """Tokens now (negative: debt)."""
+        self.take(now_s, 0.0)
+        return self.tokens
 
     def wait_s(self) -> float:
         """Seconds until the next token."""
@@ -118,11 +133,24 @@ class CallGuard:
             self.flood_since_s = now_s
         self.last_drop_s = now_s
 
+    def read_pause_s(self, now_s: float) -> float:
+        """How long a WebSocket waits before it reads its next message: 0 while its message and byte
+        budgets last. While it waits the socket is not read, so TCP holds the client back at no cost to
+        us; the wait counts as a flood drop (a flood of them for `inbound_flood_s` ends the call)."""
+        messages, message_bytes = self.messages.available(now_s), self.message_bytes.available(now_s)
+        if messages >= 1.0 and message_bytes > 0.0:
+            return 0.0
+        self.dropped(now_s)
+        return max(
+            (1.0 - messages) / self.messages.rate_per_s, -message_bytes / self.message_bytes.rate_per_s
+        )
+
     def message_arrived(self, now_s: float, n_bytes: int) -> bool:
-        """A WebSocket message of `n_bytes` arrived: -> read it (False: over the count or byte rate; it is
-        dropped unread and counts as a flood drop)."""
+        """A WebSocket message of `n_bytes` arrived: -> read it (False: over the count or byte budget; it
+        is dropped unread and counts as a flood drop; its bytes are owed all the same)."""
         self.last_event_s = now_s
-        if self.messages.take(now_s) and self.message_bytes.take(now_s, n_bytes):
+        counted = self.messages.take(now_s)
+        if self.message_bytes.spend(now_s, n_bytes) and counted:
             return True
         self.messages_dropped += 1
         self.dropped(now_s)

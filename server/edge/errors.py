@@ -127,6 +127,27 @@ class QuietBadRequests(logging.Filter):
         return True
 
 
+class QuietRefusals(logging.Filter):
+    """The access log's lines for refusals a flood makes by the thousand (401 wrong key, 429 over the
+    rate): one line per status per `LogLimiter` interval, saying how many were left out. Other lines
+    stay as they are."""
+
+    STATUSES = (401, 429)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.limiters = {status: LogLimiter() for status in self.STATUSES}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        limiter = self.limiters.get(getattr(record, "response_status", None))
+        if limiter is None:
+            return True
+        allow, suppressed = limiter.allow()
+        if allow and suppressed:
+            record.msg = f"{record.msg} ({suppressed} more like it not logged)"
+        return allow
+
+
 def quiet_library_logs() -> None:
     """Library loggers that flood or shout about client mistakes (idempotent)."""
     logging.getLogger("aioice").setLevel(
@@ -135,3 +156,6 @@ def quiet_library_logs() -> None:
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, QuietBadRequests) for f in server_log.filters):
         server_log.addFilter(QuietBadRequests())
+    access_log = logging.getLogger("aiohttp.access")
+    if not any(isinstance(f, QuietRefusals) for f in access_log.filters):
+        access_log.addFilter(QuietRefusals())

@@ -12,9 +12,10 @@ a WebRTC call's; what differs is said where it is done:
   played;
 - liveness: the WebSocket's own ping (a peer that sends no audio is not gone);
 - a client that reads too slowly is closed (code 1008) once `MAX_SEND_QUEUE_BYTES` wait for it;
-- every message is counted, by number and bytes, before it is read (server/call/guard.py); appended
-  audio faster than real time (beyond `MAX_AUDIO_AHEAD_S`) is dropped; either kind of drop, and a
-  malformed append, gets one error a second, and drops for `inbound_flood_s` end the call as they end
+- every message is counted, by number and bytes, before it is read (server/call/guard.py): past the
+  budget the socket is left unread until it refills, and a message over the byte budget is dropped;
+  appended audio faster than real time (beyond `MAX_AUDIO_AHEAD_S`) is dropped; drops, and malformed
+  appends, get one error a second, and waits and drops for `inbound_flood_s` end the call as they end
   a WebRTC call that floods: an `error` and `glm4voice.call.closing` (`inbound_flood`), then the socket
   closes with code 1008 and the reason.
 
@@ -50,6 +51,7 @@ KEY_PROTOCOL_PREFIX = "openai-insecure-api-key."
 MAX_MESSAGE_BYTES = 1 << 20  # one append: ~16 s of 24 kHz PCM in base64; anything larger is refused
 MAX_AUDIO_AHEAD_S = 10.0  # appended audio may run this far ahead of the wall clock (a client's buffer)
 HEARTBEAT_S = 10.0  # WebSocket ping; no pong within half of it closes the connection
+MAX_READ_PAUSE_S = 0.5  # a socket over its budget is left unread this long at most between checks
 MAX_CLOSE_REASON_BYTES = 123  # what a WebSocket close frame can carry (RFC 6455 section 5.5)
 CONTROL_EVENTS = (P.SessionUpdate, P.ItemCreate, P.ResponseCreate, P.ResponseCancel)
 
@@ -217,6 +219,12 @@ async def _read_until_closed(
     closed = asyncio.ensure_future(call.closed.wait())
     try:
         while not ws.closed:
+            pause_s = call.guard.read_pause_s(time.monotonic())
+            if pause_s > 0:  # over budget: leave the socket unread (at most MAX_READ_PAUSE_S at a time)
+                await asyncio.wait([closed], timeout=min(pause_s, MAX_READ_PAUSE_S))
+                if closed.done():
+                    return
+                continue
             receive = asyncio.ensure_future(ws.receive())
             done, _ = await asyncio.wait([receive, closed], return_when=asyncio.FIRST_COMPLETED)
             if closed in done:
