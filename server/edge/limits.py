@@ -240,8 +240,20 @@ def parse_session(fields: dict, config: Config) -> P.SessionUpdate:
     return update
 
 
+MAX_JSON_CONTAINERS = 1_000  # arrays + objects in a request body: ours need tens; 20 000 empty lists
+# in a 60 KB body are ~1 MB of Python objects, and a flood of them runs the whole process's garbage
+# collector again and again (docs/robustness.md)
+
+
 def loads_json(text: str | bytes, what: str, hint: str = "") -> object:
-    """JSON from a client, or 400: nesting deeper than the parser's recursion limit is invalid too."""
+    """JSON from a client, or 400: nesting deeper than the parser's recursion limit is invalid too, and
+    so is a body with more than MAX_JSON_CONTAINERS brackets (counted before it is parsed; brackets
+    inside strings count too)."""
+    opening = ("[", "{") if isinstance(text, str) else (b"[", b"{")
+    if text.count(opening[0]) + text.count(opening[1]) > MAX_JSON_CONTAINERS:
+        raise ApiError(
+            400, "invalid_json", f"{what} has more than {MAX_JSON_CONTAINERS} arrays and objects{hint}"
+        )
     try:
         return json.loads(text)
     except (ValueError, RecursionError):

@@ -74,6 +74,10 @@ SEMANTIC_VAD_SILENCE_MS = {"low": 1500, "medium": 800, "auto": 800, "high": 400}
 # Audio formats of the WebSocket transport (GA `audio.input.format` / `audio.output.format` types;
 # the beta `input_audio_format` strings map onto them). PCM is 16-bit LE mono at 24 kHz only.
 AUDIO_FORMATS = ("audio/pcm", "audio/pcmu", "audio/pcma")
+# Arrays + objects in one event, counted before it is parsed (brackets inside strings count too): our
+# events need tens; thousands of empty lists are ~1 MB of Python objects each, and a stream of them
+# keeps the whole process's garbage collector busy.
+MAX_EVENT_CONTAINERS = 1_000
 PCM_RATE_HZ = 24_000
 _BETA_FORMATS = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma"}
 # session fields (dotted) we read; every other field is accepted, ignored and listed in session.updated
@@ -657,6 +661,8 @@ def parse_client_event(
         raise ProtocolError(
             "message_too_large", f"event is larger than {max(max_event_bytes, max_audio_event_bytes)} bytes"
         )
+    if message.count("[") + message.count("{") > MAX_EVENT_CONTAINERS:
+        raise ProtocolError("invalid_json", f"event has more than {MAX_EVENT_CONTAINERS} arrays and objects")
     try:
         event = json.loads(message)
     except (ValueError, RecursionError):

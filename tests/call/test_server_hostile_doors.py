@@ -197,8 +197,9 @@ async def test_data_channels_with_other_labels_are_closed_logged_cut_and_capped(
 
 async def test_a_client_secret_keeps_only_the_session_fields_it_uses():
     running = await start_server(overrides={"auth": {"api_key": KEY}})
-    junk = [[] for _ in range(4_000)]
+    junk = "x" * 20_000
     session = {"instructions": "be brief", "junk": junk, "audio": {"input": {"junk": junk}}}
+    lists = {"session": {"instructions": "be brief", "junk": [[] for _ in range(2_000)]}}
     try:
         async with aiohttp.ClientSession() as http:
             async with http.post(
@@ -208,6 +209,12 @@ async def test_a_client_secret_keeps_only_the_session_fields_it_uses():
             ) as r:
                 assert r.status == 200
                 value = (await r.json())["value"]
+            async with http.post(  # a body of thousands of empty lists is not even parsed
+                f"{running.base_url}/v1/realtime/client_secrets",
+                json=lists,
+                headers={"Authorization": f"Bearer {KEY}"},
+            ) as r:
+                assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_json"
         kept = running.server.auth._secrets[value].session
         assert kept == {"instructions": "be brief", "audio": {"input": {}}}
         client = RealtimeClient(running.base_url, headers={"Authorization": f"Bearer {value}"})
