@@ -288,24 +288,30 @@ class Call:
             )
             if only is not None and not isinstance(event, only):
                 raise P.ProtocolError("unsupported_value", CONTROL_ONLY, event.event_id, "type")
-            if self._makes_engine_work(event) and not self.guard.expensive_event(time.monotonic()):
-                raise P.ProtocolError(
-                    "rate_limited",
-                    f"response.create, instructions changes, truncates and deletes are limited to "
-                    f"{limits.max_expensive_events_per_s:g} per second: this one was dropped",
-                    event.event_id,
-                )
+            if self._makes_engine_work(event):
+                self._charge(event)
             self.handle_event(event)
         except P.ProtocolError as exc:
             answer(P.error_event(exc.code, exc.message, event_id=exc.event_id, param=exc.param))
         except Exception:
             self._event_failed(event.event_id, answer)
 
+    def _charge(self, event: P.ClientEvent) -> None:
+        """An event that makes the engine prefill (a reply; new instructions re-prefill the system
+        prompt; a truncate or delete of the history re-prefills what follows the edit) takes from its own,
+        lower rate, whatever door it came by, so one caller cannot keep the shared engine busy."""
+        if not self.guard.expensive_event(time.monotonic()):
+            raise P.ProtocolError(
+                "rate_limited",
+                f"response.create, instructions changes, truncates and deletes are limited to "
+                f"{self.config.limits.max_expensive_events_per_s:g} per second: this one was dropped",
+                event.event_id,
+            )
+
     def _makes_engine_work(self, event: P.ClientEvent) -> bool:
-        """Events that make the engine prefill (a reply; new instructions re-prefill the system prompt; a
-        truncate or delete re-prefills the history after the edit): charged against their own, lower
-        rate, whatever door they come by, so one caller cannot keep the shared engine busy."""
-        if isinstance(event, P.ResponseCreate | P.ItemTruncate | P.ItemDelete):
+        """Charged before they are handled (truncates and deletes are charged once they are found valid,
+        in `_item_event`)."""
+        if isinstance(event, P.ResponseCreate):
             return True
         return isinstance(event, P.SessionUpdate) and event.instructions not in (
             None,
@@ -443,6 +449,7 @@ class Call:
                     event.event_id,
                     "audio_end_ms",
                 )
+            self._charge(event)
             self._cut_ms[event.item_id] = event.audio_end_ms
             self.replies.truncate(event.item_id, ref, event.audio_end_ms)
             self.send(
@@ -472,6 +479,7 @@ class Call:
                 "item_id",
             )
         if ref is not None:
+            self._charge(event)
             try:
                 self.session.delete_item(ref)
             except NotImplementedError as exc:

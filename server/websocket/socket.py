@@ -223,7 +223,7 @@ async def _read_until_closed(
             if pause_s > 0:  # over budget: leave the socket unread (at most MAX_READ_PAUSE_S at a time)
                 await asyncio.wait([closed], timeout=min(pause_s, MAX_READ_PAUSE_S))
                 if closed.done():
-                    return
+                    return False
                 continue
             receive = asyncio.ensure_future(ws.receive())
             done, _ = await asyncio.wait([receive, closed], return_when=asyncio.FIRST_COMPLETED)

@@ -122,20 +122,27 @@ async def test_control_connections_share_the_calls_budget_and_count_as_activity(
 
 
 async def test_truncates_and_deletes_are_charged_as_expensive():
-    """Each history edit makes the engine prefill what follows it again: past the burst, dropped."""
+    """Each history edit makes the engine prefill what follows it again: past the burst, dropped. An edit
+    refused as invalid (an unknown item) costs nothing."""
     transport = FakeTransport(plays_out=False)
     call, _, _ = _call(transport)
     try:
         call.start()
         for i in range(8):
-            call.receive(json.dumps({"type": "conversation.item.delete", "item_id": f"item_{i}"}))
+            call.receive(json.dumps({"type": "conversation.item.delete", "item_id": f"nope_{i}"}))
+        call.receive(json.dumps({"type": "response.create"}))
+        await _settle()
+        item_id = next(e["item"]["id"] for e in transport.sent if e["type"] == "conversation.item.added")
+        for end_ms in range(100, 0, -10):  # each one shorter: a real edit
             call.receive(
-                json.dumps({"type": "conversation.item.truncate", "item_id": f"item_{i}", "audio_end_ms": 0})
+                json.dumps({"type": "conversation.item.truncate", "item_id": item_id, "audio_end_ms": end_ms})
             )
+            await _settle()
         codes = [e["error"]["code"] for e in transport.sent if e["type"] == "error"]
+        truncated = [e for e in transport.sent if e["type"] == "conversation.item.truncated"]
         burst = call.config.limits.expensive_event_burst
-        assert codes[:burst] == ["item_not_found"] * burst
-        assert set(codes[burst:]) == {"rate_limited"} and len(codes) == 16
+        assert len(codes) == 8 + 10 - (burst - 1) and "rate_limited" not in codes[:8]
+        assert set(codes[8:]) == {"rate_limited"} and len(truncated) == burst - 1  # the reply took one
     finally:
         await call.close("test over")
 
