@@ -18,7 +18,15 @@ Flow of one user turn and its reply, as the server drives it:
 of any role, at the end or after a given item; `discard_audio()` drops speech the VAD judged too short;
 `delete_item()` removes an item or an ended reply from the history. `respond()` with nothing pending
 answers the conversation as it stands (a greeting, a follow-up); `ReplyOptions` hold what applies to one
-reply only. Everything here is torch-free on purpose.
+reply only.
+
+Transcripts of spoken turns come on their own stream, apart from the reply's, because they are computed
+apart (never on the path to the reply's first audio) and may end before or after the reply starts:
+
+    async for event in session.transcripts(): ...   # TranscriptDelta / TranscriptDone / TranscriptFailed
+
+A session transcribes when its settings carry `transcription`; each event names its item by the same
+index as `delete_item()`. Everything here is torch-free on purpose.
 """
 
 from __future__ import annotations
@@ -41,11 +49,20 @@ class SamplingSettings:
 
 
 @dataclass(frozen=True)
+class TranscriptionSettings:
+    """How a session's spoken turns are transcribed (the Realtime `input_audio_transcription`)."""
+
+    language: str = ""  # ISO-639-1 code ("en", "zh"); "" = detected per turn
+    prompt: str = ""  # text the transcript continues (spellings, names); "" = none
+
+
+@dataclass(frozen=True)
 class SessionSettings:
     """Per-call settings that reach the responder (from the call offer or `session.update`)."""
 
     instructions: str = ""  # persona / emotion / dialect / speed, free text
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    transcription: TranscriptionSettings | None = None  # None: spoken turns are not transcribed
 
 
 @dataclass(frozen=True)
@@ -108,6 +125,39 @@ class ReplyError:
 
 
 ReplyEvent = TextDelta | AudioChunk | Timing | ReplyDone | ReplyError
+
+
+# ----- events of a session's transcript stream ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TranscriptDelta:
+    """A piece of a spoken user item's transcript, as recognised; the pieces add up to the completed text."""
+
+    item: int  # the user item's index (as `ResponderSession.delete_item`)
+    text: str
+
+
+@dataclass(frozen=True)
+class TranscriptDone:
+    """A spoken user item's whole transcript."""
+
+    item: int
+    text: str
+    language: str  # the language transcribed (ISO-639-1), set or detected
+    audio_ms: float  # the turn's audio that was transcribed
+
+
+@dataclass(frozen=True)
+class TranscriptFailed:
+    """The item could not be transcribed; the call goes on."""
+
+    item: int
+    message: str
+    code: str = "transcription_failed"
+
+
+TranscriptEvent = TranscriptDelta | TranscriptDone | TranscriptFailed
 
 
 class Reply(abc.ABC):
@@ -179,6 +229,12 @@ class ResponderSession(abc.ABC):
         it). A responder that cannot edit its history keeps this default.
         """
         raise NotImplementedError(f"{type(self).__name__} cannot delete conversation items")
+
+    async def transcripts(self) -> AsyncIterator[TranscriptEvent]:
+        """The transcripts of this session's spoken user items, in the order the items were committed; ends
+        when the session closes. A responder that does not transcribe keeps this default (no events)."""
+        return
+        yield
 
     @abc.abstractmethod
     def respond(self, options: ReplyOptions | None = None) -> Reply:

@@ -147,7 +147,7 @@ def create_app(config: Config, responder: Responder | None = None) -> web.Applic
     if responder is None:
         from server.responders import make_responder
 
-        responder = make_responder(config.responder.kind, config.model, config.vllm)
+        responder = make_responder(config.responder.kind, config.model, config.vllm, config.transcription)
     server = Server(config, responder)
     signalling, secrets, pages = Signalling(server), ClientSecrets(server), Pages(server)
     app = web.Application(

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.engine.config import EngineConfig, VLLMConfig
+from pipeline.transcription.config import TranscriptionConfig
 
 ENV_PREFIX = "GLM4VOICE_"
 
@@ -154,6 +155,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     model: EngineConfig = field(default_factory=EngineConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    transcription: TranscriptionConfig = field(default_factory=TranscriptionConfig)
 
 
 def _convert(value: object, annotation: object, where: str) -> object:
@@ -318,6 +320,7 @@ def validate(config: Config) -> None:
         raise ValueError(
             f"config [model].lm_backend must be 'local' or 'vllm', got {config.model.lm_backend!r}"
         )
+    config.transcription.check()
     vllm = config.vllm
     if not vllm.url.startswith(("http://", "https://")):
         raise ValueError(f"config [vllm].url must start with http:// or https://, got {vllm.url!r}")

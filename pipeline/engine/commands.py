@@ -69,13 +69,15 @@ class PushAudio(Command):
     pcm16k: np.ndarray
 
     def apply(self, s: Scheduler) -> None:
-        s.guarded(self.dialogue, self._push)
+        s.guarded(self.dialogue, self._push, s)
 
-    def _push(self) -> None:
+    def _push(self, s: Scheduler) -> None:
         d = self.dialogue
         if d.closed:
             return
         d.audio_pushed = True
+        if s.transcription is not None:
+            d.turn_audio.append(self.pcm16k)
         new_tokens = d.tokenizer_stream.push(self.pcm16k)
         if new_tokens:
             d.partial_audio_tokens.extend(new_tokens)
@@ -98,12 +100,15 @@ class Commit(Command):
             return
         d.tokenizer_stream.flush()
         tokens = list(d.tokenizer_stream.tokens)
+        audio = np.concatenate(d.turn_audio) if d.turn_audio else None
         Discard(d).apply(s)
         d.tokens_ready_t = time.monotonic()
         if tokens and d.pending.has_room():
             d.pending.add(
                 InputItem(user_block_ids(s.m.text, speech_tokens=tokens), speech_input=True, key=self.key)
             )
+        if audio is not None and self.key is not None:
+            s.transcribe(d, self.key, audio)
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,7 @@ class Discard(Command):
         if d.closed:
             return
         d.tokenizer_stream.reset()
+        d.turn_audio.clear()
         d.partial_audio_tokens.clear()
         d.audio_pushed = False
         d.early_prefill_wanted = False

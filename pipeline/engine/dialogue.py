@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Protocol
 from pipeline.audio_format import SPEECH_TOKEN_MS
 from pipeline.engine.reply import InputItem, ReplyState
 from pipeline.lm.history import MESSAGE, USER, DialogueHistory, Segment
-from pipeline.responder import SessionSettings
+from pipeline.responder import SessionSettings, TranscriptEvent
 
 if TYPE_CHECKING:
+    import numpy as np
     from torch import Tensor
 
     from pipeline.lm.kv_cache import LMCache
@@ -125,6 +126,10 @@ class Dialogue:
     tokenizer_stream: TokenizerStream | None = None
     partial_audio_tokens: list[int] = field(default_factory=list)  # final tokens of the open user speech
     audio_pushed: bool = False
+    turn_audio: list[np.ndarray] = field(
+        default_factory=list
+    )  # the open turn's 16 kHz chunks (transcription)
+    emit_transcript: Callable[[TranscriptEvent], None] | None = None  # thread-safe, into the session's stream
     early_prefill_wanted: bool = False  # final speech tokens arrived that the context does not hold yet
     tokens_ready_t: float | None = None
     reply: ReplyState | None = None
@@ -221,3 +226,4 @@ class Dialogue:
         self.reply = None
         self.pending.take()
         self.tokenizer_stream = None
+        self.turn_audio.clear()

@@ -21,7 +21,15 @@ from pipeline.lm.kv_cache import slot_bytes
 from pipeline.lm.model import VoiceLM
 from pipeline.lm.text_tokenizer import GLMTokenizer
 from pipeline.tokenizer.tokenizer import SpeechTokenizer
-from pipeline.weights.resolve import ResolvedWeights, resolve_weights, warn_if_not_realtime
+from pipeline.transcription.config import TranscriptionConfig
+from pipeline.transcription.model import Whisper
+from pipeline.weights.resolve import (
+    ResolvedTranscription,
+    ResolvedWeights,
+    resolve_transcription,
+    resolve_weights,
+    warn_if_not_realtime,
+)
 
 log = logging.getLogger(__name__)
 TINY_LM_PARAMS = 50_000_000  # below this (demo/test models) CPU work runs on one thread
@@ -35,11 +43,14 @@ class Models:
     text: GLMTokenizer
     decoder: SpeechDecoder
     warning: str | None = None
+    transcriber: Whisper | None = None  # the transcription stage, when [transcription] turns it on
+    transcription: ResolvedTranscription | None = None
 
 
-def load_models(cfg: EngineConfig) -> Models:
-    """Resolve and load the three stages (in the engine thread: it owns the device)."""
+def load_models(cfg: EngineConfig, transcription: TranscriptionConfig | None = None) -> Models:
+    """Resolve and load the stages (in the engine thread: it owns the device)."""
     weights = resolve_weights(cfg)
+    whisper = resolve_transcription(transcription or TranscriptionConfig(enabled="off"), cfg, weights)
     if weights.device.type == "cuda":
         torch.cuda.set_device(weights.device)  # this thread's streams, graphs and "current device" are ours
     t0 = time.monotonic()
@@ -69,8 +80,11 @@ def load_models(cfg: EngineConfig) -> Models:
         tiny = num_params < TINY_LM_PARAMS
         torch.set_num_threads(cfg.cpu_threads or (1 if tiny else torch.get_num_threads()))
     warning = warn_if_not_realtime(num_params, weights)
+    transcriber = None
+    if whisper is not None:
+        transcriber = Whisper.from_pretrained(whisper.folder, device=whisper.device, dtype=whisper.dtype)
     log.info("loaded %s weights on %s in %.1f s", weights.kind, weights.device, time.monotonic() - t0)
-    return Models(weights, tokenizer, lm, text, decoder, warning)
+    return Models(weights, tokenizer, lm, text, decoder, warning, transcriber, whisper)
 
 
 def warm_up(m: Models, cfg: EngineConfig) -> None:
@@ -78,6 +92,8 @@ def warm_up(m: Models, cfg: EngineConfig) -> None:
     t0 = time.monotonic()
     lm, text = m.lm, m.text
     m.speech_tokenizer.tokenize(np.zeros(16000, np.float32))
+    if m.transcriber is not None:
+        m.transcriber.transcribe(np.zeros(16000, np.float32), language="en", stop=lambda: False)
     if lm is not None:
         plan = memory_plan(m, cfg)
         log.info("%s", plan.describe())
@@ -144,10 +160,20 @@ class MemoryPlan:
     tokenizer_bytes: int  # speech tokenizer KV per open segment (one per call) at its 30 s window
     activation_bytes: int  # estimate: a prefill chunk's MLP/attention temporaries + logits + decoder block
     free_bytes: int | None  # device memory free now (CUDA), None on the CPU
+    transcription_bytes: int = (
+        0  # Whisper's weights (loaded) + one 30 s window's activations (one job at a time)
+    )
+    transcription_activation_bytes: int = 0  # of those, what is still to allocate
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_pool_bytes + self.tokenizer_bytes + self.activation_bytes
+        return (
+            self.weights_bytes
+            + self.kv_pool_bytes
+            + self.tokenizer_bytes
+            + self.activation_bytes
+            + self.transcription_bytes
+        )
 
     def describe(self) -> str:
         gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
@@ -156,20 +182,25 @@ class MemoryPlan:
             f"memory plan on {self.device} for {self.max_calls} calls at {self.context_tokens} tokens: "
             "weights "
             f"{gb(self.weights_bytes)} (loaded) + LM KV pool {gb(self.kv_pool_bytes)} + speech tokenizer KV "
-            f"{gb(self.tokenizer_bytes)} + activations ~{gb(self.activation_bytes)} = "
-            f"{gb(self.total_bytes)}{free}"
+            f"{gb(self.tokenizer_bytes)} + activations ~{gb(self.activation_bytes)} + transcription "
+            f"~{gb(self.transcription_bytes)} = {gb(self.total_bytes)}{free}"
         )
 
     def check(self) -> None:
         """Refuse to start when what is still to allocate does not fit in free device memory."""
         if self.free_bytes is None:
             return
-        need = self.kv_pool_bytes + self.tokenizer_bytes + self.activation_bytes
+        need = (
+            self.kv_pool_bytes
+            + self.tokenizer_bytes
+            + self.activation_bytes
+            + self.transcription_activation_bytes
+        )
         if need > self.free_bytes:
             raise MemoryError(
                 f"{self.describe()}: the KV pool, tokenizer buffers and activations need {need / 1e9:.1f} GB "
                 f"but {self.free_bytes / 1e9:.1f} GB are free. Lower [model] max_calls or context_tokens, "
-                "or use quantization = 'int4'"
+                "use quantization = 'int4', or [transcription] enabled = 'off'"
             )
 
 
@@ -192,10 +223,37 @@ def memory_plan(m: Models, cfg: EngineConfig) -> MemoryPlan:
     # logits of the largest decode batch (float32, x3: sampling's sort and softmax); decoder block: ~256 MB.
     chunk = 512 * 2 * c.ffn_hidden_size * elem * 4 + 512 * (c.num_heads // c.kv_groups) * tokens * 4
     activations = chunk + 3 * rows * c.vocab_size * 4 + 256 * 2**20
+    whisper = m.transcriber
+    whisper_activations = transcription_activation_bytes(whisper) if whisper is not None else 0
+    whisper_bytes = whisper.parameter_bytes() + whisper_activations if whisper is not None else 0
     free = None
     if m.weights.device.type == "cuda":  # the provisional pool is freed by the reserve: count it as free
         free = torch.cuda.mem_get_info(m.weights.device)[0] + (lm.pool.capacity + 1) * lm.pool.bytes_per_slot
-    return MemoryPlan(m.weights.device, cfg.max_calls, tokens, weights, kv_pool, tokenizer, activations, free)
+    return MemoryPlan(
+        m.weights.device,
+        cfg.max_calls,
+        tokens,
+        weights,
+        kv_pool,
+        tokenizer,
+        activations,
+        free,
+        transcription_bytes=whisper_bytes,
+        transcription_activation_bytes=whisper_activations,
+    )
+
+
+def transcription_activation_bytes(w: Whisper) -> int:
+    """One 30 s window (one job at a time): the encoder's attention scores and MLP hidden over its 1500
+    positions, and the decoder's self and cross-attention caches."""
+    c = w.model.config
+    elem = next(w.model.parameters()).element_size()
+    positions, text = c.max_source_positions, c.max_target_positions
+    encoder = (
+        c.encoder_attention_heads * positions * positions * elem + 2 * positions * c.encoder_ffn_dim * elem
+    )
+    caches = c.decoder_layers * 2 * (positions + text) * c.d_model * elem
+    return encoder + caches
 
 
 def describe(m: Models) -> dict:
@@ -208,6 +266,7 @@ def describe(m: Models) -> dict:
         )
     if m.warning:
         details["warning"] = m.warning
+    details["transcription"] = m.transcription.describe() if m.transcription is not None else "off"
     return details
 
 

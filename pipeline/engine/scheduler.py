@@ -18,6 +18,8 @@ import queue
 import time
 from collections.abc import Callable
 
+import numpy as np
+
 from pipeline.engine import decoding
 from pipeline.engine.config import EngineConfig
 from pipeline.engine.decoder_worker import BlockDone, DecoderWorker
@@ -28,6 +30,7 @@ from pipeline.lm.history import MESSAGE, USER, DialogueHistory, Segment
 from pipeline.lm.prompt import StreamParser, system_block_ids, user_block_ids
 from pipeline.responder import ReplyDone, ReplyError, TextDelta, Timing
 from pipeline.tokenizer.stream import TokenizerStream
+from pipeline.transcription.worker import Job, TranscriptionWorker
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 30.0  # an idle engine wakes on commands; the deadline only bounds a lost wake-up
@@ -36,12 +39,18 @@ DECODER_STOP_S = 10.0  # a running decoder batch finishes before the worker stop
 
 class Scheduler:
     def __init__(
-        self, cfg: EngineConfig, models: Models, inbox: queue.SimpleQueue, source: TokenSource | None = None
+        self,
+        cfg: EngineConfig,
+        models: Models,
+        inbox: queue.SimpleQueue,
+        source: TokenSource | None = None,
+        transcription: TranscriptionWorker | None = None,
     ) -> None:
         self.cfg = cfg
         self.m = models
         self.inbox = inbox
         self.source: TokenSource = source or LocalLM(models.lm, cfg.prefill_chunk_tokens)
+        self.transcription = transcription  # None: transcription is off server-wide
         self.dialogues: list[Dialogue] = []
         self.counters = {"decoder_blocks": 0, "turns_done": 0, "turn_errors": 0}
         self.decoder = DecoderWorker(
@@ -76,6 +85,7 @@ class Scheduler:
                     command = None
             if not self.running:
                 return
+            self._note_first_audio()  # a reply just asked for goes first from now, before its prefill
             self.step()
 
     def busy(self) -> bool:
@@ -107,10 +117,30 @@ class Scheduler:
                 self.guarded(d, self._advance_prompt, d)
         self._next_ids()
         self._hand_over_blocks()
+        self._note_first_audio()
         if self.inbox.empty():
             for d in self.dialogues:
                 if d.reply is None:
                     self.guarded(d, self._early_prefill, d)
+
+    def _note_first_audio(self) -> None:
+        """Tell the transcription worker whether any reply still waits for its first audio (it waits too)."""
+        if self.transcription is None:
+            return
+        gate = self.transcription.first_audio_clear
+        if any(d.reply is not None and d.reply.time.first_pcm_t is None for d in self.dialogues):
+            gate.clear()
+        else:
+            gate.set()
+
+    def transcribe(self, d: Dialogue, key: int, pcm16k: np.ndarray) -> None:
+        """A committed spoken turn goes to the transcription worker when the session asked for it."""
+        settings = d.settings.transcription
+        if self.transcription is None or settings is None or d.emit_transcript is None:
+            return
+        self.transcription.submit(
+            Job(key, pcm16k, settings.language, settings.prompt, d.emit_transcript, lambda: d.closed)
+        )
 
     def _active(self) -> list[Dialogue]:
         return [d for d in self.dialogues if d.reply is not None]
@@ -354,6 +384,7 @@ class Scheduler:
             **self.counters,
             **self.decoder.counters,
             **self.source.counters,
+            **(self.transcription.counters if self.transcription is not None else {}),
         }
 
 

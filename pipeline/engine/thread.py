@@ -59,7 +59,9 @@ from pipeline.responder import (
     ResponderInfo,
     ResponderSession,
     SessionSettings,
+    TranscriptEvent,
 )
+from pipeline.transcription.config import TranscriptionConfig
 
 if TYPE_CHECKING:
     from pipeline.engine.scheduler import Scheduler
@@ -138,6 +140,8 @@ class EngineSession(ResponderSession):
         self._reply_count = itertools.count(1)
         self._items = itertools.count()  # each commit_audio / add_text / add_message is the next item
         self._current: EngineReply | None = None
+        self._transcripts: asyncio.Queue = asyncio.Queue()
+        dialogue.emit_transcript = _deliver(loop, self._transcripts)  # before the engine opens the call
 
     @property
     def dialogue(self) -> Dialogue:
@@ -203,20 +207,30 @@ class EngineSession(ResponderSession):
         self._engine.send(Respond(self._dialogue, reply))
         return self._current
 
+    async def transcripts(self) -> AsyncIterator[TranscriptEvent]:
+        while (event := await self._transcripts.get()) is not None:
+            yield event
+
     async def close(self) -> None:
         done: concurrent.futures.Future = concurrent.futures.Future()
         self._engine.send(Close(self._dialogue, done))
         if self._engine.alive:
             await asyncio.wrap_future(done)
+        self._transcripts.put_nowait(None)  # the stream ends: the worker drops a closed call's jobs
 
 
 class EngineThread:
     """The thread that owns the models; `send()` is the only way in."""
 
     def __init__(
-        self, config: EngineConfig, vllm: VLLMConfig | None = None, health: VLLMHealth | None = None
+        self,
+        config: EngineConfig,
+        vllm: VLLMConfig | None = None,
+        health: VLLMHealth | None = None,
+        transcription: TranscriptionConfig | None = None,
     ) -> None:
         self.config = config
+        self.transcription = transcription  # [transcription]; None: off
         self.vllm, self.health = vllm, health  # set when the LM is served by vLLM (lm_backend = "vllm")
         self.on_crash: Callable[[str], None] | None = None  # called from this thread if the work loop dies
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
@@ -255,9 +269,11 @@ class EngineThread:
     def _main(self) -> None:
         from pipeline.engine.models import describe, load_models, warm_up
         from pipeline.engine.scheduler import Scheduler
+        from pipeline.transcription.worker import TranscriptionWorker
 
+        worker = None
         try:
-            models = load_models(self.config)
+            models = load_models(self.config, self.transcription)
             warm_up(models, self.config)
             source = None
             if self.health is not None:
@@ -270,11 +286,15 @@ class EngineThread:
                     sorted(models.text.stop_ids),
                     wake=lambda: self._inbox.put(Wake()),
                 )
-            self.scheduler = Scheduler(self.config, models, self._inbox, source)
+            if models.transcriber is not None:
+                worker = TranscriptionWorker(models.transcriber, threading.Event())
+            self.scheduler = Scheduler(self.config, models, self._inbox, source, worker)
         except BaseException as exc:  # reported to start(); the thread ends
             self.load_error = exc
             self._ready.set_exception(exc)
             return
+        if worker is not None:
+            worker.start()
         self._ready.set_result(describe(models))
         try:
             self.scheduler.run()
@@ -288,6 +308,8 @@ class EngineThread:
         finally:
             self._finished = True  # before the drain: a command put after it is answered by send()
             self._answer_leftovers()
+            if worker is not None:
+                worker.stop()
 
     def _fail_active_turns(self) -> None:
         """The loop died: every reply in progress ends with an error instead of waiting forever."""
@@ -310,11 +332,17 @@ class EngineThread:
 class GLMVoiceResponder(Responder):
     """`pipeline.responder.Responder` backed by the engine thread."""
 
-    def __init__(self, config: EngineConfig, vllm: VLLMConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        vllm: VLLMConfig | None = None,
+        transcription: TranscriptionConfig | None = None,
+    ) -> None:
         self.config = config
         self.vllm = vllm or VLLMConfig()
+        self.transcription = transcription or TranscriptionConfig()
         self.health: VLLMHealth | None = None  # the vLLM deployment's readiness (lm_backend = "vllm")
-        self._engine = EngineThread(config)
+        self._engine = EngineThread(config, transcription=self.transcription)
         self._details: dict = {"weights": "loading"}
         self._ready = False
         self._on_failure: Callable[[str], None] | None = None
@@ -356,7 +384,7 @@ class GLMVoiceResponder(Responder):
             self.health = VLLMHealth(client, self.config.context_tokens, v.probe_interval_s)
             self.health.start()  # probes while the local stages load
         if self._engine.started or self.health is not None:  # a fresh thread (re)loads the models
-            self._engine = EngineThread(self.config, self.vllm, self.health)
+            self._engine = EngineThread(self.config, self.vllm, self.health, self.transcription)
             if self._on_failure is not None:
                 self._engine.on_crash = self._push_failure
         self._details = await asyncio.wrap_future(self._engine.start())
@@ -368,8 +396,9 @@ class GLMVoiceResponder(Responder):
             raise RuntimeError("the GLM-4-Voice engine is not ready (start() has not finished)")
         cfg = self.config
         dialogue = Dialogue(call_id, settings, PendingInput(cfg.max_pending_items, cfg.max_pending_tokens))
+        session = EngineSession(self._engine, dialogue, asyncio.get_running_loop())
         self._engine.send(Open(dialogue))
-        return EngineSession(self._engine, dialogue, asyncio.get_running_loop())
+        return session
 
     def info(self) -> ResponderInfo:
         rate = self._details.get("output_sample_rate_hz", DECODER_RATE_HZ)

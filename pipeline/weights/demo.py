@@ -5,6 +5,7 @@
     DIR/glm-4-voice-tokenizer/   tiny WhisperVQ encoder (random, fixed seed)
     DIR/glm-4-voice-9b/          tiny ChatGLM LM + tokenizer.model/tokenizer_config.json
     DIR/glm-4-voice-decoder/     tiny flow + HiFT (random, fixed seed): noise-like babble
+    DIR/whisper-random/          tiny Whisper (transformers format, random): the transcripts are babble
     DIR/demo_script.json         the scripted reply (ids, transcript), for tests and the curious
 
 Random LM weights alone would stop at once or never stop, so the LM is shaped into a deterministic
@@ -33,7 +34,7 @@ from pipeline.weights.random_lm import seeded_normal
 
 log = logging.getLogger(__name__)
 
-DEMO_FORMAT_VERSION = 1  # bump when the recipe changes: an older DIR is rebuilt on the next start
+DEMO_FORMAT_VERSION = 2  # bump when the recipe changes: an older DIR is rebuilt on the next start
 SEED = 20241025  # GLM-4-Voice release date; any fixed value works
 MESSAGE = (
     "Demo weights: tiny random models, so this voice is babble. Run glm4voice download for the real one!"
@@ -121,10 +122,11 @@ def chain_hook(script: dict, seed: int = SEED):
 
 
 def write_demo_weights(root: Path, seed: int = SEED) -> dict:
-    """Write all three checkpoints and the script into `root` (overwriting)."""
+    """Write the four checkpoints and the script into `root` (overwriting)."""
     import pipeline.weights.random_decoder as decoder_mod
     import pipeline.weights.random_lm as lm_mod
     import pipeline.weights.random_tokenizer as tokenizer_mod
+    import pipeline.weights.random_whisper as whisper_mod
     from pipeline.lm.text_tokenizer import GLMTokenizer
     from pipeline.weights.random_text import write_tokenizer_files
 
@@ -148,6 +150,7 @@ def write_demo_weights(root: Path, seed: int = SEED) -> dict:
     decoder_mod.write_random_checkpoint(
         root / "glm-4-voice-decoder", vocab_size=NUM_AUDIO_TOKENS, seed=seed + 2
     )
+    whisper_mod.write_random_checkpoint(root / whisper_mod.DEMO_FOLDER, seed=seed + 3)
     (root / "demo_script.json").write_text(json.dumps(script, indent=2), encoding="utf-8")
     return script
 

@@ -1,4 +1,4 @@
-"""`glm4voice download [--dir DIR]`: fetch the three official GLM-4-Voice checkpoints.
+"""`glm4voice download [--dir DIR]`: fetch the three official GLM-4-Voice checkpoints and the Whisper one.
 
 Uses huggingface_hub's `snapshot_download`, which shows progress bars, resumes interrupted files
 (partial downloads are kept under `DIR/<name>/.cache/huggingface`) and honours `HF_ENDPOINT` (a
@@ -7,6 +7,7 @@ mirror) and `HF_TOKEN`. The layout it writes is what `[model] weights_dir` expec
     DIR/glm-4-voice-tokenizer/   config.json, preprocessor_config.json, model.safetensors
     DIR/glm-4-voice-9b/          config.json, model-0000k-of-00004.safetensors, tokenizer.model, ...
     DIR/glm-4-voice-decoder/     config.yaml, flow.pt, hift.pt
+    DIR/whisper-large-v3-turbo/  the transcription stage's default ([transcription] model)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ CHECKPOINTS: tuple[tuple[str, str, str], ...] = (
     ("THUDM/glm-4-voice-tokenizer", "glm-4-voice-tokenizer", "1.5 GB"),
     ("THUDM/glm-4-voice-9b", "glm-4-voice-9b", "19 GB"),
     ("THUDM/glm-4-voice-decoder", "glm-4-voice-decoder", "0.5 GB"),
+    ("openai/whisper-large-v3-turbo", "whisper-large-v3-turbo", "1.6 GB"),
 )
 DEFAULT_DIR = "weights"
 # The 9B repo also carries the remote modeling code; our own implementation does not need it.
@@ -79,7 +81,8 @@ def download_all(target_dir: Path, *, token: str | None = None) -> dict[str, Pat
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="glm4voice download",
-        description="Download the official GLM-4-Voice checkpoints (tokenizer, 9B LM, decoder; ~21 GB).",
+        description="Download the official GLM-4-Voice checkpoints (tokenizer, 9B LM, decoder) and Whisper "
+        "large-v3-turbo for transcripts (~23 GB).",
     )
     parser.add_argument("--dir", default=DEFAULT_DIR, help=f"target folder (default: ./{DEFAULT_DIR})")
     args = parser.parse_args(argv)

@@ -17,6 +17,8 @@ from typing import Protocol
 
 import torch
 
+from pipeline.transcription.config import TranscriptionConfig
+
 log = logging.getLogger(__name__)
 
 STAGE_FOLDERS = {
@@ -203,3 +205,49 @@ def warn_if_not_realtime(num_lm_params: int, weights: ResolvedWeights) -> str | 
         log.warning(message)
         return message
     return None
+
+
+@dataclass(frozen=True)
+class ResolvedTranscription:
+    folder: Path  # a Whisper checkpoint in the transformers format
+    device: torch.device
+    dtype: torch.dtype
+
+    def describe(self) -> dict:
+        return {
+            "model": self.folder.name,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+
+def resolve_transcription(
+    cfg: TranscriptionConfig, engine: WeightsSettings, weights: ResolvedWeights
+) -> ResolvedTranscription | None:
+    """The Whisper checkpoint to load, or None when transcription is off. `model` is a folder, or a repo id
+    found as `weights_dir/<repo name>` (where `glm4voice download` puts it); demo weights bring their own."""
+    cfg.check()
+    if not cfg.wanted(weights.kind == "real"):
+        return None
+    named = Path(cfg.model).expanduser()
+    candidates = [named]
+    if engine.weights_dir:
+        candidates.append(Path(engine.weights_dir).expanduser() / cfg.model.rstrip("/").split("/")[-1])
+    if weights.kind == "demo":
+        from pipeline.weights.random_whisper import DEMO_FOLDER
+
+        candidates.append(weights.tokenizer_dir.parent / DEMO_FOLDER)
+    folder = next((c for c in candidates if (c / "config.json").is_file()), None)
+    if folder is None:
+        raise WeightsError(
+            f"[transcription] model = {cfg.model!r}: no Whisper checkpoint at "
+            f"{', '.join(map(str, candidates))}. "
+            "Run `glm4voice download --dir DIR` (it fetches the default beside the GLM-4-Voice checkpoints), "
+            "set [transcription] model to a folder, or enabled = 'off'"
+        )
+    device = select_device(cfg.device) if cfg.device else weights.device
+    if cfg.dtype == "auto":
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = DTYPES[cfg.dtype]
+    return ResolvedTranscription(folder, device, dtype)

@@ -44,3 +44,30 @@ def test_refuses_to_start_when_it_cannot_fit() -> None:
     with pytest.raises(MemoryError, match="max_calls"):
         plan.check()
     dataclasses.replace(plan, free_bytes=10 * 10**9).check()
+
+
+def test_plan_counts_the_transcription_stage(demo_dir) -> None:
+    from pipeline.transcription.config import TranscriptionConfig
+
+    engine = EngineConfig(demo_weights_dir=str(demo_dir), device="cpu", max_calls=2, context_tokens=1024)
+    with_whisper = load_models(engine, TranscriptionConfig(enabled="on"))
+    whisper = sum(p.numel() * p.element_size() for p in with_whisper.transcriber.model.parameters())
+    plan = memory_plan(with_whisper, engine)
+    assert (
+        plan.transcription_bytes > whisper
+        and 0 < plan.transcription_activation_bytes < plan.transcription_bytes
+    )
+    assert plan.total_bytes - plan.transcription_bytes == memory_plan(load_models(engine), engine).total_bytes
+    tight = MemoryPlan(
+        torch.device("cpu"),
+        max_calls=1,
+        context_tokens=1024,
+        weights_bytes=0,
+        kv_pool_bytes=10**9,
+        tokenizer_bytes=0,
+        activation_bytes=0,
+        free_bytes=10**9 + 10,
+    )
+    tight.check()
+    with pytest.raises(MemoryError, match="transcription"):
+        dataclasses.replace(tight, transcription_bytes=100, transcription_activation_bytes=20).check()

@@ -1,0 +1,1 @@
+"""transcription stage: Whisper on each committed spoken turn, off the path to first audio."""
