@@ -42,6 +42,7 @@ class Transcript:
     text: str  # leading space of Whisper's first token removed
     language: str  # ISO-639-1 code, set or detected
     audio_ms: float
+    tokens: int  # text tokens Whisper generated
     compute_s: float  # wall time of the whole transcription (bench/bench_transcription.py reads it)
 
 
@@ -128,7 +129,7 @@ class Whisper:
             raise ValueError(f"language {language!r} is not one Whisper knows (ISO-639-1 codes: en, zh, ...)")
         window = WINDOW_S * MODEL_INPUT_RATE_HZ
         windows = [pcm16k[i : i + window] for i in range(0, max(len(pcm16k), 1), window)]
-        done_text, previous = "", prompt
+        done_text, previous, tokens = "", prompt, 0
         for index, audio in enumerate(windows):
             features = self._features(audio)  # (1, mel bins, 3000)
             if not language:
@@ -152,10 +153,10 @@ class Whisper:
             if stop():
                 raise Stopped
             text = self._decode(pieces.ids)
-            done_text, previous = done_text + text, text
+            done_text, previous, tokens = done_text + text, text, tokens + len(pieces.ids)
             log.debug("window %d/%d: %d tokens", index + 1, len(windows), len(pieces.ids))
         audio_ms = 1000.0 * len(pcm16k) / MODEL_INPUT_RATE_HZ
-        return Transcript(done_text.strip(), language, audio_ms, time.monotonic() - t0)
+        return Transcript(done_text.strip(), language, audio_ms, tokens, time.monotonic() - t0)
 
     def _features(self, audio: np.ndarray) -> torch.Tensor:
         features = self.processor.feature_extractor(
