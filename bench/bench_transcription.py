@@ -1,6 +1,6 @@
 """Transcription: Whisper's time per second of speech, and the reply's first-audio delay with it on and off.
 
-One run, one engine (demo weights on the CPU by default):
+One run, one engine (demo weights on the CPU by default; ~2 min on 2 cores):
 1. Whisper alone: each clip length transcribed `--repeats` times; compute time per second of speech
    (real-time factor), and per generated token (random weights babble up to 224 tokens a window, so with
    demo weights the token count, not the audio, sets the time).
@@ -9,7 +9,7 @@ One run, one engine (demo weights on the CPU by default):
    interleaved between sessions with transcription off, on, and on without the first-audio wait (the
    worker starts at once). Commit -> first audio chunk, p50/p95 per mode, and the ratio to off.
 
-  .venv/bin/python bench/bench_transcription.py                      # demo weights, CPU, ~2 min
+  .venv/bin/python bench/bench_transcription.py                      # demo weights, CPU
   .venv/bin/python bench/bench_transcription.py --whisper DIR        # a real Whisper checkpoint folder
 """
 
@@ -150,10 +150,10 @@ async def main() -> None:
     )
     parser.add_argument("--whisper", default="", help="a Whisper checkpoint folder (default: the demo one)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--clips", type=float, nargs="+", default=[2.0, 5.0, 10.0], help="seconds")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clips", type=float, nargs="+", default=[2.0, 10.0], help="seconds")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--turns", type=int, default=4, help="back-to-back turns per mode and round")
+    parser.add_argument("--turns", type=int, default=3, help="back-to-back turns per mode and round")
     parser.add_argument("--turn-s", type=float, default=3.0)
     args = parser.parse_args()
     print(machine())

@@ -53,7 +53,7 @@ TINY_LM = dataclasses.replace(
 PEAK_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # HBM spec sheet bandwidth, GB/s
 PARITY_TOL = 1e-4  # float32, as tests/parity
 # Share of the budget per section (full run, H100: model set-up included).
-SHARES = {"parity": 0.06, "lm": 0.42, "int4": 0.02, "stages": 0.18, "engine": 0.32}
+SHARES = {"parity": 0.06, "lm": 0.39, "int4": 0.02, "stages": 0.17, "engine": 0.30, "transcription": 0.06}
 
 
 class SectionTimeout(Exception):
@@ -874,11 +874,45 @@ def section_engine(check: Check, fig: dict) -> None:
 
     original = models_mod.load_models
     if not check.tiny:  # the engine thread loads through this name: hand it the full-size random models
-        models_mod.load_models = lambda cfg: full_size_models(check)
+        models_mod.load_models = lambda cfg, transcription=None: full_size_models(check)
     try:
         asyncio.run(drive_engine(check, fig))
     finally:
         models_mod.load_models = original
+
+
+# Whisper large-v3-turbo's sizes (its config.json: encoder_layers, decoder_layers, d_model, heads, ffn_dim).
+TURBO_DIMS = dict(d_model=1280, encoder_layers=32, decoder_layers=4, heads=20, ffn_dim=5120)
+
+
+def section_transcription(check: Check, fig: dict) -> None:
+    """The transcription stage at large-v3-turbo's size (random weights: babble up to 224 tokens a window,
+    so the time per token is the figure; a real transcript of fast speech is ~4 tokens/s of audio)."""
+    from pipeline.transcription.model import Whisper
+    from pipeline.weights.random_whisper import write_random_checkpoint
+
+    dtype = torch.float32 if check.tiny else torch.float16
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_random_checkpoint(Path(tmp) / "whisper", **({} if check.tiny else TURBO_DIMS))
+        whisper = Whisper.from_pretrained(folder, check.device, dtype)
+    fig["params_m"] = round(sum(p.numel() for p in whisper.model.parameters()) / 1e6, 1)
+    fig["dtype"] = str(dtype).removeprefix("torch.")
+    rng = np.random.default_rng(0)
+    for seconds in (5, 30):
+        pcm = (0.1 * rng.standard_normal(16000 * seconds)).astype(np.float32)
+        whisper.transcribe(pcm, language="en")  # warm-up
+        runs = [whisper.transcribe(pcm, language="en") for _ in range(3)]
+        compute = statistics.median(r.compute_s for r in runs)
+        tokens = statistics.median(r.tokens for r in runs)
+        fig[f"clip_{seconds}s"] = {
+            "compute_s": round(compute, 3),
+            "tokens": tokens,
+            "ms_per_token": round(1e3 * compute / max(tokens, 1), 2),
+            "s_per_s_of_speech": round(compute / seconds, 4),
+        }
+        check.log(f"transcription: {seconds} s clip: {fig[f'clip_{seconds}s']}")
+    if check.device.type == "cuda":
+        fig["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(check.device) / 1e9, 2)
 
 
 SECTIONS: dict[str, Callable[[Check, dict], None]] = {
@@ -887,6 +921,7 @@ SECTIONS: dict[str, Callable[[Check, dict], None]] = {
     "int4": section_int4,
     "stages": section_stages,
     "engine": section_engine,
+    "transcription": section_transcription,
 }
 
 

@@ -98,6 +98,7 @@ class Commit(Command):
         d = self.dialogue
         if d.closed or not d.audio_pushed:
             return
+        s.hold_transcription()  # the turn's reply is about to be asked for: its prompt goes first
         d.tokenizer_stream.flush()
         tokens = list(d.tokenizer_stream.tokens)
         audio = np.concatenate(d.turn_audio) if d.turn_audio else None

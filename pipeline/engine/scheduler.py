@@ -133,6 +133,11 @@ class Scheduler:
         else:
             gate.set()
 
+    def hold_transcription(self) -> None:
+        """Pause the transcription worker until the next step says whether a reply waits for first audio."""
+        if self.transcription is not None:
+            self.transcription.first_audio_clear.clear()
+
     def transcribe(self, d: Dialogue, key: int, pcm16k: np.ndarray) -> None:
         """A committed spoken turn goes to the transcription worker when the session asked for it."""
         settings = d.settings.transcription

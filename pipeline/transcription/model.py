@@ -28,6 +28,15 @@ from pipeline.audio_format import MODEL_INPUT_RATE_HZ
 
 log = logging.getLogger(__name__)
 
+
+def _not_max_length_notice(record: logging.LogRecord) -> bool:
+    """Whisper's `generate` sets `max_length` itself beside our `max_new_tokens`, and transformers then
+    warns on every call; the notice says nothing about our settings."""
+    return not str(record.msg).startswith("Both `max_new_tokens`")
+
+
+logging.getLogger("transformers.generation.utils").addFilter(_not_max_length_notice)
+
 WINDOW_S = (
     30  # Whisper's encoder input: 3000 mel frames of 10 ms (config max_source_positions x conv stride 2)
 )

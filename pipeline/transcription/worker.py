@@ -2,10 +2,11 @@
 
 The engine thread only hands a job over (`submit`, never blocks); the model runs here, so a transcript
 never takes a step from the LM's loop. On a shared device it still takes a share of the compute, so a job
-starts only once no reply of any call is waiting for its first audio (the engine sets `first_audio_clear`
-after every step), or after `FIRST_AUDIO_WAIT_S` at most, so a transcript is never starved. On CUDA the
-worker runs on its own stream. Jobs of a closed call are dropped, and a running one stops at its next
-token. A failure is that item's `TranscriptFailed`; the worker and the call go on.
+starts, and after each of its tokens goes on, only while no reply of any call is waiting for its first
+audio (the engine sets `first_audio_clear` after every step); each such wait lasts `FIRST_AUDIO_WAIT_S` at
+most, so a transcript is never starved. On CUDA the worker runs on its own stream. Jobs of a closed call
+are dropped, and a running one stops at its next token. A failure is that item's `TranscriptFailed`; the
+worker and the call go on.
 """
 
 from __future__ import annotations
@@ -90,15 +91,24 @@ class TranscriptionWorker:
             stream = torch.cuda.Stream(device)  # not the engine's: its kernels never queue behind ours
         with torch.cuda.stream(stream):  # None (CPU): no stream change
             while (job := self._jobs.get()) is not None:
-                if job.closed():
-                    continue
-                self.first_audio_clear.wait(FIRST_AUDIO_WAIT_S)
-                self._run(job)
+                if not job.closed():
+                    self._run(job)
+
+    def _between_tokens(self, job: Job) -> bool:
+        """Before the job and after each token: yield to replies waiting for first audio; True = stop."""
+        self.first_audio_clear.wait(FIRST_AUDIO_WAIT_S)
+        return job.closed()
 
     def _run(self, job: Job) -> None:
         try:
+            if self._between_tokens(job):
+                return
             result = self.model.transcribe(
-                job.pcm16k, language=job.language, prompt=job.prompt, on_text=job.show, stop=job.closed
+                job.pcm16k,
+                language=job.language,
+                prompt=job.prompt,
+                on_text=job.show,
+                stop=lambda: self._between_tokens(job),
             )
         except Stopped:
             return
