@@ -53,6 +53,10 @@ class TextReport:
         elif kind == "client.user_turn":
             said = event["text"] if event["kind"] == "typed" else f"(spoken, {event['duration_s']:.1f} s)"
             self._line(f"you: {said}")
+        elif kind == "conversation.item.input_audio_transcription.completed":
+            self._line(f"you said: {event.get('transcript', '')}")
+        elif kind == "conversation.item.input_audio_transcription.failed":
+            self._line(f"  [not transcribed: {event.get('error', {}).get('message', '')}]")
         elif kind == "response.output_audio_transcript.delta":
             if not self._open_line:
                 self._out.write("assistant: ")

@@ -21,7 +21,8 @@ def session_for(mode: str, instructions: str | None) -> dict:
     td = (
         None if mode == "push_to_talk" else {"type": "server_vad", "interrupt_response": mode == "hands_free"}
     )
-    session: dict = {"audio": {"input": {"turn_detection": td}}}
+    # the user's words on spoken turns; a server that cannot transcribe lists the field as ignored
+    session: dict = {"audio": {"input": {"turn_detection": td, "transcription": {"model": "whisper"}}}}
     if instructions:
         session["instructions"] = instructions
     return session

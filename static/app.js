@@ -113,8 +113,11 @@ async function startCall() {
   const channel = (app.channel = pc.createDataChannel("oai-events"));
   channel.onmessage = (event) => onServerEvent(JSON.parse(event.data));
   channel.onopen = () => {
+    // The user's words on spoken turns; a server that cannot transcribe lists the field as ignored.
+    const update = { audio: { input: { transcription: { model: "whisper" } } } };
     const instructions = ui.instructions.value.trim();
-    if (instructions) send({ type: "session.update", session: { instructions } });
+    if (instructions) update.instructions = instructions;
+    send({ type: "session.update", session: update });
   };
   await pc.setLocalDescription(await pc.createOffer());
   await iceGathered(pc, session.ice_gather_timeout_ms || 2000);

@@ -27,7 +27,18 @@
       if (turn.role === "note") {
         li.textContent = turn.text;
       } else if (turn.role === "user") {
-        li.textContent = turn.kind === "typed" ? turn.text : "spoken, " + turn.durationS.toFixed(1) + " s";
+        if (turn.kind === "typed") {
+          li.textContent = turn.text;
+        } else {
+          // the words when a transcript came (they fill in as it is recognised), the duration beside them
+          const words = document.createElement("span");
+          words.className = "words";
+          words.textContent = turn.words || (turn.notTranscribed ? "(not transcribed)" : "spoken");
+          const duration = document.createElement("small");
+          duration.className = "duration";
+          duration.textContent = turn.durationS.toFixed(1) + " s";
+          li.append(words, " ", duration);
+        }
       } else {
         const heard = document.createElement("span");
         heard.className = "heard";
@@ -78,6 +89,17 @@
           add({ role: "user", kind: "spoken", durationS: Math.max(ms, 0) / 1000, itemId: event.item_id });
         }
         break;
+      case "conversation.item.input_audio_transcription.delta":
+      case "conversation.item.input_audio_transcription.completed":
+      case "conversation.item.input_audio_transcription.failed": {
+        const turn = turns.find((t) => t.role === "user" && t.itemId === event.item_id);
+        if (!turn) break;
+        if (event.type.endsWith(".delta")) turn.words = (turn.words || "") + event.delta;
+        else if (event.type.endsWith(".completed")) turn.words = event.transcript;
+        else turn.notTranscribed = true;
+        save(); render();
+        break;
+      }
       case "glm4voice.input_audio_buffer.discarded":
         turns = turns.filter((t) => !(t.role === "user" && t.itemId === event.item_id));
         save(); render();
@@ -112,7 +134,10 @@
   function asText() {
     return turns.map((t) => {
       if (t.role === "note") return "-- " + t.text;
-      if (t.role === "user") return "You: " + (t.kind === "typed" ? t.text : "(spoken, " + t.durationS.toFixed(1) + " s)");
+      if (t.role === "user") {
+        if (t.kind === "typed") return "You: " + t.text;
+        return "You: " + (t.words ? t.words + " " : "") + "(spoken, " + t.durationS.toFixed(1) + " s)";
+      }
       const heard = t.deltas.slice(0, t.heardDeltas ?? t.deltas.length).join("");
       return "Assistant: " + heard + (t.cutOff ? " [cut off; unheard: " + t.deltas.slice(t.heardDeltas).join("") + "]" : "");
     }).join("\n");

@@ -24,7 +24,8 @@ from transformers import (
     WhisperForConditionalGeneration,
     WhisperTokenizer,
 )
-from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+from pipeline.transcription.config import WHISPER_LANGUAGES
 
 DEMO_FOLDER = "whisper-random"  # its folder in the demo weights (pipeline/weights/demo.py)
 MERGE_TEXT = [
@@ -42,7 +43,7 @@ DIMS = dict(d_model=64, encoder_layers=2, decoder_layers=2, heads=2, ffn_dim=128
 
 def special_tokens() -> list[str]:
     """Whisper's special tokens in id order, right after the BPE vocabulary."""
-    languages = [f"<|{code}|>" for code in LANGUAGES]
+    languages = [f"<|{code}|>" for code in WHISPER_LANGUAGES]
     return [
         "<|endoftext|>",
         "<|startoftranscript|>",
@@ -90,7 +91,7 @@ def _generation_config(tok: WhisperTokenizer) -> GenerationConfig:
         + list(range(ids("<|notimestamps|>") + 1, len(tok))),
     )
     config.is_multilingual = True
-    config.lang_to_id = {f"<|{code}|>": ids(f"<|{code}|>") for code in LANGUAGES}
+    config.lang_to_id = {f"<|{code}|>": ids(f"<|{code}|>") for code in WHISPER_LANGUAGES}
     config.task_to_id = {"translate": ids("<|translate|>"), "transcribe": ids("<|transcribe|>")}
     config.no_timestamps_token_id = ids("<|notimestamps|>")
     config.prev_sot_token_id = ids("<|startofprev|>")

@@ -25,6 +25,9 @@ from pipeline.responder import (
     ReplyOptions,
     Responder,
     ResponderSession,
+    TranscriptDelta,
+    TranscriptDone,
+    TranscriptFailed,
 )
 from server.audio.vad import SileroVad
 from server.call.guard import CallGuard
@@ -93,13 +96,17 @@ class Call:
         self.transport = transport
         self.config = config
         self.metrics = metrics
+        info = responder.info()
+        self._transcribes = isinstance(info.details.get("transcription"), dict)  # the stage is loaded
+        if not self._transcribes:
+            settings = settings.without_transcription()
         self.settings = settings
         self.created_s = time.monotonic()
         self.state = CallState.CONNECTING
         self.closed = asyncio.Event()
         self.close_reason = ""
         self._on_closed = on_closed
-        self._responder_name = responder.info().name
+        self._responder_name = info.name
         self._parking = parking if transport.resumable else None
         self.resume_token = new_resume_token() if self._parking is not None else None
         self._resumed = resumed
@@ -129,6 +136,7 @@ class Call:
         self._event_failures = LogLimiter()  # a client repeating an event that fails: one line per interval
         self.listening = Listening(self, vad)
         self.spawn(self._watch(), "watchdog")
+        self.spawn(self._transcripts(), "transcripts")
 
     # ----- what a transport calls -------------------------------------------------------------------
 
@@ -216,6 +224,7 @@ class Call:
             s.input_format,
             s.output_format,
             s.ignored,
+            s.transcription,
         )
 
     # ----- client events ---------------------------------------------------------------------------
@@ -321,6 +330,8 @@ class Call:
     def handle_event(self, event: P.ClientEvent) -> None:
         if isinstance(event, P.SessionUpdate):
             self.settings = self.settings.apply(event)
+            if not self._transcribes:
+                self.settings = self.settings.without_transcription()
             self.listening.settings_changed()
             self.session.update(self.settings.responder_settings())
             self.send(P.event("session.updated", session=self._session_json()))
@@ -419,6 +430,21 @@ class Call:
             self.send(P.event("input_audio_buffer.committed", previous_item_id=previous, item_id=item["id"]))
         self.send(P.event("conversation.item.added", previous_item_id=previous, item=item))
         self.send(P.event("conversation.item.done", previous_item_id=previous, item=item))
+
+    async def _transcripts(self) -> None:
+        """The responder's transcripts of spoken user items, as Realtime events on those items (and in the
+        items `conversation.item.retrieve` returns). An item deleted meanwhile gets none."""
+        async for event in self.session.transcripts():
+            item_id = self.conversation.user_item_id(event.item)
+            if item_id is None:
+                continue
+            if isinstance(event, TranscriptDelta):
+                self.send(P.transcription_delta(item_id, event.text))
+            elif isinstance(event, TranscriptDone):
+                self.conversation.replace(P.user_item(item_id, None, transcript=event.text))
+                self.send(P.transcription_completed(item_id, event.text, event.audio_ms / 1000))
+            elif isinstance(event, TranscriptFailed):
+                self.send(P.transcription_failed(item_id, event.code, event.message))
 
     def _item_event(self, event: P.ItemRetrieve | P.ItemDelete | P.ItemTruncate) -> None:
         item = self.conversation.get(event.item_id)

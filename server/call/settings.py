@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from pipeline.responder import SamplingSettings, SessionSettings
+from pipeline.responder import SamplingSettings, SessionSettings, TranscriptionSettings
 from server.audio.turns import TurnSettings
 from server.config import TurnDetectionConfig
 from server.realtime import protocol as P
@@ -23,9 +23,15 @@ class CallSettings:
     input_format: str = "audio/pcm"  # WebSocket audio (protocol.AUDIO_FORMATS); WebRTC carries Opus
     output_format: str = "audio/pcm"
     ignored: tuple[str, ...] = ()  # fields of the last update we accepted but cannot honour
+    transcription: P.Transcription | None = None  # spoken user items are transcribed (docs/protocol.md)
 
     def responder_settings(self) -> SessionSettings:
-        return SessionSettings(instructions=self.instructions, sampling=self.sampling)
+        t = self.transcription
+        return SessionSettings(
+            instructions=self.instructions,
+            sampling=self.sampling,
+            transcription=None if t is None else TranscriptionSettings(language=t.language, prompt=t.prompt),
+        )
 
     def apply(self, update: P.SessionUpdate) -> CallSettings:
         turns = self.turns
@@ -48,6 +54,15 @@ class CallSettings:
             input_format=update.input_format or self.input_format,
             output_format=update.output_format or self.output_format,
             ignored=update.ignored,
+            transcription=update.transcription if update.transcription_sent else self.transcription,
+        )
+
+    def without_transcription(self) -> CallSettings:
+        """The responder cannot transcribe: a request for it is reported as ignored, and off."""
+        if self.transcription is None:
+            return self
+        return dataclasses.replace(
+            self, transcription=None, ignored=(*self.ignored, "audio.input.transcription")
         )
 
     @classmethod

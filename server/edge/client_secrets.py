@@ -42,6 +42,7 @@ class ClientSecrets:
             settings.turn_detection_json(),
             settings.sampling,
             ctx.responder.info().name,
+            transcription=settings.transcription,
         )
         session.pop("id")
         return web.json_response(

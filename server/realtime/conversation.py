@@ -58,6 +58,10 @@ class Conversation:
         """What `ResponderSession.delete_item` takes for this item (a message index or a Reply)."""
         return self._refs.get(item_id)
 
+    def user_item_id(self, index: int) -> str | None:
+        """The id of the user item with this index (None: deleted, or out of the record)."""
+        return next((i for i, ref in self._refs.items() if ref == index and not isinstance(ref, Reply)), None)
+
     def remove(self, item_id: str) -> dict | None:
         self._refs.pop(item_id, None)
         return self._items.pop(item_id, None)

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 from pipeline.responder import SamplingSettings
+from pipeline.transcription.config import WHISPER_LANGUAGES
 
 _event_counter = itertools.count(1)
 
@@ -89,6 +90,8 @@ _USED_FIELDS = {
     "audio.output",
     "audio.input.format",
     "audio.input.turn_detection",
+    "audio.input.transcription",
+    "input_audio_transcription",
     "audio.output.format",
     "turn_detection",
     "input_audio_format",
@@ -102,6 +105,18 @@ _USED_FIELDS = {
 
 
 @dataclass(frozen=True)
+class Transcription:
+    """`audio.input.transcription` (beta: `input_audio_transcription`): transcripts of spoken user items."""
+
+    model: str = "whisper"  # accepted and reported; the server's [transcription] model does the work
+    language: str = ""  # an ISO-639-1 code Whisper knows; "" = detected per turn
+    prompt: str = ""  # text the transcript continues (names, spellings)
+
+    def json(self) -> dict:
+        return {"model": self.model, "language": self.language or None, "prompt": self.prompt}
+
+
+@dataclass(frozen=True)
 class SessionUpdate:
     event_id: str | None
     instructions: str | None
@@ -110,6 +125,8 @@ class SessionUpdate:
     input_format: str | None = None  # one of AUDIO_FORMATS (used by the WebSocket transport)
     output_format: str | None = None
     ignored: tuple[str, ...] = ()  # fields accepted but not honoured (docs/protocol.md, Compatibility)
+    transcription_sent: bool = False  # the update names transcription (None in `transcription`: off)
+    transcription: Transcription | None = None
 
 
 ROOT = "root"  # previous_item_id: before every other item
@@ -358,9 +375,16 @@ def used_session_fields(session: dict) -> dict:
             kept["glm4voice"] = {"echo_guard": td["glm4voice"]["echo_guard"]}
         return kept
 
+    def transcription(t: object) -> object:
+        return (
+            {k: v for k, v in t.items() if k in ("model", "language", "prompt")} if isinstance(t, dict) else t
+        )
+
     kept = {k: v for k, v in session.items() if k in _USED_FIELDS}
     if "turn_detection" in kept:
         kept["turn_detection"] = turns(kept["turn_detection"])
+    if "input_audio_transcription" in kept:
+        kept["input_audio_transcription"] = transcription(kept["input_audio_transcription"])
     if isinstance(kept.get("audio"), dict):
         audio = {k: v for k, v in kept["audio"].items() if f"audio.{k}" in _USED_FIELDS}
         for side in ("input", "output"):
@@ -368,12 +392,41 @@ def used_session_fields(session: dict) -> dict:
                 audio[side] = {k: v for k, v in audio[side].items() if f"audio.{side}.{k}" in _USED_FIELDS}
                 if "turn_detection" in audio[side]:
                     audio[side]["turn_detection"] = turns(audio[side]["turn_detection"])
+                if "transcription" in audio[side]:
+                    audio[side]["transcription"] = transcription(audio[side]["transcription"])
                 if isinstance(audio[side].get("format"), dict):
                     audio[side]["format"] = {
                         k: v for k, v in audio[side]["format"].items() if k in ("type", "rate")
                     }
         kept["audio"] = audio
     return kept
+
+
+def _parse_transcription(
+    value: object, name: str, event_id: str | None, max_chars: int
+) -> Transcription | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError("invalid_value", f"{name} must be an object or null", event_id, name)
+    model = _text(value.get("model") or "whisper", f"{name}.model", event_id)
+    language = _text(value.get("language") or "", f"{name}.language", event_id)
+    if language and language not in WHISPER_LANGUAGES:
+        raise ProtocolError(
+            "invalid_value",
+            f"{name}.language must be an ISO-639-1 code Whisper knows (en, zh, ...), got {language!r}",
+            event_id,
+            f"{name}.language",
+        )
+    prompt = _text(value.get("prompt") or "", f"{name}.prompt", event_id)
+    if len(prompt) > max_chars:
+        raise ProtocolError(
+            "string_above_max_length",
+            f"the transcription prompt is {len(prompt)} characters; the limit is {max_chars}",
+            event_id,
+            f"{name}.prompt",
+        )
+    return Transcription(model[:200], language, prompt)
 
 
 def _ignored_fields(session: dict) -> tuple[str, ...]:
@@ -434,6 +487,23 @@ def _parse_session_update(event: dict, event_id: str | None, max_instructions_ch
         turn_detection = _parse_turn_detection(audio_input["turn_detection"], event_id)
     elif "turn_detection" in session:
         turn_detection = _parse_turn_detection(session["turn_detection"], event_id)
+    transcription, transcription_sent = None, True
+    if "transcription" in audio_input:
+        transcription = _parse_transcription(
+            audio_input["transcription"],
+            "session.audio.input.transcription",
+            event_id,
+            max_instructions_chars,
+        )
+    elif "input_audio_transcription" in session:
+        transcription = _parse_transcription(
+            session["input_audio_transcription"],
+            "session.input_audio_transcription",
+            event_id,
+            max_instructions_chars,
+        )
+    else:
+        transcription_sent = False
     sampling: dict = {}
     if "temperature" in session:
         sampling["temperature"] = _number(session["temperature"], "temperature", event_id, 0.0, 2.0)
@@ -456,6 +526,8 @@ def _parse_session_update(event: dict, event_id: str | None, max_instructions_ch
         input_format,
         output_format,
         _ignored_fields(session),
+        transcription_sent,
+        transcription,
     )
 
 
@@ -737,6 +809,7 @@ def session_object(
     input_format: str = "audio/pcm",
     output_format: str = "audio/pcm",
     ignored: tuple[str, ...] = (),
+    transcription: Transcription | None = None,
 ) -> dict:
     """The `session` object of session.created / session.updated (Realtime GA shape + our extras): the
     effective session, plus `glm4voice.ignored_fields` (what the last update sent that we cannot honour)."""
@@ -748,7 +821,11 @@ def session_object(
         "output_modalities": ["audio"],
         "instructions": instructions,
         "audio": {
-            "input": {"format": format_object(input_format), "turn_detection": td},
+            "input": {
+                "format": format_object(input_format),
+                "turn_detection": td,
+                "transcription": transcription.json() if transcription is not None else None,
+            },
             "output": {"format": format_object(output_format)},
         },
         "temperature": sampling.temperature,
@@ -759,11 +836,14 @@ def session_object(
     }
 
 
-def user_item(item_id: str, text: str | None) -> dict:
-    """A completed user message: typed (`input_text`) or spoken (`input_audio`, transcript null: we do
-    not transcribe the user)."""
+def user_item(item_id: str, text: str | None, transcript: str | None = None) -> dict:
+    """A completed user message: typed (`input_text`) or spoken (`input_audio`; its transcript null until
+    transcription has completed, and for a session without transcription)."""
     if text is None:
-        return {**message_item(item_id, "user", ""), "content": [{"type": "input_audio", "transcript": None}]}
+        return {
+            **message_item(item_id, "user", ""),
+            "content": [{"type": "input_audio", "transcript": transcript}],
+        }
     return message_item(item_id, "user", text)
 
 
@@ -778,6 +858,33 @@ def message_item(item_id: str, role: str, text: str) -> dict:
         "status": "completed",
         "content": [part],
     }
+
+
+TRANSCRIPTION = "conversation.item.input_audio_transcription"
+
+
+def transcription_delta(item_id: str, delta: str) -> dict:
+    return event(f"{TRANSCRIPTION}.delta", item_id=item_id, content_index=0, delta=delta)
+
+
+def transcription_completed(item_id: str, transcript: str, audio_s: float) -> dict:
+    """`usage` as OpenAI reports it for duration-billed models: the seconds of audio transcribed."""
+    return event(
+        f"{TRANSCRIPTION}.completed",
+        item_id=item_id,
+        content_index=0,
+        transcript=transcript,
+        usage={"type": "duration", "seconds": round(audio_s, 3)},
+    )
+
+
+def transcription_failed(item_id: str, code: str, message: str) -> dict:
+    return event(
+        f"{TRANSCRIPTION}.failed",
+        item_id=item_id,
+        content_index=0,
+        error={"type": "transcription_error", "code": code, "message": message, "param": None},
+    )
 
 
 def assistant_item(item_id: str, status: str, transcript: str | None) -> dict:
