@@ -58,6 +58,10 @@ MALFORMED = {
     "text=surrogate": _item([{"type": "input_text", "text": "hello \udc00"}]),
     "event_id=surrogate": json.dumps({"type": "glm4voice.ping", "event_id": "e\ud800"}),
     "create_response=str": _session({"audio": {"input": {"turn_detection": {"create_response": "yes"}}}}),
+    "transcription=5": _session({"audio": {"input": {"transcription": 5}}}),
+    "transcription.language=list": _session({"input_audio_transcription": {"language": ["en"]}}),
+    "transcription.language=unknown": _session({"audio": {"input": {"transcription": {"language": "xx"}}}}),
+    "transcription.prompt=surrogate": _session({"input_audio_transcription": {"prompt": "a \ud800 b"}}),
 }
 
 

@@ -24,7 +24,7 @@ def test_gpu_check_tiny_runs_every_section(tmp_path: Path) -> None:
     )
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     statuses = {name: entry["status"] for name, entry in report["sections"].items()}
-    assert set(statuses) == {"parity", "lm", "int4", "stages", "engine"}, proc.stdout[-3000:]
+    assert set(statuses) == {"parity", "lm", "int4", "stages", "engine", "transcription"}, proc.stdout[-3000:]
     failed = {
         n: report["sections"][n].get("error", "")[-1500:]
         for n, s in statuses.items()
@@ -34,7 +34,7 @@ def test_gpu_check_tiny_runs_every_section(tmp_path: Path) -> None:
     assert statuses["int4"] in ("ok", "skipped")
     assert report["server_only_modules_imported"] == []  # none of them on the GPU machine
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (tmp_path / "gpu_check.md").read_text().count("## ") == 5
+    assert (tmp_path / "gpu_check.md").read_text().count("## ") == 6
     sections = report["sections"]
     assert all(
         case["greedy_equal"]
