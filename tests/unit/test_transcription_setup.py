@@ -15,9 +15,8 @@ from server.config import load_config
 
 
 def weights(kind: str, root: Path) -> ResolvedWeights:
-    return ResolvedWeights(
-        kind, root / "tok", root / "lm", root / "dec", torch.device("cpu"), torch.float32, torch.float32, ""
-    )
+    f32, cpu = torch.float32, torch.device("cpu")
+    return ResolvedWeights(kind, root / "tok", root / "lm", root / "dec", cpu, f32, f32, f32, "")
 
 
 def test_settings_from_env_and_their_errors() -> None:
