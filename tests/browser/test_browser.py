@@ -98,7 +98,8 @@ def test_browser_busy_and_auth_messages():
 
 
 def test_browser_conversation_history():
-    """The page keeps the whole call as a conversation (static/history.js), across a reload."""
+    """The page keeps the whole call as a conversation (static/history.js), across a reload, with the words
+    of each spoken turn."""
     pytest.importorskip("playwright")
     from pipeline.weights.demo import MESSAGE
 
@@ -124,7 +125,10 @@ def test_browser_conversation_history():
     assert [u["kind"] for u in users] == ["spoken", "spoken", "typed"] and users[2]["text"] == r["typed"]
     for user, spoken_s in zip(users[:2], r["spoken_s"], strict=True):
         assert abs(user["durationS"] - spoken_s) < 0.6, (user, spoken_s)
-    assert r["dom"]["users"][:2] == [f"spoken, {u['durationS']:.1f} s" for u in users[:2]]
+    # the words of each spoken turn (its transcript: babble from the demo Whisper) with the duration beside them
+    assert len(r["transcripts"]) == 2 and all(r["transcripts"])
+    assert [u["words"] for u in users[:2]] == r["transcripts"] == r["dom"]["words"]
+    assert r["dom"]["users"][:2] == [f"{u['words']} {u['durationS']:.1f} s" for u in users[:2]]
     assert len(replies) == 3 and [t["role"] for t in r["turns"]] == ["user", "assistant"] * 3
     assert [x["cutOff"] for x in replies] == [False, True, False]
     assert "".join(replies[0]["deltas"]) == MESSAGE == "".join(replies[2]["deltas"])

@@ -123,6 +123,7 @@ async def conversation(out_dir: Path) -> dict:
 
     from pipeline.engine.config import EngineConfig
     from pipeline.engine.thread import GLMVoiceResponder
+    from pipeline.transcription.config import TranscriptionConfig
     from pipeline.weights.demo import ensure_demo_weights
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +140,11 @@ async def conversation(out_dir: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         demo = ensure_demo_weights(Path(tmp) / "demo")
         server = await start_server(
-            GLMVoiceResponder(EngineConfig(demo_weights_dir=str(demo), device="cpu")), kind="glm4voice"
+            GLMVoiceResponder(
+                EngineConfig(demo_weights_dir=str(demo), device="cpu"),
+                transcription=TranscriptionConfig(enabled="on"),  # the page asks for the user's words
+            ),
+            kind="glm4voice",
         )
         try:
             async with async_playwright() as p:
@@ -179,6 +184,11 @@ async def conversation(out_dir: Path) -> dict:
                 await _wait_types(page, "glm4voice.response.cancelled", 1, 10)
                 await _wait_types(page, "response.done", 3, 30)
                 await _wait_types(page, "glm4voice.turn.latency", 3, 30)
+                await _wait_types(page, "conversation.item.input_audio_transcription.completed", 2, 60)
+                transcripts = await page.evaluate(
+                    "() => window.glm4voice.events.filter((e) => e.type === "
+                    "'conversation.item.input_audio_transcription.completed').map((e) => e.transcript)"
+                )
                 await page.screenshot(path=str(out_dir / "browser_history.png"), full_page=True)
                 turns = await page.evaluate("() => window.glm4voiceHistory.turns()")
                 dom = await page.evaluate("""() => ({
@@ -189,7 +199,8 @@ async def conversation(out_dir: Path) -> dict:
                     unheardOpacity: getComputedStyle(li.querySelector('.unheard')).opacity})),
                   latencies: [...document.querySelectorAll('#history li.assistant .latency')]
                     .map((e) => e.textContent),
-                  users: [...document.querySelectorAll('#history li.user')].map((e) => e.textContent)})""")
+                  users: [...document.querySelectorAll('#history li.user')].map((e) => e.textContent),
+                  words: [...document.querySelectorAll('#history li.user .words')].map((e) => e.textContent)})""")
                 await page.click("#copy-history")
                 clipboard = await page.evaluate("() => navigator.clipboard.readText()")
                 as_text = await page.evaluate("() => window.glm4voiceHistory.asText()")
@@ -211,6 +222,7 @@ async def conversation(out_dir: Path) -> dict:
         "after_reload": after_reload,
         "after_new_call": after_new_call,
         "typed": TYPED,
+        "transcripts": transcripts,
         "spoken_s": [x.size / 16_000 for x in speech],
         "screenshot": str(out_dir / "browser_history.png"),
     }
