@@ -44,6 +44,7 @@ from pipeline.responder import (  # noqa: E402
     TranscriptionSettings,
 )
 from pipeline.transcription.config import TranscriptionConfig  # noqa: E402
+from tests.helpers.engine import settled  # noqa: E402
 
 MODES = ("off", "on", "on, no first-audio wait")
 
@@ -92,7 +93,7 @@ async def one_turn(responder, session, pcm: np.ndarray) -> float:
     """Commit -> the first audio chunk of the reply, in seconds."""
     for start in range(0, pcm.size, 512):
         session.push_audio(pcm[start : start + 512])
-    await responder.engine.settled()  # the speech tokenizer has caught up, as it does in a live call
+    await settled(responder.engine)  # the speech tokenizer has caught up, as it does in a live call
     t0 = time.monotonic()
     session.commit_audio()
     first = None

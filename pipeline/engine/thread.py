@@ -91,6 +91,18 @@ def _deliver(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, cancelled: 
     return emit
 
 
+def _deliver_transcripts(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
+    """A thread-safe `emit` into a session's transcript queue (dropped if the loop is gone)."""
+
+    def emit(event: TranscriptEvent) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # loop closed: the call is gone
+            pass
+
+    return emit
+
+
 class EngineReply(Reply):
     def __init__(
         self,
@@ -141,7 +153,7 @@ class EngineSession(ResponderSession):
         self._items = itertools.count()  # each commit_audio / add_text / add_message is the next item
         self._current: EngineReply | None = None
         self._transcripts: asyncio.Queue = asyncio.Queue()
-        dialogue.emit_transcript = _deliver(loop, self._transcripts)  # before the engine opens the call
+        dialogue.emit_transcript = _deliver_transcripts(loop, self._transcripts)  # before the engine opens it
 
     @property
     def dialogue(self) -> Dialogue:

@@ -24,6 +24,7 @@ from pipeline.responder import (
     TranscriptionSettings,
 )
 from pipeline.transcription.config import TranscriptionConfig
+from tests.helpers.engine import settled
 
 TRANSCRIBED = SessionSettings(transcription=TranscriptionSettings())
 WAIT_S = 60.0  # deadline of every wait (a busy 2-core machine); nothing here measures time
@@ -214,7 +215,7 @@ async def test_sessions_without_transcription_get_no_events(responder):
     speak(session, speech(1.0, seed=9))
     events = await reply_events(session.respond())
     assert isinstance(events[-1], ReplyDone)
-    await responder.engine.settled()
+    await settled(responder.engine)
     await session.close()
     assert [e async for e in stream] == []
 

@@ -12,6 +12,7 @@ from openai import AsyncOpenAI
 from pipeline.engine.config import EngineConfig
 from pipeline.engine.thread import GLMVoiceResponder
 from pipeline.transcription.config import TranscriptionConfig
+from tests.helpers.engine import settled
 from tests.helpers.rtc_client import start_server
 from tests.helpers.speech import ENGLISH_SENTENCES, have_speech_tools, synth_speech
 from tests.realtime.test_sdk_websocket import API_KEY, Session
@@ -113,7 +114,7 @@ async def test_spoken_turns_get_their_transcripts(glm_ws_server):
             mark = len(s.events)
             await s.stream(speech, "audio/pcm")
             await s.wait_for("response.done", 60, after=mark)
-            await glm_ws_server.server.responder.engine.settled()
+            await settled(glm_ws_server.server.responder.engine)
             assert [e for e in s.events[mark:] if e["type"].startswith(T)] == []
         finally:
             s.close()
