@@ -116,6 +116,9 @@ class Call:
         else:
             self.session = responder.open_session(call_id, settings.responder_settings())
         self._observers: list[Callable[[str], None]] = []  # control connections: a copy of every event
+        # False: the client takes OpenAI's event types only, and our `glm4voice.*` events are not sent to it
+        # (clients that fail on a type they do not know; docs/protocol.md "WebSocket transport").
+        self.extension_events = True
         self._cut_ms: dict[str, int] = {}  # assistant item -> the audio_end_ms it was truncated to
         self.conversation = resumed.conversation if isinstance(resumed, ParkedCall) else Conversation()
         self._tasks: set[asyncio.Task] = set()
@@ -211,7 +214,8 @@ class Call:
         text = P.dumps(message)
         for observer in self._observers:
             observer(text)
-        self.transport.send(text)
+        if self.extension_events or not message["type"].startswith("glm4voice."):
+            self.transport.send(text)
 
     def _session_json(self) -> dict:
         s = self.settings

@@ -90,6 +90,15 @@ def _with_subprotocol_key(request: web.Request) -> web.Request:
     return request.clone(headers=headers)
 
 
+def _extension_events(request: web.Request) -> bool:
+    """`?glm4voice_events=off`: only OpenAI's event types reach this client (the OpenAI Agents SDK
+    reports every event type it does not know as an error)."""
+    value = request.query.get("glm4voice_events", "on")
+    if value not in ("on", "off"):
+        raise ApiError(400, "invalid_value", f"glm4voice_events must be 'on' or 'off', got {value!r}")
+    return value == "on"
+
+
 class RealtimeSocket:
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
@@ -121,12 +130,14 @@ class RealtimeSocket:
         ctx = self.ctx
         secret = check_door(ctx, _with_subprotocol_key(request))
         token = request.headers.get(RESUME_HEADER) or request.query.get("resume_token") or None
+        extension_events = _extension_events(request)
         admitted = await admit(ctx, request, secret, resume_token=token)
         ws = await self._upgrade(request)
         call: Call | None = None
         writer = SocketWriter(ws, lambda: _slow_reader(call, ws))
         transport = WebSocketTransport(writer)
         call = open_call(ctx, new_call_id(), transport, admitted)
+        call.extension_events = extension_events
         transport.bind(call)
         writer_task = asyncio.get_running_loop().create_task(writer.run(), name=f"{call.call_id}:ws-writer")
         decoder, policer = InputDecoder(), AudioPolicer()
