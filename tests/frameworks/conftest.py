@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from server.call.call import Call
-from tests.helpers.rtc_client import RunningServer, start_server
+from tests.helpers.rtc_client import RunningServer, glm_server_with_key
 from tests.helpers.speech import have_speech_tools, synth_speech
 
 API_KEY = "sk-test-frameworks"
@@ -25,17 +25,8 @@ assert have_speech_tools(), "espeak-ng and sox are needed (make test installs th
 
 @pytest.fixture
 async def glm_ws(demo_dir) -> AsyncIterator[RunningServer]:
-    from pipeline.engine.config import EngineConfig
-    from pipeline.engine.thread import GLMVoiceResponder
-
-    responder = GLMVoiceResponder(EngineConfig(demo_weights_dir=str(demo_dir), device="cpu"))
-    running = await start_server(
-        responder=responder, kind="glm4voice", overrides={"auth": {"api_key": API_KEY}}
-    )
-    try:
+    async with glm_server_with_key(demo_dir, API_KEY) as running:
         yield running
-    finally:
-        await running.runner.cleanup()
 
 
 class Sent(list):

@@ -5,9 +5,11 @@ records what it hears, with arrival times; `start_server()` runs a server in-pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fractions
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +79,27 @@ async def start_server(
     running = RunningServer(f"http://127.0.0.1:{port}", app[SERVER_KEY], runner)
     await running.wait_ready()
     return running
+
+
+@contextlib.asynccontextmanager
+async def glm_server_with_key(
+    demo_dir: Path, api_key: str, transcription: str | None = None
+) -> AsyncIterator[RunningServer]:
+    """The GLM engine on the demo weights behind an API key (the WebSocket clients' set-up);
+    `transcription`: the `[transcription] enabled` value, None for the default."""
+    from pipeline.engine.config import EngineConfig
+    from pipeline.engine.thread import GLMVoiceResponder
+    from pipeline.transcription.config import TranscriptionConfig
+
+    extra = {} if transcription is None else {"transcription": TranscriptionConfig(enabled=transcription)}
+    responder = GLMVoiceResponder(EngineConfig(demo_weights_dir=str(demo_dir), device="cpu"), **extra)
+    running = await start_server(
+        responder=responder, kind="glm4voice", overrides={"auth": {"api_key": api_key}}
+    )
+    try:
+        yield running
+    finally:
+        await running.runner.cleanup()
 
 
 class MicTrack(MediaStreamTrack):

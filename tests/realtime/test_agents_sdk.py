@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import numpy as np
 import pytest
 from agents.realtime import RealtimeAgent, RealtimeRunner, RealtimeSession
 
-from pipeline.engine.config import EngineConfig
-from pipeline.engine.thread import GLMVoiceResponder
-from pipeline.transcription.config import TranscriptionConfig
-from tests.helpers.rtc_client import start_server
+from tests.helpers.rtc_client import RunningServer, glm_server_with_key
 from tests.helpers.speech import ENGLISH_SENTENCES, have_speech_tools, synth_speech
 
 assert have_speech_tools(), "espeak-ng and sox are needed (make test installs them)"
@@ -34,18 +31,9 @@ TRANSCRIBED = "conversation.item.input_audio_transcription.completed"
 
 
 @pytest.fixture
-async def glm_ws_server(demo_dir):
-    responder = GLMVoiceResponder(
-        EngineConfig(demo_weights_dir=str(demo_dir), device="cpu"),
-        transcription=TranscriptionConfig(enabled="on"),
-    )
-    running = await start_server(
-        responder=responder, kind="glm4voice", overrides={"auth": {"api_key": API_KEY}}
-    )
-    try:
+async def glm_ws_server(demo_dir) -> AsyncIterator[RunningServer]:
+    async with glm_server_with_key(demo_dir, API_KEY, transcription="on") as running:
         yield running
-    finally:
-        await running.runner.cleanup()
 
 
 def speech_pcm16(text: str) -> bytes:

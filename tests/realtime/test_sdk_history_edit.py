@@ -4,11 +4,13 @@ demo weights (the next turn's prompt, read from the engine's state)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
 
 from server.echo import EchoResponder
 from tests.helpers.engine import settled
-from tests.helpers.rtc_client import start_server
+from tests.helpers.rtc_client import RunningServer, glm_server_with_key, start_server
 from tests.realtime.test_sdk_websocket import API_KEY, Session, _client
 
 
@@ -22,18 +24,9 @@ async def echo_ws():
 
 
 @pytest.fixture
-async def glm_ws(demo_dir):
-    from pipeline.engine.config import EngineConfig
-    from pipeline.engine.thread import GLMVoiceResponder
-
-    responder = GLMVoiceResponder(EngineConfig(demo_weights_dir=str(demo_dir), device="cpu"))
-    running = await start_server(
-        responder=responder, kind="glm4voice", overrides={"auth": {"api_key": API_KEY}}
-    )
-    try:
+async def glm_ws(demo_dir) -> AsyncIterator[RunningServer]:
+    async with glm_server_with_key(demo_dir, API_KEY) as running:
         yield running
-    finally:
-        await running.runner.cleanup()
 
 
 async def _typed_turn(conn, s: Session, text: str) -> tuple[str, str]:

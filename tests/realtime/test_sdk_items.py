@@ -6,10 +6,12 @@ the causing `event_id` on each). Against the echo responder (its history) and GL
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
 
 from tests.helpers.engine import settled
-from tests.helpers.rtc_client import start_server
+from tests.helpers.rtc_client import RunningServer, glm_server_with_key, start_server
 from tests.realtime.test_sdk_websocket import API_KEY, Session, _client
 
 
@@ -172,18 +174,9 @@ async def test_errors_name_the_event_and_use_openai_codes(echo_ws, event, code, 
 
 
 @pytest.fixture
-async def glm_ws(demo_dir):
-    from pipeline.engine.config import EngineConfig
-    from pipeline.engine.thread import GLMVoiceResponder
-
-    responder = GLMVoiceResponder(EngineConfig(demo_weights_dir=str(demo_dir), device="cpu"))
-    running = await start_server(
-        responder=responder, kind="glm4voice", overrides={"auth": {"api_key": API_KEY}}
-    )
-    try:
+async def glm_ws(demo_dir) -> AsyncIterator[RunningServer]:
+    async with glm_server_with_key(demo_dir, API_KEY) as running:
         yield running
-    finally:
-        await running.runner.cleanup()
 
 
 async def test_items_placed_mid_conversation_reach_the_glm_prompt(glm_ws):

@@ -5,15 +5,13 @@ words are babble, the events and their order are the real ones)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 from openai import AsyncOpenAI
 
-from pipeline.engine.config import EngineConfig
-from pipeline.engine.thread import GLMVoiceResponder
-from pipeline.transcription.config import TranscriptionConfig
 from tests.helpers.engine import settled
-from tests.helpers.rtc_client import start_server
+from tests.helpers.rtc_client import RunningServer, glm_server_with_key
 from tests.helpers.speech import ENGLISH_SENTENCES, have_speech_tools, synth_speech
 from tests.realtime.test_sdk_websocket import API_KEY, Session
 
@@ -23,18 +21,9 @@ T = "conversation.item.input_audio_transcription"
 
 
 @pytest.fixture
-async def glm_ws_server(demo_dir):
-    responder = GLMVoiceResponder(
-        EngineConfig(demo_weights_dir=str(demo_dir), device="cpu"),
-        transcription=TranscriptionConfig(enabled="on"),
-    )
-    running = await start_server(
-        responder=responder, kind="glm4voice", overrides={"auth": {"api_key": API_KEY}}
-    )
-    try:
+async def glm_ws_server(demo_dir) -> AsyncIterator[RunningServer]:
+    async with glm_server_with_key(demo_dir, API_KEY, transcription="on") as running:
         yield running
-    finally:
-        await running.runner.cleanup()
 
 
 def transcription_of(s: Session, item_id: str, after: int) -> tuple[list[str], list[dict]]:
