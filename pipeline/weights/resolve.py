@@ -238,6 +238,13 @@ def resolve_transcription(
 
         candidates.append(weights.tokenizer_dir.parent / DEMO_FOLDER)
     folder = next((c for c in candidates if (c / "config.json").is_file()), None)
+    if folder is None and cfg.enabled == "auto":  # wanted by default, not asked for: serve without it
+        log.warning(
+            "[transcription] no Whisper checkpoint at %s: user transcripts are off. "
+            "`glm4voice download --dir DIR` fetches it; enabled = 'off' silences this warning",
+            ", ".join(map(str, candidates)),
+        )
+        return None
     if folder is None:
         raise WeightsError(
             f"[transcription] model = {cfg.model!r}: no Whisper checkpoint at "
