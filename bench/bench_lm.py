@@ -269,7 +269,8 @@ def gpu_bench(args: argparse.Namespace) -> None:
 
 
 def use_mode(lm: VoiceLM, mode: str, max_batch: int = 16) -> None:
-    """`mode` prepared as the engine's warm-up does: compiled regions, then graphs (pipeline/engine/models.py)."""
+    """`mode` prepared as the engine's warm-up does: compiled regions, then graphs
+    (pipeline/engine/models.py)."""
     from pipeline.lm.compiled import compile_decode
 
     lm.set_decode_mode(mode)

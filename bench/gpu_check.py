@@ -396,7 +396,8 @@ def section_lm(check: Check, fig: dict) -> None:
 
 
 def prepare_decode_mode(check: Check, lm: VoiceLM, mode: str, max_batch: int, fig: dict) -> bool:
-    """Set `mode` as the engine's warm-up does (compile within --compile-budget-s, capture); False when it fell
+    """Set `mode` as the engine's warm-up does (compile within --compile-budget-s, capture); False when it
+    fell
     back to another mode (reported)."""
     from pipeline.lm.compiled import compile_decode
 
@@ -787,7 +788,8 @@ TEXT_TOKENS_FIRST = 13  # a reply starts with 13 text tokens, then speech (docs/
 def first_audio_budget(t_commit: float, marks: dict[str, float], first_t: float | None) -> dict:
     """Commit -> first PCM split by the engine's Timing events: prefill, the 13 text steps, the first block's
     speech steps, the first decoder block, the send. The engine marks no "first block ready": the speech steps
-    are estimated at the text steps' pace (9 more steps after the first speech token) and the block is the rest.
+    are estimated at the text steps' pace (9 more steps after the first speech token) and the block is the
+    rest.
     """
     need = ("prefill_done", "first_text_token", "first_speech_token", "first_pcm")
     if first_t is None or any(k not in marks for k in need):

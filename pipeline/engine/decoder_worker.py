@@ -1,4 +1,5 @@
-"""The decoder worker: a thread of its own that turns ready decoder blocks into PCM, several replies per batch.
+"""The decoder worker: a thread of its own that turns ready decoder blocks into PCM, several replies per
+batch.
 
 The LM thread (pipeline/engine/scheduler.py) hands over a `Block` per reply whose speech values make a
 block (at most one per reply at a time) and goes on stepping; the worker takes every queued block, most
@@ -143,7 +144,8 @@ class DecoderWorker:
     def _take(self) -> list[Block] | None:
         """The next batch: the most urgent block, then the other queued blocks in urgency order that are no
         longer than it, at most `max_blocks`; None once stopping. A batch costs about as much as its longest
-        block, so nothing longer rides along with an urgent short one (a first block: `first_block_tokens`)."""
+        block, so nothing longer rides along with an urgent short one (a first block:
+        `first_block_tokens`)."""
         with self._wake:
             while not self._queue and not self._stopping:
                 self._wake.wait(IDLE_WAIT_S)

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Compiled vs eager logits of one step: ||compiled - eager|| / ||eager|| (norms over every row and vocab entry).
+# Compiled vs eager logits of one step: ||compiled - eager|| / ||eager||
+# (norms over every row and vocab entry).
 # float32: inductor only reorders sums (measured 0 to 3e-7 on the tiny model), so the LM parity bound (1e-4)
 # applies. bfloat16 carries 8 significant bits: the eager step rounds every intermediate to bf16 while fused
 # kernels keep theirs in float32, so both sit some bf16 roundings per layer away from float32 and the residual
@@ -166,7 +167,8 @@ def compile_buckets(lm: VoiceLM, rows_all: list[int], budget_s: float, cache_dir
 @torch.inference_mode()
 def check_bucket(lm: VoiceLM, rows: int, regions: Regions) -> float:
     """One decode step of `rows` rows with compiled and with eager regions, same inputs: their logits'
-    difference relative to the eager logits (see TOLERANCE). Real rows sit in free slots (random keys and values
+    difference relative to the eager logits (see TOLERANCE). Real rows sit in free slots (random keys and
+    values
     before them) at random positions with random ids, the rest are padding rows on the scratch slot, as in
     serving. The regions compile on their first call, here."""
     real = min(rows, lm.pool.capacity)

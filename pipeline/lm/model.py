@@ -42,7 +42,9 @@ AttendFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]  # (layer, q, new k, 
 def attention_inputs(
     layer: torch.nn.Module, x: Tensor, cos: Tensor, sin: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """A layer's input norm, q/k/v projections and RoPE on x (B, T, H): q (B, Hq, T, D), k and v (B, G, T, D)."""
+    """A layer's input norm, q/k/v projections and RoPE on x (B, T, H).
+
+    Returns q (B, Hq, T, D), k and v (B, G, T, D)."""
     attn = layer.self_attn
     B, T, _ = x.shape
     D = attn.head_dim
@@ -55,7 +57,8 @@ def attention_inputs(
 
 
 def layer_output(layer: torch.nn.Module, x: Tensor, o: Tensor) -> Tensor:
-    """The rest of a layer after attention: output projection, residual, post-attention norm, MLP, residual."""
+    """The rest of a layer after attention: output projection, residual, post-attention norm, MLP,
+    residual."""
     x = x + layer.self_attn.o_proj(o)
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
@@ -355,7 +358,8 @@ class VoiceLM:
         self.step_regions.clear()
 
     def batch_buckets(self, max_batch: int) -> list[int]:
-        """Batch buckets a step of up to `max_batch` calls (at most the pool's slots) runs in, smallest first."""
+        """Batch buckets a step of up to `max_batch` calls (at most the pool's slots) runs in, smallest
+        first."""
         return [b for b in BATCH_BUCKETS if b <= batch_bucket(min(max_batch, self.pool.capacity))]
 
     def attend_buckets(self) -> list[int]:

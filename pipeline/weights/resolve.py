@@ -145,8 +145,9 @@ def configured_dirs(cfg: WeightsSettings) -> dict[str, Path] | None:
 
 
 def decoder_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA: the first block in 52 ms instead of 78 ms and later blocks 2.2x faster (H200, docs/gpu.md)
-    for a mel 0.8-1.8 % (rms) from fp32 (docs/decoder.md, Precision); float32 on CPUs (bf16 convolutions crawl)."""
+    """bf16 on CUDA: the first block in 52 ms instead of 78 ms and later blocks 2.2x faster (H200,
+    docs/gpu.md) for a mel 0.8-1.8 % (rms) from fp32 (docs/decoder.md, Precision); float32 on CPUs (bf16
+    convolutions crawl)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 

@@ -125,7 +125,8 @@ def test_browser_conversation_history():
     assert [u["kind"] for u in users] == ["spoken", "spoken", "typed"] and users[2]["text"] == r["typed"]
     for user, spoken_s in zip(users[:2], r["spoken_s"], strict=True):
         assert abs(user["durationS"] - spoken_s) < 0.6, (user, spoken_s)
-    # the words of each spoken turn (its transcript: babble from the demo Whisper) with the duration beside them
+    # the words of each spoken turn (its transcript: babble from the demo Whisper) with the duration
+    # beside them
     assert len(r["transcripts"]) == 2 and all(r["transcripts"])
     assert [u["words"] for u in users[:2]] == r["transcripts"] == r["dom"]["words"]
     assert r["dom"]["users"][:2] == [f"{u['words']} {u['durationS']:.1f} s" for u in users[:2]]

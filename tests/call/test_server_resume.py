@@ -1,4 +1,5 @@
-"""Resume after a network drop (server/call/resume.py), on the echo responder: a dropped call's conversation is
+"""Resume after a network drop (server/call/resume.py), on the echo responder: a dropped call's
+conversation is
 parked under its resume token and a new offer presenting the token continues it; a hangup does not park;
 unknown, used and expired tokens start fresh with `glm4voice.session.resume_failed`; parked calls yield
 their slots to new calls and are capped per address; a refused resume changes nothing; a WebSocket call

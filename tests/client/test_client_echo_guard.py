@@ -1,4 +1,5 @@
-"""The server's echo guard (docs/protocol.md, server/audio/echo_guard.py) with the headless client in hands-free
+"""The server's echo guard (docs/protocol.md, server/audio/echo_guard.py) with the headless client in
+hands-free
 mode over a simulated echo path (its speaker mixed into its microphone at -10 dB), on the echo responder
 (its reply is speech - the user's turn played back - so its echo is loud enough to barge in unguarded).
 

@@ -200,7 +200,8 @@ async def conversation(out_dir: Path) -> dict:
                   latencies: [...document.querySelectorAll('#history li.assistant .latency')]
                     .map((e) => e.textContent),
                   users: [...document.querySelectorAll('#history li.user')].map((e) => e.textContent),
-                  words: [...document.querySelectorAll('#history li.user .words')].map((e) => e.textContent)})""")
+                  words: [...document.querySelectorAll('#history li.user .words')]
+                    .map((e) => e.textContent)})""")
                 await page.click("#copy-history")
                 clipboard = await page.evaluate("() => navigator.clipboard.readText()")
                 as_text = await page.evaluate("() => window.glm4voiceHistory.asText()")

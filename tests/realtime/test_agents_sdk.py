@@ -118,7 +118,8 @@ def user_transcripts(items: list) -> dict[str, list[str | None]]:
 async def test_agents_sdk_history_holds_the_users_transcript(glm_ws_server):
     agent = RealtimeAgent(name="assistant", instructions="You are a helpful voice assistant.")
     runner = RealtimeRunner(agent)
-    url = f"{glm_ws_server.base_url.replace('http', 'ws', 1)}/v1/realtime?model=gpt-realtime&glm4voice_events=off"
+    ws_base = glm_ws_server.base_url.replace("http", "ws", 1)
+    url = f"{ws_base}/v1/realtime?model=gpt-realtime&glm4voice_events=off"
     seen = Seen()
     # Transcription and server VAD are the SDK's defaults (gpt-4o-mini-transcribe, semantic_vad): not set.
     async with await runner.run(model_config={"url": url, "api_key": API_KEY}) as session:

@@ -1,5 +1,6 @@
-"""The compiled decode step (pipeline/lm/compiled.py) on a tiny random LM on the CPU: inductor-compiled regions
-give the eager step's logits, land in the configured cache directory, and every failure keeps the eager step."""
+"""The compiled decode step (pipeline/lm/compiled.py) on a tiny random LM on the CPU: inductor-compiled
+regions give the eager step's logits, land in the configured cache directory, and every failure keeps the
+eager step."""
 
 from __future__ import annotations
 

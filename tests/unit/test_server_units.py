@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_server_never_imports_torch():
     code = (
-        "import sys; import server.app, server.cli, server.call.call, server.webrtc.media, server.audio.vad, server.audio.turns, "
+        "import sys; import server.app, server.cli, server.call.call, server.webrtc.media, "
+        "server.audio.vad, server.audio.turns, "
         "server.echo, server.responders; from server.config import load_config; "
         "from server.app import create_app; create_app(load_config(None, env={}, "
         "overrides={'responder': {'kind': 'echo'}})); "
