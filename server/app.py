@@ -22,7 +22,7 @@ from server.edge.client_secrets import ClientSecrets
 from server.edge.connections import check_fd_limit
 from server.edge.errors import error_middleware, make_cors_middleware, make_preflight
 from server.edge.pages import Pages
-from server.realtime import protocol as P
+from server.realtime import events
 from server.webrtc.rtc import set_consent_checks, set_host_addresses
 from server.webrtc.signalling import Signalling
 from server.websocket.socket import RealtimeSocket
@@ -106,7 +106,7 @@ class Server(ServerContext):
         calls = list(self.calls.values())
         log.info("shutting down: %d calls, grace %.1f s", len(calls), grace_s)
         for call in calls:
-            call.send(P.event("glm4voice.server.shutting_down", grace_s=grace_s))
+            call.send(events.event("glm4voice.server.shutting_down", grace_s=grace_s))
 
         async def finish(call) -> None:
             try:

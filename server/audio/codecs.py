@@ -14,7 +14,7 @@ import numpy as np
 import soxr
 
 from server.audio.vad import CHUNK_SAMPLES, SAMPLE_RATE_HZ
-from server.realtime.protocol import PCM_RATE_HZ
+from server.realtime.session_update import PCM_RATE_HZ
 
 G711_RATE_HZ = 8_000
 

@@ -40,9 +40,10 @@ from server.call.transport import Transport
 from server.config import Config
 from server.logs import LogLimiter, call_tag, current_call_id, run_as_call
 from server.metrics import Metrics
+from server.realtime import events, fields, session_update
 from server.realtime import protocol as P
 from server.realtime.conversation import Conversation
-from server.realtime.protocol import new_id as _new_id
+from server.realtime.events import new_id as _new_id
 
 log = logging.getLogger("glm4voice.call")
 WATCH_INTERVAL_S = 0.5  # how often the watchdog checks duration, idle time and peer liveness
@@ -151,12 +152,12 @@ class Call:
             if self._parking is not None
             else {}
         )
-        self.send(P.event("session.created", session=self._session_json(), **resume))
+        self.send(events.event("session.created", session=self._session_json(), **resume))
         if isinstance(self._resumed, ParkedCall):
-            self.send(P.event("glm4voice.session.resumed", items=len(self.conversation)))
+            self.send(events.event("glm4voice.session.resumed", items=len(self.conversation)))
         elif self._resumed is not None:
             self.send(
-                P.event(
+                events.event(
                     "glm4voice.session.resume_failed",
                     reason=self._resumed,
                     message=RESUME_FAILED[self._resumed],
@@ -203,7 +204,7 @@ class Call:
         if not task.cancelled() and task.exception() is not None:
             self.log.error("task %s failed", task.get_name(), exc_info=task.exception())
             self.send(
-                P.error_event(
+                events.error_event(
                     "server_error", f"internal error in {task.get_name()}", error_type="server_error"
                 )
             )
@@ -211,7 +212,7 @@ class Call:
     # ----- outbound events -------------------------------------------------------------------------
 
     def send(self, message: dict) -> None:
-        text = P.dumps(message)
+        text = events.dumps(message)
         for observer in self._observers:
             observer(text)
         if self.extension_events or not message["type"].startswith("glm4voice."):
@@ -219,7 +220,7 @@ class Call:
 
     def _session_json(self) -> dict:
         s = self.settings
-        return P.session_object(
+        return events.session_object(
             self.call_id,
             s.instructions,
             s.turn_detection_json(),
@@ -262,7 +263,7 @@ class Call:
             )
         try:
             answer(
-                P.error_event(
+                events.error_event(
                     "server_error",
                     "the event could not be handled; the call goes on",
                     event_id=event_id,
@@ -284,7 +285,7 @@ class Call:
             self.metrics.events_dropped.inc()
             if complain:
                 answer(
-                    P.error_event(
+                    events.error_event(
                         "rate_limited",
                         f"more than {limits.max_events_per_s:g} events per second: "
                         f"events are being dropped ({self.guard.events_dropped} so far)",
@@ -300,12 +301,12 @@ class Call:
                 max_instructions_chars=limits.max_instructions_chars,
             )
             if only is not None and not isinstance(event, only):
-                raise P.ProtocolError("unsupported_value", CONTROL_ONLY, event.event_id, "type")
+                raise fields.ProtocolError("unsupported_value", CONTROL_ONLY, event.event_id, "type")
             if self._makes_engine_work(event):
                 self._charge(event)
             self.handle_event(event)
-        except P.ProtocolError as exc:
-            answer(P.error_event(exc.code, exc.message, event_id=exc.event_id, param=exc.param))
+        except fields.ProtocolError as exc:
+            answer(events.error_event(exc.code, exc.message, event_id=exc.event_id, param=exc.param))
         except Exception:
             self._event_failed(event.event_id, answer)
 
@@ -314,7 +315,7 @@ class Call:
         prompt; a truncate or delete of the history re-prefills what follows the edit) takes from its own,
         lower rate, whatever door it came by, so one caller cannot keep the shared engine busy."""
         if not self.guard.expensive_event(time.monotonic()):
-            raise P.ProtocolError(
+            raise fields.ProtocolError(
                 "rate_limited",
                 f"response.create, instructions changes, truncates and deletes are limited to "
                 f"{self.config.limits.max_expensive_events_per_s:g} per second: this one was dropped",
@@ -326,24 +327,24 @@ class Call:
         in `_item_event`)."""
         if isinstance(event, P.ResponseCreate):
             return True
-        return isinstance(event, P.SessionUpdate) and event.instructions not in (
+        return isinstance(event, session_update.SessionUpdate) and event.instructions not in (
             None,
             self.settings.instructions,
         )
 
     def handle_event(self, event: P.ClientEvent) -> None:
-        if isinstance(event, P.SessionUpdate):
+        if isinstance(event, session_update.SessionUpdate):
             self.settings = self.settings.apply(event)
             if not self._transcribes:
                 self.settings = self.settings.without_transcription()
             self.listening.settings_changed()
             self.session.update(self.settings.responder_settings())
-            self.send(P.event("session.updated", session=self._session_json()))
+            self.send(events.event("session.updated", session=self._session_json()))
         elif isinstance(event, P.ItemCreate):
             self._create_item(event)
         elif isinstance(event, P.ResponseCreate):
             if self.replies.generating:
-                raise P.ProtocolError(
+                raise fields.ProtocolError(
                     "conversation_already_has_active_response",
                     "Conversation already has an active response in progress: send response.cancel first",
                     event.event_id,
@@ -352,7 +353,7 @@ class Call:
             self.replies.start(None, options, event.metadata, event.event_id)
         elif isinstance(event, P.InputAudioCommit | P.InputAudioClear):
             if self.settings.turns.enabled:
-                raise P.ProtocolError(
+                raise fields.ProtocolError(
                     "turn_detection_enabled",
                     "server VAD commits turns itself; set turn_detection to null for push-to-talk",
                     event.event_id,
@@ -364,10 +365,10 @@ class Call:
                 self.user_item_committed(item_id, None)
             else:
                 self.session.discard_audio()
-                self.send(P.event("input_audio_buffer.cleared"))
+                self.send(events.event("input_audio_buffer.cleared"))
         elif isinstance(event, P.ResponseCancel):
             if self.replies.current is None:
-                raise P.ProtocolError(
+                raise fields.ProtocolError(
                     "response_cancel_not_active",
                     "Cancellation failed: no active response found",
                     event.event_id,
@@ -376,7 +377,7 @@ class Call:
         elif isinstance(event, P.OutputAudioClear):  # idempotent: clients send it after every cancel
             self.replies.interrupt("client_cancelled")
         elif isinstance(event, P.InputAudioAppend):  # a WebSocket transport takes these itself
-            raise P.ProtocolError(
+            raise fields.ProtocolError(
                 "unknown_event",
                 "input_audio_buffer.append is for the WebSocket transport; "
                 "over WebRTC the audio comes on the track",
@@ -386,7 +387,7 @@ class Call:
         elif isinstance(event, P.ItemRetrieve | P.ItemDelete | P.ItemTruncate):
             self._item_event(event)
         elif isinstance(event, P.Ping):
-            self.send(P.event("glm4voice.pong", ping_event_id=event.event_id))
+            self.send(events.event("glm4voice.pong", ping_event_id=event.event_id))
 
     def _create_item(self, event: P.ItemCreate) -> None:
         """A text message of any role, at the end or where `previous_item_id` says. A user message cuts
@@ -394,14 +395,14 @@ class Call:
         synced history) goes in without interrupting."""
         item_id, previous = event.item_id, event.previous_item_id
         if item_id is not None and self.conversation.get(item_id) is not None:
-            raise P.ProtocolError(
+            raise fields.ProtocolError(
                 "item_create_duplicate_item_id",
                 f"an item with id {item_id!r} is already in the conversation",
                 event.event_id,
                 "item.id",
             )
         if previous is not None and previous != P.ROOT and self.conversation.get(previous) is None:
-            raise P.ProtocolError(
+            raise fields.ProtocolError(
                 "item_create_invalid_previous_item_id",
                 f"previous_item_id {previous!r} is not in the conversation: the item was not added",
                 event.event_id,
@@ -420,20 +421,22 @@ class Call:
             else:
                 self.session.add_message(event.role, event.text, after)
         except NotImplementedError as exc:
-            raise P.ProtocolError("unsupported_value", str(exc), event.event_id, "item.role") from None
-        item = P.message_item(item_id or _new_id("item"), event.role, event.text)
+            raise fields.ProtocolError("unsupported_value", str(exc), event.event_id, "item.role") from None
+        item = events.message_item(item_id or _new_id("item"), event.role, event.text)
         previous_id = self.conversation.add(item, after=previous)
-        self.send(P.event("conversation.item.added", previous_item_id=previous_id, item=item))
-        self.send(P.event("conversation.item.done", previous_item_id=previous_id, item=item))
+        self.send(events.event("conversation.item.added", previous_item_id=previous_id, item=item))
+        self.send(events.event("conversation.item.done", previous_item_id=previous_id, item=item))
 
     def user_item_committed(self, item_id: str | None, text: str | None) -> None:
         """A user item is final: spoken (committed, transcript null) or typed. GA lifecycle events."""
-        item = P.user_item(item_id or _new_id("item"), text)
+        item = events.user_item(item_id or _new_id("item"), text)
         previous = self.conversation.add(item)
         if text is None:
-            self.send(P.event("input_audio_buffer.committed", previous_item_id=previous, item_id=item["id"]))
-        self.send(P.event("conversation.item.added", previous_item_id=previous, item=item))
-        self.send(P.event("conversation.item.done", previous_item_id=previous, item=item))
+            self.send(
+                events.event("input_audio_buffer.committed", previous_item_id=previous, item_id=item["id"])
+            )
+        self.send(events.event("conversation.item.added", previous_item_id=previous, item=item))
+        self.send(events.event("conversation.item.done", previous_item_id=previous, item=item))
 
     async def _transcripts(self) -> None:
         """The responder's transcripts of spoken user items, as Realtime events on those items (and in the
@@ -443,12 +446,12 @@ class Call:
             if item_id is None:
                 continue
             if isinstance(event, TranscriptDelta):
-                self.send(P.transcription_delta(item_id, event.text))
+                self.send(events.transcription_delta(item_id, event.text))
             elif isinstance(event, TranscriptDone):
-                self.conversation.replace(P.user_item(item_id, None, transcript=event.text))
-                self.send(P.transcription_completed(item_id, event.text, event.audio_ms / 1000))
+                self.conversation.replace(events.user_item(item_id, None, transcript=event.text))
+                self.send(events.transcription_completed(item_id, event.text, event.audio_ms / 1000))
             elif isinstance(event, TranscriptFailed):
-                self.send(P.transcription_failed(item_id, event.code, event.message))
+                self.send(events.transcription_failed(item_id, event.code, event.message))
 
     def _item_event(self, event: P.ItemRetrieve | P.ItemDelete | P.ItemTruncate) -> None:
         item = self.conversation.get(event.item_id)
@@ -456,24 +459,24 @@ class Call:
             kind = {P.ItemRetrieve: "retrieve", P.ItemDelete: "delete", P.ItemTruncate: "truncate"}[
                 type(event)
             ]
-            raise P.ProtocolError(
+            raise fields.ProtocolError(
                 f"item_{kind}_invalid_item_id",
                 f"Item with item_id {event.item_id!r} not found in this conversation",
                 event.event_id,
                 "item_id",
             )
         if isinstance(event, P.ItemRetrieve):
-            self.send(P.event("conversation.item.retrieved", item=item))
+            self.send(events.event("conversation.item.retrieved", item=item))
             return
         ref = self.conversation.ref(event.item_id)
         if isinstance(event, P.ItemTruncate):
             if not isinstance(ref, Reply):
-                raise P.ProtocolError(
+                raise fields.ProtocolError(
                     "invalid_value", "only assistant items can be truncated", event.event_id, "item_id"
                 )
             cut_ms = self._cut_ms.get(event.item_id)
             if cut_ms is not None and event.audio_end_ms >= cut_ms:
-                raise P.ProtocolError(
+                raise fields.ProtocolError(
                     "invalid_value",
                     f"the item was truncated at {cut_ms} ms already; a truncate can only shorten it",
                     event.event_id,
@@ -483,7 +486,7 @@ class Call:
             self._cut_ms[event.item_id] = event.audio_end_ms
             self.replies.truncate(event.item_id, ref, event.audio_end_ms)
             self.send(
-                P.event(
+                events.event(
                     "conversation.item.truncated",
                     item_id=event.item_id,
                     content_index=0,
@@ -493,7 +496,7 @@ class Call:
             return
         current = self.replies.current
         if isinstance(ref, Reply) and current is not None and current.item_id == event.item_id:
-            raise P.ProtocolError(
+            raise fields.ProtocolError(
                 "invalid_value",
                 "this item's response is in progress (generating or playing): "
                 "cancel it first (response.cancel), then delete the item",
@@ -501,7 +504,7 @@ class Call:
                 "item_id",
             )  # once cut off it may go at once: the responder stops it before it edits the history
         if isinstance(ref, int) and self.replies.generating_items:
-            raise P.ProtocolError(
+            raise fields.ProtocolError(
                 "conversation_already_has_active_response",
                 "a response is in progress and may "
                 "be answering this item: delete message items after its response.done",
@@ -513,10 +516,10 @@ class Call:
             try:
                 self.session.delete_item(ref)
             except NotImplementedError as exc:
-                raise P.ProtocolError("unsupported_value", str(exc), event.event_id, "item_id") from None
+                raise fields.ProtocolError("unsupported_value", str(exc), event.event_id, "item_id") from None
         self.conversation.remove(event.item_id)
         self._cut_ms.pop(event.item_id, None)
-        self.send(P.event("conversation.item.deleted", item_id=event.item_id))
+        self.send(events.event("conversation.item.deleted", item_id=event.item_id))
 
     # ----- limits and liveness ---------------------------------------------------------------------
 
@@ -532,7 +535,7 @@ class Call:
                 self.log.info("ending call: %s (%s)", ending.code, ending.message)
                 if ending.notify:
                     if ending.client_fault:
-                        self.send(P.error_event(ending.code, ending.message))
+                        self.send(events.error_event(ending.code, ending.message))
                     await self.end(ending.code, ending.message)
                 else:
                     self.metrics.ended(ending.code)
@@ -545,7 +548,7 @@ class Call:
             return
         self._ending = True
         self.metrics.ended(code)
-        self.send(P.event("glm4voice.call.closing", reason=code, message=message))
+        self.send(events.event("glm4voice.call.closing", reason=code, message=message))
         await self.transport.flush(CLOSING_FLUSH_S)
         await self.close(code)
 

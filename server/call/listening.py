@@ -27,8 +27,8 @@ from server.call.transport import Transport
 from server.config import Config
 from server.logs import LogLimiter
 from server.metrics import Metrics
-from server.realtime import protocol as P
-from server.realtime.protocol import new_id as _new_id
+from server.realtime import events
+from server.realtime.events import new_id as _new_id
 
 
 class Call(Protocol):
@@ -78,14 +78,14 @@ class Listening:
         probability = self._vad.probability(self._vad_state, chunk)
         if self._call.settings.turns.echo_guard and self.echo_guard.is_echo(chunk):
             probability = 0.0  # our own reply coming back: silence as far as turns go
-        events, audio = self.detector.feed(chunk, probability)
-        for item in events:
+        detected, audio = self.detector.feed(chunk, probability)
+        for item in detected:
             if isinstance(item, SpeechStarted):
                 self._on_speech_started(item)
         for pcm in audio:
             self._push_turn_audio(pcm)
         self._check_barge_in()
-        for item in events:
+        for item in detected:
             if isinstance(item, SpeechStopped):
                 self._on_speech_stopped(item)
         if self._turn_capped and self.detector.state.speaking:
@@ -123,7 +123,7 @@ class Listening:
                 f" ({suppressed} drops since the last line)" if suppressed else "",
             )
             call.send(
-                P.error_event(
+                events.error_event(
                     "input_audio_too_fast",
                     "inbound audio arrives faster than real time: the "
                     "excess is dropped"
@@ -139,7 +139,7 @@ class Listening:
             if not self._turn_capped:
                 self._turn_capped = True
                 call.send(
-                    P.error_event(
+                    events.error_event(
                         "input_audio_too_long",
                         f"a user turn may hold at most "
                         f"{call.config.limits.max_turn_audio_s:g} s of audio; the rest is dropped"
@@ -164,7 +164,7 @@ class Listening:
         call.state = CallState.USER_SPEAKING
         self._interrupt_armed = replies.current is not None and call.settings.turns.interrupt_response
         call.send(
-            P.event(
+            events.event(
                 "input_audio_buffer.speech_started",
                 audio_start_ms=int(started.audio_start_ms),
                 item_id=self._user_item_id,
@@ -188,7 +188,7 @@ class Listening:
         item_id = self._user_item_id or _new_id("item")
         self._interrupt_armed = False
         call.send(
-            P.event(
+            events.event(
                 "input_audio_buffer.speech_stopped", audio_end_ms=int(stopped.audio_end_ms), item_id=item_id
             )
         )
@@ -196,7 +196,7 @@ class Listening:
         if stopped.too_short:
             call.session.discard_audio()
             call.send(
-                P.event(
+                events.event(
                     "glm4voice.input_audio_buffer.discarded",
                     item_id=item_id,
                     reason="shorter than min_speech_ms",

@@ -32,9 +32,9 @@ from pipeline.responder import (
 from server.call.state import CallState
 from server.call.transport import AudioOut
 from server.metrics import Metrics
-from server.realtime import protocol as P
+from server.realtime import events
 from server.realtime.conversation import Conversation
-from server.realtime.protocol import new_id as _new_id
+from server.realtime.events import new_id as _new_id
 
 # A reply whose audio is all generated ends at the latest this long after its queued audio would have
 # played out: a peer that never reads our track (a sendonly offer, a stalled sender) must not hold the
@@ -132,7 +132,7 @@ class ReplyFlow:
             self._log.exception("respond() failed")
             self._metrics.reply_errors.inc()
             self._send(
-                P.error_event(
+                events.error_event(
                     "responder_error",
                     f"could not start a reply: {exc}",
                     event_id=event_id,
@@ -157,13 +157,17 @@ class ReplyFlow:
         self._metrics.replies.inc()
         self._on_phase(CallState.THINKING)
         ids = {"response_id": response_id, "item_id": reply.item_id, "output_index": 0, "content_index": 0}
-        item = P.assistant_item(reply.item_id, "in_progress", None)
-        created = P.response_object(response_id, "in_progress", metadata=metadata)
-        self._send(P.event("response.created", response=created))
-        self._send(P.event("response.output_item.added", response_id=response_id, output_index=0, item=item))
+        item = events.assistant_item(reply.item_id, "in_progress", None)
+        created = events.response_object(response_id, "in_progress", metadata=metadata)
+        self._send(events.event("response.created", response=created))
+        self._send(
+            events.event("response.output_item.added", response_id=response_id, output_index=0, item=item)
+        )
         previous = self.conversation.add(item, started)
-        self._send(P.event("conversation.item.added", previous_item_id=previous, item=item))
-        self._send(P.event("response.content_part.added", **ids, part={"type": "audio", "transcript": ""}))
+        self._send(events.event("conversation.item.added", previous_item_id=previous, item=item))
+        self._send(
+            events.event("response.content_part.added", **ids, part={"type": "audio", "transcript": ""})
+        )
         self._spawn(self._run_reply(reply), f"reply:{response_id}")
 
     async def _run_reply(self, reply: ReplyRecord) -> None:
@@ -179,7 +183,7 @@ class ReplyFlow:
                 {"type": "failed", "error": {"code": "responder_error", "message": str(exc)}},
             )
             self._send(
-                P.error_event(
+                events.error_event(
                     "responder_error",
                     f"the reply failed: {exc}",
                     event_id=reply.event_id,
@@ -225,19 +229,25 @@ class ReplyFlow:
             "output_index": 0,
             "content_index": 0,
         }
-        item = P.assistant_item(reply.item_id, "completed" if status == "completed" else "incomplete", text)
-        self._send(P.event("response.output_audio.done", **ids))
-        self._send(P.event("response.output_audio_transcript.done", **ids, transcript=text))
-        self._send(P.event("response.content_part.done", **ids, part={"type": "audio", "transcript": text}))
+        item = events.assistant_item(
+            reply.item_id, "completed" if status == "completed" else "incomplete", text
+        )
+        self._send(events.event("response.output_audio.done", **ids))
+        self._send(events.event("response.output_audio_transcript.done", **ids, transcript=text))
         self._send(
-            P.event("response.output_item.done", response_id=reply.response_id, output_index=0, item=item)
+            events.event("response.content_part.done", **ids, part={"type": "audio", "transcript": text})
+        )
+        self._send(
+            events.event(
+                "response.output_item.done", response_id=reply.response_id, output_index=0, item=item
+            )
         )
         self.conversation.replace(item)
-        self._send(P.event("conversation.item.done", item=item))
+        self._send(events.event("conversation.item.done", item=item))
         self._send(
-            P.event(
+            events.event(
                 "response.done",
-                response=P.response_object(reply.response_id, status, details, [item], reply.metadata),
+                response=events.response_object(reply.response_id, status, details, [item], reply.metadata),
             )
         )
 
@@ -253,7 +263,7 @@ class ReplyFlow:
             return None
         heard = reply.heard_transcript(audio_end_ms)
         if heard is not None and self.conversation.get(item_id) is not None:
-            self.conversation.replace(P.assistant_item(item_id, "incomplete", heard))
+            self.conversation.replace(events.assistant_item(item_id, "incomplete", heard))
         return heard
 
     async def _pump_reply(self, reply: ReplyRecord, transcript: list[str]) -> tuple[str, dict | None]:
@@ -263,7 +273,7 @@ class ReplyFlow:
             if isinstance(item, TextDelta):
                 transcript.append(item.text)
                 self._send(
-                    P.event(
+                    events.event(
                         "response.output_audio_transcript.delta",
                         response_id=reply.response_id,
                         item_id=reply.item_id,
@@ -294,7 +304,9 @@ class ReplyFlow:
                 )
                 error_type = "invalid_request_error" if item.code in CLIENT_CAUSED else "server_error"
                 self._send(
-                    P.error_event(item.code, item.message, event_id=reply.event_id, error_type=error_type)
+                    events.error_event(
+                        item.code, item.message, event_id=reply.event_id, error_type=error_type
+                    )
                 )
                 break
         return status, details
@@ -312,9 +324,9 @@ class ReplyFlow:
         reply.reply.cancel(played_ms=played_ms)
         self._metrics.replies_interrupted.inc()
         if self.plays_out:
-            self._send(P.event("output_audio_buffer.cleared", response_id=reply.response_id))
+            self._send(events.event("output_audio_buffer.cleared", response_id=reply.response_id))
         self._send(
-            P.event(
+            events.event(
                 "glm4voice.response.cancelled",
                 response_id=reply.response_id,
                 reason=reason,
@@ -346,7 +358,7 @@ class ReplyFlow:
             unplayed_ms,
         )
         self._send(
-            P.event(
+            events.event(
                 "glm4voice.output_audio_buffer.timed_out",
                 response_id=reply.response_id,
                 played_ms=round(played_ms),
@@ -364,12 +376,12 @@ class ReplyFlow:
         reply.timings.setdefault("first_frame_sent", t_s)
         self._on_phase(CallState.SPEAKING)
         if self.plays_out:
-            self._send(P.event("output_audio_buffer.started", response_id=response_id))
+            self._send(events.event("output_audio_buffer.started", response_id=response_id))
         self._send_latency(reply)
 
     def _on_playback_stopped(self, response_id: str) -> None:
         if self.plays_out:
-            self._send(P.event("output_audio_buffer.stopped", response_id=response_id))
+            self._send(events.event("output_audio_buffer.stopped", response_id=response_id))
         reply = self.current
         if reply is not None and reply.response_id == response_id and not reply.generating:
             self._set_current(None)
@@ -392,7 +404,7 @@ class ReplyFlow:
         if reply.speech_stopped_s is not None and first is not None:
             self._metrics.reply_latency.observe(first - reply.speech_stopped_s)
         self._send(
-            P.event(
+            events.event(
                 "glm4voice.turn.latency",
                 response_id=reply.response_id,
                 origin="speech_stopped" if reply.speech_stopped_s is not None else "first_stage",

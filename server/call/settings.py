@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pipeline.responder import SamplingSettings, SessionSettings, TranscriptionSettings
 from server.audio.turns import TurnSettings
 from server.config import TurnDetectionConfig
-from server.realtime import protocol as P
+from server.realtime import session_update
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,9 @@ class CallSettings:
     input_format: str = "audio/pcm"  # WebSocket audio (protocol.AUDIO_FORMATS); WebRTC carries Opus
     output_format: str = "audio/pcm"
     ignored: tuple[str, ...] = ()  # fields of the last update we accepted but cannot honour
-    transcription: P.Transcription | None = None  # spoken user items are transcribed (docs/protocol.md)
+    transcription: session_update.Transcription | None = (
+        None  # spoken user items are transcribed (docs/protocol.md)
+    )
 
     def responder_settings(self) -> SessionSettings:
         t = self.transcription
@@ -33,7 +35,7 @@ class CallSettings:
             transcription=None if t is None else TranscriptionSettings(language=t.language, prompt=t.prompt),
         )
 
-    def apply(self, update: P.SessionUpdate) -> CallSettings:
+    def apply(self, update: session_update.SessionUpdate) -> CallSettings:
         turns = self.turns
         td = update.turn_detection
         vad_kind, eagerness = self.vad_kind, self.eagerness

@@ -7,7 +7,7 @@ from aiohttp import web
 
 from server.context import ServerContext
 from server.edge.limits import ApiError, check_origin, loads_json, parse_session
-from server.realtime import protocol as P
+from server.realtime import events, session_update
 
 
 class ClientSecrets:
@@ -34,9 +34,9 @@ class ClientSecrets:
                 raise ApiError(400, "invalid_value", "session must be an object")
             settings = settings.apply(parse_session(data["session"], ctx.config))
         if isinstance(data.get("session"), dict):  # the secret keeps what its calls will read, no more
-            data = {**data, "session": P.used_session_fields(data["session"])}
+            data = {**data, "session": session_update.used_session_fields(data["session"])}
         secret = ctx.auth.mint(data)
-        session = P.session_object(
+        session = events.session_object(
             "",
             settings.instructions,
             settings.turn_detection_json(),

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from server.call.guard import TokenBucket
 from server.config import Config
+from server.realtime import fields, session_update
 from server.realtime import protocol as P
 
 
@@ -223,20 +224,20 @@ async def read_form(request: web.Request, limit: int, timeout_s: float):
         raise ApiError(400, "invalid_body", f"the form could not be read: {exc}") from None
 
 
-def parse_session(fields: dict, config: Config) -> P.SessionUpdate:
+def parse_session(session: dict, config: Config) -> session_update.SessionUpdate:
     """Session fields from an offer or a client-secret mint, read as a `session.update` would be."""
     try:
         update = P.parse_client_event(
-            json.dumps({"type": "session.update", "session": fields}),
+            json.dumps({"type": "session.update", "session": session}),
             max_event_bytes=config.http.max_body_bytes,
             max_text_chars=config.limits.max_text_chars,
             max_instructions_chars=config.limits.max_instructions_chars,
         )
-    except P.ProtocolError as exc:
+    except fields.ProtocolError as exc:
         raise ApiError(400, exc.code, f"session: {exc.message}") from None
     except (ValueError, RecursionError):  # a string that does not encode, nesting past the parser's depth
         raise ApiError(400, "invalid_value", "session: the object cannot be read") from None
-    assert isinstance(update, P.SessionUpdate)
+    assert isinstance(update, session_update.SessionUpdate)
     return update
 
 

@@ -32,7 +32,7 @@ from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtcsctptransport import WEBRTC_STRING, RTCSctpTransport
 from aiortc.rtp import RtpPacket
 
-from server.realtime.protocol import NotUtf8Text
+from server.realtime.fields import NotUtf8Text
 
 _default_get_host_addresses = aioice.ice.get_host_addresses
 _allowed_host_addresses: tuple[str, ...] = ()

@@ -43,6 +43,7 @@ from server.call.guard import MAX_MESSAGE_BYTES_PER_S, MAX_MESSAGES_PER_S
 from server.call.resume import RESUME_HEADER
 from server.context import ServerContext
 from server.edge.limits import ApiError
+from server.realtime import events, fields, session_update
 from server.realtime import protocol as P
 from server.websocket.transport import MAX_SEND_QUEUE_BYTES, SocketWriter, WebSocketTransport
 
@@ -53,7 +54,7 @@ MAX_AUDIO_AHEAD_S = 10.0  # appended audio may run this far ahead of the wall cl
 HEARTBEAT_S = 10.0  # WebSocket ping; no pong within half of it closes the connection
 MAX_READ_PAUSE_S = 0.5  # a socket over its budget is left unread this long at most between checks
 MAX_CLOSE_REASON_BYTES = 123  # what a WebSocket close frame can carry (RFC 6455 section 5.5)
-CONTROL_EVENTS = (P.SessionUpdate, P.ItemCreate, P.ResponseCreate, P.ResponseCancel)
+CONTROL_EVENTS = (session_update.SessionUpdate, P.ItemCreate, P.ResponseCreate, P.ResponseCancel)
 
 
 class AudioPolicer:
@@ -208,7 +209,7 @@ def _append(call: Call, decoder: InputDecoder, policer: AudioPolicer, event: P.I
         call.guard.dropped(now_s)
         if call.guard.append_error_due(now_s):
             call.send(
-                P.error_event(
+                events.error_event(
                     "input_audio_too_fast",
                     f"appended audio is more than {MAX_AUDIO_AHEAD_S:g} s "
                     "ahead of real time: the excess is dropped",
@@ -267,7 +268,7 @@ def _charged(call: Call, now_s: float, n_bytes: int) -> bool:
         return True
     if call.guard.append_error_due(now_s):
         call.send(
-            P.error_event(
+            events.error_event(
                 "rate_limited",
                 f"more than {MAX_MESSAGES_PER_S:g} messages or {MAX_MESSAGE_BYTES_PER_S >> 10} KiB a "
                 f"second: messages are being dropped unread ({call.guard.messages_dropped} so far)",
@@ -296,9 +297,9 @@ def _on_text(call: Call, text: str, append: Callable[[P.InputAudioAppend], None]
             max_instructions_chars=limits.max_instructions_chars,
             max_audio_event_bytes=MAX_MESSAGE_BYTES,
         )
-    except P.ProtocolError as exc:
+    except fields.ProtocolError as exc:
         if call.guard.append_error_due(now_s):  # one a second: a flood of bad appends gets no flood back
-            call.send(P.error_event(exc.code, exc.message, event_id=exc.event_id, param=exc.param))
+            call.send(events.error_event(exc.code, exc.message, event_id=exc.event_id, param=exc.param))
         return
     if isinstance(event, P.InputAudioAppend):
         append(event)
@@ -309,4 +310,4 @@ def _on_text(call: Call, text: str, append: Callable[[P.InputAudioAppend], None]
 async def _read_control(ws: web.WebSocketResponse, call: Call, writer: SocketWriter) -> None:
     async for msg in ws:
         if msg.type == WSMsgType.TEXT:
-            call.receive(msg.data, only=CONTROL_EVENTS, answer=lambda e: writer.send(P.dumps(e)))
+            call.receive(msg.data, only=CONTROL_EVENTS, answer=lambda e: writer.send(events.dumps(e)))

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from server.audio.codecs import OutputEncoder
 from server.call.transport import PlayoutStats
-from server.realtime import protocol as P
+from server.realtime import events
 
 if TYPE_CHECKING:
     from server.call.call import Call
@@ -151,7 +151,7 @@ def _send_delta(call: Call, response_id: str, data: bytes) -> None:
     reply = call.replies.current
     item_id = reply.item_id if reply is not None and reply.response_id == response_id else None
     call.send(
-        P.event(
+        events.event(
             "response.output_audio.delta",
             response_id=response_id,
             item_id=item_id,

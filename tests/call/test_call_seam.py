@@ -22,7 +22,7 @@ from server.call.state import CallState
 from server.call.transport import AudioOut, PlayoutStats, Transport
 from server.config import load_config
 from server.metrics import Metrics
-from server.realtime import protocol as P
+from server.realtime import session_update
 
 CHUNK = 512  # 32 ms at 16 kHz: the VAD's unit
 LOUD = np.full(CHUNK, 0.3, np.float32)
@@ -193,7 +193,7 @@ async def test_a_control_connection_observes_and_is_limited_to_its_events():
         call.start()
         call.receive(
             json.dumps({"type": "input_audio_buffer.clear"}),
-            only=(P.SessionUpdate,),
+            only=(session_update.SessionUpdate,),
             answer=answers.append,
         )
         assert [a["error"]["code"] for a in answers] == ["unsupported_value"]

@@ -13,8 +13,10 @@ import time
 import aiohttp
 import pytest
 
+from pipeline.responder import SamplingSettings
 from server.call.guard import MESSAGE_BURST, MESSAGE_BYTES_BURST
 from server.realtime import protocol as P
+from server.realtime import session_update
 from server.webrtc.transport import LOGGED_LABEL_CHARS, MAX_OTHER_CHANNELS
 from tests.call.test_call_seam import FakeTransport, _call, _settle
 from tests.helpers.rtc_client import RealtimeClient, start_server
@@ -172,16 +174,16 @@ async def test_a_truncate_that_does_not_shorten_is_refused():
 
 
 def test_max_output_tokens_inf_restores_the_default():
-    def update(value: object) -> P.SessionUpdate:
+    def update(value: object) -> session_update.SessionUpdate:
         event = {"type": "session.update", "session": {"max_output_tokens": value}}
         parsed = P.parse_client_event(
             json.dumps(event), max_event_bytes=1 << 16, max_text_chars=100, max_instructions_chars=100
         )
-        assert isinstance(parsed, P.SessionUpdate)
+        assert isinstance(parsed, session_update.SessionUpdate)
         return parsed
 
     assert update(100).sampling == {"max_new_tokens": 100}
-    assert update("inf").sampling == {"max_new_tokens": P.SamplingSettings.max_new_tokens}
+    assert update("inf").sampling == {"max_new_tokens": SamplingSettings.max_new_tokens}
 
 
 async def test_data_channels_with_other_labels_are_closed_logged_cut_and_capped(caplog):
