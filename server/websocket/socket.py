@@ -27,8 +27,8 @@ receives the call's events and may send `session.update`, `conversation.item.cre
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import re
 import time
 from collections.abc import Callable
 
@@ -50,6 +50,11 @@ from server.websocket.transport import MAX_SEND_QUEUE_BYTES, SocketWriter, WebSo
 log = logging.getLogger("glm4voice.websocket")
 KEY_PROTOCOL_PREFIX = "openai-insecure-api-key."
 MAX_MESSAGE_BYTES = 1 << 20  # one append: ~16 s of 24 kHz PCM in base64; anything larger is refused
+# Appends take their own path (a larger size bound, errors at most once a second). Which path a message
+# takes is read from its text, not by parsing it: each message is parsed once, by the parser that applies
+# the size and container limits. A match that is not an append (the words inside a string) is parsed again
+# on the call's path, so the worst case is the two parses a peek would always cost.
+_APPEND_TYPE = re.compile(r'"type"\s*:\s*"input_audio_buffer\.append"')
 MAX_AUDIO_AHEAD_S = 10.0  # appended audio may run this far ahead of the wall clock (a client's buffer)
 HEARTBEAT_S = 10.0  # WebSocket ping; no pong within half of it closes the connection
 MAX_READ_PAUSE_S = 0.5  # a socket over its budget is left unread this long at most between checks
@@ -281,11 +286,7 @@ def _on_text(call: Call, text: str, append: Callable[[P.InputAudioAppend], None]
     now_s = time.monotonic()
     if not _charged(call, now_s, len(text)):
         return
-    try:
-        kind = json.loads(text).get("type") if text.lstrip().startswith("{") else None
-    except (ValueError, RecursionError):
-        kind = None
-    if kind != "input_audio_buffer.append":
+    if not _APPEND_TYPE.search(text):  # every other event: parsed once, by the call
         call.receive(text)
         return
     limits = call.config.limits
@@ -303,7 +304,7 @@ def _on_text(call: Call, text: str, append: Callable[[P.InputAudioAppend], None]
         return
     if isinstance(event, P.InputAudioAppend):
         append(event)
-    else:  # a "type" the JSON peek read differently from the parser
+    else:  # the text names the append type elsewhere (inside a string, say): the call's path parses it
         call.receive(text)
 
 

@@ -30,19 +30,6 @@ from tests.helpers.speech import have_speech_tools, synth_speech
 STAGES = ["tokens_ready", "prefill_done", "first_text_token", "first_speech_token", "first_pcm"]
 
 
-@pytest.fixture(scope="module")
-def responder(demo_dir):
-    r = GLMVoiceResponder(EngineConfig(demo_weights_dir=str(demo_dir), device="cpu"))
-    asyncio.run(r.start())
-    yield r
-    asyncio.run(r.stop())
-
-
-@pytest.fixture
-def sched(responder):
-    return responder.engine.scheduler
-
-
 async def collect(turn, on_event=None, timeout_s: float = 60.0) -> list:
     events: list = []
 

@@ -9,8 +9,6 @@ import asyncio
 
 import pytest
 
-from pipeline.engine.config import EngineConfig
-from pipeline.engine.thread import GLMVoiceResponder
 from pipeline.lm.prompt import (
     message_block_ids,
     reply_header_ids,
@@ -20,14 +18,6 @@ from pipeline.lm.prompt import (
 from pipeline.responder import START, ReplyOptions, SessionSettings
 from tests.engine.test_engine import check_cache_matches_history, check_complete_reply, collect
 from tests.helpers.engine import settled
-
-
-@pytest.fixture(scope="module")
-def responder(demo_dir):
-    r = GLMVoiceResponder(EngineConfig(demo_weights_dir=str(demo_dir), device="cpu"))
-    asyncio.run(r.start())
-    yield r
-    asyncio.run(r.stop())
 
 
 @pytest.fixture

@@ -96,19 +96,6 @@ class Handovers:
             await asyncio.to_thread(self._wait, reply.reply_id)
 
 
-@pytest.fixture(scope="module")
-def responder(demo_dir):
-    r = GLMVoiceResponder(EngineConfig(demo_weights_dir=str(demo_dir), device="cpu"))
-    asyncio.run(r.start())
-    yield r
-    asyncio.run(r.stop())
-
-
-@pytest.fixture
-def sched(responder):
-    return responder.engine.scheduler
-
-
 @pytest.fixture
 def gate(sched, monkeypatch):
     g = GatedDecoder(sched, sched.decoder.decode_blocks)
