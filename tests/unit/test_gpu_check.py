@@ -56,5 +56,7 @@ def test_gpu_check_tiny_runs_every_section(tmp_path: Path) -> None:
     assert engine["calls_1"]["turns"] == 3 and engine["calls_1"]["audio_s_per_reply"] > 1.0
     assert len(engine["calls_4"]["per_call"]) == 4
     budget = engine["first_audio_budget_1_call_ms"]
-    parts = ("prefill", "text_steps", "speech_steps_est", "first_block_est", "send")
-    assert abs(sum(budget[k] for k in parts) - budget["total"]) < 1.0, budget  # the parts add up
+    # measured from the engine's own Timing events, in their order (the estimated parts are not checked)
+    assert "missing_timing_events" not in budget, budget
+    assert budget["prefill"] >= 0 and budget["text_steps"] > 0 and budget["send"] >= 0, budget
+    assert 0 < budget["lm_step_ms"] < budget["total"], budget
