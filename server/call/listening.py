@@ -20,6 +20,7 @@ from server.audio.echo_guard import EchoGuard
 from server.audio.turns import SpeechStarted, SpeechStopped, TurnDetector
 from server.audio.vad import SileroVad, VadState
 from server.call.guard import CallGuard
+from server.call.items import Items
 from server.call.replies import ReplyFlow
 from server.call.settings import CallSettings
 from server.call.state import CallState
@@ -36,6 +37,7 @@ class Call(Protocol):
 
     config: Config
     guard: CallGuard
+    items: Items
     log: logging.LoggerAdapter
     metrics: Metrics
     replies: ReplyFlow
@@ -45,8 +47,6 @@ class Call(Protocol):
     transport: Transport
 
     def send(self, message: dict) -> None: ...
-
-    def user_item_committed(self, item_id: str | None, text: str | None) -> None: ...
 
 
 class Listening:
@@ -206,7 +206,7 @@ class Listening:
             call.state = CallState.SPEAKING if call.replies.current is not None else CallState.LISTENING
             return
         call.session.commit_audio()
-        call.user_item_committed(item_id, None)
+        call.items.user_item_committed(item_id, None)
         if call.settings.turns.create_response:
             call.replies.start(speech_stopped_s=now)
         else:

@@ -121,16 +121,16 @@ async def test_each_malformed_event_gets_an_error_and_the_call_goes_on(echo_serv
 async def test_an_event_that_fails_inside_the_handler_is_one_error_and_one_log_line(
     echo_server, monkeypatch, caplog
 ):
-    from server.call.call import Call
+    from server.call.client_events import ClientEvents
 
-    handle = Call.handle_event
+    handle = ClientEvents.handle
 
     def failing(self, event):
         if isinstance(event, P.ResponseCancel):
             raise RuntimeError("a bug in a handler")
         handle(self, event)
 
-    monkeypatch.setattr(Call, "handle_event", failing)
+    monkeypatch.setattr(ClientEvents, "handle", failing)
     client = RealtimeClient(echo_server.base_url)
     try:
         await client.connect()
