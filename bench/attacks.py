@@ -137,7 +137,7 @@ async def ws_append_flood(a: Attack, audio_b64: str) -> None:
     message = json.dumps({"type": "input_audio_buffer.append", "audio": audio_b64})
     async with a.http() as http:
         while a.live():
-            ws = await _socket(a, http)
+            ws = await _socket(a, http, "?glm4voice_events=on")  # _read_events counts call.closing
             if ws is None:
                 continue
             a.notes["calls"] += 1

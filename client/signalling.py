@@ -12,6 +12,9 @@ from aiortc import RTCConfiguration, RTCIceServer
 from client.errors import AuthError, NetworkError, ServerRefused
 
 HTTP_TIMEOUT_S = 10.0  # one request; the reconnect loop decides how long to keep trying
+# The client reads our `glm4voice.*` events (turn latency, cancelled replies, why a call closes, resume):
+# the server sends them only to a client that asks (docs/protocol.md "Extension events").
+EVENTS_QUERY = {"glm4voice_events": "on"}
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,9 @@ async def post_offer(
     if resume_token:  # docs/client.md (resume): a server that keeps dropped calls continues this conversation
         body["resume_token"] = resume_token
     try:
-        async with http.post(f"{base_url}{endpoint}", json=body, headers=_headers(token)) as r:
+        async with http.post(
+            f"{base_url}{endpoint}", json=body, headers=_headers(token), params=EVENTS_QUERY
+        ) as r:
             if r.status != 201:
                 raise await _refusal(r)
             data = await r.json()

@@ -11,6 +11,10 @@ aiortc can answer it); the session fields of the client secret and of the reques
 call holding the token parks, the parked conversation is taken back, and if live and parked calls
 hold every KV slot the oldest other parked call is closed. `counting_refusals` wraps a door's handler
 so that every refusal is counted by its code (/metrics).
+
+Both doors take `?glm4voice_events=on` (`extension_events`): only a client that asks gets our
+`glm4voice.*` events, so that an unmodified OpenAI Realtime client sees OpenAI's event types only
+(docs/protocol.md "Extension events").
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from server.edge.limits import ApiError, check_origin, client_address, parse_ses
 from server.logs import current_call_id
 
 MAX_RESUME_TOKEN_CHARS = 256  # ours are 36; anything much longer is not one
+EVENTS_PARAM = "glm4voice_events"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -39,6 +44,7 @@ class Admitted:
     settings: CallSettings
     resumed: ParkedCall | str | None  # the conversation taken back, or why it could not be (RESUME_FAILED)
     address: str = ""  # the client's, as the limits count it
+    extension_events: bool = False  # the client asked for our `glm4voice.*` events
 
 
 def counting_refusals(ctx: ServerContext, handler: Handler) -> Handler:
@@ -51,6 +57,18 @@ def counting_refusals(ctx: ServerContext, handler: Handler) -> Handler:
             raise
 
     return counted
+
+
+def extension_events(request: web.Request, default: bool) -> bool:
+    """`?glm4voice_events=on|off`: whether our `glm4voice.*` events reach this connection. Off by default
+    for a call (some OpenAI clients fail on an event type they do not know: the Agents SDK emits an
+    `error` for each), on for a control connection (our own tool)."""
+    value = request.query.get(EVENTS_PARAM)
+    if value is None:
+        return default
+    if value not in ("on", "off"):
+        raise ApiError(400, "invalid_value", f"{EVENTS_PARAM} must be 'on' or 'off', got {value!r}")
+    return value == "on"
 
 
 def check_door(ctx: ServerContext, request: web.Request) -> ClientSecret | None:
@@ -70,6 +88,7 @@ async def admit(
 ) -> Admitted:
     """May a call start now, and with what: raises `ApiError` if not, having changed nothing.
     `session`: the request's own session fields; `check`: the door's own check of its request."""
+    events_on = extension_events(request, default=False)
     if resume_token is not None and not (
         resume_token.isascii() and len(resume_token) <= MAX_RESUME_TOKEN_CHARS
     ):
@@ -95,9 +114,8 @@ async def admit(
     for update in updates:
         settings = settings.apply(update)
     http = ctx.config.http
-    return Admitted(
-        settings, resumed, client_address(request, http.trust_forwarded_for, http.trusted_proxy_hops)
-    )
+    address = client_address(request, http.trust_forwarded_for, http.trusted_proxy_hops)
+    return Admitted(settings, resumed, address, events_on)
 
 
 def open_call(ctx: ServerContext, call_id: str, transport: Transport, admitted: Admitted) -> Call:
@@ -116,6 +134,7 @@ def open_call(ctx: ServerContext, call_id: str, transport: Transport, admitted: 
         resumed=admitted.resumed,
         address=admitted.address,
     )
+    call.extension_events = admitted.extension_events
     ctx.calls[call_id] = call
     ctx.metrics.calls.inc()
     return call

@@ -123,7 +123,11 @@ async function startCall() {
   await iceGathered(pc, session.ice_gather_timeout_ms || 2000);
   let response;
   try {
-    response = await fetch(session.calls_endpoint || "/v1/realtime/calls", {
+    // The page reads our glm4voice.* events (latency, discarded turns, why a call closes); the server sends
+    // them only to a client that asks (docs/protocol.md "Extension events").
+    const endpoint = new URL(session.calls_endpoint || "/v1/realtime/calls", window.location.href);
+    endpoint.searchParams.set("glm4voice_events", "on");
+    response = await fetch(endpoint, {
       method: "POST", body: pc.localDescription.sdp,
       headers: Object.assign({ "Content-Type": "application/sdp" }, authorization),
     });

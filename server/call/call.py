@@ -106,10 +106,11 @@ class Call:
             self.session.update(settings.responder_settings())
         else:
             self.session = responder.open_session(call_id, settings.responder_settings())
-        self._observers: list[Callable[[str], None]] = []  # control connections: a copy of every event
-        # False: the client takes OpenAI's event types only, and our `glm4voice.*` events are not sent to it
-        # (clients that fail on a type they do not know; docs/protocol.md "WebSocket transport").
-        self.extension_events = True
+        # control connections: a copy of every event (ours only to those that take them)
+        self._observers: list[tuple[Callable[[str], None], bool]] = []
+        # Our `glm4voice.*` events reach the client only if it asked (server/admission.py; docs/protocol.md
+        # "Extension events"): some OpenAI clients fail on an event type they do not know.
+        self.extension_events = False
         self.conversation = resumed.conversation if isinstance(resumed, ParkedCall) else Conversation()
         self._tasks: set[asyncio.Task] = set()
         self._ending = False  # end() is telling the client; a second reason is not sent
@@ -163,10 +164,12 @@ class Call:
         """User audio of `duration_s` arrived: False if it runs ahead of real time and is to be dropped."""
         return self.listening.accept_audio(duration_s)
 
-    def observe(self, send: Callable[[str], None]) -> Callable[[], None]:
-        """A control connection gets a copy of every event; returns what stops it."""
-        self._observers.append(send)
-        return lambda: self._observers.remove(send) if send in self._observers else None
+    def observe(self, send: Callable[[str], None], extension_events: bool = True) -> Callable[[], None]:
+        """A control connection gets a copy of every event (`glm4voice.*` ones if `extension_events`);
+        returns what stops it."""
+        observer = (send, extension_events)
+        self._observers.append(observer)
+        return lambda: self._observers.remove(observer) if observer in self._observers else None
 
     def connected(self) -> None:
         if self.state is CallState.CONNECTING:
@@ -202,10 +205,11 @@ class Call:
     # ----- outbound events -------------------------------------------------------------------------
 
     def send(self, message: dict) -> None:
-        text = events.dumps(message)
-        for observer in self._observers:
-            observer(text)
-        if self.extension_events or not message["type"].startswith("glm4voice."):
+        text, ours = events.dumps(message), message["type"].startswith("glm4voice.")
+        for observer, takes_ours in self._observers:
+            if takes_ours or not ours:
+                observer(text)
+        if self.extension_events or not ours:
             self.transport.send(text)
 
     def _session_json(self) -> dict:

@@ -20,8 +20,9 @@ a WebRTC call's; what differs is said where it is done:
   closes with code 1008 and the reason.
 
 `GET /v1/realtime?call_id=rtc_...` with the API key is a control connection to a live call: it
-receives the call's events and may send `session.update`, `conversation.item.create`,
-`response.create`, `response.cancel`, which count against the call's own event budget.
+receives the call's events (our `glm4voice.*` ones too, unless `?glm4voice_events=off`) and may send
+`session.update`, `conversation.item.create`, `response.create`, `response.cancel`, which count against
+the call's own event budget.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
 from multidict import CIMultiDict
 
-from server.admission import admit, check_door, open_call
+from server.admission import admit, check_door, extension_events, open_call
 from server.audio.codecs import InputDecoder, wire_rate_hz
 from server.call.call import Call, new_call_id
 from server.call.guard import MAX_MESSAGE_BYTES_PER_S, MAX_MESSAGES_PER_S
@@ -96,15 +97,6 @@ def _with_subprotocol_key(request: web.Request) -> web.Request:
     return request.clone(headers=headers)
 
 
-def _extension_events(request: web.Request) -> bool:
-    """`?glm4voice_events=off`: only OpenAI's event types reach this client (the OpenAI Agents SDK
-    reports every event type it does not know as an error)."""
-    value = request.query.get("glm4voice_events", "on")
-    if value not in ("on", "off"):
-        raise ApiError(400, "invalid_value", f"glm4voice_events must be 'on' or 'off', got {value!r}")
-    return value == "on"
-
-
 class RealtimeSocket:
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
@@ -136,14 +128,12 @@ class RealtimeSocket:
         ctx = self.ctx
         secret = check_door(ctx, _with_subprotocol_key(request))
         token = request.headers.get(RESUME_HEADER) or request.query.get("resume_token") or None
-        extension_events = _extension_events(request)
         admitted = await admit(ctx, request, secret, resume_token=token)
         ws = await self._upgrade(request)
         call: Call | None = None
         writer = SocketWriter(ws, lambda: _slow_reader(call, ws))
         transport = WebSocketTransport(writer)
         call = open_call(ctx, new_call_id(), transport, admitted)
-        call.extension_events = extension_events
         transport.bind(call)
         writer_task = asyncio.get_running_loop().create_task(writer.run(), name=f"{call.call_id}:ws-writer")
         decoder, policer = InputDecoder(), AudioPolicer()
@@ -175,6 +165,7 @@ class RealtimeSocket:
             raise ApiError(
                 403, "api_key_required", "a control connection needs the API key, not a client secret"
             )
+        events_on = extension_events(request, default=True)
         call = ctx.calls.get(request.query["call_id"])
         if call is None:
             raise ApiError(404, "call_not_found", f"no active call {request.query['call_id']!r}")
@@ -183,7 +174,7 @@ class RealtimeSocket:
         writer_task = asyncio.get_running_loop().create_task(
             writer.run(), name=f"{call.call_id}:control-writer"
         )
-        stop_observing = call.observe(writer.send)
+        stop_observing = call.observe(writer.send, events_on)
         closed = asyncio.ensure_future(call.closed.wait())
         try:
             reader = asyncio.ensure_future(_read_control(ws, call, writer))

@@ -159,6 +159,7 @@ def _call(transport: Transport, parking: ParkedCalls | None = None) -> tuple[Cal
         closed.append,
         parking=parking,
     )
+    call.extension_events = True  # as a door does for a client that asks: these tests read our events
     call.connected()
     return call, responder.session, closed
 

@@ -50,7 +50,10 @@ async def test_a_websocket_append_flood_is_dropped_then_ends_the_call(audio, cap
     message = json.dumps({"type": "input_audio_buffer.append", "audio": audio})
     events: list[dict] = []
     try:
-        async with aiohttp.ClientSession() as http, http.ws_connect(_ws_url(running), max_msg_size=0) as ws:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(_ws_url(running), params={"glm4voice_events": "on"}, max_msg_size=0) as ws,
+        ):
 
             async def read() -> None:
                 async for msg in ws:

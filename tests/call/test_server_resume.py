@@ -248,7 +248,11 @@ class SocketClient:
 
 
 async def _socket(http: aiohttp.ClientSession, base_url: str, token: str | None = None) -> SocketClient:
-    ws = await http.ws_connect(f"{base_url}/v1/realtime", headers={RESUME_HEADER: token} if token else {})
+    ws = await http.ws_connect(
+        f"{base_url}/v1/realtime",
+        params={"glm4voice_events": "on"},  # the resume events are ours
+        headers={RESUME_HEADER: token} if token else {},
+    )
     return SocketClient(ws)
 
 

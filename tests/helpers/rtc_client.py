@@ -168,6 +168,9 @@ class RealtimeClient:
     answer_sdp: str = ""
     headers: dict = field(default_factory=dict)  # e.g. Authorization for the call offer
     local_address: str = ""  # offers and hangups from this address (another 127.x.y.z: another client)
+    # the offer asks for our `glm4voice.*` events (`?glm4voice_events=on`), as the tests read them; False:
+    # a client that does not ask gets OpenAI's event types only
+    glm4voice_events: bool = True
 
     def __post_init__(self) -> None:
         self._new_event = asyncio.Event()
@@ -202,13 +205,14 @@ class RealtimeClient:
 
         await self.pc.setLocalDescription(await self.pc.createOffer())
         t0 = time.monotonic()
+        query = {"glm4voice_events": "on"} if self.glm4voice_events else {}
         async with self._http() as http:
             if as_json:
                 body = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
                 if session is not None:
                     body["session"] = session
                 async with http.post(
-                    f"{self.base_url}/v1/realtime/calls", json=body, headers=self.headers
+                    f"{self.base_url}/v1/realtime/calls", json=body, headers=self.headers, params=query
                 ) as r:
                     assert r.status == 201, await r.text()
                     answer = (await r.json())["sdp"]
@@ -218,7 +222,7 @@ class RealtimeClient:
                 form.add_field("sdp", self.pc.localDescription.sdp)
                 form.add_field("session", json.dumps(session or {}))
                 async with http.post(
-                    f"{self.base_url}/v1/realtime/calls", data=form, headers=self.headers
+                    f"{self.base_url}/v1/realtime/calls", data=form, headers=self.headers, params=query
                 ) as r:
                     assert r.status == 201, await r.text()
                     answer = await r.text()
@@ -228,6 +232,7 @@ class RealtimeClient:
                     f"{self.base_url}/v1/realtime/calls",
                     data=self.pc.localDescription.sdp,
                     headers={"Content-Type": "application/sdp", **self.headers},
+                    params=query,
                 ) as r:
                     assert r.status == 201, await r.text()
                     answer = await r.text()

@@ -3,8 +3,9 @@ model, pointed at our server (demo weights, the transcription stage on: a tiny r
 are babble and the events are the real ones). The SDK asks for input transcription by default and builds
 the user's side of its history from `conversation.item.input_audio_transcription.completed`; one spoken
 turn must leave a user message carrying the transcript our server sent, and the reply, in that history.
-The SDK reports every event type it does not know as an `error`, so it connects with
-`?glm4voice_events=off` (docs/protocol.md "WebSocket transport")."""
+The SDK reports every event type it does not know as an `error`: it connects as it would to OpenAI, with
+no parameter of ours, and must get none of our `glm4voice.*` events (docs/protocol.md "Extension
+events")."""
 
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ async def test_agents_sdk_history_holds_the_users_transcript(glm_ws_server):
     agent = RealtimeAgent(name="assistant", instructions="You are a helpful voice assistant.")
     runner = RealtimeRunner(agent)
     ws_base = glm_ws_server.base_url.replace("http", "ws", 1)
-    url = f"{ws_base}/v1/realtime?model=gpt-realtime&glm4voice_events=off"
+    url = f"{ws_base}/v1/realtime?model=gpt-realtime"
     seen = Seen()
     # Transcription and server VAD are the SDK's defaults (gpt-4o-mini-transcribe, semantic_vad): not set.
     async with await runner.run(model_config={"url": url, "api_key": API_KEY}) as session:
@@ -133,7 +134,7 @@ async def test_agents_sdk_history_holds_the_users_transcript(glm_ws_server):
             follower.cancel()
 
     assert seen.of_type("error") == [] and seen.sdk_errors == []
-    assert not [kind for kind in seen.types() if kind.startswith("glm4voice.")]  # asked for OpenAI's only
+    assert not [kind for kind in seen.types() if kind.startswith("glm4voice.")]  # it did not ask for ours
     sent = seen.transcripts()
     assert len(sent) == 1 and "" not in sent.values()
     ((item_id, transcript),) = sent.items()

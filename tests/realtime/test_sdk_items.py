@@ -150,7 +150,9 @@ async def test_items_keep_client_ids_and_places(echo_ws):
     ],
 )
 async def test_errors_name_the_event_and_use_openai_codes(echo_ws, event, code, param):
-    async with _client(echo_ws).realtime.connect(model="gpt-realtime") as conn:
+    # the ping at the end is ours: its pong comes to a client that asks for our events
+    extra_query = {"glm4voice_events": "on"}
+    async with _client(echo_ws).realtime.connect(model="gpt-realtime", extra_query=extra_query) as conn:
         s = Session(conn)
         try:
             await s.wait_for("session.created", 5)
