@@ -3,6 +3,7 @@
 One `offer` handler in the spirit of aiortc's example server: the peer connection's events are wired
 to the call in closures. Every refusal is an `ApiError`; an offer aiortc cannot answer is the client's
 fault (`400 invalid_sdp`), and whatever fails, the half-built call is closed and leaves the registry.
+The offer's `?glm4voice_events=on` is read by the admission path every door shares (server/admission.py).
 """
 
 from __future__ import annotations
