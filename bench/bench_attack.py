@@ -16,8 +16,12 @@ message and asks for a reply, again and again (one every 1.2 s at most, under th
 `output_audio_buffer.started` it receives; it then cancels the reply. Per phase: the victim's first
 audio p50 / p95 and its ratio to the no-attack phase, replies with no audio within 20 s, refused
 offers; the server's CPU seconds, RSS growth, log growth (bytes, lines, ERROR lines, tracebacks);
-and the attacker's counters (what it sent, what the server answered, how its calls ended). Prints the
-machine; nothing is asserted.
+the attacker's CPU seconds and counters (what it sent, what the server answered, how its calls ended).
+Prints the machine; nothing is asserted.
+
+On one machine the attacker's own CPU competes with the server's: with `--attacker-nice 19` it runs
+only on CPU time the server and the victim leave, closer to an attacker on another machine (what the
+server spends on the attack is its own CPU column either way).
 """
 
 from __future__ import annotations
@@ -98,16 +102,18 @@ async def victim(base: str, end_s: float, out: Victim) -> None:
 @dataclass(frozen=True)
 class Snapshot:
     cpu_s: float
+    attacker_cpu_s: float
     rss_mib: float
     fds: int
     threads: int
     log_bytes: int
 
 
-def snapshot(server: psutil.Process, log_path: Path) -> Snapshot:
-    cpu = server.cpu_times()
+def snapshot(server: psutil.Process, log_path: Path, attacker: psutil.Process) -> Snapshot:
+    cpu, attacker_cpu = server.cpu_times(), attacker.cpu_times()
     return Snapshot(
         cpu.user + cpu.system,
+        attacker_cpu.user + attacker_cpu.system,
         server.memory_info().rss / 2**20,
         server.num_fds(),
         server.num_threads(),
@@ -167,7 +173,9 @@ async def run(args: argparse.Namespace) -> None:
         env=env,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
+        preexec_fn=(lambda: os.nice(args.attacker_nice)) if args.attacker_nice else None,
     )
+    attacker_proc = psutil.Process(attacker.pid)
     set_host_addresses(("127.0.0.1",))
     proc = psutil.Process(server.pid)
     rows = []
@@ -175,10 +183,10 @@ async def run(args: argparse.Namespace) -> None:
         async with aiohttp.ClientSession() as http:
             health = await wait_healthy(http, base, server)
             await victim(base, time.monotonic() + 4, Victim())  # warm-up
-            first = snapshot(proc, log_path)
+            first = snapshot(proc, log_path, attacker_proc)
             for kind in kinds:
                 await asyncio.sleep(1.0)  # the previous phase's calls close
-                before = snapshot(proc, log_path)
+                before = snapshot(proc, log_path, attacker_proc)
                 notes: dict = {}
                 if kind != "none":
                     attacker.stdin.write(f"{kind} {args.phase_s}\n".encode())
@@ -189,7 +197,7 @@ async def run(args: argparse.Namespace) -> None:
                 await victim(base, end_s, result)
                 if kind != "none":
                     notes = json.loads(await attacker.stdout.readline())
-                after = snapshot(proc, log_path)
+                after = snapshot(proc, log_path, attacker_proc)
                 rows.append((kind, result, before, after, log_growth(log_path, before.log_bytes), notes))
                 first_ms = result.first_audio_ms
                 print(
@@ -198,7 +206,7 @@ async def run(args: argparse.Namespace) -> None:
                     flush=True,
                 )
             await asyncio.sleep(2.0)
-            last = snapshot(proc, log_path)
+            last = snapshot(proc, log_path, attacker_proc)
             async with http.get(base + "/metrics") as r:
                 metrics = await r.text()
     finally:
@@ -212,7 +220,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def _report(args, health, rows, first: Snapshot, last: Snapshot, metrics: str, log_path: Path) -> None:
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; attacker nice {args.attacker_nice}")
     print(
         f"responder: {health['responder'].get('name')} weights={health['responder'].get('weights')} "
         f"device={health['responder'].get('device')}; phases of {args.phase_s:g} s; server log {log_path}"
@@ -220,9 +228,9 @@ def _report(args, health, rows, first: Snapshot, last: Snapshot, metrics: str, l
     base_p95 = pct(rows[0][1].first_audio_ms, 0.95) if rows[0][0] == "none" else float("nan")
     print(
         "| attack | victim replies | first audio p50 / p95 (ms) | p95 / none | victim lost / refused | "
-        "server CPU (s) | RSS (MiB) | log (KiB, lines, ERROR, tracebacks) | attacker |"
+        "server CPU (s) | attacker CPU (s) | RSS (MiB) | log (KiB, lines, ERROR, tracebacks) | attacker |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for kind, v, before, after, logs, notes in rows:
         p95 = pct(v.first_audio_ms, 0.95)
         described = ATTACKS[kind][1] if kind in ATTACKS else "no attack"
@@ -230,6 +238,7 @@ def _report(args, health, rows, first: Snapshot, last: Snapshot, metrics: str, l
             f"| {kind}: {described} | {len(v.first_audio_ms)} | "
             f"{pct(v.first_audio_ms, 0.5):.0f} / {p95:.0f} | "
             f"{p95 / base_p95:.2f} | {v.lost} / {v.refused} | {after.cpu_s - before.cpu_s:.1f} | "
+            f"{after.attacker_cpu_s - before.attacker_cpu_s:.1f} | "
             f"{before.rss_mib:.0f} -> {after.rss_mib:.0f} | "
             f"{(after.log_bytes - before.log_bytes) / 1024:.0f}, {logs['lines']}, {logs['errors']}, "
             f"{logs['tracebacks']} | {_notes(notes)} |"
@@ -247,6 +256,8 @@ def _report(args, health, rows, first: Snapshot, last: Snapshot, metrics: str, l
                 "glm4voice_calls_rejected",
                 "glm4voice_events_",
                 "glm4voice_turn_errors",
+                "glm4voice_address_blocks",
+                "glm4voice_blocked_refusals",
             )
         ):
             print(line)
@@ -256,6 +267,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase-s", type=float, default=8.0)
     parser.add_argument("--attacks", default="", help=f"comma-separated, of: {', '.join(ATTACKS)}")
+    parser.add_argument(
+        "--attacker-nice",
+        type=int,
+        default=0,
+        help="run the attacker at this nice value (19: it gets the CPU only when the server and the "
+        "victim leave it, as an attacker on another machine would not take the server's CPU)",
+    )
     parser.add_argument("--attacker", help=argparse.SUPPRESS)  # the attacker process (internal)
     args = parser.parse_args()
     if args.attacker:

@@ -22,6 +22,7 @@ from server.edge.client_secrets import ClientSecrets
 from server.edge.connections import check_fd_limit
 from server.edge.errors import error_middleware, make_cors_middleware, make_preflight
 from server.edge.pages import Pages
+from server.edge.penalties import PENALTIES_KEY, make_penalty_middleware
 from server.realtime import events
 from server.webrtc.rtc import set_consent_checks, set_host_addresses
 from server.webrtc.signalling import Signalling
@@ -151,12 +152,17 @@ def create_app(config: Config, responder: Responder | None = None) -> web.Applic
     server = Server(config, responder)
     signalling, secrets, pages = Signalling(server), ClientSecrets(server), Pages(server)
     app = web.Application(
-        middlewares=[make_cors_middleware(config.http), error_middleware],
+        middlewares=[
+            make_penalty_middleware(server.penalties, config.http),
+            make_cors_middleware(config.http),
+            error_middleware,
+        ],
         client_max_size=config.http.max_body_bytes,
         # aiohttp's keep-alive deadline is armed at connect: a request head must come by then
         handler_args={"keepalive_timeout": config.http.header_timeout_s},
     )
     app[SERVER_KEY] = server
+    app[PENALTIES_KEY] = server.penalties  # the connection caps refuse blocked addresses at accept
     app.on_startup.append(server.startup)
     app.on_shutdown.append(server.shutdown)
     app.router.add_get("/", pages.index)

@@ -117,6 +117,11 @@ class LimitsConfig:
     max_parked_calls: int = 8  # dropped calls kept for a resume, in all; past it the oldest is closed
     max_parked_per_address: int = 2  # of those, per client address; past it that address's oldest goes
     connect_timeout_s: float = 20.0  # an answered offer whose peer has not connected by then is dropped
+    penalty_strikes: float = 60.0  # weighted refusals (401/403/404/429, abusive calls) that block an
+    # address (server/edge/penalties.py); 0 = never block
+    penalty_decay_per_s: float = 1.0  # strikes forgiven per second
+    penalty_s: float = 5.0  # the first block; each new one within 10 min lasts twice as long
+    penalty_max_s: float = 120.0  # the longest block
 
 
 @dataclass(frozen=True)
@@ -292,9 +297,13 @@ def validate(config: Config) -> None:
         "connect_timeout_s",
         "inbound_flood_s",
         "resume_window_s",
+        "penalty_strikes",
+        "penalty_decay_per_s",
     ):
         if getattr(lim, name) < 0:
             raise ValueError(f"config [limits].{name} must be >= 0")
+    if lim.penalty_strikes > 0 and not 0 < lim.penalty_s <= lim.penalty_max_s:
+        raise ValueError("config [limits].penalty_s must be > 0 and <= penalty_max_s")
     if lim.max_events_per_s <= 0 or lim.event_burst < 1 or lim.call_burst_per_address < 1:
         raise ValueError("config [limits].max_events_per_s must be > 0 and the bursts >= 1")
     if lim.max_expensive_events_per_s <= 0 or lim.expensive_event_burst < 1:

@@ -15,6 +15,7 @@ from server.call.settings import CallSettings
 from server.config import Config
 from server.edge.auth import Auth
 from server.edge.limits import Admission
+from server.edge.penalties import ABUSE_ENDINGS, Penalties
 from server.metrics import LoopLagProbe, Metrics
 
 
@@ -28,6 +29,7 @@ class ServerContext:
             config.metrics.loop_lag_interval_ms / 1000.0, config.metrics.loop_lag_window, self.metrics.lag
         )
         self.admission = Admission(config)
+        self.penalties = Penalties(config.limits, self.metrics)
         self.auth = Auth(config.auth, config.http.public_url)
         self.calls: dict[str, Call] = {}  # call_id -> Call, so hangup can find its call
         self.parked = ParkedCalls(  # dropped calls' conversations, for a resume
@@ -72,5 +74,8 @@ class ServerContext:
 
     def forget(self, call: Call) -> None:
         """A call's last act (`Call.close`, in a finally): its slot is free."""
+        weight = ABUSE_ENDINGS.get(call.close_reason or "", 0.0)
+        if weight and call.address:
+            self.penalties.strike(call.address, weight, f"call ended: {call.close_reason}")
         if self.calls.pop(call.call_id, None) is not None:
             self.metrics.outbound_underruns.inc(call.transport.audio.stats.underruns)

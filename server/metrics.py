@@ -108,6 +108,14 @@ class Metrics:
             registry=r,
         )
         self.loop_lag_max = Gauge("glm4voice_event_loop_lag_max_seconds", "Largest lag seen.", registry=r)
+        self.address_blocks = Counter(
+            "glm4voice_address_blocks", "Client addresses put in the penalty box.", registry=r
+        )
+        self.blocked_refusals = Counter(
+            "glm4voice_blocked_refusals",
+            "Connections and requests refused because their address was blocked.",
+            registry=r,
+        )
         self._lag_max_s = 0.0
 
     def reject(self, reason: str) -> None:

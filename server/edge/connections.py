@@ -4,10 +4,16 @@ file-descriptor budget they need.
 - Header deadline: aiohttp closes a connection that has not sent a complete request head within its
   `keepalive_timeout` (armed at connect, re-armed after each response); we set it to
   `[http] header_timeout_s`. Body reads are bounded by `[http] body_timeout_s` (server/edge/limits.py).
-- Caps: aiohttp has none. `ConnectionLimits.install()` wraps the aiohttp server's connection hooks (its
-  internals, in this one place): a connection over `max_connections_per_address` gets `429
-  too_many_connections`, over `max_connections` `503 server_busy`, written at once and closed, so
-  half-open sockets from one client cannot use up the descriptors that `/health` and calls need.
+- Caps: aiohttp has none. A `Gate` protocol sees each new connection before aiohttp does (`GatedSite`:
+  aiohttp's TCP site started with our protocol factory, its internals in this one place). A connection
+  over `max_connections_per_address` gets `429 too_many_connections`, over `max_connections` `503
+  server_busy`, written at once and closed, so half-open sockets from one client cannot use up the
+  descriptors that `/health` and calls need. A refused connection never reaches aiohttp (no request
+  handler, no task): one write and a close.
+- Blocked addresses (server/edge/penalties.py): a connection from an address in the penalty box gets
+  `429 rate_limited` with `Retry-After` the same way, when the TCP peer is the client (`[http]
+  trust_forwarded_for` off; behind proxies the penalty middleware refuses per request). A refusal over
+  the caps is not a strike: it ends when the client's own connections close.
 - File descriptors: every connection and every call's ICE/DTLS sockets is one or more descriptors;
   `check_fd_limit()` raises the soft RLIMIT_NOFILE to what the caps need when the hard limit allows,
   and says so in the log when it does not.
@@ -24,7 +30,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from server.config import Config
-from server.edge.errors import quiet_library_logs
+from server.edge.errors import QuietAccessLog, quiet_library_logs
+from server.edge.penalties import PENALTIES_KEY, Penalties
 from server.logs import LogLimiter
 
 log = logging.getLogger("glm4voice.connections")
@@ -50,7 +57,19 @@ def _refusal(status: int, reason: str, code: str, message: str, retry_after_s: i
 
 
 class ConnectionLimits:
-    def __init__(self, max_total: int, max_per_address: int, retry_after_s: int) -> None:
+    """Who may open a connection: the caps, and blocked addresses. Installed as a gate in front of aiohttp
+    (`GatedSite`): a refused connection never reaches aiohttp, so it costs one write and a close."""
+
+    def __init__(
+        self,
+        max_total: int,
+        max_per_address: int,
+        retry_after_s: int,
+        penalties: Penalties,
+        peer_is_client: bool,
+    ) -> None:
+        self.penalties = penalties
+        self.peer_is_client = peer_is_client  # no trusted proxy in front: the TCP peer is the client
         self.max_total = max_total
         self.max_per_address = max_per_address
         self.retry_after_s = retry_after_s
@@ -64,11 +83,8 @@ class ConnectionLimits:
         return len(self._address)
 
     def install(self, server: web.Server) -> None:
-        made, lost = server.connection_made, server.connection_lost
-
-        def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
-            made(handler, transport)
-            self._admit(handler, transport)
+        """Count the admitted connections out as aiohttp releases them."""
+        lost = server.connection_lost
 
         def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
             address = self._address.pop(handler, None)
@@ -78,12 +94,20 @@ class ConnectionLimits:
                     del self.per_address[address]
             lost(handler, exc)
 
-        server.connection_made = connection_made  # type: ignore[method-assign]
         server.connection_lost = connection_lost  # type: ignore[method-assign]
 
-    def _admit(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
-        peer = transport.get_extra_info("peername")
-        address = peer[0] if isinstance(peer, tuple) and peer else "unknown"
+    def admit(self, handler: RequestHandler, address: str) -> None:
+        self._address[handler] = address
+        self.per_address[address] += 1
+
+    def refusal(self, address: str) -> bytes | None:
+        """The bytes that refuse a new connection from `address`, or None if it may come in."""
+        blocked_s = self.penalties.blocked_s(address) if self.peer_is_client else 0.0
+        if blocked_s > 0:
+            error = self.penalties.refusal(address, blocked_s)
+            return _refusal(
+                429, "Too Many Requests", error.code, error.message, int(error.headers["Retry-After"])
+            )
         if self.per_address[address] >= self.max_per_address:
             refusal = _refusal(
                 429,
@@ -101,9 +125,11 @@ class ConnectionLimits:
                 self.retry_after_s,
             )
         else:
-            self._address[handler] = address
-            self.per_address[address] += 1
-            return
+            return None
+        self._log_refusal(address)
+        return refusal
+
+    def _log_refusal(self, address: str) -> None:
         self.refused += 1
         allow, _ = self._refusal_lines.allow()
         if allow:
@@ -117,17 +143,45 @@ class ConnectionLimits:
                 self.total,
                 self.max_total,
             )
-        transport.write(refusal)
-        # Closed now: the request head may be on its way, and a socket closed with unread input resets
-        # the connection (the client could lose the refusal). aiohttp starts the handler's request
-        # loop after this hook, and that loop needs the handler still connected (else an assertion
-        # and a traceback per refusal): the loop is told to read nothing, the transport's close goes to
-        # a stand-in protocol, and the handler is released once its loop has started.
-        handler._force_close = True
-        transport.set_protocol(asyncio.Protocol())
-        transport.close()
-        loop = asyncio.get_running_loop()
-        loop.call_soon(loop.call_soon, handler.connection_lost, None)
+
+
+class Gate(asyncio.Protocol):
+    """A new connection's first protocol: refuses it (the refusal written, then closed) or hands the
+    transport to a fresh aiohttp request handler. No bytes are read before the hand-over."""
+
+    def __init__(self, limits: ConnectionLimits, server: web.Server) -> None:
+        self.limits = limits
+        self.server = server
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        peer = transport.get_extra_info("peername")
+        address = peer[0] if isinstance(peer, tuple) and peer else "unknown"
+        refusal = self.limits.refusal(address)
+        if refusal is not None:
+            transport.write(refusal)
+            transport.close()  # after the write is flushed
+            return
+        handler = self.server()
+        self.limits.admit(handler, address)
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+
+
+class GatedSite(web.TCPSite):
+    """aiohttp's TCP site with the `Gate` in front of its request handlers (its `start`, with our factory)."""
+
+    def __init__(self, runner: web.AppRunner, limits: ConnectionLimits, host: str, port: int) -> None:
+        super().__init__(runner, host, port)
+        self.limits = limits
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: Gate(self.limits, server), self._host, self._port, reuse_address=self._reuse_address
+        )
+        self._bound_port = self._server.sockets[0].getsockname()[1]
 
 
 def fds_needed(config: Config) -> int:
@@ -168,13 +222,18 @@ async def start_site(
 ) -> tuple[web.AppRunner, web.TCPSite]:
     """Run `app` on host:port with the connection caps installed. -> (runner, site)."""
     quiet_library_logs()
-    runner = web.AppRunner(app, handle_signals=False)
+    runner = web.AppRunner(app, handle_signals=False, access_log_class=QuietAccessLog)
     await runner.setup()
     assert runner.server is not None
     http = config.http
-    ConnectionLimits(
-        http.max_connections, http.max_connections_per_address, config.limits.retry_after_s
-    ).install(runner.server)
-    site = web.TCPSite(runner, host, port)
+    limits = ConnectionLimits(
+        http.max_connections,
+        http.max_connections_per_address,
+        config.limits.retry_after_s,
+        app[PENALTIES_KEY],
+        peer_is_client=not http.trust_forwarded_for,
+    )
+    limits.install(runner.server)
+    site = GatedSite(runner, limits, host, port)
     await site.start()
     return runner, site

@@ -10,6 +10,9 @@ import re
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_log import AccessLogger
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
 
 from server.config import HttpConfig
 from server.edge.limits import ApiError, allowed_origin, client_gone
@@ -127,25 +130,28 @@ class QuietBadRequests(logging.Filter):
         return True
 
 
-class QuietRefusals(logging.Filter):
-    """The access log's lines for refusals a flood makes by the thousand (401 wrong key, 429 over the
-    rate): one line per status per `LogLimiter` interval, saying how many were left out. Other lines
-    stay as they are."""
+class QuietAccessLog(AccessLogger):
+    """The access log, with the lines for refusals a flood makes by the thousand (401 wrong key, 429 over
+    the rate or blocked) cut to one per status per `LogLimiter` interval, saying how many were left out.
+    Decided before the line is formatted: formatting it was a third of what such a refusal cost."""
 
-    STATUSES = (401, 429)
+    QUIET_STATUSES = (401, 429)
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.limiters = {status: LogLimiter() for status in self.STATUSES}
+    def __init__(self, logger: logging.Logger, log_format: str) -> None:
+        super().__init__(logger, log_format)
+        self.limiters = {status: LogLimiter() for status in self.QUIET_STATUSES}
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        limiter = self.limiters.get(getattr(record, "response_status", None))
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        limiter = self.limiters.get(response.status)
         if limiter is None:
-            return True
+            super().log(request, response, time)
+            return
         allow, suppressed = limiter.allow()
-        if allow and suppressed:
-            record.msg = f"{record.msg} ({suppressed} more like it not logged)"
-        return allow
+        if not allow:
+            return
+        super().log(request, response, time)
+        if suppressed:
+            self.logger.info("(%d more %d responses not logged)", suppressed, response.status)
 
 
 def quiet_library_logs() -> None:
@@ -156,6 +162,3 @@ def quiet_library_logs() -> None:
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, QuietBadRequests) for f in server_log.filters):
         server_log.addFilter(QuietBadRequests())
-    access_log = logging.getLogger("aiohttp.access")
-    if not any(isinstance(f, QuietRefusals) for f in access_log.filters):
-        access_log.addFilter(QuietRefusals())
