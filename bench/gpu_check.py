@@ -866,6 +866,7 @@ async def drive_engine(check: Check, fig: dict) -> None:
             }
             if n == 1:  # the last of the three: the first turn after start pays one-off costs
                 fig["first_audio_budget_1_call_ms"] = results[-1]["budget_ms"]
+                fig["first_audio_budget_first_turn_ms"] = results[0]["budget_ms"]  # where they go
             check.log(f"engine: {n} concurrent calls: {fig[f'calls_{n}']}")
     finally:
         await responder.stop()

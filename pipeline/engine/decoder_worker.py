@@ -35,6 +35,7 @@ from pipeline.responder import AudioChunk, Timing
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 30.0  # an idle worker wakes on `submit`; the deadline only bounds a lost wake-up
+WARM_UP_TIMEOUT_S = 300.0  # the worker's warm-up (graph replays, allocator) should take seconds
 DecodeBlocks = Callable[[Sequence[BlockJob]], list]  # decode_blocks' signature (tests put a seam here)
 
 
@@ -94,10 +95,19 @@ class DecoderWorker:
         self._queue: list[Block] = []
         self._wake = threading.Condition()
         self._stopping = False
+        self._warm_up_tokens = 0
+        self._warm = threading.Event()
         self._thread = threading.Thread(target=self._main, name="glm4voice-decoder", daemon=True)
 
-    def start(self) -> None:
+    def start(self, warm_up_tokens: int = 0) -> None:
+        """Start the thread. With `warm_up_tokens` it first decodes throwaway blocks of that many speech
+        values (one alone, then two as a batch) on its own CUDA stream, and this returns once they are
+        done: the allocator's memory for that stream and the first kernels are paid for before the first
+        reply, not by it (the engine's warm-up ran on the LM thread's stream)."""
+        self._warm_up_tokens = warm_up_tokens
         self._thread.start()
+        if warm_up_tokens and not self._warm.wait(WARM_UP_TIMEOUT_S):
+            log.warning("decoder worker warm-up did not finish within %.0f s; serving anyway", WARM_UP_TIMEOUT_S)
 
     def submit(self, block: Block) -> None:
         with self._wake:
@@ -119,6 +129,7 @@ class DecoderWorker:
 
     def _main(self) -> None:
         with self._device_stream():
+            self._warm_up()
             while True:
                 batch = self._take()
                 if batch is None:
@@ -129,6 +140,18 @@ class DecoderWorker:
                     log.exception("decoder batch failed")
                     for block in batch:
                         self.report(BlockDone(block.reply, error=exc))
+
+    def _warm_up(self) -> None:
+        try:
+            for rows in (1, 2) if self._warm_up_tokens else ():
+                jobs = [BlockJob(self.new_stream(), [0] * self._warm_up_tokens, True) for _ in range(rows)]
+                for result in self.decode_blocks(jobs):
+                    if isinstance(result, Exception):
+                        raise result
+        except Exception:  # noqa: BLE001 - a failed warm-up costs the first reply time, not the worker
+            log.exception("decoder worker warm-up failed")
+        finally:
+            self._warm.set()
 
     @contextlib.contextmanager
     def _device_stream(self):

@@ -63,9 +63,13 @@ class Scheduler:
 
     # ----- loop ---------------------------------------------------------------------------------------
 
+    def start_decoder(self) -> None:
+        """The decoder worker's thread, warmed up on its own stream (before the engine reports ready)."""
+        self.decoder.start(self.cfg.first_block_tokens)
+
     def run(self) -> None:
-        """Serve until a stop command. Waits on the inbox only when there is nothing to compute."""
-        self.decoder.start()
+        """Serve until a stop command (the decoder worker was started: `start_decoder`). Waits on the inbox
+        only when there is nothing to compute."""
         try:
             self._loop()
         finally:

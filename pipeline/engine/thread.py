@@ -301,6 +301,7 @@ class EngineThread:
             if models.transcriber is not None:
                 worker = TranscriptionWorker(models.transcriber, threading.Event())
             self.scheduler = Scheduler(self.config, models, self._inbox, source, worker)
+            self.scheduler.start_decoder()
         except BaseException as exc:  # reported to start(); the thread ends
             self.load_error = exc
             self._ready.set_exception(exc)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 
 import aioice.ice
 from aiortc import RTCPeerConnection
@@ -33,6 +34,9 @@ from aiortc.rtcsctptransport import WEBRTC_STRING, RTCSctpTransport
 from aiortc.rtp import RtpPacket
 
 from server.realtime.fields import NotUtf8Text
+from server.webrtc.packets import opus_duration_s
+
+Charge = Callable[[float], bool]  # audio of that many seconds arrived: False to drop it (over real time)
 
 _default_get_host_addresses = aioice.ice.get_host_addresses
 _allowed_host_addresses: tuple[str, ...] = ()
@@ -205,15 +209,35 @@ def check_offer(sdp: str) -> None:
         )
 
 
-class InOrderAudioJitterBuffer(JitterBuffer):
+class PolicedJitterBuffer(JitterBuffer):
+    """aiortc's jitter buffer, with each Opus packet charged against the call's real-time budget first:
+    a packet over it is dropped before it is decoded (server/webrtc/packets.py)."""
+
+    def __init__(
+        self, charge: Charge, opus_types: frozenset[int], capacity: int = 16, prefetch: int = 0
+    ) -> None:
+        super().__init__(capacity=capacity, prefetch=prefetch)
+        self.charge = charge
+        self.opus_types = opus_types
+
+    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        if packet.payload_type in self.opus_types and not self.charge(opus_duration_s(packet.payload)):
+            return False, None
+        return self.release(packet)
+
+    def release(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        return super().add(packet)
+
+
+class InOrderAudioJitterBuffer(PolicedJitterBuffer):
     """Releases each audio packet as soon as it arrives in order; late packets are dropped."""
 
-    def __init__(self) -> None:
-        super().__init__(capacity=16)
+    def __init__(self, charge: Charge, opus_types: frozenset[int]) -> None:
+        super().__init__(charge, opus_types)
         self._last_seq: int | None = None
         self.late_packets = 0
 
-    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+    def release(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
         seq = packet.sequence_number
         if self._last_seq is not None:
             ahead = (seq - self._last_seq) & 0xFFFF
@@ -224,12 +248,22 @@ class InOrderAudioJitterBuffer(JitterBuffer):
         return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)  # type: ignore[attr-defined]
 
 
-def set_receive_jitter(pc: RTCPeerConnection, frames: int) -> None:
-    """Swap the audio receivers' jitter buffers; call after setRemoteDescription, before media flows."""
+def set_receive_jitter(pc: RTCPeerConnection, frames: int, charge: Charge) -> bool:
+    """Swap the audio receivers' jitter buffers (ours police Opus packets with `charge`, the call's
+    real-time budget); call after setRemoteDescription, before media flows. -> whether Opus is policed
+    per packet (else its frames must be, as every other codec's are)."""
+    policed = True
     for transceiver in pc.getTransceivers():
         if transceiver.kind != "audio":
             continue
-        buffer = InOrderAudioJitterBuffer() if frames == 0 else JitterBuffer(capacity=16, prefetch=frames)
+        codecs = getattr(transceiver, "_codecs", [])  # negotiated by setRemoteDescription
+        opus = frozenset(c.payloadType for c in codecs if c.mimeType.lower() == "audio/opus")
+        policed = policed and bool(opus)
+        buffer = (
+            InOrderAudioJitterBuffer(charge, opus)
+            if frames == 0
+            else PolicedJitterBuffer(charge, opus, capacity=16, prefetch=frames)
+        )
         receiver = transceiver.receiver
         if not hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
             raise RuntimeError(
@@ -237,3 +271,4 @@ def set_receive_jitter(pc: RTCPeerConnection, frames: int) -> None:
                 "[webrtc].receive_jitter_frames = 4 to keep aiortc's own buffer"
             )
         receiver._RTCRtpReceiver__jitter_buffer = buffer  # type: ignore[attr-defined]
+    return policed

@@ -135,7 +135,7 @@ class Signalling:
             # Our voice goes on the first audio section whatever the client sends us: a `recvonly`
             # client (typed turns, spoken replies) gets no "track" event but still hears the replies.
             pc.addTrack(transport.audio)
-            set_receive_jitter(pc, w.receive_jitter_frames)
+            transport.opus_policed = set_receive_jitter(pc, w.receive_jitter_frames, call.audio_arrived)
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:  # aiortc refuses an offer with whatever it raises: the offer is at fault
             log.info("offer rejected: %s", repr(exc))

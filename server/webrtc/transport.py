@@ -18,6 +18,7 @@ from aiortc import RTCDataChannel, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from server.webrtc.media import InboundConverter, OutboundAudioTrack
+from server.webrtc.packets import OPUS_RATE_HZ
 
 if TYPE_CHECKING:
     from server.call.call import Call
@@ -42,6 +43,7 @@ class WebRtcTransport:
         self._converter = InboundConverter()
         self._inbound_attached = False
         self._other_channels = 0
+        self.opus_policed = False  # set by signalling: Opus charged per packet before decoding
 
     # ----- the peer connection's events (wired by signalling) --------------------------------------
 
@@ -90,13 +92,15 @@ class WebRtcTransport:
             channel.on("open", opened)
 
     async def _receive_audio(self, track: MediaStreamTrack, call: Call) -> None:
-        """The receive loop: 20 ms frames -> 16 kHz chunks, each frame policed against real time."""
+        """The receive loop: 20 ms frames -> 16 kHz chunks. Opus was policed against real time per packet,
+        before decoding (server/webrtc/packets.py); a frame of another codec is policed here."""
         while True:
             try:
                 frame = await track.recv()
             except MediaStreamError:
                 return
-            if not call.audio_arrived(frame.samples / frame.sample_rate):
+            charged = self.opus_policed and frame.sample_rate == OPUS_RATE_HZ
+            if not charged and not call.audio_arrived(frame.samples / frame.sample_rate):
                 continue
             for chunk in self._converter.push(frame):  # (512,) float32 16 kHz each
                 call.hear(chunk)

@@ -297,15 +297,28 @@ class FloodMic(MicTrack):
         return frame
 
 
-async def test_a_sender_over_real_time_is_dropped_then_ended():
+async def test_a_sender_over_real_time_is_dropped_then_ended(monkeypatch):
+    """The excess is dropped per packet before it is decoded (server/webrtc/packets.py): the server's
+    Opus decoder sees about real time, not the tenfold flood."""
+    from aiortc.codecs.opus import OpusDecoder
+
+    decoded = []  # every Opus decode in this process: the server's, and the client's of the replies' audio
+    decode = OpusDecoder.decode
+    monkeypatch.setattr(OpusDecoder, "decode", lambda self, frame: decoded.append(1) or decode(self, frame))
     running = await start_server(overrides={"limits": {"inbound_flood_s": 2.0}})
-    client = RealtimeClient(running.base_url, mic=FloodMic(speedup=10))
+    mic = FloodMic(speedup=10)
+    client = RealtimeClient(running.base_url, mic=mic)
+    t0 = time.monotonic()
     try:
         await client.connect()
         error = await client.wait_for("error", 10)
         assert error["error"]["code"] == "input_audio_too_fast"
         closing = await client.wait_for("glm4voice.call.closing", 10)
         assert closing["reason"] == "inbound_flood"
+        # Each side decodes at most real time (20 ms packets), plus the 1 s the server allows ahead and
+        # some slack; the flood sent ten times that.
+        real_time = 2 * (time.monotonic() - t0) / 0.02 + 100
+        assert len(decoded) <= real_time < mic._index, (len(decoded), real_time, mic._index)
         metrics = running.server.metrics
         assert metrics.value("glm4voice_inbound_frames_dropped_total") > 0
         assert metrics.value("glm4voice_calls_ended_total", reason="inbound_flood") == 1

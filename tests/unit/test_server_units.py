@@ -222,7 +222,7 @@ def _packet(seq: int, payload: bytes = b"x"):
 def test_in_order_jitter_buffer_releases_at_once_and_drops_late_packets():
     from server.webrtc.rtc import InOrderAudioJitterBuffer
 
-    buffer = InOrderAudioJitterBuffer()
+    buffer = InOrderAudioJitterBuffer(lambda _duration_s: True, frozenset({111}))
     released = [buffer.add(_packet(seq))[1] for seq in (65534, 65535, 0, 2)]  # wraps; 1 is lost
     assert [f.timestamp for f in released] == [65534 * 960, 65535 * 960, 0, 2 * 960]
     assert buffer.add(_packet(1))[1] is None and buffer.add(_packet(2))[1] is None  # late, duplicate
