@@ -21,7 +21,9 @@ Prints the machine; nothing is asserted.
 
 On one machine the attacker's own CPU competes with the server's: with `--attacker-nice 19` it runs
 only on CPU time the server and the victim leave, closer to an attacker on another machine (what the
-server spends on the attack is its own CPU column either way).
+server spends on the attack is its own CPU column either way). With `--pin` the server runs on the
+first half of the CPUs and the victim and the attacker on the rest: the clients' CPU is then never
+the server's, and the victim's first audio measures what the attack costs the server.
 """
 
 from __future__ import annotations
@@ -158,12 +160,16 @@ async def run(args: argparse.Namespace) -> None:
     }
     log_path = Path(tempfile.gettempdir()) / f"glm4voice_bench_attack_{port}.log"
     log_file = open(log_path, "w")  # noqa: SIM115 - the server's whole life
+    server_cpus, client_cpus = split_cpus(args.pin)
     server = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--log-format", "json"],
         cwd=ROOT,
         env=env,
         stderr=log_file,
+        preexec_fn=(lambda: os.sched_setaffinity(0, server_cpus)) if server_cpus else None,
     )
+    if client_cpus:
+        os.sched_setaffinity(0, client_cpus)  # the victim (this process) and the attacker it starts
     attacker = await asyncio.create_subprocess_exec(
         sys.executable,
         __file__,
@@ -219,8 +225,22 @@ async def run(args: argparse.Namespace) -> None:
     _report(args, health, rows, first, last, metrics, log_path)
 
 
+def split_cpus(pin: bool) -> tuple[set[int], set[int]]:
+    """`--pin`: the server on the first half of this machine's CPUs, the victim and the attacker on the
+    rest, so that neither client's CPU is taken from the server (as on separate machines)."""
+    if not pin:
+        return set(), set()
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least 2 CPUs")
+    half = len(cpus) // 2
+    return set(cpus[:half]), set(cpus[half:])
+
+
 def _report(args, health, rows, first: Snapshot, last: Snapshot, metrics: str, log_path: Path) -> None:
-    print(f"machine: {machine()}; attacker nice {args.attacker_nice}")
+    server_cpus, client_cpus = split_cpus(args.pin)
+    pinned = f"; server on CPUs {sorted(server_cpus)}, clients on {sorted(client_cpus)}" if args.pin else ""
+    print(f"machine: {machine()}; attacker nice {args.attacker_nice}{pinned}")
     print(
         f"responder: {health['responder'].get('name')} weights={health['responder'].get('weights')} "
         f"device={health['responder'].get('device')}; phases of {args.phase_s:g} s; server log {log_path}"
@@ -273,6 +293,11 @@ def main() -> None:
         default=0,
         help="run the attacker at this nice value (19: it gets the CPU only when the server and the "
         "victim leave it, as an attacker on another machine would not take the server's CPU)",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="server on the first half of the CPUs, victim and attacker on the other half",
     )
     parser.add_argument("--attacker", help=argparse.SUPPRESS)  # the attacker process (internal)
     args = parser.parse_args()

@@ -107,7 +107,9 @@ class DecoderWorker:
         self._warm_up_tokens = warm_up_tokens
         self._thread.start()
         if warm_up_tokens and not self._warm.wait(WARM_UP_TIMEOUT_S):
-            log.warning("decoder worker warm-up did not finish within %.0f s; serving anyway", WARM_UP_TIMEOUT_S)
+            log.warning(
+                "decoder worker warm-up did not finish within %.0f s; serving anyway", WARM_UP_TIMEOUT_S
+            )
 
     def submit(self, block: Block) -> None:
         with self._wake:
