@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import gc
 import json
+import logging
 import os
 import platform
 import signal
@@ -818,6 +819,12 @@ async def drive_engine(check: Check, fig: dict) -> None:
     from pipeline.responder import SessionSettings
 
     levels = (1, 2, 4) if check.tiny else (1, 4, 16, 32)
+    engine_log = logging.getLogger("pipeline")  # its warm-up steps and their seconds, in the output
+    if not engine_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("  engine log: %(name)s: %(message)s"))
+        engine_log.addHandler(handler)
+        engine_log.setLevel(logging.INFO)
     cfg = EngineConfig(
         demo_weights_dir=str(demo_root()),
         device=str(check.device),

@@ -19,6 +19,7 @@ from pipeline.engine.config import EngineConfig
 from pipeline.lm.compiled import compile_decode
 from pipeline.lm.kv_cache import slot_bytes
 from pipeline.lm.model import VoiceLM
+from pipeline.lm.sampling import RowSampling, sample_rows
 from pipeline.lm.text_tokenizer import GLMTokenizer
 from pipeline.tokenizer.tokenizer import SpeechTokenizer
 from pipeline.transcription.config import TranscriptionConfig
@@ -131,11 +132,17 @@ def prepare_decode(lm: VoiceLM, max_batch: int, cfg: EngineConfig) -> None:
         )
 
 
+WARM_UP_PREFILL_TOKENS = (64, 192, 512)  # prompt lengths run once at warm-up besides a short one
+
+
 def _warm_up_lm(lm: VoiceLM, text: GLMTokenizer) -> None:
+    """A short prompt, then prompts of `WARM_UP_PREFILL_TOKENS` (each length picks its own GEMM and
+    attention kernels, and CUDA loads a kernel's module on its first launch: measured on an H200, the
+    first real turn after start spent 1.8 s in a prefill the later turns did in 30-80 ms, docs/gpu.md),
+    then one decode step sampled as a reply's are (top-k / top-p)."""
     cache = lm.new_cache()
-    logits = lm.prefill(
-        cache, text.prefix_ids + text.encode("<|user|>\nhello<|assistant|>streaming_transcription\n")
-    )
+    prompt = text.prefix_ids + text.encode("<|user|>\nhello<|assistant|>streaming_transcription\n")
+    logits = lm.prefill(cache, prompt)
     try:
         lm.decode_step([cache], [int(torch.argmax(logits))])
     except Exception:  # noqa: BLE001 - a graph/compile mode that fails here must not stop the server
@@ -145,6 +152,14 @@ def _warm_up_lm(lm: VoiceLM, text: GLMTokenizer) -> None:
         lm.set_decode_mode("eager")  # the failed step appended nothing to the cache
         lm.decode_step([cache], [int(torch.argmax(logits))])
     cache.release()
+    for tokens in WARM_UP_PREFILL_TOKENS:
+        if tokens > lm.max_context_tokens - 1:
+            break
+        cache = lm.new_cache()
+        logits = lm.prefill(cache, (prompt * (tokens // len(prompt) + 1))[:tokens])
+        step = lm.decode_step([cache], [int(torch.argmax(logits))])
+        sample_rows(step, [RowSampling(temperature=0.2, top_p=0.8, top_k=50)])
+        cache.release()
 
 
 @dataclass(frozen=True)
