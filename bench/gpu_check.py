@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import dataclasses
 import gc
 import json
@@ -26,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -752,6 +754,38 @@ def full_size_models(check: Check):
     return Models(weights, tokenizer, lm, text, speech_decoder(check, weights.decoder_dtype))
 
 
+class StackSampler(threading.Thread):
+    """Samples every other thread's innermost frames every 20 ms; `stop()` -> the most frequent stacks
+    (thread name, then file:line function of the 4 innermost frames) with their share of the samples."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.samples = 0
+        self._stop_event = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        names = {}
+        while not self._stop_event.wait(0.02):
+            names = {t.ident: t.name for t in threading.enumerate()}
+            self.samples += 1
+            for ident, frame in sys._current_frames().items():
+                if ident == self.ident:
+                    continue
+                stack = []
+                while frame is not None and len(stack) < 4:
+                    code = frame.f_code
+                    stack.append(f"{Path(code.co_filename).name}:{frame.f_lineno} {code.co_name}")
+                    frame = frame.f_back
+                self.counts[f"{names.get(ident, ident)}: " + " < ".join(stack)] += 1
+
+    def stop(self) -> list[str]:
+        self._stop_event.set()
+        self.join()
+        return [f"{100 * c / max(1, self.samples):.0f}% {s}" for s, c in self.counts.most_common(14)]
+
+
 async def one_turn(session, text: str) -> dict:
     from pipeline.responder import AudioChunk, ReplyDone, ReplyError, Timing
 
@@ -850,8 +884,11 @@ async def drive_engine(check: Check, fig: dict) -> None:
             rounds = 3 if n == 1 else 1
             results = []
             for r in range(rounds):
+                sampler = StackSampler() if n == 1 and r == 0 else None  # where the first turn's time goes
                 sessions = [responder.open_session(f"check-{n}-{r}-{i}", SessionSettings()) for i in range(n)]
                 results += await asyncio.gather(*(one_turn(s, "Hello, who are you?") for s in sessions))
+                if sampler is not None:
+                    fig["first_turn_stacks"] = sampler.stop()
                 for s in sessions:
                     await s.close()
             first = [x["first_pcm_ms"] for x in results if x["first_pcm_ms"] is not None]
