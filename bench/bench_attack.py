@@ -160,7 +160,7 @@ async def run(args: argparse.Namespace) -> None:
     }
     log_path = Path(tempfile.gettempdir()) / f"glm4voice_bench_attack_{port}.log"
     log_file = open(log_path, "w")  # noqa: SIM115 - the server's whole life
-    server_cpus, client_cpus = split_cpus(args.pin)
+    server_cpus, client_cpus = args.cpus = split_cpus(args.pin)
     server = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--log-format", "json"],
         cwd=ROOT,
@@ -238,7 +238,7 @@ def split_cpus(pin: bool) -> tuple[set[int], set[int]]:
 
 
 def _report(args, health, rows, first: Snapshot, last: Snapshot, metrics: str, log_path: Path) -> None:
-    server_cpus, client_cpus = split_cpus(args.pin)
+    server_cpus, client_cpus = args.cpus
     pinned = f"; server on CPUs {sorted(server_cpus)}, clients on {sorted(client_cpus)}" if args.pin else ""
     print(f"machine: {machine()}; attacker nice {args.attacker_nice}{pinned}")
     print(

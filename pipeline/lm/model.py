@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
 
 from pipeline.lm.convert import LMConfig, load_glm_model
@@ -28,6 +29,12 @@ __all__ = ["VoiceLM", "LMConfig", "LMCache", "ContextFullError", "PoolFullError"
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK_TOKENS = 512  # bounds the (heads-per-group * chunk, context) mask of one prefill chunk
+# The prefill's attention backends: every one but cuDNN's. On an H200 the first prefill of each new prompt
+# length spent its time in this attention call (the first turn after start: 1.0-1.8 s to prefill a prompt
+# that later turns of the same length prefilled in 30-80 ms, after warm-up prefills of other lengths), which
+# is what a per-shape plan build does; cuDNN's attention builds one per shape. Not yet measured with this
+# list (docs/gpu.md, run 3). The math backend is last: some backend always applies.
+PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 MIN_ATTEND_TOKENS = 256  # smallest key-length bucket of a decode step (buckets double up to the slot size)
 DEFAULT_SLOTS = 4  # KV slots before the engine reserves its own (tests, benches, generate())
 # A decode step attends over the whole pool (views, no copy) instead of gathering its rows' KV when
@@ -293,8 +300,9 @@ class VoiceLM:
             keys, values = k_buf[slot : slot + 1, :, :end], v_buf[slot : slot + 1, :, :end]  # views, no copy
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
-        for i in range(self.config.num_layers):
-            x = self._layer(i, x, cos, sin, attend, EAGER_REGIONS)
+        with sdpa_kernel(PREFILL_ATTENTION):
+            for i in range(self.config.num_layers):
+                x = self._layer(i, x, cos, sin, attend, EAGER_REGIONS)
         return x[0]
 
     def whole_pool_attention(self, rows: int) -> bool:
