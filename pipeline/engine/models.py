@@ -132,34 +132,25 @@ def prepare_decode(lm: VoiceLM, max_batch: int, cfg: EngineConfig) -> None:
         )
 
 
-WARM_UP_PREFILL_TOKENS = (64, 192, 512)  # prompt lengths run once at warm-up besides a short one
-
-
 def _warm_up_lm(lm: VoiceLM, text: GLMTokenizer) -> None:
-    """A short prompt, then prompts of `WARM_UP_PREFILL_TOKENS` (each length picks its own GEMM and
-    attention kernels, and CUDA loads a kernel's module on its first launch: measured on an H200, the
-    first real turn after start spent 1.8 s in a prefill the later turns did in 30-80 ms, docs/gpu.md),
-    then one decode step sampled as a reply's are (top-k / top-p)."""
+    """A short prompt, one decode step, and its logits sampled as a reply's are (top-k / top-p): on an
+    H200 the first turn after start spent 142 ms in its 13 text steps before the sampled step was part of
+    the warm-up, 106 ms after, as later turns do (docs/gpu.md, run 4b; that run also warmed prefills of
+    64-512 tokens, which did not change the first turn's prefill and were dropped)."""
     cache = lm.new_cache()
-    prompt = text.prefix_ids + text.encode("<|user|>\nhello<|assistant|>streaming_transcription\n")
-    logits = lm.prefill(cache, prompt)
+    logits = lm.prefill(
+        cache, text.prefix_ids + text.encode("<|user|>\nhello<|assistant|>streaming_transcription\n")
+    )
     try:
-        lm.decode_step([cache], [int(torch.argmax(logits))])
+        step = lm.decode_step([cache], [int(torch.argmax(logits))])
     except Exception:  # noqa: BLE001 - a graph/compile mode that fails here must not stop the server
         if lm.decode_mode == "eager":
             raise
         log.exception("decode mode %r failed in warm-up; falling back to eager", lm.decode_mode)
         lm.set_decode_mode("eager")  # the failed step appended nothing to the cache
-        lm.decode_step([cache], [int(torch.argmax(logits))])
-    cache.release()
-    for tokens in WARM_UP_PREFILL_TOKENS:
-        if tokens > lm.max_context_tokens - 1:
-            break
-        cache = lm.new_cache()
-        logits = lm.prefill(cache, (prompt * (tokens // len(prompt) + 1))[:tokens])
         step = lm.decode_step([cache], [int(torch.argmax(logits))])
-        sample_rows(step, [RowSampling(temperature=0.2, top_p=0.8, top_k=50)])
-        cache.release()
+    sample_rows(step, [RowSampling(temperature=0.2, top_p=0.8, top_k=50)])
+    cache.release()
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,7 @@ class ConnectionLimits:
         if blocked_s > 0:
             error = self.penalties.refusal(address, blocked_s)
             return _refusal(
-                429, "Too Many Requests", error.code, error.message, int(error.headers["Retry-After"])
+                429, "Too Many Requests", error.code, error.message, self.penalties.retry_after_s(blocked_s)
             )
         if self.per_address[address] >= self.max_per_address:
             refusal = _refusal(

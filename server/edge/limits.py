@@ -233,7 +233,7 @@ def parse_session(session: dict, config: Config) -> session_update.SessionUpdate
         )
     except fields.ProtocolError as exc:
         raise ApiError(400, exc.code, f"session: {exc.message}") from None
-    except (ValueError, RecursionError):  # defensive: what the JSON path refused as unreadable
+    except (ValueError, TypeError, RecursionError):  # a field check that raises instead of refusing: a 400
         raise ApiError(400, "invalid_value", "session: the object cannot be read") from None
 
 

@@ -93,9 +93,13 @@ class Penalties:
         if record.strikes >= self.threshold:
             self._block(address, record, why, now_s)
 
+    @staticmethod
+    def retry_after_s(left_s: float) -> int:
+        return max(1, math.ceil(left_s))
+
     def refusal(self, address: str, left_s: float) -> ApiError:
         self.metrics.blocked_refusals.inc()
-        retry = max(1, math.ceil(left_s))
+        retry = self.retry_after_s(left_s)
         return ApiError(
             429,
             "rate_limited",

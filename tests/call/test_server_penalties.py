@@ -10,8 +10,8 @@ import json
 import logging
 
 import aiohttp
-import pytest
 
+from server.edge.penalties import ABUSE_ENDINGS
 from tests.helpers.rtc_client import start_server
 
 KEY = "test-key-0123456789"
@@ -139,11 +139,16 @@ async def test_behind_a_proxy_the_block_is_per_forwarded_address(caplog):
         await running.runner.cleanup()
 
 
-@pytest.mark.parametrize("strikes", [20.0], ids=["one-abusive-call-blocks"])
-async def test_a_call_ended_for_abuse_is_a_heavy_strike(strikes, caplog):
+async def test_a_call_ended_for_abuse_is_a_heavy_strike(caplog):
     """A WebSocket call flooding appends is ended (`inbound_flood`); with `penalty_strikes` at one such
     ending's weight, its address is then blocked."""
-    limits = {"inbound_flood_s": 1.0, "penalty_strikes": strikes, "penalty_s": 30.0}
+    strikes = ABUSE_ENDINGS["inbound_flood"]
+    limits = {
+        "inbound_flood_s": 1.0,
+        "penalty_strikes": strikes,
+        "penalty_decay_per_s": 0.0,
+        "penalty_s": 30.0,
+    }
     running = await start_server(overrides={"limits": limits})
     message = json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\0\0").decode()})
     try:
